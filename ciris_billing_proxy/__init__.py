@@ -1,0 +1,52 @@
+"""ciris-billing-proxy: the agent billing proxy routes for any aiohttp application.
+
+from ciris_billing_proxy import BillingConfig, setup_billing, credit_gate, get_identity
+
+billing = setup_billing(app, BillingConfig.from_env())
+"""
+
+from .auth import get_identity
+from .config import BillingConfig, ConfigError, JWTConfig
+from .errors import (
+    BillingDisabled,
+    BillingError,
+    InsufficientCredit,
+    InvalidRequest,
+    PaymentNotFound,
+    ProviderUnavailable,
+)
+from .gate import credit_gate
+from .identity import Identity
+from .login import AuthenticatedUser, Authenticator
+from .models import CreditStatus, PurchaseInitiated, PurchaseOptions, PurchaseStatus
+from .providers.base import CreditProvider, ProviderContext
+from .service import BillingService
+from .setup import setup_billing
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthenticatedUser",
+    "Authenticator",
+    "BillingConfig",
+    "BillingDisabled",
+    "BillingError",
+    "BillingService",
+    "ConfigError",
+    "CreditProvider",
+    "CreditStatus",
+    "Identity",
+    "InsufficientCredit",
+    "InvalidRequest",
+    "JWTConfig",
+    "PaymentNotFound",
+    "ProviderContext",
+    "ProviderUnavailable",
+    "PurchaseInitiated",
+    "PurchaseOptions",
+    "PurchaseStatus",
+    "__version__",
+    "credit_gate",
+    "get_identity",
+    "setup_billing",
+]

@@ -1,0 +1,191 @@
+"""Bearer-token verification, the identity it yields, the auth middleware, and token issuing for login."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from typing import Any, Final
+
+import jwt
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from jwt.algorithms import get_default_algorithms
+
+from .config import BillingConfig, ConfigError, JWTConfig
+from .errors import NOT_AUTHENTICATED, http_error
+from .identity import Identity
+
+IDENTITY_KEY: Final = web.RequestKey("ciris_billing_proxy.identity", Identity)
+
+_BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*)$")
+_MAX_CLAIM = 255
+
+
+class AuthError(Exception):
+    """A token that must be refused; `detail` is the plain reason shown to the client."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class TokenVerifier:
+    """Verifies bearer tokens against one key and one algorithm family, and issues tokens with it."""
+
+    def __init__(self, config: BillingConfig) -> None:
+        jwt_config = config.jwt
+        self._jwt = jwt_config
+        self._algorithms = list(jwt_config.algorithms)
+        self._namespace = config.identity_namespace
+        self._default_role = config.default_role
+        self._verify_key: Any = _verify_key(jwt_config)
+        self._signing_key: Any = _signing_key(jwt_config)
+        self._options: dict[str, Any] = {"require": ["exp", "sub"]}
+
+    @property
+    def token_ttl_seconds(self) -> int:
+        return self._jwt.token_ttl_seconds
+
+    def verify(self, token: str) -> Identity:
+        try:
+            claims = jwt.decode(
+                token,
+                self._verify_key,
+                algorithms=self._algorithms,
+                options=self._options,  # type: ignore[arg-type]
+                issuer=self._jwt.issuer,
+                audience=self._jwt.audience,
+                leeway=self._jwt.leeway_seconds,
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("Token expired") from None
+        except jwt.InvalidTokenError:
+            raise AuthError("Invalid token") from None
+        return self._identity(claims)
+
+    def _identity(self, claims: dict[str, Any]) -> Identity:
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not 0 < len(sub) <= _MAX_CLAIM:
+            raise AuthError("Invalid token")
+        namespace = _optional_str(claims.get("oauth_provider")) or self._namespace
+        namespace = namespace.removeprefix("oauth:") or self._namespace
+        role = _optional_str(claims.get("role")) or self._default_role
+        tenant = _optional_str(claims.get("tenant")) or _optional_str(claims.get("tenant_id"))
+        exp = claims["exp"]
+        return Identity(
+            user_id=sub,
+            namespace=namespace,
+            role=role.upper(),
+            email=_optional_str(claims.get("email")),
+            tenant=tenant,
+            expires_at=float(exp),
+        )
+
+    def issue(self, user_id: str, *, role: str, email: str | None = None, now: float | None = None) -> str:
+        """Sign a token for a user this agent has authenticated itself (the login route)."""
+        if self._signing_key is None:
+            raise ConfigError("issuing tokens needs the JWT secret (HS*) or a private key")
+        issued = int(time.time() if now is None else now)
+        claims: dict[str, Any] = {
+            "sub": user_id,
+            "role": role,
+            "iat": issued,
+            "exp": issued + self._jwt.token_ttl_seconds,
+            "jti": secrets.token_urlsafe(12),
+        }
+        if email:
+            claims["email"] = email
+        if self._jwt.issuer:
+            claims["iss"] = self._jwt.issuer
+        if self._jwt.audience:
+            claims["aud"] = self._jwt.audience
+        return jwt.encode(claims, self._signing_key, algorithm=self._algorithms[0])
+
+
+def _optional_str(value: object) -> str | None:
+    if isinstance(value, str) and 0 < len(value) <= _MAX_CLAIM:
+        return value
+    return None
+
+
+def _verify_key(config: JWTConfig) -> Any:
+    if config.uses_hmac:
+        assert config.secret is not None  # guaranteed by JWTConfig's validator
+        return config.secret.get_secret_value().encode()
+    # Parse the PEM once at startup rather than on every request, and fail early if it is bad.
+    algorithm = get_default_algorithms().get(config.algorithms[0])
+    if algorithm is None:
+        raise ConfigError(
+            f"JWT algorithm {config.algorithms[0]} needs the 'crypto' extra: "
+            "pip install 'ciris-billing-proxy[crypto]'"
+        )
+    try:
+        return algorithm.prepare_key(config.public_key or "")
+    except Exception as exc:  # the key parser raises several unrelated types
+        raise ConfigError(f"JWT public key cannot be used: {type(exc).__name__}") from None
+
+
+def _signing_key(config: JWTConfig) -> Any:
+    if config.uses_hmac:
+        return _verify_key(config)
+    if config.private_key is None:
+        return None
+    algorithm = get_default_algorithms()[config.algorithms[0]]
+    try:
+        return algorithm.prepare_key(config.private_key.get_secret_value())
+    except Exception as exc:
+        raise ConfigError(f"JWT private key cannot be used: {type(exc).__name__}") from None
+
+
+VERIFIER_KEY: Final = web.AppKey("ciris_billing_proxy.verifier", TokenVerifier)
+
+
+def bearer_token(request: web.Request) -> str:
+    """The raw token from `Authorization: Bearer ...`, or a 401 "Not authenticated"."""
+    header = request.headers.get("Authorization", "")
+    match = _BEARER.match(header.strip())
+    if match is None:
+        raise http_error(401, NOT_AUTHENTICATED, {"WWW-Authenticate": "Bearer"})
+    return match.group(1)
+
+
+def authenticate(request: web.Request, verifier: TokenVerifier) -> Identity:
+    """Verify the request's token once and remember the identity on the request."""
+    if IDENTITY_KEY in request:
+        return request[IDENTITY_KEY]
+    token = bearer_token(request)
+    try:
+        identity = verifier.verify(token)
+    except AuthError as exc:
+        raise http_error(401, exc.detail, {"WWW-Authenticate": 'Bearer error="invalid_token"'}) from None
+    request[IDENTITY_KEY] = identity
+    return identity
+
+
+def get_identity(request: web.Request) -> Identity:
+    """The verified identity of the caller, for any handler of the host app.
+
+    Under the billing prefix (and any protected path) the middleware has already verified the token;
+    elsewhere the token is verified here, so a host route that calls this is protected by calling it.
+    Raises a 401 JSON error when there is no valid token.
+    """
+    return authenticate(request, request.config_dict[VERIFIER_KEY])
+
+
+def auth_middleware(verifier: TokenVerifier, path_prefixes: tuple[str, ...] | None = None) -> Middleware:
+    """Require a valid token for every request of the app it is added to (`path_prefixes=None`),
+    or only for paths under the given prefixes (for app-wide placement on a host app)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # CORS preflights carry no credentials by design; the host's CORS handling answers them.
+        if request.method != "OPTIONS" and (path_prefixes is None or _under(request.path, path_prefixes)):
+            authenticate(request, verifier)
+        return await handler(request)
+
+    return middleware
+
+
+def _under(path: str, prefixes: tuple[str, ...]) -> bool:
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)

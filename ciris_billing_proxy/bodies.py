@@ -1,0 +1,56 @@
+"""Reading JSON request bodies into models: size-capped, and every failure a clear 4xx."""
+
+from __future__ import annotations
+
+import json
+from typing import TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from .errors import http_error
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_body(request: web.Request, max_bytes: int) -> bytes:
+    """The whole body, or 413 as soon as it is known to exceed `max_bytes` (without reading it all)."""
+    declared = request.content_length
+    if declared is not None and declared > max_bytes:
+        raise http_error(413, f"Request body too large (limit {max_bytes} bytes)")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > max_bytes:
+            raise http_error(413, f"Request body too large (limit {max_bytes} bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_model(request: web.Request, model: type[M], max_bytes: int, *, empty_ok: bool = False) -> M:
+    """Parse a JSON object body into `model`. An empty body means `{}` when `empty_ok`."""
+    raw = await read_body(request, max_bytes)
+    if not raw.strip():
+        if not empty_ok:
+            raise http_error(400, "Request body must be a JSON object")
+        raw = b"{}"
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise http_error(400, "Malformed JSON body") from None
+    if not isinstance(data, dict):
+        raise http_error(422, "Request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise http_error(422, describe(exc)) from None
+
+
+def describe(exc: ValidationError) -> str:
+    """A plain sentence naming each bad field, never echoing the submitted values."""
+    parts = []
+    for err in exc.errors(include_input=False, include_url=False):
+        field = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{field}: {err['msg']}")
+    return "Invalid request: " + "; ".join(parts)

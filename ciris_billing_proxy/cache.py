@@ -1,0 +1,96 @@
+"""Short-lived credit-status cache: TTL + LRU bound, single-flight loads, race-free invalidation.
+
+`cachetools` is not async-aware (its decorators would cache coroutine objects, and its locks block the
+loop), so single-flight is a small map of in-flight tasks on top of a `TTLCache`:
+
+* concurrent misses for one identity share one provider call (waiters are shielded, so a caller that
+  goes away does not cancel the load for the others);
+* a failed load is shared by its waiters and never cached;
+* `invalidate()` forgets the entry *and* the in-flight load, and a load only stores its result if it is
+  still the current load for that key, so a load that started before an invalidation can never write a
+  stale value after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+from cachetools import TTLCache
+
+from .identity import Identity
+
+V = TypeVar("V")
+
+
+class CreditCache(Generic[V]):
+    def __init__(
+        self,
+        load: Callable[[Identity], Awaitable[V]],
+        *,
+        ttl: float,
+        maxsize: int,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._load = load
+        self._entries: TTLCache[str, V] = TTLCache(maxsize=maxsize, ttl=ttl, timer=timer)
+        self._inflight: dict[str, asyncio.Task[V]] = {}
+        self._running: set[asyncio.Task[V]] = set()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def peek(self, identity: Identity) -> V | None:
+        """The cached value if fresh, without loading."""
+        return self._entries.get(identity.key)
+
+    async def get(self, identity: Identity) -> V:
+        key = identity.key
+        value = self._entries.get(key)
+        if value is not None:
+            return value
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._fill(identity))
+            self._inflight[key] = task
+            self._running.add(task)
+            task.add_done_callback(lambda done: self._settle(key, done))
+        return await asyncio.shield(task)
+
+    async def refresh(self, identity: Identity) -> V:
+        """Load now, bypassing any cached or in-flight value (used after money moved)."""
+        self.invalidate(identity)
+        return await self.get(identity)
+
+    def invalidate(self, identity: Identity) -> None:
+        self._entries.pop(identity.key, None)
+        self._inflight.pop(identity.key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._inflight.clear()
+
+    async def aclose(self) -> None:
+        """Cancel and await every load still running (including ones orphaned by `invalidate`)."""
+        self.clear()
+        running = list(self._running)
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+    async def _fill(self, identity: Identity) -> V:
+        value = await self._load(identity)
+        if self._inflight.get(identity.key) is asyncio.current_task():
+            self._entries[identity.key] = value
+        return value
+
+    def _settle(self, key: str, task: asyncio.Task[V]) -> None:
+        self._running.discard(task)
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        # Mark the failure as seen: every waiter may have gone away (shielded), and asyncio would
+        # otherwise log "exception was never retrieved" for an error that was already reported.
+        if not task.cancelled():
+            task.exception()

@@ -1,0 +1,129 @@
+"""`ciris-billing-proxy serve`: run the demo agent."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from .config import BillingConfig, ConfigError, default_data_dir
+from .demo import create_demo_app, load_or_create_secret, load_or_create_users
+from .users import UserStore
+
+
+def _user(value: str) -> tuple[str, str, str | None]:
+    parts = value.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+        raise argparse.ArgumentTypeError(f"expected NAME:PASSWORD[:EMAIL], got {value.split(':')[0]!r}:…")
+    return parts[0], parts[1], parts[2] if len(parts) == 3 and parts[2] else None
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {port}")
+    return port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ciris-billing-proxy", description="Agent billing proxy for aiohttp applications."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="run the demo agent (login, billing routes, gated /v1/agent/interact)",
+        description="Run the demo agent. Settings not given here come from CIRIS_* variables.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=_port, default=8000, help="port to bind (default 8000)")
+    serve.add_argument("--provider", default=None, help="credit provider name (default simple)")
+    serve.add_argument(
+        "--user",
+        type=_user,
+        action="append",
+        default=[],
+        metavar="NAME:PASSWORD[:EMAIL]",
+        help="a login for this run (repeatable); without it a demo user is created once",
+    )
+    serve.add_argument("--data-dir", type=Path, default=None, help="where state is kept")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _serve(args)
+    except ConfigError as exc:
+        print(f"ciris-billing-proxy: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    data_dir = args.data_dir or Path(os.environ.get("CIRIS_BILLING_DATA_DIR") or default_data_dir())
+    overrides: dict[str, object] = {"data_dir": data_dir}
+    if args.provider:
+        overrides["provider"] = args.provider
+    jwt: dict[str, object] = {}
+    if not (os.environ.get("CIRIS_JWT_SECRET") or os.environ.get("CIRIS_JWT_PUBLIC_KEY")):
+        # No key configured: keep a generated one in the data directory so tokens survive restarts.
+        jwt["secret"] = load_or_create_secret(data_dir)
+    config = BillingConfig.from_env(**overrides, jwt=jwt)
+    created = None
+    if args.user:
+        users = UserStore()
+        for name, password, email in args.user:
+            users.add(name, password, email=email)
+    else:
+        users, created = load_or_create_users(config.data_dir)
+    app = create_demo_app(config, users)
+    if created is not None:
+        print(
+            f"Created demo user {created.username!r} with password {created.password!r}\n"
+            f"  (shown once; only its hash is kept in {config.data_dir})"
+        )
+    return asyncio.run(_run(app, args.host, args.port, config))
+
+
+async def _run(app: web.Application, host: str, port: int, config: BillingConfig) -> int:
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            print(
+                f"ciris-billing-proxy: cannot listen on {host}:{port}: {exc.strerror}",
+                file=sys.stderr,
+            )
+            return 1
+        for address in runner.addresses:
+            bound_host, bound_port = address[0], address[1]
+            shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+            print(f"Listening on http://{shown}:{bound_port}")
+        print(
+            f"Credit provider: {config.provider}; billing routes under {config.prefix}; "
+            f"data in {config.data_dir}",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+    return 0

@@ -1,0 +1,180 @@
+"""One typed settings object for the billing proxy, buildable from keyword arguments or the environment.
+
+Constructing `BillingConfig(...)` in Python never reads the environment; only `BillingConfig.from_env()`
+does. Hosts that build their config in code get exactly what they wrote, and tests are not at the
+mercy of whatever variables the machine happens to have set.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final, Self
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
+ASYMMETRIC_ALGORITHMS: Final = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+DEFAULT_PREFIX: Final = "/v1/api/billing"
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".ciris-billing-proxy"
+
+
+class ConfigError(ValueError):
+    """Configuration that cannot work; raised at startup, never on a request."""
+
+
+class JWTConfig(BaseModel):
+    """How bearer tokens are verified (and, for the optional login route, issued)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    secret: SecretStr | None = None
+    public_key: str | None = None
+    private_key: SecretStr | None = None
+    algorithms: tuple[str, ...] = ("HS256",)
+    issuer: str | None = None
+    audience: str | None = None
+    leeway_seconds: float = Field(default=10.0, ge=0, le=300)
+    token_ttl_seconds: int = Field(default=3600, ge=60, le=30 * 24 * 3600)
+
+    @field_validator("algorithms")
+    @classmethod
+    def _known_algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one JWT algorithm is required")
+        unknown = [a for a in value if a not in HMAC_ALGORITHMS | ASYMMETRIC_ALGORITHMS]
+        if unknown:
+            raise ValueError(f"unsupported JWT algorithm(s): {', '.join(unknown)}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_key_family(self) -> Self:
+        # Mixing HMAC and public-key algorithms is what makes key-confusion attacks possible:
+        # a verifier holding a public key must never accept HS* tokens "signed" with it.
+        hmac = set(self.algorithms) & HMAC_ALGORITHMS
+        asym = set(self.algorithms) & ASYMMETRIC_ALGORITHMS
+        if hmac and asym:
+            raise ValueError("JWT algorithms must be all HMAC (HS*) or all public-key, not mixed")
+        if hmac:
+            if self.secret is None or len(self.secret.get_secret_value()) < 32:
+                raise ValueError("HS* algorithms need a JWT secret of at least 32 characters")
+            if self.public_key is not None:
+                raise ValueError("a JWT public key is set but the algorithms are HMAC (HS*)")
+        if asym and not self.public_key:
+            raise ValueError("public-key JWT algorithms need a public key (PEM)")
+        return self
+
+    @property
+    def uses_hmac(self) -> bool:
+        return self.algorithms[0] in HMAC_ALGORITHMS
+
+    @property
+    def can_issue(self) -> bool:
+        return self.uses_hmac or self.private_key is not None
+
+
+class BillingConfig(BaseModel):
+    """Everything `setup_billing` needs. Every field has an environment variable (see `ENV_VARS`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    jwt: JWTConfig
+    prefix: str = DEFAULT_PREFIX
+    provider: str = "simple"
+    provider_options: dict[str, Any] = Field(default_factory=dict)
+    data_dir: Path = Field(default_factory=default_data_dir)
+    agent_id: str = Field(default="agent", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    identity_namespace: str = Field(default="local", min_length=1, max_length=64)
+    default_role: str = Field(default="OBSERVER", min_length=1, max_length=50)
+    cache_ttl_seconds: float = Field(default=15.0, gt=0, le=3600)
+    cache_max_entries: int = Field(default=100_000, ge=1)
+    max_body_bytes: int = Field(default=16 * 1024, ge=256, le=1024 * 1024)
+    gate_bypass_roles: frozenset[str] = frozenset()
+    protected_paths: tuple[str, ...] = ()
+
+    @field_validator("prefix")
+    @classmethod
+    def _clean_prefix(cls, value: str) -> str:
+        value = value.rstrip("/")
+        if not value.startswith("/") or "//" in value or " " in value:
+            raise ValueError("prefix must be an absolute URL path such as /v1/api/billing")
+        return value
+
+    @field_validator("protected_paths")
+    @classmethod
+    def _clean_paths(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for path in value:
+            if not path.startswith("/"):
+                raise ValueError(f"protected path {path!r} must start with '/'")
+        return value
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: Any) -> BillingConfig:
+        """Build a config from `CIRIS_*` variables; keyword overrides win over the environment."""
+        env = os.environ if environ is None else environ
+        top: dict[str, Any] = {}
+        jwt: dict[str, Any] = {}
+        for var, (section, field, kind) in ENV_VARS.items():
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            target = jwt if section == "jwt" else top
+            target[field] = _LIST_PARSERS[kind](raw) if kind in _LIST_PARSERS else raw
+        if "public_key" in jwt and not jwt["public_key"].lstrip().startswith("-----BEGIN"):
+            jwt["public_key"] = Path(jwt["public_key"]).read_text(encoding="utf-8")
+        if "jwt" in overrides:
+            override = overrides.pop("jwt")
+            jwt.update(override.model_dump() if isinstance(override, JWTConfig) else override)
+        top.update(overrides)
+        try:
+            return cls.model_validate({**top, "jwt": jwt})
+        except ValueError as exc:
+            raise ConfigError(describe_validation_error(exc)) from None
+
+
+def _split(raw: str) -> list[str]:
+    return [part.strip() for part in raw.split(",") if part.strip()]
+
+
+_LIST_PARSERS = {"list": _split}
+
+#: Environment variable -> (section, field, kind). The README's configuration table lists these;
+#: a test keeps the two in step.
+ENV_VARS: Final[dict[str, tuple[str, str, str]]] = {
+    "CIRIS_JWT_SECRET": ("jwt", "secret", "str"),
+    "CIRIS_JWT_PUBLIC_KEY": ("jwt", "public_key", "str"),
+    "CIRIS_JWT_ALGORITHMS": ("jwt", "algorithms", "list"),
+    "CIRIS_JWT_ISSUER": ("jwt", "issuer", "str"),
+    "CIRIS_JWT_AUDIENCE": ("jwt", "audience", "str"),
+    "CIRIS_JWT_LEEWAY_SECONDS": ("jwt", "leeway_seconds", "float"),
+    "CIRIS_TOKEN_TTL_SECONDS": ("jwt", "token_ttl_seconds", "int"),
+    "CIRIS_BILLING_PREFIX": ("top", "prefix", "str"),
+    "CIRIS_CREDIT_PROVIDER": ("top", "provider", "str"),
+    "CIRIS_BILLING_DATA_DIR": ("top", "data_dir", "path"),
+    "CIRIS_AGENT_ID": ("top", "agent_id", "str"),
+    "CIRIS_IDENTITY_NAMESPACE": ("top", "identity_namespace", "str"),
+    "CIRIS_DEFAULT_ROLE": ("top", "default_role", "str"),
+    "CIRIS_CREDIT_CACHE_TTL_SECONDS": ("top", "cache_ttl_seconds", "float"),
+    "CIRIS_CREDIT_CACHE_MAX_ENTRIES": ("top", "cache_max_entries", "int"),
+    "CIRIS_MAX_BODY_BYTES": ("top", "max_body_bytes", "int"),
+    "CIRIS_GATE_BYPASS_ROLES": ("top", "gate_bypass_roles", "list"),
+    "CIRIS_PROTECTED_PATHS": ("top", "protected_paths", "list"),
+}
+
+
+def describe_validation_error(exc: ValueError) -> str:
+    """A one-paragraph message naming each bad field, without echoing secret input values."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return f"Invalid configuration: {exc}"
+    parts = []
+    for err in errors(include_input=False, include_url=False):
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        parts.append(f"{where}: {err['msg']}")
+    return "Invalid configuration: " + "; ".join(parts)

@@ -1,0 +1,87 @@
+"""The demo agent: login, the billing routes, and one gated endpoint, `POST /v1/agent/interact`.
+
+It is what `ciris-billing-proxy serve` runs; `examples/agent.py` is the same idea in a few lines.
+State lives in the data directory: the usage ledger, a generated JWT secret (so tokens stay valid
+across restarts) and the generated demo user's password hash.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from .auth import get_identity
+from .bodies import read_model
+from .config import BillingConfig
+from .errors import error_middleware
+from .gate import credit_gate
+from .models import InteractReply, InteractRequest
+from .routes import json_reply
+from .service import SERVICE_KEY
+from .setup import setup_billing
+from .users import UserStore
+
+SECRET_FILE = "jwt-secret"  # noqa: S105 - a file name
+USERS_FILE = "demo-users.json"
+
+
+@credit_gate
+async def interact(request: web.Request) -> web.Response:
+    service = request.config_dict[SERVICE_KEY]
+    body = await read_model(request, InteractRequest, service.config.max_body_bytes)
+    identity = get_identity(request)
+    status = await service.credit_status(identity)
+    return json_reply(
+        InteractReply(
+            reply=f"You said: {body.message}",
+            user_id=identity.user_id,
+            credits_remaining=status.credits_remaining,
+            free_uses_remaining=status.free_uses_remaining,
+        )
+    )
+
+
+async def health(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def create_demo_app(config: BillingConfig, users: UserStore) -> web.Application:
+    app = web.Application(middlewares=[error_middleware()])
+    setup_billing(app, config, authenticate=users.authenticate)
+    app.router.add_post("/v1/agent/interact", interact)
+    app.router.add_get("/health", health)
+    return app
+
+
+def load_or_create_secret(data_dir: Path) -> str:
+    """The JWT secret kept in the data directory, created (mode 0600) on first use."""
+    path = data_dir / SECRET_FILE
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip()
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secret = secrets.token_urlsafe(48)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
+        fh.write(secret)
+    return secret
+
+
+@dataclass(frozen=True)
+class CreatedUser:
+    username: str
+    password: str
+
+
+def load_or_create_users(data_dir: Path) -> tuple[UserStore, CreatedUser | None]:
+    """The demo's persisted users; on first start, one generated user whose password is returned once."""
+    path = data_dir / USERS_FILE
+    if path.exists():
+        return UserStore.load(path), None
+    store = UserStore()
+    created = CreatedUser("demo", secrets.token_urlsafe(12))
+    store.add(created.username, created.password, email="demo@example.com")
+    store.save(path)
+    return store, created

@@ -1,0 +1,125 @@
+"""The errors providers raise, and the one place where they (and every other failure) become HTTP.
+
+Every error reply under the billing prefix is JSON `{"detail": ...}`. Details are plain, stable English
+strings because existing clients match on words inside them ("Billing not enabled", "not found").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+logger = logging.getLogger("ciris_billing_proxy")
+
+
+NOT_AUTHENTICATED: Final = "Not authenticated"
+BILLING_DISABLED: Final = "Billing not enabled for this agent"
+PAYMENT_NOT_FOUND: Final = "Payment not found"
+BILLING_UNAVAILABLE: Final = "Billing service unavailable"
+CREDIT_PROVIDER_UNAVAILABLE: Final = "Credit provider unavailable"
+INTERNAL_ERROR: Final = "Internal server error"
+
+
+class BillingError(Exception):
+    """Base of the errors a credit provider may raise; anything else is treated as a bug (500)."""
+
+
+class BillingDisabled(BillingError):
+    """This provider cannot sell credits."""
+
+
+class PaymentNotFound(BillingError):
+    """The payment id is unknown, malformed, or belongs to someone else (indistinguishable on purpose)."""
+
+
+class ProviderUnavailable(BillingError):
+    """The provider's backend cannot be reached or answered nonsense; the caller may retry later."""
+
+
+class InvalidRequest(BillingError):
+    """The request cannot be served as asked. `detail` is shown to the user, so keep it plain."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class InsufficientCredit(BillingError):
+    """The user has no credit left for this use."""
+
+    def __init__(self, reason: str = "No free uses or credits remaining") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class HTTPJSONError(web.HTTPException):
+    """An HTTP error whose body is `{"detail": ...}`; the status is chosen per instance."""
+
+    def __init__(self, status: int, detail: Any, *, headers: Mapping[str, str] | None = None) -> None:
+        self.status_code = status
+        super().__init__(
+            text=json.dumps({"detail": detail}),
+            content_type="application/json",
+            headers=headers,
+        )
+        self.detail = detail
+
+
+def http_error(status: int, detail: Any, headers: Mapping[str, str] | None = None) -> HTTPJSONError:
+    return HTTPJSONError(status, detail, headers=headers)
+
+
+def to_http(exc: BillingError, *, gate: bool = False) -> HTTPJSONError:
+    """Map a provider error to its HTTP reply. `gate=True` uses the credit gate's wording."""
+    if isinstance(exc, InsufficientCredit):
+        return http_error(
+            402,
+            {
+                "error": "insufficient_credit",
+                "message": "You have no credit left for this request.",
+                "reason": exc.reason,
+            },
+        )
+    if isinstance(exc, BillingDisabled):
+        return http_error(403, BILLING_DISABLED)
+    if isinstance(exc, PaymentNotFound):
+        return http_error(404, PAYMENT_NOT_FOUND)
+    if isinstance(exc, InvalidRequest):
+        return http_error(400, exc.detail)
+    return http_error(503, CREDIT_PROVIDER_UNAVAILABLE if gate else BILLING_UNAVAILABLE)
+
+
+def error_middleware(
+    path_prefixes: tuple[str, ...] | None = None,
+) -> Middleware:
+    """Turn every error under the given paths (all paths when None) into JSON `{"detail": ...}`.
+
+    aiohttp's own 404/405/413 become JSON with the same status; any other exception becomes a 500
+    "Internal server error" whose body reveals nothing (the traceback goes to the log only).
+    """
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if path_prefixes is not None and not any(
+            request.path == p or request.path.startswith(p + "/") for p in path_prefixes
+        ):
+            return await handler(request)
+        try:
+            return await handler(request)
+        except HTTPJSONError:
+            raise
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            raise http_error(exc.status, exc.reason, headers) from None
+        except Exception:
+            logger.exception("Unhandled error in %s %s", request.method, request.path)
+            raise http_error(500, INTERNAL_ERROR) from None
+
+    return middleware

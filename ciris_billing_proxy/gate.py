@@ -1,0 +1,71 @@
+"""The credit gate for the host's own handlers: one use per successful interaction.
+
+    @credit_gate
+    async def interact(request: web.Request) -> web.Response: ...
+
+The use is taken atomically *before* the handler runs, under a key unique to this request, so
+concurrent calls can never overspend; it is given back when the handler raises or answers with an
+error status (4xx or 5xx), so a user never pays for an interaction that did not happen.
+The gate uses the same identity and the same credit cache as `GET /credits`, so the UI shows
+exactly what the gate spends.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from typing import Final
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .auth import get_identity
+from .errors import BillingError, to_http
+from .identity import Identity
+from .service import SERVICE_KEY, BillingService
+
+logger = logging.getLogger("ciris_billing_proxy")
+
+#: The idempotency key the gate spent under, for handlers that want to correlate it.
+SPEND_KEY: Final = web.RequestKey("ciris_billing_proxy.spend_key", str)
+
+
+def credit_gate(handler: Handler) -> Handler:
+    @functools.wraps(handler)
+    async def gated(request: web.Request) -> web.StreamResponse:
+        service = request.config_dict[SERVICE_KEY]
+        identity = get_identity(request)
+        if identity.role in service.config.gate_bypass_roles:
+            return await handler(request)
+        # Server-made, never client-supplied: a reusable client key would let a user replay it for
+        # free interactions.
+        key = uuid.uuid4().hex
+        try:
+            await service.spend(identity, key)
+        except BillingError as exc:
+            raise to_http(exc, gate=True) from None
+        request[SPEND_KEY] = key
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                await _give_back(service, identity, key)
+            raise
+        except BaseException:
+            await _give_back(service, identity, key)
+            raise
+        if response.status >= 400:
+            await _give_back(service, identity, key)
+        return response
+
+    return gated
+
+
+async def _give_back(service: BillingService, identity: Identity, key: str) -> None:
+    try:
+        await service.give_back(identity, key)
+    except BillingError:
+        # The interaction already failed; a failed refund must not replace that error. The log line
+        # names the request key, so an operator can reconcile it.
+        logger.warning("Could not give back the use spent under request key %s", key)

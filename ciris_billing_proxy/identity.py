@@ -1,0 +1,26 @@
+"""Who the caller is, as established once from verified token claims."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A verified user. Made only by the auth layer; every other layer takes it as given.
+
+    `namespace` says which identity system `user_id` belongs to (for example `local` for users of
+    this agent, `google` for Google subjects); `(namespace, user_id)` is what credits are keyed on,
+    so two systems that reuse a subject id never share an account.
+    """
+
+    user_id: str
+    namespace: str
+    role: str
+    email: str | None = None
+    tenant: str | None = None
+    expires_at: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}\x1f{self.user_id}"

@@ -1,0 +1,86 @@
+"""The credit provider interface: what the proxy asks of a billing system.
+
+A provider is an object with async methods; the proxy owns caching, auth and HTTP. Providers raise
+only the errors in `ciris_billing_proxy.errors` (`InsufficientCredit`, `BillingDisabled`,
+`PaymentNotFound`, `ProviderUnavailable`, `InvalidRequest`); anything else is treated as a bug and
+answered with a 500 whose body says nothing about it.
+
+To ship a provider from another distribution, subclass `CreditProvider`, override `from_context` if
+it needs settings, and register the class in the entry-point group `ciris_billing_proxy.providers`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+from ..errors import BillingDisabled
+from ..identity import Identity
+from ..models import CreditStatus, PurchaseInitiated, PurchaseStatus
+
+
+@dataclass(frozen=True)
+class ProviderContext:
+    """What a provider is built from.
+
+    `options` are the host's `BillingConfig.provider_options`; `environ` is where a provider reads
+    its own environment variables (the process environment unless a test passes another mapping);
+    `data_dir` is where it may keep files; `agent_id` namespaces anything it sends to a shared backend.
+    """
+
+    options: Mapping[str, Any] = field(default_factory=dict)
+    environ: Mapping[str, str] = field(default_factory=dict)
+    data_dir: Path = Path(".")
+    agent_id: str = "agent"
+
+
+class CreditProvider(abc.ABC):
+    """Base class of every credit provider.
+
+    Idempotency: `spend` and `give_back` take a key that is unique per agent request. Calling either
+    twice with the same key must have the effect of calling it once.
+    """
+
+    #: The entry-point name; informational (logs, startup banner).
+    name: ClassVar[str] = "custom"
+
+    @classmethod
+    def from_context(cls, context: ProviderContext) -> Self:
+        """Build the provider from options and environment. Invalid settings raise `ConfigError`."""
+        return cls()
+
+    @property
+    def purchases_enabled(self) -> bool:
+        """Whether users can buy credits. When false, both purchase routes answer 403."""
+        return False
+
+    async def start(self) -> None:
+        """Open connections, files and sessions. Called once at app startup."""
+
+    async def stop(self) -> None:
+        """Release what `start` opened. Called once at app cleanup, also after a failed start."""
+
+    @abc.abstractmethod
+    async def credit_status(self, identity: Identity) -> CreditStatus:
+        """The user's current credit. May create the account on first sight."""
+
+    @abc.abstractmethod
+    async def spend(self, identity: Identity, idempotency_key: str) -> None:
+        """Take one use, atomically. Raise `InsufficientCredit` when there is none."""
+
+    @abc.abstractmethod
+    async def give_back(self, identity: Identity, idempotency_key: str) -> None:
+        """Return the use taken by `spend(identity, idempotency_key)`; no-op if it was never taken."""
+
+    async def initiate_purchase(
+        self, identity: Identity, return_url: str | None, idempotency_key: str | None
+    ) -> PurchaseInitiated:
+        """Start a purchase. Only called when `purchases_enabled`."""
+        raise BillingDisabled
+
+    async def purchase_status(self, identity: Identity, payment_id: str) -> PurchaseStatus:
+        """Status of a purchase this user started; `PaymentNotFound` for anyone else's id."""
+        raise BillingDisabled

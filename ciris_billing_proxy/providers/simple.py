@@ -1,0 +1,90 @@
+"""The `simple` provider: N free uses per user, nothing to buy, a SQLite ledger that survives restarts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..config import ConfigError, describe_validation_error
+from ..errors import InsufficientCredit
+from ..identity import Identity
+from ..models import CreditStatus
+from ..store import UsageLedger
+from .base import CreditProvider, ProviderContext
+
+NO_FREE_USES = "No free uses remaining"
+LEDGER_FILE = "simple-usage.sqlite3"
+
+
+class SimpleSettings(BaseModel):
+    """Options of the `simple` provider (`BillingConfig.provider_options`, or the environment)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    free_uses: int = Field(default=10, ge=0, le=1_000_000)
+    plan_name: str = Field(default="free", min_length=1, max_length=100)
+    #: A file path, or ":memory:". Default: `simple-usage.sqlite3` in the data directory.
+    database: str | None = None
+
+
+#: Environment variable -> option name.
+ENV_VARS = {
+    "CIRIS_SIMPLE_FREE_USES": "free_uses",
+    "CIRIS_SIMPLE_PLAN_NAME": "plan_name",
+    "CIRIS_SIMPLE_DATABASE": "database",
+}
+
+
+class SimpleProvider(CreditProvider):
+    name = "simple"
+
+    def __init__(self, settings: SimpleSettings | None = None, *, database: str | Path) -> None:
+        self.settings = settings or SimpleSettings()
+        self.ledger = UsageLedger(database)
+
+    @classmethod
+    def from_context(cls, context: ProviderContext) -> Self:
+        raw: dict[str, Any] = {
+            option: context.environ[var] for var, option in ENV_VARS.items() if context.environ.get(var)
+        }
+        raw.update(context.options)
+        try:
+            settings = SimpleSettings.model_validate(raw, strict=False)
+        except ValidationError as exc:
+            raise ConfigError(f"simple provider: {describe_validation_error(exc)}") from None
+        return cls(settings, database=settings.database or context.data_dir / LEDGER_FILE)
+
+    async def start(self) -> None:
+        await self.ledger.open()
+
+    async def stop(self) -> None:
+        await self.ledger.close()
+
+    async def credit_status(self, identity: Identity) -> CreditStatus:
+        used = await self.ledger.used(identity.namespace, identity.user_id)
+        return self._status(used)
+
+    def _status(self, used: int) -> CreditStatus:
+        remaining = max(self.settings.free_uses - used, 0)
+        return CreditStatus(
+            has_credit=remaining > 0,
+            credits_remaining=0,
+            free_uses_remaining=remaining,
+            total_uses=used,
+            plan_name=self.settings.plan_name,
+            purchase_required=False,
+            purchase_options=None,
+            reason=None if remaining else NO_FREE_USES,
+        )
+
+    async def spend(self, identity: Identity, idempotency_key: str) -> None:
+        spent = await self.ledger.spend(
+            identity.namespace, identity.user_id, idempotency_key, self.settings.free_uses
+        )
+        if not spent:
+            raise InsufficientCredit(NO_FREE_USES)
+
+    async def give_back(self, identity: Identity, idempotency_key: str) -> None:
+        await self.ledger.give_back(identity.namespace, identity.user_id, idempotency_key)

@@ -1,0 +1,71 @@
+"""The billing routes under the prefix. Thin: parse, call the service, map errors, reply.
+
+Every handler runs behind the auth middleware, so `IDENTITY_KEY` is always set here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from .auth import IDENTITY_KEY
+from .bodies import read_model
+from .errors import BillingDisabled, BillingError, PaymentNotFound, http_error, to_http
+from .models import PurchaseRequest
+from .service import SERVICE_KEY
+
+#: Stripe ids are short `pi_...` tokens; anything outside this alphabet cannot be one of ours.
+PAYMENT_ID: Final = re.compile(r"^[A-Za-z0-9_\-]{1,255}$")
+IDEMPOTENCY_KEY: Final = re.compile(r"^[A-Za-z0-9_\-.:]{1,128}$")
+
+
+def json_reply(model: BaseModel, status: int = 200) -> web.Response:
+    return web.Response(body=model.model_dump_json().encode(), status=status, content_type="application/json")
+
+
+async def get_credits(request: web.Request) -> web.Response:
+    service = request.config_dict[SERVICE_KEY]
+    try:
+        status = await service.credit_status(request[IDENTITY_KEY])
+    except BillingError as exc:
+        raise to_http(exc) from None
+    return json_reply(status)
+
+
+async def initiate_purchase(request: web.Request) -> web.Response:
+    service = request.config_dict[SERVICE_KEY]
+    if not service.provider.purchases_enabled:
+        raise to_http(BillingDisabled())
+    body = await read_model(request, PurchaseRequest, service.config.max_body_bytes, empty_ok=True)
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not IDEMPOTENCY_KEY.match(key):
+        raise http_error(400, "Idempotency-Key must be 1-128 letters, digits or -_.:")
+    try:
+        purchase = await service.initiate_purchase(request[IDENTITY_KEY], body.return_url, key)
+    except BillingError as exc:
+        raise to_http(exc) from None
+    return json_reply(purchase)
+
+
+async def purchase_status(request: web.Request) -> web.Response:
+    service = request.config_dict[SERVICE_KEY]
+    if not service.provider.purchases_enabled:
+        raise to_http(BillingDisabled())
+    payment_id = request.match_info["payment_id"]
+    try:
+        if not PAYMENT_ID.match(payment_id):
+            raise PaymentNotFound
+        status = await service.purchase_status(request[IDENTITY_KEY], payment_id)
+    except BillingError as exc:
+        raise to_http(exc) from None
+    return json_reply(status)
+
+
+def add_routes(router: web.UrlDispatcher, prefix: str = "") -> None:
+    """Add the billing routes to `router`, each path under `prefix` (empty inside the sub-app)."""
+    router.add_get(f"{prefix}/credits", get_credits)
+    router.add_post(f"{prefix}/purchase/initiate", initiate_purchase)
+    router.add_get(f"{prefix}/purchase/status/{{payment_id}}", purchase_status)

@@ -1,0 +1,114 @@
+"""The billing service: one provider, its credit cache and the token verifier, as one handle.
+
+`setup_billing` returns it and stores it on the app; routes, the credit gate and host code all go
+through it, so they share one identity, one cache and one view of the user's credit.
+Every provider failure leaves here as a `BillingError`: a provider bug becomes `ProviderUnavailable`
+(logged with its traceback), never a 500 with internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, Final, TypeVar
+
+from aiohttp import web
+
+from .auth import TokenVerifier
+from .cache import CreditCache
+from .config import BillingConfig
+from .errors import BillingError, ProviderUnavailable
+from .identity import Identity
+from .models import CreditStatus, PurchaseInitiated, PurchaseStatus
+from .providers.base import CreditProvider
+
+T = TypeVar("T")
+
+logger = logging.getLogger("ciris_billing_proxy")
+
+
+class BillingService:
+    def __init__(self, config: BillingConfig, provider: CreditProvider, verifier: TokenVerifier) -> None:
+        self.config = config
+        self.provider = provider
+        self.verifier = verifier
+        self.cache: CreditCache[CreditStatus] = CreditCache(
+            self._load_status, ttl=config.cache_ttl_seconds, maxsize=config.cache_max_entries
+        )
+        self._money_tasks: set[asyncio.Task[Any]] = set()
+
+    async def lifespan(self, _app: web.Application) -> AsyncIterator[None]:
+        """`cleanup_ctx` entry: start the provider, and on shutdown finish money-moving work first."""
+        try:
+            await self.provider.start()
+        except BaseException:
+            await self.provider.stop()
+            raise
+        try:
+            yield
+        finally:
+            await self.cache.aclose()
+            if self._money_tasks:
+                await asyncio.gather(*self._money_tasks, return_exceptions=True)
+            await self.provider.stop()
+
+    async def credit_status(self, identity: Identity) -> CreditStatus:
+        return await self.cache.get(identity)
+
+    async def fresh_credit_status(self, identity: Identity) -> CreditStatus:
+        return await self.cache.refresh(identity)
+
+    def invalidate(self, identity: Identity) -> None:
+        """Forget the cached credit of a user whose credit changed outside this process's calls."""
+        self.cache.invalidate(identity)
+
+    async def spend(self, identity: Identity, idempotency_key: str) -> None:
+        try:
+            await self._money(self.provider.spend(identity, idempotency_key), "spend")
+        finally:
+            self.cache.invalidate(identity)
+
+    async def give_back(self, identity: Identity, idempotency_key: str) -> None:
+        try:
+            await self._money(self.provider.give_back(identity, idempotency_key), "give_back")
+        finally:
+            self.cache.invalidate(identity)
+
+    async def initiate_purchase(
+        self, identity: Identity, return_url: str | None, idempotency_key: str | None
+    ) -> PurchaseInitiated:
+        return await self._money(
+            self.provider.initiate_purchase(identity, return_url, idempotency_key),
+            "initiate_purchase",
+        )
+
+    async def purchase_status(self, identity: Identity, payment_id: str) -> PurchaseStatus:
+        status = await _guard(self.provider.purchase_status(identity, payment_id), "purchase_status")
+        if status.status == "succeeded":
+            self.cache.invalidate(identity)
+        return status
+
+    async def _load_status(self, identity: Identity) -> CreditStatus:
+        return await _guard(self.provider.credit_status(identity), "credit_status")
+
+    async def _money(self, call: Awaitable[T], what: str) -> T:
+        # Calls that move money run as tracked tasks: a client that disconnects (cancelling its
+        # handler) cannot leave a half-done spend or purchase, and shutdown waits for them.
+        task: asyncio.Task[T] = asyncio.ensure_future(_guard(call, what))
+        self._money_tasks.add(task)
+        task.add_done_callback(self._money_tasks.discard)
+        return await asyncio.shield(task)
+
+
+async def _guard(call: Awaitable[T], what: str) -> T:
+    try:
+        return await call
+    except BillingError:
+        raise
+    except Exception:
+        logger.exception("Credit provider failed in %s", what)
+        raise ProviderUnavailable from None
+
+
+SERVICE_KEY: Final = web.AppKey("ciris_billing_proxy.service", BillingService)

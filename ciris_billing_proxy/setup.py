@@ -1,0 +1,75 @@
+"""`setup_billing(app, config)`: the one call that adds billing to an aiohttp application."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from aiohttp import web
+
+from .auth import VERIFIER_KEY, TokenVerifier, auth_middleware
+from .config import BillingConfig, ConfigError
+from .errors import error_middleware
+from .login import AUTHENTICATOR_KEY, DEFAULT_LOGIN_PATH, Authenticator, login
+from .providers.base import CreditProvider, ProviderContext
+from .providers.registry import create_provider
+from .routes import add_routes
+from .service import SERVICE_KEY, BillingService
+
+
+def setup_billing(
+    app: web.Application,
+    config: BillingConfig,
+    *,
+    provider: CreditProvider | None = None,
+    authenticate: Authenticator | None = None,
+    login_path: str = DEFAULT_LOGIN_PATH,
+    subapp: bool = True,
+    environ: Mapping[str, str] | None = None,
+) -> BillingService:
+    """Add the billing routes, their auth and the provider's lifecycle to `app`; return the handle.
+
+    * The routes live under `config.prefix`, by default in a sub-app so the auth and JSON-error
+      middlewares cover only that prefix. With `subapp=False` they are added to `app` itself and the
+      middlewares are appended to `app`, scoped to the prefix by path.
+    * `config.protected_paths` also require a valid token on the host's own routes.
+    * `provider` overrides the entry-point lookup of `config.provider`.
+    * `authenticate` enables `POST {login_path}`, issuing tokens signed with the configured key.
+
+    Everything is validated here, so bad configuration fails at startup, not on the first request.
+    """
+    if SERVICE_KEY in app:
+        raise ConfigError("setup_billing() was already called for this application")
+    verifier = TokenVerifier(config)
+    if authenticate is not None and not config.jwt.can_issue:
+        raise ConfigError("the login route needs a JWT secret (HS*) or a private key to sign with")
+    if provider is None:
+        context = ProviderContext(
+            options=config.provider_options,
+            environ=os.environ if environ is None else environ,
+            data_dir=config.data_dir,
+            agent_id=config.agent_id,
+        )
+        provider = create_provider(config.provider, context)
+    service = BillingService(config, provider, verifier)
+
+    app[SERVICE_KEY] = service
+    app[VERIFIER_KEY] = verifier
+    app.cleanup_ctx.append(service.lifespan)
+    if config.protected_paths:
+        app.middlewares.append(auth_middleware(verifier, config.protected_paths))
+    if authenticate is not None:
+        app[AUTHENTICATOR_KEY] = authenticate
+        app.router.add_route("*", login_path, login)
+
+    if subapp:
+        billing = web.Application(middlewares=[error_middleware(), auth_middleware(verifier)])
+        billing[SERVICE_KEY] = service
+        billing[VERIFIER_KEY] = verifier
+        add_routes(billing.router)
+        app.add_subapp(config.prefix, billing)
+    else:
+        app.middlewares.append(error_middleware((config.prefix,)))
+        app.middlewares.append(auth_middleware(verifier, (config.prefix,)))
+        add_routes(app.router, config.prefix)
+    return service

@@ -1,0 +1,6 @@
+"""Persistent state: the engine (`sqlite`) and one module per kind of record kept in it."""
+
+from .sqlite import SQLiteDatabase, transaction
+from .usage import UsageLedger
+
+__all__ = ["SQLiteDatabase", "UsageLedger", "transaction"]

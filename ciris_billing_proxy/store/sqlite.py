@@ -1,0 +1,76 @@
+"""SQLite on one dedicated worker thread.
+
+sqlite3 calls block (a commit waits for the disk), so they run off the event loop; a single worker
+thread owns the connection, which serialises this process's writes, and `BEGIN IMMEDIATE` makes each
+read-check-write atomic against other processes sharing the file. WAL with `synchronous=NORMAL` keeps
+every committed transaction across a process crash or restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+MEMORY = ":memory:"
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+class SQLiteDatabase:
+    """One SQLite file (or `:memory:`) with a schema applied on open."""
+
+    def __init__(self, path: str | Path, schema: str) -> None:
+        self.path = str(path)
+        self._schema = schema
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        if self.path != MEMORY:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ciris-billing-db")
+        loop = asyncio.get_running_loop()
+        self._conn = await loop.run_in_executor(self._executor, self._connect)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        if self.path != MEMORY:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        conn.executescript(self._schema)
+        return conn
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._executor is None or self._conn is None:
+            raise RuntimeError("database is not open")
+        conn = self._conn
+        # Shielded: once a write is handed to the worker it completes, even if the request that
+        # asked for it is cancelled, so the caller's view and the file never disagree.
+        future = asyncio.get_running_loop().run_in_executor(self._executor, fn, conn)
+        return await asyncio.shield(future)
+
+    async def close(self) -> None:
+        executor, conn = self._executor, self._conn
+        self._executor = self._conn = None
+        if executor is None:
+            return
+        if conn is not None:
+            await asyncio.get_running_loop().run_in_executor(executor, conn.close)
+        executor.shutdown(wait=True)

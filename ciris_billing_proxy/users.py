@@ -1,0 +1,99 @@
+"""A small password user store for the demo agent and for hosts without a user system.
+
+Only scrypt hashes are kept (never passwords), comparison is constant-time, and an unknown user costs
+the same scrypt work as a known one so response time does not reveal which usernames exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .login import AuthenticatedUser
+
+# RFC 7914's interactive-login parameters: ~50 ms and 16 MiB per hash.
+_N, _R, _P = 2**14, 8, 1
+_MAXMEM = 64 * 1024 * 1024
+
+
+def hash_password(password: str, *, salt: bytes | None = None) -> str:
+    salt = salt or secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=_N, r=_R, p=_P, maxmem=_MAXMEM)
+    return "$".join(
+        ["scrypt", str(_N), str(_R), str(_P), _b64(salt), _b64(digest)],
+    )
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    try:
+        scheme, n, r, p, salt, digest = encoded.split("$")
+        if scheme != "scrypt":
+            return False
+        expected = base64.urlsafe_b64decode(digest)
+        actual = hashlib.scrypt(
+            password.encode(),
+            salt=base64.urlsafe_b64decode(salt),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            maxmem=_MAXMEM,
+            dklen=len(expected),
+        )
+    except ValueError:
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredUser:
+    username: str
+    password_hash: str
+    role: str = "OBSERVER"
+    email: str | None = None
+
+
+class UserStore:
+    def __init__(self, users: list[StoredUser] | None = None) -> None:
+        self._users = {u.username: u for u in users or []}
+        self._dummy_hash = hash_password(secrets.token_urlsafe(16))
+
+    def __contains__(self, username: str) -> bool:
+        return username in self._users
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def add(self, username: str, password: str, *, role: str = "OBSERVER", email: str | None = None) -> None:
+        self._users[username] = StoredUser(username, hash_password(password), role.upper(), email)
+
+    async def authenticate(self, username: str, password: str) -> AuthenticatedUser | None:
+        user = self._users.get(username)
+        encoded = user.password_hash if user else self._dummy_hash
+        # scrypt is deliberately slow; keep it off the event loop.
+        ok = await asyncio.to_thread(verify_password, password, encoded)
+        if not ok or user is None:
+            return None
+        return AuthenticatedUser(user_id=user.username, role=user.role, email=user.email)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_suffix(".tmp")
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+            json.dump([asdict(u) for u in self._users.values()], fh, indent=2)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> UserStore:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        return cls([StoredUser(**row) for row in rows])

@@ -1,0 +1,61 @@
+"""A credit provider that gives every user N uses per UTC day, kept in memory.
+
+It shows the whole provider contract in one screen: settings from options or the environment,
+an atomic spend that raises `InsufficientCredit`, an idempotent give-back, and a `CreditStatus`
+that keeps the consistency rules. Purchases stay disabled (the base class answers 403 for them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Self
+
+from ciris_billing_proxy import CreditProvider, CreditStatus, Identity, InsufficientCredit, ProviderContext
+
+
+class DailyQuotaProvider(CreditProvider):
+    name = "daily-quota"
+
+    def __init__(self, per_day: int) -> None:
+        self.per_day = per_day
+        self._used: dict[tuple[str, str], int] = {}  # (identity key, UTC day) -> uses
+        self._spent: dict[str, tuple[str, str]] = {}  # idempotency key -> where it was spent
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_context(cls, context: ProviderContext) -> Self:
+        per_day = context.options.get("per_day") or context.environ.get("ACME_USES_PER_DAY") or 5
+        return cls(int(per_day))
+
+    def _slot(self, identity: Identity) -> tuple[str, str]:
+        return identity.key, datetime.now(UTC).date().isoformat()
+
+    async def credit_status(self, identity: Identity) -> CreditStatus:
+        left = max(self.per_day - self._used.get(self._slot(identity), 0), 0)
+        return CreditStatus(
+            has_credit=left > 0,
+            credits_remaining=0,
+            free_uses_remaining=left,
+            total_uses=self._used.get(self._slot(identity), 0),
+            plan_name="daily",
+            purchase_required=False,
+            purchase_options=None,
+            reason=None if left else "Daily quota used up; it resets at 00:00 UTC",
+        )
+
+    async def spend(self, identity: Identity, idempotency_key: str) -> None:
+        async with self._lock:
+            if idempotency_key in self._spent:
+                return
+            slot = self._slot(identity)
+            if self._used.get(slot, 0) >= self.per_day:
+                raise InsufficientCredit("Daily quota used up; it resets at 00:00 UTC")
+            self._used[slot] = self._used.get(slot, 0) + 1
+            self._spent[idempotency_key] = slot
+
+    async def give_back(self, identity: Identity, idempotency_key: str) -> None:
+        async with self._lock:
+            slot = self._spent.pop(idempotency_key, None)
+            if slot is not None:
+                self._used[slot] -= 1

@@ -1,0 +1,63 @@
+"""Shared fixtures: a config with a known secret, a token factory, and apps served over real HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from ciris_billing_proxy import BillingConfig, JWTConfig, setup_billing
+from ciris_billing_proxy.providers.base import CreditProvider
+from ciris_billing_proxy.testing import TokenFactory
+
+SECRET = "unit-test-secret-0123456789-abcdefghijklmnop"
+
+ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+def make_config(tmp_path: Path, **overrides: Any) -> BillingConfig:
+    jwt = overrides.pop("jwt", {"secret": SECRET})
+    options = overrides.pop("provider_options", {"database": ":memory:"})
+    return BillingConfig(jwt=JWTConfig(**jwt), data_dir=tmp_path, provider_options=options, **overrides)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> BillingConfig:
+    return make_config(tmp_path)
+
+
+@pytest.fixture
+def tokens(config: BillingConfig) -> TokenFactory:
+    return TokenFactory(config)
+
+
+@pytest.fixture
+def make_client(aiohttp_client: Any) -> ClientFactory:
+    """Build an app with billing set up (`setup_billing` kwargs pass through) and serve it."""
+
+    async def factory(
+        config: BillingConfig,
+        *,
+        provider: CreditProvider | None = None,
+        host: Callable[[web.Application], None] | None = None,
+        **kwargs: Any,
+    ) -> TestClient[web.Request, web.Application]:
+        app = web.Application()
+        if host is not None:
+            host(app)
+        setup_billing(app, config, provider=provider, environ={}, **kwargs)
+        client: TestClient[web.Request, web.Application] = await aiohttp_client(app)
+        return client
+
+    return factory
+
+
+@pytest.fixture
+async def client(
+    make_client: ClientFactory, config: BillingConfig
+) -> TestClient[web.Request, web.Application]:
+    return await make_client(config)

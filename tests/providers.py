@@ -1,0 +1,117 @@
+"""Small in-process providers for testing the proxy's own layers (routes, gate, cache) in isolation.
+
+The paid flow against a real backend contract is tested with the `ciris` provider and the fake
+backend; these only stand in where the proxy's behaviour, not a backend's, is under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from ciris_billing_proxy import (
+    CreditProvider,
+    CreditStatus,
+    Identity,
+    InsufficientCredit,
+    PaymentNotFound,
+    ProviderUnavailable,
+    PurchaseInitiated,
+    PurchaseStatus,
+)
+
+
+class ShopProvider(CreditProvider):
+    """Paid credits only, kept in memory; purchases succeed at once. Counts every call."""
+
+    name = "shop"
+
+    def __init__(self, credits: int = 0) -> None:
+        self.start_credits = credits
+        self.balances: dict[str, int] = {}
+        self.payments: dict[str, tuple[str, int]] = {}
+        self.calls: dict[str, int] = {}
+        self.spent: set[str] = set()
+        self.fail: Exception | None = None
+        self.delay = 0.0
+        self.started = self.stopped = False
+
+    @property
+    def purchases_enabled(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+    async def _enter(self, what: str) -> None:
+        self.calls[what] = self.calls.get(what, 0) + 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail is not None:
+            raise self.fail
+
+    def balance(self, identity: Identity) -> int:
+        return self.balances.setdefault(identity.key, self.start_credits)
+
+    async def credit_status(self, identity: Identity) -> CreditStatus:
+        await self._enter("credit_status")
+        left = self.balance(identity)
+        return CreditStatus(
+            has_credit=left > 0,
+            credits_remaining=left,
+            free_uses_remaining=0,
+            total_uses=0,
+            plan_name="shop",
+            purchase_required=left == 0,
+            purchase_options={"price_minor": 500, "uses": 20, "currency": "USD"} if left == 0 else None,
+        )
+
+    async def spend(self, identity: Identity, idempotency_key: str) -> None:
+        await self._enter("spend")
+        if idempotency_key in self.spent:
+            return
+        if self.balance(identity) <= 0:
+            raise InsufficientCredit("No free uses or credits remaining")
+        self.balances[identity.key] -= 1
+        self.spent.add(idempotency_key)
+
+    async def give_back(self, identity: Identity, idempotency_key: str) -> None:
+        await self._enter("give_back")
+        if idempotency_key in self.spent:
+            self.spent.discard(idempotency_key)
+            self.balances[identity.key] += 1
+
+    async def initiate_purchase(
+        self, identity: Identity, return_url: str | None, idempotency_key: str | None
+    ) -> PurchaseInitiated:
+        await self._enter("initiate_purchase")
+        payment_id = f"pi_{len(self.payments) + 1}"
+        self.payments[payment_id] = (identity.key, 20)
+        self.balances[identity.key] = self.balance(identity) + 20
+        return PurchaseInitiated(
+            payment_id=payment_id,
+            client_secret=f"{payment_id}_secret_x",
+            amount_minor=500,
+            currency="USD",
+            uses_purchased=20,
+            publishable_key="pk_test_x",
+        )
+
+    async def purchase_status(self, identity: Identity, payment_id: str) -> PurchaseStatus:
+        await self._enter("purchase_status")
+        owner = self.payments.get(payment_id)
+        if owner is None or owner[0] != identity.key:
+            raise PaymentNotFound
+        return PurchaseStatus(
+            status="succeeded", credits_added=owner[1], balance_after=self.balance(identity)
+        )
+
+
+class BrokenProvider(ShopProvider):
+    """Fails every call the way an unreachable backend would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = ProviderUnavailable()

@@ -1,0 +1,77 @@
+"""Run `ciris-billing-proxy serve` as a real subprocess and wait until it listens."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LISTENING = re.compile(r"Listening on (http://127\.0\.0\.1:\d+)")
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[str]
+    output: list[str] = field(default_factory=list)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CIRIS_", "STRIPE_"))}
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def serve(args: Sequence[str], data_dir: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "ciris_billing_proxy",
+        "serve",
+        "--port",
+        "0",
+        "--data-dir",
+        str(data_dir),
+        *args,
+    ]
+    process = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env or clean_env()
+    )
+    assert process.stdout is not None
+    output: list[str] = []
+    deadline = time.monotonic() + 30
+    url = None
+    while url is None:
+        line = process.stdout.readline()
+        if not line:
+            process.wait(5)
+            raise AssertionError(f"server exited ({process.returncode}) before listening:\n{''.join(output)}")
+        output.append(line)
+        match = LISTENING.search(line)
+        if match:
+            url = match.group(1)
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("server did not start within 30 s")
+    output.append(process.stdout.readline())  # the provider line
+    server = Server(url, process, output)
+    try:
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        server.output.extend(process.stdout.readlines())
+        process.stdout.close()

@@ -1,0 +1,250 @@
+"""Bearer-token auth: every way a token can be wrong, key confusion, and host-route coexistence."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pydantic import ValidationError
+
+from ciris_billing_proxy import BillingConfig, ConfigError, JWTConfig, get_identity
+from ciris_billing_proxy.testing import TokenFactory
+
+from .conftest import SECRET, ClientFactory, make_config
+
+CREDITS = "/v1/api/billing/credits"
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def handmade(header: dict[str, Any], claims: dict[str, Any], key: bytes | None) -> str:
+    """A token built byte by byte, so it can carry what PyJWT refuses to produce."""
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+    signature = b"" if key is None else hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64(signature)}"
+
+
+def rsa_pair() -> tuple[bytes, bytes]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private, public
+
+
+async def status_and_detail(
+    client: Any, token: str | None = None, header: str | None = None
+) -> tuple[int, Any]:
+    headers = {}
+    if header is not None:
+        headers["Authorization"] = header
+    elif token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    resp = await client.get(CREDITS, headers=headers)
+    return resp.status, (await resp.json())["detail"] if resp.status != 200 else None
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["", "Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "Token abc.def.ghi", "Bearer a.b.c extra", "bearer"],
+)
+async def test_missing_or_malformed_header_is_not_authenticated(client: Any, header: str) -> None:
+    resp = await client.get(CREDITS, headers={"Authorization": header} if header else {})
+    assert resp.status == 401
+    assert resp.headers["WWW-Authenticate"] == "Bearer"
+    assert await resp.json() == {"detail": "Not authenticated"}
+
+
+async def test_scheme_is_case_insensitive(client: Any, tokens: TokenFactory) -> None:
+    status, _ = await status_and_detail(client, header=f"bearer {tokens.token()}")
+    assert status == 200
+
+
+async def test_garbage_token_is_invalid(client: Any) -> None:
+    resp = await client.get(CREDITS, headers={"Authorization": "Bearer abc.def.ghi"})
+    assert resp.status == 401
+    assert await resp.json() == {"detail": "Invalid token"}
+    assert "invalid_token" in resp.headers["WWW-Authenticate"]
+
+
+async def test_expired_token(client: Any, tokens: TokenFactory) -> None:
+    assert await status_and_detail(client, tokens.token(ttl=-60)) == (401, "Token expired")
+
+
+async def test_expired_within_leeway_is_accepted(client: Any, tokens: TokenFactory) -> None:
+    assert (await status_and_detail(client, tokens.token(ttl=-3)))[0] == 200
+
+
+async def test_wrong_signature(client: Any) -> None:
+    other = jwt.encode({"sub": "u", "exp": time.time() + 60}, "another-secret-" + "y" * 40, algorithm="HS256")
+    assert await status_and_detail(client, other) == (401, "Invalid token")
+
+
+async def test_tampered_payload(client: Any, tokens: TokenFactory) -> None:
+    header, _, signature = tokens.token("alice").split(".")
+    forged = b64(json.dumps({"sub": "admin", "exp": int(time.time()) + 60}).encode())
+    assert await status_and_detail(client, f"{header}.{forged}.{signature}") == (401, "Invalid token")
+
+
+async def test_alg_none_is_rejected(client: Any) -> None:
+    token = handmade({"alg": "none", "typ": "JWT"}, {"sub": "u", "exp": int(time.time()) + 60}, None)
+    assert await status_and_detail(client, token) == (401, "Invalid token")
+
+
+@pytest.mark.parametrize("drop", ["exp", "sub"])
+async def test_required_claims(client: Any, tokens: TokenFactory, drop: str) -> None:
+    token = jwt.encode({k: v for k, v in tokens.claims().items() if k != drop}, SECRET, algorithm="HS256")
+    assert await status_and_detail(client, token) == (401, "Invalid token")
+
+
+@pytest.mark.parametrize("claims", [{"sub": 42}, {"sub": ""}, {"nbf": int(time.time()) + 600}])
+async def test_bad_claim_values(client: Any, tokens: TokenFactory, claims: dict[str, Any]) -> None:
+    token = jwt.encode({**tokens.claims(), **claims}, SECRET, algorithm="HS256")
+    assert await status_and_detail(client, token) == (401, "Invalid token")
+
+
+async def test_hs256_token_signed_with_the_public_key_is_rejected(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
+    private, public = rsa_pair()
+    config = make_config(tmp_path, jwt={"algorithms": ["RS256"], "public_key": public.decode()})
+    client = await make_client(config)
+    claims = {"sub": "u", "exp": int(time.time()) + 60}
+    good = jwt.encode(claims, private, algorithm="RS256")
+    assert (await status_and_detail(client, good))[0] == 200
+    confused = handmade({"alg": "HS256", "typ": "JWT"}, claims, public)
+    assert await status_and_detail(client, confused) == (401, "Invalid token")
+
+
+async def test_es256_public_key(make_client: ClientFactory, tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    config = make_config(tmp_path, jwt={"algorithms": ["ES256"], "public_key": public.decode()})
+    client = await make_client(config)
+    token = jwt.encode({"sub": "u", "exp": int(time.time()) + 60}, key, algorithm="ES256")
+    assert (await status_and_detail(client, token))[0] == 200
+    hs = jwt.encode({"sub": "u", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
+    assert await status_and_detail(client, hs) == (401, "Invalid token")
+
+
+async def test_issuer_and_audience(make_client: ClientFactory, tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path, jwt={"secret": SECRET, "issuer": "https://id.example", "audience": "agent"}
+    )
+    client = await make_client(config)
+    factory = TokenFactory(config)
+    assert (await status_and_detail(client, factory.token()))[0] == 200
+    for wrong in ({"iss": "https://evil.example"}, {"aud": "other"}, {"iss": None}, {"aud": None}):
+        token = jwt.encode({k: v for k, v in {**factory.claims(), **wrong}.items() if v is not None}, SECRET)
+        assert await status_and_detail(client, token) == (401, "Invalid token"), wrong
+
+
+@pytest.mark.parametrize(
+    "jwt_settings",
+    [
+        {"secret": "short"},
+        {"algorithms": ["none"], "secret": SECRET},
+        {"algorithms": ["HS256", "RS256"], "secret": SECRET, "public_key": "x"},
+        {"algorithms": ["RS256"]},
+        {"secret": SECRET, "public_key": "-----BEGIN PUBLIC KEY-----"},
+        {"algorithms": [], "secret": SECRET},
+    ],
+)
+def test_unsafe_jwt_settings_fail_at_startup(jwt_settings: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        JWTConfig(**jwt_settings)
+
+
+def test_an_unparseable_public_key_fails_at_setup(tmp_path: Path) -> None:
+    config = make_config(tmp_path, jwt={"algorithms": ["RS256"], "public_key": "not a pem"})
+    from ciris_billing_proxy import setup_billing
+
+    with pytest.raises(ConfigError, match="public key"):
+        setup_billing(web.Application(), config, environ={})
+
+
+def _host_routes(app: web.Application) -> None:
+    async def public(request: web.Request) -> web.Response:
+        return web.json_response({"public": True})
+
+    async def whoami(request: web.Request) -> web.Response:
+        identity = get_identity(request)
+        return web.json_response(
+            {
+                "user_id": identity.user_id,
+                "namespace": identity.namespace,
+                "role": identity.role,
+                "email": identity.email,
+                "tenant": identity.tenant,
+            }
+        )
+
+    app.router.add_get("/public", public)
+    app.router.add_get("/whoami", whoami)
+    app.router.add_get("/v1/agent/status", public)
+
+
+async def test_host_routes_stay_open_and_share_the_identity(
+    make_client: ClientFactory, config: BillingConfig, tokens: TokenFactory
+) -> None:
+    client = await make_client(config, host=_host_routes)
+    assert (await client.get("/public")).status == 200
+    assert (await client.get("/v1/agent/status")).status == 200
+    assert (await client.get("/whoami")).status == 401
+    token = tokens.token(
+        "ann", email="ann@example.com", role="admin", tenant="t1", oauth_provider="oauth:google"
+    )
+    resp = await client.get("/whoami", headers={"Authorization": f"Bearer {token}"})
+    assert await resp.json() == {
+        "user_id": "ann",
+        "namespace": "google",
+        "role": "ADMIN",
+        "email": "ann@example.com",
+        "tenant": "t1",
+    }
+
+
+async def test_host_can_protect_its_own_paths(
+    make_client: ClientFactory, tmp_path: Path, tokens: TokenFactory
+) -> None:
+    config = make_config(tmp_path, protected_paths=("/v1/agent",))
+    client = await make_client(config, host=_host_routes)
+    assert (await client.get("/public")).status == 200
+    resp = await client.get("/v1/agent/status")
+    assert resp.status == 401
+    assert await resp.json() == {"detail": "Not authenticated"}
+    assert (await client.get("/v1/agent/status", headers=tokens.headers())).status == 200
+
+
+async def test_cors_preflight_is_not_blocked_by_auth(client: Any) -> None:
+    resp = await client.options(CREDITS, headers={"Origin": "https://ui.example"})
+    assert resp.status != 401
+
+
+async def test_app_wide_placement_without_subapp(
+    make_client: ClientFactory, config: BillingConfig, tokens: TokenFactory
+) -> None:
+    client = await make_client(config, host=_host_routes, subapp=False)
+    assert (await client.get("/public")).status == 200
+    assert (await client.get(CREDITS)).status == 401
+    assert (await client.get(CREDITS, headers=tokens.headers())).status == 200
+    resp = await client.get("/v1/api/billing/nothing-here", headers=tokens.headers())
+    assert resp.status == 404
+    assert await resp.json() == {"detail": "Not Found"}

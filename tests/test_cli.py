@@ -1,0 +1,139 @@
+"""`ciris-billing-proxy serve`, run as a real process over real HTTP."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from .serving import clean_env, serve
+
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+
+async def login(session: aiohttp.ClientSession, url: str, username: str, password: str) -> str:
+    async with session.post(f"{url}/v1/auth/login", json={"username": username, "password": password}) as r:
+        assert r.status == 200, await r.text()
+        token: str = (await r.json())["access_token"]
+        return token
+
+
+async def test_demo_first_start_restart_keeps_usage_and_tokens(tmp_path: Path) -> None:
+    with serve([], tmp_path) as server:
+        banner = "".join(server.output)
+        created = re.search(r"Created demo user 'demo' with password '([^']+)'", banner)
+        assert created, banner
+        assert "Credit provider: simple" in banner
+        async with aiohttp.ClientSession() as session:
+            token = await login(session, server.url, "demo", created.group(1))
+            auth = {"Authorization": f"Bearer {token}"}
+            for _ in range(2):
+                async with session.post(
+                    f"{server.url}/v1/agent/interact", json={"message": "hi"}, headers=auth
+                ) as r:
+                    assert r.status == 200
+                    reply = await r.json()
+            assert reply["reply"] == "You said: hi"
+            assert reply["free_uses_remaining"] == 8
+            async with session.post(
+                f"{server.url}/v1/api/billing/purchase/initiate", json={}, headers=auth
+            ) as r:
+                assert r.status == 403
+                assert (await r.json())["detail"] == "Billing not enabled for this agent"
+    assert server.process.returncode == 0
+    assert created.group(1) not in (tmp_path / "demo-users.json").read_text()
+
+    with serve([], tmp_path) as server:
+        assert "Created demo user" not in "".join(server.output)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{server.url}/v1/api/billing/credits", headers=auth) as r:
+                assert r.status == 200, "a token issued before the restart must stay valid"
+                body = await r.json()
+            assert (body["free_uses_remaining"], body["total_uses"]) == (8, 2)
+            await login(session, server.url, "demo", created.group(1))
+
+
+async def test_users_from_the_command_line(tmp_path: Path) -> None:
+    with serve(["--user", "ann:pw-ann:ann@example.com", "--user", "bob:pw-bob"], tmp_path) as server:
+        assert "Created demo user" not in "".join(server.output)
+        async with aiohttp.ClientSession() as session:
+            await login(session, server.url, "ann", "pw-ann")
+            await login(session, server.url, "bob", "pw-bob")
+            async with session.post(
+                f"{server.url}/v1/auth/login", json={"username": "demo", "password": "x"}
+            ) as r:
+                assert r.status == 401
+
+
+async def test_free_uses_from_the_environment(tmp_path: Path) -> None:
+    env = clean_env(CIRIS_SIMPLE_FREE_USES="2")
+    with serve(["--user", "ann:pw"], tmp_path, env) as server:
+        async with aiohttp.ClientSession() as session:
+            auth = {"Authorization": f"Bearer {await login(session, server.url, 'ann', 'pw')}"}
+            statuses = []
+            for _ in range(3):
+                async with session.post(
+                    f"{server.url}/v1/agent/interact", json={"message": "x"}, headers=auth
+                ) as r:
+                    statuses.append(r.status)
+                    body = await r.json()
+            assert statuses == [200, 200, 402]
+            assert body["detail"]["error"] == "insufficient_credit"
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["serve", "--port", "abc"], "not a port number"),
+        (["serve", "--port", "70000"], "port must be 0-65535"),
+        (["serve", "--user", "nopassword"], "NAME:PASSWORD[:EMAIL]"),
+        (["serve", "--provider", "nope"], "Installed providers: "),
+        (["serve", "--bogus"], "unrecognized arguments"),
+        ([], "required"),
+    ],
+)
+def test_bad_options_exit_2_with_a_clear_message(tmp_path: Path, args: list[str], words: str) -> None:
+    if args[:1] == ["serve"]:
+        args = [*args, "--data-dir", str(tmp_path)]
+    result = subprocess.run(
+        [sys.executable, "-m", "ciris_billing_proxy", *args],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert words in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ciris_billing_proxy",
+                "serve",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr

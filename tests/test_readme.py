@@ -1,0 +1,69 @@
+"""The README stays true: its snippet runs, its tables cover the code, its Quickstart is what CI runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ciris_billing_proxy.config import ENV_VARS
+from ciris_billing_proxy.providers import simple
+from ciris_billing_proxy.testing import TokenFactory
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def section(title: str) -> str:
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", README, re.S | re.M)
+    assert match, title
+    return match.group(1)
+
+
+def code_after(marker: str) -> str:
+    match = re.search(rf"<!-- readme-test: {marker} -->\n```python\n(.*?)```", README, re.S)
+    assert match, marker
+    return match.group(1)
+
+
+def quickstart_commands() -> list[str]:
+    return re.findall(r"```bash\n(.*?)\n```", section("Quickstart"), re.S)[:2]
+
+
+async def test_registration_snippet_runs(
+    aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    secret = "readme-secret-" + "r" * 40
+    monkeypatch.setenv("CIRIS_JWT_SECRET", secret)
+    monkeypatch.setenv("CIRIS_BILLING_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CIRIS_SIMPLE_DATABASE", ":memory:")
+    namespace: dict[str, Any] = {}
+    exec(compile(code_after("register"), "README.md", "exec"), namespace)  # noqa: S102
+    client = await aiohttp_client(namespace["app"])
+    headers = TokenFactory(namespace["billing"].config).headers("zoe")
+    resp = await client.post("/v1/agent/interact", headers=headers)
+    assert await resp.json() == {"reply": "Hello zoe"}
+    credits = await (await client.get("/v1/api/billing/credits", headers=headers)).json()
+    assert credits["free_uses_remaining"] == 9
+
+
+def test_configuration_table_lists_every_variable() -> None:
+    table = section("Configuration")
+    for var in [*ENV_VARS, *simple.ENV_VARS]:
+        assert f"| `{var}` |" in table, var
+    documented = set(re.findall(r"^\| `(CIRIS_[A-Z_]+)` \|", table, re.M))
+    assert documented == {*ENV_VARS, *simple.ENV_VARS}
+
+
+def test_quickstart_is_two_commands_and_ci_runs_the_test_command() -> None:
+    commands = quickstart_commands()
+    assert len(commands) == 2
+    assert all("\n" not in c for c in commands)
+    assert commands[0].endswith("ciris-billing-proxy serve")
+    test_command = commands[1]
+    assert "pytest" in test_command
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    for part in test_command.split(" && "):
+        assert part in ci, part

@@ -1,0 +1,114 @@
+"""The three billing routes with the `simple` provider, against BILLING_API.md and COMPATIBILITY.md."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from ciris_billing_proxy import Identity
+from ciris_billing_proxy.service import SERVICE_KEY
+from ciris_billing_proxy.testing import TokenFactory
+
+Client = TestClient[web.Request, web.Application]
+CREDITS = "/v1/api/billing/credits"
+INITIATE = "/v1/api/billing/purchase/initiate"
+STATUS = "/v1/api/billing/purchase/status/pi_abc123xyz789"
+SEVEN = {
+    "has_credit": bool,
+    "credits_remaining": int,
+    "free_uses_remaining": int,
+    "total_uses": int,
+    "plan_name": str,
+    "purchase_required": bool,
+    "purchase_options": type(None),
+}
+
+
+async def test_credits_has_all_seven_fields_with_their_types(client: Client, tokens: TokenFactory) -> None:
+    resp = await client.get(CREDITS, headers=tokens.headers())
+    assert resp.status == 200
+    assert resp.content_type == "application/json"
+    body = await resp.json()
+    for field, kind in SEVEN.items():
+        assert field in body, field
+        assert type(body[field]) is kind, (field, body[field])
+    assert body == {
+        "has_credit": True,
+        "credits_remaining": 0,
+        "free_uses_remaining": 10,
+        "total_uses": 0,
+        "plan_name": "free",
+        "purchase_required": False,
+        "purchase_options": None,
+    }
+    assert "data" not in body
+
+
+async def test_credits_are_per_user(client: Client, tokens: TokenFactory) -> None:
+    service = client.app[SERVICE_KEY]
+    await service.spend(Identity("alice", "local", "OBSERVER"), "k1")
+    alice = await (await client.get(CREDITS, headers=tokens.headers("alice"))).json()
+    bob = await (await client.get(CREDITS, headers=tokens.headers("bob"))).json()
+    assert alice["free_uses_remaining"] == 9
+    assert bob["free_uses_remaining"] == 10
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", INITIATE, {"return_url": "https://app.example/done"}),
+        ("POST", INITIATE, {}),
+        ("POST", INITIATE, None),
+        ("GET", STATUS, None),
+    ],
+)
+async def test_purchase_routes_answer_403_when_billing_is_disabled(
+    client: Client, tokens: TokenFactory, method: str, path: str, body: Any
+) -> None:
+    resp = await client.request(method, path, json=body, headers=tokens.headers())
+    assert resp.status == 403
+    assert await resp.json() == {"detail": "Billing not enabled for this agent"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", CREDITS), ("POST", INITIATE), ("GET", STATUS), ("GET", "/v1/api/billing/unknown")],
+)
+async def test_every_route_needs_a_token(client: Client, method: str, path: str) -> None:
+    resp = await client.request(method, path)
+    assert resp.status == 401
+    assert resp.headers["WWW-Authenticate"] == "Bearer"
+    assert await resp.json() == {"detail": "Not authenticated"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/v1/api/billing/unknown", 404),
+        ("GET", "/v1/api/billing", 404),
+        ("GET", "/v1/api/billing/purchase/status/", 404),
+        ("DELETE", CREDITS, 405),
+        ("POST", CREDITS, 405),
+        ("GET", INITIATE, 405),
+        ("PUT", STATUS, 405),
+    ],
+)
+async def test_unknown_paths_and_methods_are_json(
+    client: Client, tokens: TokenFactory, method: str, path: str, status: int
+) -> None:
+    resp = await client.request(method, path, headers=tokens.headers())
+    assert resp.status == status
+    assert resp.content_type == "application/json"
+    body = await resp.json()
+    assert isinstance(body["detail"], str)
+    if status == 405:
+        assert "Allow" in resp.headers
+
+
+async def test_sdk_headers_are_tolerated(client: Client, tokens: TokenFactory) -> None:
+    resp = await client.get(CREDITS, headers={**tokens.headers(), "X-API-Version": "v1"})
+    assert resp.status == 200
+    assert "X-RateLimit-Limit" not in resp.headers
