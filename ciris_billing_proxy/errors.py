@@ -99,8 +99,9 @@ def error_middleware(
 ) -> Middleware:
     """Turn every error under the given paths (all paths when None) into JSON `{"detail": ...}`.
 
-    aiohttp's own 404/405/413 become JSON with the same status; any other exception becomes a 500
-    "Internal server error" whose body reveals nothing (the traceback goes to the log only).
+    A `BillingError` becomes its reply (`to_http`); aiohttp's own 404/405/413 become JSON with the
+    same status; any other exception becomes a 500 "Internal server error" whose body reveals
+    nothing (the traceback goes to the log only).
     """
 
     @web.middleware
@@ -113,6 +114,8 @@ def error_middleware(
             return await handler(request)
         except HTTPJSONError:
             raise
+        except BillingError as exc:
+            raise to_http(exc) from None
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise

@@ -1,6 +1,7 @@
-"""The billing routes under the prefix. Thin: parse, call the service, map errors, reply.
+"""The billing routes under the prefix. Thin: parse, call the service, reply.
 
-Every handler runs behind the auth middleware, so `IDENTITY_KEY` is always set here.
+Every handler runs behind the auth middleware (so `IDENTITY_KEY` is always set) and the error
+middleware (so a `BillingError` raised here or by the service becomes its HTTP reply there).
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from pydantic import BaseModel
 
 from .auth import IDENTITY_KEY
 from .bodies import read_model
-from .errors import BillingDisabled, BillingError, PaymentNotFound, http_error, to_http
+from .errors import BillingDisabled, PaymentNotFound, http_error
 from .models import PurchaseRequest
-from .service import SERVICE_KEY
+from .service import SERVICE_KEY, BillingService
 
 #: Stripe ids are short `pi_...` tokens; anything outside this alphabet cannot be one of ours.
 PAYMENT_ID: Final = re.compile(r"^[A-Za-z0-9_\-]{1,255}$")
@@ -28,40 +29,32 @@ def json_reply(model: BaseModel, status: int = 200) -> web.Response:
 
 async def get_credits(request: web.Request) -> web.Response:
     service = request.config_dict[SERVICE_KEY]
-    try:
-        status = await service.credit_status(request[IDENTITY_KEY])
-    except BillingError as exc:
-        raise to_http(exc) from None
-    return json_reply(status)
+    return json_reply(await service.credit_status(request[IDENTITY_KEY]))
 
 
 async def initiate_purchase(request: web.Request) -> web.Response:
-    service = request.config_dict[SERVICE_KEY]
-    if not service.provider.purchases_enabled:
-        raise to_http(BillingDisabled())
+    service = _selling(request)
     body = await read_model(request, PurchaseRequest, service.config.max_body_bytes, empty_ok=True)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not IDEMPOTENCY_KEY.match(key):
         raise http_error(400, "Idempotency-Key must be 1-128 letters, digits or -_.:")
-    try:
-        purchase = await service.initiate_purchase(request[IDENTITY_KEY], body.return_url, key)
-    except BillingError as exc:
-        raise to_http(exc) from None
-    return json_reply(purchase)
+    return json_reply(await service.initiate_purchase(request[IDENTITY_KEY], body.return_url, key))
 
 
 async def purchase_status(request: web.Request) -> web.Response:
+    service = _selling(request)
+    payment_id = request.match_info["payment_id"]
+    if not PAYMENT_ID.match(payment_id):
+        raise PaymentNotFound
+    return json_reply(await service.purchase_status(request[IDENTITY_KEY], payment_id))
+
+
+def _selling(request: web.Request) -> BillingService:
+    """The service, if its provider sells credits; checked before the body or id is even read."""
     service = request.config_dict[SERVICE_KEY]
     if not service.provider.purchases_enabled:
-        raise to_http(BillingDisabled())
-    payment_id = request.match_info["payment_id"]
-    try:
-        if not PAYMENT_ID.match(payment_id):
-            raise PaymentNotFound
-        status = await service.purchase_status(request[IDENTITY_KEY], payment_id)
-    except BillingError as exc:
-        raise to_http(exc) from None
-    return json_reply(status)
+        raise BillingDisabled
+    return service
 
 
 def add_routes(router: web.UrlDispatcher, prefix: str = "") -> None:

@@ -78,7 +78,7 @@ async def test_usage_survives_an_app_restart_on_the_same_file(tmp_path: Path) ->
     second = await run_once(spend=0)
     assert second["free_uses_remaining"] == 7
     assert second["total_uses"] == 3
-    assert (tmp_path / "simple-usage.sqlite3").exists()
+    assert (tmp_path / "simple-usage.sqlite3").stat().st_mode & 0o077 == 0
 
 
 async def test_two_processes_sharing_a_file_never_overspend(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ every committed transaction across a process crash or restart.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,9 @@ class SQLiteDatabase:
     async def open(self) -> None:
         if self.path != MEMORY:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Create it owner-only before SQLite does (its journal files inherit this mode): the
+            # ledger names users and, for paid providers, their payments.
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ciris-billing-db")
         loop = asyncio.get_running_loop()
         self._conn = await loop.run_in_executor(self._executor, self._connect)
