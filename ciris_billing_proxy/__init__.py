@@ -14,6 +14,7 @@ from .errors import (
     InvalidRequest,
     PaymentNotFound,
     ProviderUnavailable,
+    error_middleware,
 )
 from .gate import credit_gate
 from .identity import Identity
@@ -47,6 +48,7 @@ __all__ = [
     "PurchaseStatus",
     "__version__",
     "credit_gate",
+    "error_middleware",
     "get_identity",
     "setup_billing",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import time
@@ -20,6 +21,9 @@ IDENTITY_KEY: Final = web.RequestKey("ciris_billing_proxy.identity", Identity)
 
 _BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*)$")
 _MAX_CLAIM = 255
+_MAX_EXP = 2**53  # beyond this a number is no timestamp (and may not even fit a float)
+
+logger = logging.getLogger("ciris_billing_proxy")
 
 
 class AuthError(Exception):
@@ -60,7 +64,11 @@ class TokenVerifier:
             )
         except jwt.ExpiredSignatureError:
             raise AuthError("Token expired") from None
-        except jwt.InvalidTokenError:
+        except jwt.PyJWTError:
+            raise AuthError("Invalid token") from None
+        except Exception as exc:
+            # Whatever a hostile token provokes inside the decoder is still just an invalid token.
+            logger.warning("Token verification raised %s; refused", type(exc).__name__)
             raise AuthError("Invalid token") from None
         return self._identity(claims)
 
@@ -73,6 +81,8 @@ class TokenVerifier:
         role = _optional_str(claims.get("role")) or self._default_role
         tenant = _optional_str(claims.get("tenant")) or _optional_str(claims.get("tenant_id"))
         exp = claims["exp"]
+        if isinstance(exp, bool) or not isinstance(exp, int | float) or not abs(exp) < _MAX_EXP:
+            raise AuthError("Invalid token")
         return Identity(
             user_id=sub,
             namespace=namespace,
@@ -109,21 +119,35 @@ def _optional_str(value: object) -> str | None:
     return None
 
 
-def _verify_key(config: JWTConfig) -> Any:
-    if config.uses_hmac:
-        assert config.secret is not None  # guaranteed by JWTConfig's validator
-        return config.secret.get_secret_value().encode()
-    # Parse the PEM once at startup rather than on every request, and fail early if it is bad.
-    algorithm = get_default_algorithms().get(config.algorithms[0])
+def _prepare(algorithm_name: str, key: Any, what: str) -> Any:
+    """Parse a key for one algorithm and refuse it unless PyJWT would use it without complaint."""
+    algorithm = get_default_algorithms().get(algorithm_name)
     if algorithm is None:
         raise ConfigError(
-            f"JWT algorithm {config.algorithms[0]} needs the 'crypto' extra: "
+            f"JWT algorithm {algorithm_name} needs the 'crypto' extra: "
             "pip install 'ciris-billing-proxy[crypto]'"
         )
     try:
-        return algorithm.prepare_key(config.public_key or "")
-    except Exception as exc:  # the key parser raises several unrelated types
-        raise ConfigError(f"JWT public key cannot be used: {type(exc).__name__}") from None
+        prepared = algorithm.prepare_key(key)
+    except Exception as exc:  # the key parsers raise several unrelated types
+        raise ConfigError(f"JWT {what} cannot be used with {algorithm_name}: {type(exc).__name__}") from None
+    weakness = algorithm.check_key_length(prepared)
+    if weakness:
+        raise ConfigError(f"JWT {what} is too short for {algorithm_name}: {weakness}")
+    return prepared
+
+
+def _verify_key(config: JWTConfig) -> Any:
+    # Every allowed algorithm must accept the key at startup: otherwise a forged token naming an
+    # allowed algorithm the key does not fit would reach PyJWT's key parser on a request.
+    if config.uses_hmac:
+        assert config.secret is not None  # guaranteed by JWTConfig's validator
+        raw: Any = config.secret.get_secret_value().encode()
+        what = "secret"
+    else:
+        raw, what = config.public_key or "", "public key"
+    prepared = [_prepare(name, raw, what) for name in config.algorithms]
+    return prepared[0]
 
 
 def _signing_key(config: JWTConfig) -> Any:
@@ -131,11 +155,7 @@ def _signing_key(config: JWTConfig) -> Any:
         return _verify_key(config)
     if config.private_key is None:
         return None
-    algorithm = get_default_algorithms()[config.algorithms[0]]
-    try:
-        return algorithm.prepare_key(config.private_key.get_secret_value())
-    except Exception as exc:
-        raise ConfigError(f"JWT private key cannot be used: {type(exc).__name__}") from None
+    return _prepare(config.algorithms[0], config.private_key.get_secret_value(), "private key")
 
 
 VERIFIER_KEY: Final = web.AppKey("ciris_billing_proxy.verifier", TokenVerifier)
@@ -143,8 +163,9 @@ VERIFIER_KEY: Final = web.AppKey("ciris_billing_proxy.verifier", TokenVerifier)
 
 def bearer_token(request: web.Request) -> str:
     """The raw token from `Authorization: Bearer ...`, or a 401 "Not authenticated"."""
-    header = request.headers.get("Authorization", "")
-    match = _BEARER.match(header.strip())
+    headers = request.headers.getall("Authorization", [])
+    # Two Authorization headers are ambiguous (proxies and servers may each read a different one).
+    match = _BEARER.match(headers[0].strip()) if len(headers) == 1 else None
     if match is None:
         raise http_error(401, NOT_AUTHENTICATED, {"WWW-Authenticate": "Bearer"})
     return match.group(1)

@@ -5,12 +5,22 @@ from __future__ import annotations
 import json
 from typing import TypeVar
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from pydantic import BaseModel, ValidationError
 
 from .errors import http_error
 
 M = TypeVar("M", bound=BaseModel)
+
+
+async def expect_continue(request: web.Request) -> None:
+    """aiohttp's `Expect: 100-continue` handling, with a JSON 417 for any other expectation."""
+    expect = request.headers.get("Expect", "")
+    if expect.lower() != "100-continue":
+        raise http_error(417, "Only 'Expect: 100-continue' is supported")
+    if request.version == HttpVersion11:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim line is not part of the response's size
 
 
 async def read_body(request: web.Request, max_bytes: int) -> bytes:
@@ -33,11 +43,11 @@ async def read_model(request: web.Request, model: type[M], max_bytes: int, *, em
     raw = await read_body(request, max_bytes)
     if not raw.strip():
         if not empty_ok:
-            raise http_error(400, "Request body must be a JSON object")
+            raise http_error(400, "Request body is empty; send a JSON object")
         raw = b"{}"
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested thousands deep
         raise http_error(400, "Malformed JSON body") from None
     if not isinstance(data, dict):
         raise http_error(422, "Request body must be a JSON object")

@@ -35,8 +35,8 @@ class CreditCache(Generic[V]):
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self._load = load
-        self._entries: TTLCache[str, V] = TTLCache(maxsize=maxsize, ttl=ttl, timer=timer)
-        self._inflight: dict[str, asyncio.Task[V]] = {}
+        self._entries: TTLCache[tuple[str, str], V] = TTLCache(maxsize=maxsize, ttl=ttl, timer=timer)
+        self._inflight: dict[tuple[str, str], asyncio.Task[V]] = {}
         self._running: set[asyncio.Task[V]] = set()
 
     def __len__(self) -> int:
@@ -86,7 +86,7 @@ class CreditCache(Generic[V]):
             self._entries[identity.key] = value
         return value
 
-    def _settle(self, key: str, task: asyncio.Task[V]) -> None:
+    def _settle(self, key: tuple[str, str], task: asyncio.Task[V]) -> None:
         self._running.discard(task)
         if self._inflight.get(key) is task:
             del self._inflight[key]

@@ -13,7 +13,8 @@ from pathlib import Path
 from aiohttp import web
 
 from .config import BillingConfig, ConfigError, default_data_dir
-from .demo import create_demo_app, load_or_create_secret, load_or_create_users
+from .demo import CreatedUser, create_demo_app, load_or_create_secret, load_or_create_users, save_users
+from .testing.fake_backend import FakeBillingBackend
 from .users import UserStore
 
 
@@ -56,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a login for this run (repeatable); without it a demo user is created once",
     )
     serve.add_argument("--data-dir", type=Path, default=None, help="where state is kept")
+    serve.add_argument(
+        "--fake-backend",
+        action="store_true",
+        help="run a fake CIRIS Billing backend in-process and use the ciris provider against it",
+    )
     return parser
 
 
@@ -67,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ciris-billing-proxy: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an unusable data directory, mostly
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"ciris-billing-proxy: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0
 
@@ -74,7 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or Path(os.environ.get("CIRIS_BILLING_DATA_DIR") or default_data_dir())
     overrides: dict[str, object] = {"data_dir": data_dir}
-    if args.provider:
+    if args.fake_backend:
+        if args.provider not in (None, "ciris"):
+            raise ConfigError("--fake-backend works with the ciris provider only")
+        overrides["provider"] = "ciris"
+    elif args.provider:
         overrides["provider"] = args.provider
     jwt: dict[str, object] = {}
     if not (os.environ.get("CIRIS_JWT_SECRET") or os.environ.get("CIRIS_JWT_PUBLIC_KEY")):
@@ -88,13 +102,47 @@ def _serve(args: argparse.Namespace) -> int:
             users.add(name, password, email=email)
     else:
         users, created = load_or_create_users(config.data_dir)
-    app = create_demo_app(config, users)
-    if created is not None:
-        print(
-            f"Created demo user {created.username!r} with password {created.password!r}\n"
-            f"  (shown once; only its hash is kept in {config.data_dir})"
+    return asyncio.run(_start(config, users, created, args))
+
+
+async def _start(
+    config: BillingConfig, users: UserStore, created: CreatedUser | None, args: argparse.Namespace
+) -> int:
+    fake = None
+    environ: dict[str, str] | None = None
+    if args.fake_backend:
+        fake = FakeBillingBackend()
+        url = await fake.start(host="127.0.0.1")
+        environ = {}  # the fake's settings only, whatever CIRIS_BILLING_* the shell has
+        config = config.model_copy(
+            update={
+                "provider_options": {
+                    **config.provider_options,
+                    "api_url": url,
+                    "api_key": fake.api_key,
+                    "database": ":memory:",  # the fake's payments live only as long as it does
+                }
+            }
         )
-    return asyncio.run(_run(app, args.host, args.port, config))
+    try:
+        app = create_demo_app(config, users, environ=environ)
+        if created is not None:
+            # Saved only now that the app is valid, so a user is never kept whose password was not shown.
+            save_users(users, config.data_dir)
+            print(
+                f"Created demo user {created.username!r} with password {created.password!r}\n"
+                f"  (shown once; only its hash is kept in {config.data_dir})"
+            )
+        if fake is not None:
+            print(
+                f"Fake CIRIS Billing backend on {fake.url} (state in memory, gone at exit)\n"
+                f"  confirm a payment: curl -X POST {fake.url}/_fake/payments/PAYMENT_ID/confirm\n"
+                f"  fail or cancel one: .../PAYMENT_ID/fail, .../PAYMENT_ID/cancel"
+            )
+        return await _run(app, args.host, args.port, config)
+    finally:
+        if fake is not None:
+            await fake.stop()
 
 
 async def _run(app: web.Application, host: str, port: int, config: BillingConfig) -> int:

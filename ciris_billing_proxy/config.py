@@ -62,8 +62,12 @@ class JWTConfig(BaseModel):
         if hmac and asym:
             raise ValueError("JWT algorithms must be all HMAC (HS*) or all public-key, not mixed")
         if hmac:
-            if self.secret is None or len(self.secret.get_secret_value()) < 32:
-                raise ValueError("HS* algorithms need a JWT secret of at least 32 characters")
+            # RFC 7518 3.2: an HMAC key at least as long as the hash output (32/48/64 bytes).
+            needed = max(int(a[2:]) // 8 for a in hmac)
+            if self.secret is None or len(self.secret.get_secret_value().encode()) < needed:
+                raise ValueError(
+                    f"the JWT secret must be at least {needed} bytes for {', '.join(sorted(hmac))}"
+                )
             if self.public_key is not None:
                 raise ValueError("a JWT public key is set but the algorithms are HMAC (HS*)")
         if asym and not self.public_key:
@@ -80,7 +84,7 @@ class JWTConfig(BaseModel):
 
 
 class BillingConfig(BaseModel):
-    """Everything `setup_billing` needs. Every field has an environment variable (see `ENV_VARS`)."""
+    """Everything `setup_billing` needs; `from_env` reads the variables listed in `ENV_VARS`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -106,6 +110,13 @@ class BillingConfig(BaseModel):
             raise ValueError("prefix must be an absolute URL path such as /v1/api/billing")
         return value
 
+    @field_validator("gate_bypass_roles")
+    @classmethod
+    def _upper_roles(cls, value: frozenset[str]) -> frozenset[str]:
+        return frozenset(
+            role.strip().upper() for role in value if role.strip()
+        )  # token roles are upper-cased
+
     @field_validator("protected_paths")
     @classmethod
     def _clean_paths(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -126,8 +137,9 @@ class BillingConfig(BaseModel):
                 continue
             target = jwt if section == "jwt" else top
             target[field] = _LIST_PARSERS[kind](raw) if kind in _LIST_PARSERS else raw
-        if "public_key" in jwt and not jwt["public_key"].lstrip().startswith("-----BEGIN"):
-            jwt["public_key"] = Path(jwt["public_key"]).read_text(encoding="utf-8")
+        for name in ("public_key", "private_key"):
+            if name in jwt and not jwt[name].lstrip().startswith("-----BEGIN"):
+                jwt[name] = _read_key_file(name, jwt[name])
         if "jwt" in overrides:
             override = overrides.pop("jwt")
             jwt.update(override.model_dump() if isinstance(override, JWTConfig) else override)
@@ -136,6 +148,13 @@ class BillingConfig(BaseModel):
             return cls.model_validate({**top, "jwt": jwt})
         except ValueError as exc:
             raise ConfigError(describe_validation_error(exc)) from None
+
+
+def _read_key_file(name: str, path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"Invalid configuration: jwt.{name}: cannot read {path}: {exc.strerror}") from None
 
 
 def _split(raw: str) -> list[str]:
@@ -149,6 +168,7 @@ _LIST_PARSERS = {"list": _split}
 ENV_VARS: Final[dict[str, tuple[str, str, str]]] = {
     "CIRIS_JWT_SECRET": ("jwt", "secret", "str"),
     "CIRIS_JWT_PUBLIC_KEY": ("jwt", "public_key", "str"),
+    "CIRIS_JWT_PRIVATE_KEY": ("jwt", "private_key", "str"),
     "CIRIS_JWT_ALGORITHMS": ("jwt", "algorithms", "list"),
     "CIRIS_JWT_ISSUER": ("jwt", "issuer", "str"),
     "CIRIS_JWT_AUDIENCE": ("jwt", "audience", "str"),

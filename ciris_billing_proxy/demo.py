@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,9 +50,11 @@ async def health(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def create_demo_app(config: BillingConfig, users: UserStore) -> web.Application:
+def create_demo_app(
+    config: BillingConfig, users: UserStore, *, environ: Mapping[str, str] | None = None
+) -> web.Application:
     app = web.Application(middlewares=[error_middleware()])
-    setup_billing(app, config, authenticate=users.authenticate)
+    setup_billing(app, config, authenticate=users.authenticate, environ=environ)
     app.router.add_post("/v1/agent/interact", interact)
     app.router.add_get("/health", health)
     return app
@@ -76,12 +79,16 @@ class CreatedUser:
 
 
 def load_or_create_users(data_dir: Path) -> tuple[UserStore, CreatedUser | None]:
-    """The demo's persisted users; on first start, one generated user whose password is returned once."""
+    """The demo's persisted users; on first start, one generated user (not yet saved: `save_users`
+    once its password has been shown) whose password is returned this once."""
     path = data_dir / USERS_FILE
     if path.exists():
         return UserStore.load(path), None
     store = UserStore()
     created = CreatedUser("demo", secrets.token_urlsafe(12))
     store.add(created.username, created.password, email="demo@example.com")
-    store.save(path)
     return store, created
+
+
+def save_users(store: UserStore, data_dir: Path) -> None:
+    store.save(data_dir / USERS_FILE)

@@ -22,5 +22,6 @@ class Identity:
     expires_at: float = 0.0
 
     @property
-    def key(self) -> str:
-        return f"{self.namespace}\x1f{self.user_id}"
+    def key(self) -> tuple[str, str]:
+        """What credits are keyed on (a tuple, so no choice of characters in either part can collide)."""
+        return (self.namespace, self.user_id)

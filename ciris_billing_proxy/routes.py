@@ -12,8 +12,8 @@ from typing import Final
 from aiohttp import web
 from pydantic import BaseModel
 
-from .auth import IDENTITY_KEY
-from .bodies import read_model
+from .auth import IDENTITY_KEY, VERIFIER_KEY, authenticate
+from .bodies import expect_continue, read_model
 from .errors import BillingDisabled, PaymentNotFound, http_error
 from .models import PurchaseRequest
 from .service import SERVICE_KEY, BillingService
@@ -57,8 +57,14 @@ def _selling(request: web.Request) -> BillingService:
     return service
 
 
+async def expect_authenticated(request: web.Request) -> None:
+    """`Expect:` is answered before middlewares run: check the token before inviting an upload."""
+    authenticate(request, request.config_dict[VERIFIER_KEY])  # a 401 here is sent instead of 100
+    await expect_continue(request)
+
+
 def add_routes(router: web.UrlDispatcher, prefix: str = "") -> None:
     """Add the billing routes to `router`, each path under `prefix` (empty inside the sub-app)."""
     router.add_get(f"{prefix}/credits", get_credits)
-    router.add_post(f"{prefix}/purchase/initiate", initiate_purchase)
+    router.add_post(f"{prefix}/purchase/initiate", initiate_purchase, expect_handler=expect_authenticated)
     router.add_get(f"{prefix}/purchase/status/{{payment_id}}", purchase_status)

@@ -49,8 +49,9 @@ class BillingService:
             yield
         finally:
             await self.cache.aclose()
-            if self._money_tasks:
-                await asyncio.gather(*self._money_tasks, return_exceptions=True)
+            # A finishing task may start another (a give-back after a spend): drain until none is left.
+            while self._money_tasks:
+                await asyncio.gather(*list(self._money_tasks), return_exceptions=True)
             await self.provider.stop()
 
     async def credit_status(self, identity: Identity) -> CreditStatus:
@@ -64,24 +65,30 @@ class BillingService:
         self.cache.invalidate(identity)
 
     async def spend(self, identity: Identity, idempotency_key: str) -> None:
+        task = self._track(self._settle(self.provider.spend(identity, idempotency_key), identity, "spend"))
         try:
-            await self._money(self.provider.spend(identity, idempotency_key), "spend")
-        finally:
-            self.cache.invalidate(identity)
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The caller went away while the use was being taken: give it back once it lands.
+            self._track(self._give_back_after(task, identity, idempotency_key))
+            raise
+        except ProviderUnavailable:
+            # The spend may have taken effect before the failure showed (a timeout after the backend
+            # committed). `give_back` is a no-op for a use never taken, so reconciling is safe.
+            self._track(self._give_back_after(None, identity, idempotency_key))
+            raise
 
     async def give_back(self, identity: Identity, idempotency_key: str) -> None:
-        try:
-            await self._money(self.provider.give_back(identity, idempotency_key), "give_back")
-        finally:
-            self.cache.invalidate(identity)
+        task = self._track(
+            self._settle(self.provider.give_back(identity, idempotency_key), identity, "give_back")
+        )
+        await asyncio.shield(task)
 
     async def initiate_purchase(
         self, identity: Identity, return_url: str | None, idempotency_key: str | None
     ) -> PurchaseInitiated:
-        return await self._money(
-            self.provider.initiate_purchase(identity, return_url, idempotency_key),
-            "initiate_purchase",
-        )
+        call = self.provider.initiate_purchase(identity, return_url, idempotency_key)
+        return await asyncio.shield(self._track(_guard(call, "initiate_purchase")))
 
     async def purchase_status(self, identity: Identity, payment_id: str) -> PurchaseStatus:
         status = await _guard(self.provider.purchase_status(identity, payment_id), "purchase_status")
@@ -92,13 +99,32 @@ class BillingService:
     async def _load_status(self, identity: Identity) -> CreditStatus:
         return await _guard(self.provider.credit_status(identity), "credit_status")
 
-    async def _money(self, call: Awaitable[T], what: str) -> T:
+    async def _settle(self, call: Awaitable[None], identity: Identity, what: str) -> None:
+        # The cache is dropped inside the tracked task, after the provider call: a caller's
+        # cancellation cannot make it happen before the change and let a stale load be cached.
+        try:
+            await _guard(call, what)
+        finally:
+            self.cache.invalidate(identity)
+
+    async def _give_back_after(self, spend: asyncio.Task[None] | None, identity: Identity, key: str) -> None:
+        if spend is not None:
+            try:
+                await spend
+            except BillingError:
+                return  # nothing was taken (or it cannot be known yet: the reconcile path below)
+        try:
+            await self._settle(self.provider.give_back(identity, key), identity, "give_back")
+        except BillingError:
+            logger.warning("Could not give back the use spent under request key %s", key)
+
+    def _track(self, call: Awaitable[T]) -> asyncio.Task[T]:
         # Calls that move money run as tracked tasks: a client that disconnects (cancelling its
         # handler) cannot leave a half-done spend or purchase, and shutdown waits for them.
-        task: asyncio.Task[T] = asyncio.ensure_future(_guard(call, what))
+        task: asyncio.Task[T] = asyncio.ensure_future(call)
         self._money_tasks.add(task)
         task.add_done_callback(self._money_tasks.discard)
-        return await asyncio.shield(task)
+        return task
 
 
 async def _guard(call: Awaitable[T], what: str) -> T:

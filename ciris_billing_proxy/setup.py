@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from .auth import VERIFIER_KEY, TokenVerifier, auth_middleware
+from .bodies import expect_continue
 from .config import BillingConfig, ConfigError
 from .errors import error_middleware
 from .login import AUTHENTICATOR_KEY, DEFAULT_LOGIN_PATH, Authenticator, login
@@ -60,7 +61,7 @@ def setup_billing(
         app.middlewares.append(auth_middleware(verifier, config.protected_paths))
     if authenticate is not None:
         app[AUTHENTICATOR_KEY] = authenticate
-        app.router.add_route("*", login_path, login)
+        app.router.add_route("*", login_path, login, expect_handler=expect_continue)
 
     if subapp:
         billing = web.Application(middlewares=[error_middleware(), auth_middleware(verifier)])

@@ -67,6 +67,8 @@ class UserStore:
     def __init__(self, users: list[StoredUser] | None = None) -> None:
         self._users = {u.username: u for u in users or []}
         self._dummy_hash = hash_password(secrets.token_urlsafe(16))
+        # Each check costs 16 MiB and ~50 ms of CPU: a burst of logins queues instead of exhausting memory.
+        self._hashing = asyncio.Semaphore(4)
 
     def __contains__(self, username: str) -> bool:
         return username in self._users
@@ -81,7 +83,8 @@ class UserStore:
         user = self._users.get(username)
         encoded = user.password_hash if user else self._dummy_hash
         # scrypt is deliberately slow; keep it off the event loop.
-        ok = await asyncio.to_thread(verify_password, password, encoded)
+        async with self._hashing:
+            ok = await asyncio.to_thread(verify_password, password, encoded)
         if not ok or user is None:
             return None
         return AuthenticatedUser(user_id=user.username, role=user.role, email=user.email)

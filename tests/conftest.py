@@ -14,7 +14,7 @@ from ciris_billing_proxy import BillingConfig, JWTConfig, setup_billing
 from ciris_billing_proxy.providers.base import CreditProvider
 from ciris_billing_proxy.testing import TokenFactory
 
-SECRET = "unit-test-secret-0123456789-abcdefghijklmnop"
+SECRET = "unit-test-secret-0123456789-abcdefghijklmnopqrstuvwxyz-0123456789-ABCDEF"
 
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 

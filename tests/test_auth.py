@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import ValidationError
 
-from ciris_billing_proxy import BillingConfig, ConfigError, JWTConfig, get_identity
+from ciris_billing_proxy import BillingConfig, ConfigError, JWTConfig, get_identity, setup_billing
 from ciris_billing_proxy.testing import TokenFactory
 
 from .conftest import SECRET, ClientFactory, make_config
@@ -174,8 +174,6 @@ def test_unsafe_jwt_settings_fail_at_startup(jwt_settings: dict[str, Any]) -> No
 
 def test_an_unparseable_public_key_fails_at_setup(tmp_path: Path) -> None:
     config = make_config(tmp_path, jwt={"algorithms": ["RS256"], "public_key": "not a pem"})
-    from ciris_billing_proxy import setup_billing
-
     with pytest.raises(ConfigError, match="public key"):
         setup_billing(web.Application(), config, environ={})
 
@@ -248,3 +246,44 @@ async def test_app_wide_placement_without_subapp(
     resp = await client.get("/v1/api/billing/nothing-here", headers=tokens.headers())
     assert resp.status == 404
     assert await resp.json() == {"detail": "Not Found"}
+
+
+def test_every_allowed_algorithm_must_fit_the_key(tmp_path: Path) -> None:
+    _, public = rsa_pair()
+    config = make_config(tmp_path, jwt={"algorithms": ["RS256", "ES256"], "public_key": public.decode()})
+    with pytest.raises(ConfigError, match="cannot be used with ES256"):
+        setup_billing(web.Application(), config, environ={})
+
+
+def test_weak_keys_fail_at_startup(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="at least 64 bytes"):
+        JWTConfig(secret="s" * 40, algorithms=("HS512",))
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 - on purpose
+    small = weak.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    config = make_config(tmp_path, jwt={"algorithms": ["RS256"], "public_key": small.decode()})
+    with pytest.raises(ConfigError, match="too short"):
+        setup_billing(web.Application(), config, environ={})
+
+
+async def test_forged_algorithm_header_for_an_unfit_key_is_just_invalid(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
+    _, public = rsa_pair()
+    client = await make_client(
+        make_config(tmp_path, jwt={"algorithms": ["RS256"], "public_key": public.decode()})
+    )
+    for alg in ("ES256", "HS512", "PS256", "EdDSA"):
+        token = (
+            handmade({"alg": alg, "typ": "JWT"}, {"sub": "u", "exp": int(time.time()) + 60}, None) + "AAAA"
+        )
+        assert await status_and_detail(client, token) == (401, "Invalid token"), alg
+
+
+@pytest.mark.parametrize("exp", [10**309, str(int(time.time()) + 3600), True, 2**60, [1]])
+async def test_exp_must_be_a_sane_number(client: Any, tokens: TokenFactory, exp: Any) -> None:
+    token = jwt.encode({**tokens.claims(), "exp": exp}, SECRET, algorithm="HS256")
+    status, detail = await status_and_detail(client, token)
+    assert status == 401
+    assert detail in ("Invalid token", "Token expired")  # PyJWT reads True as 1 (1970)

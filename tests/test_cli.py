@@ -137,3 +137,44 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_failed_first_start_does_not_lose_the_generated_password(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ciris_billing_proxy",
+            "serve",
+            "--provider",
+            "nope",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert not (tmp_path / "demo-users.json").exists()
+
+
+@pytest.mark.parametrize("problem", ["data dir is a file", "public key file missing"])
+def test_filesystem_problems_are_clear_errors(tmp_path: Path, problem: str) -> None:
+    env = clean_env()
+    data_dir = tmp_path / "data"
+    if problem == "data dir is a file":
+        data_dir.write_text("not a directory")
+    else:
+        env.update(CIRIS_JWT_PUBLIC_KEY=str(tmp_path / "missing.pem"), CIRIS_JWT_ALGORITHMS="RS256")
+    result = subprocess.run(
+        [sys.executable, "-m", "ciris_billing_proxy", "serve", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("ciris-billing-proxy: ")

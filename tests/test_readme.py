@@ -10,6 +10,7 @@ import pytest
 
 from ciris_billing_proxy.config import ENV_VARS
 from ciris_billing_proxy.providers import simple
+from ciris_billing_proxy.providers.ciris import settings as ciris_settings
 from ciris_billing_proxy.testing import TokenFactory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,12 +50,33 @@ async def test_registration_snippet_runs(
     assert credits["free_uses_remaining"] == 9
 
 
+async def test_integration_snippet_runs(
+    aiohttp_client: Any, ciris_billing_config: Any, ciris_fake_backend: Any, ciris_tokens: Any
+) -> None:
+    from aiohttp import web
+
+    from ciris_billing_proxy import setup_billing
+
+    def create_my_agent(config: Any) -> web.Application:
+        app = web.Application()
+        setup_billing(app, config, environ={})
+        return app
+
+    namespace: dict[str, Any] = {"create_my_agent": create_my_agent}
+    exec(compile(code_after("integration"), "README.md", "exec"), namespace)  # noqa: S102
+    await namespace["test_user_can_buy_credits"](
+        aiohttp_client, ciris_billing_config, ciris_fake_backend, ciris_tokens
+    )
+    assert ciris_fake_backend.calls["purchases"] == 1
+
+
 def test_configuration_table_lists_every_variable() -> None:
     table = section("Configuration")
-    for var in [*ENV_VARS, *simple.ENV_VARS]:
+    every = {*ENV_VARS, *simple.ENV_VARS, *ciris_settings.ENV_VARS}
+    for var in every:
         assert f"| `{var}` |" in table, var
-    documented = set(re.findall(r"^\| `(CIRIS_[A-Z_]+)` \|", table, re.M))
-    assert documented == {*ENV_VARS, *simple.ENV_VARS}
+    documented = set(re.findall(r"^\| `([A-Z][A-Z_]+)` \|", table, re.M))
+    assert documented == every
 
 
 def test_quickstart_is_two_commands_and_ci_runs_the_test_command() -> None:

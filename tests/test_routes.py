@@ -112,3 +112,40 @@ async def test_sdk_headers_are_tolerated(client: Client, tokens: TokenFactory) -
     resp = await client.get(CREDITS, headers={**tokens.headers(), "X-API-Version": "v1"})
     assert resp.status == 200
     assert "X-RateLimit-Limit" not in resp.headers
+
+
+async def test_expect_continue_is_granted_only_to_a_valid_token(client: Client, tokens: TokenFactory) -> None:
+    import asyncio
+
+    host, port = client.server.host, client.server.port
+
+    async def raw(headers: str) -> bytes:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(
+            f"POST {INITIATE} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: 2\r\n{headers}\r\n".encode()
+        )
+        await writer.drain()
+        first = await asyncio.wait_for(reader.read(4096), 5)
+        writer.close()
+        return first
+
+    denied = await raw("Expect: 100-continue\r\n")
+    assert denied.startswith(b"HTTP/1.1 401")
+    assert b'{"detail": "Not authenticated"}' in denied
+    granted = await raw(f"Expect: 100-continue\r\nAuthorization: Bearer {tokens.token()}\r\n")
+    assert granted.startswith(b"HTTP/1.1 100 Continue")
+    odd = await raw(f"Expect: something-else\r\nAuthorization: Bearer {tokens.token()}\r\n")
+    assert odd.startswith(b"HTTP/1.1 417")
+    assert b"application/json" in odd
+
+
+async def test_two_authorization_headers_are_refused(client: Client, tokens: TokenFactory) -> None:
+    from multidict import CIMultiDict
+
+    headers = CIMultiDict(
+        [("Authorization", f"Bearer {tokens.token('a')}"), ("Authorization", f"Bearer {tokens.token('b')}")]
+    )
+    resp = await client.get(CREDITS, headers=headers)
+    assert resp.status == 401
+    assert await resp.json() == {"detail": "Not authenticated"}

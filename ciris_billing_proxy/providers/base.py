@@ -78,7 +78,11 @@ class CreditProvider(abc.ABC):
     async def initiate_purchase(
         self, identity: Identity, return_url: str | None, idempotency_key: str | None
     ) -> PurchaseInitiated:
-        """Start a purchase. Only called when `purchases_enabled`."""
+        """Start a purchase. Only called when `purchases_enabled`.
+
+        `idempotency_key` is the client's `Idempotency-Key` header, if any: replay the earlier reply
+        for the same *user and* key, never another user's (it carries their Stripe client secret).
+        """
         raise BillingDisabled
 
     async def purchase_status(self, identity: Identity, payment_id: str) -> PurchaseStatus:

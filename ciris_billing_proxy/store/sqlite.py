@@ -9,6 +9,7 @@ every committed transaction across a process crash or restart.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -19,6 +20,8 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
+logger = logging.getLogger("ciris_billing_proxy")
+
 MEMORY = ":memory:"
 
 
@@ -27,10 +30,12 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # Also after a failed COMMIT: a transaction left open would refuse every later BEGIN.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
 
 
 class SQLiteDatabase:
@@ -56,7 +61,13 @@ class SQLiteDatabase:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 5000")
         if self.path != MEMORY:
-            conn.execute("PRAGMA journal_mode = WAL")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                logger.warning(
+                    "SQLite could not use WAL for %s (got %s): concurrent access may wait on locks",
+                    Path(self.path).name,
+                    mode,
+                )
             conn.execute("PRAGMA synchronous = NORMAL")
         conn.executescript(self._schema)
         return conn

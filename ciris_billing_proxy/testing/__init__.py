@@ -1,5 +1,6 @@
-"""Testing kit for integrators: mint tokens for a `BillingConfig` in your own tests."""
+"""Testing kit for integrators: a faithful fake billing backend, a token factory, pytest fixtures."""
 
+from .fake_backend import FakeBillingBackend, Pricing
 from .tokens import TokenFactory
 
-__all__ = ["TokenFactory"]
+__all__ = ["FakeBillingBackend", "Pricing", "TokenFactory"]

@@ -11,6 +11,8 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Self
 
+from cachetools import TTLCache
+
 from ciris_billing_proxy import CreditProvider, CreditStatus, Identity, InsufficientCredit, ProviderContext
 
 
@@ -19,8 +21,9 @@ class DailyQuotaProvider(CreditProvider):
 
     def __init__(self, per_day: int) -> None:
         self.per_day = per_day
-        self._used: dict[tuple[str, str], int] = {}  # (identity key, UTC day) -> uses
-        self._spent: dict[str, tuple[str, str]] = {}  # idempotency key -> where it was spent
+        self._used: dict[tuple[tuple[str, str], str], int] = {}  # (identity key, UTC day) -> uses
+        # idempotency key -> where it was spent; keys older than two days can no longer be given back
+        self._spent: TTLCache[str, tuple[tuple[str, str], str]] = TTLCache(maxsize=1_000_000, ttl=2 * 86_400)
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -28,7 +31,7 @@ class DailyQuotaProvider(CreditProvider):
         per_day = context.options.get("per_day") or context.environ.get("ACME_USES_PER_DAY") or 5
         return cls(int(per_day))
 
-    def _slot(self, identity: Identity) -> tuple[str, str]:
+    def _slot(self, identity: Identity) -> tuple[tuple[str, str], str]:
         return identity.key, datetime.now(UTC).date().isoformat()
 
     async def credit_status(self, identity: Identity) -> CreditStatus:

@@ -1,0 +1,126 @@
+"""Settings of the `ciris` provider: where the billing backend is, the API key, and time budgets."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from typing import Any, Final
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from yarl import URL
+
+from ...config import ConfigError, describe_validation_error
+
+DEFAULT_API_URL: Final = "https://billing.ciris.ai"
+
+#: Environment variable -> option name. The README's configuration table lists these.
+ENV_VARS: Final = {
+    "CIRIS_BILLING_API_URL": "api_url",
+    "CIRIS_BILLING_API_KEY": "api_key",
+    "CIRIS_BILLING_FALLBACK_URLS": "fallback_urls",
+    "STRIPE_PUBLISHABLE_KEY": "stripe_publishable_key",
+    "CIRIS_BILLING_TIMEOUT_SECONDS": "timeout_seconds",
+    "CIRIS_BILLING_PURCHASE_TIMEOUT_SECONDS": "purchase_timeout_seconds",
+    "CIRIS_BILLING_CONNECT_TIMEOUT_SECONDS": "connect_timeout_seconds",
+    "CIRIS_BILLING_MAX_RETRIES": "max_retries",
+    "CIRIS_BILLING_CREDIT_WAIT_SECONDS": "credit_wait_seconds",
+    "CIRIS_BILLING_PURCHASE_REUSE_SECONDS": "purchase_reuse_seconds",
+    "CIRIS_BILLING_DATABASE": "database",
+}
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_base_url(value: str) -> str:
+    url = URL(value)
+    if not url.is_absolute() or url.host is None:
+        raise ValueError("must be an absolute URL such as https://billing.ciris.ai")
+    if url.user or url.password or url.query_string or url.fragment:
+        raise ValueError("must not carry credentials, a query or a fragment")
+    if url.scheme != "https" and not (url.scheme == "http" and _is_loopback(url.host)):
+        raise ValueError("must use https (plain http is allowed only for loopback addresses)")
+    return str(url).rstrip("/")
+
+
+class CirisSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    api_key: SecretStr
+    api_url: str = DEFAULT_API_URL
+    fallback_urls: tuple[str, ...] = ()
+    stripe_publishable_key: str | None = None
+    #: Whole budget of one credit check, charge, refund or status read, retries included.
+    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    #: Budget of one purchase call (the backend calls Stripe synchronously); never retried blindly.
+    purchase_timeout_seconds: float = Field(default=30.0, gt=0, le=300)
+    connect_timeout_seconds: float = Field(default=3.0, gt=0, le=60)
+    max_retries: int = Field(default=2, ge=0, le=10)
+    backoff_seconds: float = Field(default=0.2, ge=0, le=10)
+    #: How long after Stripe reports success the proxy waits for the webhook's credits before it
+    #: answers `unknown` instead of `processing`.
+    credit_wait_seconds: float = Field(default=120.0, gt=0, le=86_400)
+    #: A purchase started by the same user this recently is returned again instead of a new one.
+    purchase_reuse_seconds: float = Field(default=10.0, ge=0, le=3600)
+    database: str | None = None
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_shape(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().startswith("cbk_"):
+            raise ValueError("must be a CIRIS Billing API key (starts with cbk_)")
+        return value
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, value: str) -> str:
+        return check_base_url(value)
+
+    @field_validator("fallback_urls", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("fallback_urls")
+    @classmethod
+    def _fallbacks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_base_url(v) for v in value)
+
+    @model_validator(mode="after")
+    def _budgets(self) -> CirisSettings:
+        if self.connect_timeout_seconds > self.timeout_seconds:
+            raise ValueError("connect_timeout_seconds cannot exceed timeout_seconds")
+        return self
+
+    @property
+    def base_urls(self) -> tuple[str, ...]:
+        return (self.api_url, *(u for u in self.fallback_urls if u != self.api_url))
+
+    @classmethod
+    def load(cls, options: Mapping[str, Any], environ: Mapping[str, str]) -> CirisSettings:
+        raw: dict[str, Any] = {opt: environ[var] for var, opt in ENV_VARS.items() if environ.get(var)}
+        raw.update(options)
+        if "api_key" not in raw:
+            raise ConfigError(
+                "ciris provider: CIRIS_BILLING_API_KEY is required (a CIRIS Billing API key, cbk_...)"
+            )
+        try:
+            return cls.model_validate(raw, strict=False)
+        except ValidationError as exc:
+            raise ConfigError(f"ciris provider: {describe_validation_error(exc)}") from None

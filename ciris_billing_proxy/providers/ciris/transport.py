@@ -1,0 +1,172 @@
+"""HTTP to the billing backend: one session, time budgets, retries, failover, and fault classification.
+
+* Idempotent calls (checks, reads, and charges/credits carrying an idempotency key) are retried on
+  timeouts, network errors, 5xx, 429 and malformed JSON, with exponential backoff, each retry on the
+  next base URL, all inside one time budget.
+* Non-idempotent calls (purchases: each one is a new PaymentIntent) move to the next base URL only when
+  the connection could not be made at all, so the request provably never left; otherwise they fail.
+* A rejected API key (401, or 403 "Missing required permission") is logged at ERROR, once per call,
+  without the key.
+
+Log lines name the endpoint and what went wrong, never the backend URL, the key or a response body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from .settings import CirisSettings
+
+logger = logging.getLogger("ciris_billing_proxy.ciris")
+
+USER_AGENT = "ciris-billing-proxy"
+
+
+class BackendUnavailable(Exception):
+    """The backend could not give a usable answer within the budget. `reason` is safe to log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class KeyRejected(BackendUnavailable):
+    pass
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: Any
+    headers: dict[str, str]
+
+    @property
+    def detail(self) -> str:
+        if isinstance(self.body, dict):
+            detail = self.body.get("detail")
+            if isinstance(detail, str):
+                return detail
+        return ""
+
+
+class _Transient(Exception):
+    def __init__(self, reason: str, *, sent: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.sent = sent
+
+
+class Transport:
+    def __init__(self, settings: CirisSettings) -> None:
+        self._settings = settings
+        self._urls = settings.base_urls
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            headers={
+                "X-API-Key": self._settings.api_key.get_secret_value(),
+                "User-Agent": USER_AGENT,
+                "Accept": "application/json",
+            },
+            connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None),
+            trust_env=False,
+        )
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        endpoint: str,
+        idempotent: bool,
+        json_body: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+        budget: float | None = None,
+    ) -> Reply:
+        """One logical call. Returns any non-transient reply; raises `BackendUnavailable` otherwise."""
+        if self._session is None:
+            raise BackendUnavailable("provider not started")
+        loop = asyncio.get_running_loop()
+        total = budget if budget is not None else self._settings.timeout_seconds
+        deadline = loop.time() + total
+        attempts = 1 + (self._settings.max_retries if idempotent else len(self._urls) - 1)
+        reason = "no attempt made"
+        for attempt in range(attempts):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            base = self._urls[attempt % len(self._urls)]
+            try:
+                reply = await self._once(method, base + path, json_body, params, remaining)
+            except _Transient as exc:
+                reason = exc.reason
+                if not idempotent and exc.sent:
+                    break
+                logger.debug("Billing backend %s attempt %d failed: %s", endpoint, attempt + 1, reason)
+                delay = min(self._settings.backoff_seconds * 2**attempt, max(deadline - loop.time(), 0))
+                if attempt + 1 < attempts and delay > 0 and idempotent:
+                    await asyncio.sleep(delay)
+                continue
+            if reply.status == 401 or (reply.status == 403 and reply.detail.startswith("Missing required")):
+                logger.error(
+                    "CIRIS Billing rejected the API key (HTTP %d on %s); check CIRIS_BILLING_API_KEY",
+                    reply.status,
+                    endpoint,
+                )
+                raise KeyRejected(f"API key rejected (HTTP {reply.status})")
+            return reply
+        logger.warning("Billing backend %s unavailable: %s", endpoint, reason)
+        raise BackendUnavailable(reason)
+
+    async def _once(
+        self,
+        method: str,
+        url: str,
+        json_body: dict[str, Any] | None,
+        params: dict[str, str] | None,
+        remaining: float,
+    ) -> Reply:
+        assert self._session is not None
+        timeout = aiohttp.ClientTimeout(
+            total=remaining, connect=min(self._settings.connect_timeout_seconds, remaining)
+        )
+        try:
+            async with self._session.request(
+                method, url, json=json_body, params=params, timeout=timeout, allow_redirects=False
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+                headers = {k: v for k, v in resp.headers.items() if k.lower().startswith("x-")}
+                is_json = resp.content_type == "application/json"
+        except aiohttp.ClientConnectorError as exc:
+            raise _Transient(f"cannot connect ({type(exc).__name__})", sent=False) from None
+        except TimeoutError:
+            raise _Transient("timeout") from None
+        except aiohttp.ClientError as exc:
+            raise _Transient(f"connection error ({type(exc).__name__})") from None
+        if status >= 500 or status == 429:
+            raise _Transient(f"HTTP {status}")
+        body: Any = None
+        if raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                if 200 <= status < 300 or is_json:
+                    raise _Transient(f"malformed JSON (HTTP {status})") from None
+        if 200 <= status < 300 and not isinstance(body, dict):
+            raise _Transient(f"unexpected body (HTTP {status})")
+        return Reply(status, body, headers)

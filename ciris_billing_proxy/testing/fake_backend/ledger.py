@@ -1,0 +1,412 @@
+"""The fake backend's state and rules, free of HTTP: accounts, charges, credits, PaymentIntents.
+
+Each rule follows `BILLING_BACKEND.md` section 3, quirks included; the section is named beside it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _next_midnight(now: datetime) -> datetime:
+    return (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+class BackendError(Exception):
+    """An error reply: status, JSON detail, extra headers."""
+
+    def __init__(self, status: int, detail: Any, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers or {}
+
+
+@dataclass
+class Account:
+    account_id: str
+    oauth_provider: str
+    external_id: str
+    free_uses_remaining: int
+    daily_free_uses_remaining: int
+    daily_free_uses_limit: int
+    daily_reset_at: datetime
+    paid_credits: int = 0
+    total_uses: int = 0
+    plan_name: str = "free"
+    status: str = "active"
+    currency: str = "USD"
+    customer_email: str | None = None
+    display_name: str | None = None
+    wa_id: str | None = None
+    tenant_id: str | None = None
+    created_at: str = field(default_factory=_now_iso)
+
+
+@dataclass
+class Transaction:
+    transaction_id: str
+    account_key: tuple[str, str]
+    type: str  # "charge" | "credit"
+    amount_minor: int
+    currency: str
+    description: str
+    created_at: str
+    balance_after: int
+    idempotency_key: str | None
+    transaction_type: str | None = None
+    external_transaction_id: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass
+class PaymentIntent:
+    payment_id: str
+    client_secret: str
+    account_key: tuple[str, str]
+    amount_minor: int
+    status: str = "requires_payment_method"
+    credited: bool = False
+
+
+@dataclass
+class Pricing:
+    free_uses_per_account: int = 10
+    free_uses_purchase_created: int = 3
+    daily_free_uses_limit: int = 2
+    price_per_purchase_minor: int = 500
+    paid_uses_per_purchase: int = 20
+    publishable_key: str = "pk_test_fake_backend"
+    stripe_configured: bool = True
+
+
+class Ledger:
+    """All state, behind one lock: the HTTP layer and test controls may run on different threads."""
+
+    def __init__(self, pricing: Pricing | None = None) -> None:
+        self.pricing = pricing or Pricing()
+        self.lock = threading.RLock()
+        self.accounts: dict[tuple[str, str], Account] = {}
+        self.transactions: list[Transaction] = []
+        self.payments: dict[str, PaymentIntent] = {}
+        self._purchase_keys: dict[str, str] = {}
+        self.clock_offset = timedelta()
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.clock_offset
+
+    # -- accounts (section 2, 3.1) -------------------------------------------------------------
+    def _create(self, key: tuple[str, str], free_uses: int, body: dict[str, Any]) -> Account:
+        now = self.now()
+        account = Account(
+            account_id=str(uuid.uuid4()),
+            oauth_provider=key[0],
+            external_id=key[1],
+            free_uses_remaining=free_uses,
+            daily_free_uses_remaining=self.pricing.daily_free_uses_limit,
+            daily_free_uses_limit=self.pricing.daily_free_uses_limit,
+            daily_reset_at=_next_midnight(now),
+            wa_id=body.get("wa_id"),
+            tenant_id=body.get("tenant_id"),
+        )
+        self.accounts[key] = account
+        return account
+
+    def _touch_metadata(self, account: Account, body: dict[str, Any]) -> None:
+        # Written on every call, only when not null (section 2).
+        for name in ("customer_email", "display_name"):
+            if body.get(name) is not None:
+                setattr(account, name, body[name])
+
+    def _daily_reset(self, account: Account) -> None:
+        now = self.now()
+        if now >= account.daily_reset_at:
+            account.daily_free_uses_remaining = account.daily_free_uses_limit
+            account.daily_reset_at = _next_midnight(now)
+
+    def check(self, body: dict[str, Any]) -> dict[str, Any]:
+        key = (body["oauth_provider"], body["external_id"])
+        with self.lock:
+            account = self.accounts.get(key) or self._create(key, self.pricing.free_uses_per_account, body)
+            self._touch_metadata(account, body)
+            self._daily_reset(account)
+            return self.credit_view(account)
+
+    def credit_view(self, account: Account) -> dict[str, Any]:
+        active = account.status == "active"
+        has_credit = active and (
+            account.daily_free_uses_remaining > 0
+            or account.free_uses_remaining > 0
+            or account.paid_credits > 0
+        )
+        purchase_required = active and not has_credit
+        reason = None
+        if account.status == "suspended":
+            reason = "Account suspended"
+        elif account.status == "closed":
+            reason = "Account closed"
+        elif not has_credit:
+            reason = "No free uses or credits remaining"
+        return {
+            "has_credit": has_credit,
+            "credits_remaining": account.paid_credits,
+            "plan_name": account.plan_name,
+            "reason": reason,
+            "free_uses_remaining": account.free_uses_remaining,
+            "total_uses": account.total_uses,
+            "purchase_required": purchase_required,
+            "purchase_price_minor": self.pricing.price_per_purchase_minor if purchase_required else 0,
+            "purchase_uses": self.pricing.paid_uses_per_purchase if purchase_required else 0,
+            "daily_free_uses_remaining": account.daily_free_uses_remaining if active else 0,
+            "daily_free_uses_limit": account.daily_free_uses_limit,
+        }
+
+    def account_view(self, key: tuple[str, str]) -> dict[str, Any]:
+        with self.lock:
+            account = self.accounts.get(key)
+            if account is None:
+                raise BackendError(404, "Account not found")
+            return {
+                "account_id": account.account_id,
+                "oauth_provider": account.oauth_provider,
+                "external_id": account.external_id,
+                "wa_id": account.wa_id,
+                "tenant_id": account.tenant_id,
+                "customer_email": account.customer_email,
+                "balance_minor": account.paid_credits,
+                "currency": account.currency,
+                "plan_name": account.plan_name,
+                "status": account.status,
+                "paid_credits": account.paid_credits,
+                "marketing_opt_in": False,
+                "marketing_opt_in_at": None,
+                "marketing_opt_in_source": None,
+                "created_at": account.created_at,
+                "updated_at": _now_iso(),
+            }
+
+    # -- charges (section 3.2) -----------------------------------------------------------------
+    def charge(self, body: dict[str, Any], *, duplicate_as_201: bool = False) -> dict[str, Any]:
+        key = (body["oauth_provider"], body["external_id"])
+        with self.lock:
+            account = self.accounts.get(key)
+            if account is not None:
+                self._touch_metadata(account, body)
+            idem = body.get("idempotency_key")
+            if idem is not None:
+                existing = self._find("charge", idem)
+                if existing is not None:
+                    if duplicate_as_201:  # the concurrent-duplicate path (section 3.2 step 6)
+                        return self._charge_view(existing)
+                    raise BackendError(
+                        409, "Charge already exists", {"X-Existing-Charge-ID": existing.transaction_id}
+                    )
+            if account is None:
+                raise BackendError(404, "Account not found")
+            if account.status == "suspended":
+                raise BackendError(403, "Account suspended: Account suspended")
+            if account.status == "closed":
+                raise BackendError(403, "Account is closed")
+            if body["currency"] != account.currency:
+                raise BackendError(500, "Database integrity error")
+            self._daily_reset(account)
+            amount = body["amount_minor"]
+            if account.daily_free_uses_remaining > 0:
+                account.daily_free_uses_remaining -= 1
+            elif account.free_uses_remaining > 0:
+                account.free_uses_remaining -= 1
+            elif account.paid_credits < amount:
+                raise BackendError(
+                    402, f"Insufficient credits. Balance: {account.paid_credits}, Required: {amount}"
+                )
+            else:
+                account.paid_credits -= amount
+            account.total_uses += 1
+            meta = body.get("metadata") or {}
+            txn = Transaction(
+                transaction_id=str(uuid.uuid4()),
+                account_key=key,
+                type="charge",
+                amount_minor=amount,
+                currency=body["currency"],
+                description=body["description"],
+                created_at=_now_iso(),
+                balance_after=account.paid_credits,
+                idempotency_key=idem,
+                metadata={k: meta.get(k) for k in ("message_id", "agent_id", "channel_id", "request_id")},
+            )
+            self.transactions.append(txn)
+            return self._charge_view(txn)
+
+    def _find(self, kind: str, idempotency_key: str) -> Transaction | None:
+        # Global lookup: not scoped to the account (section 3.2 step 2).
+        for txn in self.transactions:
+            if txn.type == kind and txn.idempotency_key == idempotency_key:
+                return txn
+        return None
+
+    def _charge_view(self, txn: Transaction) -> dict[str, Any]:
+        return {
+            "charge_id": txn.transaction_id,
+            "account_id": self.accounts[txn.account_key].account_id,
+            "amount_minor": txn.amount_minor,
+            "currency": txn.currency,
+            "balance_after": txn.balance_after,
+            "created_at": txn.created_at,
+            "description": txn.description,
+            "metadata": txn.metadata,
+        }
+
+    # -- credits (section 3.3) -----------------------------------------------------------------
+    def add_credits(self, body: dict[str, Any]) -> dict[str, Any]:
+        key = (body["oauth_provider"], body["external_id"])
+        with self.lock:
+            account = self.accounts.get(key)
+            if account is None:
+                raise BackendError(404, "Account not found")
+            self._touch_metadata(account, body)
+            idem = body.get("idempotency_key")
+            if idem is not None:
+                existing = self._find("credit", idem)
+                if existing is not None:
+                    raise BackendError(
+                        409, "Credit already exists", {"X-Existing-Credit-ID": existing.transaction_id}
+                    )
+            if body["currency"] != account.currency:
+                raise BackendError(
+                    400,
+                    f"Data integrity error: Currency mismatch: account={account.currency}, "
+                    f"credit={body['currency']}",
+                )
+            return self._credit(account, body)
+
+    def _credit(self, account: Account, body: dict[str, Any]) -> dict[str, Any]:
+        account.paid_credits += body["amount_minor"]
+        txn = Transaction(
+            transaction_id=str(uuid.uuid4()),
+            account_key=(account.oauth_provider, account.external_id),
+            type="credit",
+            amount_minor=body["amount_minor"],
+            currency=body["currency"],
+            description=body["description"],
+            created_at=_now_iso(),
+            balance_after=account.paid_credits,
+            idempotency_key=body.get("idempotency_key"),
+            transaction_type=body["transaction_type"],
+            external_transaction_id=body.get("external_transaction_id"),
+        )
+        self.transactions.append(txn)
+        return {
+            "credit_id": txn.transaction_id,
+            "account_id": account.account_id,
+            "amount_minor": txn.amount_minor,
+            "currency": txn.currency,
+            "balance_after": txn.balance_after,
+            "transaction_type": txn.transaction_type,
+            "description": txn.description,
+            "external_transaction_id": txn.external_transaction_id,
+            "created_at": txn.created_at,
+        }
+
+    # -- purchases (sections 3.5-3.7) ----------------------------------------------------------
+    def purchase(self, body: dict[str, Any]) -> dict[str, Any]:
+        if not self.pricing.stripe_configured:
+            raise BackendError(503, "Payment provider not configured")
+        key = (body["oauth_provider"], body["external_id"])
+        with self.lock:
+            account = self.accounts.get(key) or self._create(
+                key, self.pricing.free_uses_purchase_created, body
+            )
+            # Stripe idempotency key purchase-v3-{account}-{unix_seconds}: a repeat in the same second
+            # gets the same PaymentIntent, any later call a new one.
+            stripe_key = f"purchase-v3-{account.account_id}-{int(self.now().timestamp())}"
+            payment_id = self._purchase_keys.get(stripe_key)
+            if payment_id is None:
+                payment_id = f"pi_{secrets.token_hex(12)}"
+                self.payments[payment_id] = PaymentIntent(
+                    payment_id=payment_id,
+                    client_secret=f"{payment_id}_secret_{secrets.token_hex(12)}",
+                    account_key=key,
+                    amount_minor=self.pricing.price_per_purchase_minor,
+                )
+                self._purchase_keys[stripe_key] = payment_id
+            return self.payment_view(self.payments[payment_id])
+
+    def payment_view(self, intent: PaymentIntent) -> dict[str, Any]:
+        return {
+            "payment_id": intent.payment_id,
+            "client_secret": intent.client_secret,
+            "amount_minor": intent.amount_minor,
+            "currency": "USD",
+            "uses_purchased": self.pricing.paid_uses_per_purchase,  # today's value (section 3.6)
+            "status": intent.status,
+            "publishable_key": self.pricing.publishable_key,
+        }
+
+    def payment(self, payment_id: str) -> dict[str, Any]:
+        if not self.pricing.stripe_configured:
+            raise BackendError(503, "Payment provider not configured")
+        with self.lock:
+            intent = self.payments.get(payment_id)
+            if intent is None:  # no ownership check, and any Stripe error is a 404 (section 3.6)
+                raise BackendError(404, f"Payment not found: {payment_id}")
+            return self.payment_view(intent)
+
+    def set_payment_status(self, payment_id: str, status: str) -> None:
+        with self.lock:
+            self.payments[payment_id].status = status
+
+    def deliver_webhook(self, payment_id: str) -> bool:
+        """`payment_intent.succeeded`: credit the purchase once (idempotency key `stripe-{pi}`)."""
+        with self.lock:
+            intent = self.payments[payment_id]
+            if intent.status != "succeeded" or intent.credited:
+                return False
+            account = self.accounts[intent.account_key]
+            self._credit(
+                account,
+                {
+                    "amount_minor": self.pricing.paid_uses_per_purchase,
+                    "currency": "USD",
+                    "description": f"Purchase {self.pricing.paid_uses_per_purchase} uses",
+                    "transaction_type": "purchase",
+                    "external_transaction_id": payment_id,
+                    "idempotency_key": f"stripe-{payment_id}",
+                },
+            )
+            intent.credited = True
+            return True
+
+    # -- transactions (section 3.9) ------------------------------------------------------------
+    def list_transactions(self, key: tuple[str, str], limit: int, offset: int) -> dict[str, Any]:
+        with self.lock:
+            mine = [t for t in reversed(self.transactions) if t.account_key == key]
+            page = mine[offset : offset + limit]  # a Python slice, no range checks
+            return {
+                "transactions": [
+                    {
+                        "transaction_id": t.transaction_id,
+                        "type": t.type,
+                        "amount_minor": -t.amount_minor if t.type == "charge" else t.amount_minor,
+                        "currency": t.currency,
+                        "description": t.description,
+                        "created_at": t.created_at,
+                        "balance_after": t.balance_after,
+                        "transaction_type": t.transaction_type,
+                        "external_transaction_id": t.external_transaction_id,
+                        "metadata": t.metadata,
+                    }
+                    for t in page
+                ],
+                "total_count": len(mine),
+                "has_more": offset + len(page) < len(mine),
+            }

@@ -1,0 +1,34 @@
+"""Helpers for tests of the `ciris` provider against the fake backend (fixtures come from the
+package's own pytest plugin: ciris_fake_backend, ciris_billing_config, ciris_tokens)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from ciris_billing_proxy import credit_gate
+
+CREDITS = "/v1/api/billing/credits"
+INITIATE = "/v1/api/billing/purchase/initiate"
+STATUS = "/v1/api/billing/purchase/status/"
+INTERACT = "/v1/agent/interact"
+
+
+def agent_routes(app: web.Application) -> None:
+    @credit_gate
+    async def interact(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body.get("fail"):
+            return web.json_response({"detail": "model down"}, status=502)
+        return web.json_response({"ok": True})
+
+    app.router.add_post(INTERACT, interact)
+
+
+def who(user_id: str, namespace: str = "local") -> tuple[str, str]:
+    return f"oauth:{namespace}", user_id
+
+
+async def json_of(resp: Any) -> Any:
+    return await resp.json()
