@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -178,3 +179,90 @@ def test_filesystem_problems_are_clear_errors(tmp_path: Path, problem: str) -> N
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("ciris-billing-proxy: ")
+
+
+async def paid_flow(url: str, username: str, password: str, confirm: Any) -> None:
+    async with aiohttp.ClientSession() as session:
+        auth = {"Authorization": f"Bearer {await login(session, url, username, password)}"}
+        while True:
+            async with session.post(f"{url}/v1/agent/interact", json={"message": "x"}, headers=auth) as r:
+                if r.status == 402:
+                    break
+                assert r.status == 200
+        async with session.get(f"{url}/v1/api/billing/credits", headers=auth) as r:
+            credits = await r.json()
+        assert credits["purchase_required"] is True
+        assert credits["purchase_options"] == {"price_minor": 500, "uses": 20, "currency": "USD"}
+        async with session.post(f"{url}/v1/api/billing/purchase/initiate", json={}, headers=auth) as r:
+            assert r.status == 200
+            payment_id = (await r.json())["payment_id"]
+        await confirm(session, payment_id)
+        async with session.get(f"{url}/v1/api/billing/purchase/status/{payment_id}", headers=auth) as r:
+            assert await r.json() == {"status": "succeeded", "credits_added": 20, "balance_after": 20}
+        async with session.get(f"{url}/v1/api/billing/credits", headers=auth) as r:
+            assert (await r.json())["credits_remaining"] == 20
+
+
+async def test_serve_fake_backend_runs_the_whole_paid_flow(tmp_path: Path) -> None:
+    with serve(["--fake-backend"], tmp_path) as server:
+        banner = "".join(server.output)
+        fake_url = re.search(r"Fake CIRIS Billing backend on (http://127\.0\.0\.1:\d+)", banner)
+        password = re.search(r"with password '([^']+)'", banner)
+        assert fake_url, banner
+        assert password, banner
+        assert "Credit provider: ciris" in banner
+
+        async def confirm(session: aiohttp.ClientSession, payment_id: str) -> None:
+            async with session.post(f"{fake_url.group(1)}/_fake/payments/{payment_id}/confirm") as r:
+                assert r.status == 200
+                assert "_secret_" not in await r.text()
+
+        await paid_flow(server.url, "demo", password.group(1), confirm)
+
+
+async def test_serve_provider_ciris_reads_the_environment(tmp_path: Path) -> None:
+    from ciris_billing_proxy.testing import FakeBillingBackend
+
+    with FakeBillingBackend().run_in_thread() as fake:
+        env = clean_env(CIRIS_BILLING_API_URL=fake.url, CIRIS_BILLING_API_KEY=fake.api_key)
+        with serve(["--provider", "ciris", "--user", "ann:pw:ann@example.com"], tmp_path, env) as server:
+            assert fake.url not in "".join(server.output)
+
+            async def confirm(session: aiohttp.ClientSession, payment_id: str) -> None:
+                fake.confirm_payment(payment_id)
+
+            await paid_flow(server.url, "ann", "pw", confirm)
+        assert fake.api_key not in "".join(server.output)
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({}, "CIRIS_BILLING_API_KEY is required"),
+        ({"CIRIS_BILLING_API_KEY": "sk_live_wrong"}, "starts with cbk_"),
+        (
+            {"CIRIS_BILLING_API_KEY": "cbk_test_x", "CIRIS_BILLING_API_URL": "http://billing.example.com"},
+            "must use https",
+        ),
+    ],
+)
+def test_ciris_misconfiguration_fails_at_startup(tmp_path: Path, env: dict[str, str], words: str) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ciris_billing_proxy",
+            "serve",
+            "--provider",
+            "ciris",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=clean_env(**env),
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert words in result.stderr
+    assert "sk_live_wrong" not in result.stderr
