@@ -6,11 +6,14 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Callable
+from hashlib import blake2b
 from typing import Any, Final
 
 import jwt
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
+from cachetools import LRUCache, TTLCache
 from jwt.algorithms import get_default_algorithms
 
 from .config import BillingConfig, ConfigError, JWTConfig
@@ -22,6 +25,7 @@ IDENTITY_KEY: Final = web.RequestKey("ciris_billing_proxy.identity", Identity)
 _BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*)$")
 _MAX_CLAIM = 255
 _MAX_EXP = 2**53  # beyond this a number is no timestamp (and may not even fit a float)
+_MAX_REVOCATION = 30 * 24 * 3600  # longer than any token this package issues lives
 
 logger = logging.getLogger("ciris_billing_proxy")
 
@@ -35,10 +39,19 @@ class AuthError(Exception):
 
 
 class TokenVerifier:
-    """Verifies bearer tokens against one key and one algorithm family, and issues tokens with it."""
+    """Verifies bearer tokens against one key and one algorithm family, and issues tokens with it.
 
-    def __init__(self, config: BillingConfig) -> None:
+    A full verification (signature and claims) costs about as much as a whole bare aiohttp request,
+    and clients send the same token on every call, so verified tokens are kept in a bounded LRU map,
+    keyed by a 128-bit BLAKE2b digest of the token (a collision would need a second token with the
+    same digest: infeasible). A hit re-checks `exp` against the clock, with the same leeway as a
+    full verification, and the revocation list; nothing else about a token can change while it is
+    cached, because the key and the rules belong to this verifier.
+    """
+
+    def __init__(self, config: BillingConfig, *, clock: Callable[[], float] = time.time) -> None:
         jwt_config = config.jwt
+        self._clock = clock
         self._jwt = jwt_config
         self._algorithms = list(jwt_config.algorithms)
         self._namespace = config.identity_namespace
@@ -46,12 +59,39 @@ class TokenVerifier:
         self._verify_key: Any = _verify_key(jwt_config)
         self._signing_key: Any = _signing_key(jwt_config)
         self._options: dict[str, Any] = {"require": ["exp", "sub"]}
+        self._verified: LRUCache[bytes, Identity] | None = (
+            LRUCache(maxsize=config.token_cache_max_entries) if config.token_cache_max_entries else None
+        )
+        self._revoked: TTLCache[bytes, bool] = TTLCache(maxsize=1_000_000, ttl=_MAX_REVOCATION)
 
     @property
     def token_ttl_seconds(self) -> int:
         return self._jwt.token_ttl_seconds
 
     def verify(self, token: str) -> Identity:
+        digest = blake2b(token.encode(), digest_size=16).digest()
+        if digest in self._revoked:
+            raise AuthError("Invalid token")
+        if self._verified is not None:
+            cached = self._verified.get(digest)
+            if cached is not None:
+                if self._clock() - self._jwt.leeway_seconds < cached.expires_at:
+                    return cached
+                del self._verified[digest]
+                raise AuthError("Token expired")
+        identity = self._decode(token)
+        if self._verified is not None:
+            self._verified[digest] = identity
+        return identity
+
+    def revoke(self, token: str) -> None:
+        """Refuse this token from now on (e.g. at logout), cached or not."""
+        digest = blake2b(token.encode(), digest_size=16).digest()
+        self._revoked[digest] = True
+        if self._verified is not None:
+            self._verified.pop(digest, None)
+
+    def _decode(self, token: str) -> Identity:
         try:
             claims = jwt.decode(
                 token,

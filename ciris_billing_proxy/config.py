@@ -97,7 +97,12 @@ class BillingConfig(BaseModel):
     identity_namespace: str = Field(default="local", min_length=1, max_length=64)
     default_role: str = Field(default="OBSERVER", min_length=1, max_length=50)
     cache_ttl_seconds: float = Field(default=15.0, gt=0, le=3600)
+    #: Cache lifetime of a "no credit" status: shorter, so credit that arrives by another path (an
+    #: app-store purchase, a grant) shows sooner.
+    negative_cache_ttl_seconds: float = Field(default=5.0, gt=0, le=3600)
     cache_max_entries: int = Field(default=100_000, ge=1)
+    #: Verified tokens kept (0 turns the cache off); see `auth.TokenVerifier`.
+    token_cache_max_entries: int = Field(default=100_000, ge=0)
     max_body_bytes: int = Field(default=16 * 1024, ge=256, le=1024 * 1024)
     gate_bypass_roles: frozenset[str] = frozenset()
     protected_paths: tuple[str, ...] = ()
@@ -181,7 +186,9 @@ ENV_VARS: Final[dict[str, tuple[str, str, str]]] = {
     "CIRIS_IDENTITY_NAMESPACE": ("top", "identity_namespace", "str"),
     "CIRIS_DEFAULT_ROLE": ("top", "default_role", "str"),
     "CIRIS_CREDIT_CACHE_TTL_SECONDS": ("top", "cache_ttl_seconds", "float"),
+    "CIRIS_CREDIT_CACHE_NEGATIVE_TTL_SECONDS": ("top", "negative_cache_ttl_seconds", "float"),
     "CIRIS_CREDIT_CACHE_MAX_ENTRIES": ("top", "cache_max_entries", "int"),
+    "CIRIS_TOKEN_CACHE_MAX_ENTRIES": ("top", "token_cache_max_entries", "int"),
     "CIRIS_MAX_BODY_BYTES": ("top", "max_body_bytes", "int"),
     "CIRIS_GATE_BYPASS_ROLES": ("top", "gate_bypass_roles", "list"),
     "CIRIS_PROTECTED_PATHS": ("top", "protected_paths", "list"),

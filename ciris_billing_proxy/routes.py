@@ -29,7 +29,8 @@ def json_reply(model: BaseModel, status: int = 200) -> web.Response:
 
 async def get_credits(request: web.Request) -> web.Response:
     service = request.config_dict[SERVICE_KEY]
-    return json_reply(await service.credit_status(request[IDENTITY_KEY]))
+    body = await service.credit_reply(request[IDENTITY_KEY])
+    return web.Response(body=body, content_type="application/json")
 
 
 async def initiate_purchase(request: web.Request) -> web.Response:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from aiohttp import web
+from cachetools import LRUCache
 
 from .auth import TokenVerifier
 from .cache import CreditCache
@@ -28,15 +30,35 @@ T = TypeVar("T")
 logger = logging.getLogger("ciris_billing_proxy")
 
 
+@dataclass(frozen=True, slots=True)
+class CachedCredit:
+    """What the cache keeps per user: the `/credits` reply, serialised once (the hot path sends these
+    bytes as they are), and whether it shows credit (which decides how long it is kept).
+
+    Instances are shared between users whose replies are byte-for-byte the same (see `_intern`):
+    statuses repeat a lot (a few remaining-use counts), which keeps a large cache small."""
+
+    body: bytes
+    has_credit: bool
+
+    def status(self) -> CreditStatus:
+        return CreditStatus.model_validate_json(self.body)
+
+
 class BillingService:
     def __init__(self, config: BillingConfig, provider: CreditProvider, verifier: TokenVerifier) -> None:
         self.config = config
         self.provider = provider
         self.verifier = verifier
-        self.cache: CreditCache[CreditStatus] = CreditCache(
-            self._load_status, ttl=config.cache_ttl_seconds, maxsize=config.cache_max_entries
+        negative_ttl = min(config.negative_cache_ttl_seconds, config.cache_ttl_seconds)
+        self.cache: CreditCache[CachedCredit] = CreditCache(
+            self._load_status,
+            ttl=config.cache_ttl_seconds,
+            maxsize=config.cache_max_entries,
+            ttl_of=lambda entry: config.cache_ttl_seconds if entry.has_credit else negative_ttl,
         )
         self._money_tasks: set[asyncio.Task[Any]] = set()
+        self._interned: LRUCache[bytes, CachedCredit] = LRUCache(maxsize=4096)
 
     async def lifespan(self, _app: web.Application) -> AsyncIterator[None]:
         """`cleanup_ctx` entry: start the provider, and on shutdown finish money-moving work first."""
@@ -55,10 +77,15 @@ class BillingService:
             await self.provider.stop()
 
     async def credit_status(self, identity: Identity) -> CreditStatus:
-        return await self.cache.get(identity)
+        return (await self.cache.get(identity)).status()
 
-    async def fresh_credit_status(self, identity: Identity) -> CreditStatus:
-        return await self.cache.refresh(identity)
+    async def credit_reply(self, identity: Identity) -> bytes:
+        """The `/credits` JSON body, from the cache when fresh."""
+        return (await self.cache.get(identity)).body
+
+    def revoke_token(self, token: str) -> None:
+        """Refuse a bearer token from now on (logout), even though it has not expired."""
+        self.verifier.revoke(token)
 
     def invalidate(self, identity: Identity) -> None:
         """Forget the cached credit of a user whose credit changed outside this process's calls."""
@@ -96,8 +123,13 @@ class BillingService:
             self.cache.invalidate(identity)
         return status
 
-    async def _load_status(self, identity: Identity) -> CreditStatus:
-        return await _guard(self.provider.credit_status(identity), "credit_status")
+    async def _load_status(self, identity: Identity) -> CachedCredit:
+        status = await _guard(self.provider.credit_status(identity), "credit_status")
+        body = status.model_dump_json().encode()
+        shared = self._interned.get(body)
+        if shared is None:
+            shared = self._interned[body] = CachedCredit(body, status.has_credit)
+        return shared
 
     async def _settle(self, call: Awaitable[None], identity: Identity, what: str) -> None:
         # The cache is dropped inside the tracked task, after the provider call: a caller's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -287,3 +288,46 @@ async def test_exp_must_be_a_sane_number(client: Any, tokens: TokenFactory, exp:
     status, detail = await status_and_detail(client, token)
     assert status == 401
     assert detail in ("Invalid token", "Token expired")  # PyJWT reads True as 1 (1970)
+
+
+async def test_an_expired_token_is_refused_even_when_cached_as_valid(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
+    config = make_config(tmp_path, jwt={"secret": SECRET, "leeway_seconds": 0})
+    client = await make_client(config)
+    token = TokenFactory(config).token(ttl=1)
+    assert (await status_and_detail(client, token))[0] == 200  # verified and cached
+    assert (await status_and_detail(client, token))[0] == 200  # served from the cache
+    await asyncio.sleep(1.6)
+    assert await status_and_detail(client, token) == (401, "Token expired")
+
+
+def test_the_token_cache_checks_expiry_and_revocation_on_every_hit(tmp_path: Path) -> None:
+    from ciris_billing_proxy.auth import AuthError, TokenVerifier
+
+    now = [time.time()]
+    config = make_config(tmp_path, jwt={"secret": SECRET, "leeway_seconds": 5})
+    verifier = TokenVerifier(config, clock=lambda: now[0])
+    factory = TokenFactory(config)
+    token = factory.token(ttl=60)
+    assert verifier.verify(token).user_id == "user-1"
+    now[0] += 64  # inside the leeway
+    assert verifier.verify(token).user_id == "user-1"
+    now[0] += 2
+    with pytest.raises(AuthError, match="Token expired"):
+        verifier.verify(token)
+    other = factory.token("user-2", ttl=60)
+    now[0] = time.time()
+    verifier.verify(other)
+    verifier.revoke(other)
+    with pytest.raises(AuthError, match="Invalid token"):
+        verifier.verify(other)
+
+
+def test_the_token_cache_can_be_turned_off(tmp_path: Path) -> None:
+    from ciris_billing_proxy.auth import TokenVerifier
+
+    verifier = TokenVerifier(make_config(tmp_path, token_cache_max_entries=0))
+    token = TokenFactory(make_config(tmp_path)).token()
+    assert verifier.verify(token) == verifier.verify(token)
+    assert verifier._verified is None

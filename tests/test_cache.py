@@ -110,3 +110,20 @@ async def test_aclose_cancels_running_loads() -> None:
     await cache.aclose()
     with pytest.raises(asyncio.CancelledError):
         await waiter
+
+
+async def test_values_may_choose_a_shorter_lifetime() -> None:
+    now = [0.0]
+    answers = {"ann": "no-credit", "bob": "credit"}
+
+    async def load(identity: Identity) -> str:
+        return answers[identity.user_id]
+
+    cache: CreditCache[str] = CreditCache(
+        load, ttl=15, maxsize=10, timer=lambda: now[0], ttl_of=lambda v: 15 if v == "credit" else 5
+    )
+    await cache.get(ANN)
+    await cache.get(BOB)
+    now[0] = 6
+    assert cache.peek(ANN) is None
+    assert cache.peek(BOB) == "credit"
