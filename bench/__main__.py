@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
     memory = json.loads(
         subprocess.run(
-            [sys.executable, "-m", "bench.memory", "100000"],
+            [sys.executable, "-m", "bench.memory", str(args.identities)],
             capture_output=True,
             text=True,
             check=True,
@@ -186,7 +186,7 @@ def table(data: dict[str, Any]) -> str:
         f"{c_p99 - floor_p99:.1f} ms to it.",
         f"- Memory: {int(mem['identities']):,} cached identities (credit cache + verified-token cache, "
         f"550 distinct statuses) added {mem['delta_mb']:.1f} MB of RSS (goal: at most 100 MB); the "
-        f"process peaked at {mem['peak_rss_mb']:.1f} MB, interpreter and the test's 100,000 tokens included.",
+        f"process peaked at {mem['peak_rss_mb']:.1f} MB, interpreter and the probe's own tokens included.",
         f"- Machine: {model}, {len(os.sched_getaffinity(0))} cores, Python "
         f"{platform.python_version()}, {platform.system()} {platform.release()}. Server pinned to core 0, "
         f"load generator (Python, aiohttp, {args['concurrency']} connections) and fake backend to core 1; "
@@ -196,13 +196,25 @@ def table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def embed(text: str) -> None:
+    """Put the table into the README's Performance section, between its bench markers."""
+    readme = ROOT.parent / "README.md"
+    start, end = "<!-- bench:start -->\n", "<!-- bench:end -->"
+    content = readme.read_text(encoding="utf-8")
+    before, _, rest = content.partition(start)
+    _, _, after = rest.partition(end)
+    readme.write_text(f"{before}{start}{text}\n{end}{after}", encoding="utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per closed-loop run")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--backend-ms", type=int, default=20)
+    parser.add_argument("--identities", type=int, default=100_000, help="cached identities for memory")
     parser.add_argument("--out", type=Path, default=ROOT / "RESULTS.md")
+    parser.add_argument("--no-readme", action="store_true", help="do not update README.md")
     args = parser.parse_args()
     started = time.monotonic()
     data = run(args)
@@ -210,8 +222,9 @@ def main() -> None:
     print()
     print(text)
     args.out.write_text(text + "\n", encoding="utf-8")
-    (ROOT / "results").mkdir(exist_ok=True)
-    (ROOT / "results" / "latest.json").write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+    if not args.no_readme:
+        embed(text)
+    args.out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
     print(f"\nwrote {args.out} in {time.monotonic() - started:.0f} s")
 
 

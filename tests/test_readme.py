@@ -89,3 +89,10 @@ def test_quickstart_is_two_commands_and_ci_runs_the_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     for part in test_command.split(" && "):
         assert part in ci, part
+
+
+def test_readme_embeds_the_latest_benchmark_table() -> None:
+    results = (ROOT / "bench" / "RESULTS.md").read_text(encoding="utf-8")
+    embedded = README.split("<!-- bench:start -->\n", 1)[1].split("<!-- bench:end -->", 1)[0]
+    assert embedded == results
+    assert "| A: bare aiohttp handler" in embedded
