@@ -24,6 +24,7 @@ IDENTITY_KEY: Final = web.RequestKey("ciris_billing_proxy.identity", Identity)
 
 _BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*)$")
 _MAX_CLAIM = 255
+_MAX_NAMESPACE = 64
 _MAX_EXP = 2**53  # beyond this a number is no timestamp (and may not even fit a float)
 _MAX_REVOCATION = 30 * 24 * 3600  # longer than any token this package issues lives
 
@@ -118,6 +119,8 @@ class TokenVerifier:
             raise AuthError("Invalid token")
         namespace = _optional_str(claims.get("oauth_provider")) or self._namespace
         namespace = namespace.removeprefix("oauth:") or self._namespace
+        if len(namespace) > _MAX_NAMESPACE:  # it becomes part of backend identities, which have limits
+            raise AuthError("Invalid token")
         role = _optional_str(claims.get("role")) or self._default_role
         tenant = _optional_str(claims.get("tenant")) or _optional_str(claims.get("tenant_id"))
         exp = claims["exp"]

@@ -38,7 +38,15 @@ class PaymentNotFound(BillingError):
 
 
 class ProviderUnavailable(BillingError):
-    """The provider's backend cannot be reached or answered nonsense; the caller may retry later."""
+    """The provider's backend cannot be reached or answered nonsense; the caller may retry later.
+
+    `maybe_applied=False` says the failed call provably had no effect; by default a failure is
+    taken to be ambiguous, and a failed spend is then reconciled with `give_back`.
+    """
+
+    def __init__(self, reason: str = "unavailable", *, maybe_applied: bool = True) -> None:
+        super().__init__(reason)
+        self.maybe_applied = maybe_applied
 
 
 class InvalidRequest(BillingError):

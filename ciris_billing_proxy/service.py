@@ -99,10 +99,11 @@ class BillingService:
             # The caller went away while the use was being taken: give it back once it lands.
             self._track(self._give_back_after(task, identity, idempotency_key))
             raise
-        except ProviderUnavailable:
+        except ProviderUnavailable as exc:
             # The spend may have taken effect before the failure showed (a timeout after the backend
             # committed). `give_back` is a no-op for a use never taken, so reconciling is safe.
-            self._track(self._give_back_after(None, identity, idempotency_key))
+            if exc.maybe_applied:
+                self._track(self._give_back_after(None, identity, idempotency_key))
             raise
 
     async def give_back(self, identity: Identity, idempotency_key: str) -> None:

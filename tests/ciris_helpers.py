@@ -26,8 +26,9 @@ def agent_routes(app: web.Application) -> None:
     app.router.add_post(INTERACT, interact)
 
 
-def who(user_id: str, namespace: str = "local") -> tuple[str, str]:
-    return f"oauth:{namespace}", user_id
+def who(user_id: str, namespace: str = "local", agent_id: str = "test-agent") -> tuple[str, str]:
+    """The backend identity of a user: the agent's own users carry the agent's id."""
+    return f"oauth:{namespace}", f"{agent_id}:{user_id}" if namespace == "local" else user_id
 
 
 async def json_of(resp: Any) -> Any:

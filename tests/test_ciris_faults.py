@@ -13,7 +13,7 @@ import pytest
 from ciris_billing_proxy import BillingConfig
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 
-from .ciris_helpers import CREDITS, INITIATE, INTERACT, STATUS, agent_routes
+from .ciris_helpers import CREDITS, INITIATE, INTERACT, STATUS, agent_routes, who
 from .conftest import ClientFactory
 
 UNAVAILABLE = {"detail": "Billing service unavailable"}
@@ -28,7 +28,12 @@ def with_options(config: BillingConfig, **options: Any) -> BillingConfig:
 async def client(ciris_billing_config: BillingConfig, make_client: ClientFactory) -> Any:
     # The fake backend (behind the config) is set up first, so it is torn down after the app.
     # A tight budget: a fault that were not cut off by it would outlast the test client's timeout.
-    config = with_options(ciris_billing_config, timeout_seconds=BUDGET, connect_timeout_seconds=0.2)
+    config = with_options(
+        ciris_billing_config,
+        timeout_seconds=BUDGET,
+        purchase_timeout_seconds=2 * BUDGET,
+        connect_timeout_seconds=0.2,
+    )
     return await make_client(config, host=agent_routes)
 
 
@@ -217,18 +222,40 @@ async def test_a_charge_that_committed_then_timed_out_is_refunded(
 ) -> None:
     auth = ciris_tokens.headers("late")
     await client.get(CREDITS, headers=auth)
-    ciris_fake_backend.use_up_free_uses("oauth:local", "late")
-    ciris_fake_backend.grant("oauth:local", "late", 3)
+    ciris_fake_backend.use_up_free_uses(*who("late"))
+    ciris_fake_backend.grant(*who("late"), 3)
     ciris_fake_backend.inject("latency_after", endpoint="charges", seconds=30.0, times=1)
     resp = await client.post(INTERACT, json={}, headers=auth, timeout=5)
     assert resp.status == 503
-    for _ in range(100):
-        await asyncio.sleep(0.02)
-        if ciris_fake_backend.calls["credits"]:
-            break
-    assert ciris_fake_backend.account("oauth:local", "late")["credits_remaining"] == 3
+    await until(lambda: ciris_fake_backend.calls["credits"] > 0)
+    assert ciris_fake_backend.account(*who("late"))["credits_remaining"] == 3
     refunds = [b for e, b, _ in ciris_fake_backend.received if e == "credits"]
     assert [r["transaction_type"] for r in refunds] == ["refund"]
+
+
+async def test_a_charge_that_lands_after_its_timeout_is_found_and_refunded(
+    make_client: ClientFactory,
+    ciris_billing_config: BillingConfig,
+    ciris_fake_backend: FakeBillingBackend,
+    ciris_tokens: TokenFactory,
+) -> None:
+    """The backend finishes a request whose client left: the charge lands after the proxy gave up."""
+    config = with_options(
+        ciris_billing_config,
+        timeout_seconds=0.3,
+        connect_timeout_seconds=0.2,
+        max_retries=0,
+        reconcile_delays_seconds=[0.3, 0.9],
+    )
+    client = await make_client(config, host=agent_routes)
+    auth = ciris_tokens.headers("slow")
+    await client.get(CREDITS, headers=auth)
+    ciris_fake_backend.use_up_free_uses(*who("slow"))
+    ciris_fake_backend.grant(*who("slow"), 3)
+    ciris_fake_backend.inject("latency", endpoint="charges", seconds=0.6, times=1)
+    assert (await client.post(INTERACT, json={}, headers=auth, timeout=5)).status == 503
+    await until(lambda: ciris_fake_backend.calls["credits"] > 0, seconds=5)
+    assert ciris_fake_backend.account(*who("slow"))["credits_remaining"] == 3
 
 
 async def test_a_charge_that_never_happened_is_not_refunded(
@@ -236,13 +263,63 @@ async def test_a_charge_that_never_happened_is_not_refunded(
 ) -> None:
     auth = ciris_tokens.headers("never")
     await client.get(CREDITS, headers=auth)
-    ciris_fake_backend.inject("latency", endpoint="charges", seconds=30.0)
-    resp = await client.post(INTERACT, json={}, headers=auth, timeout=5)
+    ciris_fake_backend.use_up_free_uses(*who("never"))
+    ciris_fake_backend.grant(*who("never"), 3)
+    ciris_fake_backend.inject("drop", endpoint="charges")  # the connection dies before any work
+    assert (await client.post(INTERACT, json={}, headers=auth, timeout=5)).status == 503
+    await until(lambda: ciris_fake_backend.calls["transactions"] >= 3)  # looked three times
+    await asyncio.sleep(0.1)
+    assert ciris_fake_backend.calls["credits"] == 0  # found no charge, minted nothing
+    assert ciris_fake_backend.account(*who("never"))["credits_remaining"] == 3
+
+
+async def test_a_rejected_key_logs_one_error_even_through_the_gate(
+    client: Any,
+    ciris_fake_backend: FakeBillingBackend,
+    ciris_tokens: TokenFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    auth = ciris_tokens.headers("keyless")
+    await client.get(CREDITS, headers=auth)
+    ciris_fake_backend.inject("reject_key", endpoint="charges")
+    with caplog.at_level(logging.DEBUG):
+        assert (await client.post(INTERACT, json={}, headers=auth)).status == 503
+        await asyncio.sleep(0.3)
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
+    assert ciris_fake_backend.calls["transactions"] == 0  # a refused charge needs no reconciling
+
+
+@pytest.mark.parametrize("kind", ["stripe_unavailable", "cloudflare_403", "error_500"])
+async def test_purchase_faults_are_503(
+    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory, kind: str
+) -> None:
+    ciris_fake_backend.inject(kind, endpoint="purchases")
+    resp = await client.post(INITIATE, json={}, headers=ciris_tokens.headers("p", email="p@example.com"))
+    assert (resp.status, await resp.json()) == (503, UNAVAILABLE)
+
+
+async def test_one_budget_per_operation(
+    make_client: ClientFactory,
+    ciris_billing_config: BillingConfig,
+    ciris_fake_backend: FakeBillingBackend,
+    ciris_tokens: TokenFactory,
+) -> None:
+    """The check and the purchase of one initiate share one budget: two 0.3 s calls cannot both fit
+    in 0.45 s, though each alone would."""
+    config = with_options(
+        ciris_billing_config, purchase_timeout_seconds=0.45, timeout_seconds=0.45, connect_timeout_seconds=0.2
+    )
+    client = await make_client(config)
+    ciris_fake_backend.inject("latency", endpoint="credits/check", seconds=0.3)
+    ciris_fake_backend.inject("latency", endpoint="purchases", seconds=0.3)
+    resp = await client.post(
+        INITIATE, json={}, headers=ciris_tokens.headers("b", email="b@example.com"), timeout=5
+    )
     assert resp.status == 503
-    for _ in range(50):
+
+
+async def until(condition: Any, seconds: float = 3.0) -> None:
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
         await asyncio.sleep(0.02)
-        if ciris_fake_backend.calls["transactions"]:
-            break
-    await asyncio.sleep(0.05)
-    assert ciris_fake_backend.calls["credits"] == 0  # looked, found no charge, minted nothing
-    assert ciris_fake_backend.account("oauth:local", "never")["credits_remaining"] == 0

@@ -342,3 +342,77 @@ async def test_waiting_for_credits_is_bounded(
     assert "credits have not landed" in caplog.text
     ciris_fake_backend.deliver_webhook(purchase["payment_id"])
     assert (await (await client.get(path, headers=auth)).json())["status"] == "succeeded"
+
+
+async def test_failed_interactions_never_turn_free_uses_into_paid_credits(
+    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
+) -> None:
+    auth = ciris_tokens.headers("tricky")
+    for _ in range(12):  # every free use (10 one-time + 2 daily) spent on a failing interaction
+        assert (await client.post(INTERACT, json={"fail": True}, headers=auth)).status == 502
+    account = ciris_fake_backend.account(*who("tricky"))
+    assert account["credits_remaining"] == 0
+    assert ciris_fake_backend.calls["credits"] == 0  # no refund for a free use: it would mint a credit
+
+
+async def test_succeeded_waits_for_this_payments_own_credit(
+    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
+) -> None:
+    auth = ciris_tokens.headers("two", email="two@example.com")
+    first = await (await client.post(INITIATE, json={}, headers={**auth, "Idempotency-Key": "a"})).json()
+    ciris_fake_backend.ledger.clock_offset += timedelta(seconds=2)
+    second = await (await client.post(INITIATE, json={}, headers={**auth, "Idempotency-Key": "b"})).json()
+    assert first["payment_id"] != second["payment_id"]
+    ciris_fake_backend.confirm_payment(first["payment_id"], webhook_delay=None)
+    ciris_fake_backend.confirm_payment(second["payment_id"])  # only the second is credited
+    a = await (await client.get(STATUS + first["payment_id"], headers=auth)).json()
+    assert a["status"] == "processing"
+    b = await (await client.get(STATUS + second["payment_id"], headers=auth)).json()
+    assert b == {"status": "succeeded", "credits_added": 20, "balance_after": 20}
+
+
+async def test_a_suspended_account_cannot_buy(
+    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
+) -> None:
+    auth = ciris_tokens.headers("sus", email="sus@example.com")
+    await client.get(CREDITS, headers=auth)
+    ciris_fake_backend.set_account_status(*who("sus"), "suspended")
+    resp = await client.post(INITIATE, json={}, headers=auth)
+    assert resp.status == 400
+    assert await resp.json() == {"detail": "Account suspended: purchases are not possible"}
+    assert ciris_fake_backend.calls["purchases"] == 0
+
+
+async def test_local_users_of_two_agents_are_two_accounts(
+    make_client: ClientFactory,
+    ciris_billing_config: BillingConfig,
+    ciris_fake_backend: FakeBillingBackend,
+    ciris_tokens: TokenFactory,
+) -> None:
+    one = await make_client(ciris_billing_config)
+    two = await make_client(ciris_billing_config.model_copy(update={"agent_id": "other-agent"}))
+    for agent in (one, two):
+        await agent.get(CREDITS, headers=ciris_tokens.headers("admin"))
+    ciris_fake_backend.grant(*who("admin"), 20)
+    for agent in (one, two):
+        agent.app[SERVICE_KEY].invalidate(Identity("admin", "local", "OBSERVER"))
+    one_admin = await (await one.get(CREDITS, headers=ciris_tokens.headers("admin"))).json()
+    two_admin = await (await two.get(CREDITS, headers=ciris_tokens.headers("admin"))).json()
+    assert (one_admin["credits_remaining"], two_admin["credits_remaining"]) == (20, 0)
+    # A federated identity (a Google subject) is the same person on every agent.
+    google = ciris_tokens.headers("118234567890", oauth_provider="google")
+    for agent in (one, two):
+        await agent.get(CREDITS, headers=google)
+    assert ("oauth:google", "118234567890") in ciris_fake_backend.ledger.accounts
+
+
+async def test_no_publishable_key_anywhere_is_503(
+    client: Any,
+    ciris_fake_backend: FakeBillingBackend,
+    ciris_tokens: TokenFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ciris_fake_backend.pricing.publishable_key = ""
+    resp = await client.post(INITIATE, json={}, headers=ciris_tokens.headers("nokey", email="n@example.com"))
+    assert resp.status == 503
+    assert "publishable key" in caplog.text

@@ -47,6 +47,7 @@ def ciris_billing_config(ciris_fake_backend: FakeBillingBackend, tmp_path: Path)
             "api_key": ciris_fake_backend.api_key,
             "timeout_seconds": 5.0,
             "backoff_seconds": 0.01,
+            "reconcile_delays_seconds": [0.05, 0.2],
         },
     )
 

@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Self
 from urllib.parse import quote
@@ -38,7 +39,18 @@ PAYMENTS_FILE: Final = "ciris-payments.sqlite3"
 EMAIL_REQUIRED: Final = "Email address required for purchase"
 INVALID_PURCHASE: Final = "Invalid purchase request"
 NO_CREDIT: Final = "No free uses or credits remaining"
+LOCAL_NAMESPACE: Final = "local"
+BLOCKED: Final = frozenset({"Account suspended", "Account closed"})
 PASS_THROUGH: Final[frozenset[str]] = frozenset(PaymentState.__args__)  # type: ignore[attr-defined]
+
+
+@dataclass(slots=True)
+class ChargeRecord:
+    """A charge this process sent: the paid balance just before it, and whether it took a paid
+    credit (None until known: after a timeout or a 409)."""
+
+    paid_before: int
+    paid: bool | None = None
 
 
 class BackendCredit(BaseModel):
@@ -124,9 +136,9 @@ class CirisProvider(CreditProvider):
         self.transport = Transport(settings)
         self.payments = PaymentStore(database)
         # Users whose backend account is known to exist, so a charge need not be preceded by a check.
-        self._known: LRUCache[tuple[str, str], bool] = LRUCache(maxsize=100_000)
-        # Request keys whose charge this process saw succeed: their refund needs no lookup first.
-        self._charged: LRUCache[tuple[tuple[str, str], str], bool] = LRUCache(maxsize=100_000)
+        # The charges this process made, by request, until given back or forgotten (LRU).
+        self._charged: LRUCache[tuple[tuple[str, str], str], ChargeRecord] = LRUCache(maxsize=100_000)
+        self._listing_missing = False
         # Purchase replies kept in memory only (they carry the Stripe client secret): by
         # (user, Idempotency-Key) for a day, and by user for the double-click window.
         self._by_key: TTLCache[tuple[tuple[str, str], str], PurchaseInitiated] = TTLCache(
@@ -163,10 +175,23 @@ class CirisProvider(CreditProvider):
 
     # -- identity -------------------------------------------------------------------------------
     def _who(self, identity: Identity) -> dict[str, Any]:
-        """The one canonical backend identity of a user (plus metadata the backend stores)."""
+        """The one canonical backend identity of a user (plus metadata the backend stores).
+
+        Federated namespaces (`google`, `apple`, ...) name the same person on every agent, so they
+        go as they are. The agent's own users (namespace `local`) are only unique within this agent,
+        and the backend is shared by many agents: their `external_id` carries the agent's id, so
+        "admin" on two agents is two accounts.
+        """
+        external_id = identity.user_id
+        if identity.namespace == LOCAL_NAMESPACE:
+            external_id = f"{self.agent_id}:{identity.user_id}"
+            if len(external_id) > 255:
+                external_id = (
+                    f"{self.agent_id}:sha256:{hashlib.sha256(identity.user_id.encode()).hexdigest()}"
+                )
         body: dict[str, Any] = {
             "oauth_provider": f"oauth:{identity.namespace}",
-            "external_id": identity.user_id,
+            "external_id": external_id,
             "agent_id": self.agent_id,
         }
         if identity.email:
@@ -179,55 +204,72 @@ class CirisProvider(CreditProvider):
         digest = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:40]
         return f"{self.agent_id}-{kind}-{digest}"
 
+    def _deadline(self, seconds: float) -> float:
+        """One budget for a whole operation: every call it makes shares what is left of it."""
+        return asyncio.get_running_loop().time() + seconds
+
     async def _call(self, method: str, path: str, **kwargs: Any) -> Reply:
         try:
             return await self.transport.call(method, path, **kwargs)
         except BackendUnavailable as exc:
-            raise ProviderUnavailable(exc.reason) from None
+            raise ProviderUnavailable(exc.reason, maybe_applied=exc.maybe_applied) from None
 
     def _unexpected(self, endpoint: str, reply: Reply) -> ProviderUnavailable:
         logger.error("Billing backend %s answered HTTP %d unexpectedly", endpoint, reply.status)
-        return ProviderUnavailable(f"unexpected HTTP {reply.status} from {endpoint}")
+        # A definite answer (not a timeout): whatever it was, the backend did not apply the call.
+        return ProviderUnavailable(f"unexpected HTTP {reply.status} from {endpoint}", maybe_applied=False)
 
     # -- credit ---------------------------------------------------------------------------------
-    async def _check(self, identity: Identity) -> BackendCredit:
+    async def _check(self, identity: Identity, deadline: float | None = None) -> BackendCredit:
         reply = await self._call(
             "POST",
             "/v1/billing/credits/check",
             endpoint="credits/check",
             idempotent=True,
             json_body={**self._who(identity), "context": {"agent_id": self.agent_id}},
+            deadline=deadline,
         )
         if reply.status != 200:
             raise self._unexpected("credits/check", reply)
         try:
-            credit = BackendCredit.model_validate(reply.body)
+            return BackendCredit.model_validate(reply.body)
         except ValidationError:
             logger.error("Billing backend credits/check answered a body that does not fit the contract")
             raise ProviderUnavailable("malformed credit check") from None
-        self._known[identity.key] = True
-        return credit
 
     async def credit_status(self, identity: Identity) -> CreditStatus:
         return to_credit_status(await self._check(identity))
 
     async def spend(self, identity: Identity, idempotency_key: str) -> None:
-        if identity.key not in self._known:
-            await self._check(identity)  # charges never create accounts; checks do
-        reply = await self._charge(identity, idempotency_key)
-        if reply.status == 404:  # the account vanished or this process's memory was wrong
-            await self._check(identity)
-            reply = await self._charge(identity, idempotency_key)
-        if reply.status in (201, 409):  # 409 + X-Existing-Charge-ID: this request was already charged
-            self._charged[(identity.key, idempotency_key)] = True
+        deadline = self._deadline(self.settings.timeout_seconds)
+        # Check first: it creates unknown accounts (charges never do), refuses early when there is
+        # no credit, and gives the paid balance that tells afterwards which pool a charge used.
+        before = await self._check(identity, deadline)
+        if not before.has_credit:
+            raise InsufficientCredit(before.reason or NO_CREDIT)
+        slot = (identity.key, idempotency_key)
+        self._charged[slot] = ChargeRecord(paid_before=max(before.credits_remaining, 0))
+        reply = await self._charge(identity, idempotency_key, deadline)
+        if reply.status == 404:  # the account vanished between the check and the charge
+            await self._check(identity, deadline)
+            reply = await self._charge(identity, idempotency_key, deadline)
+        if reply.status == 201:
+            balance_after = reply.body.get("balance_after")
+            record = self._charged[slot]
+            # Free uses leave the paid balance as it was (BILLING_BACKEND.md 3.2): only a charge
+            # that lowered it took a paid credit, and only such a charge may be refunded.
+            record.paid = isinstance(balance_after, int) and balance_after < record.paid_before
             return
+        if reply.status == 409:  # this request was charged by an earlier attempt; which pool is unknown
+            return
+        self._charged.pop(slot, None)
         if reply.status == 402:
             raise InsufficientCredit(NO_CREDIT)
         if reply.status == 403 and reply.detail.startswith("Account"):
             raise InsufficientCredit("Account closed" if "closed" in reply.detail else "Account suspended")
         raise self._unexpected("charges", reply)
 
-    async def _charge(self, identity: Identity, request_key: str) -> Reply:
+    async def _charge(self, identity: Identity, request_key: str, deadline: float) -> Reply:
         return await self._call(
             "POST",
             "/v1/billing/charges",
@@ -237,19 +279,29 @@ class CirisProvider(CreditProvider):
                 **self._who(identity),
                 "amount_minor": 1,
                 "currency": "USD",
-                "description": "Agent interaction",
+                # The request key in the description too: transaction listings always carry the
+                # description, while their metadata is optional.
+                "description": f"Agent interaction {request_key}",
                 "idempotency_key": self._key("charge", identity, request_key),
                 "metadata": {"agent_id": self.agent_id, "request_id": request_key},
             },
+            deadline=deadline,
         )
 
     async def give_back(self, identity: Identity, idempotency_key: str) -> None:
-        # A refund is a credit the backend adds unconditionally, so refunding a charge that never
-        # happened would mint one. Refund only a charge known to exist: seen here, or listed by the
-        # backend with this request's id.
-        if (identity.key, idempotency_key) not in self._charged and not await self._find_transaction(
-            identity, "charge", lambda t: (t.get("metadata") or {}).get("request_id") == idempotency_key
-        ):
+        """Refund the paid credit taken by this request's charge, if it took one.
+
+        A refund is a paid credit the backend adds unconditionally, so two things must never be
+        refunded: a charge that did not happen (that would mint a credit) and a charge that used a
+        free use (that would turn a free use into a paid credit that never expires). A free use
+        taken by a failed interaction is therefore not given back: the backend has no way to.
+        """
+        record = self._charged.get((identity.key, idempotency_key))
+        if record is None:
+            return  # not charged by this process (or forgotten after a restart): nothing known to return
+        if record.paid is None:
+            record.paid = await self._paid_by_listing(identity, idempotency_key, record.paid_before)
+        if not record.paid:
             return
         reply = await self._call(
             "POST",
@@ -269,6 +321,27 @@ class CirisProvider(CreditProvider):
             raise self._unexpected("credits", reply)
         self._charged.pop((identity.key, idempotency_key), None)
 
+    async def _paid_by_listing(self, identity: Identity, request_key: str, paid_before: int) -> bool:
+        """After an ambiguous charge (a timeout, a 409), find it in the backend's transactions.
+
+        The backend finishes a request whose client went away, so a charge may land a little after
+        its caller gave up: look again a few times before concluding it never happened."""
+        for delay in (0.0, *self.settings.reconcile_delays_seconds):
+            await asyncio.sleep(delay)
+            charge = await self._find_transaction(
+                identity,
+                "charge",
+                lambda t: (
+                    (t.get("metadata") or {}).get("request_id") == request_key
+                    or str(t.get("description", "")).endswith(request_key)
+                ),
+            )
+            if charge is not None:
+                balance_after = charge.get("balance_after")
+                return isinstance(balance_after, int) and balance_after < paid_before
+        logger.warning("A charge for request key %s could not be confirmed; not refunded", request_key)
+        return False
+
     # -- purchases ------------------------------------------------------------------------------
     async def initiate_purchase(
         self, identity: Identity, return_url: str | None, idempotency_key: str | None
@@ -287,19 +360,22 @@ class CirisProvider(CreditProvider):
         slot = (identity.key, idempotency_key or "")
         task = self._initiating.get(slot)
         if task is None:
-            task = asyncio.ensure_future(self._purchase(identity, return_url))
+            task = asyncio.ensure_future(self._purchase(identity, return_url, idempotency_key))
             self._initiating[slot] = task
             task.add_done_callback(lambda _: self._initiating.pop(slot, None))
-        purchase = await asyncio.shield(task)
-        if idempotency_key is not None:
-            self._by_key[(identity.key, idempotency_key)] = purchase
-        self._recent[identity.key] = purchase
-        return purchase
+        return await asyncio.shield(task)
 
-    async def _purchase(self, identity: Identity, return_url: str | None) -> PurchaseInitiated:
+    async def _purchase(
+        self, identity: Identity, return_url: str | None, idempotency_key: str | None
+    ) -> PurchaseInitiated:
+        deadline = self._deadline(self.settings.purchase_timeout_seconds)
         # A fresh check first: it creates the account the right way (10 free uses; a purchase would
-        # create it with 3) and gives the paid balance against which the webhook's credits are seen.
-        before = await self._check(identity)
+        # create it with 3), refuses suspended or closed accounts (the backend would sell to them),
+        # and gives the paid balance against which the webhook's credits are seen.
+        before = await self._check(identity, deadline)
+        if before.reason in BLOCKED:
+            raise InvalidRequest(f"{before.reason}: purchases are not possible")
+        publishable_fallback = self.settings.stripe_publishable_key
         body = self._who(identity)
         if return_url:
             body["return_url"] = return_url
@@ -309,17 +385,23 @@ class CirisProvider(CreditProvider):
             endpoint="purchases",
             idempotent=False,
             json_body=body,
-            budget=self.settings.purchase_timeout_seconds,
+            deadline=deadline,
         )
-        if reply.status in (400, 422):
+        if reply.status == 400:
             raise InvalidRequest(INVALID_PURCHASE)
         if reply.status != 201:
-            raise self._unexpected("purchases", reply)
+            raise self._unexpected("purchases", reply)  # a 422 means this proxy sent a bad body
         try:
             bought = BackendPurchase.model_validate(reply.body)
         except ValidationError:
             logger.error("Billing backend purchases answered a body that does not fit the contract")
             raise ProviderUnavailable("malformed purchase") from None
+        publishable_key = bought.publishable_key or publishable_fallback
+        if not publishable_key:
+            logger.error(
+                "No Stripe publishable key: the backend sent none and STRIPE_PUBLISHABLE_KEY is unset"
+            )
+            raise ProviderUnavailable("no publishable key", maybe_applied=False)
         await self.payments.record(
             bought.payment_id,
             identity,
@@ -328,21 +410,19 @@ class CirisProvider(CreditProvider):
             currency=bought.currency,
             balance_before=max(before.credits_remaining, 0),
         )
-        return PurchaseInitiated(
+        purchase = PurchaseInitiated(
             payment_id=bought.payment_id,
             client_secret=bought.client_secret,
             amount_minor=bought.amount_minor,
             currency=bought.currency,
             uses_purchased=bought.uses_purchased,
-            publishable_key=bought.publishable_key or self._fallback_publishable_key(),
+            publishable_key=publishable_key,
         )
-
-    def _fallback_publishable_key(self) -> str:
-        key = self.settings.stripe_publishable_key
-        if not key and not self._warned_no_publishable_key:
-            self._warned_no_publishable_key = True
-            logger.warning("No Stripe publishable key from the backend or STRIPE_PUBLISHABLE_KEY")
-        return key or ""
+        # Remembered before the in-flight slot is released, so no click can fall between the two.
+        if idempotency_key is not None:
+            self._by_key[(identity.key, idempotency_key)] = purchase
+        self._recent[identity.key] = purchase
+        return purchase
 
     async def purchase_status(self, identity: Identity, payment_id: str) -> PurchaseStatus:
         payment = await self.payments.get(payment_id)
@@ -353,11 +433,15 @@ class CirisProvider(CreditProvider):
             return PurchaseStatus(
                 status="succeeded", credits_added=payment.uses, balance_after=payment.balance_after
             )
+        # The status call reaches Stripe synchronously: it gets the purchase budget, shared with
+        # the checks that may follow it.
+        deadline = self._deadline(self.settings.purchase_timeout_seconds)
         reply = await self._call(
             "GET",
             f"/v1/billing/purchases/{quote(payment_id, safe='')}/status",
             endpoint="purchase_status",
             idempotent=True,
+            deadline=deadline,
         )
         if reply.status != 200:
             # We created this payment, so a 404 here is the backend's Stripe error, not a bad id.
@@ -366,18 +450,28 @@ class CirisProvider(CreditProvider):
         if stripe_status != "succeeded":
             state = stripe_status if stripe_status in PASS_THROUGH else "unknown"
             return PurchaseStatus.model_validate({"status": state})
-        return await self._settle(identity, payment)
+        return await self._settle(identity, payment, deadline)
 
-    async def _settle(self, identity: Identity, payment: Payment) -> PurchaseStatus:
-        """Stripe says succeeded; answer succeeded only once the webhook's credits show."""
-        now = await self._check(identity)
-        landed = now.credits_remaining >= payment.balance_before + payment.uses
-        if not landed:
-            landed = await self._find_transaction(
-                identity, "credit", lambda t: t.get("external_transaction_id") == payment.payment_id
-            )
+    async def _settle(self, identity: Identity, payment: Payment, deadline: float) -> PurchaseStatus:
+        """Stripe says succeeded; answer succeeded only once *this payment's* credits show.
+
+        The webhook's credit names the payment (`external_transaction_id`), which is exact even
+        when other credits arrive or the user spends meanwhile. Only a backend without the
+        transactions listing falls back to the balance having grown by the uses bought."""
+        credited = await self._find_transaction(
+            identity,
+            "credit",
+            lambda t: t.get("external_transaction_id") == payment.payment_id,
+            deadline=deadline,
+            missing_ok=True,
+        )
+        now = await self._check(identity, deadline)
+        landed = credited is not None or (
+            self._listing_missing and now.credits_remaining >= payment.balance_before + payment.uses
+        )
         if landed:
-            balance = await self.payments.mark_credited(payment.payment_id, max(now.credits_remaining, 0))
+            shown = to_credit_status(now).credits_remaining  # what /credits shows from now on
+            balance = await self.payments.mark_credited(payment.payment_id, shown)
             return PurchaseStatus(status="succeeded", credits_added=payment.uses, balance_after=balance)
         first_seen = await self.payments.seen_succeeded(payment.payment_id)
         if time.time() - first_seen > self.settings.credit_wait_seconds:
@@ -390,10 +484,15 @@ class CirisProvider(CreditProvider):
         return PurchaseStatus(status="processing")
 
     async def _find_transaction(
-        self, identity: Identity, kind: str, match: Callable[[dict[str, Any]], bool]
-    ) -> bool:
-        """Is one of the user's 50 newest transactions of this kind a match? Exact where balances
-        are not: the webhook's credit names the payment, a charge names the request."""
+        self,
+        identity: Identity,
+        kind: str,
+        match: Callable[[dict[str, Any]], bool],
+        *,
+        deadline: float | None = None,
+        missing_ok: bool = False,
+    ) -> dict[str, Any] | None:
+        """The first of the user's 100 newest transactions of this kind that matches, if any."""
         who = self._who(identity)
         reply = await self._call(
             "GET",
@@ -403,13 +502,20 @@ class CirisProvider(CreditProvider):
             params={
                 "oauth_provider": who["oauth_provider"],
                 "external_id": who["external_id"],
-                "limit": "50",
+                "limit": "100",
                 "offset": "0",
             },
+            deadline=deadline,
         )
+        if reply.status == 404 and missing_ok:
+            self._listing_missing = True  # a backend from before the listing existed (Nov 2025)
+            return None
         if reply.status != 200:
             raise self._unexpected("transactions", reply)
         items = reply.body.get("transactions")
-        return isinstance(items, list) and any(
-            isinstance(t, dict) and t.get("type") == kind and match(t) for t in items
-        )
+        if not isinstance(items, list):
+            return None
+        for item in items:
+            if isinstance(item, dict) and item.get("type") == kind and match(item):
+                return item
+        return None

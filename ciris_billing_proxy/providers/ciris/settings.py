@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -20,6 +21,7 @@ from yarl import URL
 from ...config import ConfigError, describe_validation_error
 
 DEFAULT_API_URL: Final = "https://billing.ciris.ai"
+API_KEY_SHAPE: Final = re.compile(r"cbk_[A-Za-z0-9_\-]{1,200}")
 
 #: Environment variable -> option name. The README's configuration table lists these.
 ENV_VARS: Final = {
@@ -76,13 +78,20 @@ class CirisSettings(BaseModel):
     credit_wait_seconds: float = Field(default=120.0, gt=0, le=86_400)
     #: A purchase started by the same user this recently is returned again instead of a new one.
     purchase_reuse_seconds: float = Field(default=10.0, ge=0, le=3600)
+    #: After a charge whose outcome is unknown (a timeout), when to look for it again before
+    #: concluding it never landed: the backend finishes requests whose client went away.
+    reconcile_delays_seconds: tuple[float, ...] = (1.0, 3.0)
     database: str | None = None
 
     @field_validator("api_key")
     @classmethod
     def _key_shape(cls, value: SecretStr) -> SecretStr:
-        if not value.get_secret_value().startswith("cbk_"):
-            raise ValueError("must be a CIRIS Billing API key (starts with cbk_)")
+        # The shape of real keys: cbk_{env}_{base64url}. Anything else (spaces, line breaks) could
+        # never authenticate and would fail on every request instead of at startup.
+        if not API_KEY_SHAPE.fullmatch(value.get_secret_value()):
+            raise ValueError(
+                "must be a CIRIS Billing API key (starts with cbk_, then letters, digits, - or _)"
+            )
         return value
 
     @field_validator("api_url")

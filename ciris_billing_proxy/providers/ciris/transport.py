@@ -29,15 +29,21 @@ USER_AGENT = "ciris-billing-proxy"
 
 
 class BackendUnavailable(Exception):
-    """The backend could not give a usable answer within the budget. `reason` is safe to log."""
+    """The backend could not give a usable answer within the budget. `reason` is safe to log.
 
-    def __init__(self, reason: str) -> None:
+    `maybe_applied` is false when the request provably had no effect (it never left, or the
+    backend refused it outright); after a timeout, a reset or a 5xx, it may have taken effect.
+    """
+
+    def __init__(self, reason: str, *, maybe_applied: bool = True) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.maybe_applied = maybe_applied
 
 
 class KeyRejected(BackendUnavailable):
-    pass
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, maybe_applied=False)
 
 
 @dataclass(frozen=True)
@@ -95,16 +101,18 @@ class Transport:
         idempotent: bool,
         json_body: dict[str, Any] | None = None,
         params: dict[str, str] | None = None,
-        budget: float | None = None,
+        deadline: float | None = None,
     ) -> Reply:
-        """One logical call. Returns any non-transient reply; raises `BackendUnavailable` otherwise."""
+        """One logical call, finished by `deadline` (loop time; default: now + `timeout_seconds`).
+        Returns any non-transient reply; raises `BackendUnavailable` otherwise."""
         if self._session is None:
-            raise BackendUnavailable("provider not started")
+            raise BackendUnavailable("provider not started", maybe_applied=False)
         loop = asyncio.get_running_loop()
-        total = budget if budget is not None else self._settings.timeout_seconds
-        deadline = loop.time() + total
+        if deadline is None:
+            deadline = loop.time() + self._settings.timeout_seconds
         attempts = 1 + (self._settings.max_retries if idempotent else len(self._urls) - 1)
         reason = "no attempt made"
+        maybe_applied = False
         for attempt in range(attempts):
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -114,6 +122,7 @@ class Transport:
                 reply = await self._once(method, base + path, json_body, params, remaining)
             except _Transient as exc:
                 reason = exc.reason
+                maybe_applied = maybe_applied or exc.sent
                 if not idempotent and exc.sent:
                     break
                 logger.debug("Billing backend %s attempt %d failed: %s", endpoint, attempt + 1, reason)
@@ -130,7 +139,7 @@ class Transport:
                 raise KeyRejected(f"API key rejected (HTTP {reply.status})")
             return reply
         logger.warning("Billing backend %s unavailable: %s", endpoint, reason)
-        raise BackendUnavailable(reason)
+        raise BackendUnavailable(reason, maybe_applied=maybe_applied)
 
     async def _once(
         self,
@@ -159,7 +168,7 @@ class Transport:
         except aiohttp.ClientError as exc:
             raise _Transient(f"connection error ({type(exc).__name__})") from None
         if status >= 500 or status == 429:
-            raise _Transient(f"HTTP {status}")
+            raise _Transient(f"HTTP {status}{_detail_hint(raw, is_json)}")
         body: Any = None
         if raw:
             try:
@@ -170,3 +179,15 @@ class Transport:
         if 200 <= status < 300 and not isinstance(body, dict):
             raise _Transient(f"unexpected body (HTTP {status})")
         return Reply(status, body, headers)
+
+
+def _detail_hint(raw: bytes, is_json: bool) -> str:
+    """The backend's own short error text (e.g. "Payment provider not configured"), to tell a
+    Stripe outage from a rate limit in the log. Only a JSON string detail: never a raw body."""
+    if not is_json:
+        return ""
+    try:
+        detail = json.loads(raw).get("detail")
+    except (ValueError, AttributeError):
+        return ""
+    return f" ({detail})" if isinstance(detail, str) and len(detail) <= 80 else ""

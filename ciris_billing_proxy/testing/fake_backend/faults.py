@@ -18,7 +18,11 @@ FaultKind = Literal[
     "reject_key",  # 401 as for a revoked key
     "not_found",  # 404 "Payment not found: ..." as a Stripe outage gives on status
     "bad_request",  # 400 with a plain detail, as a rejected purchase gives
+    "stripe_unavailable",  # 503 "Payment provider unavailable", as any Stripe error on a purchase gives
+    "cloudflare_403",  # 403 text/plain "Direct access forbidden...", from the production origin
 ]
+
+DELAYS = frozenset({"latency", "latency_after"})
 
 ALL_KINDS: tuple[str, ...] = FaultKind.__args__  # type: ignore[attr-defined]
 
@@ -47,11 +51,14 @@ class FaultPlan:
             self._faults.clear()
 
     def take(self, endpoint: str) -> list[Fault]:
-        """The faults that apply to this call, each used up by one."""
-        taken = []
+        """The faults for this call, oldest first: at most one delay and one reply, each used up by
+        this call (further faults of the same sort wait for the next calls)."""
+        taken: list[Fault] = []
         with self._lock:
             for fault in list(self._faults):
                 if fault.endpoint not in (None, endpoint):
+                    continue
+                if any((t.kind in DELAYS) == (fault.kind in DELAYS) for t in taken):
                     continue
                 taken.append(fault)
                 if fault.times is not None:

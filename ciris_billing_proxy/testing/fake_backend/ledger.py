@@ -41,6 +41,7 @@ class Account:
     daily_free_uses_limit: int
     daily_reset_at: datetime
     paid_credits: int = 0
+    balance_minor: int = 0  # legacy; kept equal to paid_credits by charges and credits
     total_uses: int = 0
     plan_name: str = "free"
     status: str = "active"
@@ -170,6 +171,18 @@ class Ledger:
             "daily_free_uses_limit": account.daily_free_uses_limit,
         }
 
+    def upsert_account(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/billing/accounts (3.4): an existing account comes back unchanged; a new one gets
+        the ORM default of 3 free uses, and `initial_balance_minor` goes to the legacy balance only."""
+        key = (body["oauth_provider"], body["external_id"])
+        with self.lock:
+            if key not in self.accounts:
+                account = self._create(key, self.pricing.free_uses_purchase_created, body)
+                account.plan_name = body["plan_name"]
+                account.balance_minor = body["initial_balance_minor"]
+                self._touch_metadata(account, body)
+            return self.account_view(key)
+
     def account_view(self, key: tuple[str, str]) -> dict[str, Any]:
         with self.lock:
             account = self.accounts.get(key)
@@ -182,7 +195,7 @@ class Ledger:
                 "wa_id": account.wa_id,
                 "tenant_id": account.tenant_id,
                 "customer_email": account.customer_email,
-                "balance_minor": account.paid_credits,
+                "balance_minor": account.balance_minor,
                 "currency": account.currency,
                 "plan_name": account.plan_name,
                 "status": account.status,
@@ -205,7 +218,9 @@ class Ledger:
             if idem is not None:
                 existing = self._find("charge", idem)
                 if existing is not None:
-                    if duplicate_as_201:  # the concurrent-duplicate path (section 3.2 step 6)
+                    # The concurrent-duplicate path (3.2 step 6) comes from the per-account unique
+                    # constraint, so it answers 201 only within the same account.
+                    if duplicate_as_201 and existing.account_key == key:
                         return self._charge_view(existing)
                     raise BackendError(
                         409, "Charge already exists", {"X-Existing-Charge-ID": existing.transaction_id}
@@ -230,6 +245,7 @@ class Ledger:
                 )
             else:
                 account.paid_credits -= amount
+                account.balance_minor = account.paid_credits
             account.total_uses += 1
             meta = body.get("metadata") or {}
             txn = Transaction(
@@ -291,6 +307,7 @@ class Ledger:
 
     def _credit(self, account: Account, body: dict[str, Any]) -> dict[str, Any]:
         account.paid_credits += body["amount_minor"]
+        account.balance_minor = account.paid_credits
         txn = Transaction(
             transaction_id=str(uuid.uuid4()),
             account_key=(account.oauth_provider, account.external_id),
@@ -326,6 +343,7 @@ class Ledger:
             account = self.accounts.get(key) or self._create(
                 key, self.pricing.free_uses_purchase_created, body
             )
+            self._touch_metadata(account, body)
             # Stripe idempotency key purchase-v3-{account}-{unix_seconds}: a repeat in the same second
             # gets the same PaymentIntent, any later call a new one.
             stripe_key = f"purchase-v3-{account.account_id}-{int(self.now().timestamp())}"

@@ -49,6 +49,12 @@ class CheckRequest(IdentityFields, MetadataFields):
     context: Context = Field(default_factory=Context)
 
 
+class AccountRequest(IdentityFields, MetadataFields):
+    initial_balance_minor: int = Field(default=0, ge=0)
+    currency: str = Field(default="USD", min_length=3, max_length=3)
+    plan_name: str = Field(default="free", min_length=1, max_length=100)
+
+
 class ChargeMetadata(_Body):
     message_id: str | None = None
     agent_id: str | None = None

@@ -15,6 +15,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -23,6 +24,7 @@ from aiohttp.typedefs import Handler
 from .faults import Fault, FaultPlan
 from .ledger import BackendError, Ledger, Pricing
 from .requests import (
+    AccountRequest,
     ChargeRequest,
     CheckRequest,
     CreditRequest,
@@ -36,7 +38,11 @@ READ = "billing:read"
 WRITE = "billing:write"
 
 #: Route name -> the endpoint label used by `inject(endpoint=...)` and `calls`.
-ENDPOINTS = {"credits_check": "credits/check", "purchase_status_alias": "purchase_status"}
+ENDPOINTS = {
+    "credits_check": "credits/check",
+    "purchase_status_alias": "purchase_status",
+    "accounts_upsert": "accounts",
+}
 
 
 def new_api_key(env: str = "test") -> str:
@@ -54,7 +60,8 @@ class FakeBillingBackend:
     def __init__(self, *, api_key: str | None = None, pricing: Pricing | None = None) -> None:
         self.api_key = api_key or new_api_key()
         self.api_keys: dict[str, set[str]] = {self.api_key: {READ, WRITE}}
-        self.ledger = Ledger(pricing)
+        self._initial_pricing = pricing or Pricing()
+        self.ledger = Ledger(replace(self._initial_pricing))
         self.pricing = self.ledger.pricing
         self.faults = FaultPlan()
         self.calls: Counter[str] = Counter()
@@ -64,15 +71,14 @@ class FakeBillingBackend:
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._handling: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         self._loop = asyncio.get_running_loop()
-        # Cancel a handler whose client went away (an injected 30 s latency must not outlive the
-        # test), and do not wait for stragglers at shutdown.
-        self._runner = web.AppRunner(
-            self.app(), access_log=None, handle_signals=False, handler_cancellation=True, shutdown_timeout=0.5
-        )
+        # Like the real service (FastAPI), a request whose client went away still runs to the end:
+        # a charge may land after its caller timed out. Stragglers are not waited for at shutdown.
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
@@ -86,6 +92,11 @@ class FakeBillingBackend:
             return
         server = runner.server
         await runner.cleanup()
+        # Requests still running (an injected latency; nothing cancels them on disconnect) end here.
+        pending = [task for task in self._handling if not task.done()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         # A request still being served (an injected latency), or a connection accepted while
         # shutting down, can outlive the shutdown; cut them so no socket is left open when the
         # loop goes away.
@@ -124,8 +135,9 @@ class FakeBillingBackend:
 
     # -- test controls --------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget everything (accounts, payments, faults, counters, extra keys), as if new."""
-        self.ledger = Ledger(Pricing())
+        """Forget everything (accounts, payments, faults, counters, extra keys, pricing changes), as
+        if new: pricing goes back to what the constructor was given."""
+        self.ledger = Ledger(replace(self._initial_pricing))
         self.pricing = self.ledger.pricing
         self.api_keys = {self.api_key: {READ, WRITE}}
         self.faults.clear()
@@ -198,6 +210,7 @@ class FakeBillingBackend:
         r.add_post("/v1/billing/credits/check", self._check, name="credits_check")
         r.add_post("/v1/billing/charges", self._charge, name="charges")
         r.add_post("/v1/billing/credits", self._add_credits, name="credits")
+        r.add_post("/v1/billing/accounts", self._upsert_account, name="accounts_upsert")
         r.add_get("/v1/billing/accounts/{oauth_provider}/{external_id}", self._get_account, name="accounts")
         r.add_post("/v1/billing/purchases", self._purchase, name="purchases")
         r.add_get("/v1/billing/purchases/{payment_id}", self._payment, name="purchase_status")
@@ -211,10 +224,19 @@ class FakeBillingBackend:
     @web.middleware
     async def _instrument(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.match_info.route.name
-        if route is None:  # control endpoints and 404s: neither counted nor faulted
-            return await handler(request)
+        if route is None:  # control endpoints and unknown paths: neither counted nor faulted
+            try:
+                return await handler(request)
+            except web.HTTPNotFound:
+                return _json(404, {"detail": "Not Found"})
+            except web.HTTPMethodNotAllowed:
+                return _json(405, {"detail": "Method Not Allowed"})
         endpoint = ENDPOINTS.get(route, route)
         self.calls[endpoint] += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._handling.add(task)
+            task.add_done_callback(self._handling.discard)
         body = None
         if request.can_read_body:
             raw = await request.read()
@@ -261,6 +283,14 @@ class FakeBillingBackend:
             )
         if fault.kind == "bad_request":
             return _json(400, {"detail": "Invalid request"})
+        if fault.kind == "stripe_unavailable":
+            return _json(503, {"detail": "Payment provider unavailable"})
+        if fault.kind == "cloudflare_403":
+            return web.Response(
+                status=403,
+                text="Direct access forbidden. Use billing.ciris.ai via Cloudflare.",
+                content_type="text/plain",
+            )
         payment_id = request.match_info.get("payment_id", "")
         return _json(404, {"detail": f"Payment not found: {payment_id}"})
 
@@ -324,6 +354,10 @@ class FakeBillingBackend:
         body = await self._authorized_body(request, CreditRequest, WRITE)
         return _json(201, self.ledger.add_credits(body))
 
+    async def _upsert_account(self, request: web.Request) -> web.Response:
+        body = await self._authorized_body(request, AccountRequest, WRITE)
+        return _json(201, self.ledger.upsert_account(body))
+
     async def _get_account(self, request: web.Request) -> web.Response:
         await self._authorized_body(request, None, READ)
         key = (request.match_info["oauth_provider"], request.match_info["external_id"])
@@ -358,7 +392,10 @@ class FakeBillingBackend:
         if payment_id not in self.ledger.payments:
             return _json(404, {"detail": f"Unknown payment {payment_id}"})
         if action == "confirm":
-            delay = float(request.query.get("webhook_delay", "0"))
+            try:
+                delay = float(request.query.get("webhook_delay", "0"))
+            except ValueError:
+                return _json(400, {"detail": "webhook_delay must be a number of seconds"})
             self.confirm_payment(payment_id, webhook_delay=delay)
         elif action == "fail":
             self.fail_payment(payment_id)
