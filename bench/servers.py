@@ -2,6 +2,7 @@
 
 Pinned to core 0. Prints `READY <port>` once listening, then serves until killed.
   A  a bare aiohttp handler returning the /credits JSON: no auth, no plugin (the floor)
+  A0 the same, with the JSON encoded once at startup (a stricter floor: nothing per request)
   B  the plugin's authenticated GET /credits, `simple` provider
   C  the same with the `ciris` provider against the fake backend
   D  the credit-gated demo endpoint, POST /v1/agent/interact, `simple` provider
@@ -10,6 +11,7 @@ Pinned to core 0. Prints `READY <port>` once listening, then serves until killed
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -43,6 +45,15 @@ def build(scenario: str, argv: list[str]) -> web.Application:
             return web.json_response(CREDITS_JSON)
 
         app.router.add_get("/v1/api/billing/credits", credits)
+        return app
+    if scenario == "A0":
+        app = web.Application()
+        body = json.dumps(CREDITS_JSON).encode()
+
+        async def credits_bytes(request: web.Request) -> web.Response:
+            return web.Response(body=body, content_type="application/json")
+
+        app.router.add_get("/v1/api/billing/credits", credits_bytes)
         return app
     if scenario == "B":
         app = web.Application()

@@ -33,7 +33,7 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     table = out.read_text()
-    for scenario in ("| A:", "| B:", "| C:", "| D:"):
+    for scenario in ("| A:", "| A0:", "| B:", "| C:", "| D:"):
         assert scenario in table
     assert "caused 100 backend calls" in table  # single-flight: one call per user in the burst
     assert "| 0 |" in table  # no request failed
