@@ -10,10 +10,9 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 from ..identity import Identity
-from .sqlite import SQLiteDatabase, transaction
+from .sqlite import SQLiteStore, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS payments (
@@ -53,15 +52,8 @@ class Payment:
         return self.balance_after is not None
 
 
-class PaymentStore:
-    def __init__(self, path: str | Path) -> None:
-        self.db = SQLiteDatabase(path, SCHEMA)
-
-    async def open(self) -> None:
-        await self.db.open()
-
-    async def close(self) -> None:
-        await self.db.close()
+class PaymentStore(SQLiteStore):
+    SCHEMA = SCHEMA
 
     async def record(
         self,

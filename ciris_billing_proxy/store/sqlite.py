@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 T = TypeVar("T")
 
@@ -89,3 +89,19 @@ class SQLiteDatabase:
         if conn is not None:
             await asyncio.get_running_loop().run_in_executor(executor, conn.close)
         executor.shutdown(wait=True)
+
+
+class SQLiteStore:
+    """Base of the stores: one `SQLiteDatabase` with the subclass's `SCHEMA`, opened and closed
+    with the provider that owns it."""
+
+    SCHEMA: ClassVar[str]
+
+    def __init__(self, path: str | Path) -> None:
+        self.db = SQLiteDatabase(path, self.SCHEMA)
+
+    async def open(self) -> None:
+        await self.db.open()
+
+    async def close(self) -> None:
+        await self.db.close()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import UTC, datetime
-from pathlib import Path
 
-from .sqlite import SQLiteDatabase, transaction
+from .sqlite import SQLiteStore, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
@@ -28,15 +27,8 @@ CREATE TABLE IF NOT EXISTS usage_events (
 """
 
 
-class UsageLedger:
-    def __init__(self, path: str | Path) -> None:
-        self.db = SQLiteDatabase(path, SCHEMA)
-
-    async def open(self) -> None:
-        await self.db.open()
-
-    async def close(self) -> None:
-        await self.db.close()
+class UsageLedger(SQLiteStore):
+    SCHEMA = SCHEMA
 
     async def used(self, namespace: str, user_id: str) -> int:
         def read(conn: sqlite3.Connection) -> int:
