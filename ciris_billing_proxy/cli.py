@@ -1,4 +1,4 @@
-"""`ciris-billing-proxy serve`: run the demo agent."""
+"""`ciris-billing-proxy serve` runs the demo agent; `ciris-billing-proxy qa` checks any agent."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from aiohttp import web
 
 from .config import BillingConfig, ConfigError, default_data_dir
 from .demo import CreatedUser, create_demo_app, load_or_create_secret, load_or_create_users, save_users
+from .qa import QAError, print_report, run_qa
 from .testing.fake_backend import FakeBillingBackend
 from .users import UserStore
 
@@ -57,6 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="a login for this run (repeatable); without it a demo user is created once",
     )
     serve.add_argument("--data-dir", type=Path, default=None, help="where state is kept")
+    qa = commands.add_parser(
+        "qa",
+        help="run the billing QA checklist against a running agent",
+        description="Check an agent's billing routes against BILLING_API.md: PASS / SKIP / FAIL per step. "
+        "Exits 0 only when nothing failed.",
+    )
+    qa.add_argument("--url", required=True, help="the agent's base URL, e.g. http://127.0.0.1:8000")
+    qa.add_argument("--username", required=True)
+    qa.add_argument("--password", required=True)
+    qa.add_argument("--return-url", default=None, help="return_url sent with the purchase")
+    qa.add_argument(
+        "--no-purchase",
+        action="store_true",
+        help="skip Initiate Purchase (each real one makes a PaymentIntent)",
+    )
+    qa.add_argument("--json", action="store_true", help="print a machine-readable report")
+    qa.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
     serve.add_argument(
         "--fake-backend",
         action="store_true",
@@ -68,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "qa":
+        return _qa(args)
     try:
         return _serve(args)
     except ConfigError as exc:
@@ -79,6 +99,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 0
+
+
+def _qa(args: argparse.Namespace) -> int:
+    try:
+        report = asyncio.run(
+            run_qa(
+                args.url,
+                args.username,
+                args.password,
+                return_url=args.return_url,
+                purchase=not args.no_purchase,
+                request_timeout=args.timeout,
+                progress=sys.stderr,
+            )
+        )
+    except QAError as exc:
+        print(f"ciris-billing-proxy qa: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print_report(report, as_json=args.json)
+    return 0 if report.passed else 1
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -34,7 +34,9 @@ class _Request(BaseModel):
 
 
 class _Reply(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Unknown fields are ignored: the client parses replies with these same models, and servers may
+    # add fields (COMPATIBILITY.md: additive fields are safe).
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 class PurchaseOptions(_Reply):
@@ -98,6 +100,24 @@ class PurchaseStatus(_Reply):
     status: PaymentState
     credits_added: int = Field(default=0, ge=0)
     balance_after: int = Field(default=0, ge=0)
+
+
+class Transaction(_Reply):
+    """One entry of `GET /transactions`: a charge (negative `amount_minor`) or a credit."""
+
+    transaction_id: str
+    type: Literal["charge", "credit"]
+    amount_minor: int
+    currency: str
+    description: str
+    created_at: str
+    balance_after: int
+
+
+class TransactionPage(_Reply):
+    transactions: list[Transaction]
+    total_count: int = Field(ge=0)
+    has_more: bool
 
 
 class LoginRequest(_Request):

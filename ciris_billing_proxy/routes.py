@@ -50,6 +50,26 @@ async def purchase_status(request: web.Request) -> web.Response:
     return json_reply(await service.purchase_status(request[IDENTITY_KEY], payment_id))
 
 
+async def transactions(request: web.Request) -> web.Response:
+    service = request.config_dict[SERVICE_KEY]
+    limit = _int_query(request, "limit", 50, low=1, high=100)
+    offset = _int_query(request, "offset", 0, low=0, high=None)
+    return json_reply(await service.transactions(request[IDENTITY_KEY], limit, offset))
+
+
+def _int_query(request: web.Request, name: str, default: int, *, low: int, high: int | None) -> int:
+    """A bounded integer query parameter; out of range is an error, never silently clamped."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+    valid = raw.isascii() and raw.isdigit() and len(raw) <= 9  # no signs, spaces or huge numbers
+    value = int(raw) if valid else -1
+    if value < low or (high is not None and value > high):
+        raise http_error(422, f"Invalid request: {name} must be a whole number {bounds}")
+    return value
+
+
 def _selling(request: web.Request) -> BillingService:
     """The service, if its provider sells credits; checked before the body or id is even read."""
     service = request.config_dict[SERVICE_KEY]
@@ -69,3 +89,4 @@ def add_routes(router: web.UrlDispatcher, prefix: str = "") -> None:
     router.add_get(f"{prefix}/credits", get_credits)
     router.add_post(f"{prefix}/purchase/initiate", initiate_purchase, expect_handler=expect_authenticated)
     router.add_get(f"{prefix}/purchase/status/{{payment_id}}", purchase_status)
+    router.add_get(f"{prefix}/transactions", transactions)

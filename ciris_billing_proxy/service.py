@@ -22,7 +22,7 @@ from .cache import CreditCache
 from .config import BillingConfig
 from .errors import BillingError, ProviderUnavailable
 from .identity import Identity
-from .models import CreditStatus, PurchaseInitiated, PurchaseStatus
+from .models import CreditStatus, PurchaseInitiated, PurchaseStatus, TransactionPage
 from .providers.base import CreditProvider
 
 T = TypeVar("T")
@@ -131,6 +131,9 @@ class BillingService:
         if shared is None:
             shared = self._interned[body] = CachedCredit(body, status.has_credit)
         return shared
+
+    async def transactions(self, identity: Identity, limit: int, offset: int) -> TransactionPage:
+        return await _guard(self.provider.transactions(identity, limit, offset), "transactions")
 
     async def _settle(self, call: Awaitable[None], identity: Identity, what: str) -> None:
         # The cache is dropped inside the tracked task, after the provider call: a caller's

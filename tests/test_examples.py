@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ciris_billing_proxy import BillingConfig
+from ciris_billing_proxy import BillingConfig, Identity
+from ciris_billing_proxy.demo import create_demo_app
+from ciris_billing_proxy.service import SERVICE_KEY
+from ciris_billing_proxy.users import UserStore
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -30,3 +34,25 @@ async def test_example_agent(aiohttp_client: Any, config: BillingConfig) -> None
     assert (await client.post("/v1/agent/interact", data=b"nope", headers=auth)).status == 422
     credits = await (await client.get("/v1/api/billing/credits", headers=auth)).json()
     assert credits["free_uses_remaining"] == 9
+
+
+async def test_example_client_buys_credits(
+    aiohttp_client: Any, ciris_billing_config: BillingConfig, ciris_fake_backend: Any
+) -> None:
+    users = UserStore()
+    users.add("ann", "pw", email="ann@example.com")
+    server = await aiohttp_client(create_demo_app(ciris_billing_config, users, environ={}))
+    url = str(server.make_url("")).rstrip("/")
+    example = load("client")
+    assert await example.main(url, "ann", "pw") == "no purchase needed"
+    ciris_fake_backend.use_up_free_uses("oauth:local", "test-agent:ann")
+    server.app[SERVICE_KEY].invalidate(Identity("ann", "local", "OBSERVER"))
+
+    async def pay() -> None:
+        while not ciris_fake_backend.ledger.payments:  # noqa: ASYNC110 - the fake runs on another thread
+            await asyncio.sleep(0.02)
+        ciris_fake_backend.confirm_payment(next(iter(ciris_fake_backend.ledger.payments)))
+
+    paying = asyncio.ensure_future(pay())
+    assert await example.main(url, "ann", "pw", interval=0.05) == "20 credits added, balance 20"
+    await paying

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Self
 
 from ..errors import BillingDisabled
 from ..identity import Identity
-from ..models import CreditStatus, PurchaseInitiated, PurchaseStatus
+from ..models import CreditStatus, PurchaseInitiated, PurchaseStatus, TransactionPage
 
 
 @dataclass(frozen=True)
@@ -88,3 +88,8 @@ class CreditProvider(abc.ABC):
     async def purchase_status(self, identity: Identity, payment_id: str) -> PurchaseStatus:
         """Status of a purchase this user started; `PaymentNotFound` for anyone else's id."""
         raise BillingDisabled
+
+    async def transactions(self, identity: Identity, limit: int, offset: int) -> TransactionPage:
+        """The user's transactions, newest first (`limit` 1-100, `offset` >= 0, already checked).
+        A provider that keeps no history answers an empty page."""
+        return TransactionPage(transactions=[], total_count=0, has_more=False)

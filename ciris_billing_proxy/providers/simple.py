@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..config import ConfigError, describe_validation_error
 from ..errors import InsufficientCredit
 from ..identity import Identity
-from ..models import CreditStatus
+from ..models import CreditStatus, Transaction, TransactionPage
 from ..store import UsageLedger
 from .base import CreditProvider, ProviderContext
 
@@ -88,3 +88,23 @@ class SimpleProvider(CreditProvider):
 
     async def give_back(self, identity: Identity, idempotency_key: str) -> None:
         await self.ledger.give_back(identity.namespace, identity.user_id, idempotency_key)
+
+    async def transactions(self, identity: Identity, limit: int, offset: int) -> TransactionPage:
+        """Each use is a charge of 1 and each give-back a credit of 1; `balance_after` is the free
+        uses left after it."""
+        events, total = await self.ledger.events(identity.namespace, identity.user_id, limit, offset)
+        items = [
+            Transaction(
+                transaction_id=f"use-{event_id}",
+                type="charge" if kind == "use" else "credit",
+                amount_minor=-1 if kind == "use" else 1,
+                currency="USD",
+                description="Agent interaction"
+                if kind == "use"
+                else "Use given back: the interaction failed",
+                created_at=created_at,
+                balance_after=max(self.settings.free_uses - used_after, 0),
+            )
+            for event_id, kind, used_after, created_at in events
+        ]
+        return TransactionPage(transactions=items, total_count=total, has_more=offset + len(items) < total)

@@ -39,6 +39,24 @@ class UsageLedger(SQLiteStore):
 
         return await self.db.run(read)
 
+    async def events(
+        self, namespace: str, user_id: str, limit: int, offset: int
+    ) -> tuple[list[tuple[int, str, int, str]], int]:
+        """(id, kind, used_after, created_at) newest first, and how many there are in all."""
+
+        def read(conn: sqlite3.Connection) -> tuple[list[tuple[int, str, int, str]], int]:
+            rows = conn.execute(
+                "SELECT id, kind, used_after, created_at FROM usage_events "
+                "WHERE namespace = ? AND user_id = ? ORDER BY id DESC LIMIT ? OFFSET ?",
+                (namespace, user_id, limit, offset),
+            ).fetchall()
+            (total,) = conn.execute(
+                "SELECT COUNT(*) FROM usage_events WHERE namespace = ? AND user_id = ?", (namespace, user_id)
+            ).fetchone()
+            return [(int(r[0]), str(r[1]), int(r[2]), str(r[3])) for r in rows], int(total)
+
+        return await self.db.run(read)
+
     async def spend(self, namespace: str, user_id: str, key: str, limit: int) -> bool:
         """Take one use if fewer than `limit` are used. False when none is left.
 

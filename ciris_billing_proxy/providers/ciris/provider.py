@@ -27,7 +27,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ...errors import InsufficientCredit, InvalidRequest, PaymentNotFound, ProviderUnavailable
 from ...identity import Identity
-from ...models import CreditStatus, PaymentState, PurchaseInitiated, PurchaseOptions, PurchaseStatus
+from ...models import (
+    CreditStatus,
+    PaymentState,
+    PurchaseInitiated,
+    PurchaseOptions,
+    PurchaseStatus,
+    TransactionPage,
+)
 from ...store import Payment, PaymentStore
 from ..base import CreditProvider, ProviderContext
 from .settings import CirisSettings
@@ -483,6 +490,34 @@ class CirisProvider(CreditProvider):
             return PurchaseStatus(status="unknown")
         return PurchaseStatus(status="processing")
 
+    async def transactions(self, identity: Identity, limit: int, offset: int) -> TransactionPage:
+        reply = await self._list(identity, limit, offset)
+        if reply.status != 200:
+            raise self._unexpected("transactions", reply)
+        try:
+            return TransactionPage.model_validate(reply.body)
+        except ValidationError:
+            logger.error("Billing backend transactions answered a body that does not fit the contract")
+            raise ProviderUnavailable("malformed transactions") from None
+
+    async def _list(
+        self, identity: Identity, limit: int, offset: int, deadline: float | None = None
+    ) -> Reply:
+        who = self._who(identity)
+        return await self._call(
+            "GET",
+            "/v1/billing/transactions",
+            endpoint="transactions",
+            idempotent=True,
+            params={
+                "oauth_provider": who["oauth_provider"],
+                "external_id": who["external_id"],
+                "limit": str(limit),
+                "offset": str(offset),
+            },
+            deadline=deadline,
+        )
+
     async def _find_transaction(
         self,
         identity: Identity,
@@ -493,20 +528,7 @@ class CirisProvider(CreditProvider):
         missing_ok: bool = False,
     ) -> dict[str, Any] | None:
         """The first of the user's 100 newest transactions of this kind that matches, if any."""
-        who = self._who(identity)
-        reply = await self._call(
-            "GET",
-            "/v1/billing/transactions",
-            endpoint="transactions",
-            idempotent=True,
-            params={
-                "oauth_provider": who["oauth_provider"],
-                "external_id": who["external_id"],
-                "limit": "100",
-                "offset": "0",
-            },
-            deadline=deadline,
-        )
+        reply = await self._list(identity, 100, 0, deadline)
         if reply.status == 404 and missing_ok:
             self._listing_missing = True  # a backend from before the listing existed (Nov 2025)
             return None

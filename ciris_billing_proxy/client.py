@@ -1,0 +1,271 @@
+"""An async Python client for an agent's billing routes (this package's, or any CIRIS agent's).
+
+    async with BillingClient("http://127.0.0.1:8000") as client:
+        await client.login("demo", "password")
+        credits = await client.get_credits()
+
+Replies are parsed with the server's own models (`ciris_billing_proxy.models`), so the two cannot
+drift; unknown extra fields are ignored. Every failure is a `BillingClientError`: HTTP errors carry
+the status code and the server's `detail`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, Final, Self, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+from pydantic import BaseModel, ValidationError
+
+from .models import CreditStatus, LoginReply, PurchaseInitiated, PurchaseStatus, TransactionPage
+
+M = TypeVar("M", bound=BaseModel)
+
+DEFAULT_PREFIX: Final = "/v1/api/billing"
+LOGIN_PATH: Final = "/v1/auth/login"
+FAILED_STATES: Final = frozenset({"failed", "canceled"})
+
+
+class BillingClientError(Exception):
+    """Base of every error the client raises."""
+
+
+class BillingConnectionError(BillingClientError):
+    """The server could not be reached, or did not answer within the timeout."""
+
+
+class BillingAPIError(BillingClientError):
+    """The server answered with an error status. `detail` is its `{"detail": ...}` (or raw text)."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+class InvalidRequestError(BillingAPIError):
+    """400, 413 or 422: the request was refused as malformed."""
+
+
+class AuthenticationError(BillingAPIError):
+    """401: no, bad or expired token, or wrong credentials at login."""
+
+
+class InsufficientCreditError(BillingAPIError):
+    """402: no credit left (from a credit-gated agent endpoint)."""
+
+
+class BillingNotEnabled(BillingAPIError):
+    """403 "Billing not enabled for this agent": the agent sells no credits."""
+
+
+class ForbiddenError(BillingAPIError):
+    """Any other 403."""
+
+
+class NotFoundError(BillingAPIError):
+    """404, e.g. a payment that is not this user's."""
+
+
+class ServiceUnavailableError(BillingAPIError):
+    """5xx: the agent or its billing backend is unavailable; try again later."""
+
+
+class InvalidReplyError(BillingClientError):
+    """A success reply that does not fit the billing contract."""
+
+
+class PurchaseFailed(BillingClientError):
+    """The payment ended as failed or canceled."""
+
+    def __init__(self, status: PurchaseStatus) -> None:
+        super().__init__(f"payment {status.status}")
+        self.status = status
+
+
+class PurchaseTimeout(BillingClientError):
+    """`wait_for_purchase` ran out of attempts before the payment settled."""
+
+    def __init__(self, last: PurchaseStatus, attempts: int) -> None:
+        super().__init__(f"payment still {last.status} after {attempts} attempts")
+        self.last = last
+
+
+def error_for(status: int, detail: Any) -> BillingAPIError:
+    if status == 401:
+        return AuthenticationError(status, detail)
+    if status == 402:
+        return InsufficientCreditError(status, detail)
+    if status == 403:
+        if isinstance(detail, str) and "billing not enabled" in detail.lower():
+            return BillingNotEnabled(status, detail)
+        return ForbiddenError(status, detail)
+    if status == 404:
+        return NotFoundError(status, detail)
+    if status >= 500:
+        return ServiceUnavailableError(status, detail)
+    return InvalidRequestError(status, detail)
+
+
+class BillingClient:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 10.0,
+        token: str | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        on_unauthorized: Callable[[BillingClient], Awaitable[None]] | None = None,
+    ) -> None:
+        """`on_unauthorized(client)`, if given, is awaited once when a call gets a 401 (typically
+        to `login` again); the call is then retried once with the new token."""
+        self.base_url = base_url.rstrip("/")
+        self.prefix = prefix.rstrip("/")
+        self.token = token
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._on_unauthorized = on_unauthorized
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Self:
+        self._session = aiohttp.ClientSession(timeout=self._timeout, headers={"X-API-Version": "v1"})
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- the calls ------------------------------------------------------------------------------
+    async def login(self, username: str, password: str) -> LoginReply:
+        body = await self.request(
+            "POST", LOGIN_PATH, json_body={"username": username, "password": password}, auth=False
+        )
+        reply = _parse(LoginReply, body)
+        self.token = reply.access_token
+        return reply
+
+    async def get_credits(self) -> CreditStatus:
+        return _parse(CreditStatus, await self.request("GET", f"{self.prefix}/credits"))
+
+    async def initiate_purchase(
+        self, return_url: str | None = None, *, idempotency_key: str | None = None
+    ) -> PurchaseInitiated:
+        body = {"return_url": return_url} if return_url else {}
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        reply = await self.request(
+            "POST", f"{self.prefix}/purchase/initiate", json_body=body, headers=headers
+        )
+        return _parse(PurchaseInitiated, reply)
+
+    async def get_purchase_status(self, payment_id: str) -> PurchaseStatus:
+        path = f"{self.prefix}/purchase/status/{quote(payment_id, safe='')}"
+        return _parse(PurchaseStatus, await self.request("GET", path))
+
+    async def wait_for_purchase(
+        self,
+        payment_id: str,
+        interval: float = 2.0,
+        max_attempts: int = 30,
+        *,
+        on_poll: Callable[[int, PurchaseStatus], None] | None = None,
+    ) -> PurchaseStatus:
+        """Poll until the payment settles, as the UI does: return on `succeeded`, raise
+        `PurchaseFailed` on `failed`/`canceled`, `PurchaseTimeout` after the last attempt."""
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        status = None
+        for attempt in range(1, max_attempts + 1):
+            status = await self.get_purchase_status(payment_id)
+            if on_poll is not None:
+                on_poll(attempt, status)
+            if status.status == "succeeded":
+                return status
+            if status.status in FAILED_STATES:
+                raise PurchaseFailed(status)
+            if attempt < max_attempts:
+                await asyncio.sleep(interval)
+        assert status is not None
+        raise PurchaseTimeout(status, max_attempts)
+
+    async def get_transactions(self, limit: int = 50, offset: int = 0) -> TransactionPage:
+        params = {"limit": str(limit), "offset": str(offset)}
+        return _parse(
+            TransactionPage, await self.request("GET", f"{self.prefix}/transactions", params=params)
+        )
+
+    # -- the transport --------------------------------------------------------------------------
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        auth: bool = True,
+    ) -> Any:
+        """One call; the decoded JSON of a 2xx reply, or a typed error. Public for tools (the QA
+        command) that check replies field by field rather than through the models."""
+        status, body = await self._send(method, path, json_body, params, headers, auth)
+        if status == 401 and auth and self._on_unauthorized is not None:
+            await self._on_unauthorized(self)
+            status, body = await self._send(method, path, json_body, params, headers, auth)
+        if status >= 400:
+            detail = body.get("detail", body) if isinstance(body, dict) else body
+            raise error_for(status, detail)
+        return body
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        json_body: Any,
+        params: dict[str, str] | None,
+        headers: dict[str, str] | None,
+        auth: bool,
+    ) -> tuple[int, Any]:
+        if self._session is None:
+            raise BillingClientError("use the client as `async with BillingClient(...) as client:`")
+        all_headers = dict(headers or {})
+        if auth and self.token:
+            all_headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            async with self._session.request(
+                method, self.base_url + path, json=json_body, params=params, headers=all_headers
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except TimeoutError:
+            raise BillingConnectionError(f"no answer from {self.base_url} in time") from None
+        except aiohttp.ClientError as exc:
+            raise BillingConnectionError(f"cannot reach {self.base_url}: {type(exc).__name__}") from None
+        try:
+            body: Any = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw.decode(errors="replace")
+        if 200 <= status < 300 and not isinstance(body, dict):
+            raise InvalidReplyError(f"{method} {path} answered {status} without a JSON object")
+        # The CIRIS SDK also unwraps {"data": {...}}: accept servers that send it.
+        if isinstance(body, dict) and set(body) == {"data"} and isinstance(body["data"], dict):
+            body = body["data"]
+        return status, body
+
+
+def _parse(model: type[M], body: Any) -> M:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'reply'}: {e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False)
+        )
+        raise InvalidReplyError(f"{model.__name__} does not fit the contract: {problems}") from None

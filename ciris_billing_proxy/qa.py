@@ -1,0 +1,290 @@
+"""`ciris-billing-proxy qa`: run the billing checklist of `BILLING_API.md` ("Testing") against any agent.
+
+The checks read raw JSON, field by field, so a broken server is told *which* rule it breaks (a null
+`credits_remaining`, an inconsistent `has_credit`, a missing `publishable_key`) instead of failing
+on the first parse. No check prints a token or a Stripe client secret.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final, Literal, TextIO
+
+from .client import (
+    BillingAPIError,
+    BillingClient,
+    BillingClientError,
+    BillingConnectionError,
+    BillingNotEnabled,
+)
+
+Result = Literal["PASS", "SKIP", "FAIL"]
+
+SEVEN: Final = {
+    "has_credit": (bool,),
+    "credits_remaining": (int,),
+    "free_uses_remaining": (int,),
+    "total_uses": (int,),
+    "plan_name": (str, type(None)),
+    "purchase_required": (bool,),
+    "purchase_options": (dict, type(None)),
+}
+INITIATED: Final = {
+    "payment_id": (str,),
+    "client_secret": (str,),
+    "amount_minor": (int,),
+    "currency": (str,),
+    "uses_purchased": (int,),
+    "publishable_key": (str,),
+}
+STATUSES: Final = frozenset(
+    {
+        "succeeded",
+        "processing",
+        "pending",
+        "requires_payment_method",
+        "requires_confirmation",
+        "requires_action",
+        "requires_capture",
+        "failed",
+        "canceled",
+        "unknown",
+    }
+)
+
+
+class QAError(Exception):
+    """The checks could not run at all (unreachable URL, bad login): one line, exit 2."""
+
+
+@dataclass
+class Step:
+    name: str
+    result: Result
+    reason: str
+
+
+@dataclass
+class Report:
+    url: str
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(step.result != "FAIL" for step in self.steps)
+
+
+def _type_problems(body: Any, fields: Mapping[str, tuple[type, ...]]) -> list[str]:
+    if not isinstance(body, dict):
+        return ["the reply is not a JSON object"]
+    problems = []
+    for name, kinds in fields.items():
+        if name not in body:
+            problems.append(f"{name} is missing")
+            continue
+        value = body[name]
+        # bool is an int in Python; a JSON true where a number belongs is still wrong.
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            problems.append(f"{name} is {json.dumps(value)}, not {wanted}")
+    return problems
+
+
+def _uses(n: int) -> str:
+    return f"{n} use" if n == 1 else f"{n} uses"
+
+
+class Checklist:
+    def __init__(
+        self, client: BillingClient, *, return_url: str | None, purchase: bool, progress: TextIO | None
+    ) -> None:
+        self.client = client
+        self.return_url = return_url
+        self.purchase = purchase
+        self.progress = progress
+        self.credits: Any = None
+        self.payment_id: str | None = None
+
+    async def run(self, report: Report) -> None:
+        steps: list[tuple[str, Callable[[], Awaitable[tuple[Result, str]]]]] = [
+            ("Get Credit Status", self.get_credit_status),
+            ("Check Credit Balance Display", self.check_balance_display),
+            ("Check Purchase Options", self.check_purchase_options),
+            ("Initiate Purchase", self.initiate_purchase),
+            ("Check Purchase Status", self.check_purchase_status),
+            ("Get Transaction History", self.get_transactions),
+        ]
+        for name, check in steps:
+            if self.progress is not None:
+                print(f"... {name}", file=self.progress, flush=True)
+            try:
+                result, reason = await check()
+            except BillingConnectionError as exc:
+                result, reason = "FAIL", str(exc)
+            except BillingAPIError as exc:
+                result, reason = "FAIL", f"HTTP {exc.status}: {exc.detail}"
+            except BillingClientError as exc:
+                result, reason = "FAIL", str(exc)
+            report.steps.append(Step(name, result, reason))
+
+    async def get_credit_status(self) -> tuple[Result, str]:
+        self.credits = await self.client.request("GET", f"{self.client.prefix}/credits")
+        problems = _type_problems(self.credits, SEVEN)
+        if problems:
+            return "FAIL", "; ".join(problems)
+        return "PASS", "all seven fields present with their types"
+
+    async def check_balance_display(self) -> tuple[Result, str]:
+        status = self.credits
+        if _type_problems(status, SEVEN):
+            return "FAIL", "no usable credit status (see Get Credit Status)"
+        total = status["credits_remaining"] + status["free_uses_remaining"]
+        problems = []
+        if status["credits_remaining"] < 0 or status["free_uses_remaining"] < 0:
+            problems.append("a negative count")
+        if status["has_credit"] and total <= 0:
+            problems.append("has_credit is true but credits_remaining + free_uses_remaining is 0")
+        if not status["has_credit"] and total != 0:
+            problems.append(f"has_credit is false but {total} uses remain")
+        if status["plan_name"] is None:
+            problems.append("plan_name is null")
+        if "data" in status:
+            problems.append('a top-level "data" key (the SDK would unwrap it)')
+        if problems:
+            return "FAIL", "; ".join(problems)
+        if status["has_credit"]:
+            return "PASS", f"shows {_uses(total)} remaining"
+        return "PASS", "shows no credit left" + (f" ({status['reason']})" if status.get("reason") else "")
+
+    async def check_purchase_options(self) -> tuple[Result, str]:
+        status = self.credits
+        if _type_problems(status, SEVEN):
+            return "FAIL", "no usable credit status (see Get Credit Status)"
+        options = status["purchase_options"]
+        if not status["purchase_required"]:
+            if options is not None:
+                return "FAIL", "purchase_options given although purchase_required is false"
+            return "PASS", "no purchase required, no options shown"
+        problems = _type_problems(options, {"price_minor": (int,), "uses": (int,), "currency": (str,)})
+        if problems:
+            return "FAIL", "purchase_required but " + "; ".join(problems)
+        if options["price_minor"] < 0 or options["uses"] < 1:
+            return "FAIL", f"implausible options {json.dumps(options)}"
+        price = f"{options['price_minor'] / 100:.2f} {options['currency']}"
+        return "PASS", f"{price} for {_uses(options['uses'])}"
+
+    async def initiate_purchase(self) -> tuple[Result, str]:
+        if not self.purchase:
+            return "SKIP", "--no-purchase: no PaymentIntent created"
+        body = {"return_url": self.return_url} if self.return_url else {}
+        try:
+            reply = await self.client.request(
+                "POST", f"{self.client.prefix}/purchase/initiate", json_body=body
+            )
+        except BillingNotEnabled as exc:
+            return "SKIP", f"billing not enabled for this agent (403: {exc.detail})"
+        problems = _type_problems(reply, INITIATED)
+        if not problems and not reply["publishable_key"]:
+            problems.append("publishable_key is empty")
+        if not problems and not reply["client_secret"]:
+            problems.append("client_secret is empty")
+        if problems:
+            return "FAIL", "; ".join(problems)
+        self.payment_id = reply["payment_id"]
+        price = f"{reply['amount_minor'] / 100:.2f} {reply['currency']}"
+        return "PASS", f"payment {reply['payment_id']}: {price} for {_uses(reply['uses_purchased'])}"
+
+    async def check_purchase_status(self) -> tuple[Result, str]:
+        if self.payment_id is None:
+            return "SKIP", "no purchase was initiated"
+        path = f"{self.client.prefix}/purchase/status/{self.payment_id}"
+        reply = await self.client.request("GET", path)
+        problems = _type_problems(reply, {"status": (str,)})
+        for name in ("credits_added", "balance_after"):
+            if isinstance(reply, dict) and not isinstance(reply.get(name), int | None):
+                problems.append(f"{name} is {json.dumps(reply.get(name))}, not an integer")
+        if problems:
+            return "FAIL", "; ".join(problems)
+        if reply["status"] not in STATUSES:
+            return "FAIL", f"unknown status {reply['status']!r}"
+        return "PASS", f"status {reply['status']}"
+
+    async def get_transactions(self) -> tuple[Result, str]:
+        reply = await self.client.request(
+            "GET", f"{self.client.prefix}/transactions", params={"limit": "50", "offset": "0"}
+        )
+        problems = _type_problems(
+            reply, {"transactions": (list,), "total_count": (int,), "has_more": (bool,)}
+        )
+        if problems:
+            return "FAIL", "; ".join(problems)
+        item_fields = {
+            "transaction_id": (str,),
+            "type": (str,),
+            "amount_minor": (int,),
+            "currency": (str,),
+            "description": (str,),
+            "created_at": (str,),
+            "balance_after": (int,),
+        }
+        for index, item in enumerate(reply["transactions"]):
+            item_problems = _type_problems(item, item_fields)
+            if item_problems:
+                return "FAIL", f"transaction {index}: " + "; ".join(item_problems)
+        shown = len(reply["transactions"])
+        return "PASS", f"{shown} of {reply['total_count']} transactions" + (
+            " (more)" if reply["has_more"] else ""
+        )
+
+
+async def run_qa(
+    url: str,
+    username: str,
+    password: str,
+    *,
+    return_url: str | None = None,
+    purchase: bool = True,
+    request_timeout: float = 30.0,
+    progress: TextIO | None = None,
+) -> Report:
+    report = Report(url=url)
+    async with BillingClient(url, timeout=request_timeout) as client:
+        try:
+            await client.login(username, password)
+        except BillingConnectionError as exc:
+            raise QAError(str(exc)) from None
+        except BillingAPIError as exc:
+            raise QAError(f"login as {username!r} failed: HTTP {exc.status}: {exc.detail}") from None
+        except BillingClientError as exc:
+            raise QAError(f"login as {username!r} failed: {exc}") from None
+        await Checklist(client, return_url=return_url, purchase=purchase, progress=progress).run(report)
+    return report
+
+
+def render_table(report: Report) -> str:
+    width = max(len(step.name) for step in report.steps)
+    lines = [f"Billing QA for {report.url}", ""]
+    lines.append(f"{'Step':<{width}}  Result  Reason")
+    lines.append(f"{'-' * width}  ------  ------")
+    for step in report.steps:
+        lines.append(f"{step.name:<{width}}  {step.result:<6}  {step.reason}")
+    failed = sum(step.result == "FAIL" for step in report.steps)
+    skipped = sum(step.result == "SKIP" for step in report.steps)
+    passed = sum(step.result == "PASS" for step in report.steps)
+    verdict = "FAILED" if failed else "OK"
+    lines += ["", f"QA {verdict}: PASS {passed}, FAIL {failed}, SKIP {skipped}"]
+    return "\n".join(lines)
+
+
+def render_json(report: Report) -> str:
+    return json.dumps(
+        {"url": report.url, "passed": report.passed, "steps": [asdict(step) for step in report.steps]},
+        indent=2,
+    )
+
+
+def print_report(report: Report, *, as_json: bool, out: TextIO = sys.stdout) -> None:
+    print(render_json(report) if as_json else render_table(report), file=out)

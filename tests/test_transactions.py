@@ -1,0 +1,99 @@
+"""GET /v1/api/billing/transactions: pagination, bounds, isolation, for both providers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ciris_billing_proxy import BillingConfig, Identity
+from ciris_billing_proxy.service import SERVICE_KEY
+from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
+
+from .ciris_helpers import agent_routes
+from .conftest import ClientFactory
+
+TX = "/v1/api/billing/transactions"
+FIELDS = {"transaction_id", "type", "amount_minor", "currency", "description", "created_at", "balance_after"}
+
+
+async def test_simple_lists_uses_and_give_backs_newest_first(client: Any, tokens: TokenFactory) -> None:
+    service = client.app[SERVICE_KEY]
+    ann = Identity("ann", "local", "OBSERVER")
+    for i in range(5):
+        await service.spend(ann, f"k{i}")
+    await service.give_back(ann, "k4")
+    page = await (await client.get(TX, headers=tokens.headers("ann"))).json()
+    assert (page["total_count"], page["has_more"]) == (6, False)
+    assert [t["type"] for t in page["transactions"]] == [
+        "credit",
+        "charge",
+        "charge",
+        "charge",
+        "charge",
+        "charge",
+    ]
+    assert all(set(t) == FIELDS for t in page["transactions"])
+    assert [t["balance_after"] for t in page["transactions"][:2]] == [6, 5]
+    assert page["transactions"][1]["amount_minor"] == -1
+
+    first = await (
+        await client.get(TX, params={"limit": "2", "offset": "0"}, headers=tokens.headers("ann"))
+    ).json()
+    rest = await (
+        await client.get(TX, params={"limit": "2", "offset": "4"}, headers=tokens.headers("ann"))
+    ).json()
+    assert (len(first["transactions"]), first["has_more"], first["total_count"]) == (2, True, 6)
+    assert (len(rest["transactions"]), rest["has_more"]) == (2, False)
+    past = await (await client.get(TX, params={"offset": "50"}, headers=tokens.headers("ann"))).json()
+    assert (past["transactions"], past["total_count"], past["has_more"]) == ([], 6, False)
+
+
+async def test_users_only_see_their_own(client: Any, tokens: TokenFactory) -> None:
+    await client.app[SERVICE_KEY].spend(Identity("ann", "local", "OBSERVER"), "k")
+    bob = await (await client.get(TX, headers=tokens.headers("bob"))).json()
+    assert bob == {"transactions": [], "total_count": 0, "has_more": False}
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"limit": "0"},
+        {"limit": "101"},
+        {"limit": "-1"},
+        {"limit": "abc"},
+        {"limit": "1.5"},
+        {"offset": "-1"},
+        {"offset": "x"},
+        {"limit": " 5"},
+        {"limit": "9" * 30},
+    ],
+)
+async def test_bounds_are_refused_not_clamped(
+    client: Any, tokens: TokenFactory, params: dict[str, str]
+) -> None:
+    resp = await client.get(TX, params=params, headers=tokens.headers())
+    assert resp.status == 422
+    assert "must be a whole number" in (await resp.json())["detail"]
+
+
+async def test_needs_a_token(client: Any) -> None:
+    assert (await client.get(TX)).status == 401
+
+
+async def test_ciris_maps_the_backend_listing(
+    ciris_billing_config: BillingConfig,
+    make_client: ClientFactory,
+    ciris_fake_backend: FakeBillingBackend,
+    ciris_tokens: TokenFactory,
+) -> None:
+    client = await make_client(ciris_billing_config, host=agent_routes)
+    ann, bob = ciris_tokens.headers("ann"), ciris_tokens.headers("bob")
+    for _ in range(3):
+        assert (await client.post("/v1/agent/interact", json={}, headers=ann)).status == 200
+    page = await (await client.get(TX, params={"limit": "2"}, headers=ann)).json()
+    assert (page["total_count"], page["has_more"], len(page["transactions"])) == (3, True, 2)
+    assert all(set(t) >= FIELDS for t in page["transactions"])
+    assert all(t["type"] == "charge" for t in page["transactions"])
+    assert ciris_fake_backend.calls["transactions"] == 1
+    assert (await (await client.get(TX, headers=bob)).json())["total_count"] == 0
