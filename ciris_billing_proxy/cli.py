@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -24,6 +25,16 @@ def _user(value: str) -> tuple[str, str, str | None]:
     if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
         raise argparse.ArgumentTypeError(f"expected NAME:PASSWORD[:EMAIL], got {value.split(':')[0]!r}:…")
     return parts[0], parts[1], parts[2] if len(parts) == 3 and parts[2] else None
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0 < seconds <= 3600:
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 3600 seconds")
+    return seconds
 
 
 def _port(value: str) -> int:
@@ -74,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip Initiate Purchase (each real one makes a PaymentIntent)",
     )
     qa.add_argument("--json", action="store_true", help="print a machine-readable report")
-    qa.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
+    qa.add_argument("--timeout", type=_seconds, default=30.0, help="seconds per request (default 30)")
     serve.add_argument(
         "--fake-backend",
         action="store_true",
@@ -114,11 +125,14 @@ def _qa(args: argparse.Namespace) -> int:
                 progress=sys.stderr,
             )
         )
-    except QAError as exc:
-        print(f"ciris-billing-proxy qa: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # QAError, and anything unforeseen: one line, never a traceback
+        message = str(exc) if isinstance(exc, QAError) else f"unexpected {type(exc).__name__}: {exc}"
+        print(f"ciris-billing-proxy qa: {message}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"url": args.url, "passed": False, "error": message}))
+        return 2
     print_report(report, as_json=args.json)
     return 0 if report.passed else 1
 

@@ -4,9 +4,10 @@
         await client.login("demo", "password")
         credits = await client.get_credits()
 
-Replies are parsed with the server's own models (`ciris_billing_proxy.models`), so the two cannot
-drift; unknown extra fields are ignored. Every failure is a `BillingClientError`: HTTP errors carry
-the status code and the server's `detail`.
+Replies are parsed with the wire-contract models of `ciris_billing_proxy.models` (`CreditStatusReply`,
+...), which the server's own models extend, so the two cannot drift; they accept what COMPATIBILITY.md
+lets any CIRIS agent send (a null `balance_after`, extra fields) and nothing looser (a JSON `true` is
+no count). Every failure is a `BillingClientError`: HTTP errors carry the status code and `detail`.
 """
 
 from __future__ import annotations
@@ -20,14 +21,22 @@ from urllib.parse import quote
 
 import aiohttp
 from pydantic import BaseModel, ValidationError
+from yarl import URL
 
-from .models import CreditStatus, LoginReply, PurchaseInitiated, PurchaseStatus, TransactionPage
+from .models import (
+    CreditStatusReply,
+    LoginReply,
+    PurchaseInitiatedReply,
+    PurchaseStatusReply,
+    TransactionPageReply,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
 DEFAULT_PREFIX: Final = "/v1/api/billing"
 LOGIN_PATH: Final = "/v1/auth/login"
 FAILED_STATES: Final = frozenset({"failed", "canceled"})
+MAX_REPLY_BYTES: Final = 1024 * 1024
 
 
 class BillingClientError(Exception):
@@ -49,6 +58,10 @@ class BillingAPIError(BillingClientError):
 
 class InvalidRequestError(BillingAPIError):
     """400, 413 or 422: the request was refused as malformed."""
+
+
+class RateLimitedError(BillingAPIError):
+    """429: too many requests; try again later."""
 
 
 class AuthenticationError(BillingAPIError):
@@ -80,19 +93,24 @@ class InvalidReplyError(BillingClientError):
 
 
 class PurchaseFailed(BillingClientError):
-    """The payment ended as failed or canceled."""
+    """The payment ended as failed or canceled (`.purchase` is the last status seen)."""
 
-    def __init__(self, status: PurchaseStatus) -> None:
-        super().__init__(f"payment {status.status}")
-        self.status = status
+    def __init__(self, purchase: PurchaseStatusReply) -> None:
+        super().__init__(f"payment {purchase.status}")
+        self.purchase = purchase
 
 
 class PurchaseTimeout(BillingClientError):
-    """`wait_for_purchase` ran out of attempts before the payment settled."""
+    """`wait_for_purchase` ran out of attempts before the payment settled. `.last` is the last status
+    seen (None if every poll failed) and `.error` the last transient error, if any."""
 
-    def __init__(self, last: PurchaseStatus, attempts: int) -> None:
-        super().__init__(f"payment still {last.status} after {attempts} attempts")
+    def __init__(
+        self, last: PurchaseStatusReply | None, attempts: int, error: BillingClientError | None = None
+    ) -> None:
+        shown = f"still {last.status}" if last is not None else f"unknown ({error})"
+        super().__init__(f"payment {shown} after {attempts} attempts")
         self.last = last
+        self.error = error
 
 
 def error_for(status: int, detail: Any) -> BillingAPIError:
@@ -106,9 +124,17 @@ def error_for(status: int, detail: Any) -> BillingAPIError:
         return ForbiddenError(status, detail)
     if status == 404:
         return NotFoundError(status, detail)
+    if status == 429:
+        return RateLimitedError(status, detail)
     if status >= 500:
         return ServiceUnavailableError(status, detail)
-    return InvalidRequestError(status, detail)
+    if status in (400, 413, 422):
+        return InvalidRequestError(status, detail)
+    return BillingAPIError(status, detail)
+
+
+#: Errors after which polling a payment may simply go on.
+TRANSIENT: Final = (ServiceUnavailableError, RateLimitedError, BillingConnectionError)
 
 
 class BillingClient:
@@ -123,7 +149,14 @@ class BillingClient:
     ) -> None:
         """`on_unauthorized(client)`, if given, is awaited once when a call gets a 401 (typically
         to `login` again); the call is then retried once with the new token."""
+        url = URL(base_url)
+        if not url.is_absolute() or url.scheme not in ("http", "https"):
+            raise ValueError("base_url must be an absolute http(s) URL")
+        if url.query_string or url.fragment:
+            raise ValueError("base_url must not have a query or a fragment")
         self.base_url = base_url.rstrip("/")
+        # What messages show: never the password of a URL that carries one.
+        self._shown_url = str(url.with_user(None).with_password(None)).rstrip("/")
         self.prefix = prefix.rstrip("/")
         self.token = token
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -153,22 +186,22 @@ class BillingClient:
         self.token = reply.access_token
         return reply
 
-    async def get_credits(self) -> CreditStatus:
-        return _parse(CreditStatus, await self.request("GET", f"{self.prefix}/credits"))
+    async def get_credits(self) -> CreditStatusReply:
+        return _parse(CreditStatusReply, await self.request("GET", f"{self.prefix}/credits"))
 
     async def initiate_purchase(
         self, return_url: str | None = None, *, idempotency_key: str | None = None
-    ) -> PurchaseInitiated:
+    ) -> PurchaseInitiatedReply:
         body = {"return_url": return_url} if return_url else {}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         reply = await self.request(
             "POST", f"{self.prefix}/purchase/initiate", json_body=body, headers=headers
         )
-        return _parse(PurchaseInitiated, reply)
+        return _parse(PurchaseInitiatedReply, reply)
 
-    async def get_purchase_status(self, payment_id: str) -> PurchaseStatus:
+    async def get_purchase_status(self, payment_id: str) -> PurchaseStatusReply:
         path = f"{self.prefix}/purchase/status/{quote(payment_id, safe='')}"
-        return _parse(PurchaseStatus, await self.request("GET", path))
+        return _parse(PurchaseStatusReply, await self.request("GET", path))
 
     async def wait_for_purchase(
         self,
@@ -176,31 +209,39 @@ class BillingClient:
         interval: float = 2.0,
         max_attempts: int = 30,
         *,
-        on_poll: Callable[[int, PurchaseStatus], None] | None = None,
-    ) -> PurchaseStatus:
+        on_poll: Callable[[int, PurchaseStatusReply | None], None] | None = None,
+    ) -> PurchaseStatusReply:
         """Poll until the payment settles, as the UI does: return on `succeeded`, raise
-        `PurchaseFailed` on `failed`/`canceled`, `PurchaseTimeout` after the last attempt."""
+        `PurchaseFailed` on `failed`/`canceled`, `PurchaseTimeout` after the last attempt. A poll that
+        meets a passing fault (5xx, 429, no connection) counts as an attempt and polling goes on;
+        any other error (401, 404, ...) is raised at once."""
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        status = None
+        last: PurchaseStatusReply | None = None
+        error: BillingClientError | None = None
         for attempt in range(1, max_attempts + 1):
-            status = await self.get_purchase_status(payment_id)
-            if on_poll is not None:
-                on_poll(attempt, status)
-            if status.status == "succeeded":
-                return status
-            if status.status in FAILED_STATES:
-                raise PurchaseFailed(status)
+            try:
+                last = await self.get_purchase_status(payment_id)
+            except TRANSIENT as exc:
+                error = exc
+                if on_poll is not None:
+                    on_poll(attempt, None)
+            else:
+                error = None
+                if on_poll is not None:
+                    on_poll(attempt, last)
+                if last.status == "succeeded":
+                    return last
+                if last.status in FAILED_STATES:
+                    raise PurchaseFailed(last)
             if attempt < max_attempts:
                 await asyncio.sleep(interval)
-        assert status is not None
-        raise PurchaseTimeout(status, max_attempts)
+        raise PurchaseTimeout(last, max_attempts, error)
 
-    async def get_transactions(self, limit: int = 50, offset: int = 0) -> TransactionPage:
+    async def get_transactions(self, limit: int = 50, offset: int = 0) -> TransactionPageReply:
         params = {"limit": str(limit), "offset": str(offset)}
-        return _parse(
-            TransactionPage, await self.request("GET", f"{self.prefix}/transactions", params=params)
-        )
+        reply = await self.request("GET", f"{self.prefix}/transactions", params=params)
+        return _parse(TransactionPageReply, reply)
 
     # -- the transport --------------------------------------------------------------------------
     async def request(
@@ -212,13 +253,15 @@ class BillingClient:
         params: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
         auth: bool = True,
+        unwrap: bool = True,
     ) -> Any:
         """One call; the decoded JSON of a 2xx reply, or a typed error. Public for tools (the QA
-        command) that check replies field by field rather than through the models."""
-        status, body = await self._send(method, path, json_body, params, headers, auth)
+        command) that check replies field by field rather than through the models. With `unwrap`,
+        a `{"data": {...}}` envelope is opened, as the CIRIS SDK does."""
+        status, body = await self._send(method, path, json_body, params, headers, auth, unwrap)
         if status == 401 and auth and self._on_unauthorized is not None:
             await self._on_unauthorized(self)
-            status, body = await self._send(method, path, json_body, params, headers, auth)
+            status, body = await self._send(method, path, json_body, params, headers, auth, unwrap)
         if status >= 400:
             detail = body.get("detail", body) if isinstance(body, dict) else body
             raise error_for(status, detail)
@@ -232,6 +275,7 @@ class BillingClient:
         params: dict[str, str] | None,
         headers: dict[str, str] | None,
         auth: bool,
+        unwrap: bool,
     ) -> tuple[int, Any]:
         if self._session is None:
             raise BillingClientError("use the client as `async with BillingClient(...) as client:`")
@@ -242,20 +286,30 @@ class BillingClient:
             async with self._session.request(
                 method, self.base_url + path, json=json_body, params=params, headers=all_headers
             ) as resp:
-                raw = await resp.read()
-                status = resp.status
+                status, content_type = resp.status, resp.content_type
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in resp.content.iter_chunked(64 * 1024):
+                    size += len(chunk)
+                    if size > MAX_REPLY_BYTES:  # never hold an endless or huge body in memory
+                        raise InvalidReplyError(f"{method} {path} answered more than {MAX_REPLY_BYTES} bytes")
+                    chunks.append(chunk)
+                raw = b"".join(chunks)
         except TimeoutError:
-            raise BillingConnectionError(f"no answer from {self.base_url} in time") from None
+            raise BillingConnectionError(f"no answer from {self._shown_url} in time") from None
+        except aiohttp.ClientConnectorError as exc:
+            reason = exc.os_error.strerror or type(exc).__name__
+            raise BillingConnectionError(f"cannot reach {self._shown_url}: {reason}") from None
         except aiohttp.ClientError as exc:
-            raise BillingConnectionError(f"cannot reach {self.base_url}: {type(exc).__name__}") from None
+            raise BillingConnectionError(f"cannot reach {self._shown_url}: {type(exc).__name__}") from None
         try:
             body: Any = json.loads(raw) if raw else None
-        except ValueError:
-            body = raw.decode(errors="replace")
+        except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
+            # A non-JSON error page is summarised, not passed on whole (it may be a long HTML page).
+            body = f"{content_type or 'unknown type'} reply of {len(raw)} bytes"
         if 200 <= status < 300 and not isinstance(body, dict):
             raise InvalidReplyError(f"{method} {path} answered {status} without a JSON object")
-        # The CIRIS SDK also unwraps {"data": {...}}: accept servers that send it.
-        if isinstance(body, dict) and set(body) == {"data"} and isinstance(body["data"], dict):
+        if unwrap and isinstance(body, dict) and set(body) == {"data"} and isinstance(body["data"], dict):
             body = body["data"]
         return status, body
 

@@ -34,28 +34,48 @@ class _Request(BaseModel):
 
 
 class _Reply(BaseModel):
-    # Unknown fields are ignored: the client parses replies with these same models, and servers may
-    # add fields (COMPATIBILITY.md: additive fields are safe).
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # Unknown fields are ignored (COMPATIBILITY.md: additive fields are safe); types are strict on
+    # both sides: a JSON true is no integer, 5.0 is no count.
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
 
 
-class PurchaseOptions(_Reply):
+# The *Reply models are the wire contract as existing clients rely on it (COMPATIBILITY.md): what
+# the client accepts from any CIRIS agent. The server's models below subclass them and tighten them
+# (bounds, consistency rules, required publishable key), so field names cannot drift apart.
+
+
+class PurchaseOptionsReply(_Reply):
+    price_minor: int
+    uses: int
+    currency: str
+
+
+class PurchaseOptions(PurchaseOptionsReply):
     price_minor: int = Field(ge=0)
     uses: int = Field(ge=1)
     currency: str = Field(min_length=3, max_length=3)
 
 
-class CreditStatus(_Reply):
+class CreditStatusReply(_Reply):
+    has_credit: bool
+    credits_remaining: int
+    free_uses_remaining: int
+    total_uses: int
+    plan_name: str | None
+    purchase_required: bool
+    purchase_options: PurchaseOptionsReply | None
+    reason: str | None = None
+    daily_free_uses_remaining: int | None = None
+    daily_free_uses_limit: int | None = None
+
+
+class CreditStatus(CreditStatusReply):
     """`GET /credits`. The last three fields are additive extras, left out of the JSON when unset."""
 
-    has_credit: bool
     credits_remaining: int = Field(ge=0)
     free_uses_remaining: int = Field(ge=0)
     total_uses: int = Field(ge=0)
-    plan_name: str | None
-    purchase_required: bool
     purchase_options: PurchaseOptions | None
-    reason: str | None = None
     daily_free_uses_remaining: int | None = Field(default=None, ge=0)
     daily_free_uses_limit: int | None = Field(default=None, ge=0)
 
@@ -87,37 +107,60 @@ class PurchaseRequest(_Request):
     return_url: str | None = Field(default=None, min_length=1, max_length=2048)
 
 
-class PurchaseInitiated(_Reply):
-    payment_id: str = Field(min_length=1)
+class PurchaseInitiatedReply(_Reply):
+    payment_id: str
     client_secret: str
-    amount_minor: int = Field(ge=0)
+    amount_minor: int
     currency: str
+    uses_purchased: int
+    publishable_key: str | None = None  # optional for the SDK, required by the UI contract
+
+
+class PurchaseInitiated(PurchaseInitiatedReply):
+    payment_id: str = Field(min_length=1)
+    amount_minor: int = Field(ge=0)
     uses_purchased: int = Field(ge=0)
     publishable_key: str
 
 
-class PurchaseStatus(_Reply):
+class PurchaseStatusReply(_Reply):
+    status: str
+    credits_added: int | None = 0
+    balance_after: int | None = 0
+
+
+class PurchaseStatus(PurchaseStatusReply):
     status: PaymentState
     credits_added: int = Field(default=0, ge=0)
     balance_after: int = Field(default=0, ge=0)
 
 
-class Transaction(_Reply):
-    """One entry of `GET /transactions`: a charge (negative `amount_minor`) or a credit."""
-
+class TransactionReply(_Reply):
     transaction_id: str
-    type: Literal["charge", "credit"]
+    type: str
     amount_minor: int
     currency: str
     description: str
     created_at: str
+    balance_after: int | None = None
+
+
+class Transaction(TransactionReply):
+    """One entry of `GET /transactions`: a charge (negative `amount_minor`) or a credit."""
+
+    type: Literal["charge", "credit"]
     balance_after: int
 
 
-class TransactionPage(_Reply):
-    transactions: list[Transaction]
-    total_count: int = Field(ge=0)
+class TransactionPageReply(_Reply):
+    transactions: list[TransactionReply]
+    total_count: int
     has_more: bool
+
+
+class TransactionPage(TransactionPageReply):
+    transactions: list[Transaction]  # type: ignore[assignment]
+    total_count: int = Field(ge=0)
 
 
 class LoginRequest(_Request):

@@ -77,10 +77,29 @@ class Report:
         return all(step.result != "FAIL" for step in self.steps)
 
 
+def _shown(value: Any) -> str:
+    """A value as a reason may show it: scalars as they are, anything else by its JSON type only
+    (so a misplaced client secret or token inside a list is never printed)."""
+    if value is None or isinstance(value, bool | int | float):
+        return json.dumps(value)
+    names: dict[type, str] = {str: "a string", list: "a list", dict: "an object"}
+    return names.get(type(value), "a value")
+
+
+def _brief(detail: Any) -> str:
+    """A server's error detail on one short line (an HTML page or a long text is cut)."""
+    if not isinstance(detail, str):
+        return "(details omitted)"
+    line = " ".join(detail.split())
+    return line if len(line) <= 120 else line[:117] + "..."
+
+
 def _type_problems(body: Any, fields: Mapping[str, tuple[type, ...]]) -> list[str]:
     if not isinstance(body, dict):
-        return ["the reply is not a JSON object"]
+        return [f"the reply is {_shown(body)}, not a JSON object"]
     problems = []
+    if "data" in body and "data" not in fields:
+        problems.append('a top-level "data" key: replies must be bare objects')
     for name, kinds in fields.items():
         if name not in body:
             problems.append(f"{name} is missing")
@@ -89,8 +108,12 @@ def _type_problems(body: Any, fields: Mapping[str, tuple[type, ...]]) -> list[st
         # bool is an int in Python; a JSON true where a number belongs is still wrong.
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
-            problems.append(f"{name} is {json.dumps(value)}, not {wanted}")
+            problems.append(f"{name} is {_shown(value)}, not {wanted}")
     return problems
+
+
+def _currency_problem(value: str) -> list[str]:
+    return [] if len(value) == 3 and value.isalpha() else ["currency is not a 3-letter code"]
 
 
 def _uses(n: int) -> str:
@@ -125,13 +148,13 @@ class Checklist:
             except BillingConnectionError as exc:
                 result, reason = "FAIL", str(exc)
             except BillingAPIError as exc:
-                result, reason = "FAIL", f"HTTP {exc.status}: {exc.detail}"
+                result, reason = "FAIL", f"HTTP {exc.status}: {_brief(exc.detail)}"
             except BillingClientError as exc:
                 result, reason = "FAIL", str(exc)
             report.steps.append(Step(name, result, reason))
 
     async def get_credit_status(self) -> tuple[Result, str]:
-        self.credits = await self.client.request("GET", f"{self.client.prefix}/credits")
+        self.credits = await self.client.request("GET", f"{self.client.prefix}/credits", unwrap=False)
         problems = _type_problems(self.credits, SEVEN)
         if problems:
             return "FAIL", "; ".join(problems)
@@ -151,8 +174,6 @@ class Checklist:
             problems.append(f"has_credit is false but {total} uses remain")
         if status["plan_name"] is None:
             problems.append("plan_name is null")
-        if "data" in status:
-            problems.append('a top-level "data" key (the SDK would unwrap it)')
         if problems:
             return "FAIL", "; ".join(problems)
         if status["has_credit"]:
@@ -166,13 +187,18 @@ class Checklist:
         options = status["purchase_options"]
         if not status["purchase_required"]:
             if options is not None:
-                return "FAIL", "purchase_options given although purchase_required is false"
+                # Allowed (COMPATIBILITY.md requires options only when a purchase is required; real
+                # CIRIS agents send zeroed ones), and UIs ignore them.
+                return "PASS", "no purchase required (options sent anyway; UIs ignore them)"
             return "PASS", "no purchase required, no options shown"
         problems = _type_problems(options, {"price_minor": (int,), "uses": (int,), "currency": (str,)})
         if problems:
             return "FAIL", "purchase_required but " + "; ".join(problems)
-        if options["price_minor"] < 0 or options["uses"] < 1:
-            return "FAIL", f"implausible options {json.dumps(options)}"
+        if options["price_minor"] <= 0 or options["uses"] < 1 or _currency_problem(options["currency"]):
+            return (
+                "FAIL",
+                f"implausible purchase options (price {options['price_minor']}, uses {options['uses']})",
+            )
         price = f"{options['price_minor'] / 100:.2f} {options['currency']}"
         return "PASS", f"{price} for {_uses(options['uses'])}"
 
@@ -182,15 +208,21 @@ class Checklist:
         body = {"return_url": self.return_url} if self.return_url else {}
         try:
             reply = await self.client.request(
-                "POST", f"{self.client.prefix}/purchase/initiate", json_body=body
+                "POST", f"{self.client.prefix}/purchase/initiate", json_body=body, unwrap=False
             )
         except BillingNotEnabled as exc:
-            return "SKIP", f"billing not enabled for this agent (403: {exc.detail})"
+            return "SKIP", f"billing not enabled for this agent (403: {_brief(exc.detail)})"
         problems = _type_problems(reply, INITIATED)
-        if not problems and not reply["publishable_key"]:
-            problems.append("publishable_key is empty")
-        if not problems and not reply["client_secret"]:
-            problems.append("client_secret is empty")
+        if not problems:
+            if not reply["publishable_key"]:
+                problems.append("publishable_key is empty")
+            if not reply["client_secret"]:
+                problems.append("client_secret is empty")
+            if reply["amount_minor"] <= 0:
+                problems.append(f"amount_minor is {reply['amount_minor']}")
+            if reply["uses_purchased"] < 1:
+                problems.append(f"uses_purchased is {reply['uses_purchased']}")
+            problems += _currency_problem(reply["currency"])
         if problems:
             return "FAIL", "; ".join(problems)
         self.payment_id = reply["payment_id"]
@@ -201,11 +233,17 @@ class Checklist:
         if self.payment_id is None:
             return "SKIP", "no purchase was initiated"
         path = f"{self.client.prefix}/purchase/status/{self.payment_id}"
-        reply = await self.client.request("GET", path)
-        problems = _type_problems(reply, {"status": (str,)})
-        for name in ("credits_added", "balance_after"):
-            if isinstance(reply, dict) and not isinstance(reply.get(name), int | None):
-                problems.append(f"{name} is {json.dumps(reply.get(name))}, not an integer")
+        reply = await self.client.request("GET", path, unwrap=False)
+        numbers = (int, type(None))
+        problems = _type_problems(
+            reply, {"status": (str,), "credits_added": numbers, "balance_after": numbers}
+        )
+        if not problems:
+            problems += [
+                f"{name} is negative"
+                for name in ("credits_added", "balance_after")
+                if isinstance(reply[name], int) and reply[name] < 0
+            ]
         if problems:
             return "FAIL", "; ".join(problems)
         if reply["status"] not in STATUSES:
@@ -214,13 +252,18 @@ class Checklist:
 
     async def get_transactions(self) -> tuple[Result, str]:
         reply = await self.client.request(
-            "GET", f"{self.client.prefix}/transactions", params={"limit": "50", "offset": "0"}
+            "GET", f"{self.client.prefix}/transactions", params={"limit": "50", "offset": "0"}, unwrap=False
         )
         problems = _type_problems(
             reply, {"transactions": (list,), "total_count": (int,), "has_more": (bool,)}
         )
         if problems:
             return "FAIL", "; ".join(problems)
+        items, total = reply["transactions"], reply["total_count"]
+        if len(items) > 50:
+            return "FAIL", f"{len(items)} transactions for limit=50"
+        if total < len(items) or reply["has_more"] != (len(items) < total):
+            return "FAIL", f"{len(items)} listed, total_count {total}, has_more {_shown(reply['has_more'])}"
         item_fields = {
             "transaction_id": (str,),
             "type": (str,),
@@ -228,16 +271,17 @@ class Checklist:
             "currency": (str,),
             "description": (str,),
             "created_at": (str,),
-            "balance_after": (int,),
+            "balance_after": (int, type(None)),
         }
-        for index, item in enumerate(reply["transactions"]):
+        for index, item in enumerate(items):
             item_problems = _type_problems(item, item_fields)
+            if not item_problems:
+                if item["type"] not in ("charge", "credit"):
+                    item_problems.append(f'type is "{item["type"][:20]}", not charge or credit')
+                item_problems += _currency_problem(item["currency"])
             if item_problems:
                 return "FAIL", f"transaction {index}: " + "; ".join(item_problems)
-        shown = len(reply["transactions"])
-        return "PASS", f"{shown} of {reply['total_count']} transactions" + (
-            " (more)" if reply["has_more"] else ""
-        )
+        return "PASS", f"{len(items)} of {total} transactions" + (" (more)" if reply["has_more"] else "")
 
 
 async def run_qa(
@@ -251,15 +295,32 @@ async def run_qa(
     progress: TextIO | None = None,
 ) -> Report:
     report = Report(url=url)
-    async with BillingClient(url, timeout=request_timeout) as client:
+    try:
+        client = BillingClient(url, timeout=request_timeout)
+    except ValueError as exc:
+        raise QAError(str(exc)) from None
+    async with client:
+        if progress is not None:
+            print(f"... Log in as {username}", file=progress, flush=True)
         try:
-            await client.login(username, password)
+            reply = await client.request(
+                "POST",
+                "/v1/auth/login",
+                json_body={"username": username, "password": password},
+                auth=False,
+                unwrap=False,
+            )
         except BillingConnectionError as exc:
             raise QAError(str(exc)) from None
         except BillingAPIError as exc:
-            raise QAError(f"login as {username!r} failed: HTTP {exc.status}: {exc.detail}") from None
+            raise QAError(f"login as {username!r} failed: HTTP {exc.status}: {_brief(exc.detail)}") from None
         except BillingClientError as exc:
             raise QAError(f"login as {username!r} failed: {exc}") from None
+        # QA tools read response.json()["access_token"] at the top level (COMPATIBILITY.md).
+        token = reply.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise QAError('the login reply has no top-level access_token (is it wrapped in "data"?)')
+        client.token = token
         await Checklist(client, return_url=return_url, purchase=purchase, progress=progress).run(report)
     return report
 

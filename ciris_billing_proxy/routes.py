@@ -21,6 +21,7 @@ from .service import SERVICE_KEY, BillingService
 #: Stripe ids are short `pi_...` tokens; anything outside this alphabet cannot be one of ours.
 PAYMENT_ID: Final = re.compile(r"^[A-Za-z0-9_\-]{1,255}$")
 IDEMPOTENCY_KEY: Final = re.compile(r"^[A-Za-z0-9_\-.:]{1,128}$")
+MAX_OFFSET: Final = 1_000_000_000
 
 
 def json_reply(model: BaseModel, status: int = 200) -> web.Response:
@@ -53,20 +54,20 @@ async def purchase_status(request: web.Request) -> web.Response:
 async def transactions(request: web.Request) -> web.Response:
     service = request.config_dict[SERVICE_KEY]
     limit = _int_query(request, "limit", 50, low=1, high=100)
-    offset = _int_query(request, "offset", 0, low=0, high=None)
+    offset = _int_query(request, "offset", 0, low=0, high=MAX_OFFSET)
     return json_reply(await service.transactions(request[IDENTITY_KEY], limit, offset))
 
 
-def _int_query(request: web.Request, name: str, default: int, *, low: int, high: int | None) -> int:
+def _int_query(request: web.Request, name: str, default: int, *, low: int, high: int) -> int:
     """A bounded integer query parameter; out of range is an error, never silently clamped."""
     raw = request.query.get(name)
     if raw is None:
         return default
-    bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
-    valid = raw.isascii() and raw.isdigit() and len(raw) <= 9  # no signs, spaces or huge numbers
-    value = int(raw) if valid else -1
-    if value < low or (high is not None and value > high):
-        raise http_error(422, f"Invalid request: {name} must be a whole number {bounds}")
+    digits = raw.lstrip("0") or ("0" if raw else "")
+    # Plain ASCII digits only (no signs, spaces or exponents), and short enough to convert cheaply.
+    value = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 12 else -1
+    if not low <= value <= high:
+        raise http_error(422, f"Invalid request: {name} must be a whole number from {low} to {high}")
     return value
 
 

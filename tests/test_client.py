@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestServer
 from ciris_billing_proxy import BillingConfig
 from ciris_billing_proxy.client import (
     AuthenticationError,
+    BillingAPIError,
     BillingClient,
     BillingConnectionError,
     BillingNotEnabled,
@@ -122,7 +123,7 @@ async def test_wait_for_purchase_raises_on_failure(
         ciris_fake_backend.fail_payment(purchase.payment_id, ending)
         with pytest.raises(PurchaseFailed) as failed:
             await client.wait_for_purchase(purchase.payment_id, interval=0, max_attempts=3)
-        assert failed.value.status.status == ending
+        assert failed.value.purchase.status == ending
 
 
 async def test_wait_for_purchase_times_out(ciris_url: str) -> None:
@@ -182,3 +183,122 @@ async def test_a_reply_that_breaks_the_contract(aiohttp_server: Any) -> None:
     async with BillingClient(str(server.make_url("")), token="t") as client:
         with pytest.raises(InvalidReplyError, match="credits_remaining"):
             await client.get_credits()
+
+
+def odd_agent(routes: dict[str, tuple[int, Any]]) -> web.Application:
+    """A server answering fixed bodies per path: CIRIS agents' own shapes, or broken ones."""
+
+    async def handler(request: web.Request) -> web.Response:
+        status, body = routes[request.path]
+        if isinstance(body, bytes):
+            return web.Response(status=status, body=body, content_type="text/html")
+        return web.json_response(body, status=status)
+
+    app = web.Application()
+    for path in routes:
+        app.router.add_route("*", path, handler)
+    return app
+
+
+async def test_replies_of_real_ciris_agents_are_accepted(aiohttp_server: Any) -> None:
+    """COMPATIBILITY.md lets agents send a null balance_after and options without a purchase."""
+    server = await aiohttp_server(
+        odd_agent(
+            {
+                "/v1/api/billing/credits": (
+                    200,
+                    {
+                        "has_credit": False,
+                        "credits_remaining": 0,
+                        "free_uses_remaining": 0,
+                        "total_uses": 5,
+                        "plan_name": "free",
+                        "purchase_required": False,
+                        "purchase_options": {"price_minor": 0, "uses": 0, "currency": "USD"},
+                        "extra": 1,
+                    },
+                ),
+                "/v1/api/billing/purchase/status/pi_1": (
+                    200,
+                    {"status": "pending", "credits_added": 0, "balance_after": None},
+                ),
+                "/v1/api/billing/data": (200, {"data": {"status": "succeeded"}}),
+            }
+        )
+    )
+    async with BillingClient(str(server.make_url("")), token="t") as client:
+        credits = await client.get_credits()
+        assert (credits.purchase_required, credits.purchase_options is not None) == (False, True)
+        status = await client.get_purchase_status("pi_1")
+        assert (status.status, status.balance_after) == ("pending", None)
+        assert await client.request("GET", "/v1/api/billing/data") == {"status": "succeeded"}  # SDK unwrap
+        assert await client.request("GET", "/v1/api/billing/data", unwrap=False) == {
+            "data": {"status": "succeeded"}
+        }
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (403, "ForbiddenError"),
+        (405, "BillingAPIError"),
+        (409, "BillingAPIError"),
+        (429, "RateLimitedError"),
+        (413, "InvalidRequestError"),
+        (502, "ServiceUnavailableError"),
+    ],
+)
+async def test_error_classes(aiohttp_server: Any, status: int, error: str) -> None:
+    server = await aiohttp_server(odd_agent({"/v1/api/billing/credits": (status, {"detail": "nope"})}))
+    async with BillingClient(str(server.make_url("")), token="t") as client:
+        with pytest.raises(BillingAPIError) as raised:
+            await client.get_credits()
+    assert type(raised.value).__name__ == error
+    assert (raised.value.status, raised.value.detail) == (status, "nope")
+
+
+async def test_wait_for_purchase_polls_through_passing_faults(
+    ciris_url: str, ciris_fake_backend: FakeBillingBackend
+) -> None:
+    async with BillingClient(ciris_url) as client:
+        await client.login("ann", "pw-ann")
+        purchase = await client.initiate_purchase()
+        ciris_fake_backend.inject("error_500", endpoint="purchase_status", times=3)  # one poll's retries
+        ciris_fake_backend.confirm_payment(purchase.payment_id)
+        seen: list[str | None] = []
+        done = await client.wait_for_purchase(
+            purchase.payment_id,
+            interval=0,
+            max_attempts=5,
+            on_poll=lambda n, s: seen.append(None if s is None else s.status),
+        )
+        assert done.status == "succeeded"
+        assert seen == [None, "succeeded"]
+
+
+async def test_html_error_pages_and_huge_replies(aiohttp_server: Any) -> None:
+    page = b"<html>\n<body>\n<h1>502 Bad Gateway</h1>\n</body>\n</html>"
+    huge = {"has_credit": True, "pad": "x" * (2 * 1024 * 1024)}
+    server = await aiohttp_server(odd_agent({"/v1/api/billing/credits": (502, page), "/big": (200, huge)}))
+    async with BillingClient(str(server.make_url("")), token="t") as client:
+        with pytest.raises(ServiceUnavailableError) as down:
+            await client.get_credits()
+        assert down.value.detail == f"text/html reply of {len(page)} bytes"
+        with pytest.raises(InvalidReplyError, match="more than"):
+            await client.request("GET", "/big")
+
+
+def test_bad_base_urls() -> None:
+    for url in ("127.0.0.1:8000", "ftp://h", "http://h:1/?x=1", "http://h#f"):
+        with pytest.raises(ValueError, match="base_url"):
+            BillingClient(url)
+
+
+async def test_connection_errors_do_not_show_url_passwords() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with BillingClient(f"http://user:s3cret@127.0.0.1:{port}", timeout=2) as client:
+        with pytest.raises(BillingConnectionError) as down:
+            await client.login("a", "b")
+    assert "s3cret" not in str(down.value)

@@ -97,3 +97,53 @@ async def test_ciris_maps_the_backend_listing(
     assert all(t["type"] == "charge" for t in page["transactions"])
     assert ciris_fake_backend.calls["transactions"] == 1
     assert (await (await client.get(TX, headers=bob)).json())["total_count"] == 0
+
+
+@pytest.mark.parametrize(
+    ("offset", "ok"), [("0000000000005", True), ("1000000000", True), ("1000000001", False)]
+)
+async def test_offset_limits_are_stated(client: Any, tokens: TokenFactory, offset: str, ok: bool) -> None:
+    resp = await client.get(TX, params={"offset": offset}, headers=tokens.headers())
+    assert resp.status == (200 if ok else 422)
+    if not ok:
+        assert (await resp.json())[
+            "detail"
+        ] == "Invalid request: offset must be a whole number from 0 to 1000000000"
+
+
+async def test_ciris_listing_with_credits_paging_and_clean_descriptions(
+    ciris_billing_config: BillingConfig,
+    make_client: ClientFactory,
+    ciris_fake_backend: FakeBillingBackend,
+    ciris_tokens: TokenFactory,
+) -> None:
+    client = await make_client(ciris_billing_config, host=agent_routes)
+    ann = ciris_tokens.headers("ann", email="ann@example.com")
+    for _ in range(2):
+        assert (await client.post("/v1/agent/interact", json={}, headers=ann)).status == 200
+    purchase = await (await client.post("/v1/api/billing/purchase/initiate", json={}, headers=ann)).json()
+    ciris_fake_backend.confirm_payment(purchase["payment_id"])
+    first = await (await client.get(TX, params={"limit": "1"}, headers=ann)).json()
+    second = await (await client.get(TX, params={"limit": "2", "offset": "1"}, headers=ann)).json()
+    assert (first["total_count"], first["has_more"], second["has_more"]) == (3, True, False)
+    credit = first["transactions"][0]
+    assert (credit["type"], credit["amount_minor"], credit["balance_after"]) == ("credit", 20, 20)
+    charges = second["transactions"]
+    assert [(t["type"], t["amount_minor"], t["description"]) for t in charges] == [
+        ("charge", -1, "Agent interaction")
+    ] * 2  # the request key the proxy adds for itself is not shown
+
+
+async def test_ciris_backend_without_a_listing_is_an_empty_history(
+    ciris_billing_config: BillingConfig,
+    make_client: ClientFactory,
+    ciris_fake_backend: FakeBillingBackend,
+    ciris_tokens: TokenFactory,
+) -> None:
+    client = await make_client(ciris_billing_config)
+    ciris_fake_backend.inject("not_found", endpoint="transactions")
+    resp = await client.get(TX, headers=ciris_tokens.headers("old"))
+    assert (resp.status, await resp.json()) == (
+        200,
+        {"transactions": [], "total_count": 0, "has_more": False},
+    )
