@@ -1,8 +1,9 @@
 """The load generator, in its own process on core 1: `python -m bench.load JSON_SPEC`.
 
-Two modes. `closed`: `concurrency` workers send requests back to back for `duration` seconds,
-cycling through the tokens. `burst`: every request of the spec is sent at once. Prints one JSON
-line: requests, errors, elapsed seconds and latency percentiles (ms).
+Three modes. `closed`: `concurrency` workers send requests back to back for `duration`
+seconds, cycling through the tokens. `paced`: the same workers, but together at a fixed `rate`
+(req/s), so different servers see the same offered load. `burst`: every request of the spec is
+sent at once. Prints one JSON line: requests, errors, elapsed seconds and latency percentiles (ms).
 """
 
 from __future__ import annotations
@@ -57,10 +58,16 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
             await asyncio.gather(*(one(h) for h in headers for _ in range(spec["per_user"])))
         else:
             deadline = began + spec["duration"]
+            # Paced: each worker sends on its own schedule, `concurrency / rate` seconds apart.
+            gap = spec["concurrency"] / spec["rate"] if spec["mode"] == "paced" else 0.0
 
             async def worker(offset: int) -> None:
                 i = offset
+                due = began + gap * offset / spec["concurrency"]
                 while time.perf_counter() < deadline:
+                    if gap:
+                        await asyncio.sleep(max(due - time.perf_counter(), 0))
+                        due += gap
                     await one(headers[i % len(headers)])
                     i += spec["concurrency"]
 

@@ -237,15 +237,25 @@ def get_identity(request: web.Request) -> Identity:
     return authenticate(request, request.config_dict[VERIFIER_KEY])
 
 
-def auth_middleware(verifier: TokenVerifier, path_prefixes: tuple[str, ...] | None = None) -> Middleware:
-    """Require a valid token for every request of the app it is added to (`path_prefixes=None`),
-    or only for paths under the given prefixes (for app-wide placement on a host app)."""
+def token_check(verifier: TokenVerifier) -> Callable[[web.Request], None]:
+    """The check every protected request passes: a valid token (401 JSON otherwise)."""
+
+    def check(request: web.Request) -> None:
+        # CORS preflights carry no credentials by design; the host's CORS handling answers them.
+        if request.method != "OPTIONS":
+            authenticate(request, verifier)
+
+    return check
+
+
+def auth_middleware(verifier: TokenVerifier, path_prefixes: tuple[str, ...]) -> Middleware:
+    """Require a valid token on the host's own paths under the given prefixes."""
+    check = token_check(verifier)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        # CORS preflights carry no credentials by design; the host's CORS handling answers them.
-        if request.method != "OPTIONS" and (path_prefixes is None or _under(request.path, path_prefixes)):
-            authenticate(request, verifier)
+        if _under(request.path, path_prefixes):
+            check(request)
         return await handler(request)
 
     return middleware

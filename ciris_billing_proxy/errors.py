@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from aiohttp import web
@@ -104,12 +104,16 @@ def to_http(exc: BillingError, *, gate: bool = False) -> HTTPJSONError:
 
 def error_middleware(
     path_prefixes: tuple[str, ...] | None = None,
+    *,
+    before: Callable[[web.Request], None] | None = None,
 ) -> Middleware:
     """Turn every error under the given paths (all paths when None) into JSON `{"detail": ...}`.
 
     A `BillingError` becomes its reply (`to_http`); aiohttp's own 404/405/413 become JSON with the
     same status; any other exception becomes a 500 "Internal server error" whose body reveals
-    nothing (the traceback goes to the log only).
+    nothing (the traceback goes to the log only). `before(request)`, if given, runs first inside
+    the same handling: the billing prefix passes its auth check here, so every billing request goes
+    through one middleware layer instead of two.
     """
 
     @web.middleware
@@ -119,6 +123,8 @@ def error_middleware(
         ):
             return await handler(request)
         try:
+            if before is not None:
+                before(request)
             return await handler(request)
         except HTTPJSONError:
             raise

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from .auth import VERIFIER_KEY, TokenVerifier, auth_middleware
+from .auth import VERIFIER_KEY, TokenVerifier, auth_middleware, token_check
 from .bodies import expect_continue
 from .config import BillingConfig, ConfigError
 from .errors import error_middleware
@@ -63,14 +63,14 @@ def setup_billing(
         app[AUTHENTICATOR_KEY] = authenticate
         app.router.add_route("*", login_path, login, expect_handler=expect_continue)
 
+    check = token_check(verifier)
     if subapp:
-        billing = web.Application(middlewares=[error_middleware(), auth_middleware(verifier)])
+        billing = web.Application(middlewares=[error_middleware(before=check)])
         billing[SERVICE_KEY] = service
         billing[VERIFIER_KEY] = verifier
         add_routes(billing.router)
         app.add_subapp(config.prefix, billing)
     else:
-        app.middlewares.append(error_middleware((config.prefix,)))
-        app.middlewares.append(auth_middleware(verifier, (config.prefix,)))
+        app.middlewares.append(error_middleware((config.prefix,), before=check))
         add_routes(app.router, config.prefix)
     return service
