@@ -8,7 +8,7 @@ confusing a UI.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Self
+from typing import Any, Final, Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
@@ -24,6 +24,7 @@ PaymentState = Literal[
     "canceled",
     "unknown",
 ]
+PAYMENT_STATES: Final[frozenset[str]] = frozenset(get_args(PaymentState))
 
 NonNegative = Field(ge=0)
 

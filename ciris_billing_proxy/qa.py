@@ -20,6 +20,7 @@ from .client import (
     BillingConnectionError,
     BillingNotEnabled,
 )
+from .models import PAYMENT_STATES
 
 Result = Literal["PASS", "SKIP", "FAIL"]
 
@@ -40,20 +41,6 @@ INITIATED: Final = {
     "uses_purchased": (int,),
     "publishable_key": (str,),
 }
-STATUSES: Final = frozenset(
-    {
-        "succeeded",
-        "processing",
-        "pending",
-        "requires_payment_method",
-        "requires_confirmation",
-        "requires_action",
-        "requires_capture",
-        "failed",
-        "canceled",
-        "unknown",
-    }
-)
 
 
 class QAError(Exception):
@@ -246,7 +233,7 @@ class Checklist:
             ]
         if problems:
             return "FAIL", "; ".join(problems)
-        if reply["status"] not in STATUSES:
+        if reply["status"] not in PAYMENT_STATES:
             return "FAIL", f"unknown status {reply['status']!r}"
         return "PASS", f"status {reply['status']}"
 

@@ -29,8 +29,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from ...errors import InsufficientCredit, InvalidRequest, PaymentNotFound, ProviderUnavailable
 from ...identity import Identity
 from ...models import (
+    PAYMENT_STATES,
     CreditStatus,
-    PaymentState,
     PurchaseInitiated,
     PurchaseOptions,
     PurchaseStatus,
@@ -49,7 +49,6 @@ INVALID_PURCHASE: Final = "Invalid purchase request"
 NO_CREDIT: Final = "No free uses or credits remaining"
 LOCAL_NAMESPACE: Final = "local"
 BLOCKED: Final = frozenset({"Account suspended", "Account closed"})
-PASS_THROUGH: Final[frozenset[str]] = frozenset(PaymentState.__args__)  # type: ignore[attr-defined]
 
 
 @dataclass(slots=True)
@@ -467,7 +466,7 @@ class CirisProvider(CreditProvider):
             raise self._unexpected("purchase_status", reply)
         stripe_status = reply.body.get("status")
         if stripe_status != "succeeded":
-            state = stripe_status if stripe_status in PASS_THROUGH else "unknown"
+            state = stripe_status if stripe_status in PAYMENT_STATES else "unknown"
             return PurchaseStatus.model_validate({"status": state})
         return await self._settle(identity, payment, deadline)
 
