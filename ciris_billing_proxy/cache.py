@@ -57,8 +57,9 @@ class CreditCache(Generic[V]):
         return self._fresh(identity.key)
 
     def _fresh(self, key: tuple[str, str]) -> V | None:
-        entry = self._entries.get(key)
-        if entry is None:
+        try:  # a hit without LRUCache.get's extra lookups: this runs on every request
+            entry = self._entries[key]
+        except KeyError:
             return None
         if entry[0] > self._timer():
             return entry[1]
@@ -67,9 +68,14 @@ class CreditCache(Generic[V]):
 
     async def get(self, identity: Identity) -> V:
         key = identity.key
-        value = self._fresh(key)
-        if value is not None:
-            return value
+        try:  # the hit path, inline: it runs on every cached request
+            expires_at, value = self._entries[key]
+        except KeyError:
+            pass
+        else:
+            if expires_at > self._timer():
+                return value
+            del self._entries[key]
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.ensure_future(self._fill(identity))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,8 +20,9 @@ class Identity:
     email: str | None = None
     tenant: str | None = None
     expires_at: float = 0.0
+    #: What credits are keyed on: a tuple, so no choice of characters in either part can collide.
+    #: Stored once rather than derived on each use, as the hot path reads it on every request.
+    key: tuple[str, str] = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> tuple[str, str]:
-        """What credits are keyed on (a tuple, so no choice of characters in either part can collide)."""
-        return (self.namespace, self.user_id)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.namespace, self.user_id))

@@ -12,11 +12,11 @@ from typing import Final
 from aiohttp import web
 from pydantic import BaseModel
 
-from .auth import IDENTITY_KEY, VERIFIER_KEY, authenticate
+from .auth import IDENTITY_KEY, authenticate
 from .bodies import expect_continue, read_model
 from .errors import BillingDisabled, PaymentNotFound, http_error
 from .models import PurchaseRequest
-from .service import SERVICE_KEY, BillingService
+from .service import BillingService
 
 #: Stripe ids are short `pi_...` tokens; anything outside this alphabet cannot be one of ours.
 PAYMENT_ID: Final = re.compile(r"^[A-Za-z0-9_\-]{1,255}$")
@@ -28,34 +28,46 @@ def json_reply(model: BaseModel, status: int = 200) -> web.Response:
     return web.Response(body=model.model_dump_json().encode(), status=status, content_type="application/json")
 
 
-async def get_credits(request: web.Request) -> web.Response:
-    service = request.config_dict[SERVICE_KEY]
-    body = await service.credit_reply(request[IDENTITY_KEY])
-    return web.Response(body=body, content_type="application/json")
+class BillingRoutes:
+    """The handlers, bound to their service (no per-request lookup through the app chain)."""
 
+    def __init__(self, service: BillingService) -> None:
+        self.service = service
 
-async def initiate_purchase(request: web.Request) -> web.Response:
-    service = _selling(request)
-    body = await read_model(request, PurchaseRequest, service.config.max_body_bytes, empty_ok=True)
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not IDEMPOTENCY_KEY.match(key):
-        raise http_error(400, "Idempotency-Key must be 1-128 letters, digits or -_.:")
-    return json_reply(await service.initiate_purchase(request[IDENTITY_KEY], body.return_url, key))
+    async def get_credits(self, request: web.Request) -> web.Response:
+        body = await self.service.credit_reply(request[IDENTITY_KEY])
+        return web.Response(body=body, content_type="application/json")
 
+    async def initiate_purchase(self, request: web.Request) -> web.Response:
+        service = self._selling()
+        body = await read_model(request, PurchaseRequest, service.config.max_body_bytes, empty_ok=True)
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and not IDEMPOTENCY_KEY.match(key):
+            raise http_error(400, "Idempotency-Key must be 1-128 letters, digits or -_.:")
+        return json_reply(await service.initiate_purchase(request[IDENTITY_KEY], body.return_url, key))
 
-async def purchase_status(request: web.Request) -> web.Response:
-    service = _selling(request)
-    payment_id = request.match_info["payment_id"]
-    if not PAYMENT_ID.match(payment_id):
-        raise PaymentNotFound
-    return json_reply(await service.purchase_status(request[IDENTITY_KEY], payment_id))
+    async def purchase_status(self, request: web.Request) -> web.Response:
+        service = self._selling()
+        payment_id = request.match_info["payment_id"]
+        if not PAYMENT_ID.match(payment_id):
+            raise PaymentNotFound
+        return json_reply(await service.purchase_status(request[IDENTITY_KEY], payment_id))
 
+    async def transactions(self, request: web.Request) -> web.Response:
+        limit = _int_query(request, "limit", 50, low=1, high=100)
+        offset = _int_query(request, "offset", 0, low=0, high=MAX_OFFSET)
+        return json_reply(await self.service.transactions(request[IDENTITY_KEY], limit, offset))
 
-async def transactions(request: web.Request) -> web.Response:
-    service = request.config_dict[SERVICE_KEY]
-    limit = _int_query(request, "limit", 50, low=1, high=100)
-    offset = _int_query(request, "offset", 0, low=0, high=MAX_OFFSET)
-    return json_reply(await service.transactions(request[IDENTITY_KEY], limit, offset))
+    async def expect_authenticated(self, request: web.Request) -> None:
+        """`Expect:` is answered before middlewares run: check the token before inviting an upload."""
+        authenticate(request, self.service.verifier)  # a 401 here is sent instead of 100
+        await expect_continue(request)
+
+    def _selling(self) -> BillingService:
+        """The service, if its provider sells credits; checked before the body or id is even read."""
+        if not self.service.provider.purchases_enabled:
+            raise BillingDisabled
+        return self.service
 
 
 def _int_query(request: web.Request, name: str, default: int, *, low: int, high: int) -> int:
@@ -71,23 +83,12 @@ def _int_query(request: web.Request, name: str, default: int, *, low: int, high:
     return value
 
 
-def _selling(request: web.Request) -> BillingService:
-    """The service, if its provider sells credits; checked before the body or id is even read."""
-    service = request.config_dict[SERVICE_KEY]
-    if not service.provider.purchases_enabled:
-        raise BillingDisabled
-    return service
-
-
-async def expect_authenticated(request: web.Request) -> None:
-    """`Expect:` is answered before middlewares run: check the token before inviting an upload."""
-    authenticate(request, request.config_dict[VERIFIER_KEY])  # a 401 here is sent instead of 100
-    await expect_continue(request)
-
-
-def add_routes(router: web.UrlDispatcher, prefix: str = "") -> None:
+def add_routes(router: web.UrlDispatcher, service: BillingService, prefix: str = "") -> None:
     """Add the billing routes to `router`, each path under `prefix` (empty inside the sub-app)."""
-    router.add_get(f"{prefix}/credits", get_credits)
-    router.add_post(f"{prefix}/purchase/initiate", initiate_purchase, expect_handler=expect_authenticated)
-    router.add_get(f"{prefix}/purchase/status/{{payment_id}}", purchase_status)
-    router.add_get(f"{prefix}/transactions", transactions)
+    routes = BillingRoutes(service)
+    router.add_get(f"{prefix}/credits", routes.get_credits)
+    router.add_post(
+        f"{prefix}/purchase/initiate", routes.initiate_purchase, expect_handler=routes.expect_authenticated
+    )
+    router.add_get(f"{prefix}/purchase/status/{{payment_id}}", routes.purchase_status)
+    router.add_get(f"{prefix}/transactions", routes.transactions)

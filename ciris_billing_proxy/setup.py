@@ -68,9 +68,9 @@ def setup_billing(
         billing = web.Application(middlewares=[error_middleware(before=check)])
         billing[SERVICE_KEY] = service
         billing[VERIFIER_KEY] = verifier
-        add_routes(billing.router)
+        add_routes(billing.router, service)
         app.add_subapp(config.prefix, billing)
     else:
         app.middlewares.append(error_middleware((config.prefix,), before=check))
-        add_routes(app.router, config.prefix)
+        add_routes(app.router, service, config.prefix)
     return service

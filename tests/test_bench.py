@@ -25,6 +25,7 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path) -> None:
             "--out",
             str(out),
             "--no-readme",
+            "--no-instructions",
         ],
         capture_output=True,
         text=True,
