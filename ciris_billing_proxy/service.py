@@ -35,7 +35,7 @@ class CachedCredit:
     """What the cache keeps per user: the `/credits` reply, serialised once (the hot path sends these
     bytes as they are), and whether it shows credit (which decides how long it is kept).
 
-    Instances are shared between users whose replies are byte-for-byte the same (see `_intern`):
+    Instances are shared between users whose replies are byte-for-byte the same (see `_load_status`):
     statuses repeat a lot (a few remaining-use counts), which keeps a large cache small."""
 
     body: bytes
@@ -95,15 +95,11 @@ class BillingService:
         task = self._track(self._settle(self.provider.spend(identity, idempotency_key), identity, "spend"))
         try:
             await asyncio.shield(task)
-        except asyncio.CancelledError:
-            # The caller went away while the use was being taken: give it back once it lands.
+        except (asyncio.CancelledError, ProviderUnavailable):
+            # The caller went away while the use was being taken, or the spend failed in a way that
+            # may have taken effect (a timeout after the backend committed): settle it in the
+            # background once the spend's outcome is known.
             self._track(self._give_back_after(task, identity, idempotency_key))
-            raise
-        except ProviderUnavailable as exc:
-            # The spend may have taken effect before the failure showed (a timeout after the backend
-            # committed). `give_back` is a no-op for a use never taken, so reconciling is safe.
-            if exc.maybe_applied:
-                self._track(self._give_back_after(None, identity, idempotency_key))
             raise
 
     async def give_back(self, identity: Identity, idempotency_key: str) -> None:
@@ -143,12 +139,16 @@ class BillingService:
         finally:
             self.cache.invalidate(identity)
 
-    async def _give_back_after(self, spend: asyncio.Task[None] | None, identity: Identity, key: str) -> None:
-        if spend is not None:
-            try:
-                await spend
-            except BillingError:
-                return  # nothing was taken (or it cannot be known yet: the reconcile path below)
+    async def _give_back_after(self, spend: asyncio.Task[None], identity: Identity, key: str) -> None:
+        """Give back what `spend` took, if it may have taken anything. `give_back` is a no-op for a
+        use never taken, so an ambiguous failure is reconciled with it too."""
+        try:
+            await spend
+        except ProviderUnavailable as exc:
+            if not exc.maybe_applied:
+                return
+        except BillingError:
+            return  # refused outright (no credit): nothing was taken
         try:
             await self._settle(self.provider.give_back(identity, key), identity, "give_back")
         except BillingError:

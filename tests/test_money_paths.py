@@ -136,3 +136,29 @@ async def test_bypass_roles_are_case_insensitive(
     client = await aiohttp_client(gated_app(config, provider))
     resp = await client.post("/v1/agent/interact", headers=tokens.headers(role="Admin"))
     assert resp.status == 200
+
+
+@pytest.mark.parametrize("maybe_applied", [True, False])
+async def test_a_cancelled_caller_whose_spend_fails_ambiguously_is_reconciled(
+    config: BillingConfig, maybe_applied: bool
+) -> None:
+    class LandsThenTimesOut(ShopProvider):
+        async def spend(self, identity: Identity, idempotency_key: str) -> None:
+            await asyncio.sleep(0.05)
+            await super().spend(identity, idempotency_key)
+            raise ProviderUnavailable("timed out after the backend committed", maybe_applied=maybe_applied)
+
+    provider = LandsThenTimesOut(credits=5)
+    app = web.Application()
+    service = setup_billing(app, config, provider=provider, environ={})
+    lifespan = service.lifespan(app)
+    await lifespan.__anext__()
+    spend = asyncio.ensure_future(service.spend(ALICE, "k"))
+    await asyncio.sleep(0.01)
+    spend.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await spend
+    with pytest.raises(StopAsyncIteration):
+        await lifespan.__anext__()  # shutdown drains the background settling
+    assert provider.calls.get("give_back", 0) == (1 if maybe_applied else 0)
+    assert provider.balance(ALICE) == (5 if maybe_applied else 4)
