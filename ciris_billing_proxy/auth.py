@@ -19,6 +19,7 @@ from jwt.algorithms import get_default_algorithms
 from .config import BillingConfig, ConfigError, JWTConfig
 from .errors import NOT_AUTHENTICATED, http_error
 from .identity import Identity
+from .paths import under
 
 IDENTITY_KEY: Final = web.RequestKey("ciris_billing_proxy.identity", Identity)
 
@@ -59,7 +60,8 @@ class TokenVerifier:
         self._namespace = config.identity_namespace
         self._default_role = config.default_role
         self._verify_key: Any = _verify_key(jwt_config)
-        self._signing_key: Any = _signing_key(jwt_config)
+        # An HMAC secret signs as it verifies; only a private key needs preparing apart.
+        self._signing_key: Any = self._verify_key if jwt_config.uses_hmac else _signing_key(jwt_config)
         self._options: dict[str, Any] = {"require": ["exp", "sub"]}
         self._verified: LRUCache[bytes, Identity] | None = (
             LRUCache(maxsize=config.token_cache_max_entries) if config.token_cache_max_entries else None
@@ -206,8 +208,6 @@ def _verify_key(config: JWTConfig) -> Any:
 
 
 def _signing_key(config: JWTConfig) -> Any:
-    if config.uses_hmac:
-        return _verify_key(config)
     if config.private_key is None:
         return None
     return _prepare(config.algorithms[0], config.private_key.get_secret_value(), "private key")
@@ -271,12 +271,8 @@ def auth_middleware(verifier: TokenVerifier, path_prefixes: tuple[str, ...]) -> 
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if _under(request.path, path_prefixes):
+        if under(request.path, path_prefixes):
             check(request)
         return await handler(request)
 
     return middleware
-
-
-def _under(path: str, prefixes: tuple[str, ...]) -> bool:
-    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)

@@ -14,6 +14,8 @@ from typing import Any, Final
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from .paths import under
+
 logger = logging.getLogger("ciris_billing_proxy")
 
 
@@ -118,9 +120,7 @@ def error_middleware(
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if path_prefixes is not None and not any(
-            request.path == p or request.path.startswith(p + "/") for p in path_prefixes
-        ):
+        if path_prefixes is not None and not under(request.path, path_prefixes):
             return await handler(request)
         try:
             if before is not None:
