@@ -24,6 +24,7 @@ from .errors import BillingError, ProviderUnavailable
 from .identity import Identity
 from .models import CreditStatus, PurchaseInitiated, PurchaseStatus, TransactionPage
 from .providers.base import CreditProvider
+from .retries import GiveBackRetries
 
 T = TypeVar("T")
 
@@ -58,6 +59,7 @@ class BillingService:
             ttl_of=lambda entry: config.cache_ttl_seconds if entry.has_credit else negative_ttl,
         )
         self._money_tasks: set[asyncio.Task[Any]] = set()
+        self.retries = GiveBackRetries(self._give_back_now, max_interval=config.give_back_retry_max_seconds)
         self._interned: LRUCache[bytes, CachedCredit] = LRUCache(maxsize=4096)
 
     async def lifespan(self, _app: web.Application) -> AsyncIterator[None]:
@@ -74,6 +76,7 @@ class BillingService:
             # A finishing task may start another (a give-back after a spend): drain until none is left.
             while self._money_tasks:
                 await asyncio.gather(*list(self._money_tasks), return_exceptions=True)
+            await self.retries.aclose()
             await self.provider.stop()
 
     async def credit_status(self, identity: Identity) -> CreditStatus:
@@ -103,10 +106,24 @@ class BillingService:
             raise
 
     async def give_back(self, identity: Identity, idempotency_key: str) -> None:
+        """Give back the use spent under this key. When the provider cannot do it now
+        (`ProviderUnavailable`), it is retried in the background until it can: never dropped."""
+        try:
+            await self._give_back_now(identity, idempotency_key)
+        except ProviderUnavailable:
+            self._retry_later(identity, idempotency_key)
+
+    async def _give_back_now(self, identity: Identity, idempotency_key: str) -> None:
         task = self._track(
             self._settle(self.provider.give_back(identity, idempotency_key), identity, "give_back")
         )
         await asyncio.shield(task)
+
+    def _retry_later(self, identity: Identity, key: str) -> None:
+        logger.warning(
+            "Could not give back the use spent under request key %s yet; retrying in the background", key
+        )
+        self.retries.schedule(identity, key)
 
     async def initiate_purchase(
         self, identity: Identity, return_url: str | None, idempotency_key: str | None
@@ -151,6 +168,8 @@ class BillingService:
             return  # refused outright (no credit): nothing was taken
         try:
             await self._settle(self.provider.give_back(identity, key), identity, "give_back")
+        except ProviderUnavailable:
+            self._retry_later(identity, key)
         except BillingError:
             logger.warning("Could not give back the use spent under request key %s", key)
 

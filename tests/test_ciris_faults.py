@@ -245,7 +245,7 @@ async def test_a_charge_that_lands_after_its_timeout_is_found_and_refunded(
         timeout_seconds=0.3,
         connect_timeout_seconds=0.2,
         max_retries=0,
-        reconcile_delays_seconds=[0.3, 0.9],
+        reconcile_window_seconds=2.0,
     )
     client = await make_client(config, host=agent_routes)
     auth = ciris_tokens.headers("slow")

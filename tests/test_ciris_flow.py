@@ -262,6 +262,60 @@ async def test_a_double_click_reuses_the_recent_purchase(
     assert ciris_fake_backend.calls["purchases"] == 1
 
 
+@pytest.mark.parametrize("polled", [True, False], ids=["status polled", "never polled"])
+@pytest.mark.parametrize("outcome", ["succeeded", "canceled", "processing"])
+async def test_a_click_after_the_payment_ended_buys_anew(
+    client: Any,
+    ciris_fake_backend: FakeBillingBackend,
+    ciris_tokens: TokenFactory,
+    outcome: str,
+    polled: bool,
+) -> None:
+    """Only a payment still waiting for the user is handed back for a double click: Stripe cannot
+    confirm one that succeeded, failed or was canceled (whether or not this proxy saw it end)."""
+    fake = ciris_fake_backend
+    auth = ciris_tokens.headers("ola", email="ola@example.com")
+    one = await (await client.post(INITIATE, json={}, headers=auth)).json()
+    if outcome == "succeeded":
+        fake.confirm_payment(one["payment_id"])
+    else:
+        fake.ledger.set_payment_status(one["payment_id"], outcome)
+    if polled:
+        assert (await (await client.get(STATUS + one["payment_id"], headers=auth)).json())[
+            "status"
+        ] == outcome
+    fake.ledger.clock_offset += timedelta(seconds=2)
+    two = await (await client.post(INITIATE, json={}, headers=auth)).json()
+    assert two["payment_id"] != one["payment_id"]
+    assert two["client_secret"] != one["client_secret"]
+    assert fake.calls["purchases"] == 2
+    fake.ledger.set_payment_status(two["payment_id"], "canceled")
+    later = await (await client.get(STATUS + two["payment_id"], headers=auth)).json()
+    assert later["status"] == "canceled"  # the new payment's own fate, not the old one's success
+
+
+async def test_a_declined_card_keeps_the_payment_for_the_next_click(
+    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
+) -> None:
+    auth = ciris_tokens.headers("pat", email="pat@example.com")
+    one = await (await client.post(INITIATE, json={}, headers=auth)).json()
+    ciris_fake_backend.fail_payment(one["payment_id"])  # back to requires_payment_method
+    ciris_fake_backend.ledger.clock_offset += timedelta(seconds=2)
+    two = await (await client.post(INITIATE, json={}, headers=auth)).json()
+    assert two == one  # the user can still pay it with another card
+    assert ciris_fake_backend.calls["purchases"] == 1
+
+
+async def test_an_idempotency_key_replays_even_after_the_payment_succeeded(
+    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
+) -> None:
+    auth = {**ciris_tokens.headers("quin", email="quin@example.com"), "Idempotency-Key": "buy-1"}
+    one = await (await client.post(INITIATE, json={}, headers=auth)).json()
+    ciris_fake_backend.confirm_payment(one["payment_id"])
+    two = await (await client.post(INITIATE, json={}, headers=auth)).json()
+    assert two == one  # that is what the key means
+
+
 async def test_restart_between_initiate_and_status(
     aiohttp_client: Any,
     ciris_billing_config: BillingConfig,

@@ -42,12 +42,14 @@ def ciris_billing_config(ciris_fake_backend: FakeBillingBackend, tmp_path: Path)
         provider="ciris",
         data_dir=tmp_path,
         agent_id="test-agent",
+        # Tests make the backend fail on purpose: retry give-backs quickly once it is back.
+        give_back_retry_max_seconds=0.2,
         provider_options={
             "api_url": ciris_fake_backend.url,
             "api_key": ciris_fake_backend.api_key,
             "timeout_seconds": 5.0,
             "backoff_seconds": 0.01,
-            "reconcile_delays_seconds": [0.05, 0.2],
+            "reconcile_window_seconds": 1.0,
         },
     )
 

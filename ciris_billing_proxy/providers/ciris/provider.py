@@ -18,7 +18,6 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Self
 from urllib.parse import quote
@@ -38,6 +37,7 @@ from ...models import (
 )
 from ...store import Payment, PaymentStore
 from ..base import CreditProvider, ProviderContext
+from .charges import ChargeRecord, ListedCharge, ListingUnusable, find_charge
 from .settings import CirisSettings
 from .transport import BackendUnavailable, Reply, Transport
 
@@ -49,15 +49,8 @@ INVALID_PURCHASE: Final = "Invalid purchase request"
 NO_CREDIT: Final = "No free uses or credits remaining"
 LOCAL_NAMESPACE: Final = "local"
 BLOCKED: Final = frozenset({"Account suspended", "Account closed"})
-
-
-@dataclass(slots=True)
-class ChargeRecord:
-    """A charge this process sent: the paid balance just before it, and whether it took a paid
-    credit (None until known: after a timeout or a 409)."""
-
-    paid_before: int
-    paid: bool | None = None
+#: Stripe states of a PaymentIntent the user can still pay.
+AWAITING_PAYMENT: Final = frozenset({"requires_payment_method", "requires_confirmation", "requires_action"})
 
 
 class BackendCredit(BaseModel):
@@ -153,7 +146,6 @@ class CirisProvider(CreditProvider):
         self.agent_id = agent_id
         self.transport = Transport(settings)
         self.payments = PaymentStore(database)
-        # Users whose backend account is known to exist, so a charge need not be preceded by a check.
         # The charges this process made, by request, until given back or forgotten (LRU).
         self._charged: LRUCache[tuple[tuple[str, str], str], ChargeRecord] = LRUCache(maxsize=100_000)
         self._listing_missing = False
@@ -166,7 +158,6 @@ class CirisProvider(CreditProvider):
             maxsize=10_000, ttl=max(settings.purchase_reuse_seconds, 1e-9)
         )
         self._initiating: dict[tuple[tuple[str, str], str], asyncio.Task[PurchaseInitiated]] = {}
-        self._warned_no_publishable_key = False
 
     @classmethod
     def from_context(cls, context: ProviderContext) -> Self:
@@ -260,25 +251,24 @@ class CirisProvider(CreditProvider):
 
     async def spend(self, identity: Identity, idempotency_key: str) -> None:
         deadline = self._deadline(self.settings.timeout_seconds)
-        # Check first: it creates unknown accounts (charges never do), refuses early when there is
-        # no credit, and gives the paid balance that tells afterwards which pool a charge used.
+        # Check first: it creates unknown accounts (charges never do) and refuses early when there
+        # is no credit. Which pool the charge then takes is not judged from this balance: only the
+        # listing can tell that exactly (see `give_back`).
         before = await self._check(identity, deadline)
         if not before.has_credit:
             raise InsufficientCredit(before.reason or NO_CREDIT)
         slot = (identity.key, idempotency_key)
-        self._charged[slot] = ChargeRecord(paid_before=max(before.credits_remaining, 0))
+        record = self._charged[slot] = ChargeRecord(sent_at=time.monotonic())
         reply = await self._charge(identity, idempotency_key, deadline)
         if reply.status == 404:  # the account vanished between the check and the charge
             await self._check(identity, deadline)
             reply = await self._charge(identity, idempotency_key, deadline)
         if reply.status == 201:
-            balance_after = reply.body.get("balance_after")
-            record = self._charged[slot]
-            # Free uses leave the paid balance as it was (BILLING_BACKEND.md 3.2): only a charge
-            # that lowered it took a paid credit, and only such a charge may be refunded.
-            record.paid = isinstance(balance_after, int) and balance_after < record.paid_before
+            charge_id = reply.body.get("charge_id")
+            record.charge_id = charge_id if isinstance(charge_id, str) and charge_id else None
             return
-        if reply.status == 409:  # this request was charged by an earlier attempt; which pool is unknown
+        if reply.status == 409:  # this request was charged by an earlier attempt
+            record.charge_id = reply.headers.get("x-existing-charge-id") or None
             return
         self._charged.pop(slot, None)
         if reply.status == 402:
@@ -313,14 +303,58 @@ class CirisProvider(CreditProvider):
         refunded: a charge that did not happen (that would mint a credit) and a charge that used a
         free use (that would turn a free use into a paid credit that never expires). A free use
         taken by a failed interaction is therefore not given back: the backend has no way to.
+
+        Which pool the charge took is read from the backend's listing (`charges.find_charge`),
+        exact under any interleaving of charges and refunds. When that cannot be known yet (the
+        backend is down, or a charge whose reply was lost has not shown up), this raises
+        `ProviderUnavailable` and the service retries; the refund's idempotency key makes every
+        retry safe.
         """
-        record = self._charged.get((identity.key, idempotency_key))
+        slot = (identity.key, idempotency_key)
+        record = self._charged.get(slot)
         if record is None:
             return  # not charged by this process (or forgotten after a restart): nothing known to return
-        if record.paid is None:
-            record.paid = await self._paid_by_listing(identity, idempotency_key, record.paid_before)
-        if not record.paid:
+        charge = await self._listed_charge(identity, idempotency_key, record)
+        if charge is None:
+            if time.monotonic() - record.sent_at < self.settings.reconcile_window_seconds:
+                # The backend finishes requests whose client went away: it may still land.
+                raise ProviderUnavailable("the charge is not listed yet")
+            self._charged.pop(slot, None)
+            if record.charge_id is not None:
+                logger.warning("The charge for request key %s is not listed; not refunded", idempotency_key)
             return
+        if charge.paid:
+            await self._refund(identity, idempotency_key)
+        self._charged.pop(slot, None)
+
+    async def _listed_charge(
+        self, identity: Identity, request_key: str, record: ChargeRecord
+    ) -> ListedCharge | None:
+        charge_id = record.charge_id
+
+        def matches(item: dict[str, Any]) -> bool:
+            if charge_id is not None:
+                return item.get("transaction_id") == charge_id
+            return (item.get("metadata") or {}).get("request_id") == request_key or str(
+                item.get("description", "")
+            ).endswith(request_key)
+
+        async def fetch(limit: int, offset: int) -> dict[str, Any]:
+            reply = await self._list(identity, limit, offset)
+            if reply.status != 200:
+                # Also a backend from before the listing existed (404): without it no refund can
+                # be proven safe, so none is made, and the key is named for an operator.
+                raise self._unexpected("transactions", reply)
+            body: dict[str, Any] = reply.body
+            return body
+
+        try:
+            return await find_charge(fetch, matches)
+        except ListingUnusable:
+            logger.error("Billing backend transactions answered a body that does not fit the contract")
+            raise ProviderUnavailable("malformed transactions") from None
+
+    async def _refund(self, identity: Identity, request_key: str) -> None:
         reply = await self._call(
             "POST",
             "/v1/billing/credits",
@@ -332,33 +366,11 @@ class CirisProvider(CreditProvider):
                 "currency": "USD",
                 "description": "Refund: agent interaction failed",
                 "transaction_type": "refund",
-                "idempotency_key": self._key("refund", identity, idempotency_key),
+                "idempotency_key": self._key("refund", identity, request_key),
             },
         )
-        if reply.status not in (201, 409):
+        if reply.status not in (201, 409):  # 409: this refund was made by an earlier attempt
             raise self._unexpected("credits", reply)
-        self._charged.pop((identity.key, idempotency_key), None)
-
-    async def _paid_by_listing(self, identity: Identity, request_key: str, paid_before: int) -> bool:
-        """After an ambiguous charge (a timeout, a 409), find it in the backend's transactions.
-
-        The backend finishes a request whose client went away, so a charge may land a little after
-        its caller gave up: look again a few times before concluding it never happened."""
-        for delay in (0.0, *self.settings.reconcile_delays_seconds):
-            await asyncio.sleep(delay)
-            charge = await self._find_transaction(
-                identity,
-                "charge",
-                lambda t: (
-                    (t.get("metadata") or {}).get("request_id") == request_key
-                    or str(t.get("description", "")).endswith(request_key)
-                ),
-            )
-            if charge is not None:
-                balance_after = charge.get("balance_after")
-                return isinstance(balance_after, int) and balance_after < paid_before
-        logger.warning("A charge for request key %s could not be confirmed; not refunded", request_key)
-        return False
 
     # -- purchases ------------------------------------------------------------------------------
     async def initiate_purchase(
@@ -372,7 +384,7 @@ class CirisProvider(CreditProvider):
                 return replay
         else:
             recent = self._recent.get(identity.key)
-            if recent is not None:
+            if recent is not None and await self._awaits_payment(identity, recent.payment_id):
                 return recent
         # Concurrent initiates of one user (same key, or both without one) share one backend call.
         slot = (identity.key, idempotency_key or "")
@@ -382,6 +394,35 @@ class CirisProvider(CreditProvider):
             self._initiating[slot] = task
             task.add_done_callback(lambda _: self._initiating.pop(slot, None))
         return await asyncio.shield(task)
+
+    async def _awaits_payment(self, identity: Identity, payment_id: str) -> bool:
+        """Whether a payment can still be handed back for a double click: only one still waiting
+        for the user to pay. One that succeeded, failed or was canceled cannot be paid again, so
+        the next click must get a new one; when its state cannot be read, so must it."""
+        payment = await self.payments.get(payment_id)
+        if payment is not None and not payment.credited:
+            try:
+                reply = await self._stripe_status(payment_id, self._deadline(self.settings.timeout_seconds))
+            except ProviderUnavailable:
+                reply = None
+            if reply is not None and reply.status == 200 and reply.body.get("status") in AWAITING_PAYMENT:
+                return True
+        self._forget_recent(identity, payment_id)
+        return False
+
+    def _forget_recent(self, identity: Identity, payment_id: str) -> None:
+        recent = self._recent.get(identity.key)
+        if recent is not None and recent.payment_id == payment_id:
+            self._recent.pop(identity.key, None)
+
+    async def _stripe_status(self, payment_id: str, deadline: float) -> Reply:
+        return await self._call(
+            "GET",
+            f"/v1/billing/purchases/{quote(payment_id, safe='')}/status",
+            endpoint="purchase_status",
+            idempotent=True,
+            deadline=deadline,
+        )
 
     async def _purchase(
         self, identity: Identity, return_url: str | None, idempotency_key: str | None
@@ -454,17 +495,13 @@ class CirisProvider(CreditProvider):
         # The status call reaches Stripe synchronously: it gets the purchase budget, shared with
         # the checks that may follow it.
         deadline = self._deadline(self.settings.purchase_timeout_seconds)
-        reply = await self._call(
-            "GET",
-            f"/v1/billing/purchases/{quote(payment_id, safe='')}/status",
-            endpoint="purchase_status",
-            idempotent=True,
-            deadline=deadline,
-        )
+        reply = await self._stripe_status(payment_id, deadline)
         if reply.status != 200:
             # We created this payment, so a 404 here is the backend's Stripe error, not a bad id.
             raise self._unexpected("purchase_status", reply)
         stripe_status = reply.body.get("status")
+        if stripe_status not in AWAITING_PAYMENT:
+            self._forget_recent(identity, payment_id)
         if stripe_status != "succeeded":
             state = stripe_status if stripe_status in PAYMENT_STATES else "unknown"
             return PurchaseStatus.model_validate({"status": state})

@@ -78,9 +78,10 @@ class CirisSettings(BaseModel):
     credit_wait_seconds: float = Field(default=120.0, gt=0, le=86_400)
     #: A purchase started by the same user this recently is returned again instead of a new one.
     purchase_reuse_seconds: float = Field(default=10.0, ge=0, le=3600)
-    #: After a charge whose outcome is unknown (a timeout), when to look for it again before
-    #: concluding it never landed: the backend finishes requests whose client went away.
-    reconcile_delays_seconds: tuple[float, ...] = (1.0, 3.0)
+    #: How long after it was sent a charge is waited for in the backend's listing before a failed
+    #: interaction's refund concludes it never landed: the backend finishes requests whose client
+    #: went away (behind a proxy timeout of 60 s), so a charge whose reply was lost can land late.
+    reconcile_window_seconds: float = Field(default=120.0, gt=0, le=3600)
     database: str | None = None
 
     @field_validator("api_key")

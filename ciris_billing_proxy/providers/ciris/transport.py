@@ -159,7 +159,8 @@ class Transport:
             ) as resp:
                 raw = await resp.read()
                 status = resp.status
-                headers = {k: v for k, v in resp.headers.items() if k.lower().startswith("x-")}
+                # Lower-cased: the backend's server (uvicorn) sends header names in lower case.
+                headers = {k.lower(): v for k, v in resp.headers.items() if k.lower().startswith("x-")}
                 is_json = resp.content_type == "application/json"
         except aiohttp.ClientConnectorError as exc:
             raise _Transient(f"cannot connect ({type(exc).__name__})", sent=False) from None

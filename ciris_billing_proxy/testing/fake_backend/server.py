@@ -195,8 +195,9 @@ class FakeBillingBackend:
             self.ledger.accounts[(oauth_provider, external_id)].status = status
 
     def grant(self, oauth_provider: str, external_id: str, credits: int) -> None:
+        """Add paid credits as an operator's grant would: a `grant` credit in the account's listing."""
         with self.ledger.lock:
-            self.ledger.accounts[(oauth_provider, external_id)].paid_credits += credits
+            self.ledger.grant(self.ledger.accounts[(oauth_provider, external_id)], credits)
 
     def use_up_free_uses(self, oauth_provider: str, external_id: str) -> None:
         with self.ledger.lock:

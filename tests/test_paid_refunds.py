@@ -1,0 +1,206 @@
+"""Paid credits under concurrent, failing and slow interactions of one user (`ciris` provider).
+
+A failed interaction is refunded exactly when its charge took a paid credit. The fake backend records
+which pool each charge really took (`Transaction.pool`), which is the truth these tests hold the
+proxy's bookkeeping against: over many interleavings, no paid credit is lost and none is minted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from ciris_billing_proxy import BillingConfig, credit_gate
+from ciris_billing_proxy.gate import SPEND_KEY
+from ciris_billing_proxy.service import SERVICE_KEY
+from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
+
+from .ciris_helpers import CREDITS, INTERACT, who
+from .conftest import ClientFactory
+from .test_ciris_faults import until, with_options
+
+
+def keyed_agent(app: web.Application) -> None:
+    """The agent's gated endpoint; it says under which request key it was charged, and fails on
+    `?fail=1` after the gate took the use."""
+
+    @credit_gate
+    async def interact(request: web.Request) -> web.Response:
+        await asyncio.sleep(0)
+        reply = {"key": request[SPEND_KEY]}
+        return web.json_response(reply, status=502 if request.query.get("fail") else 200)
+
+    app.router.add_post(INTERACT, interact)
+
+
+async def paid_user(client: Any, fake: FakeBillingBackend, tokens: TokenFactory, name: str, paid: int) -> Any:
+    auth = tokens.headers(name)
+    assert (await client.get(CREDITS, headers=auth)).status == 200  # creates the account
+    fake.use_up_free_uses(*who(name))
+    fake.grant(*who(name), paid)
+    return auth
+
+
+def charges_by_key(fake: FakeBillingBackend, name: str) -> dict[str, str]:
+    """Request key -> the pool its charge really took, from the fake's own ledger."""
+    with fake.ledger.lock:
+        return {
+            t.metadata["request_id"]: t.pool
+            for t in fake.ledger.transactions
+            if t.account_key == who(name) and t.type == "charge" and t.metadata and t.pool
+        }
+
+
+def refunds(fake: FakeBillingBackend, name: str) -> int:
+    with fake.ledger.lock:
+        return sum(
+            t.amount_minor
+            for t in fake.ledger.transactions
+            if t.account_key == who(name) and t.transaction_type == "refund"
+        )
+
+
+async def settled(client: Any) -> None:
+    """Wait until no give-back is running or owed in the background."""
+    service = client.app[SERVICE_KEY]
+    await until(lambda: not service._money_tasks and not len(service.retries), seconds=30)
+
+
+@pytest.fixture
+async def client(ciris_billing_config: BillingConfig, make_client: ClientFactory) -> Any:
+    return await make_client(ciris_billing_config, host=keyed_agent)
+
+
+async def test_200_concurrent_failing_interactions_keep_every_paid_credit(
+    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
+) -> None:
+    fake = ciris_fake_backend
+    auth = await paid_user(client, fake, ciris_tokens, "payer", 20)
+    for _ in range(3):
+        replies = await asyncio.gather(
+            *(client.post(INTERACT + "?fail=1", json={}, headers=auth) for _ in range(200))
+        )
+        assert {r.status for r in replies} <= {502, 402}
+        assert sum(r.status == 502 for r in replies) >= 20  # at least every paid credit was used
+        await settled(client)
+        assert fake.account(*who("payer"))["credits_remaining"] == 20
+    pools = charges_by_key(fake, "payer")
+    assert refunds(fake, "payer") == sum(pool == "paid" for pool in pools.values())
+    status = await (await client.get(CREDITS, headers=auth)).json()
+    assert status["credits_remaining"] == 20
+
+
+async def test_interleaved_successes_and_failures_spend_exactly_the_successes_on_paid(
+    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
+) -> None:
+    fake = ciris_fake_backend
+    auth = await paid_user(client, fake, ciris_tokens, "mixed", 100)
+    with fake.ledger.lock:
+        fake.ledger.accounts[who("mixed")].free_uses_remaining = 5  # free and paid uses interleave
+    outcomes: dict[str, int] = {}
+    for round_ in range(3):
+        paths = [INTERACT + ("?fail=1" if (i + round_) % 3 else "") for i in range(150)]
+        replies = await asyncio.gather(*(client.post(path, json={}, headers=auth) for path in paths))
+        for reply in replies:
+            if reply.status in (200, 502):
+                outcomes[(await reply.json())["key"]] = reply.status
+        await settled(client)
+    pools = charges_by_key(fake, "mixed")
+    assert set(outcomes) == set(pools)  # every charged request answered, and only those
+    paid_successes = sum(pools[k] == "paid" and s == 200 for k, s in outcomes.items())
+    paid_failures = sum(pools[k] == "paid" and s == 502 for k, s in outcomes.items())
+    assert paid_successes > 0
+    assert paid_failures > 0
+    assert refunds(fake, "mixed") == paid_failures
+    assert fake.account(*who("mixed"))["credits_remaining"] == 100 - paid_successes
+
+
+@pytest.mark.parametrize("fault", ["latency", "latency_after"])
+async def test_charges_that_time_out_one_after_another_are_refunded_exactly(
+    make_client: ClientFactory,
+    ciris_billing_config: BillingConfig,
+    ciris_fake_backend: FakeBillingBackend,
+    ciris_tokens: TokenFactory,
+    fault: str,
+) -> None:
+    """Each charge's reply is lost to a timeout (it lands late, or commits and answers late), so
+    each refund is decided in the background while the next request is being checked and charged."""
+    fake = ciris_fake_backend
+    config = with_options(
+        ciris_billing_config,
+        timeout_seconds=0.3,
+        connect_timeout_seconds=0.2,
+        max_retries=0,
+        reconcile_window_seconds=5.0,
+    )
+    client = await make_client(config, host=keyed_agent)
+    auth = await paid_user(client, fake, ciris_tokens, "slow", 10)
+    # A check that answers a little late: the previous request's refund lands between it and the charge.
+    fake.inject("latency_after", endpoint="credits/check", seconds=0.1)
+    for _ in range(4):
+        fake.inject(fault, endpoint="charges", seconds=0.45, times=3)
+        statuses = [(await client.post(INTERACT, json={}, headers=auth, timeout=5)).status for _ in range(3)]
+        assert statuses == [503, 503, 503]
+        await settled(client)
+        assert fake.account(*who("slow"))["credits_remaining"] == 10
+    assert refunds(fake, "slow") == 12
+
+
+async def test_a_mix_of_slow_failing_and_successful_interactions_under_backend_faults(
+    make_client: ClientFactory,
+    ciris_billing_config: BillingConfig,
+    ciris_fake_backend: FakeBillingBackend,
+    ciris_tokens: TokenFactory,
+) -> None:
+    fake = ciris_fake_backend
+    config = with_options(
+        ciris_billing_config,
+        timeout_seconds=0.4,
+        connect_timeout_seconds=0.2,
+        max_retries=1,
+        reconcile_window_seconds=5.0,
+    )
+    client = await make_client(config, host=keyed_agent)
+    auth = await paid_user(client, fake, ciris_tokens, "chaos", 60)
+    fake.inject("latency_after", endpoint="charges", seconds=0.5, times=10)  # committed, reply lost
+    fake.inject("latency", endpoint="charges", seconds=0.5, times=10)  # lands after the timeout
+    fake.inject("error_500", endpoint="credits", times=15)  # refunds fail for a while
+    fake.inject("error_502", endpoint="transactions", times=15)
+    paths = [INTERACT + ("?fail=1" if i % 2 else "") for i in range(80)]
+    replies = await asyncio.gather(*(client.post(path, json={}, headers=auth, timeout=10) for path in paths))
+    succeeded = {(await r.json())["key"] for r in replies if r.status == 200}
+    await settled(client)
+    pools = charges_by_key(fake, "chaos")
+    paid_kept = sum(pool == "paid" for key, pool in pools.items() if key in succeeded)
+    assert fake.account(*who("chaos"))["credits_remaining"] == 60 - paid_kept
+    paid_charges = sum(pool == "paid" for pool in pools.values())
+    assert refunds(fake, "chaos") == paid_charges - paid_kept  # every other paid charge came back
+
+
+async def test_a_refund_owed_while_the_backend_is_down_is_made_once_it_is_back(
+    client: Any,
+    ciris_fake_backend: FakeBillingBackend,
+    ciris_tokens: TokenFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = ciris_fake_backend
+    auth = await paid_user(client, fake, ciris_tokens, "outage", 5)
+    fake.inject("error_500", endpoint="transactions")
+    fake.inject("error_500", endpoint="credits")
+    with caplog.at_level(logging.INFO, logger="ciris_billing_proxy"):
+        reply = await client.post(INTERACT + "?fail=1", json={}, headers=auth)
+        key = (await reply.json())["key"]
+        await asyncio.sleep(1.0)  # several retries fail meanwhile
+        assert fake.account(*who("outage"))["credits_remaining"] == 4
+        assert fake.calls["transactions"] + fake.calls["credits"] > 2  # tried again, not dropped
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any(key in message for message in warnings)  # the operator can name the request
+        fake.clear_faults()
+        await settled(client)
+    assert fake.account(*who("outage"))["credits_remaining"] == 5
+    status = await (await client.get(CREDITS, headers=auth)).json()
+    assert status["credits_remaining"] == 5  # and the cache shows it
