@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -292,6 +293,21 @@ async def test_a_click_after_the_payment_ended_buys_anew(
     fake.ledger.set_payment_status(two["payment_id"], "canceled")
     later = await (await client.get(STATUS + two["payment_id"], headers=auth)).json()
     assert later["status"] == "canceled"  # the new payment's own fate, not the old one's success
+
+
+async def test_a_click_in_the_same_second_as_a_paid_purchase_buys_anew(
+    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
+) -> None:
+    """The backend answers a purchase in the same second as the last with that (paid) PaymentIntent."""
+    fake = ciris_fake_backend
+    fake.ledger.clock_offset = timedelta(seconds=1.02 - time.time() % 1.0)  # early in a fake second
+    auth = ciris_tokens.headers("rex", email="rex@example.com")
+    one = await (await client.post(INITIATE, json={}, headers=auth)).json()
+    fake.confirm_payment(one["payment_id"])
+    two = await (await client.post(INITIATE, json={}, headers=auth)).json()
+    assert two["payment_id"] != one["payment_id"]
+    assert fake.calls["purchases"] == 3  # the replayed one, then a new one a second later
+    assert fake.ledger.payments[two["payment_id"]].status == "requires_payment_method"
 
 
 async def test_a_declined_card_keeps_the_payment_for_the_next_click(

@@ -424,6 +424,25 @@ class CirisProvider(CreditProvider):
             deadline=deadline,
         )
 
+    async def _new_payment_intent(self, body: dict[str, Any], deadline: float) -> BackendPurchase:
+        reply = await self._call(
+            "POST",
+            "/v1/billing/purchases",
+            endpoint="purchases",
+            idempotent=False,
+            json_body=body,
+            deadline=deadline,
+        )
+        if reply.status == 400:
+            raise InvalidRequest(INVALID_PURCHASE)
+        if reply.status != 201:
+            raise self._unexpected("purchases", reply)  # a 422 means this proxy sent a bad body
+        try:
+            return BackendPurchase.model_validate(reply.body)
+        except ValidationError:
+            logger.error("Billing backend purchases answered a body that does not fit the contract")
+            raise ProviderUnavailable("malformed purchase") from None
+
     async def _purchase(
         self, identity: Identity, return_url: str | None, idempotency_key: str | None
     ) -> PurchaseInitiated:
@@ -438,23 +457,17 @@ class CirisProvider(CreditProvider):
         body = self._who(identity)
         if return_url:
             body["return_url"] = return_url
-        reply = await self._call(
-            "POST",
-            "/v1/billing/purchases",
-            endpoint="purchases",
-            idempotent=False,
-            json_body=body,
-            deadline=deadline,
-        )
-        if reply.status == 400:
-            raise InvalidRequest(INVALID_PURCHASE)
-        if reply.status != 201:
-            raise self._unexpected("purchases", reply)  # a 422 means this proxy sent a bad body
-        try:
-            bought = BackendPurchase.model_validate(reply.body)
-        except ValidationError:
-            logger.error("Billing backend purchases answered a body that does not fit the contract")
-            raise ProviderUnavailable("malformed purchase") from None
+        bought = await self._new_payment_intent(body, deadline)
+        if bought.status not in AWAITING_PAYMENT:
+            # The backend's Stripe idempotency key is `purchase-v3-{account}-{unix second}`: a
+            # purchase in the same second as the last one gets that PaymentIntent back, even when
+            # it has already been paid. A call a whole second after that reply is in a later second
+            # of the backend's clock, whatever its skew from ours, so it makes a new one.
+            await asyncio.sleep(1.0)
+            bought = await self._new_payment_intent(body, deadline)
+            if bought.status not in AWAITING_PAYMENT:
+                logger.error("Billing backend purchases answered a PaymentIntent that cannot be paid")
+                raise ProviderUnavailable("purchase replayed an ended payment", maybe_applied=False)
         publishable_key = bought.publishable_key or publishable_fallback
         if not publishable_key:
             logger.error(
