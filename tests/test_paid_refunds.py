@@ -204,3 +204,35 @@ async def test_a_refund_owed_while_the_backend_is_down_is_made_once_it_is_back(
     assert fake.account(*who("outage"))["credits_remaining"] == 5
     status = await (await client.get(CREDITS, headers=auth)).json()
     assert status["credits_remaining"] == 5  # and the cache shows it
+
+
+async def test_two_agents_on_one_backend_refund_exactly(
+    make_client: ClientFactory,
+    ciris_billing_config: BillingConfig,
+    ciris_fake_backend: FakeBillingBackend,
+    ciris_tokens: TokenFactory,
+    tmp_path: Any,
+) -> None:
+    """Two processes of one agent (two apps, each its own state) serving one user at once: each
+    refund is decided from the backend's listing, which both share, so neither confuses the other."""
+    fake = ciris_fake_backend
+    first = await make_client(ciris_billing_config, host=keyed_agent)
+    other_dir = ciris_billing_config.model_copy(update={"data_dir": tmp_path / "second"})
+    second = await make_client(other_dir, host=keyed_agent)
+    auth = await paid_user(first, fake, ciris_tokens, "twice", 30)
+    succeeded: set[str] = set()
+    for _ in range(2):
+        replies = await asyncio.gather(
+            *(
+                (first if i % 2 else second).post(
+                    INTERACT + ("?fail=1" if i % 3 else ""), json={}, headers=auth
+                )
+                for i in range(120)
+            )
+        )
+        succeeded |= {(await r.json())["key"] for r in replies if r.status == 200}
+        await settled(first)
+        await settled(second)
+    pools = charges_by_key(fake, "twice")
+    paid_kept = sum(pools[key] == "paid" for key in succeeded)
+    assert fake.account(*who("twice"))["credits_remaining"] == 30 - paid_kept
