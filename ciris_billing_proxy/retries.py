@@ -44,7 +44,11 @@ class GiveBackRetries:
         tasks = list(self._pending.items())
         for (_, key), task in tasks:
             task.cancel()
-            logger.warning("Shutting down with the use spent under request key %s not given back", key)
+            logger.warning(
+                "Shutting down: the give-back for request key %s is not retried again; "
+                "its use may not have been given back",
+                key,
+            )
         await asyncio.gather(*(task for _, task in tasks), return_exceptions=True)
 
     async def _retry(self, identity: Identity, key: str) -> None:

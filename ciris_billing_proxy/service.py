@@ -73,10 +73,11 @@ class BillingService:
             yield
         finally:
             await self.cache.aclose()
+            # Retries first: one cancelled mid-call leaves its call among the money tasks, drained next.
+            await self.retries.aclose()
             # A finishing task may start another (a give-back after a spend): drain until none is left.
             while self._money_tasks:
                 await asyncio.gather(*list(self._money_tasks), return_exceptions=True)
-            await self.retries.aclose()
             await self.provider.stop()
 
     async def credit_status(self, identity: Identity) -> CreditStatus:

@@ -236,3 +236,20 @@ async def test_two_agents_on_one_backend_refund_exactly(
     pools = charges_by_key(fake, "twice")
     paid_kept = sum(pools[key] == "paid" for key in succeeded)
     assert fake.account(*who("twice"))["credits_remaining"] == 30 - paid_kept
+
+
+async def test_shutdown_with_a_give_back_still_owed_is_prompt_and_names_it(
+    client: Any,
+    ciris_fake_backend: FakeBillingBackend,
+    ciris_tokens: TokenFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = ciris_fake_backend
+    auth = await paid_user(client, fake, ciris_tokens, "leaving", 3)
+    fake.inject("error_500", endpoint="transactions")
+    reply = await client.post(INTERACT + "?fail=1", json={}, headers=auth)
+    key = (await reply.json())["key"]
+    assert len(client.app[SERVICE_KEY].retries) == 1
+    with caplog.at_level(logging.WARNING):
+        await asyncio.wait_for(client.close(), 10)
+    assert any(key in r.getMessage() and "not retried again" in r.getMessage() for r in caplog.records)
