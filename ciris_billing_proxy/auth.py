@@ -6,7 +6,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from hashlib import blake2b
 from typing import Any, Final
 
@@ -149,12 +149,22 @@ class TokenVerifier:
             expires_at=float(exp),
         )
 
-    def issue(self, user_id: str, *, role: str, email: str | None = None, now: float | None = None) -> str:
-        """Sign a token for a user this agent has authenticated itself (the login route)."""
+    def issue(
+        self,
+        user_id: str,
+        *,
+        role: str,
+        email: str | None = None,
+        now: float | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Sign a token for a user this agent has authenticated itself (the auth routes). `extra`
+        claims cannot replace the ones set here."""
         if self._signing_key is None:
             raise ConfigError("issuing tokens needs the JWT secret (HS*) or a private key")
         issued = int(time.time() if now is None else now)
         claims: dict[str, Any] = {
+            **(extra or {}),
             "sub": user_id,
             "role": role,
             "iat": issued,

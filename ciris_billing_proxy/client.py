@@ -29,12 +29,16 @@ from .models import (
     PurchaseInitiatedReply,
     PurchaseStatusReply,
     TransactionPageReply,
+    UserInfoReply,
 )
 
 M = TypeVar("M", bound=BaseModel)
 
 DEFAULT_PREFIX: Final = "/v1/api/billing"
 LOGIN_PATH: Final = "/v1/auth/login"
+LOGOUT_PATH: Final = "/v1/auth/logout"
+REFRESH_PATH: Final = "/v1/auth/refresh"
+ME_PATH: Final = "/v1/auth/me"
 FAILED_STATES: Final = frozenset({"failed", "canceled"})
 MAX_REPLY_BYTES: Final = 1024 * 1024
 
@@ -186,6 +190,20 @@ class BillingClient:
         self.token = reply.access_token
         return reply
 
+    async def logout(self) -> None:
+        """Revoke the current token on the agent, and forget it."""
+        await self.request("POST", LOGOUT_PATH)
+        self.token = None
+
+    async def refresh(self) -> LoginReply:
+        """Trade the current token for a new one (the agent revokes the old one); keeps the new one."""
+        reply = _parse(LoginReply, await self.request("POST", REFRESH_PATH, json_body={}))
+        self.token = reply.access_token
+        return reply
+
+    async def me(self) -> UserInfoReply:
+        return _parse(UserInfoReply, await self.request("GET", ME_PATH))
+
     async def get_credits(self) -> CreditStatusReply:
         return _parse(CreditStatusReply, await self.request("GET", f"{self.prefix}/credits"))
 
@@ -255,9 +273,9 @@ class BillingClient:
         auth: bool = True,
         unwrap: bool = True,
     ) -> Any:
-        """One call; the decoded JSON of a 2xx reply, or a typed error. Public for tools (the QA
-        command) that check replies field by field rather than through the models. With `unwrap`,
-        a `{"data": {...}}` envelope is opened, as the CIRIS SDK does."""
+        """One call; the decoded JSON of a 2xx reply (None for a 204), or a typed error. Public for
+        tools (the QA command) that check replies field by field rather than through the models.
+        With `unwrap`, a `{"data": {...}}` envelope is opened, as the CIRIS SDK does."""
         status, body = await self._send(method, path, json_body, params, headers, auth, unwrap)
         if status == 401 and auth and self._on_unauthorized is not None:
             await self._on_unauthorized(self)
@@ -307,7 +325,8 @@ class BillingClient:
         except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
             # A non-JSON error page is summarised, not passed on whole (it may be a long HTML page).
             body = f"{content_type or 'unknown type'} reply of {len(raw)} bytes"
-        if 200 <= status < 300 and not isinstance(body, dict):
+        # 204 has no body by definition (some agents answer logout with it).
+        if 200 <= status < 300 and status != 204 and not isinstance(body, dict):
             raise InvalidReplyError(f"{method} {path} answered {status} without a JSON object")
         if unwrap and isinstance(body, dict) and set(body) == {"data"} and isinstance(body["data"], dict):
             body = body["data"]

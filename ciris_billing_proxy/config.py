@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, Final, Self
 
@@ -109,6 +110,13 @@ class BillingConfig(BaseModel):
     give_back_retry_max_seconds: float = Field(default=10.0, gt=0, le=300)
     gate_bypass_roles: frozenset[str] = frozenset()
     protected_paths: tuple[str, ...] = ()
+    #: Failed logins that lock a username, and a client address, for the rest of the window (0: no
+    #: limit); see `throttle.MemoryLoginThrottle`.
+    login_max_failures_per_user: int = Field(default=5, ge=0, le=1_000_000)
+    login_max_failures_per_address: int = Field(default=20, ge=0, le=1_000_000)
+    login_failure_window_seconds: int = Field(default=900, ge=1, le=7 * 24 * 3600)
+    #: Reverse proxies whose `X-Forwarded-For` is believed (addresses or CIDR networks); none by default.
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
 
     @field_validator("prefix")
     @classmethod
@@ -132,6 +140,17 @@ class BillingConfig(BaseModel):
             if not path.startswith("/"):
                 raise ValueError(f"protected path {path!r} must start with '/'")
         return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> object:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            return value
+        try:
+            return tuple(ip_network(item) if isinstance(item, str) else item for item in items)
+        except ValueError as exc:  # e.g. "10.0.0.1/8 has host bits set"
+            raise ValueError(str(exc)) from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: Any) -> BillingConfig:
@@ -196,6 +215,10 @@ ENV_VARS: Final[dict[str, tuple[str, str, str]]] = {
     "CIRIS_GIVE_BACK_RETRY_MAX_SECONDS": ("top", "give_back_retry_max_seconds", "float"),
     "CIRIS_GATE_BYPASS_ROLES": ("top", "gate_bypass_roles", "list"),
     "CIRIS_PROTECTED_PATHS": ("top", "protected_paths", "list"),
+    "CIRIS_LOGIN_MAX_FAILURES_PER_USER": ("top", "login_max_failures_per_user", "int"),
+    "CIRIS_LOGIN_MAX_FAILURES_PER_ADDRESS": ("top", "login_max_failures_per_address", "int"),
+    "CIRIS_LOGIN_FAILURE_WINDOW_SECONDS": ("top", "login_failure_window_seconds", "int"),
+    "CIRIS_TRUSTED_PROXIES": ("top", "trusted_proxies", "list"),
 }
 
 

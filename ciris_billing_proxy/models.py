@@ -1,4 +1,4 @@
-"""Wire models: every request body and reply of the billing and login routes.
+"""Wire models: every request body and reply of the billing and auth routes.
 
 The reply models enforce what existing clients rely on (`../shared/spec/COMPATIBILITY.md`): the seven
 `/credits` fields are always present, integers are never null or negative, and the credit fields agree
@@ -175,6 +175,27 @@ class LoginReply(_Reply):
     expires_in: int
     user_id: str
     role: str
+
+
+class RefreshRequest(_Request):
+    """`POST /v1/auth/refresh` body: empty, `{}`, or the CIRIS SDK's `{"refresh_token": ...}`, whose
+    value is not used: the bearer token is what gets refreshed."""
+
+    refresh_token: str | None = Field(default=None, max_length=4096)
+
+
+class LogoutReply(_Reply):
+    status: Literal["logged_out"] = "logged_out"
+
+
+class UserInfoReply(_Reply):
+    """`GET /v1/auth/me`, as the CIRIS SDK's `UserInfo` reads it (`created_at` in ISO 8601)."""
+
+    user_id: str
+    username: str
+    role: str
+    permissions: list[str]
+    created_at: str
 
 
 class InteractRequest(_Request):

@@ -8,14 +8,15 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from .auth import VERIFIER_KEY, TokenVerifier, auth_middleware, token_check
-from .bodies import expect_continue
+from .auth_routes import add_auth_routes
 from .config import BillingConfig, ConfigError
 from .errors import error_middleware
-from .login import AUTHENTICATOR_KEY, DEFAULT_LOGIN_PATH, Authenticator, login
+from .login import DEFAULT_LOGIN_PATH, Authenticator
 from .providers.base import CreditProvider, ProviderContext
 from .providers.registry import create_provider
 from .routes import add_routes
 from .service import SERVICE_KEY, BillingService
+from .throttle import LoginThrottle
 
 
 def setup_billing(
@@ -25,6 +26,7 @@ def setup_billing(
     provider: CreditProvider | None = None,
     authenticate: Authenticator | None = None,
     login_path: str = DEFAULT_LOGIN_PATH,
+    login_throttle: LoginThrottle | None = None,
     subapp: bool = True,
     environ: Mapping[str, str] | None = None,
 ) -> BillingService:
@@ -35,7 +37,9 @@ def setup_billing(
       middlewares are appended to `app`, scoped to the prefix by path.
     * `config.protected_paths` also require a valid token on the host's own routes.
     * `provider` overrides the entry-point lookup of `config.provider`.
-    * `authenticate` enables `POST {login_path}`, issuing tokens signed with the configured key.
+    * `authenticate` enables `POST {login_path}`, issuing tokens signed with the configured key, and
+      logout, refresh and me beside it. Failed logins are throttled in memory by the config's
+      limits, or by `login_throttle` (e.g. one shared by several processes).
 
     Everything is validated here, so bad configuration fails at startup, not on the first request.
     """
@@ -60,8 +64,7 @@ def setup_billing(
     if config.protected_paths:
         app.middlewares.append(auth_middleware(verifier, config.protected_paths))
     if authenticate is not None:
-        app[AUTHENTICATOR_KEY] = authenticate
-        app.router.add_route("*", login_path, login, expect_handler=expect_continue)
+        add_auth_routes(app.router, config, verifier, authenticate, login_path, login_throttle)
 
     check = token_check(verifier)
     if subapp:

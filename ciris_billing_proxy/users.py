@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .login import AuthenticatedUser
@@ -61,6 +62,8 @@ class StoredUser:
     password_hash: str
     role: str = "OBSERVER"
     email: str | None = None
+    #: ISO 8601, UTC; None for users saved before it was recorded.
+    created_at: str | None = None
 
 
 class UserStore:
@@ -77,7 +80,8 @@ class UserStore:
         return len(self._users)
 
     def add(self, username: str, password: str, *, role: str = "OBSERVER", email: str | None = None) -> None:
-        self._users[username] = StoredUser(username, hash_password(password), role.upper(), email)
+        created = datetime.now(UTC).isoformat(timespec="seconds")
+        self._users[username] = StoredUser(username, hash_password(password), role.upper(), email, created)
 
     async def authenticate(self, username: str, password: str) -> AuthenticatedUser | None:
         user = self._users.get(username)
@@ -87,7 +91,8 @@ class UserStore:
             ok = await asyncio.to_thread(verify_password, password, encoded)
         if not ok or user is None:
             return None
-        return AuthenticatedUser(user_id=user.username, role=user.role, email=user.email)
+        created = datetime.fromisoformat(user.created_at) if user.created_at else None
+        return AuthenticatedUser(user_id=user.username, role=user.role, email=user.email, created_at=created)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

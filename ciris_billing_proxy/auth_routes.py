@@ -1,0 +1,135 @@
+"""The auth routes beside login: `POST logout`, `POST refresh` and `GET me` (the CIRIS SDK's
+`client.auth.logout()`, `refresh_token()` and `get_current_user()`), and their registration.
+
+Each needs a valid bearer token (401 JSON otherwise) and answers a bare JSON object.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import jwt
+from aiohttp import web
+
+from .auth import AuthError, TokenVerifier, bearer_token
+from .bodies import expect_continue, read_model
+from .config import BillingConfig
+from .errors import http_error
+from .identity import Identity
+from .login import (
+    CREATED_AT_CLAIM,
+    MAX_LOGIN_BODY,
+    Authenticator,
+    LoginRoute,
+    json_errors,
+    require_method,
+    token_reply,
+)
+from .models import LogoutReply, RefreshRequest, UserInfoReply
+from .routes import json_reply
+from .throttle import LoginThrottle, MemoryLoginThrottle
+
+#: What every signed-in user may do through this package; its own routes check nothing finer.
+USER_PERMISSIONS: Final = ("view_billing", "purchase_credits")
+#: Added for roles in `gate_bypass_roles`, which the credit gate does not charge.
+BYPASS_PERMISSION: Final = "bypass_credit_gate"
+#: Claims a refreshed token keeps: they decide whose account the token is (`oauth_provider` is the
+#: identity namespace, so dropping it would move the user to another account) or what `me` shows.
+CARRIED_CLAIMS: Final = (CREATED_AT_CLAIM, "oauth_provider", "tenant", "tenant_id")
+_LAST_TIMESTAMP = 253_402_300_799  # 9999-12-31T23:59:59Z: datetime's limit
+
+
+class SessionRoutes:
+    def __init__(self, verifier: TokenVerifier, config: BillingConfig) -> None:
+        self._verifier = verifier
+        self._bypass_roles = config.gate_bypass_roles
+
+    async def logout(self, request: web.Request) -> web.Response:
+        """Revoke exactly the presented token. 200 with a JSON object rather than 204: older CIRIS
+        SDKs parse every success reply as JSON."""
+        require_method(request, "POST")
+        token, _identity = self._caller(request)
+        self._verifier.revoke(token)
+        return json_reply(LogoutReply())
+
+    async def refresh(self, request: web.Request) -> web.Response:
+        require_method(request, "POST")
+        self._caller(request)
+        await read_model(request, RefreshRequest, MAX_LOGIN_BODY, empty_ok=True)
+        # Checked again: a logout of this token may have landed while the body was read.
+        token, identity = self._caller(request)
+        claims = _claims(token)
+        extra: dict[str, Any] = {name: claims[name] for name in CARRIED_CLAIMS if name in claims}
+        reply = token_reply(self._verifier, identity.user_id, identity.role, identity.email, extra)
+        self._verifier.revoke(token)
+        return reply
+
+    async def me(self, request: web.Request) -> web.Response:
+        require_method(request, "GET")
+        token, identity = self._caller(request)
+        claims = _claims(token)
+        created = _timestamp(claims.get(CREATED_AT_CLAIM)) or _timestamp(claims.get("iat")) or time.time()
+        permissions = [*USER_PERMISSIONS]
+        if identity.role in self._bypass_roles:
+            permissions.append(BYPASS_PERMISSION)
+        return json_reply(
+            UserInfoReply(
+                user_id=identity.user_id,
+                username=identity.user_id,
+                role=identity.role,
+                permissions=permissions,
+                created_at=datetime.fromtimestamp(created, UTC).isoformat(),
+            )
+        )
+
+    async def expect_authenticated(self, request: web.Request) -> None:
+        """`Expect: 100-continue` is granted only to a valid token."""
+        self._caller(request)
+        await expect_continue(request)
+
+    def _caller(self, request: web.Request) -> tuple[str, Identity]:
+        token = bearer_token(request)
+        try:
+            return token, self._verifier.verify(token)
+        except AuthError as exc:
+            raise http_error(401, exc.detail, {"WWW-Authenticate": 'Bearer error="invalid_token"'}) from None
+
+
+def _claims(token: str) -> dict[str, Any]:
+    # Only for a token `verify` has just accepted: the identity keeps what billing needs, not
+    # `iat` or the claims a refresh carries over.
+    claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    return claims
+
+
+def _timestamp(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if 0 < value <= _LAST_TIMESTAMP else None
+
+
+def add_auth_routes(
+    router: web.UrlDispatcher,
+    config: BillingConfig,
+    verifier: TokenVerifier,
+    authenticate: Authenticator,
+    login_path: str,
+    throttle: LoginThrottle | None = None,
+) -> None:
+    """Login at `login_path`; logout, refresh and me beside it (`/v1/auth/login` gives
+    `/v1/auth/logout`, `/v1/auth/refresh`, `/v1/auth/me`)."""
+    base = login_path.rstrip("/").rsplit("/", 1)[0]
+    login = LoginRoute(
+        authenticate,
+        verifier,
+        throttle or MemoryLoginThrottle.from_config(config),
+        config.trusted_proxies,
+    )
+    sessions = SessionRoutes(verifier, config)
+    authenticated = sessions.expect_authenticated
+    router.add_route("*", login_path, json_errors(login.login), expect_handler=expect_continue)
+    router.add_route("*", f"{base}/logout", json_errors(sessions.logout), expect_handler=authenticated)
+    router.add_route("*", f"{base}/refresh", json_errors(sessions.refresh), expect_handler=authenticated)
+    router.add_route("*", f"{base}/me", json_errors(sessions.me), expect_handler=authenticated)
