@@ -6,6 +6,7 @@ billing = setup_billing(app, BillingConfig.from_env())
 """
 
 from .auth import get_identity
+from .bodies import expect_continue
 from .config import BillingConfig, ConfigError, JWTConfig
 from .errors import (
     BillingDisabled,
@@ -49,6 +50,7 @@ __all__ = [
     "__version__",
     "credit_gate",
     "error_middleware",
+    "expect_continue",
     "get_identity",
     "setup_billing",
 ]

@@ -19,7 +19,8 @@ from jwt.algorithms import get_default_algorithms
 from .config import BillingConfig, ConfigError, JWTConfig
 from .errors import NOT_AUTHENTICATED, http_error
 from .identity import Identity
-from .paths import under
+from .lookup import setup_value
+from .paths import PathScope, as_scope
 
 IDENTITY_KEY: Final = web.RequestKey("ciris_billing_proxy.identity", Identity)
 
@@ -260,7 +261,7 @@ def get_identity(request: web.Request) -> Identity:
     elsewhere the token is verified here, so a host route that calls this is protected by calling it.
     Raises a 401 JSON error when there is no valid token.
     """
-    return authenticate(request, request.config_dict[VERIFIER_KEY])
+    return authenticate(request, setup_value(request, VERIFIER_KEY))
 
 
 def token_check(verifier: TokenVerifier) -> Callable[[web.Request], None]:
@@ -275,13 +276,14 @@ def token_check(verifier: TokenVerifier) -> Callable[[web.Request], None]:
     return check
 
 
-def auth_middleware(verifier: TokenVerifier, path_prefixes: tuple[str, ...]) -> Middleware:
-    """Require a valid token on the host's own paths under the given prefixes."""
+def auth_middleware(verifier: TokenVerifier, path_prefixes: tuple[str, ...] | PathScope) -> Middleware:
+    """Require a valid token on the host's own paths under the given prefixes (see `error_middleware`)."""
     check = token_check(verifier)
+    scope = as_scope(path_prefixes)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if under(request.path, path_prefixes):
+        if scope.covers(request.path):
             check(request)
         return await handler(request)
 

@@ -8,13 +8,17 @@ from typing import TypeVar
 from aiohttp import HttpVersion11, web
 from pydantic import BaseModel, ValidationError
 
-from .errors import http_error
+from .errors import client_gone, http_error
 
 M = TypeVar("M", bound=BaseModel)
 
 
 async def expect_continue(request: web.Request) -> None:
-    """aiohttp's `Expect: 100-continue` handling, with a JSON 417 for any other expectation."""
+    """aiohttp's `Expect: 100-continue` handling, with a JSON 417 for any other expectation.
+
+    aiohttp runs a route's expect handler before any middleware, so its default 417 is plain text
+    whatever error middleware the app has: pass this as `expect_handler=` to get JSON.
+    """
     expect = request.headers.get("Expect", "")
     if expect.lower() != "100-continue":
         raise http_error(417, "Only 'Expect: 100-continue' is supported")
@@ -30,11 +34,14 @@ async def read_body(request: web.Request, max_bytes: int) -> bytes:
         raise http_error(413, f"Request body too large (limit {max_bytes} bytes)")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > max_bytes:
-            raise http_error(413, f"Request body too large (limit {max_bytes} bytes)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > max_bytes:
+                raise http_error(413, f"Request body too large (limit {max_bytes} bytes)")
+            chunks.append(chunk)
+    except ConnectionError:  # the client closed the connection before sending the whole body
+        raise client_gone(request) from None
     return b"".join(chunks)
 
 

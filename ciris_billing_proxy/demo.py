@@ -16,7 +16,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .auth import get_identity
-from .bodies import read_model
+from .bodies import expect_continue, read_model
 from .config import BillingConfig
 from .errors import error_middleware
 from .gate import credit_gate
@@ -55,7 +55,8 @@ def create_demo_app(
 ) -> web.Application:
     app = web.Application(middlewares=[error_middleware()])
     setup_billing(app, config, authenticate=users.authenticate, environ=environ)
-    app.router.add_post("/v1/agent/interact", interact)
+    # JSON 417 for an unknown `Expect:`; aiohttp's default answers before any middleware, in text.
+    app.router.add_post("/v1/agent/interact", interact, expect_handler=expect_continue)
     app.router.add_get("/health", health)
     return app
 

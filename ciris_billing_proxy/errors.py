@@ -14,7 +14,7 @@ from typing import Any, Final
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from .paths import under
+from .paths import PathScope, as_scope
 
 logger = logging.getLogger("ciris_billing_proxy")
 
@@ -25,6 +25,7 @@ PAYMENT_NOT_FOUND: Final = "Payment not found"
 BILLING_UNAVAILABLE: Final = "Billing service unavailable"
 CREDIT_PROVIDER_UNAVAILABLE: Final = "Credit provider unavailable"
 INTERNAL_ERROR: Final = "Internal server error"
+CLIENT_GONE: Final = "The client closed the connection"
 
 
 class BillingError(Exception):
@@ -104,8 +105,15 @@ def to_http(exc: BillingError, *, gate: bool = False) -> HTTPJSONError:
     return http_error(503, CREDIT_PROVIDER_UNAVAILABLE if gate else BILLING_UNAVAILABLE)
 
 
+def client_gone(request: web.Request) -> HTTPJSONError:
+    """The reply to a request whose client has gone away: nobody reads it, but the access log shows
+    a 400, not a 500. Clients close connections all the time, so this is one DEBUG line, no traceback."""
+    logger.debug("The client closed the connection during %s %s", request.method, request.path)
+    return http_error(400, CLIENT_GONE)
+
+
 def error_middleware(
-    path_prefixes: tuple[str, ...] | None = None,
+    path_prefixes: tuple[str, ...] | PathScope | None = None,
     *,
     before: Callable[[web.Request], None] | None = None,
 ) -> Middleware:
@@ -113,14 +121,19 @@ def error_middleware(
 
     A `BillingError` becomes its reply (`to_http`); aiohttp's own 404/405/413 become JSON with the
     same status; any other exception becomes a 500 "Internal server error" whose body reveals
-    nothing (the traceback goes to the log only). `before(request)`, if given, runs first inside
+    nothing (the traceback goes to the log only), unless it is the client's connection failing
+    because the client went away (`client_gone`). `before(request)`, if given, runs first inside
     the same handling: the billing prefix passes its auth check here, so every billing request goes
     through one middleware layer instead of two.
+
+    A tuple of prefixes is matched against the full request path; `setup_billing` passes a
+    `PathScope` it rebases onto the application's mount point at startup.
     """
+    scope = None if path_prefixes is None else as_scope(path_prefixes)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if path_prefixes is not None and not under(request.path, path_prefixes):
+        if scope is not None and not scope.covers(request.path):
             return await handler(request)
         try:
             if before is not None:
@@ -135,7 +148,11 @@ def error_middleware(
                 raise
             headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
             raise http_error(exc.status, exc.reason, headers) from None
-        except Exception:
+        except Exception as exc:
+            # A ConnectionError may also come from a connection the handler made itself; only a
+            # closed client connection makes it the client's doing.
+            if isinstance(exc, ConnectionError) and request.transport is None:
+                raise client_gone(request) from None
             logger.exception("Unhandled error in %s %s", request.method, request.path)
             raise http_error(500, INTERNAL_ERROR) from None
 

@@ -23,6 +23,7 @@ from aiohttp.typedefs import Handler
 from .auth import get_identity
 from .errors import BillingError, to_http
 from .identity import Identity
+from .lookup import setup_value
 from .service import SERVICE_KEY, BillingService
 
 logger = logging.getLogger("ciris_billing_proxy")
@@ -34,7 +35,7 @@ SPEND_KEY: Final = web.RequestKey("ciris_billing_proxy.spend_key", str)
 def credit_gate(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def gated(request: web.Request) -> web.StreamResponse:
-        service = request.config_dict[SERVICE_KEY]
+        service = setup_value(request, SERVICE_KEY)
         identity = get_identity(request)
         if identity.role in service.config.gate_bypass_roles:
             return await handler(request)

@@ -1,9 +1,47 @@
-"""Which request paths a prefix covers: the one rule for every prefix-scoped middleware."""
+"""Which request paths a prefix covers, relative to the application it was configured on.
+
+`request.path` is the full path: an application mounted with `outer.add_subapp("/agent", app)` sees
+`/agent/health` for its own `/health`. Prefixes are therefore rebased onto the application's mount
+point once, at startup, when every mount is known; matching a request is then a plain string test.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 
-def under(path: str, prefixes: tuple[str, ...]) -> bool:
-    """True for a prefix itself and anything below it (`/v1/agent` covers `/v1/agent/x`, not
-    `/v1/agents`)."""
-    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)
+from aiohttp import web
+
+
+class PathScope:
+    """Prefixes such as `/v1/agent`: each covers itself and anything below it (`/v1/agent/x`, not
+    `/v1/agents`); `/` covers everything."""
+
+    __slots__ = ("_below", "_exact", "_relative")
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        self._relative = tuple(p.rstrip("/") for p in prefixes)
+        self.rebase("")
+
+    def rebase(self, mount: str) -> None:
+        """Match the prefixes under `mount`, the path the application is mounted at."""
+        absolute = [mount + p for p in self._relative]
+        self._exact = frozenset(absolute)
+        self._below = tuple(p + "/" for p in absolute)
+
+    def covers(self, path: str) -> bool:
+        return path in self._exact or path.startswith(self._below)
+
+
+def as_scope(prefixes: Sequence[str] | PathScope) -> PathScope:
+    """A scope as given, or one for prefixes matched against the full request path."""
+    return prefixes if isinstance(prefixes, PathScope) else PathScope(tuple(prefixes))
+
+
+def mount_point(resource: web.AbstractResource, registered_at: str) -> str:
+    """The path the application holding `resource` (added at `registered_at`) is mounted at: "" at
+    the top or on a domain (`add_domain`), `/agent` under `add_subapp("/agent", ...)`, at any depth.
+
+    aiohttp prefixes every resource of a sub-application when it is mounted (which is how `url_for`
+    gives full paths), so the mount point is what now precedes the path the resource was added at.
+    """
+    return resource.canonical.removesuffix(registered_at)

@@ -83,12 +83,18 @@ def _int_query(request: web.Request, name: str, default: int, *, low: int, high:
     return value
 
 
-def add_routes(router: web.UrlDispatcher, service: BillingService, prefix: str = "") -> None:
-    """Add the billing routes to `router`, each path under `prefix` (empty inside the sub-app)."""
+def add_routes(router: web.UrlDispatcher, service: BillingService, prefix: str = "") -> web.AbstractResource:
+    """Add the billing routes to `router`, each path under `prefix` (empty inside the sub-app).
+
+    Returns the `/credits` resource: mounting the application prefixes it like every other one,
+    which is how `setup_billing` learns where the routes ended up.
+    """
     routes = BillingRoutes(service)
-    router.add_get(f"{prefix}/credits", routes.get_credits)
+    credits = router.add_get(f"{prefix}/credits", routes.get_credits).resource
     router.add_post(
         f"{prefix}/purchase/initiate", routes.initiate_purchase, expect_handler=routes.expect_authenticated
     )
     router.add_get(f"{prefix}/purchase/status/{{payment_id}}", routes.purchase_status)
     router.add_get(f"{prefix}/transactions", routes.transactions)
+    assert credits is not None  # a route added by path always has its resource
+    return credits

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 
@@ -12,6 +12,7 @@ from .auth_routes import add_auth_routes
 from .config import BillingConfig, ConfigError
 from .errors import error_middleware
 from .login import DEFAULT_LOGIN_PATH, Authenticator
+from .paths import PathScope, mount_point
 from .providers.base import CreditProvider, ProviderContext
 from .providers.registry import create_provider
 from .routes import add_routes
@@ -41,10 +42,19 @@ def setup_billing(
       logout, refresh and me beside it. Failed logins are throttled in memory by the config's
       limits, or by `login_throttle` (e.g. one shared by several processes).
 
+    Paths are relative to `app`: mounted with `outer.add_subapp("/agent", app)`, the routes are
+    served at `/agent{prefix}` and `/agent{protected path}` needs a token. Call this before `app` is
+    mounted or started.
+
     Everything is validated here, so bad configuration fails at startup, not on the first request.
     """
     if SERVICE_KEY in app:
         raise ConfigError("setup_billing() was already called for this application")
+    if app.pre_frozen:
+        raise ConfigError(
+            "setup_billing() must be called before the application is mounted (add_subapp, "
+            "add_domain) or started"
+        )
     verifier = TokenVerifier(config)
     if authenticate is not None and not config.jwt.can_issue:
         raise ConfigError("the login route needs a JWT secret (HS*) or a private key to sign with")
@@ -61,8 +71,10 @@ def setup_billing(
     app[SERVICE_KEY] = service
     app[VERIFIER_KEY] = verifier
     app.cleanup_ctx.append(service.lifespan)
+    scopes: list[PathScope] = []
     if config.protected_paths:
-        app.middlewares.append(auth_middleware(verifier, config.protected_paths))
+        scopes.append(PathScope(config.protected_paths))
+        app.middlewares.append(auth_middleware(verifier, scopes[-1]))
     if authenticate is not None:
         add_auth_routes(app.router, config, verifier, authenticate, login_path, login_throttle)
 
@@ -71,9 +83,27 @@ def setup_billing(
         billing = web.Application(middlewares=[error_middleware(before=check)])
         billing[SERVICE_KEY] = service
         billing[VERIFIER_KEY] = verifier
-        add_routes(billing.router, service)
+        anchor = add_routes(billing.router, service)
         app.add_subapp(config.prefix, billing)
     else:
-        app.middlewares.append(error_middleware((config.prefix,), before=check))
-        add_routes(app.router, service, config.prefix)
+        scopes.append(PathScope((config.prefix,)))
+        app.middlewares.append(error_middleware(scopes[-1], before=check))
+        anchor = add_routes(app.router, service, config.prefix)
+    if scopes:
+        app.on_startup.append(_rebase_on_mount(anchor, scopes))
     return service
+
+
+def _rebase_on_mount(
+    anchor: web.AbstractResource, scopes: list[PathScope]
+) -> Callable[[web.Application], Awaitable[None]]:
+    """An `on_startup` hook. aiohttp refuses mounts once startup has begun, so the mount point is
+    final here: it is worked out once, not on each request."""
+    registered_at = anchor.canonical
+
+    async def rebase(_app: web.Application) -> None:
+        mount = mount_point(anchor, registered_at)
+        for scope in scopes:
+            scope.rebase(mount)
+
+    return rebase
