@@ -1,4 +1,4 @@
-"""The `ciris` provider: paid credits through the CIRIS Billing backend (`BILLING_BACKEND.md`).
+"""The `ciris` provider: paid credits through the CIRIS Billing backend (`docs/billing-backend.md`).
 
 Calls it makes, each as the contract describes:
   POST /v1/billing/credits/check        credit status (and account creation) for one identity
@@ -274,7 +274,7 @@ class CirisProvider(CreditProvider):
         if reply.status == 201:
             balance_after = reply.body.get("balance_after")
             record = self._charged[slot]
-            # Free uses leave the paid balance as it was (BILLING_BACKEND.md 3.2): only a charge
+            # Free uses leave the paid balance as it was (docs/billing-backend.md 3.2): only a charge
             # that lowered it took a paid credit, and only such a charge may be refunded.
             record.paid = isinstance(balance_after, int) and balance_after < record.paid_before
             return
