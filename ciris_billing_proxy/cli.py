@@ -13,11 +13,23 @@ from pathlib import Path
 
 from aiohttp import web
 
+from . import __version__
 from .config import BillingConfig, ConfigError, default_data_dir
-from .demo import CreatedUser, create_demo_app, load_or_create_secret, load_or_create_users, save_users
+from .demo import (
+    USERS_FILE,
+    CreatedUser,
+    create_demo_app,
+    load_or_create_secret,
+    load_or_create_users,
+    save_users,
+    saved_usernames,
+)
 from .qa import QAError, print_report, run_qa
 from .testing.fake_backend import FakeBillingBackend
 from .users import UserStore
+
+#: Seconds `serve` gives a connection to send a complete request head (see `make_runner`).
+DEFAULT_IDLE_TIMEOUT = 30.0
 
 
 def _user(value: str) -> tuple[str, str, str | None]:
@@ -51,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ciris-billing-proxy", description="Agent billing proxy for aiohttp applications."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser(
         "serve",
@@ -69,10 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="a login for this run (repeatable); without it a demo user is created once",
     )
     serve.add_argument("--data-dir", type=Path, default=None, help="where state is kept")
+    serve.add_argument(
+        "--idle-timeout",
+        type=_seconds,
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection that has not sent a complete request head this long after it opened "
+        f"or after its last response (default {DEFAULT_IDLE_TIMEOUT:g})",
+    )
     qa = commands.add_parser(
         "qa",
         help="run the billing QA checklist against a running agent",
-        description="Check an agent's billing routes against BILLING_API.md: PASS / SKIP / FAIL per step. "
+        description="Check an agent's billing routes against the billing API (docs/billing-api.md in the "
+        "ciris-billing-proxy repository): PASS / SKIP / FAIL per step. "
         "Exits 0 only when nothing failed.",
     )
     qa.add_argument("--url", required=True, help="the agent's base URL, e.g. http://127.0.0.1:8000")
@@ -185,9 +207,17 @@ async def _start(
         if created is not None:
             # Saved only now that the app is valid, so a user is never kept whose password was not shown.
             save_users(users, config.data_dir)
+            # Bare, not repr-quoted: the value is pasted into a shell or a login form as printed.
             print(
-                f"Created demo user {created.username!r} with password {created.password!r}\n"
+                f"Created demo user {created.username} with password {created.password}\n"
                 f"  (shown once; only its hash is kept in {config.data_dir})"
+            )
+        elif not args.user:
+            names = ", ".join(saved_usernames(config.data_dir)) or "none"
+            print(
+                f"Demo users: {names} (created earlier; password not shown again)\n"
+                f"  Lost it? Stop the server, delete {config.data_dir / USERS_FILE} and start again, "
+                "or run serve --user NAME:PASSWORD"
             )
         if fake is not None:
             print(
@@ -195,14 +225,30 @@ async def _start(
                 f"  confirm a payment: curl -X POST {fake.url}/_fake/payments/PAYMENT_ID/confirm\n"
                 f"  fail or cancel one: .../PAYMENT_ID/fail, .../PAYMENT_ID/cancel"
             )
-        return await _run(app, args.host, args.port, config)
+        return await _run(make_runner(app, idle_timeout=args.idle_timeout), args.host, args.port, config)
     finally:
         if fake is not None:
             await fake.stop()
 
 
-async def _run(app: web.Application, host: str, port: int, config: BillingConfig) -> int:
-    runner = web.AppRunner(app, handle_signals=False)
+def make_runner(app: web.Application, *, idle_timeout: float) -> web.AppRunner:
+    """The runner `serve` uses (tests serve their apps with the same one)."""
+    return web.AppRunner(
+        app,
+        handle_signals=False,
+        # A client that hangs up after sending its request still gets its interaction run, and pays
+        # for it. Cancelling instead would give the use back for work that was done (a hang-up just
+        # before the reply would make interactions with side effects free) and would interrupt
+        # handlers at any await. aiohttp's default too, made explicit because the gate depends on it.
+        handler_cancellation=False,
+        # aiohttp arms this timer when a connection opens and again after each response, and closes
+        # the connection if no complete request head has arrived when it fires: one bound for idle
+        # keep-alive connections, connections that never send, and heads trickled byte by byte.
+        keepalive_timeout=idle_timeout,
+    )
+
+
+async def _run(runner: web.AppRunner, host: str, port: int, config: BillingConfig) -> int:
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

@@ -5,9 +5,10 @@
         credits = await client.get_credits()
 
 Replies are parsed with the wire-contract models of `ciris_billing_proxy.models` (`CreditStatusReply`,
-...), which the server's own models extend, so the two cannot drift; they accept what COMPATIBILITY.md
-lets any CIRIS agent send (a null `balance_after`, extra fields) and nothing looser (a JSON `true` is
-no count). Every failure is a `BillingClientError`: HTTP errors carry the status code and `detail`.
+...), which the server's own models extend, so the two cannot drift; they accept what
+docs/compatibility.md lets any CIRIS agent send (a null `balance_after`, extra fields) and nothing
+looser (a JSON `true` is no count). Every failure is a `BillingClientError`: HTTP errors carry the
+status code and `detail`.
 """
 
 from __future__ import annotations

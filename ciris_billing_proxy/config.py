@@ -171,6 +171,13 @@ class BillingConfig(BaseModel):
             override = overrides.pop("jwt")
             jwt.update(override.model_dump() if isinstance(override, JWTConfig) else override)
         top.update(overrides)
+        if jwt.get("secret") is None and jwt.get("public_key") is None:
+            # Said plainly: "must be at least 32 bytes" would send someone who never set it hunting.
+            raise ConfigError(
+                "CIRIS_JWT_SECRET is not set: set it to a random string of at least 32 bytes, e.g. "
+                "python -c 'import secrets; print(secrets.token_urlsafe(48))' "
+                "(or CIRIS_JWT_PUBLIC_KEY for RS256/ES256)"
+            )
         try:
             return cls.model_validate({**top, "jwt": jwt})
         except ValueError as exc:

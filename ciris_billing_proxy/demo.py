@@ -7,8 +7,10 @@ across restarts) and the generated demo user's password hash.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,8 @@ from .users import UserStore
 
 SECRET_FILE = "jwt-secret"  # noqa: S105 - a file name
 USERS_FILE = "demo-users.json"
+# Letters and digits only: a password starting with "-" reads as an option on a command line.
+_PASSWORD_ALPHABET = string.ascii_letters + string.digits
 
 
 @credit_gate
@@ -86,9 +90,20 @@ def load_or_create_users(data_dir: Path) -> tuple[UserStore, CreatedUser | None]
     if path.exists():
         return UserStore.load(path), None
     store = UserStore()
-    created = CreatedUser("demo", secrets.token_urlsafe(12))
+    created = CreatedUser("demo", generate_password())
     store.add(created.username, created.password, email="demo@example.com")
     return store, created
+
+
+def generate_password(length: int = 16) -> str:
+    """A random password (about 95 bits for 16 characters) safe to paste as a command-line argument."""
+    return "".join(secrets.choice(_PASSWORD_ALPHABET) for _ in range(length))
+
+
+def saved_usernames(data_dir: Path) -> list[str]:
+    """The names in the demo's users file, for the start-up message."""
+    rows = json.loads((data_dir / USERS_FILE).read_text(encoding="utf-8"))
+    return [str(row["username"]) for row in rows]
 
 
 def save_users(store: UserStore, data_dir: Path) -> None:

@@ -1,6 +1,6 @@
 """Wire models: every request body and reply of the billing and auth routes.
 
-The reply models enforce what existing clients rely on (`../shared/spec/COMPATIBILITY.md`): the seven
+The reply models enforce what existing clients rely on (`docs/compatibility.md`): the seven
 `/credits` fields are always present, integers are never null or negative, and the credit fields agree
 with each other. A provider that produces an inconsistent status fails loudly here instead of
 confusing a UI.
@@ -35,12 +35,12 @@ class _Request(BaseModel):
 
 
 class _Reply(BaseModel):
-    # Unknown fields are ignored (COMPATIBILITY.md: additive fields are safe); types are strict on
+    # Unknown fields are ignored (docs/compatibility.md: additive fields are safe); types are strict on
     # both sides: a JSON true is no integer, 5.0 is no count.
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
 
 
-# The *Reply models are the wire contract as existing clients rely on it (COMPATIBILITY.md): what
+# The *Reply models are the wire contract as existing clients rely on it (docs/compatibility.md): what
 # the client accepts from any CIRIS agent. The server's models below subclass them and tighten them
 # (bounds, consistency rules, required publishable key), so field names cannot drift apart.
 

@@ -1,4 +1,4 @@
-"""`ciris-billing-proxy qa`: run the billing checklist of `BILLING_API.md` ("Testing") against any agent.
+"""`ciris-billing-proxy qa`: run the billing checklist of `docs/billing-api.md` against any agent.
 
 The checks read raw JSON, field by field, so a broken server is told *which* rule it breaks (a null
 `credits_remaining`, an inconsistent `has_credit`, a missing `publishable_key`) instead of failing
@@ -174,7 +174,7 @@ class Checklist:
         options = status["purchase_options"]
         if not status["purchase_required"]:
             if options is not None:
-                # Allowed (COMPATIBILITY.md requires options only when a purchase is required; real
+                # Allowed (docs/compatibility.md requires options only when a purchase is required; real
                 # CIRIS agents send zeroed ones), and UIs ignore them.
                 return "PASS", "no purchase required (options sent anyway; UIs ignore them)"
             return "PASS", "no purchase required, no options shown"
@@ -303,7 +303,7 @@ async def run_qa(
             raise QAError(f"login as {username!r} failed: HTTP {exc.status}: {_brief(exc.detail)}") from None
         except BillingClientError as exc:
             raise QAError(f"login as {username!r} failed: {exc}") from None
-        # QA tools read response.json()["access_token"] at the top level (COMPATIBILITY.md).
+        # QA tools read response.json()["access_token"] at the top level (docs/compatibility.md).
         token = reply.get("access_token")
         if not isinstance(token, str) or not token:
             raise QAError('the login reply has no top-level access_token (is it wrapped in "data"?)')

@@ -201,7 +201,7 @@ def odd_agent(routes: dict[str, tuple[int, Any]]) -> web.Application:
 
 
 async def test_replies_of_real_ciris_agents_are_accepted(aiohttp_server: Any) -> None:
-    """COMPATIBILITY.md lets agents send a null balance_after and options without a purchase."""
+    """docs/compatibility.md lets agents send a null balance_after and options without a purchase."""
     server = await aiohttp_server(
         odd_agent(
             {

@@ -73,7 +73,7 @@ def test_keyword_overrides_win_over_environment() -> None:
 @pytest.mark.parametrize(
     ("env", "words"),
     [
-        ({}, "jwt"),
+        ({}, "CIRIS_JWT_SECRET is not set"),
         ({"CIRIS_JWT_SECRET": "tooshort"}, "at least 32 bytes"),
         ({"CIRIS_JWT_SECRET": SECRET, "CIRIS_CREDIT_CACHE_TTL_SECONDS": "soon"}, "cache_ttl_seconds"),
         ({"CIRIS_JWT_SECRET": SECRET, "CIRIS_BILLING_PREFIX": "no-slash"}, "prefix"),

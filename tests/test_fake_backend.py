@@ -1,4 +1,4 @@
-"""The fake backend reproduces BILLING_BACKEND.md, quirks included (checked over real HTTP)."""
+"""The fake backend reproduces docs/billing-backend.md, quirks included (checked over real HTTP)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`POST /v1/auth/login` and the password user store, per COMPATIBILITY.md."""
+"""`POST /v1/auth/login` and the password user store, per docs/compatibility.md."""
 
 from __future__ import annotations
 

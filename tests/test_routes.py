@@ -1,4 +1,4 @@
-"""The three billing routes with the `simple` provider, against BILLING_API.md and COMPATIBILITY.md."""
+"""The billing routes with the `simple` provider, against docs/billing-api.md and docs/compatibility.md."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Which pool a charge took, decided exactly from the backend's transaction listing.
 
 The charge reply does not say whether it took a free use or a paid credit, only the paid balance
-after it (`BILLING_BACKEND.md` 3.2). Comparing that with a balance read at another moment races with
+after it (docs/billing-backend.md 3.2). Comparing that with a balance read at another moment races with
 every other charge and refund of the same user. The listing (3.9) orders every charge and credit of
 an account, newest first, each with its `balance_after`: a charge took a paid credit exactly when
 its `balance_after` is below that of the entry just before it. That holds under any interleaving,

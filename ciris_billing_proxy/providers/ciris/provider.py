@@ -1,4 +1,4 @@
-"""The `ciris` provider: paid credits through the CIRIS Billing backend (`BILLING_BACKEND.md`).
+"""The `ciris` provider: paid credits through the CIRIS Billing backend (`docs/billing-backend.md`).
 
 Calls it makes, each as the contract describes:
   POST /v1/billing/credits/check        credit status (and account creation) for one identity

@@ -1,6 +1,6 @@
 """The fake backend's state and rules, free of HTTP: accounts, charges, credits, PaymentIntents.
 
-Each rule follows `BILLING_BACKEND.md` section 3, quirks included; the section is named beside it.
+Each rule follows `docs/billing-backend.md` section 3, quirks included; the section is named beside it.
 """
 
 from __future__ import annotations

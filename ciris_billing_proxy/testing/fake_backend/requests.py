@@ -1,4 +1,4 @@
-"""The backend's request bodies (section 2-3 of `BILLING_BACKEND.md`), validated the way it does.
+"""The backend's request bodies (section 2-3 of `docs/billing-backend.md`), validated the way it does.
 
 Pydantic in lax mode, as the real service's FastAPI models are: `"3"` becomes 3, `3.5` is refused.
 Validation failures are shaped like the backend's 422 handler: `{type, loc, msg, input[, ctx]}`.

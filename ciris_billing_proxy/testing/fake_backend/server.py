@@ -2,8 +2,8 @@
 
 Start it in the running loop (`await fake.start()`) or on its own thread (`with fake.run_in_thread():`),
 point the `ciris` provider at `fake.url` with `fake.api_key`, and drive it from the test:
-`confirm_payment`, `inject`, `calls`. Control endpoints under `/_fake/` do the same over HTTP, for a
-person trying the paid flow with `ciris-billing-proxy serve --fake-backend`.
+`confirm_payment`, `inject`, `calls`, `received`. Control endpoints under `/_fake/` do the same over
+HTTP, for a person trying the paid flow with `ciris-billing-proxy serve --fake-backend`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import asyncio
 import json
 import secrets
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -36,6 +36,8 @@ from .requests import (
 
 READ = "billing:read"
 WRITE = "billing:write"
+#: Headers never kept in `received`: the API key (and any bearer token) stay out of test output.
+SECRET_HEADERS = frozenset({"x-api-key", "authorization"})
 
 #: Route name -> the endpoint label used by `inject(endpoint=...)` and `calls`.
 ENDPOINTS = {
@@ -57,7 +59,13 @@ def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.
 
 
 class FakeBillingBackend:
-    def __init__(self, *, api_key: str | None = None, pricing: Pricing | None = None) -> None:
+    """`received` keeps the last `max_received` requests (1,000 by default), oldest dropped first,
+    each as `(endpoint, JSON body or None, headers)` without the `X-API-Key` and `Authorization`
+    headers: a long-running fake (`serve --fake-backend`) stays bounded and never holds the key."""
+
+    def __init__(
+        self, *, api_key: str | None = None, pricing: Pricing | None = None, max_received: int = 1000
+    ) -> None:
         self.api_key = api_key or new_api_key()
         self.api_keys: dict[str, set[str]] = {self.api_key: {READ, WRITE}}
         self._initial_pricing = pricing or Pricing()
@@ -65,7 +73,7 @@ class FakeBillingBackend:
         self.pricing = self.ledger.pricing
         self.faults = FaultPlan()
         self.calls: Counter[str] = Counter()
-        self.received: list[tuple[str, dict[str, Any] | None, dict[str, str]]] = []
+        self.received: deque[tuple[str, dict[str, Any] | None, dict[str, str]]] = deque(maxlen=max_received)
         #: When true, a repeated charge key answers 201 with the first charge (the race path).
         self.duplicate_charges_as_201 = False
         self.url = ""
@@ -245,7 +253,8 @@ class FakeBillingBackend:
                 body = json.loads(raw)
             except ValueError:
                 body = None
-        self.received.append((endpoint, body, dict(request.headers)))
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in SECRET_HEADERS}
+        self.received.append((endpoint, body, headers))
         delay_after = 0.0
         for fault in self.faults.take(endpoint):
             if fault.kind == "latency":
