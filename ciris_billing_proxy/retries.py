@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Awaitable, Callable
 
 from .errors import BillingError, ProviderUnavailable
@@ -19,6 +20,9 @@ from .identity import Identity
 logger = logging.getLogger("ciris_billing_proxy")
 
 FIRST_INTERVAL = 0.5
+#: Give-back attempts in flight at once: after an outage, owed give-backs go back to the backend a few
+#: at a time rather than all in the same instant (the backend rate-limits the agent as a whole).
+CONCURRENT_ATTEMPTS = 4
 
 
 class GiveBackRetries:
@@ -26,39 +30,45 @@ class GiveBackRetries:
         self._give_back = give_back
         self._max_interval = max_interval
         self._pending: dict[tuple[tuple[str, str], str], asyncio.Task[None]] = {}
+        self._attempts = asyncio.Semaphore(CONCURRENT_ATTEMPTS)
+        self._closed = False
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def schedule(self, identity: Identity, key: str) -> None:
-        """Retry `give_back(identity, key)` until it succeeds (once per key, however often asked)."""
+    def schedule(self, identity: Identity, key: str) -> bool:
+        """Retry `give_back(identity, key)` until it succeeds (once per key, however often asked).
+        After `aclose` nothing is retried any more: the key is logged as owed and False returned."""
+        if self._closed:
+            _log_abandoned(key)
+            return False
         slot = (identity.key, key)
         if slot in self._pending:
-            return
+            return True
         task = asyncio.ensure_future(self._retry(identity, key))
         self._pending[slot] = task
         task.add_done_callback(lambda _: self._pending.pop(slot, None))
+        return True
 
     async def aclose(self) -> None:
         """Stop retrying (at shutdown), naming every give-back that is still owed."""
+        self._closed = True
         tasks = list(self._pending.items())
         for (_, key), task in tasks:
             task.cancel()
-            logger.warning(
-                "Shutting down: the give-back for request key %s is not retried again; "
-                "its use may not have been given back",
-                key,
-            )
+            _log_abandoned(key)
         await asyncio.gather(*(task for _, task in tasks), return_exceptions=True)
 
     async def _retry(self, identity: Identity, key: str) -> None:
         interval = min(FIRST_INTERVAL, self._max_interval)
         attempts = 0
         while True:
-            await asyncio.sleep(interval)
+            # Jitter, so give-backs owed since one outage do not all retry in the same instant.
+            await asyncio.sleep(interval * random.uniform(0.8, 1.0))  # noqa: S311 - not a secret
             attempts += 1
             try:
-                await self._give_back(identity, key)
+                async with self._attempts:
+                    await self._give_back(identity, key)
             except ProviderUnavailable:
                 interval = min(interval * 2, self._max_interval)
                 logger.debug("Give-back for request key %s failed again (attempt %d)", key, attempts)
@@ -70,3 +80,11 @@ class GiveBackRetries:
                 return
             logger.info("Gave back the use spent under request key %s after %d retries", key, attempts)
             return
+
+
+def _log_abandoned(key: str) -> None:
+    logger.warning(
+        "Shutting down: the give-back for request key %s is not retried again; "
+        "its use may not have been given back",
+        key,
+    )

@@ -59,7 +59,7 @@ class BillingService:
             ttl_of=lambda entry: config.cache_ttl_seconds if entry.has_credit else negative_ttl,
         )
         self._money_tasks: set[asyncio.Task[Any]] = set()
-        self.retries = GiveBackRetries(self._give_back_now, max_interval=config.give_back_retry_max_seconds)
+        self.retries = GiveBackRetries(self._give_back_once, max_interval=config.give_back_retry_max_seconds)
         self._interned: LRUCache[bytes, CachedCredit] = LRUCache(maxsize=4096)
 
     async def lifespan(self, _app: web.Application) -> AsyncIterator[None]:
@@ -73,12 +73,17 @@ class BillingService:
             yield
         finally:
             await self.cache.aclose()
-            # Retries first: one cancelled mid-call leaves its call among the money tasks, drained next.
+            # A finishing task may start another (a give-back after a spend): drain until none is
+            # left, stop the retries (one stopped mid-call leaves that call to drain), drain again.
+            # A give-back that fails after the retries stopped is logged with its key, not retried.
+            await self._drain()
             await self.retries.aclose()
-            # A finishing task may start another (a give-back after a spend): drain until none is left.
-            while self._money_tasks:
-                await asyncio.gather(*list(self._money_tasks), return_exceptions=True)
+            await self._drain()
             await self.provider.stop()
+
+    async def _drain(self) -> None:
+        while self._money_tasks:
+            await asyncio.gather(*list(self._money_tasks), return_exceptions=True)
 
     async def credit_status(self, identity: Identity) -> CreditStatus:
         return (await self.cache.get(identity)).status()
@@ -108,23 +113,30 @@ class BillingService:
 
     async def give_back(self, identity: Identity, idempotency_key: str) -> None:
         """Give back the use spent under this key. When the provider cannot do it now
-        (`ProviderUnavailable`), it is retried in the background until it can: never dropped."""
-        try:
-            await self._give_back_now(identity, idempotency_key)
-        except ProviderUnavailable:
-            self._retry_later(identity, idempotency_key)
+        (`ProviderUnavailable`), it is retried in the background until it can: never dropped.
 
-    async def _give_back_now(self, identity: Identity, idempotency_key: str) -> None:
-        task = self._track(
-            self._settle(self.provider.give_back(identity, idempotency_key), identity, "give_back")
-        )
+        The give-back and the decision to retry it run as one tracked task: a caller cancelled
+        while it waits (a client gone, a host's timeout) cannot leave a failure unhandled."""
+        await asyncio.shield(self._track(self._give_back_or_retry(identity, idempotency_key)))
+
+    async def _give_back_or_retry(self, identity: Identity, key: str) -> None:
+        try:
+            await self._give_back_once(identity, key)
+        except ProviderUnavailable:
+            self._retry_later(identity, key)
+        except BillingError:
+            logger.warning("Could not give back the use spent under request key %s", key)
+
+    async def _give_back_once(self, identity: Identity, key: str) -> None:
+        task = self._track(self._settle(self.provider.give_back(identity, key), identity, "give_back"))
         await asyncio.shield(task)
 
     def _retry_later(self, identity: Identity, key: str) -> None:
-        logger.warning(
-            "Could not give back the use spent under request key %s yet; retrying in the background", key
-        )
-        self.retries.schedule(identity, key)
+        if self.retries.schedule(identity, key):
+            logger.warning(
+                "Could not give back the use spent under request key %s yet; retrying in the background",
+                key,
+            )
 
     async def initiate_purchase(
         self, identity: Identity, return_url: str | None, idempotency_key: str | None
@@ -167,12 +179,7 @@ class BillingService:
                 return
         except BillingError:
             return  # refused outright (no credit): nothing was taken
-        try:
-            await self._settle(self.provider.give_back(identity, key), identity, "give_back")
-        except ProviderUnavailable:
-            self._retry_later(identity, key)
-        except BillingError:
-            logger.warning("Could not give back the use spent under request key %s", key)
+        await self._give_back_or_retry(identity, key)
 
     def _track(self, call: Awaitable[T]) -> asyncio.Task[T]:
         # Calls that move money run as tracked tasks: a client that disconnects (cancelling its

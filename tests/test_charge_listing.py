@@ -128,3 +128,21 @@ async def test_shutdown_names_every_give_back_still_owed(caplog: pytest.LogCaptu
         await retries.aclose()
     assert "owed-key" in caplog.text
     assert not len(retries)
+
+
+async def test_the_entry_before_a_charge_at_a_page_edge_is_found_on_the_shifted_next_page() -> None:
+    # t100 took a free use (balance unchanged) and is the last entry of the first page; newer entries
+    # are refunds that keep landing while the pages are read, so the next page repeats entries.
+    entries, balance = [entry(0, "credit", 300)], 300
+    for n in range(1, 200):
+        if n == 100:
+            entries.append(entry(n, "charge", balance))
+        elif n < 100:
+            balance -= 1
+            entries.append(entry(n, "charge", balance))
+        else:
+            balance += 1
+            entries.append(entry(n, "credit", balance))
+    found = await find_charge(Listing(entries, grow_by=5).fetch, named(100))
+    assert found is not None
+    assert not found.paid

@@ -309,6 +309,27 @@ async def test_a_click_in_the_same_second_as_a_paid_purchase_buys_anew(
     assert fake.ledger.payments[two["payment_id"]].status == "requires_payment_method"
 
 
+async def test_a_purchase_the_backend_replays_from_the_same_second_is_not_handed_out_as_new(
+    make_client: ClientFactory,
+    ciris_billing_config: BillingConfig,
+    ciris_fake_backend: FakeBillingBackend,
+    ciris_tokens: TokenFactory,
+) -> None:
+    """Stripe replays a repeated idempotency key's creation reply, status and all: a payment the
+    proxy already recorded is recognised as a replay whatever status it shows."""
+    fake = ciris_fake_backend
+    config = ciris_billing_config.model_copy(
+        update={"provider_options": {**ciris_billing_config.provider_options, "purchase_reuse_seconds": 0}}
+    )
+    client = await make_client(config)
+    fake.ledger.clock_offset = timedelta(seconds=1.02 - time.time() % 1.0)  # early in a fake second
+    auth = ciris_tokens.headers("sam", email="sam@example.com")
+    one = await (await client.post(INITIATE, json={}, headers=auth)).json()
+    two = await (await client.post(INITIATE, json={}, headers=auth)).json()
+    assert two["payment_id"] != one["payment_id"]
+    assert fake.calls["purchases"] == 3
+
+
 async def test_a_declined_card_keeps_the_payment_for_the_next_click(
     client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
 ) -> None:

@@ -253,3 +253,133 @@ async def test_shutdown_with_a_give_back_still_owed_is_prompt_and_names_it(
     with caplog.at_level(logging.WARNING):
         await asyncio.wait_for(client.close(), 10)
     assert any(key in r.getMessage() and "not retried again" in r.getMessage() for r in caplog.records)
+
+
+def host_with_deadline(app: web.Application) -> None:
+    """A host whose own middleware gives every request 0.5 s, cancelling the handler after that."""
+
+    @web.middleware
+    async def deadline(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            async with asyncio.timeout(0.5):
+                return await handler(request)  # type: ignore[no-any-return]
+        except TimeoutError:
+            return web.json_response({"detail": "timeout"}, status=504)
+
+    app.middlewares.append(deadline)
+    keyed_agent(app)
+
+
+async def test_a_caller_cancelled_during_its_give_back_still_gets_the_use_back(
+    make_client: ClientFactory,
+    ciris_billing_config: BillingConfig,
+    ciris_fake_backend: FakeBillingBackend,
+    ciris_tokens: TokenFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = ciris_fake_backend
+    client = await make_client(ciris_billing_config, host=host_with_deadline)
+    auth = await paid_user(client, fake, ciris_tokens, "hasty", 5)
+    fake.inject("latency", endpoint="transactions", seconds=1.0, times=1)  # outlives the host's deadline
+    fake.inject("error_500", endpoint="transactions")  # then the backend is down for a while
+    with caplog.at_level(logging.WARNING):
+        assert (await client.post(INTERACT + "?fail=1", json={}, headers=auth)).status == 504
+        await until(lambda: len(client.app[SERVICE_KEY].retries) == 1, seconds=5)
+        fake.clear_faults()
+        await settled(client)
+    (key,) = charges_by_key(fake, "hasty")
+    assert any(key in r.getMessage() for r in caplog.records)
+    assert fake.account(*who("hasty"))["credits_remaining"] == 5
+
+
+async def test_a_give_back_failing_during_shutdown_is_named_and_not_retried_after_it(
+    make_client: ClientFactory,
+    ciris_billing_config: BillingConfig,
+    ciris_fake_backend: FakeBillingBackend,
+    ciris_tokens: TokenFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = ciris_fake_backend
+    config = with_options(
+        ciris_billing_config, timeout_seconds=0.3, connect_timeout_seconds=0.2, max_retries=0
+    )
+    client = await make_client(config, host=keyed_agent)
+    service = client.app[SERVICE_KEY]
+    auth = await paid_user(client, fake, ciris_tokens, "bye", 5)
+    fake.inject("latency_after", endpoint="charges", seconds=0.5, times=1)  # committed, reply lost
+    fake.inject("latency", endpoint="transactions", seconds=0.25, times=1)  # its give-back is slow...
+    fake.inject("error_500", endpoint="transactions")  # ...and fails while shutdown drains it
+    with caplog.at_level(logging.DEBUG):
+        assert (await client.post(INTERACT, json={}, headers=auth)).status == 503
+        await asyncio.wait_for(client.close(), 10)
+        assert not len(service.retries)
+        attempts = fake.calls["transactions"]
+        await asyncio.sleep(0.5)
+    assert fake.calls["transactions"] == attempts  # nothing runs after shutdown
+    (key,) = charges_by_key(fake, "bye")
+    assert any(key in r.getMessage() and "not retried again" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_backend_that_refuses_the_listing_ends_the_give_back_with_one_warning(
+    client: Any,
+    ciris_fake_backend: FakeBillingBackend,
+    ciris_tokens: TokenFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A backend from before the listing existed answers 404: no refund can be proven safe, and
+    asking again will not change that, so it is not retried (nor does it flood the log)."""
+    fake = ciris_fake_backend
+    auth = await paid_user(client, fake, ciris_tokens, "old", 5)
+    fake.inject("not_found", endpoint="transactions")
+    with caplog.at_level(logging.INFO):
+        for _ in range(5):
+            await client.post(INTERACT + "?fail=1", json={}, headers=auth)
+        assert not len(client.app[SERVICE_KEY].retries)
+        calls = fake.calls["transactions"]
+        await asyncio.sleep(0.5)
+    assert fake.calls["transactions"] == calls == 5
+    keys = charges_by_key(fake, "old")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert all(any(key in w for w in warnings) for key in keys)
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 5
+    assert refunds(fake, "old") == 0
+
+
+async def test_a_timed_out_charge_that_took_a_free_use_is_not_refunded(
+    make_client: ClientFactory,
+    ciris_billing_config: BillingConfig,
+    ciris_fake_backend: FakeBillingBackend,
+    ciris_tokens: TokenFactory,
+) -> None:
+    fake = ciris_fake_backend
+    config = with_options(
+        ciris_billing_config, timeout_seconds=0.3, connect_timeout_seconds=0.2, max_retries=0
+    )
+    client = await make_client(config, host=keyed_agent)
+    auth = ciris_tokens.headers("freebie")
+    await client.get(CREDITS, headers=auth)
+    fake.grant(*who("freebie"), 5)  # paid credits exist, but free uses go first
+    for fault in ("latency", "latency_after"):
+        fake.inject(fault, endpoint="charges", seconds=0.45, times=1)
+        assert (await client.post(INTERACT, json={}, headers=auth, timeout=5)).status == 503
+        await settled(client)
+    assert set(charges_by_key(fake, "freebie").values()) == {"daily"}
+    assert refunds(fake, "freebie") == 0
+    assert fake.account(*who("freebie"))["credits_remaining"] == 5
+
+
+async def test_a_paid_balance_change_missing_from_the_listing_cannot_mint_a_refund(
+    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
+) -> None:
+    """The backend's tool charges take main-pool credits without a listed entry: the listing then
+    shows a free use's charge one below its predecessor. One-time free uses left prove it free."""
+    fake = ciris_fake_backend
+    auth = ciris_tokens.headers("tools")
+    await client.get(CREDITS, headers=auth)
+    fake.grant(*who("tools"), 5)
+    with fake.ledger.lock:
+        fake.ledger.accounts[who("tools")].paid_credits -= 1  # a tool charge: no listed entry
+    assert (await client.post(INTERACT + "?fail=1", json={}, headers=auth)).status == 502
+    await settled(client)
+    assert refunds(fake, "tools") == 0
+    assert fake.account(*who("tools"))["credits_remaining"] == 4

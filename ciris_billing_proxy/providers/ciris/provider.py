@@ -138,6 +138,10 @@ def to_credit_status(backend: BackendCredit) -> CreditStatus:
     )
 
 
+class _NotRefundable(Exception):
+    """The backend gave an answer about a refund that retrying cannot change."""
+
+
 class CirisProvider(CreditProvider):
     name = "ciris"
 
@@ -148,6 +152,7 @@ class CirisProvider(CreditProvider):
         self.payments = PaymentStore(database)
         # The charges this process made, by request, until given back or forgotten (LRU).
         self._charged: LRUCache[tuple[tuple[str, str], str], ChargeRecord] = LRUCache(maxsize=100_000)
+        self._owed: dict[tuple[tuple[str, str], str], ChargeRecord] = {}
         self._listing_missing = False
         # Purchase replies kept in memory only (they carry the Stripe client secret): by
         # (user, Idempotency-Key) for a day, and by user for the double-click window.
@@ -308,24 +313,41 @@ class CirisProvider(CreditProvider):
         exact under any interleaving of charges and refunds. When that cannot be known yet (the
         backend is down, or a charge whose reply was lost has not shown up), this raises
         `ProviderUnavailable` and the service retries; the refund's idempotency key makes every
-        retry safe.
+        retry safe. An answer that retrying cannot change (the backend refuses the listing or the
+        refund outright) ends it with a WARNING naming the request key, for an operator.
         """
         slot = (identity.key, idempotency_key)
-        record = self._charged.get(slot)
+        # Owed from now until done: kept out of the LRU, so no amount of newer spends evicts it.
+        record = self._owed.get(slot) or self._charged.pop(slot, None)
         if record is None:
             return  # not charged by this process (or forgotten after a restart): nothing known to return
-        charge = await self._listed_charge(identity, idempotency_key, record)
-        if charge is None:
-            if time.monotonic() - record.sent_at < self.settings.reconcile_window_seconds:
-                # The backend finishes requests whose client went away: it may still land.
-                raise ProviderUnavailable("the charge is not listed yet")
-            self._charged.pop(slot, None)
-            if record.charge_id is not None:
-                logger.warning("The charge for request key %s is not listed; not refunded", idempotency_key)
-            return
-        if charge.paid:
-            await self._refund(identity, idempotency_key)
-        self._charged.pop(slot, None)
+        self._owed[slot] = record
+        try:
+            charge = await self._listed_charge(identity, idempotency_key, record)
+            if charge is None:
+                if time.monotonic() - record.sent_at < self.settings.reconcile_window_seconds:
+                    # The backend finishes requests whose client went away: it may still land.
+                    raise ProviderUnavailable("the charge is not listed yet")
+                if record.charge_id is None:
+                    logger.info(
+                        "The charge for request key %s never landed; nothing to refund", idempotency_key
+                    )
+                else:
+                    logger.warning(
+                        "The charge for request key %s is not listed; not refunded", idempotency_key
+                    )
+            elif charge.paid and await self._may_have_taken_paid(identity):
+                await self._refund(identity, idempotency_key)
+        except _NotRefundable as exc:
+            logger.warning("Not refunding the charge for request key %s: %s", idempotency_key, exc)
+        self._owed.pop(slot, None)
+
+    async def _may_have_taken_paid(self, identity: Identity) -> bool:
+        """A guard on the listing's verdict. One-time free uses are taken before paid credits and
+        never come back, so while any remain, no charge of this user has taken a paid credit. The
+        listing alone would be misled by a paid-balance change it does not show (the backend's
+        `/v1/tools/charge` takes main-pool credits without a listed entry)."""
+        return (await self._check(identity)).free_uses_remaining <= 0
 
     async def _listed_charge(
         self, identity: Identity, request_key: str, record: ChargeRecord
@@ -343,16 +365,15 @@ class CirisProvider(CreditProvider):
             reply = await self._list(identity, limit, offset)
             if reply.status != 200:
                 # Also a backend from before the listing existed (404): without it no refund can
-                # be proven safe, so none is made, and the key is named for an operator.
-                raise self._unexpected("transactions", reply)
+                # be proven safe, so none is made.
+                raise _NotRefundable(f"the transactions listing answered HTTP {reply.status}")
             body: dict[str, Any] = reply.body
             return body
 
         try:
             return await find_charge(fetch, matches)
-        except ListingUnusable:
-            logger.error("Billing backend transactions answered a body that does not fit the contract")
-            raise ProviderUnavailable("malformed transactions") from None
+        except ListingUnusable as exc:
+            raise _NotRefundable(f"the transactions listing does not fit the contract ({exc})") from None
 
     async def _refund(self, identity: Identity, request_key: str) -> None:
         reply = await self._call(
@@ -370,7 +391,7 @@ class CirisProvider(CreditProvider):
             },
         )
         if reply.status not in (201, 409):  # 409: this refund was made by an earlier attempt
-            raise self._unexpected("credits", reply)
+            raise _NotRefundable(f"the refund was refused with HTTP {reply.status}")
 
     # -- purchases ------------------------------------------------------------------------------
     async def initiate_purchase(
@@ -443,6 +464,12 @@ class CirisProvider(CreditProvider):
             logger.error("Billing backend purchases answered a body that does not fit the contract")
             raise ProviderUnavailable("malformed purchase") from None
 
+    async def _replayed(self, bought: BackendPurchase) -> bool:
+        """Whether the backend handed back a PaymentIntent it had made before. Stripe replays the
+        creation reply (status included) for a repeated idempotency key, so a payment this proxy
+        already recorded is the surest sign; a status that cannot be paid is another."""
+        return bought.status not in AWAITING_PAYMENT or await self.payments.get(bought.payment_id) is not None
+
     async def _purchase(
         self, identity: Identity, return_url: str | None, idempotency_key: str | None
     ) -> PurchaseInitiated:
@@ -458,14 +485,14 @@ class CirisProvider(CreditProvider):
         if return_url:
             body["return_url"] = return_url
         bought = await self._new_payment_intent(body, deadline)
-        if bought.status not in AWAITING_PAYMENT:
+        if await self._replayed(bought):
             # The backend's Stripe idempotency key is `purchase-v3-{account}-{unix second}`: a
             # purchase in the same second as the last one gets that PaymentIntent back, even when
             # it has already been paid. A call a whole second after that reply is in a later second
             # of the backend's clock, whatever its skew from ours, so it makes a new one.
             await asyncio.sleep(1.0)
             bought = await self._new_payment_intent(body, deadline)
-            if bought.status not in AWAITING_PAYMENT:
+            if await self._replayed(bought):
                 logger.error("Billing backend purchases answered a PaymentIntent that cannot be paid")
                 raise ProviderUnavailable("purchase replayed an ended payment", maybe_applied=False)
         publishable_key = bought.publishable_key or publishable_fallback
