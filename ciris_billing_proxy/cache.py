@@ -6,7 +6,7 @@ for `TLRUCache`, which also keeps a heap node per entry). Expired entries are dr
 count against the bound until then.
 
 `cachetools` is not async-aware (its decorators would cache coroutine objects, and its locks block the
-loop), so single-flight is a small map of in-flight tasks on top of it:
+loop), so loads go through `SingleFlight` on top of it:
 
 * concurrent misses for one identity share one provider call (waiters are shielded, so a caller that
   goes away does not cancel the load for the others);
@@ -26,6 +26,7 @@ from typing import Generic, TypeVar
 from cachetools import LRUCache
 
 from .identity import Identity
+from .singleflight import SingleFlight
 
 V = TypeVar("V")
 
@@ -46,25 +47,10 @@ class CreditCache(Generic[V]):
         self._ttl_of = ttl_of
         self._timer = timer
         self._entries: LRUCache[tuple[str, str], tuple[float, V]] = LRUCache(maxsize=maxsize)
-        self._inflight: dict[tuple[str, str], asyncio.Task[V]] = {}
-        self._running: set[asyncio.Task[V]] = set()
+        self._loads: SingleFlight[tuple[str, str], V] = SingleFlight()
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    def peek(self, identity: Identity) -> V | None:
-        """The cached value if fresh, without loading."""
-        return self._fresh(identity.key)
-
-    def _fresh(self, key: tuple[str, str]) -> V | None:
-        try:  # a hit without LRUCache.get's extra lookups: this runs on every request
-            entry = self._entries[key]
-        except KeyError:
-            return None
-        if entry[0] > self._timer():
-            return entry[1]
-        del self._entries[key]
-        return None
 
     async def get(self, identity: Identity) -> V:
         key = identity.key
@@ -76,42 +62,24 @@ class CreditCache(Generic[V]):
             if expires_at > self._timer():
                 return value
             del self._entries[key]
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.ensure_future(self._fill(identity))
-            self._inflight[key] = task
-            self._running.add(task)
-            task.add_done_callback(lambda done: self._settle(key, done))
-        return await asyncio.shield(task)
+        return await asyncio.shield(self._loads.run(key, lambda: self._fill(identity)))
 
     def invalidate(self, identity: Identity) -> None:
         self._entries.pop(identity.key, None)
-        self._inflight.pop(identity.key, None)
+        self._loads.forget(identity.key)
 
     def clear(self) -> None:
         self._entries.clear()
-        self._inflight.clear()
+        self._loads.clear()
 
     async def aclose(self) -> None:
         """Cancel and await every load still running (including ones orphaned by `invalidate`)."""
-        self.clear()
-        running = list(self._running)
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
+        self._entries.clear()
+        await self._loads.aclose()
 
     async def _fill(self, identity: Identity) -> V:
         value = await self._load(identity)
-        if self._inflight.get(identity.key) is asyncio.current_task():
+        if self._loads.is_current(identity.key):
             lifetime = self._ttl if self._ttl_of is None else self._ttl_of(value)
             self._entries[identity.key] = (self._timer() + lifetime, value)
         return value
-
-    def _settle(self, key: tuple[str, str], task: asyncio.Task[V]) -> None:
-        self._running.discard(task)
-        if self._inflight.get(key) is task:
-            del self._inflight[key]
-        # Mark the failure as seen: every waiter may have gone away (shielded), and asyncio would
-        # otherwise log "exception was never retrieved" for an error that was already reported.
-        if not task.cancelled():
-            task.exception()

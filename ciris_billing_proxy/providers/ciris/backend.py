@@ -1,0 +1,178 @@
+"""The billing backend's endpoints as typed calls, each as `docs/billing-backend.md` describes it.
+
+  POST /v1/billing/credits/check        credit status (and account creation) for one identity
+  POST /v1/billing/charges              one use per gated interaction (`amount_minor: 1`, USD)
+  POST /v1/billing/credits              a `refund` credit when a gated interaction failed
+  POST /v1/billing/purchases            start a Stripe purchase (never retried blindly)
+  GET  /v1/billing/purchases/{id}/status     Stripe's status of a payment this agent started
+  GET  /v1/billing/transactions         the account's charges and credits, newest first
+
+Every failure to get an answer leaves here as `ProviderUnavailable`; answers are returned for the
+caller to judge, except a credit check, which is always parsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote
+
+from pydantic import ValidationError
+
+from ...errors import ProviderUnavailable
+from ...identity import Identity
+from .accounts import BackendAccounts
+from .settings import CirisSettings
+from .transport import BackendUnavailable, Reply, Transport
+from .wire import BackendCredit
+
+logger = logging.getLogger("ciris_billing_proxy.ciris")
+
+
+class BillingBackend:
+    def __init__(self, settings: CirisSettings, accounts: BackendAccounts) -> None:
+        self.settings = settings
+        self.accounts = accounts
+        self.transport = Transport(settings)
+        #: Set once a backend from before the transactions listing existed (Nov 2025) is seen.
+        self.listing_missing = False
+
+    async def start(self) -> None:
+        await self.transport.start()
+
+    async def stop(self) -> None:
+        await self.transport.stop()
+
+    def deadline(self, seconds: float) -> float:
+        """One budget for a whole operation: every call it makes shares what is left of it."""
+        return asyncio.get_running_loop().time() + seconds
+
+    def unexpected(self, endpoint: str, reply: Reply) -> ProviderUnavailable:
+        logger.error("Billing backend %s answered HTTP %d unexpectedly", endpoint, reply.status)
+        # A definite answer (not a timeout): whatever it was, the backend did not apply the call.
+        return ProviderUnavailable(f"unexpected HTTP {reply.status} from {endpoint}", maybe_applied=False)
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Reply:
+        try:
+            return await self.transport.call(method, path, **kwargs)
+        except BackendUnavailable as exc:
+            raise ProviderUnavailable(exc.reason, maybe_applied=exc.maybe_applied) from None
+
+    async def check(self, identity: Identity, deadline: float | None = None) -> BackendCredit:
+        agent_id = self.accounts.agent_id
+        reply = await self._call(
+            "POST",
+            "/v1/billing/credits/check",
+            endpoint="credits/check",
+            idempotent=True,
+            json_body={**self.accounts.of(identity), "context": {"agent_id": agent_id}},
+            deadline=deadline,
+        )
+        if reply.status != 200:
+            raise self.unexpected("credits/check", reply)
+        try:
+            return BackendCredit.model_validate(reply.body)
+        except ValidationError:
+            logger.error("Billing backend credits/check answered a body that does not fit the contract")
+            raise ProviderUnavailable("malformed credit check") from None
+
+    async def charge(self, identity: Identity, request_key: str, deadline: float) -> Reply:
+        agent_id = self.accounts.agent_id
+        return await self._call(
+            "POST",
+            "/v1/billing/charges",
+            endpoint="charges",
+            idempotent=True,  # the deterministic idempotency key makes a retry safe
+            json_body={
+                **self.accounts.of(identity),
+                "amount_minor": 1,
+                "currency": "USD",
+                # The request key in the description too: transaction listings always carry the
+                # description, while their metadata is optional.
+                "description": f"Agent interaction {request_key}",
+                "idempotency_key": self.accounts.key("charge", identity, request_key),
+                "metadata": {"agent_id": agent_id, "request_id": request_key},
+            },
+            deadline=deadline,
+        )
+
+    async def refund(self, identity: Identity, request_key: str) -> Reply:
+        return await self._call(
+            "POST",
+            "/v1/billing/credits",
+            endpoint="credits",
+            idempotent=True,
+            json_body={
+                **self.accounts.of(identity),
+                "amount_minor": 1,
+                "currency": "USD",
+                "description": "Refund: agent interaction failed",
+                "transaction_type": "refund",
+                "idempotency_key": self.accounts.key("refund", identity, request_key),
+            },
+        )
+
+    async def purchase(self, body: dict[str, Any], deadline: float) -> Reply:
+        return await self._call(
+            "POST",
+            "/v1/billing/purchases",
+            endpoint="purchases",
+            idempotent=False,
+            json_body=body,
+            deadline=deadline,
+        )
+
+    async def stripe_status(self, payment_id: str, deadline: float) -> Reply:
+        return await self._call(
+            "GET",
+            f"/v1/billing/purchases/{quote(payment_id, safe='')}/status",
+            endpoint="purchase_status",
+            idempotent=True,
+            deadline=deadline,
+        )
+
+    async def transactions(
+        self, identity: Identity, limit: int, offset: int, deadline: float | None = None
+    ) -> Reply:
+        who = self.accounts.of(identity)
+        reply = await self._call(
+            "GET",
+            "/v1/billing/transactions",
+            endpoint="transactions",
+            idempotent=True,
+            params={
+                "oauth_provider": who["oauth_provider"],
+                "external_id": who["external_id"],
+                "limit": str(limit),
+                "offset": str(offset),
+            },
+            deadline=deadline,
+        )
+        if reply.status == 404:
+            self.listing_missing = True
+        return reply
+
+    async def find_transaction(
+        self,
+        identity: Identity,
+        kind: str,
+        match: Callable[[dict[str, Any]], bool],
+        *,
+        deadline: float | None = None,
+    ) -> dict[str, Any] | None:
+        """The first of the user's 100 newest transactions of this kind that matches, if any (None
+        also from a backend without the listing: see `listing_missing`)."""
+        reply = await self.transactions(identity, 100, 0, deadline)
+        if reply.status == 404:
+            return None
+        if reply.status != 200:
+            raise self.unexpected("transactions", reply)
+        items = reply.body.get("transactions")
+        if not isinstance(items, list):
+            return None
+        for item in items:
+            if isinstance(item, dict) and item.get("type") == kind and match(item):
+                return item
+        return None
