@@ -22,7 +22,14 @@ from .errors import (
 from .gate import credit_gate
 from .identity import Identity
 from .login import AuthenticatedUser, Authenticator
-from .models import CreditStatus, PurchaseInitiated, PurchaseOptions, PurchaseStatus
+from .models import (
+    CreditStatus,
+    PurchaseInitiated,
+    PurchaseOptions,
+    PurchaseStatus,
+    Transaction,
+    TransactionPage,
+)
 from .providers.base import CreditProvider, ProviderContext
 from .service import BillingService
 from .setup import setup_billing
@@ -53,6 +60,8 @@ __all__ = [
     "PurchaseInitiated",
     "PurchaseOptions",
     "PurchaseStatus",
+    "Transaction",
+    "TransactionPage",
     "__version__",
     "credit_gate",
     "error_middleware",

@@ -39,6 +39,15 @@ def _user(value: str) -> tuple[str, str, str | None]:
     return parts[0], parts[1], parts[2] if len(parts) == 3 and parts[2] else None
 
 
+def _option(value: str) -> tuple[str, str]:
+    key, sep, setting = value.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(
+            "expected KEY=VALUE, e.g. free_uses=5"
+        )  # never echoed: may be a secret
+    return key.strip(), setting
+
+
 def _seconds(value: str) -> float:
     try:
         seconds = float(value)
@@ -73,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=_port, default=8000, help="port to bind (default 8000)")
     serve.add_argument("--provider", default=None, help="credit provider name (default simple)")
+    serve.add_argument(
+        "--provider-option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a provider setting (repeatable); wins over the provider's environment variables",
+    )
     serve.add_argument(
         "--user",
         type=_user,
@@ -168,6 +185,8 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["provider"] = "ciris"
     elif args.provider:
         overrides["provider"] = args.provider
+    if args.provider_option:
+        overrides["provider_options"] = dict(args.provider_option)
     jwt: dict[str, object] = {}
     if not (os.environ.get("CIRIS_JWT_SECRET") or os.environ.get("CIRIS_JWT_PUBLIC_KEY")):
         # No key configured: keep a generated one in the data directory so tokens survive restarts.

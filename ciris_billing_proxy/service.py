@@ -142,16 +142,18 @@ class BillingService:
         self, identity: Identity, return_url: str | None, idempotency_key: str | None
     ) -> PurchaseInitiated:
         call = self.provider.initiate_purchase(identity, return_url, idempotency_key)
-        return await asyncio.shield(self._track(_guard(call, "initiate_purchase")))
+        return await asyncio.shield(self._track(self._guard(call, "initiate_purchase", PurchaseInitiated)))
 
     async def purchase_status(self, identity: Identity, payment_id: str) -> PurchaseStatus:
-        status = await _guard(self.provider.purchase_status(identity, payment_id), "purchase_status")
+        status = await self._guard(
+            self.provider.purchase_status(identity, payment_id), "purchase_status", PurchaseStatus
+        )
         if status.status == "succeeded":
             self.cache.invalidate(identity)
         return status
 
     async def _load_status(self, identity: Identity) -> CachedCredit:
-        status = await _guard(self.provider.credit_status(identity), "credit_status")
+        status = await self._guard(self.provider.credit_status(identity), "credit_status", CreditStatus)
         body = status.model_dump_json().encode()
         shared = self._interned.get(body)
         if shared is None:
@@ -159,13 +161,16 @@ class BillingService:
         return shared
 
     async def transactions(self, identity: Identity, limit: int, offset: int) -> TransactionPage:
-        return await _guard(self.provider.transactions(identity, limit, offset), "transactions")
+        return await self._guard(
+            self.provider.transactions(identity, limit, offset), "transactions", TransactionPage
+        )
 
     async def _settle(self, call: Awaitable[None], identity: Identity, what: str) -> None:
         # The cache is dropped inside the tracked task, after the provider call: a caller's
         # cancellation cannot make it happen before the change and let a stale load be cached.
         try:
-            await _guard(call, what)
+            # What spend and give_back return is never used: only their effect and errors count.
+            await self._guard(call, what, object)
         finally:
             self.cache.invalidate(identity)
 
@@ -181,6 +186,27 @@ class BillingService:
             return  # refused outright (no credit): nothing was taken
         await self._give_back_or_retry(identity, key)
 
+    async def _guard(self, call: Awaitable[Any], what: str, expected: type[T]) -> T:
+        """The provider's answer, if it is what the interface declares; every failure other than
+        a `BillingError` (a bug, a wrong return type) is logged and becomes `ProviderUnavailable`."""
+        try:
+            result = await call
+        except BillingError:
+            raise
+        except Exception:
+            logger.exception("Credit provider %r failed in %s", self.provider.name, what)
+            raise ProviderUnavailable from None
+        if not isinstance(result, expected):
+            logger.error(
+                "Credit provider %r returned %s from %s; expected %s",
+                self.provider.name,
+                type(result).__name__,
+                what,
+                expected.__name__,
+            )
+            raise ProviderUnavailable(maybe_applied=False)
+        return result
+
     def _track(self, call: Awaitable[T]) -> asyncio.Task[T]:
         # Calls that move money run as tracked tasks: a client that disconnects (cancelling its
         # handler) cannot leave a half-done spend or purchase, and shutdown waits for them.
@@ -188,16 +214,6 @@ class BillingService:
         self._money_tasks.add(task)
         task.add_done_callback(self._money_tasks.discard)
         return task
-
-
-async def _guard(call: Awaitable[T], what: str) -> T:
-    try:
-        return await call
-    except BillingError:
-        raise
-    except Exception:
-        logger.exception("Credit provider failed in %s", what)
-        raise ProviderUnavailable from None
 
 
 SERVICE_KEY: Final = web.AppKey("ciris_billing_proxy.service", BillingService)

@@ -14,7 +14,7 @@ from .errors import error_middleware
 from .login import DEFAULT_LOGIN_PATH, Authenticator
 from .paths import PathScope, mount_point
 from .providers.base import CreditProvider, ProviderContext
-from .providers.registry import create_provider
+from .providers.registry import check_provider_class, create_provider
 from .routes import add_routes
 from .service import SERVICE_KEY, BillingService
 from .throttle import LoginThrottle
@@ -66,6 +66,14 @@ def setup_billing(
             agent_id=config.agent_id,
         )
         provider = create_provider(config.provider, context)
+    elif not isinstance(provider, CreditProvider):
+        what = f"the class {provider.__qualname__}" if isinstance(provider, type) else type(provider).__name__
+        raise TypeError(
+            f"setup_billing(provider=...) takes a CreditProvider instance, got {what}"
+            + (" (instantiate it, or name it in config.provider)" if isinstance(provider, type) else "")
+        )
+    else:
+        check_provider_class(type(provider), provider.name)
     service = BillingService(config, provider, verifier)
 
     app[SERVICE_KEY] = service

@@ -140,7 +140,7 @@ async def test_a_provider_bug_is_503_without_internals(
     text = await resp.text()
     assert "internals" not in text
     assert "Traceback" not in text
-    assert "Credit provider failed in credit_status" in caplog.text
+    assert "Credit provider 'shop' failed in credit_status" in caplog.text
 
 
 async def test_an_inconsistent_status_from_a_provider_is_refused(

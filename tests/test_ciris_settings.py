@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ciris_billing_proxy import ConfigError
+from ciris_billing_proxy import ConfigError, ProviderContext
 from ciris_billing_proxy.providers.ciris import CirisSettings
 
 KEY = "cbk_test_" + "k" * 43
@@ -25,8 +25,8 @@ KEY = "cbk_test_" + "k" * 43
     ],
 )
 def test_bad_settings_fail_at_startup(options: dict[str, object], words: str) -> None:
-    with pytest.raises(ConfigError, match=words) as info:
-        CirisSettings.load(options, {})
+    with pytest.raises(ConfigError, match=f"^ciris provider: .*{words}") as info:
+        CirisSettings.from_context(ProviderContext(options=options, provider="ciris"))
     assert "sk_live_x" not in str(info.value)
 
 
@@ -38,7 +38,7 @@ def test_loopback_may_use_http_and_env_is_read() -> None:
         "STRIPE_PUBLISHABLE_KEY": "pk_test_1",
         "CIRIS_BILLING_TIMEOUT_SECONDS": "4",
     }
-    settings = CirisSettings.load({}, env)
+    settings = CirisSettings.from_context(ProviderContext(environ=env))
     assert settings.base_urls == ("http://127.0.0.1:9000", "http://[::1]:9001", "http://localhost:9002")
     assert (settings.stripe_publishable_key, settings.timeout_seconds) == ("pk_test_1", 4)
     assert KEY not in repr(settings)

@@ -70,9 +70,18 @@ async def test_users_from_the_command_line(tmp_path: Path) -> None:
                 assert r.status == 401
 
 
-async def test_free_uses_from_the_environment(tmp_path: Path) -> None:
-    env = clean_env(CIRIS_SIMPLE_FREE_USES="2")
-    with serve(["--user", "ann:pw"], tmp_path, env) as server:
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        ([], {"CIRIS_SIMPLE_FREE_USES": "2"}),
+        (["--provider-option", "free_uses=2"], {"CIRIS_SIMPLE_FREE_USES": "7"}),  # the option wins
+    ],
+    ids=["environment", "provider option"],
+)
+async def test_free_uses_from_the_environment_or_an_option(
+    tmp_path: Path, args: list[str], env: dict[str, str]
+) -> None:
+    with serve(["--user", "ann:pw", *args], tmp_path, clean_env(**env)) as server:
         async with aiohttp.ClientSession() as session:
             auth = {"Authorization": f"Bearer {await login(session, server.url, 'ann', 'pw')}"}
             statuses = []
@@ -94,6 +103,9 @@ async def test_free_uses_from_the_environment(tmp_path: Path) -> None:
         (["serve", "--user", "nopassword"], "NAME:PASSWORD[:EMAIL]"),
         (["serve", "--provider", "nope"], "Installed providers: "),
         (["serve", "--bogus"], "unrecognized arguments"),
+        (["serve", "--provider-option", "cbk_secret"], "expected KEY=VALUE"),
+        (["serve", "--provider-option", "free_uses=-1"], "simple provider: Invalid configuration: free_uses"),
+        (["serve", "--provider-option", "colour=blue"], "simple provider: Invalid configuration: colour"),
         ([], "required"),
     ],
 )
@@ -110,6 +122,7 @@ def test_bad_options_exit_2_with_a_clear_message(tmp_path: Path, args: list[str]
     assert result.returncode == 2
     assert words in result.stderr
     assert "Traceback" not in result.stderr
+    assert "cbk_secret" not in result.stderr
 
 
 def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:

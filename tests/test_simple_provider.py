@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from ciris_billing_proxy import ConfigError, Identity, InsufficientCredit, setup_billing
 from ciris_billing_proxy.providers import ProviderContext
+from ciris_billing_proxy.providers.registry import create_provider
 from ciris_billing_proxy.providers.simple import SimpleProvider
 from ciris_billing_proxy.testing import TokenFactory
 
@@ -33,7 +34,7 @@ def test_free_uses_from_environment_and_options(tmp_path: Path) -> None:
 @pytest.mark.parametrize("bad", [{"free_uses": -1}, {"free_uses": "many"}, {"colour": "blue"}])
 def test_bad_settings_fail_with_a_clear_message(tmp_path: Path, bad: dict[str, object]) -> None:
     with pytest.raises(ConfigError, match="simple provider"):
-        SimpleProvider.from_context(ProviderContext(options=bad, data_dir=tmp_path))
+        create_provider("simple", ProviderContext(options=bad, data_dir=tmp_path))
 
 
 async def test_spends_are_atomic_and_never_go_negative() -> None:

@@ -15,11 +15,16 @@ import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, TypeVar
 
+from pydantic import BaseModel, ValidationError
+
+from ..config import ConfigError, describe_validation_error
 from ..errors import BillingDisabled
 from ..identity import Identity
 from ..models import CreditStatus, PurchaseInitiated, PurchaseStatus, TransactionPage
+
+S = TypeVar("S", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -28,13 +33,29 @@ class ProviderContext:
 
     `options` are the host's `BillingConfig.provider_options`; `environ` is where a provider reads
     its own environment variables (the process environment unless a test passes another mapping);
-    `data_dir` is where it may keep files; `agent_id` namespaces anything it sends to a shared backend.
+    `data_dir` is where it may keep files; `agent_id` namespaces anything it sends to a shared backend;
+    `provider` is the name it was chosen by (for messages).
     """
 
     options: Mapping[str, Any] = field(default_factory=dict)
     environ: Mapping[str, str] = field(default_factory=dict)
     data_dir: Path = Path(".")
     agent_id: str = "agent"
+    provider: str = "custom"
+
+    def settings(self, model: type[S], env: Mapping[str, str] | None = None) -> S:
+        """The provider's settings as `model`: environment variables named in `env` (variable ->
+        field), overridden by `options`, validated together (strings from the environment are
+        converted to the fields' types). Anything invalid is one `ConfigError` naming the provider
+        and each bad field, never echoing a value (settings carry secrets)."""
+        raw: dict[str, Any] = {
+            field: self.environ[var] for var, field in (env or {}).items() if self.environ.get(var)
+        }
+        raw.update(self.options)
+        try:
+            return model.model_validate(raw, strict=False)
+        except ValidationError as exc:
+            raise ConfigError(f"{self.provider} provider: {describe_validation_error(exc)}") from None
 
 
 class CreditProvider(abc.ABC):

@@ -6,6 +6,8 @@ third-party ones, so there is one discovery path and it is always exercised.
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import replace
 from importlib.metadata import EntryPoint, entry_points
 from typing import Final
 
@@ -13,6 +15,17 @@ from ..config import ConfigError
 from .base import CreditProvider, ProviderContext
 
 GROUP: Final = "ciris_billing_proxy.providers"
+#: The interface methods the proxy awaits.
+ASYNC_METHODS: Final = (
+    "credit_status",
+    "spend",
+    "give_back",
+    "initiate_purchase",
+    "purchase_status",
+    "transactions",
+    "start",
+    "stop",
+)
 
 
 def installed_providers() -> dict[str, list[EntryPoint]]:
@@ -50,8 +63,40 @@ def load_provider_class(name: str) -> type[CreditProvider]:
             f"Credit provider {name!r} from distribution {_distribution(ep)!r} is not a "
             "CreditProvider subclass"
         )
+    check_provider_class(loaded, name)
     return loaded
 
 
+def check_provider_class(cls: type[CreditProvider], name: str) -> None:
+    """Refuse, at startup, a provider class that could only fail on requests: one with an
+    interface method left abstract, or one written without `async def`."""
+    missing = sorted(getattr(cls, "__abstractmethods__", ()))
+    if missing:
+        raise ConfigError(
+            f"Credit provider {name!r} ({cls.__qualname__}): method {missing[0]} is not implemented"
+        )
+    for method in ASYNC_METHODS:
+        if not inspect.iscoroutinefunction(getattr(cls, method, None)):
+            raise ConfigError(
+                f"Credit provider {name!r} ({cls.__qualname__}): method {method} must be a coroutine "
+                f"function (async def)"
+            )
+
+
 def create_provider(name: str, context: ProviderContext) -> CreditProvider:
-    return load_provider_class(name).from_context(context)
+    cls = load_provider_class(name)
+    try:
+        provider = cls.from_context(replace(context, provider=name))
+    except ConfigError:
+        raise
+    except Exception as exc:
+        # The message of a provider's own exception may quote its settings (secrets): the type only.
+        raise ConfigError(
+            f"Credit provider {name!r} ({cls.__qualname__}): method from_context raised {type(exc).__name__}"
+        ) from exc
+    if not isinstance(provider, CreditProvider):
+        raise ConfigError(
+            f"Credit provider {name!r} ({cls.__qualname__}): method from_context returned "
+            f"{type(provider).__name__}, not a CreditProvider"
+        )
+    return provider

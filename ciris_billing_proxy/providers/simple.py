@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Self
+from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from ..config import ConfigError, describe_validation_error
 from ..errors import InsufficientCredit
 from ..identity import Identity
 from ..models import CreditStatus, Transaction, TransactionPage
@@ -46,14 +45,7 @@ class SimpleProvider(CreditProvider):
 
     @classmethod
     def from_context(cls, context: ProviderContext) -> Self:
-        raw: dict[str, Any] = {
-            option: context.environ[var] for var, option in ENV_VARS.items() if context.environ.get(var)
-        }
-        raw.update(context.options)
-        try:
-            settings = SimpleSettings.model_validate(raw, strict=False)
-        except ValidationError as exc:
-            raise ConfigError(f"simple provider: {describe_validation_error(exc)}") from None
+        settings = context.settings(SimpleSettings, env=ENV_VARS)
         return cls(settings, database=settings.database or context.data_dir / LEDGER_FILE)
 
     async def start(self) -> None:

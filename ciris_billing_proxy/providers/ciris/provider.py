@@ -45,7 +45,7 @@ class CirisProvider(CreditProvider):
 
     @classmethod
     def from_context(cls, context: ProviderContext) -> Self:
-        settings = CirisSettings.load(context.options, context.environ)
+        settings = CirisSettings.from_context(context)
         return cls(
             settings,
             database=settings.database or context.data_dir / PAYMENTS_FILE,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
 from typing import Any, Final
 
 from pydantic import (
@@ -12,13 +11,13 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
 from yarl import URL
 
-from ...config import ConfigError, describe_validation_error
+from ...config import ConfigError
+from ..base import ProviderContext
 
 DEFAULT_API_URL: Final = "https://billing.ciris.ai"
 API_KEY_SHAPE: Final = re.compile(r"cbk_[A-Za-z0-9_\-]{1,200}")
@@ -123,14 +122,11 @@ class CirisSettings(BaseModel):
         return (self.api_url, *(u for u in self.fallback_urls if u != self.api_url))
 
     @classmethod
-    def load(cls, options: Mapping[str, Any], environ: Mapping[str, str]) -> CirisSettings:
-        raw: dict[str, Any] = {opt: environ[var] for var, opt in ENV_VARS.items() if environ.get(var)}
-        raw.update(options)
-        if "api_key" not in raw:
+    def from_context(cls, context: ProviderContext) -> CirisSettings:
+        """Options over `CIRIS_BILLING_*` variables (see `ENV_VARS`); the key is required."""
+        if not (context.options.get("api_key") or context.environ.get("CIRIS_BILLING_API_KEY")):
             raise ConfigError(
-                "ciris provider: CIRIS_BILLING_API_KEY is required (a CIRIS Billing API key, cbk_...)"
+                f"{context.provider} provider: CIRIS_BILLING_API_KEY is required "
+                "(a CIRIS Billing API key, cbk_...)"
             )
-        try:
-            return cls.model_validate(raw, strict=False)
-        except ValidationError as exc:
-            raise ConfigError(f"ciris provider: {describe_validation_error(exc)}") from None
+        return context.settings(cls, env=ENV_VARS)

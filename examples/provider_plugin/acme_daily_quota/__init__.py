@@ -12,8 +12,17 @@ from datetime import UTC, datetime
 from typing import Self
 
 from cachetools import TTLCache
+from pydantic import BaseModel, ConfigDict, Field
 
 from ciris_billing_proxy import CreditProvider, CreditStatus, Identity, InsufficientCredit, ProviderContext
+
+
+class QuotaSettings(BaseModel):
+    """`provider_options` (or `serve --provider-option per_day=N`), else `ACME_USES_PER_DAY`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    per_day: int = Field(default=5, ge=0, le=1_000_000)
 
 
 class DailyQuotaProvider(CreditProvider):
@@ -28,8 +37,8 @@ class DailyQuotaProvider(CreditProvider):
 
     @classmethod
     def from_context(cls, context: ProviderContext) -> Self:
-        per_day = context.options.get("per_day") or context.environ.get("ACME_USES_PER_DAY") or 5
-        return cls(int(per_day))
+        settings = context.settings(QuotaSettings, env={"ACME_USES_PER_DAY": "per_day"})
+        return cls(settings.per_day)
 
     def _slot(self, identity: Identity) -> tuple[tuple[str, str], str]:
         return identity.key, datetime.now(UTC).date().isoformat()
