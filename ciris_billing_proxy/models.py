@@ -26,8 +26,6 @@ PaymentState = Literal[
 ]
 PAYMENT_STATES: Final[frozenset[str]] = frozenset(get_args(PaymentState))
 
-NonNegative = Field(ge=0)
-
 
 class _Request(BaseModel):
     # Unknown fields are ignored (clients send extras such as agent ids); wrong types are not coerced.

@@ -47,6 +47,21 @@ class CachedCredit:
 
 
 class BillingService:
+    """The handle `setup_billing` returns: one provider, its credit cache and the token verifier.
+
+    Host code uses it for what the routes and the gate do, with the same identity and cache:
+
+    * `await credit_status(identity)`: the user's `CreditStatus` (cached for `cache_ttl_seconds`);
+    * `await spend(identity, key)` / `await give_back(identity, key)`: take one use, or return it
+      (a give-back the provider cannot make now is retried in the background, never dropped);
+    * `await initiate_purchase(...)`, `await purchase_status(...)`, `await transactions(...)`;
+    * `invalidate(identity)`: forget the cached credit after it changed elsewhere;
+    * `revoke_token(token)`: refuse a bearer token from now on (logout);
+    * `provider`, `config`: what it was built with.
+
+    Every provider failure leaves it as a `BillingError` (a bug becomes `ProviderUnavailable`).
+    """
+
     def __init__(self, config: BillingConfig, provider: CreditProvider, verifier: TokenVerifier) -> None:
         self.config = config
         self.provider = provider

@@ -3,8 +3,6 @@ package's own pytest plugin: ciris_fake_backend, ciris_billing_config, ciris_tok
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
 from ciris_billing_proxy import credit_gate
@@ -29,7 +27,3 @@ def agent_routes(app: web.Application) -> None:
 def who(user_id: str, namespace: str = "local", agent_id: str = "test-agent") -> tuple[str, str]:
     """The backend identity of a user: the agent's own users carry the agent's id."""
     return f"oauth:{namespace}", f"{agent_id}:{user_id}" if namespace == "local" else user_id
-
-
-async def json_of(resp: Any) -> Any:
-    return await resp.json()

@@ -23,7 +23,7 @@ from aiohttp.typedefs import Handler
 
 from .faults import Fault, FaultPlan
 from .ledger import BackendError, Ledger, Pricing
-from .requests import (
+from .schemas import (
     AccountRequest,
     ChargeRequest,
     CheckRequest,
