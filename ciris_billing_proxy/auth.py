@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 import re
 import secrets
@@ -17,19 +18,16 @@ from cachetools import LRUCache
 from jwt.algorithms import get_default_algorithms
 
 from .config import BillingConfig, ConfigError, JWTConfig
-from .errors import NOT_AUTHENTICATED, http_error
+from .errors import NOT_AUTHENTICATED, client_gone, client_left, http_error
 from .identity import Identity
 from .lookup import setup_value
 from .paths import PathScope, as_scope
-
-IDENTITY_KEY: Final = web.RequestKey("ciris_billing_proxy.identity", Identity)
 
 _BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*)$")
 _MAX_CLAIM = 255
 _MAX_NAMESPACE = 64
 _MAX_EXP = 2**53  # beyond this a number is no timestamp (and may not even fit a float)
-_MAX_REVOCATION = 30 * 24 * 3600  # longer than any token this package issues lives
-_MAX_REVOKED = 1_000_000
+MAX_REVOKED: Final = 1_000_000
 
 logger = logging.getLogger("ciris_billing_proxy")
 
@@ -67,9 +65,11 @@ class TokenVerifier:
         self._verified: LRUCache[bytes, Identity] | None = (
             LRUCache(maxsize=config.token_cache_max_entries) if config.token_cache_max_entries else None
         )
-        # digest -> when the revocation may be forgotten. A plain dict: the hot path only asks
-        # "is anything revoked at all?" and, rarely, "is this one?", both without Python frames.
-        self._revoked: dict[bytes, float] = {}
+        # Revoked token digests. A plain set: the hot path only asks "is anything revoked at all?"
+        # and, rarely, "is this one?", both without Python frames. The heap holds (until, digest),
+        # soonest first, so forgetting the revocations of expired tokens costs only those.
+        self._revoked: set[bytes] = set()
+        self._revocations: list[tuple[float, bytes]] = []
 
     @property
     def token_ttl_seconds(self) -> int:
@@ -95,15 +95,26 @@ class TokenVerifier:
         return identity
 
     def revoke(self, token: str) -> None:
-        """Refuse this token from now on (e.g. at logout), cached or not."""
+        """Refuse this token from now on (e.g. at logout), cached or not.
+
+        The revocation is kept only while the token would otherwise be accepted: until its `exp`
+        plus the leeway, after which `verify` refuses it as expired anyway. A token this verifier
+        refuses already (bad signature, expired, revoked) needs no revocation and takes no memory.
+        At most `MAX_REVOKED` are kept; beyond that the one whose token expires soonest goes first.
+        """
+        try:
+            identity = self.verify(token)
+        except AuthError:
+            return
         digest = blake2b(token.encode(), digest_size=16).digest()
+        revocations = self._revocations
         now = self._clock()
-        for old, until in list(self._revoked.items()):
-            if until <= now:
-                del self._revoked[old]
-        if len(self._revoked) >= _MAX_REVOKED:
-            del self._revoked[next(iter(self._revoked))]  # the oldest revocation goes first
-        self._revoked[digest] = now + _MAX_REVOCATION
+        while revocations and revocations[0][0] <= now:
+            self._revoked.discard(heapq.heappop(revocations)[1])
+        if len(revocations) >= MAX_REVOKED:
+            self._revoked.discard(heapq.heappop(revocations)[1])
+        heapq.heappush(revocations, (identity.expires_at + self._jwt.leeway_seconds, digest))
+        self._revoked.add(digest)
         if self._verified is not None:
             self._verified.pop(digest, None)
 
@@ -225,6 +236,10 @@ def _signing_key(config: JWTConfig) -> Any:
 
 
 VERIFIER_KEY: Final = web.AppKey("ciris_billing_proxy.verifier", TokenVerifier)
+#: The identity the request's token was verified as, and the verifier that accepted it. Applications
+#: mounted inside one another may each verify with their own key: an identity is reused only by the
+#: verifier that produced it (see `authenticate`).
+VERIFIED_KEY: Final = web.RequestKey[tuple[TokenVerifier, Identity]]("ciris_billing_proxy.verified")
 
 
 def bearer_token(request: web.Request) -> str:
@@ -238,9 +253,15 @@ def bearer_token(request: web.Request) -> str:
 
 
 def authenticate(request: web.Request, verifier: TokenVerifier) -> Identity:
-    """Verify the request's token once and remember the identity on the request."""
-    if IDENTITY_KEY in request:
-        return request[IDENTITY_KEY]
+    """The request's identity as `verifier` sees it: verified once, then remembered on the request.
+
+    An identity another verifier put there (an outer application's middleware, with another key)
+    is not reused: the token is verified again with `verifier`, so a handler only ever sees an
+    identity its own application's key vouches for.
+    """
+    verified: tuple[TokenVerifier, Identity] | None = request.get(VERIFIED_KEY)
+    if verified is not None and verified[0] is verifier:
+        return verified[1]
     return _verify_request(request, verifier)
 
 
@@ -250,16 +271,18 @@ def _verify_request(request: web.Request, verifier: TokenVerifier) -> Identity:
         identity = verifier.verify(token)
     except AuthError as exc:
         raise http_error(401, exc.detail, {"WWW-Authenticate": 'Bearer error="invalid_token"'}) from None
-    request[IDENTITY_KEY] = identity
+    request[VERIFIED_KEY] = (verifier, identity)
     return identity
 
 
 def get_identity(request: web.Request) -> Identity:
     """The verified identity of the caller, for any handler of the host app.
 
-    Under the billing prefix (and any protected path) the middleware has already verified the token;
-    elsewhere the token is verified here, so a host route that calls this is protected by calling it.
-    Raises a 401 JSON error when there is no valid token.
+    The token is checked with the key of the nearest application billing is set up on (the
+    handler's own, or one it is mounted in). Under the billing prefix and protected paths of that
+    application the middleware has already verified it; elsewhere it is verified here, so a host
+    route that calls this is protected by calling it. Raises a 401 JSON error when there is no
+    valid token.
     """
     return authenticate(request, setup_value(request, VERIFIER_KEY))
 
@@ -268,23 +291,40 @@ def token_check(verifier: TokenVerifier) -> Callable[[web.Request], None]:
     """The check every protected request passes: a valid token (401 JSON otherwise)."""
 
     def check(request: web.Request) -> None:
-        # CORS preflights carry no credentials by design; the host's CORS handling answers them.
-        # The first check of a request: no identity can be on it yet, so none is looked for.
-        if request.method != "OPTIONS":
+        # Verified even when an identity is on the request already: it may be another verifier's.
+        if request.method != "OPTIONS" or not is_preflight(request):
             _verify_request(request, verifier)
 
     return check
 
 
+def is_preflight(request: web.Request) -> bool:
+    """A CORS preflight: OPTIONS with `Origin` and `Access-Control-Request-Method`. Browsers send
+    it without credentials by design and the host's CORS handling answers it, so it needs no
+    token; any other OPTIONS request is an ordinary request and needs one."""
+    headers = request.headers
+    return request.method == "OPTIONS" and "Origin" in headers and "Access-Control-Request-Method" in headers
+
+
 def auth_middleware(verifier: TokenVerifier, path_prefixes: tuple[str, ...] | PathScope) -> Middleware:
-    """Require a valid token on the host's own paths under the given prefixes (see `error_middleware`)."""
+    """Require a valid token on the host's own paths under the given prefixes (see `error_middleware`).
+
+    A client that goes away while the handler reads its body is the usual 400 nobody reads
+    (`errors.client_gone`), not a 500, whether or not the host has `error_middleware()`.
+    """
     check = token_check(verifier)
     scope = as_scope(path_prefixes)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if scope.covers(request.path):
-            check(request)
-        return await handler(request)
+        if not scope.covers(request.path):
+            return await handler(request)
+        check(request)
+        try:
+            return await handler(request)
+        except ConnectionError as exc:
+            if client_left(request, exc):
+                raise client_gone(request) from None
+            raise
 
     return middleware

@@ -45,6 +45,7 @@ class SessionRoutes:
     def __init__(self, verifier: TokenVerifier, config: BillingConfig) -> None:
         self._verifier = verifier
         self._bypass_roles = config.gate_bypass_roles
+        self._body_timeout = config.body_timeout_seconds
 
     async def logout(self, request: web.Request) -> web.Response:
         """Revoke exactly the presented token. 200 with a JSON object rather than 204: older CIRIS
@@ -57,7 +58,9 @@ class SessionRoutes:
     async def refresh(self, request: web.Request) -> web.Response:
         require_method(request, "POST")
         self._caller(request)
-        await read_model(request, RefreshRequest, MAX_LOGIN_BODY, empty_ok=True)
+        await read_model(
+            request, RefreshRequest, MAX_LOGIN_BODY, time_limit=self._body_timeout, empty_ok=True
+        )
         # Checked again: a logout of this token may have landed while the body was read.
         token, identity = self._caller(request)
         claims = _claims(token)
@@ -126,6 +129,7 @@ def add_auth_routes(
         verifier,
         throttle or MemoryLoginThrottle.from_config(config),
         config.trusted_proxies,
+        config.body_timeout_seconds,
     )
     sessions = SessionRoutes(verifier, config)
     authenticated = sessions.expect_authenticated

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from aiohttp import HttpVersion11, web
 from pydantic import BaseModel, ValidationError
@@ -11,6 +12,8 @@ from pydantic import BaseModel, ValidationError
 from .errors import client_gone, http_error
 
 M = TypeVar("M", bound=BaseModel)
+
+BODY_TIMEOUT: Final = "Request body not received in time"
 
 
 async def expect_continue(request: web.Request) -> None:
@@ -27,27 +30,40 @@ async def expect_continue(request: web.Request) -> None:
         request.writer.output_size = 0  # the interim line is not part of the response's size
 
 
-async def read_body(request: web.Request, max_bytes: int) -> bytes:
-    """The whole body, or 413 as soon as it is known to exceed `max_bytes` (without reading it all)."""
+async def read_body(request: web.Request, max_bytes: int, *, time_limit: float) -> bytes:
+    """The whole body, or 413 as soon as it is known to exceed `max_bytes` (without reading it all).
+
+    The whole body must arrive within `time_limit` seconds: a client that announces a body and then
+    sends it slowly, or never, would otherwise hold its connection (and a file descriptor) for as
+    long as it likes. It gets a 408 and the connection is closed.
+    """
     declared = request.content_length
     if declared is not None and declared > max_bytes:
         raise http_error(413, f"Request body too large (limit {max_bytes} bytes)")
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            size += len(chunk)
-            if size > max_bytes:
-                raise http_error(413, f"Request body too large (limit {max_bytes} bytes)")
-            chunks.append(chunk)
+        async with asyncio.timeout(time_limit):
+            async for chunk in request.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise http_error(413, f"Request body too large (limit {max_bytes} bytes)")
+                chunks.append(chunk)
     except ConnectionError:  # the client closed the connection before sending the whole body
         raise client_gone(request) from None
+    except TimeoutError:
+        late = http_error(408, BODY_TIMEOUT)
+        late.force_close()  # the rest of the body may still come: this connection is done
+        raise late from None
     return b"".join(chunks)
 
 
-async def read_model(request: web.Request, model: type[M], max_bytes: int, *, empty_ok: bool = False) -> M:
-    """Parse a JSON object body into `model`. An empty body means `{}` when `empty_ok`."""
-    raw = await read_body(request, max_bytes)
+async def read_model(
+    request: web.Request, model: type[M], max_bytes: int, *, time_limit: float, empty_ok: bool = False
+) -> M:
+    """Parse a JSON object body into `model`, read within `time_limit` seconds (see `read_body`).
+    An empty body means `{}` when `empty_ok`."""
+    raw = await read_body(request, max_bytes, time_limit=time_limit)
     if not raw.strip():
         if not empty_ok:
             raise http_error(400, "Request body is empty; send a JSON object")

@@ -16,11 +16,11 @@ from aiohttp import web
 from . import __version__
 from .config import BillingConfig, ConfigError, default_data_dir
 from .demo import (
-    USERS_FILE,
     CreatedUser,
     create_demo_app,
     load_or_create_secret,
     load_or_create_users,
+    reset_users,
     save_users,
     saved_usernames,
 )
@@ -196,7 +196,10 @@ def _serve(args: argparse.Namespace) -> int:
     if args.user:
         users = UserStore()
         for name, password, email in args.user:
-            users.add(name, password, email=email)
+            try:
+                users.add(name, password, email=email)
+            except ValueError as exc:  # the same name twice, in any case
+                raise ConfigError(f"--user: {exc}") from None
     else:
         users, created = load_or_create_users(config.data_dir)
     return asyncio.run(_start(config, users, created, args))
@@ -235,8 +238,7 @@ async def _start(
             names = ", ".join(saved_usernames(config.data_dir)) or "none"
             print(
                 f"Demo users: {names} (created earlier; password not shown again)\n"
-                f"  Lost it? Stop the server, delete {config.data_dir / USERS_FILE} and start again, "
-                "or run serve --user NAME:PASSWORD"
+                f"  Lost it? Stop the server, {reset_users(config.data_dir)}"
             )
         if fake is not None:
             print(

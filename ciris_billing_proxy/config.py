@@ -105,6 +105,9 @@ class BillingConfig(BaseModel):
     #: Verified tokens kept (0 turns the cache off); see `auth.TokenVerifier`.
     token_cache_max_entries: int = Field(default=100_000, ge=0)
     max_body_bytes: int = Field(default=16 * 1024, ge=256, le=1024 * 1024)
+    #: Seconds a request body may take to arrive in full, on every route of this package that
+    #: reads one; a slower body is answered 408 and its connection closed.
+    body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     #: Longest wait between retries of a give-back the provider could not do (its backend was
     #: down): once it is back, a failed interaction's use is back within this many seconds.
     give_back_retry_max_seconds: float = Field(default=10.0, gt=0, le=300)
@@ -219,6 +222,7 @@ ENV_VARS: Final[dict[str, tuple[str, str, str]]] = {
     "CIRIS_CREDIT_CACHE_MAX_ENTRIES": ("top", "cache_max_entries", "int"),
     "CIRIS_TOKEN_CACHE_MAX_ENTRIES": ("top", "token_cache_max_entries", "int"),
     "CIRIS_MAX_BODY_BYTES": ("top", "max_body_bytes", "int"),
+    "CIRIS_BODY_TIMEOUT_SECONDS": ("top", "body_timeout_seconds", "float"),
     "CIRIS_GIVE_BACK_RETRY_MAX_SECONDS": ("top", "give_back_retry_max_seconds", "float"),
     "CIRIS_GATE_BYPASS_ROLES": ("top", "gate_bypass_roles", "list"),
     "CIRIS_PROTECTED_PATHS": ("top", "protected_paths", "list"),

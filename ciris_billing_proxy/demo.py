@@ -19,7 +19,7 @@ from aiohttp import web
 
 from .auth import get_identity
 from .bodies import expect_continue, read_model
-from .config import BillingConfig
+from .config import BillingConfig, ConfigError
 from .errors import error_middleware
 from .gate import credit_gate
 from .models import InteractReply, InteractRequest
@@ -37,7 +37,10 @@ _PASSWORD_ALPHABET = string.ascii_letters + string.digits
 @credit_gate
 async def interact(request: web.Request) -> web.Response:
     service = request.config_dict[SERVICE_KEY]
-    body = await read_model(request, InteractRequest, service.config.max_body_bytes)
+    config = service.config
+    body = await read_model(
+        request, InteractRequest, config.max_body_bytes, time_limit=config.body_timeout_seconds
+    )
     identity = get_identity(request)
     status = await service.credit_status(identity)
     return json_reply(
@@ -88,7 +91,10 @@ def load_or_create_users(data_dir: Path) -> tuple[UserStore, CreatedUser | None]
     once its password has been shown) whose password is returned this once."""
     path = data_dir / USERS_FILE
     if path.exists():
-        return UserStore.load(path), None
+        try:
+            return UserStore.load(path), None
+        except ValueError as exc:  # malformed JSON, or not what `save_users` writes
+            raise ConfigError(f"{path} is not a users file ({exc}); {reset_users(data_dir)}") from None
     store = UserStore()
     created = CreatedUser("demo", generate_password())
     store.add(created.username, created.password, email="demo@example.com")
@@ -98,6 +104,11 @@ def load_or_create_users(data_dir: Path) -> tuple[UserStore, CreatedUser | None]
 def generate_password(length: int = 16) -> str:
     """A random password (about 95 bits for 16 characters) safe to paste as a command-line argument."""
     return "".join(secrets.choice(_PASSWORD_ALPHABET) for _ in range(length))
+
+
+def reset_users(data_dir: Path) -> str:
+    """What to do when the demo users' passwords are lost or their file is unreadable."""
+    return f"delete {data_dir / USERS_FILE} and start again, or run serve --user NAME:PASSWORD"
 
 
 def saved_usernames(data_dir: Path) -> list[str]:

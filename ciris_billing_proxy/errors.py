@@ -112,6 +112,13 @@ def client_gone(request: web.Request) -> HTTPJSONError:
     return http_error(400, CLIENT_GONE)
 
 
+def client_left(request: web.Request, exc: BaseException) -> bool:
+    """Whether `exc` is the client's connection failing because the client went away. A
+    ConnectionError may also come from a connection the handler made itself; only a closed client
+    connection makes it the client's doing."""
+    return isinstance(exc, ConnectionError) and request.transport is None
+
+
 def error_middleware(
     path_prefixes: tuple[str, ...] | PathScope | None = None,
     *,
@@ -149,9 +156,7 @@ def error_middleware(
             headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
             raise http_error(exc.status, exc.reason, headers) from None
         except Exception as exc:
-            # A ConnectionError may also come from a connection the handler made itself; only a
-            # closed client connection makes it the client's doing.
-            if isinstance(exc, ConnectionError) and request.transport is None:
+            if client_left(request, exc):
                 raise client_gone(request) from None
             logger.exception("Unhandled error in %s %s", request.method, request.path)
             raise http_error(500, INTERNAL_ERROR) from None

@@ -5,7 +5,9 @@
 
 The use is taken atomically *before* the handler runs, under a key unique to this request, so
 concurrent calls can never overspend; it is given back when the handler raises or answers with an
-error status (4xx or 5xx), so a user never pays for an interaction that did not happen.
+error status (4xx or 5xx), so a user never pays for an interaction that did not happen. A client
+that goes away while the handler still reads its body gets the package's usual "client gone"
+handling (one DEBUG line, a 400 nobody reads), with or without `error_middleware()` on the host.
 The gate uses the same identity and the same credit cache as `GET /credits`, so the UI shows
 exactly what the gate spends.
 """
@@ -21,7 +23,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .auth import get_identity
-from .errors import BillingError, to_http
+from .errors import BillingError, client_gone, client_left, to_http
 from .identity import Identity
 from .lookup import setup_value
 from .service import SERVICE_KEY, BillingService
@@ -53,8 +55,10 @@ def credit_gate(handler: Handler) -> Handler:
             if exc.status >= 400:
                 await _give_back(service, identity, key)
             raise
-        except BaseException:
+        except BaseException as exc:
             await _give_back(service, identity, key)
+            if client_left(request, exc):
+                raise client_gone(request) from None
             raise
         if response.status >= 400:
             await _give_back(service, identity, key)

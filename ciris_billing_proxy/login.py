@@ -82,15 +82,17 @@ class LoginRoute:
         verifier: TokenVerifier,
         throttle: LoginThrottle,
         trusted_proxies: Sequence[Network],
+        body_timeout: float,
     ) -> None:
         self._authenticate = authenticate
         self._verifier = verifier
         self._throttle = throttle
         self._trusted_proxies = trusted_proxies
+        self._body_timeout = body_timeout
 
     async def login(self, request: web.Request) -> web.Response:
         require_method(request, "POST")
-        body = await read_model(request, LoginRequest, MAX_LOGIN_BODY)
+        body = await read_model(request, LoginRequest, MAX_LOGIN_BODY, time_limit=self._body_timeout)
         attempt = LoginAttempt(body.username, client_address(request, self._trusted_proxies))
         wait = await self._throttle.admit(attempt)
         if wait is not None:

@@ -1,6 +1,6 @@
 """The billing routes under the prefix. Thin: parse, call the service, reply.
 
-Every handler runs behind the auth middleware (so `IDENTITY_KEY` is always set) and the error
+Every handler runs behind the auth middleware (so `VERIFIED_KEY` is always set) and the error
 middleware (so a `BillingError` raised here or by the service becomes its HTTP reply there).
 """
 
@@ -12,7 +12,7 @@ from typing import Final
 from aiohttp import web
 from pydantic import BaseModel
 
-from .auth import IDENTITY_KEY, authenticate
+from .auth import VERIFIED_KEY, authenticate
 from .bodies import expect_continue, read_model
 from .errors import BillingDisabled, PaymentNotFound, http_error
 from .models import PurchaseRequest
@@ -33,35 +33,65 @@ class BillingRoutes:
 
     def __init__(self, service: BillingService) -> None:
         self.service = service
+        self._catch_all: list[web.AbstractResource] = []
 
     async def get_credits(self, request: web.Request) -> web.Response:
-        body = await self.service.credit_reply(request[IDENTITY_KEY])
+        body = await self.service.credit_reply(request[VERIFIED_KEY][1])
         return web.Response(body=body, content_type="application/json")
 
     async def initiate_purchase(self, request: web.Request) -> web.Response:
         service = self._selling()
-        body = await read_model(request, PurchaseRequest, service.config.max_body_bytes, empty_ok=True)
+        config = service.config
+        body = await read_model(
+            request,
+            PurchaseRequest,
+            config.max_body_bytes,
+            time_limit=config.body_timeout_seconds,
+            empty_ok=True,
+        )
         key = request.headers.get("Idempotency-Key")
         if key is not None and not IDEMPOTENCY_KEY.match(key):
             raise http_error(400, "Idempotency-Key must be 1-128 letters, digits or -_.:")
-        return json_reply(await service.initiate_purchase(request[IDENTITY_KEY], body.return_url, key))
+        return json_reply(await service.initiate_purchase(request[VERIFIED_KEY][1], body.return_url, key))
 
     async def purchase_status(self, request: web.Request) -> web.Response:
         service = self._selling()
         payment_id = request.match_info["payment_id"]
         if not PAYMENT_ID.match(payment_id):
             raise PaymentNotFound
-        return json_reply(await service.purchase_status(request[IDENTITY_KEY], payment_id))
+        return json_reply(await service.purchase_status(request[VERIFIED_KEY][1], payment_id))
 
     async def transactions(self, request: web.Request) -> web.Response:
         limit = _int_query(request, "limit", 50, low=1, high=100)
         offset = _int_query(request, "offset", 0, low=0, high=MAX_OFFSET)
-        return json_reply(await self.service.transactions(request[IDENTITY_KEY], limit, offset))
+        return json_reply(await self.service.transactions(request[VERIFIED_KEY][1], limit, offset))
 
     async def expect_authenticated(self, request: web.Request) -> None:
         """`Expect:` is answered before middlewares run: check the token before inviting an upload."""
         authenticate(request, self.service.verifier)  # a 401 here is sent instead of 100
         await expect_continue(request)
+
+    def answer_unmatched(self, router: web.UrlDispatcher, prefix: str) -> None:
+        """Route the prefix itself and every path below it that no billing route serves to
+        `unmatched`. aiohttp tries the most specific path first, so the billing routes still win."""
+        for path in (prefix, f"{prefix}/{{tail:.*}}"):
+            resource = router.add_route(
+                "*", path, self.unmatched, expect_handler=self.expect_authenticated
+            ).resource
+            assert resource is not None
+            self._catch_all.append(resource)
+
+    async def unmatched(self, request: web.Request) -> web.Response:
+        """The JSON 404 or 405 for a path or method no billing route serves. Answered by a route
+        rather than left to aiohttp, whose own 404/405 get its default `Expect:` handling (a
+        `100 Continue` before the token check, a plain-text 417)."""
+        allowed: set[str] = set()
+        for resource in request.app.router.resources():
+            if resource not in self._catch_all:
+                allowed |= (await resource.resolve(request))[1]
+        if allowed:
+            raise http_error(405, "Method Not Allowed", {"Allow": ",".join(sorted(allowed))})
+        raise http_error(404, "Not Found")
 
     def _selling(self) -> BillingService:
         """The service, if its provider sells credits; checked before the body or id is even read."""
@@ -83,18 +113,25 @@ def _int_query(request: web.Request, name: str, default: int, *, low: int, high:
     return value
 
 
-def add_routes(router: web.UrlDispatcher, service: BillingService, prefix: str = "") -> web.AbstractResource:
+def add_routes(
+    router: web.UrlDispatcher, service: BillingService, prefix: str = "", *, own_router: bool = False
+) -> web.AbstractResource:
     """Add the billing routes to `router`, each path under `prefix` (empty inside the sub-app).
+
+    Every route checks the token before granting `Expect: 100-continue`. With `own_router` (the
+    billing sub-app's router, which serves nothing else) every other path and method is answered
+    too, with the same `Expect:` handling and a JSON 404/405.
 
     Returns the `/credits` resource: mounting the application prefixes it like every other one,
     which is how `setup_billing` learns where the routes ended up.
     """
     routes = BillingRoutes(service)
-    credits = router.add_get(f"{prefix}/credits", routes.get_credits).resource
-    router.add_post(
-        f"{prefix}/purchase/initiate", routes.initiate_purchase, expect_handler=routes.expect_authenticated
-    )
-    router.add_get(f"{prefix}/purchase/status/{{payment_id}}", routes.purchase_status)
-    router.add_get(f"{prefix}/transactions", routes.transactions)
+    expect = routes.expect_authenticated
+    credits = router.add_get(f"{prefix}/credits", routes.get_credits, expect_handler=expect).resource
+    router.add_post(f"{prefix}/purchase/initiate", routes.initiate_purchase, expect_handler=expect)
+    router.add_get(f"{prefix}/purchase/status/{{payment_id}}", routes.purchase_status, expect_handler=expect)
+    router.add_get(f"{prefix}/transactions", routes.transactions, expect_handler=expect)
+    if own_router:
+        routes.answer_unmatched(router, prefix)
     assert credits is not None  # a route added by path always has its resource
     return credits

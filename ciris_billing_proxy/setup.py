@@ -91,7 +91,7 @@ def setup_billing(
         billing = web.Application(middlewares=[error_middleware(before=check)])
         billing[SERVICE_KEY] = service
         billing[VERIFIER_KEY] = verifier
-        anchor = add_routes(billing.router, service)
+        anchor = add_routes(billing.router, service, own_router=True)
         app.add_subapp(config.prefix, billing)
     else:
         scopes.append(PathScope((config.prefix,)))

@@ -133,6 +133,11 @@ def _count(table: TTLCache[K, _Window], key: K, window: _Window | None, now: flo
     window.count += 1
 
 
+def fold_username(username: str) -> str:
+    """The form usernames are counted under: Unicode NFKC, then case-folded ("Bob" and "BOB" are
+    "bob"). `users.UserStore` refuses two names with the same form for the same reason."""
+    return unicodedata.normalize("NFKC", username).casefold()
+
+
 def _username_key(username: str) -> bytes:
-    folded = unicodedata.normalize("NFKC", username).casefold()
-    return blake2b(folded.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    return blake2b(fold_username(username).encode("utf-8", "surrogatepass"), digest_size=16).digest()

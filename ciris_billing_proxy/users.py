@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .login import AuthenticatedUser
+from .throttle import fold_username
 
 # RFC 7914's interactive-login parameters: ~50 ms and 16 MiB per hash.
 _N, _R, _P = 2**14, 8, 1
@@ -67,8 +68,15 @@ class StoredUser:
 
 
 class UserStore:
+    """Users by name. Names that differ only in case or Unicode form ("Bob", "bob", a full-width
+    "bob") are one name: the login throttle counts them as one, so the store holds only one."""
+
     def __init__(self, users: list[StoredUser] | None = None) -> None:
-        self._users = {u.username: u for u in users or []}
+        self._users: dict[str, StoredUser] = {}
+        self._folded: dict[str, str] = {}  # folded name -> the name as stored
+        for user in users or []:
+            self._refuse_taken(user.username)
+            self._insert(user)
         self._dummy_hash = hash_password(secrets.token_urlsafe(16))
         # Each check costs 16 MiB and ~50 ms of CPU: a burst of logins queues instead of exhausting memory.
         self._hashing = asyncio.Semaphore(4)
@@ -80,8 +88,22 @@ class UserStore:
         return len(self._users)
 
     def add(self, username: str, password: str, *, role: str = "OBSERVER", email: str | None = None) -> None:
+        """Add a user; ValueError if the name, ignoring case and Unicode form, is taken."""
+        self._refuse_taken(username)
         created = datetime.now(UTC).isoformat(timespec="seconds")
-        self._users[username] = StoredUser(username, hash_password(password), role.upper(), email, created)
+        self._insert(StoredUser(username, hash_password(password), role.upper(), email, created))
+
+    def _refuse_taken(self, username: str) -> None:
+        taken = self._folded.get(fold_username(username))
+        if taken is not None:
+            raise ValueError(
+                f"user {username!r} clashes with existing user {taken!r}: "
+                "usernames that differ only in case or Unicode form are the same name"
+            )
+
+    def _insert(self, user: StoredUser) -> None:
+        self._users[user.username] = user
+        self._folded[fold_username(user.username)] = user.username
 
     async def authenticate(self, username: str, password: str) -> AuthenticatedUser | None:
         user = self._users.get(username)
@@ -103,5 +125,31 @@ class UserStore:
 
     @classmethod
     def load(cls, path: Path) -> UserStore:
+        """The users `save` wrote to `path`. ValueError, saying what is wrong without quoting the
+        file, when it is not such a file; OSError when it cannot be read."""
         rows = json.loads(path.read_text(encoding="utf-8"))
-        return cls([StoredUser(**row) for row in rows])
+        if not isinstance(rows, list):
+            raise ValueError("expected a JSON list of users")
+        return cls([_stored_user(row) for row in rows])
+
+
+_TEXT_FIELDS = ("username", "password_hash", "role")
+_OPTIONAL_FIELDS = ("email", "created_at")
+
+
+def _stored_user(row: object) -> StoredUser:
+    if not isinstance(row, dict):
+        raise ValueError("each user must be a JSON object")
+    unexpected = sorted(set(row) - {*_TEXT_FIELDS, *_OPTIONAL_FIELDS})
+    if unexpected:
+        raise ValueError(f"unexpected user field(s): {', '.join(map(str, unexpected))}")
+    for name in _TEXT_FIELDS:
+        if not isinstance(row.get(name), str) or not row[name]:
+            raise ValueError(f"a user has no {name}")
+    for name in _OPTIONAL_FIELDS:
+        if not isinstance(row.get(name), str | None):
+            raise ValueError(f"a user's {name} is not text")
+    user = StoredUser(**row)
+    if user.created_at is not None:
+        datetime.fromisoformat(user.created_at)  # a ValueError here too, not at the user's login
+    return user

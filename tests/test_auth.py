@@ -233,7 +233,8 @@ async def test_host_can_protect_its_own_paths(
 
 
 async def test_cors_preflight_is_not_blocked_by_auth(client: Any) -> None:
-    resp = await client.options(CREDITS, headers={"Origin": "https://ui.example"})
+    preflight = {"Origin": "https://ui.example", "Access-Control-Request-Method": "GET"}
+    resp = await client.options(CREDITS, headers=preflight)
     assert resp.status != 401
 
 

@@ -17,12 +17,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from ciris_billing_proxy import BillingConfig, credit_gate, error_middleware, setup_billing
+from ciris_billing_proxy import BillingConfig, credit_gate, error_middleware, expect_continue, setup_billing
 from ciris_billing_proxy.demo import create_demo_app
 from ciris_billing_proxy.testing import TokenFactory
 from ciris_billing_proxy.users import UserStore
 
 from .providers import ShopProvider
+from .test_examples import load as load_example
 
 CREDITS = "/v1/api/billing/credits"
 LOGIN = "/v1/auth/login"
@@ -56,6 +57,37 @@ def host_reading_its_own_body(config: BillingConfig) -> web.Application:
 
     app = web.Application(middlewares=[error_middleware()])
     setup_billing(app, config, environ={})
+    app.router.add_post(INTERACT, interact)
+    return app
+
+
+def readme_host(config: BillingConfig) -> web.Application:
+    """The README's "Add it to your agent" setup, whose gated handler reads its body: no
+    `error_middleware()`, so only the gate itself can keep a hang-up from being a 500."""
+
+    @credit_gate
+    async def interact(request: web.Request) -> web.Response:
+        return web.json_response({"echo": await request.json()})
+
+    app = web.Application()
+    setup_billing(app, config, environ={})
+    app.router.add_post(INTERACT, interact, expect_handler=expect_continue)
+    return app
+
+
+def example_agent(config: BillingConfig) -> web.Application:
+    app: web.Application = load_example("agent").create_app(config)
+    return app
+
+
+def protected_host(config: BillingConfig) -> web.Application:
+    """A handler on a protected path (no gate) that reads its body, no `error_middleware()`."""
+
+    async def interact(request: web.Request) -> web.Response:
+        return web.json_response({"echo": await request.json()})
+
+    app = web.Application()
+    setup_billing(app, config.model_copy(update={"protected_paths": ("/v1/agent",)}), environ={})
     app.router.add_post(INTERACT, interact)
     return app
 
@@ -111,8 +143,20 @@ async def credits(port: int, tokens: TokenFactory) -> object:
         (plain_host, LOGIN, False),
         (plain_host, INITIATE, True),
         (host_reading_its_own_body, INTERACT, True),
+        (readme_host, INTERACT, True),
+        (example_agent, INTERACT, True),
+        (protected_host, INTERACT, True),
     ],
-    ids=["demo-login", "demo-interact", "host-login", "host-initiate", "host-own-body"],
+    ids=[
+        "demo-login",
+        "demo-interact",
+        "host-login",
+        "host-initiate",
+        "host-own-body",
+        "readme-gated-no-error-middleware",
+        "example-agent",
+        "protected-path-no-error-middleware",
+    ],
 )
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 async def test_a_client_that_closes_mid_body_is_no_error(
