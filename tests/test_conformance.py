@@ -13,6 +13,8 @@ from ciris_billing_proxy.providers.simple import SimpleProvider
 from ciris_billing_proxy.testing import FakeBillingBackend
 from ciris_billing_proxy.testing.conformance import ProviderContract
 
+from .test_readme import code_after
+
 
 class TestSimpleConforms(ProviderContract):
     @pytest.fixture
@@ -123,3 +125,21 @@ def test_a_broken_provider_fails_with_the_rule_it_broke(
     result = run_kit(pytester, name)
     assert result.parseoutcomes().get("failed", 0) >= 1
     assert rule in result.stdout.str()
+
+
+EXAMPLE = ROOT / "examples" / "provider_plugin"
+EXAMPLE_TEST = EXAMPLE / "tests" / "test_conformance.py"
+
+
+def test_the_example_distribution_passes_the_kit_with_its_pytest_config(pytester: pytest.Pytester) -> None:
+    pytester.makepyprojecttoml((EXAMPLE / "pyproject.toml").read_text(encoding="utf-8"))
+    pytester.syspathinsert(EXAMPLE)
+    pytester.makepyfile(test_conformance=EXAMPLE_TEST.read_text(encoding="utf-8"))
+    result = pytester.runpytest("-p", "no:cacheprovider", "-W", "error")
+    # Skipped: paid give-backs (no add_paid_credit hook) and the three checks of providers that sell.
+    result.assert_outcomes(passed=len(KIT_CHECKS) - 4, skipped=4)
+
+
+def test_the_readme_shows_the_example_distributions_test_and_this_repositorys_ciris_test() -> None:
+    assert code_after("conformance") == EXAMPLE_TEST.read_text(encoding="utf-8")
+    assert code_after("conformance-ciris") in Path(__file__).read_text(encoding="utf-8")
