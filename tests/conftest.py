@@ -14,6 +14,9 @@ from ciris_billing_proxy import BillingConfig, JWTConfig, setup_billing
 from ciris_billing_proxy.providers.base import CreditProvider
 from ciris_billing_proxy.testing import TokenFactory
 
+# pytester runs the conformance kit against broken providers (tests/test_conformance.py).
+pytest_plugins = ["pytester"]
+
 SECRET = "unit-test-secret-0123456789-abcdefghijklmnopqrstuvwxyz-0123456789-ABCDEF"
 
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]

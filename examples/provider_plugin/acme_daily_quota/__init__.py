@@ -31,8 +31,11 @@ class DailyQuotaProvider(CreditProvider):
     def __init__(self, per_day: int) -> None:
         self.per_day = per_day
         self._used: dict[tuple[tuple[str, str], str], int] = {}  # (identity key, UTC day) -> uses
-        # idempotency key -> where it was spent; keys older than two days can no longer be given back
-        self._spent: TTLCache[str, tuple[tuple[str, str], str]] = TTLCache(maxsize=1_000_000, ttl=2 * 86_400)
+        # (identity key, idempotency key) -> the day it was spent on. Keyed per user too, so one user's
+        # key never takes or gives back another's use; keys older than two days can no longer be given back.
+        self._spent: TTLCache[tuple[tuple[str, str], str], tuple[tuple[str, str], str]] = TTLCache(
+            maxsize=1_000_000, ttl=2 * 86_400
+        )
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -58,16 +61,16 @@ class DailyQuotaProvider(CreditProvider):
 
     async def spend(self, identity: Identity, idempotency_key: str) -> None:
         async with self._lock:
-            if idempotency_key in self._spent:
+            if (identity.key, idempotency_key) in self._spent:
                 return
             slot = self._slot(identity)
             if self._used.get(slot, 0) >= self.per_day:
                 raise InsufficientCredit("Daily quota used up; it resets at 00:00 UTC")
             self._used[slot] = self._used.get(slot, 0) + 1
-            self._spent[idempotency_key] = slot
+            self._spent[(identity.key, idempotency_key)] = slot
 
     async def give_back(self, identity: Identity, idempotency_key: str) -> None:
         async with self._lock:
-            slot = self._spent.pop(idempotency_key, None)
+            slot = self._spent.pop((identity.key, idempotency_key), None)
             if slot is not None:
                 self._used[slot] -= 1

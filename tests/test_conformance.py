@@ -1,0 +1,145 @@
+"""The built-in providers keep the provider contract, checked by the conformance kit itself."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from ciris_billing_proxy import BillingConfig, Identity, ProviderContext
+from ciris_billing_proxy.providers.ciris import CirisProvider
+from ciris_billing_proxy.providers.simple import SimpleProvider
+from ciris_billing_proxy.testing import FakeBillingBackend
+from ciris_billing_proxy.testing.conformance import ProviderContract
+
+from .test_readme import code_after
+
+
+class TestSimpleConforms(ProviderContract):
+    @pytest.fixture
+    async def provider(self) -> AsyncIterator[SimpleProvider]:
+        provider = SimpleProvider(database=":memory:")
+        await provider.start()
+        yield provider
+        await provider.stop()
+
+
+class TestCirisConforms(ProviderContract):
+    # The backend cannot give back a free use: give-backs are checked on paid credit.
+    returns_free_uses = False
+
+    @pytest.fixture
+    async def provider(
+        self, ciris_billing_config: BillingConfig, ciris_fake_backend: FakeBillingBackend
+    ) -> AsyncIterator[CirisProvider]:
+        self.fake, config = ciris_fake_backend, ciris_billing_config
+        self.agent_id = config.agent_id
+        context = ProviderContext(config.provider_options, data_dir=config.data_dir, agent_id=config.agent_id)
+        provider = CirisProvider.from_context(context)
+        await provider.start()
+        yield provider
+        await provider.stop()
+
+    async def add_paid_credit(self, provider: CirisProvider, identity: Identity, uses: int) -> None:
+        # The backend account of the user (see "The ciris provider": `local` users carry the agent id).
+        local = identity.namespace == "local"
+        external_id = f"{self.agent_id}:{identity.user_id}" if local else identity.user_id
+        self.fake.grant(f"oauth:{identity.namespace}", external_id, uses)
+
+    async def complete_payment(self, provider: CirisProvider, payment_id: str) -> None:
+        self.fake.confirm_payment(payment_id)  # Stripe says succeeded, and the webhook credits at once
+
+
+ROOT = Path(__file__).resolve().parents[1]
+KIT_CHECKS = sorted(name for name in dir(ProviderContract) if name.startswith("test_"))
+INI = """[pytest]
+asyncio_mode = auto
+asyncio_default_fixture_loop_scope = function
+asyncio_default_test_loop_scope = function
+filterwarnings = error
+"""
+KIT_RUN = """
+import pytest
+
+import conformance_providers
+from ciris_billing_proxy.testing.conformance import ProviderContract
+
+
+class Test{name}(ProviderContract):
+    settle_seconds = 0.5
+
+    @pytest.fixture
+    async def provider(self):
+        provider = conformance_providers.{name}()
+        await provider.start()
+        yield provider
+        await provider.stop()
+
+    async def add_paid_credit(self, provider, identity, uses):
+        provider.grant(identity, uses)
+
+    async def complete_payment(self, provider, payment_id):
+        provider.pay(payment_id)
+"""
+
+
+def run_kit(pytester: pytest.Pytester, name: str) -> pytest.RunResult:
+    """Run the kit against one provider of tests/conformance_providers.py, as an author's suite would."""
+    pytester.makeini(INI)
+    source = (Path(__file__).parent / "conformance_providers.py").read_text(encoding="utf-8")
+    pytester.makepyfile(conformance_providers=source, test_kit=KIT_RUN.format(name=name))
+    return pytester.runpytest("-p", "no:cacheprovider")
+
+
+def test_a_correct_provider_that_sells_passes_every_check(pytester: pytest.Pytester) -> None:
+    result = run_kit(pytester, "Reference")
+    # The one skip: the check for providers that do not sell.
+    result.assert_outcomes(passed=len(KIT_CHECKS) - 1, skipped=1)
+
+
+@pytest.mark.parametrize(
+    ("name", "rule"),
+    [
+        ("GivesBackOnEveryCall", "a second give_back under the same key must change nothing, but"),
+        ("GivesBackOnEveryCall", "give_back for a key that was never spent must change nothing, but"),
+        ("SpendIgnoresKeys", "spend twice with the same idempotency key must take one use, but it took 2."),
+        ("StatusAsDict", "credit_status must return a CreditStatus, but it returned dict."),
+        (
+            "SyncSpend",
+            "CreditProvider.spend must be a coroutine function (async def), but SyncSpend.spend is not.",
+        ),
+        ("SyncSpend", "spend must be a coroutine function (async def), but calling it returned NoneType."),
+        ("ConstructedStatus", "credit_status has_credit must be true exactly when"),
+        ("RacySpend", "concurrent spends with distinct keys must never take more than the user had (3)"),
+        ("KeysSharedAcrossUsers", "idempotency keys are per user: a spend by another user"),
+        ("PaymentsVisibleToAll", "a payment must be visible to its owner only"),
+        ("CreditsOnEveryStatus", "a completed payment must add exactly its uses (10) once, but"),
+        ("IgnoresLimit", "transactions must return at most limit (1) items, but it returned"),
+        ("LeaksTask", "stop after a restart must leave no task of the provider running, but 1 started"),
+    ],
+)
+def test_a_broken_provider_fails_with_the_rule_it_broke(
+    pytester: pytest.Pytester, name: str, rule: str
+) -> None:
+    result = run_kit(pytester, name)
+    assert result.parseoutcomes().get("failed", 0) >= 1
+    assert rule in result.stdout.str()
+
+
+EXAMPLE = ROOT / "examples" / "provider_plugin"
+EXAMPLE_TEST = EXAMPLE / "tests" / "test_conformance.py"
+
+
+def test_the_example_distribution_passes_the_kit_with_its_pytest_config(pytester: pytest.Pytester) -> None:
+    pytester.makepyprojecttoml((EXAMPLE / "pyproject.toml").read_text(encoding="utf-8"))
+    pytester.syspathinsert(EXAMPLE)
+    pytester.makepyfile(test_conformance=EXAMPLE_TEST.read_text(encoding="utf-8"))
+    result = pytester.runpytest("-p", "no:cacheprovider", "-W", "error")
+    # Skipped: paid give-backs (no add_paid_credit hook) and the three checks of providers that sell.
+    result.assert_outcomes(passed=len(KIT_CHECKS) - 4, skipped=4)
+
+
+def test_the_readme_shows_the_example_distributions_test_and_this_repositorys_ciris_test() -> None:
+    assert code_after("conformance") == EXAMPLE_TEST.read_text(encoding="utf-8")
+    assert code_after("conformance-ciris") in Path(__file__).read_text(encoding="utf-8")
