@@ -23,6 +23,7 @@ from .gate import credit_gate
 from .identity import Identity
 from .login import AuthenticatedUser, Authenticator
 from .models import (
+    Capabilities,
     CreditStatus,
     PurchaseInitiated,
     PurchaseOptions,
@@ -47,6 +48,7 @@ __all__ = [
     "BillingDisabled",
     "BillingError",
     "BillingService",
+    "Capabilities",
     "ConfigError",
     "CreditProvider",
     "CreditStatus",

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 from yarl import URL
 
 from .models import (
+    CapabilitiesReply,
     CreditStatusReply,
     LoginReply,
     PurchaseInitiatedReply,
@@ -207,6 +208,11 @@ class BillingClient:
 
     async def get_credits(self) -> CreditStatusReply:
         return _parse(CreditStatusReply, await self.request("GET", f"{self.prefix}/credits"))
+
+    async def capabilities(self) -> CapabilitiesReply:
+        """What the agent's provider offers (`purchases`, `transactions`): ask before offering a
+        buy button. Agents older than the route answer 404 (`NotFoundError`)."""
+        return _parse(CapabilitiesReply, await self.request("GET", f"{self.prefix}/capabilities"))
 
     async def initiate_purchase(
         self, return_url: str | None = None, *, idempotency_key: str | None = None

@@ -162,6 +162,19 @@ class TransactionPage(TransactionPageReply):
     total_count: int = Field(ge=0)
 
 
+class CapabilitiesReply(_Reply):
+    """`GET /capabilities`: what the provider behind the agent offers, declared by the provider, so a
+    UI knows before the user clicks whether buying is possible."""
+
+    provider: str
+    purchases: bool
+    transactions: bool
+
+
+class Capabilities(CapabilitiesReply):
+    provider: str = Field(min_length=1)
+
+
 class LoginRequest(_Request):
     username: str = Field(min_length=1, max_length=256)
     password: str = Field(min_length=1, max_length=1024)

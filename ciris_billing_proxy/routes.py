@@ -39,6 +39,9 @@ class BillingRoutes:
         body = await self.service.credit_reply(request[VERIFIED_KEY][1])
         return web.Response(body=body, content_type="application/json")
 
+    async def capabilities(self, request: web.Request) -> web.Response:
+        return json_reply(self.service.capabilities())
+
     async def initiate_purchase(self, request: web.Request) -> web.Response:
         service = self._selling()
         config = service.config
@@ -128,6 +131,7 @@ def add_routes(
     routes = BillingRoutes(service)
     expect = routes.expect_authenticated
     credits = router.add_get(f"{prefix}/credits", routes.get_credits, expect_handler=expect).resource
+    router.add_get(f"{prefix}/capabilities", routes.capabilities, expect_handler=expect)
     router.add_post(f"{prefix}/purchase/initiate", routes.initiate_purchase, expect_handler=expect)
     router.add_get(f"{prefix}/purchase/status/{{payment_id}}", routes.purchase_status, expect_handler=expect)
     router.add_get(f"{prefix}/transactions", routes.transactions, expect_handler=expect)

@@ -22,7 +22,7 @@ from .cache import CreditCache
 from .config import BillingConfig
 from .errors import BillingError, ProviderUnavailable
 from .identity import Identity
-from .models import CreditStatus, PurchaseInitiated, PurchaseStatus, TransactionPage
+from .models import Capabilities, CreditStatus, PurchaseInitiated, PurchaseStatus, TransactionPage
 from .providers.base import CreditProvider
 from .retries import GiveBackRetries
 
@@ -54,6 +54,7 @@ class BillingService:
     * `await credit_status(identity)`: the user's `CreditStatus` (cached for `cache_ttl_seconds`);
     * `await spend(identity, key)` / `await give_back(identity, key)`: take one use, or return it
       (a give-back the provider cannot make now is retried in the background, never dropped);
+    * `capabilities()`: what the provider offers (purchases, transactions);
     * `await initiate_purchase(...)`, `await purchase_status(...)`, `await transactions(...)`;
     * `invalidate(identity)`: forget the cached credit after it changed elsewhere;
     * `revoke_token(token)`: refuse a bearer token from now on (logout);
@@ -106,6 +107,22 @@ class BillingService:
     async def credit_reply(self, identity: Identity) -> bytes:
         """The `/credits` JSON body, from the cache when fresh."""
         return (await self.cache.get(identity)).body
+
+    def capabilities(self) -> Capabilities:
+        """What the provider declares it offers. Read on every call (a provider may change what it
+        offers while running); a declaration that is not a bool is a provider bug, answered 503."""
+        purchases = self.provider.purchases_enabled
+        transactions = self.provider.keeps_transactions
+        for attribute, value in (("purchases_enabled", purchases), ("keeps_transactions", transactions)):
+            if not isinstance(value, bool):
+                logger.error(
+                    "Credit provider %r declared %s as %s; expected bool",
+                    self.provider.name,
+                    attribute,
+                    type(value).__name__,
+                )
+                raise ProviderUnavailable(maybe_applied=False)
+        return Capabilities(provider=self.provider.name, purchases=purchases, transactions=transactions)
 
     def revoke_token(self, token: str) -> None:
         """Refuse a bearer token from now on (logout), even though it has not expired."""

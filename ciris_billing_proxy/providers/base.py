@@ -78,6 +78,12 @@ class CreditProvider(abc.ABC):
         """Whether users can buy credits. When false, both purchase routes answer 403."""
         return False
 
+    @property
+    def keeps_transactions(self) -> bool:
+        """Whether `transactions` lists the user's real history. When false, `/capabilities` tells
+        a UI not to offer one (the route still answers, with an empty page)."""
+        return False
+
     async def start(self) -> None:
         """Open connections, files and sessions. Called once at app startup."""
 

@@ -48,6 +48,10 @@ class SimpleProvider(CreditProvider):
         settings = context.settings(SimpleSettings, env=ENV_VARS)
         return cls(settings, database=settings.database or context.data_dir / LEDGER_FILE)
 
+    @property
+    def keeps_transactions(self) -> bool:
+        return True
+
     async def start(self) -> None:
         await self.ledger.open()
 

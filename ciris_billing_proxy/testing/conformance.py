@@ -191,9 +191,10 @@ class ProviderContract:
                     f"CreditProvider.{name} must be a coroutine function (async def), but"
                     f" {type(provider).__name__}.{name} is not."
                 )
-        enabled = provider.purchases_enabled
-        if not isinstance(enabled, bool):
-            broken(f"purchases_enabled must be a bool, but it was {type(enabled).__name__}.")
+        for declared in ("purchases_enabled", "keeps_transactions"):
+            value = getattr(provider, declared)
+            if not isinstance(value, bool):
+                broken(f"{declared} must be a bool, but it was {type(value).__name__}.")
 
     async def test_credit_status_keeps_the_consistency_rules(self, provider: CreditProvider) -> None:
         for namespace in self.namespaces:

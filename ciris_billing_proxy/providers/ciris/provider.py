@@ -56,6 +56,10 @@ class CirisProvider(CreditProvider):
     def purchases_enabled(self) -> bool:
         return True
 
+    @property
+    def keeps_transactions(self) -> bool:
+        return True
+
     async def start(self) -> None:
         await self.payments.open()
         await self.backend.start()

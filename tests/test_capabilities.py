@@ -1,0 +1,83 @@
+"""`GET /capabilities`: what the provider declares it offers, so a UI knows before anyone clicks."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from ciris_billing_proxy import BillingConfig
+from ciris_billing_proxy.client import BillingClient, NotFoundError
+from ciris_billing_proxy.testing import TokenFactory
+
+from .conftest import ClientFactory
+from .providers import ShopProvider
+
+CAPABILITIES = "/v1/api/billing/capabilities"
+
+
+async def test_simple_offers_history_but_no_purchases(client: Any, tokens: TokenFactory) -> None:
+    resp = await client.get(CAPABILITIES, headers=tokens.headers())
+    assert resp.status == 200
+    assert await resp.json() == {"provider": "simple", "purchases": False, "transactions": True}
+
+
+async def test_ciris_offers_purchases_and_history(
+    ciris_billing_config: BillingConfig, ciris_tokens: TokenFactory, make_client: ClientFactory
+) -> None:
+    client = await make_client(ciris_billing_config)
+    resp = await client.get(CAPABILITIES, headers=ciris_tokens.headers())
+    assert await resp.json() == {"provider": "ciris", "purchases": True, "transactions": True}
+
+
+async def test_a_third_party_provider_declares_its_own(
+    config: BillingConfig, tokens: TokenFactory, make_client: ClientFactory
+) -> None:
+    client = await make_client(config, provider=ShopProvider())
+    resp = await client.get(CAPABILITIES, headers=tokens.headers())
+    # ShopProvider declares purchases and inherits the default "no history".
+    assert await resp.json() == {"provider": "shop", "purchases": True, "transactions": False}
+
+
+async def test_needs_a_token(client: Any, tokens: TokenFactory) -> None:
+    for headers in ({}, {"Authorization": "Bearer nope"}, tokens.headers(ttl=-60)):
+        resp = await client.get(CAPABILITIES, headers=headers)
+        assert resp.status == 401
+        assert "detail" in await resp.json()
+
+
+async def test_a_declaration_that_is_not_a_bool_is_a_503_naming_the_provider(
+    config: BillingConfig,
+    tokens: TokenFactory,
+    make_client: ClientFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Confused(ShopProvider):
+        name = "confused"
+
+        @property
+        def keeps_transactions(self) -> bool:
+            return "yes"  # type: ignore[return-value]
+
+    client = await make_client(config, provider=Confused())
+    with caplog.at_level(logging.ERROR, "ciris_billing_proxy"):
+        resp = await client.get(CAPABILITIES, headers=tokens.headers())
+    assert resp.status == 503
+    assert await resp.json() == {"detail": "Billing service unavailable"}
+    assert "'confused' declared keeps_transactions as str; expected bool" in caplog.text
+
+
+async def test_the_python_client_reads_them(client: Any, tokens: TokenFactory) -> None:
+    base = str(client.make_url(""))
+    async with BillingClient(base, token=tokens.token()) as billing:
+        capabilities = await billing.capabilities()
+    assert capabilities.model_dump() == {"provider": "simple", "purchases": False, "transactions": True}
+
+
+async def test_the_client_names_an_agent_without_the_route(client: Any, tokens: TokenFactory) -> None:
+    # An agent older than the route: nothing is served at that prefix.
+    base = str(client.make_url(""))
+    async with BillingClient(base, token=tokens.token(), prefix="/v1/api/older") as billing:
+        with pytest.raises(NotFoundError):
+            await billing.capabilities()
