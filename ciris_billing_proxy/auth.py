@@ -7,7 +7,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from hashlib import blake2b
 from typing import Any, Final
 
@@ -287,10 +287,16 @@ def get_identity(request: web.Request) -> Identity:
     return authenticate(request, setup_value(request, VERIFIER_KEY))
 
 
-def token_check(verifier: TokenVerifier) -> Callable[[web.Request], None]:
-    """The check every protected request passes: a valid token (401 JSON otherwise)."""
+def token_check(
+    verifier: TokenVerifier, public: Container[Handler] = frozenset()
+) -> Callable[[web.Request], None]:
+    """The check every protected request passes: a valid token (401 JSON otherwise). Requests
+    matched to a handler in `public` (static files a `<script>` tag fetches without a token, the
+    API description) pass without one."""
 
     def check(request: web.Request) -> None:
+        if request.match_info.handler in public:
+            return
         # Verified even when an identity is on the request already: it may be another verifier's.
         if request.method != "OPTIONS" or not is_preflight(request):
             _verify_request(request, verifier)

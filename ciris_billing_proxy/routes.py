@@ -10,6 +10,7 @@ import re
 from typing import Final
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from pydantic import BaseModel
 
 from .auth import VERIFIED_KEY, authenticate
@@ -117,9 +118,15 @@ def _int_query(request: web.Request, name: str, default: int, *, low: int, high:
 
 
 def add_routes(
-    router: web.UrlDispatcher, service: BillingService, prefix: str = "", *, own_router: bool = False
+    router: web.UrlDispatcher,
+    service: BillingService,
+    prefix: str = "",
+    *,
+    public: set[Handler],
+    own_router: bool = False,
 ) -> web.AbstractResource:
     """Add the billing routes to `router`, each path under `prefix` (empty inside the sub-app).
+    The handlers of routes that need no token are added to `public`, which the token check skips.
 
     Every route checks the token before granting `Expect: 100-continue`. With `own_router` (the
     billing sub-app's router, which serves nothing else) every other path and method is answered

@@ -6,6 +6,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from .auth import VERIFIER_KEY, TokenVerifier, auth_middleware, token_check
 from .auth_routes import add_auth_routes
@@ -86,17 +87,18 @@ def setup_billing(
     if authenticate is not None:
         add_auth_routes(app.router, config, verifier, authenticate, login_path, login_throttle)
 
-    check = token_check(verifier)
+    public: set[Handler] = set()  # routes that need no token; add_routes fills it
+    check = token_check(verifier, public)
     if subapp:
         billing = web.Application(middlewares=[error_middleware(before=check)])
         billing[SERVICE_KEY] = service
         billing[VERIFIER_KEY] = verifier
-        anchor = add_routes(billing.router, service, own_router=True)
+        anchor = add_routes(billing.router, service, public=public, own_router=True)
         app.add_subapp(config.prefix, billing)
     else:
         scopes.append(PathScope((config.prefix,)))
         app.middlewares.append(error_middleware(scopes[-1], before=check))
-        anchor = add_routes(app.router, service, config.prefix)
+        anchor = add_routes(app.router, service, config.prefix, public=public)
     if scopes:
         app.on_startup.append(_rebase_on_mount(anchor, scopes))
     return service
