@@ -225,7 +225,7 @@ async def _start(
             }
         )
     try:
-        app = create_demo_app(config, users, environ=environ)
+        app = create_demo_app(config, users, environ=environ, fake_backend=fake)
         if created is not None:
             # Saved only now that the app is valid, so a user is never kept whose password was not shown.
             save_users(users, config.data_dir)

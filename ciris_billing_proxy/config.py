@@ -120,6 +120,8 @@ class BillingConfig(BaseModel):
     login_failure_window_seconds: int = Field(default=900, ge=1, le=7 * 24 * 3600)
     #: Reverse proxies whose `X-Forwarded-For` is believed (addresses or CIDR networks); none by default.
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+    #: Serve the billing UI kit (`{prefix}/ui/billing.js`, `billing.d.ts`) without a token.
+    serve_ui: bool = True
 
     @field_validator("prefix")
     @classmethod
@@ -230,6 +232,7 @@ ENV_VARS: Final[dict[str, tuple[str, str, str]]] = {
     "CIRIS_LOGIN_MAX_FAILURES_PER_ADDRESS": ("top", "login_max_failures_per_address", "int"),
     "CIRIS_LOGIN_FAILURE_WINDOW_SECONDS": ("top", "login_failure_window_seconds", "int"),
     "CIRIS_TRUSTED_PROXIES": ("top", "trusted_proxies", "list"),
+    "CIRIS_BILLING_SERVE_UI": ("top", "serve_ui", "bool"),
 }
 
 

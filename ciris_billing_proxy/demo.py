@@ -26,6 +26,9 @@ from .models import InteractReply, InteractRequest
 from .routes import json_reply
 from .service import SERVICE_KEY
 from .setup import setup_billing
+from .testing.fake_backend import FakeBillingBackend
+from .testing.fake_stripe import FakeStripe
+from .ui.demo_page import STRIPE_JS, add_demo_page, demo_page
 from .users import UserStore
 
 SECRET_FILE = "jwt-secret"  # noqa: S105 - a file name
@@ -58,13 +61,21 @@ async def health(_request: web.Request) -> web.Response:
 
 
 def create_demo_app(
-    config: BillingConfig, users: UserStore, *, environ: Mapping[str, str] | None = None
+    config: BillingConfig,
+    users: UserStore,
+    *,
+    environ: Mapping[str, str] | None = None,
+    fake_backend: FakeBillingBackend | None = None,
 ) -> web.Application:
+    """The demo agent; with `fake_backend`, the page's payment form is the fake Stripe that drives it."""
     app = web.Application(middlewares=[error_middleware()])
     setup_billing(app, config, authenticate=users.authenticate, environ=environ)
     # JSON 417 for an unknown `Expect:`; aiohttp's default answers before any middleware, in text.
     app.router.add_post("/v1/agent/interact", interact, expect_handler=expect_continue)
     app.router.add_get("/health", health)
+    stripe_js = STRIPE_JS if fake_backend is None else FakeStripe(fake_backend).add_routes(app.router)
+    label = config.provider if fake_backend is None else f"{config.provider} (fake backend)"
+    add_demo_page(app.router, demo_page(config, stripe_js=stripe_js, provider=label))
     return app
 
 

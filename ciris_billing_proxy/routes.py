@@ -18,6 +18,7 @@ from .bodies import expect_continue, read_model
 from .errors import BillingDisabled, PaymentNotFound, http_error
 from .models import PurchaseRequest
 from .service import BillingService
+from .ui import UIFiles
 
 #: Stripe ids are short `pi_...` tokens; anything outside this alphabet cannot be one of ours.
 PAYMENT_ID: Final = re.compile(r"^[A-Za-z0-9_\-]{1,255}$")
@@ -142,6 +143,11 @@ def add_routes(
     router.add_post(f"{prefix}/purchase/initiate", routes.initiate_purchase, expect_handler=expect)
     router.add_get(f"{prefix}/purchase/status/{{payment_id}}", routes.purchase_status, expect_handler=expect)
     router.add_get(f"{prefix}/transactions", routes.transactions, expect_handler=expect)
+    if service.config.serve_ui:
+        # Every path below /ui/ goes to the files' handler, so an unknown one is a 404 without a token.
+        ui = UIFiles().serve
+        router.add_get(f"{prefix}/ui/{{name:.*}}", ui)
+        public.add(ui)
     if own_router:
         routes.answer_unmatched(router, prefix)
     assert credits is not None  # a route added by path always has its resource
