@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -13,6 +15,7 @@ from tests.serving import Server
 from tests.ui_driver import ELEMENT, REQUIRED, SECRET, DemoPage, demo_server, missing_browser
 
 FREE_USES = 12  # the fake backend's 10 one-time and 2 daily free uses
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +215,24 @@ def test_a_503_is_retried_with_a_visible_message(page: Any, paid: Server) -> Non
     demo.wait_for_state("ready", timeout=20_000)
     assert failures["left"] == 0
     assert demo.total() == FREE_USES
+
+
+def test_the_readme_three_lines_sell_credits(page: Any, paid: Server) -> None:
+    snippet = re.search(r"<!-- readme-test: ui-snippet -->\n```html\n(.*?)```", README, re.S)
+    assert snippet is not None
+    token = jwt.encode({"sub": "gus", "email": "gus@example.com", "exp": 4_000_000_000}, SECRET)
+    html = f"<!doctype html><body>{snippet.group(1).replace('ACCESS_TOKEN', repr(token))}</body>"
+    # The page is the snippet, served at the agent's origin; the script and the API are the agent's.
+    page.route(f"{paid.url}/shop.html", lambda route: route.fulfill(body=html, content_type="text/html"))
+    page.goto(f"{paid.url}/shop.html")
+    demo = DemoPage(page, paid.url)
+    demo.wait_for_state("ready")
+    assert demo.total() == FREE_USES
+    page.evaluate(
+        "document.querySelector('ciris-billing').setAttribute('stripe-js', '/_fake_stripe/stripe.js')"
+    )
+    demo.start_purchase()
+    demo.fill_card("4242 4242 4242 4242")
+    demo.part("pay").click()
+    demo.wait_for_state("succeeded")
+    assert demo.total() == FREE_USES + 20

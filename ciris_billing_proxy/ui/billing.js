@@ -298,6 +298,7 @@ button {
   background: var(--_background);
   color: var(--_text);
 }
+.buy { justify-self: start; }
 button.primary { background: var(--_accent); border-color: var(--_accent); color: var(--_accent-text); }
 button:hover:not(:disabled) { filter: brightness(0.95); }
 button:focus-visible { outline: 3px solid var(--_accent); outline-offset: 2px; }
@@ -306,9 +307,9 @@ button.link { border: none; background: none; padding: 0.25rem 0.4rem; color: va
 button.link:disabled { opacity: 0.4; cursor: default; }
 [hidden] { display: none !important; }
 .row { display: flex; flex-wrap: wrap; gap: 0.6rem; align-items: center; }
-.payment { display: grid; gap: 0.75rem; border-top: 1px solid var(--_border); padding-top: 1rem; }
+.payment { display: grid; gap: 0.6rem; border-top: 1px solid var(--_border); padding-top: 1rem; }
 .payment p { margin: 0; }
-.card-error { color: var(--_error); font-size: 0.9rem; min-height: 1.3em; }
+.card-error { color: var(--_error); font-size: 0.9rem; min-height: 1.3em; margin-top: -0.2rem; }
 .status {
   display: flex;
   gap: 0.6rem;
@@ -353,7 +354,7 @@ const TEMPLATE = `
     <div class="total"><span class="number">–</span><small class="unit"></small></div>
     <ul class="breakdown"></ul>
   </section>
-  <div class="row actions"><button part="buy" type="button" class="primary buy" hidden>Buy credits</button></div>
+  <button part="buy" type="button" class="primary buy" hidden>Buy credits</button>
   <form part="payment" class="payment" hidden novalidate>
     <p class="summary"></p>
     <slot name="card-element"></slot>
@@ -368,7 +369,7 @@ const TEMPLATE = `
   <section part="history" class="history" aria-label="History" hidden>
     <h3>History</h3>
     <table>
-      <thead><tr><th scope="col">Date</th><th scope="col">Description</th><th scope="col" class="amount">Uses</th><th scope="col" class="balance">Paid balance</th></tr></thead>
+      <thead><tr><th scope="col">Date</th><th scope="col">Description</th><th scope="col" class="amount">Uses</th><th scope="col" class="balance">Balance</th></tr></thead>
       <tbody></tbody>
     </table>
     <p class="empty" hidden>No transactions yet.</p>
@@ -376,7 +377,7 @@ const TEMPLATE = `
   </section>
 </div>`;
 
-const HISTORY_PAGE = 10;
+const HISTORY_PAGE = 5;
 const RETRY_SECONDS = [2, 4, 8, 15, 30];
 
 export class CirisBillingElement extends HTMLElement {
@@ -432,6 +433,14 @@ export class CirisBillingElement extends HTMLElement {
   get state() { return this.getAttribute("state"); }
 
   connectedCallback() {
+    // A token set before this module loaded is an own property hiding the accessors: move it over.
+    for (const name of ["token", "tokenProvider"]) {
+      if (Object.hasOwn(this, name)) {
+        const value = this[name];
+        delete this[name];
+        this[name] = value;
+      }
+    }
     if (!this.hasAttribute("state")) this.#restart();
   }
 
