@@ -236,3 +236,46 @@ def test_the_readme_three_lines_sell_credits(page: Any, paid: Server) -> None:
     demo.part("pay").click()
     demo.wait_for_state("succeeded")
     assert demo.total() == FREE_USES + 20
+
+
+def test_the_js_client_throws_typed_errors(page: Any, free: Server) -> None:
+    page.goto(free.url)
+    token = jwt.encode({"sub": "hal", "exp": 4_000_000_000}, SECRET)
+    result = page.evaluate(
+        """async (token) => {
+          const kit = await import('/v1/api/billing/ui/billing.js');
+          const caught = async (call) => {
+            try { await call(); return null; } catch (e) {
+              return { name: e.name, status: e.status ?? null, detail: e.detail ?? null,
+                       typed: e instanceof kit.BillingClientError };
+            }
+          };
+          const anonymous = new kit.BillingClient();
+          const signedIn = new kit.BillingClient({ token: async () => token });
+          const nowhere = new kit.BillingClient({ apiBase: 'http://127.0.0.1:9' });
+          return {
+            credits: await signedIn.getCredits(),
+            capabilities: await signedIn.getCapabilities(),
+            unauthorized: await caught(() => anonymous.getCredits()),
+            notEnabled: await caught(() => signedIn.initiatePurchase()),
+            polling: await caught(() => signedIn.waitForPurchase('pi_missing', { intervalMs: 10 })),
+            badPage: await caught(() => signedIn.getTransactions({ limit: 1000 })),
+            unreachable: await caught(() => nowhere.getCredits()),
+          };
+        }""",
+        token,
+    )
+    assert result["credits"]["free_uses_remaining"] == 3
+    assert result["capabilities"] == {"provider": "simple", "purchases": False, "transactions": True}
+    assert result["unauthorized"] == {
+        "name": "AuthenticationError",
+        "status": 401,
+        "detail": "Not authenticated",
+        "typed": True,
+    }
+    assert result["notEnabled"]["name"] == "BillingNotEnabled"
+    assert result["notEnabled"]["status"] == 403
+    assert result["polling"]["name"] == "BillingNotEnabled"  # not a passing fault: thrown at once
+    assert result["badPage"]["name"] == "InvalidRequestError"
+    assert result["badPage"]["status"] == 422
+    assert result["unreachable"]["name"] == "BillingConnectionError"

@@ -402,7 +402,7 @@ export class CirisBillingElement extends HTMLElement {
   constructor() {
     super();
     this.attachShadow({ mode: "open" }).innerHTML = `<style>${STYLE}</style>${TEMPLATE}`;
-        this.#q(".buy").addEventListener("click", () => this.#buy());
+    this.#q(".buy").addEventListener("click", () => this.#buy());
     this.#q(".payment").addEventListener("submit", (event) => { event.preventDefault(); this.#pay(); });
     this.#q(".cancel").addEventListener("click", () => this.#cancelPayment());
     this.#q(".again").addEventListener("click", () => this.#followup?.());
