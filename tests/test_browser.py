@@ -279,3 +279,18 @@ def test_the_js_client_throws_typed_errors(page: Any, free: Server) -> None:
     assert result["badPage"]["name"] == "InvalidRequestError"
     assert result["badPage"]["status"] == 422
     assert result["unreachable"]["name"] == "BillingConnectionError"
+
+
+def test_a_403_on_buying_hides_the_buy_button(page: Any, free: Server) -> None:
+    # An agent whose capabilities claim purchases while its purchase route says "Billing not enabled".
+    page.route(
+        "**/v1/api/billing/capabilities",
+        lambda route: route.fulfill(json={"provider": "simple", "purchases": True, "transactions": True}),
+    )
+    demo = DemoPage(page, free.url)
+    demo.login("cat")
+    demo.wait_for_state("ready")
+    demo.part("buy").click()
+    demo.wait_for_state("disabled")
+    assert not demo.part("buy").is_visible()
+    assert demo.total() == 3
