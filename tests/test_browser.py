@@ -116,6 +116,13 @@ def test_use_up_the_free_uses_then_buy_with_the_test_card(page: Any, paid: Serve
     assert "+20" in first.inner_text()
     [event] = [e for e in seen["events"] if e["name"] == "purchase-succeeded"]
     assert event["detail"] == {"status": "succeeded", "credits_added": 20, "balance_after": 20}
+    history = demo.part("history")
+    assert "1\u20135 of 13" in history.inner_text()  # 12 uses and the purchase, five a page
+    history.get_by_role("button", name="Older →").click()
+    history.get_by_text("6\u201310 of 13").wait_for()
+    assert history.locator("tbody tr[data-type=charge]").count() == 5
+    demo.part("status").get_by_text("Payment complete").wait_for()  # paging leaves the result alone
+    page.get_by_role("button", name="Done").focus()
     page.keyboard.press("Enter")  # focus is on "Done"
     demo.wait_for_state("ready")
 
