@@ -104,6 +104,8 @@ def test_use_up_the_free_uses_then_buy_with_the_test_card(page: Any, paid: Serve
     page.keyboard.press("Enter")
     demo.wait_for_state("succeeded")
 
+    focused = f"document.querySelector('{ELEMENT}').shadowRoot.activeElement?.textContent"
+    assert page.evaluate(focused) == "Done"  # keyboard users land on the next action
     seen = demo.seen()
     states = seen["states"]
     assert states.index("paying") < states.index("processing") < states.index("succeeded")
