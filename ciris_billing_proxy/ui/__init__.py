@@ -66,8 +66,8 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
 class UIFiles:
     """The kit's files, read once when the routes are added."""
 
-    def __init__(self, files: dict[str, str] | None = None) -> None:
-        self._files = {name: StaticFile.load(name, kind) for name, kind in (files or SERVED).items()}
+    def __init__(self) -> None:
+        self._files = {name: StaticFile.load(name, kind) for name, kind in SERVED.items()}
 
     async def serve(self, request: web.Request) -> web.Response:
         found = self._files.get(request.match_info["name"])
