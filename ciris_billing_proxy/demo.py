@@ -22,9 +22,9 @@ from .bodies import expect_continue, read_model
 from .config import BillingConfig, ConfigError
 from .errors import error_middleware
 from .gate import credit_gate
+from .keys import billing_service
 from .models import InteractReply, InteractRequest
 from .routes import json_reply
-from .service import SERVICE_KEY
 from .setup import setup_billing
 from .users import UserStore
 
@@ -36,7 +36,7 @@ _PASSWORD_ALPHABET = string.ascii_letters + string.digits
 
 @credit_gate
 async def interact(request: web.Request) -> web.Response:
-    service = request.config_dict[SERVICE_KEY]
+    service = billing_service(request)
     config = service.config
     body = await read_model(
         request, InteractRequest, config.max_body_bytes, time_limit=config.body_timeout_seconds

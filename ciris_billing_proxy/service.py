@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from cachetools import LRUCache
@@ -246,6 +246,3 @@ class BillingService:
         self._money_tasks.add(task)
         task.add_done_callback(self._money_tasks.discard)
         return task
-
-
-SERVICE_KEY: Final = web.AppKey("ciris_billing_proxy.service", BillingService)

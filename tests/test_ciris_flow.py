@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from ciris_billing_proxy import BillingConfig, Identity, setup_billing
-from ciris_billing_proxy.service import SERVICE_KEY
+from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 
 from .ciris_helpers import CREDITS, INITIATE, INTERACT, STATUS, agent_routes, who

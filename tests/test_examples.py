@@ -10,7 +10,7 @@ from typing import Any
 
 from ciris_billing_proxy import BillingConfig, Identity
 from ciris_billing_proxy.demo import create_demo_app
-from ciris_billing_proxy.service import SERVICE_KEY
+from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.users import UserStore
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

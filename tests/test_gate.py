@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from ciris_billing_proxy import BillingConfig, credit_gate
-from ciris_billing_proxy.gate import SPEND_KEY
+from ciris_billing_proxy.keys import SPEND_KEY
 from ciris_billing_proxy.testing import TokenFactory
 
 from .conftest import ClientFactory, make_config

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from ciris_billing_proxy import BillingConfig, Identity, ProviderUnavailable, credit_gate, setup_billing
-from ciris_billing_proxy.service import SERVICE_KEY
+from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.store import UsageLedger
 from ciris_billing_proxy.testing import TokenFactory
 

@@ -256,3 +256,28 @@ async def test_without_setup_billing_the_log_says_to_call_it(
     assert await resp.json() == {"detail": "Internal server error"}
     assert "call setup_billing() first" in caplog.text
     assert "KeyError" not in caplog.text
+
+
+@pytest.mark.parametrize("use", ["get_identity", "credit_gate"])
+async def test_an_application_without_billing_anywhere_gets_the_clear_error_not_a_key_error(
+    aiohttp_client: Any, tokens: TokenFactory, caplog: pytest.LogCaptureFixture, use: str
+) -> None:
+    seen: list[BaseException] = []
+
+    async def whoami(request: web.Request) -> web.Response:
+        try:
+            return await (_whoami if use == "get_identity" else credit_gate(_whoami))(request)
+        except Exception as exc:
+            seen.append(exc)
+            raise
+
+    app = web.Application(middlewares=[error_middleware()])
+    app.router.add_get("/me", whoami)
+    client = await aiohttp_client(app)
+    with caplog.at_level(logging.ERROR, logger="ciris_billing_proxy"):
+        resp = await client.get("/me", headers=tokens.headers())
+    assert resp.status == 500
+    assert await resp.json() == {"detail": "Internal server error"}
+    assert [type(exc) for exc in seen] == [RuntimeError]
+    assert str(seen[0]).startswith("call setup_billing() first")
+    assert "KeyError" not in caplog.text

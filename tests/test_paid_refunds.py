@@ -15,8 +15,7 @@ import pytest
 from aiohttp import web
 
 from ciris_billing_proxy import BillingConfig, credit_gate
-from ciris_billing_proxy.gate import SPEND_KEY
-from ciris_billing_proxy.service import SERVICE_KEY
+from ciris_billing_proxy.keys import SERVICE_KEY, SPEND_KEY
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 
 from .ciris_helpers import CREDITS, INTERACT, who

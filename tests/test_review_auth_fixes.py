@@ -21,7 +21,7 @@ from ciris_billing_proxy import BillingConfig, ConfigError, credit_gate, get_ide
 from ciris_billing_proxy import auth as auth_module
 from ciris_billing_proxy.auth import TokenVerifier
 from ciris_billing_proxy.demo import USERS_FILE, create_demo_app, load_or_create_users
-from ciris_billing_proxy.service import SERVICE_KEY
+from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.testing import TokenFactory
 from ciris_billing_proxy.users import UserStore
 

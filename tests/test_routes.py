@@ -9,7 +9,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from ciris_billing_proxy import Identity
-from ciris_billing_proxy.service import SERVICE_KEY
+from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.testing import TokenFactory
 
 Client = TestClient[web.Request, web.Application]

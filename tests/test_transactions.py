@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from ciris_billing_proxy import BillingConfig, Identity
-from ciris_billing_proxy.service import SERVICE_KEY
+from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 
 from .ciris_helpers import agent_routes
