@@ -19,8 +19,8 @@ from pathlib import Path
 from aiohttp import web
 
 from ciris_billing_proxy import BillingConfig, JWTConfig, setup_billing
-from ciris_billing_proxy.demo import create_demo_app
-from ciris_billing_proxy.users import UserStore
+from ciris_billing_proxy.tools.demo import create_demo_app
+from ciris_billing_proxy.tools.users import UserStore
 
 from .common import SECRET, pin
 

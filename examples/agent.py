@@ -8,7 +8,7 @@ Then log in as ann / change-me at POST /v1/auth/login and call POST /v1/agent/in
 from aiohttp import web
 
 from ciris_billing_proxy import BillingConfig, credit_gate, expect_continue, get_identity, setup_billing
-from ciris_billing_proxy.users import UserStore
+from ciris_billing_proxy.tools.users import UserStore
 
 
 @credit_gate  # takes one use before the handler runs; gives it back if the handler fails

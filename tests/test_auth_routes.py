@@ -14,9 +14,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from ciris_billing_proxy import AuthenticatedUser, BillingConfig
 from ciris_billing_proxy.client import AuthenticationError, BillingClient
-from ciris_billing_proxy.demo import create_demo_app
 from ciris_billing_proxy.testing import TokenFactory
-from ciris_billing_proxy.users import UserStore
+from ciris_billing_proxy.tools.demo import create_demo_app
+from ciris_billing_proxy.tools.users import UserStore
 
 from .conftest import SECRET, ClientFactory, make_config
 

@@ -279,3 +279,13 @@ def test_ciris_misconfiguration_fails_at_startup(tmp_path: Path, env: dict[str, 
     assert result.returncode == 2
     assert words in result.stderr
     assert "sk_live_wrong" not in result.stderr
+
+
+def test_the_command_loads_the_testing_kit_only_for_the_fake_backend() -> None:
+    # The kit is for tests and `serve --fake-backend`; an agent running the command must not import it.
+    probe = (
+        "import sys, ciris_billing_proxy.tools.cli\n"
+        "print(sorted(m for m in sys.modules if m.startswith('ciris_billing_proxy.testing')))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -27,9 +27,9 @@ from ciris_billing_proxy.client import (
     PurchaseTimeout,
     ServiceUnavailableError,
 )
-from ciris_billing_proxy.demo import create_demo_app
 from ciris_billing_proxy.testing import FakeBillingBackend
-from ciris_billing_proxy.users import UserStore
+from ciris_billing_proxy.tools.demo import create_demo_app
+from ciris_billing_proxy.tools.users import UserStore
 
 from .conftest import make_config
 

@@ -18,9 +18,9 @@ import pytest
 from aiohttp import web
 
 from ciris_billing_proxy import BillingConfig, credit_gate, error_middleware, expect_continue, setup_billing
-from ciris_billing_proxy.demo import create_demo_app
 from ciris_billing_proxy.testing import TokenFactory
-from ciris_billing_proxy.users import UserStore
+from ciris_billing_proxy.tools.demo import create_demo_app
+from ciris_billing_proxy.tools.users import UserStore
 
 from .providers import ShopProvider
 from .test_examples import load as load_example

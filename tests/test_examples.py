@@ -9,9 +9,9 @@ from types import ModuleType
 from typing import Any
 
 from ciris_billing_proxy import BillingConfig, Identity
-from ciris_billing_proxy.demo import create_demo_app
 from ciris_billing_proxy.keys import SERVICE_KEY
-from ciris_billing_proxy.users import UserStore
+from ciris_billing_proxy.tools.demo import create_demo_app
+from ciris_billing_proxy.tools.users import UserStore
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

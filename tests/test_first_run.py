@@ -14,7 +14,7 @@ import pytest
 
 import ciris_billing_proxy
 from ciris_billing_proxy import BillingConfig, ConfigError
-from ciris_billing_proxy.demo import generate_password
+from ciris_billing_proxy.tools.demo import generate_password
 
 from .serving import clean_env, serve
 from .test_cli import login

@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 
 from ciris_billing_proxy import BillingConfig, ConfigError, setup_billing
-from ciris_billing_proxy.users import UserStore, hash_password, verify_password
+from ciris_billing_proxy.tools.users import UserStore, hash_password, verify_password
 
 from .conftest import ClientFactory, make_config
 

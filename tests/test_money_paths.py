@@ -113,7 +113,7 @@ async def test_a_failed_commit_does_not_wedge_the_ledger(tmp_path: Path) -> None
 
 
 async def test_deeply_nested_json_is_a_400(aiohttp_client: Any, config: BillingConfig) -> None:
-    from ciris_billing_proxy.users import UserStore
+    from ciris_billing_proxy.tools.users import UserStore
 
     app = web.Application()
     setup_billing(app, config, authenticate=UserStore().authenticate, environ={})

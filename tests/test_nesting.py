@@ -21,7 +21,7 @@ from aiohttp.typedefs import Handler
 
 from ciris_billing_proxy import ConfigError, credit_gate, error_middleware, get_identity, setup_billing
 from ciris_billing_proxy.testing import TokenFactory
-from ciris_billing_proxy.users import UserStore
+from ciris_billing_proxy.tools.users import UserStore
 
 from .conftest import make_config
 

@@ -20,10 +20,10 @@ from aiohttp import web
 from ciris_billing_proxy import BillingConfig, ConfigError, credit_gate, get_identity, setup_billing
 from ciris_billing_proxy import auth as auth_module
 from ciris_billing_proxy.auth import TokenVerifier
-from ciris_billing_proxy.demo import USERS_FILE, create_demo_app, load_or_create_users
 from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.testing import TokenFactory
-from ciris_billing_proxy.users import UserStore
+from ciris_billing_proxy.tools.demo import USERS_FILE, create_demo_app, load_or_create_users
+from ciris_billing_proxy.tools.users import UserStore
 
 from .conftest import SECRET, make_config
 from .providers import ShopProvider

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .login import AuthenticatedUser
-from .throttle import fold_username
+from ..login import AuthenticatedUser
+from ..throttle import fold_username
 
 # RFC 7914's interactive-login parameters: ~50 ms and 16 MiB per hash.
 _N, _R, _P = 2**14, 8, 1

@@ -13,14 +13,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final, Literal, TextIO
 
-from .client import (
+from ..client import (
     BillingAPIError,
     BillingClient,
     BillingClientError,
     BillingConnectionError,
     BillingNotEnabled,
 )
-from .models import PAYMENT_STATES
+from ..models import PAYMENT_STATES
 
 Result = Literal["PASS", "SKIP", "FAIL"]
 

@@ -17,15 +17,15 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .auth import get_identity
-from .bodies import expect_continue, read_model
-from .config import BillingConfig, ConfigError
-from .errors import error_middleware
-from .gate import credit_gate
-from .keys import billing_service
-from .models import InteractReply, InteractRequest
-from .routes import json_reply
-from .setup import setup_billing
+from ..auth import get_identity
+from ..bodies import expect_continue, read_model
+from ..config import BillingConfig, ConfigError
+from ..errors import error_middleware
+from ..gate import credit_gate
+from ..keys import billing_service
+from ..models import InteractReply, InteractRequest
+from ..routes import json_reply
+from ..setup import setup_billing
 from .users import UserStore
 
 SECRET_FILE = "jwt-secret"  # noqa: S105 - a file name
