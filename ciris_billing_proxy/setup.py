@@ -13,8 +13,8 @@ from .auth_routes import add_auth_routes
 from .config import BillingConfig, ConfigError
 from .errors import error_middleware
 from .keys import SERVICE_KEY
-from .login import DEFAULT_LOGIN_PATH, Authenticator
-from .paths import PathScope, mount_point
+from .login import Authenticator
+from .paths import DEFAULT_LOGIN_PATH, PathScope, mount_point
 from .providers.base import CreditProvider, ProviderContext
 from .providers.registry import check_provider_class, create_provider
 from .routes import add_routes

@@ -207,7 +207,7 @@ async def test_demo_user_store_reports_creation_time(tmp_path: Path, make_client
     store = UserStore()
     before = datetime.now(UTC).replace(microsecond=0)
     store.add("ann", "pw-ann")
-    client = await make_client(make_config(tmp_path), authenticate=store.authenticate)
+    client = await make_client(make_config(tmp_path), authenticate=store.verify_login)
     token = await login(client)
     created = datetime.fromisoformat(
         (await (await client.get(ME, headers=bearer(token))).json())["created_at"]
@@ -226,7 +226,7 @@ async def test_users_saved_without_a_creation_time_still_log_in(
     for row in rows:
         del row["created_at"]  # a file written before creation times were kept
     path.write_text(json.dumps(rows))
-    client = await make_client(make_config(tmp_path), authenticate=UserStore.load(path).authenticate)
+    client = await make_client(make_config(tmp_path), authenticate=UserStore.load(path).verify_login)
     token = await login(client)
     me = await (await client.get(ME, headers=bearer(token))).json()
     issued = jwt.decode(token, SECRET, algorithms=["HS256"])["iat"]

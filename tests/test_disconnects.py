@@ -44,7 +44,7 @@ def demo(config: BillingConfig) -> web.Application:
 def plain_host(config: BillingConfig) -> web.Application:
     """A host without the package's error middleware: the login route and billing routes only."""
     app = web.Application()
-    setup_billing(app, config, provider=ShopProvider(), authenticate=_users().authenticate, environ={})
+    setup_billing(app, config, provider=ShopProvider(), authenticate=_users().verify_login, environ={})
     return app
 
 

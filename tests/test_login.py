@@ -27,7 +27,7 @@ def users() -> UserStore:
 async def test_login_reply_is_the_bare_five_key_object(
     make_client: ClientFactory, config: BillingConfig, users: UserStore
 ) -> None:
-    client = await make_client(config, authenticate=users.authenticate)
+    client = await make_client(config, authenticate=users.verify_login)
     resp = await client.post(
         LOGIN,
         json={"username": "ann", "password": "correct horse"},
@@ -48,7 +48,7 @@ async def test_login_reply_is_the_bare_five_key_object(
 async def test_roles_are_upper_case(
     make_client: ClientFactory, config: BillingConfig, users: UserStore
 ) -> None:
-    client = await make_client(config, authenticate=users.authenticate)
+    client = await make_client(config, authenticate=users.verify_login)
     body = await (await client.post(LOGIN, json={"username": "root", "password": "battery staple"})).json()
     assert body["role"] == "ADMIN"
 
@@ -59,7 +59,7 @@ async def test_roles_are_upper_case(
 async def test_bad_credentials(
     make_client: ClientFactory, config: BillingConfig, users: UserStore, creds: dict[str, str]
 ) -> None:
-    client = await make_client(config, authenticate=users.authenticate)
+    client = await make_client(config, authenticate=users.verify_login)
     resp = await client.post(LOGIN, json=creds)
     assert resp.status == 401
     assert await resp.json() == {"detail": "Invalid credentials"}
@@ -79,7 +79,7 @@ async def test_bad_credentials(
 async def test_malformed_login_bodies(
     make_client: ClientFactory, config: BillingConfig, users: UserStore, data: bytes, status: int
 ) -> None:
-    client = await make_client(config, authenticate=users.authenticate)
+    client = await make_client(config, authenticate=users.verify_login)
     resp = await client.post(LOGIN, data=data, headers={"Content-Type": "application/json"})
     assert resp.status == status
     assert "detail" in await resp.json()
@@ -88,7 +88,7 @@ async def test_malformed_login_bodies(
 async def test_wrong_method_is_json_405(
     make_client: ClientFactory, config: BillingConfig, users: UserStore
 ) -> None:
-    client = await make_client(config, authenticate=users.authenticate)
+    client = await make_client(config, authenticate=users.verify_login)
     resp = await client.get(LOGIN)
     assert resp.status == 405
     assert resp.headers["Allow"] == "POST"
@@ -123,7 +123,7 @@ def test_login_needs_a_signing_key(tmp_path: Path, users: UserStore) -> None:
     )
     config = make_config(tmp_path, jwt={"algorithms": ["ES256"], "public_key": public.decode()})
     with pytest.raises(ConfigError, match="login route needs"):
-        setup_billing(web.Application(), config, authenticate=users.authenticate, environ={})
+        setup_billing(web.Application(), config, authenticate=users.verify_login, environ={})
 
 
 def test_user_store_keeps_hashes_only(tmp_path: Path, users: UserStore) -> None:

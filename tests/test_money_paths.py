@@ -116,7 +116,7 @@ async def test_deeply_nested_json_is_a_400(aiohttp_client: Any, config: BillingC
     from ciris_billing_proxy.tools.users import UserStore
 
     app = web.Application()
-    setup_billing(app, config, authenticate=UserStore().authenticate, environ={})
+    setup_billing(app, config, authenticate=UserStore().verify_login, environ={})
     client = await aiohttp_client(app)
     resp = await client.post(
         "/v1/auth/login", data=b"[" * 100_00, headers={"Content-Type": "application/json"}

@@ -122,7 +122,7 @@ def _agent(config_dir: Path, *, subapp: bool) -> tuple[web.Application, TokenFac
     agent.router.add_post("/v1/agent/interact", _interact)
     users = UserStore()
     users.add("ann", "correct horse")
-    setup_billing(agent, config, subapp=subapp, authenticate=users.authenticate, environ={})
+    setup_billing(agent, config, subapp=subapp, authenticate=users.verify_login, environ={})
     return agent, TokenFactory(config)
 
 

@@ -1,7 +1,7 @@
 """Paid credits under concurrent, failing and slow interactions of one user (`ciris` provider).
 
 A failed interaction is refunded exactly when its charge took a paid credit. The fake backend records
-which pool each charge really took (`Transaction.pool`), which is the truth these tests hold the
+which pool each charge really took (`LedgerEntry.pool`), which is the truth these tests hold the
 proxy's bookkeeping against: over many interleavings, no paid credit is lost and none is minted.
 """
 

@@ -261,7 +261,7 @@ def _plain_host(config: BillingConfig) -> web.Application:
     users = UserStore()
     users.add("ann", "pw")
     app = web.Application()
-    setup_billing(app, config, provider=ShopProvider(), authenticate=users.authenticate, environ={})
+    setup_billing(app, config, provider=ShopProvider(), authenticate=users.verify_login, environ={})
     return app
 
 

@@ -61,7 +61,7 @@ def create_demo_app(
     config: BillingConfig, users: UserStore, *, environ: Mapping[str, str] | None = None
 ) -> web.Application:
     app = web.Application(middlewares=[error_middleware()])
-    setup_billing(app, config, authenticate=users.authenticate, environ=environ)
+    setup_billing(app, config, authenticate=users.verify_login, environ=environ)
     # JSON 417 for an unknown `Expect:`; aiohttp's default answers before any middleware, in text.
     app.router.add_post("/v1/agent/interact", interact, expect_handler=expect_continue)
     app.router.add_get("/health", health)

@@ -105,7 +105,9 @@ class UserStore:
         self._users[user.username] = user
         self._folded[fold_username(user.username)] = user.username
 
-    async def authenticate(self, username: str, password: str) -> AuthenticatedUser | None:
+    async def verify_login(self, username: str, password: str) -> AuthenticatedUser | None:
+        """The user, if `password` is theirs; None otherwise (an unknown name costs the same work).
+        Made to be passed as `setup_billing(authenticate=store.verify_login)`."""
         user = self._users.get(username)
         encoded = user.password_hash if user else self._dummy_hash
         # scrypt is deliberately slow; keep it off the event loop.
