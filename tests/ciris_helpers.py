@@ -7,9 +7,6 @@ from aiohttp import web
 
 from ciris_billing_proxy import credit_gate
 
-CREDITS = "/v1/api/billing/credits"
-INITIATE = "/v1/api/billing/purchase/initiate"
-STATUS = "/v1/api/billing/purchase/status/"
 INTERACT = "/v1/agent/interact"
 
 

@@ -22,8 +22,7 @@ from ciris_billing_proxy import BillingConfig, ConfigError, JWTConfig, get_ident
 from ciris_billing_proxy.testing import TokenFactory
 
 from .conftest import SECRET, ClientFactory, make_config
-
-CREDITS = "/v1/api/billing/credits"
+from .default_paths import BILLING, CREDITS
 
 
 def b64(data: bytes) -> str:
@@ -245,7 +244,7 @@ async def test_app_wide_placement_without_subapp(
     assert (await client.get("/public")).status == 200
     assert (await client.get(CREDITS)).status == 401
     assert (await client.get(CREDITS, headers=tokens.headers())).status == 200
-    resp = await client.get("/v1/api/billing/nothing-here", headers=tokens.headers())
+    resp = await client.get(f"{BILLING}/nothing-here", headers=tokens.headers())
     assert resp.status == 404
     assert await resp.json() == {"detail": "Not Found"}
 

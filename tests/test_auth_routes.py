@@ -19,9 +19,8 @@ from ciris_billing_proxy.tools.demo import create_demo_app
 from ciris_billing_proxy.tools.users import UserStore
 
 from .conftest import SECRET, ClientFactory, make_config
+from .default_paths import CREDITS, LOGIN, LOGOUT, ME, REFRESH
 
-LOGIN, LOGOUT, REFRESH, ME = "/v1/auth/login", "/v1/auth/logout", "/v1/auth/refresh", "/v1/auth/me"
-CREDITS = "/v1/api/billing/credits"
 CREATED = datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)
 
 Client = TestClient[web.Request, web.Application]

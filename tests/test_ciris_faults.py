@@ -13,8 +13,9 @@ import pytest
 from ciris_billing_proxy import BillingConfig
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 
-from .ciris_helpers import CREDITS, INITIATE, INTERACT, STATUS, agent_routes, who
+from .ciris_helpers import INTERACT, agent_routes, who
 from .conftest import ClientFactory
+from .default_paths import CREDITS, INITIATE, STATUS
 
 UNAVAILABLE = {"detail": "Billing service unavailable"}
 BUDGET = 0.4

@@ -14,8 +14,9 @@ from ciris_billing_proxy import BillingConfig, Identity, setup_billing
 from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 
-from .ciris_helpers import CREDITS, INITIATE, INTERACT, STATUS, agent_routes, who
+from .ciris_helpers import INTERACT, agent_routes, who
 from .conftest import ClientFactory
+from .default_paths import CREDITS, INITIATE, STATUS
 
 
 @pytest.fixture

@@ -11,13 +11,14 @@ from typing import Any
 import aiohttp
 import pytest
 
+from .default_paths import CREDITS, INITIATE, LOGIN, STATUS
 from .serving import clean_env, serve
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
 
 async def login(session: aiohttp.ClientSession, url: str, username: str, password: str) -> str:
-    async with session.post(f"{url}/v1/auth/login", json={"username": username, "password": password}) as r:
+    async with session.post(f"{url}{LOGIN}", json={"username": username, "password": password}) as r:
         assert r.status == 200, await r.text()
         token: str = (await r.json())["access_token"]
         return token
@@ -40,9 +41,7 @@ async def test_demo_first_start_restart_keeps_usage_and_tokens(tmp_path: Path) -
                     reply = await r.json()
             assert reply["reply"] == "You said: hi"
             assert reply["free_uses_remaining"] == 8
-            async with session.post(
-                f"{server.url}/v1/api/billing/purchase/initiate", json={}, headers=auth
-            ) as r:
+            async with session.post(f"{server.url}{INITIATE}", json={}, headers=auth) as r:
                 assert r.status == 403
                 assert (await r.json())["detail"] == "Billing not enabled for this agent"
     assert server.process.returncode == 0
@@ -51,7 +50,7 @@ async def test_demo_first_start_restart_keeps_usage_and_tokens(tmp_path: Path) -
     with serve([], tmp_path) as server:
         assert "Created demo user" not in "".join(server.output)
         async with aiohttp.ClientSession() as session:
-            async with session.get(f"{server.url}/v1/api/billing/credits", headers=auth) as r:
+            async with session.get(f"{server.url}{CREDITS}", headers=auth) as r:
                 assert r.status == 200, "a token issued before the restart must stay valid"
                 body = await r.json()
             assert (body["free_uses_remaining"], body["total_uses"]) == (8, 2)
@@ -64,9 +63,7 @@ async def test_users_from_the_command_line(tmp_path: Path) -> None:
         async with aiohttp.ClientSession() as session:
             await login(session, server.url, "ann", "pw-ann")
             await login(session, server.url, "bob", "pw-bob")
-            async with session.post(
-                f"{server.url}/v1/auth/login", json={"username": "demo", "password": "x"}
-            ) as r:
+            async with session.post(f"{server.url}{LOGIN}", json={"username": "demo", "password": "x"}) as r:
                 assert r.status == 401
 
 
@@ -202,17 +199,17 @@ async def paid_flow(url: str, username: str, password: str, confirm: Any) -> Non
                 if r.status == 402:
                     break
                 assert r.status == 200
-        async with session.get(f"{url}/v1/api/billing/credits", headers=auth) as r:
+        async with session.get(f"{url}{CREDITS}", headers=auth) as r:
             credits = await r.json()
         assert credits["purchase_required"] is True
         assert credits["purchase_options"] == {"price_minor": 500, "uses": 20, "currency": "USD"}
-        async with session.post(f"{url}/v1/api/billing/purchase/initiate", json={}, headers=auth) as r:
+        async with session.post(f"{url}{INITIATE}", json={}, headers=auth) as r:
             assert r.status == 200
             payment_id = (await r.json())["payment_id"]
         await confirm(session, payment_id)
-        async with session.get(f"{url}/v1/api/billing/purchase/status/{payment_id}", headers=auth) as r:
+        async with session.get(f"{url}{STATUS}{payment_id}", headers=auth) as r:
             assert await r.json() == {"status": "succeeded", "credits_added": 20, "balance_after": 20}
-        async with session.get(f"{url}/v1/api/billing/credits", headers=auth) as r:
+        async with session.get(f"{url}{CREDITS}", headers=auth) as r:
             assert (await r.json())["credits_remaining"] == 20
 
 

@@ -22,12 +22,10 @@ from ciris_billing_proxy.testing import TokenFactory
 from ciris_billing_proxy.tools.demo import create_demo_app
 from ciris_billing_proxy.tools.users import UserStore
 
+from .default_paths import CREDITS, INITIATE, LOGIN
 from .providers import ShopProvider
 from .test_examples import load as load_example
 
-CREDITS = "/v1/api/billing/credits"
-LOGIN = "/v1/auth/login"
-INITIATE = "/v1/api/billing/purchase/initiate"
 INTERACT = "/v1/agent/interact"
 
 

@@ -13,6 +13,8 @@ from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.tools.demo import create_demo_app
 from ciris_billing_proxy.tools.users import UserStore
 
+from .default_paths import CREDITS, LOGIN
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -27,12 +29,12 @@ def load(name: str) -> ModuleType:
 
 async def test_example_agent(aiohttp_client: Any, config: BillingConfig) -> None:
     client = await aiohttp_client(load("agent").create_app(config))
-    login = await client.post("/v1/auth/login", json={"username": "ann", "password": "change-me"})
+    login = await client.post(LOGIN, json={"username": "ann", "password": "change-me"})
     auth = {"Authorization": f"Bearer {(await login.json())['access_token']}"}
     resp = await client.post("/v1/agent/interact", json={"message": "hi"}, headers=auth)
     assert await resp.json() == {"reply": "Hello ann, you said: hi"}
     assert (await client.post("/v1/agent/interact", data=b"nope", headers=auth)).status == 422
-    credits = await (await client.get("/v1/api/billing/credits", headers=auth)).json()
+    credits = await (await client.get(CREDITS, headers=auth)).json()
     assert credits["free_uses_remaining"] == 9
 
 

@@ -14,9 +14,8 @@ from ciris_billing_proxy.keys import SPEND_KEY
 from ciris_billing_proxy.testing import TokenFactory
 
 from .conftest import ClientFactory, make_config
+from .default_paths import CREDITS
 from .providers import BrokenProvider, ShopProvider
-
-CREDITS = "/v1/api/billing/credits"
 
 
 def _agent(app: web.Application) -> None:

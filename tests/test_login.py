@@ -12,8 +12,7 @@ from ciris_billing_proxy import BillingConfig, ConfigError, setup_billing
 from ciris_billing_proxy.tools.users import UserStore, hash_password, verify_password
 
 from .conftest import ClientFactory, make_config
-
-LOGIN = "/v1/auth/login"
+from .default_paths import CREDITS, LOGIN
 
 
 @pytest.fixture
@@ -39,9 +38,7 @@ async def test_login_reply_is_the_bare_five_key_object(
     assert body["token_type"] == "Bearer"
     assert body["expires_in"] == 3600
     assert (body["user_id"], body["role"]) == ("ann", "OBSERVER")
-    credits = await client.get(
-        "/v1/api/billing/credits", headers={"Authorization": f"Bearer {body['access_token']}"}
-    )
+    credits = await client.get(CREDITS, headers={"Authorization": f"Bearer {body['access_token']}"})
     assert credits.status == 200
 
 

@@ -24,8 +24,8 @@ from ciris_billing_proxy.testing import TokenFactory
 from ciris_billing_proxy.tools.users import UserStore
 
 from .conftest import make_config
+from .default_paths import BILLING, LOGIN
 
-BILLING = "/v1/api/billing"
 DOMAIN = "agent.example"
 
 
@@ -159,7 +159,7 @@ async def test_every_path_is_relative_to_the_application_billing_is_set_up_on(
     assert (await call("GET", f"{BILLING}/credits", signed_in, 200))["free_uses_remaining"] == 9
 
     login = await client.post(
-        base + "/v1/auth/login", json={"username": "ann", "password": "correct horse"}, headers=anonymous
+        base + LOGIN, json={"username": "ann", "password": "correct horse"}, headers=anonymous
     )
     assert login.status == 200
     token = (await login.json())["access_token"]

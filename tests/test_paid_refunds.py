@@ -18,8 +18,9 @@ from ciris_billing_proxy import BillingConfig, credit_gate
 from ciris_billing_proxy.keys import SERVICE_KEY, SPEND_KEY
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 
-from .ciris_helpers import CREDITS, INTERACT, who
+from .ciris_helpers import INTERACT, who
 from .conftest import ClientFactory
+from .default_paths import CREDITS
 from .test_ciris_faults import until, with_options
 
 

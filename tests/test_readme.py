@@ -13,6 +13,8 @@ from ciris_billing_proxy.providers import simple
 from ciris_billing_proxy.providers.ciris import settings as ciris_settings
 from ciris_billing_proxy.testing import TokenFactory
 
+from .default_paths import CREDITS
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -46,7 +48,7 @@ async def test_registration_snippet_runs(
     headers = TokenFactory(namespace["billing"].config).headers("zoe")
     resp = await client.post("/v1/agent/interact", headers=headers)
     assert await resp.json() == {"reply": "Hello zoe"}
-    credits = await (await client.get("/v1/api/billing/credits", headers=headers)).json()
+    credits = await (await client.get(CREDITS, headers=headers)).json()
     assert credits["free_uses_remaining"] == 9
 
 

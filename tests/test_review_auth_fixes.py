@@ -26,11 +26,11 @@ from ciris_billing_proxy.tools.demo import USERS_FILE, create_demo_app, load_or_
 from ciris_billing_proxy.tools.users import UserStore
 
 from .conftest import SECRET, make_config
+from .default_paths import BILLING, CREDITS, INITIATE, LOGIN, REFRESH, STATUS, TRANSACTIONS
 from .providers import ShopProvider
 from .serving import clean_env, serve
 from .test_disconnects import credits
 
-CREDITS = "/v1/api/billing/credits"
 OTHER_SECRET = "another-secret-for-the-inner-app-0123456789-abcdefghijklmnopqrstuvwxyz"
 SERVE = (sys.executable, "-m", "ciris_billing_proxy", "serve")
 PATIENCE = 30.0  # far beyond every deadline configured below: only a hang could exhaust it
@@ -157,13 +157,13 @@ def _request(method: str, path: str, expect: str, token: str | None = None) -> s
 
 BILLING_ROUTES = [
     ("GET", CREDITS),
-    ("GET", "/v1/api/billing/transactions"),
-    ("GET", "/v1/api/billing/purchase/status/pi_1"),
-    ("POST", "/v1/api/billing/purchase/initiate"),
+    ("GET", TRANSACTIONS),
+    ("GET", f"{STATUS}pi_1"),
+    ("POST", INITIATE),
 ]
 UNMATCHED = [
-    ("GET", "/v1/api/billing/nope"),
-    ("GET", "/v1/api/billing"),
+    ("GET", f"{BILLING}/nope"),
+    ("GET", BILLING),
     ("POST", CREDITS),
 ]
 
@@ -194,11 +194,11 @@ async def test_every_billing_route_answers_expect_in_json_after_the_token_check(
 @pytest.mark.parametrize(
     ("method", "path", "status", "detail", "allow"),
     [
-        ("GET", "/v1/api/billing/nope", 404, "Not Found", None),
-        ("GET", "/v1/api/billing", 404, "Not Found", None),
-        ("GET", "/v1/api/billing/purchase/status/a/b", 404, "Not Found", None),
+        ("GET", f"{BILLING}/nope", 404, "Not Found", None),
+        ("GET", BILLING, 404, "Not Found", None),
+        ("GET", f"{STATUS}a/b", 404, "Not Found", None),
         ("POST", CREDITS, 405, "Method Not Allowed", "GET,HEAD"),
-        ("GET", "/v1/api/billing/purchase/initiate", 405, "Method Not Allowed", "POST"),
+        ("GET", INITIATE, 405, "Method Not Allowed", "POST"),
     ],
 )
 async def test_unmatched_billing_paths_are_json_404_and_405(
@@ -268,9 +268,9 @@ def _plain_host(config: BillingConfig) -> web.Application:
 @pytest.mark.parametrize(
     ("path", "signed_in"),
     [
-        ("/v1/auth/login", False),
-        ("/v1/auth/refresh", True),
-        ("/v1/api/billing/purchase/initiate", True),
+        (LOGIN, False),
+        (REFRESH, True),
+        (INITIATE, True),
         ("/v1/agent/interact", True),
     ],
 )
@@ -311,7 +311,7 @@ async def test_serve_answers_a_login_body_that_never_comes_and_hangs_up(tmp_path
         port = int(server.url.rsplit(":", 1)[1])
         # Read to the end: the server closes the connection (after aiohttp's lingering time, 10 s,
         # for the rest of the body), so this returns well within PATIENCE.
-        head, rest = await _stalled(port, "/v1/auth/login", {})
+        head, rest = await _stalled(port, LOGIN, {})
     assert head.startswith(b"HTTP/1.1 408"), head
     assert json.loads(rest) == {"detail": "Request body not received in time"}
 

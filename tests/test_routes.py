@@ -12,10 +12,10 @@ from ciris_billing_proxy import Identity
 from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.testing import TokenFactory
 
+from .default_paths import BILLING, CREDITS, INITIATE, STATUS
+
 Client = TestClient[web.Request, web.Application]
-CREDITS = "/v1/api/billing/credits"
-INITIATE = "/v1/api/billing/purchase/initiate"
-STATUS = "/v1/api/billing/purchase/status/pi_abc123xyz789"
+A_STATUS = f"{STATUS}pi_abc123xyz789"
 SEVEN = {
     "has_credit": bool,
     "credits_remaining": int,
@@ -62,7 +62,7 @@ async def test_credits_are_per_user(client: Client, tokens: TokenFactory) -> Non
         ("POST", INITIATE, {"return_url": "https://app.example/done"}),
         ("POST", INITIATE, {}),
         ("POST", INITIATE, None),
-        ("GET", STATUS, None),
+        ("GET", A_STATUS, None),
     ],
 )
 async def test_purchase_routes_answer_403_when_billing_is_disabled(
@@ -75,7 +75,7 @@ async def test_purchase_routes_answer_403_when_billing_is_disabled(
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", CREDITS), ("POST", INITIATE), ("GET", STATUS), ("GET", "/v1/api/billing/unknown")],
+    [("GET", CREDITS), ("POST", INITIATE), ("GET", A_STATUS), ("GET", f"{BILLING}/unknown")],
 )
 async def test_every_route_needs_a_token(client: Client, method: str, path: str) -> None:
     resp = await client.request(method, path)
@@ -87,13 +87,13 @@ async def test_every_route_needs_a_token(client: Client, method: str, path: str)
 @pytest.mark.parametrize(
     ("method", "path", "status"),
     [
-        ("GET", "/v1/api/billing/unknown", 404),
-        ("GET", "/v1/api/billing", 404),
-        ("GET", "/v1/api/billing/purchase/status/", 404),
+        ("GET", f"{BILLING}/unknown", 404),
+        ("GET", BILLING, 404),
+        ("GET", STATUS, 404),
         ("DELETE", CREDITS, 405),
         ("POST", CREDITS, 405),
         ("GET", INITIATE, 405),
-        ("PUT", STATUS, 405),
+        ("PUT", A_STATUS, 405),
     ],
 )
 async def test_unknown_paths_and_methods_are_json(

@@ -9,8 +9,8 @@ from typing import Any
 from ciris_billing_proxy import BillingConfig
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 
-from .ciris_helpers import CREDITS
 from .conftest import ClientFactory
+from .default_paths import CREDITS
 
 
 async def test_concurrent_requests_make_one_backend_call_per_user(

@@ -14,6 +14,7 @@ from ciris_billing_proxy.client_address import client_address
 from ciris_billing_proxy.throttle import LoginAttempt, MemoryLoginThrottle
 
 from .conftest import SECRET
+from .default_paths import LOGIN
 
 
 class Clock:
@@ -84,7 +85,7 @@ async def test_success_clears_the_user_and_takes_back_the_address_count() -> Non
 
 def request(peer: str, *forwarded: str) -> object:
     headers = [("X-Forwarded-For", value) for value in forwarded]
-    return make_mocked_request("POST", "/v1/auth/login", headers=headers, transport=_Transport(peer))
+    return make_mocked_request("POST", LOGIN, headers=headers, transport=_Transport(peer))
 
 
 class _Transport:
