@@ -30,6 +30,8 @@ from .users import UserStore
 
 SECRET_FILE = "jwt-secret"  # noqa: S105 - a file name
 USERS_FILE = "demo-users.json"
+#: The demo's one gated endpoint.
+INTERACT_PATH = "/v1/agent/interact"
 # Letters and digits only: a password starting with "-" reads as an option on a command line.
 _PASSWORD_ALPHABET = string.ascii_letters + string.digits
 
@@ -63,7 +65,7 @@ def create_demo_app(
     app = web.Application(middlewares=[error_middleware()])
     setup_billing(app, config, authenticate=users.verify_login, environ=environ)
     # JSON 417 for an unknown `Expect:`; aiohttp's default answers before any middleware, in text.
-    app.router.add_post("/v1/agent/interact", interact, expect_handler=expect_continue)
+    app.router.add_post(INTERACT_PATH, interact, expect_handler=expect_continue)
     app.router.add_get("/health", health)
     return app
 
