@@ -104,8 +104,8 @@ async def test_a_failing_authenticator_is_a_plain_500(
     assert await resp.json() == {"detail": "Internal server error"}
 
 
-async def test_no_login_route_unless_asked(client: object) -> None:
-    resp = await client.post(LOGIN, json={"username": "a", "password": "b"})  # type: ignore[attr-defined]
+async def test_no_login_route_unless_asked(billing_client: object) -> None:
+    resp = await billing_client.post(LOGIN, json={"username": "a", "password": "b"})  # type: ignore[attr-defined]
     assert resp.status == 404
 
 

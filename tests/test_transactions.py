@@ -17,13 +17,15 @@ from .default_paths import INITIATE, TRANSACTIONS
 FIELDS = {"transaction_id", "type", "amount_minor", "currency", "description", "created_at", "balance_after"}
 
 
-async def test_simple_lists_uses_and_give_backs_newest_first(client: Any, tokens: TokenFactory) -> None:
-    service = client.app[SERVICE_KEY]
+async def test_simple_lists_uses_and_give_backs_newest_first(
+    billing_client: Any, tokens: TokenFactory
+) -> None:
+    service = billing_client.app[SERVICE_KEY]
     ann = Identity("ann", "local", "OBSERVER")
     for i in range(5):
         await service.spend(ann, f"k{i}")
     await service.give_back(ann, "k4")
-    page = await (await client.get(TRANSACTIONS, headers=tokens.headers("ann"))).json()
+    page = await (await billing_client.get(TRANSACTIONS, headers=tokens.headers("ann"))).json()
     assert (page["total_count"], page["has_more"]) == (6, False)
     assert [t["type"] for t in page["transactions"]] == [
         "credit",
@@ -38,22 +40,26 @@ async def test_simple_lists_uses_and_give_backs_newest_first(client: Any, tokens
     assert page["transactions"][1]["amount_minor"] == -1
 
     first = await (
-        await client.get(TRANSACTIONS, params={"limit": "2", "offset": "0"}, headers=tokens.headers("ann"))
+        await billing_client.get(
+            TRANSACTIONS, params={"limit": "2", "offset": "0"}, headers=tokens.headers("ann")
+        )
     ).json()
     rest = await (
-        await client.get(TRANSACTIONS, params={"limit": "2", "offset": "4"}, headers=tokens.headers("ann"))
+        await billing_client.get(
+            TRANSACTIONS, params={"limit": "2", "offset": "4"}, headers=tokens.headers("ann")
+        )
     ).json()
     assert (len(first["transactions"]), first["has_more"], first["total_count"]) == (2, True, 6)
     assert (len(rest["transactions"]), rest["has_more"]) == (2, False)
     past = await (
-        await client.get(TRANSACTIONS, params={"offset": "50"}, headers=tokens.headers("ann"))
+        await billing_client.get(TRANSACTIONS, params={"offset": "50"}, headers=tokens.headers("ann"))
     ).json()
     assert (past["transactions"], past["total_count"], past["has_more"]) == ([], 6, False)
 
 
-async def test_users_only_see_their_own(client: Any, tokens: TokenFactory) -> None:
-    await client.app[SERVICE_KEY].spend(Identity("ann", "local", "OBSERVER"), "k")
-    bob = await (await client.get(TRANSACTIONS, headers=tokens.headers("bob"))).json()
+async def test_users_only_see_their_own(billing_client: Any, tokens: TokenFactory) -> None:
+    await billing_client.app[SERVICE_KEY].spend(Identity("ann", "local", "OBSERVER"), "k")
+    bob = await (await billing_client.get(TRANSACTIONS, headers=tokens.headers("bob"))).json()
     assert bob == {"transactions": [], "total_count": 0, "has_more": False}
 
 
@@ -72,15 +78,15 @@ async def test_users_only_see_their_own(client: Any, tokens: TokenFactory) -> No
     ],
 )
 async def test_bounds_are_refused_not_clamped(
-    client: Any, tokens: TokenFactory, params: dict[str, str]
+    billing_client: Any, tokens: TokenFactory, params: dict[str, str]
 ) -> None:
-    resp = await client.get(TRANSACTIONS, params=params, headers=tokens.headers())
+    resp = await billing_client.get(TRANSACTIONS, params=params, headers=tokens.headers())
     assert resp.status == 422
     assert "must be a whole number" in (await resp.json())["detail"]
 
 
-async def test_needs_a_token(client: Any) -> None:
-    assert (await client.get(TRANSACTIONS)).status == 401
+async def test_needs_a_token(billing_client: Any) -> None:
+    assert (await billing_client.get(TRANSACTIONS)).status == 401
 
 
 async def test_ciris_maps_the_backend_listing(
@@ -104,8 +110,10 @@ async def test_ciris_maps_the_backend_listing(
 @pytest.mark.parametrize(
     ("offset", "ok"), [("0000000000005", True), ("1000000000", True), ("1000000001", False)]
 )
-async def test_offset_limits_are_stated(client: Any, tokens: TokenFactory, offset: str, ok: bool) -> None:
-    resp = await client.get(TRANSACTIONS, params={"offset": offset}, headers=tokens.headers())
+async def test_offset_limits_are_stated(
+    billing_client: Any, tokens: TokenFactory, offset: str, ok: bool
+) -> None:
+    resp = await billing_client.get(TRANSACTIONS, params={"offset": offset}, headers=tokens.headers())
     assert resp.status == (200 if ok else 422)
     if not ok:
         assert (await resp.json())[
