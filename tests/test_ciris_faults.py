@@ -13,16 +13,12 @@ import pytest
 from ciris_billing_proxy import BillingConfig
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 
-from .ciris_helpers import INTERACT, agent_routes, who
+from .ciris_helpers import INTERACT, agent_routes, paid_user, until, who, with_options
 from .conftest import ClientFactory
 from .default_paths import CREDITS, INITIATE, STATUS
 
 UNAVAILABLE = {"detail": "Billing service unavailable"}
 BUDGET = 0.4
-
-
-def with_options(config: BillingConfig, **options: Any) -> BillingConfig:
-    return config.model_copy(update={"provider_options": {**config.provider_options, **options}})
 
 
 @pytest.fixture
@@ -237,10 +233,7 @@ async def test_nothing_secret_in_replies_or_debug_logs(
 async def test_a_charge_that_committed_then_timed_out_is_refunded(
     tight_ciris_client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
 ) -> None:
-    auth = ciris_tokens.headers("late")
-    await tight_ciris_client.get(CREDITS, headers=auth)
-    ciris_fake_backend.use_up_free_uses(*who("late"))
-    ciris_fake_backend.grant(*who("late"), 3)
+    auth = await paid_user(tight_ciris_client, ciris_fake_backend, ciris_tokens, "late", 3)
     ciris_fake_backend.inject("latency_after", endpoint="charges", seconds=30.0, times=1)
     resp = await tight_ciris_client.post(INTERACT, json={}, headers=auth, timeout=5)
     assert resp.status == 503
@@ -265,10 +258,7 @@ async def test_a_charge_that_lands_after_its_timeout_is_found_and_refunded(
         reconcile_window_seconds=2.0,
     )
     client = await make_client(config, host=agent_routes)
-    auth = ciris_tokens.headers("slow")
-    await client.get(CREDITS, headers=auth)
-    ciris_fake_backend.use_up_free_uses(*who("slow"))
-    ciris_fake_backend.grant(*who("slow"), 3)
+    auth = await paid_user(client, ciris_fake_backend, ciris_tokens, "slow", 3)
     ciris_fake_backend.inject("latency", endpoint="charges", seconds=0.6, times=1)
     assert (await client.post(INTERACT, json={}, headers=auth, timeout=5)).status == 503
     await until(lambda: ciris_fake_backend.calls["credits"] > 0, seconds=5)
@@ -278,10 +268,7 @@ async def test_a_charge_that_lands_after_its_timeout_is_found_and_refunded(
 async def test_a_charge_that_never_happened_is_not_refunded(
     tight_ciris_client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
 ) -> None:
-    auth = ciris_tokens.headers("never")
-    await tight_ciris_client.get(CREDITS, headers=auth)
-    ciris_fake_backend.use_up_free_uses(*who("never"))
-    ciris_fake_backend.grant(*who("never"), 3)
+    auth = await paid_user(tight_ciris_client, ciris_fake_backend, ciris_tokens, "never", 3)
     ciris_fake_backend.inject("drop", endpoint="charges")  # the connection dies before any work
     assert (await tight_ciris_client.post(INTERACT, json={}, headers=auth, timeout=5)).status == 503
     await until(lambda: ciris_fake_backend.calls["transactions"] >= 3)  # looked three times
@@ -335,10 +322,3 @@ async def test_one_budget_per_operation(
         INITIATE, json={}, headers=ciris_tokens.headers("b", email="b@example.com"), timeout=5
     )
     assert resp.status == 503
-
-
-async def until(condition: Any, seconds: float = 3.0) -> None:
-    for _ in range(int(seconds / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)

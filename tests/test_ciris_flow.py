@@ -14,7 +14,7 @@ from ciris_billing_proxy import BillingConfig, Identity, setup_billing
 from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 
-from .ciris_helpers import INTERACT, agent_routes, who
+from .ciris_helpers import INTERACT, agent_routes, paid_user, who, with_options
 from .conftest import ClientFactory
 from .default_paths import CREDITS, INITIATE, STATUS
 
@@ -145,10 +145,7 @@ async def test_first_charge_of_a_new_user_checks_first(
 async def test_a_failed_interaction_is_refunded(
     ciris_client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
 ) -> None:
-    auth = ciris_tokens.headers("fay")
-    await ciris_client.get(CREDITS, headers=auth)
-    ciris_fake_backend.use_up_free_uses(*who("fay"))
-    ciris_fake_backend.grant(*who("fay"), 3)
+    auth = await paid_user(ciris_client, ciris_fake_backend, ciris_tokens, "fay", 3)
     assert (await ciris_client.post(INTERACT, json={"fail": True}, headers=auth)).status == 502
     assert ciris_fake_backend.account(*who("fay"))["credits_remaining"] == 3
     refunds = [b for endpoint, b, _ in ciris_fake_backend.received if endpoint == "credits"]
@@ -231,9 +228,7 @@ async def test_idempotency_key_replays_and_a_new_key_buys_again(
     ciris_fake_backend: FakeBillingBackend,
     ciris_tokens: TokenFactory,
 ) -> None:
-    config = ciris_billing_config.model_copy(
-        update={"provider_options": {**ciris_billing_config.provider_options, "purchase_reuse_seconds": 0}}
-    )
+    config = with_options(ciris_billing_config, purchase_reuse_seconds=0)
     client = await make_client(config)
     auth = ciris_tokens.headers("kim", email="kim@example.com")
     one = await (await client.post(INITIATE, json={}, headers={**auth, "Idempotency-Key": "click-1"})).json()
@@ -319,9 +314,7 @@ async def test_a_purchase_the_backend_replays_from_the_same_second_is_not_handed
     """Stripe replays a repeated idempotency key's creation reply, status and all: a payment the
     proxy already recorded is recognised as a replay whatever status it shows."""
     fake = ciris_fake_backend
-    config = ciris_billing_config.model_copy(
-        update={"provider_options": {**ciris_billing_config.provider_options, "purchase_reuse_seconds": 0}}
-    )
+    config = with_options(ciris_billing_config, purchase_reuse_seconds=0)
     client = await make_client(config)
     fake.ledger.clock_offset = timedelta(seconds=1.02 - time.time() % 1.0)  # early in a fake second
     auth = ciris_tokens.headers("sam", email="sam@example.com")
@@ -404,10 +397,7 @@ async def test_other_stripe_statuses_pass_through(
 async def test_credits_found_by_transaction_when_the_user_spent_meanwhile(
     ciris_client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
 ) -> None:
-    auth = ciris_tokens.headers("pia", email="pia@example.com")
-    await ciris_client.get(CREDITS, headers=auth)
-    ciris_fake_backend.use_up_free_uses(*who("pia"))
-    ciris_fake_backend.grant(*who("pia"), 5)
+    auth = await paid_user(ciris_client, ciris_fake_backend, ciris_tokens, "pia", 5, email="pia@example.com")
     purchase = await (await ciris_client.post(INITIATE, json={}, headers=auth)).json()
     for _ in range(5):  # spends the 5 paid credits before the webhook lands
         assert (await ciris_client.post(INTERACT, json={}, headers=auth)).status == 200
@@ -423,9 +413,7 @@ async def test_waiting_for_credits_is_bounded(
     ciris_tokens: TokenFactory,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    config = ciris_billing_config.model_copy(
-        update={"provider_options": {**ciris_billing_config.provider_options, "credit_wait_seconds": 0.05}}
-    )
+    config = with_options(ciris_billing_config, credit_wait_seconds=0.05)
     client = await make_client(config)
     auth = ciris_tokens.headers("quinn", email="q@example.com")
     purchase = await (await client.post(INITIATE, json={}, headers=auth)).json()

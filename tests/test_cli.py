@@ -12,16 +12,9 @@ import aiohttp
 import pytest
 
 from .default_paths import CREDITS, INITIATE, LOGIN, STATUS
-from .serving import clean_env, serve
+from .serving import COMMAND, clean_env, login, serve
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
-
-
-async def login(session: aiohttp.ClientSession, url: str, username: str, password: str) -> str:
-    async with session.post(f"{url}{LOGIN}", json={"username": username, "password": password}) as r:
-        assert r.status == 200, await r.text()
-        token: str = (await r.json())["access_token"]
-        return token
 
 
 async def test_demo_first_start_restart_keeps_usage_and_tokens(tmp_path: Path) -> None:
@@ -110,7 +103,7 @@ def test_bad_options_exit_2_with_a_clear_message(tmp_path: Path, args: list[str]
     if args[:1] == ["serve"]:
         args = [*args, "--data-dir", str(tmp_path)]
     result = subprocess.run(
-        [sys.executable, "-m", "ciris_billing_proxy", *args],
+        [*COMMAND, *args],
         capture_output=True,
         text=True,
         env=clean_env(),
@@ -180,7 +173,7 @@ def test_filesystem_problems_are_clear_errors(tmp_path: Path, problem: str) -> N
     else:
         env.update(CIRIS_JWT_PUBLIC_KEY=str(tmp_path / "missing.pem"), CIRIS_JWT_ALGORITHMS="RS256")
     result = subprocess.run(
-        [sys.executable, "-m", "ciris_billing_proxy", "serve", "--data-dir", str(data_dir)],
+        [*COMMAND, "serve", "--data-dir", str(data_dir)],
         capture_output=True,
         text=True,
         env=env,

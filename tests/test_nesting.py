@@ -38,6 +38,31 @@ class Mounted:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+def _tag(name: str) -> Any:
+    @web.middleware
+    async def tag(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            exc.headers.add("X-Passed", name)
+            raise
+        response.headers.add("X-Passed", name)
+        return response
+
+    return tag
+
+
+async def _open(_request: web.Request) -> web.Response:
+    return web.json_response({"open": True})
+
+
+def _host() -> web.Application:
+    """A host application with a route of its own at `/health` and its own middleware."""
+    app = web.Application(middlewares=[_tag("host")])
+    app.router.add_get("/health", _open)
+    return app
+
+
 def top(agent: web.Application) -> Mounted:
     return Mounted(agent)
 
@@ -76,31 +101,6 @@ MOUNTS: list[Callable[[web.Application], Mounted]] = [
     on_a_domain,
     under_a_prefix_on_a_domain,
 ]
-
-
-async def _open(_request: web.Request) -> web.Response:
-    return web.json_response({"open": True})
-
-
-def _host() -> web.Application:
-    """A host application with a route of its own at `/health` and its own middleware."""
-    app = web.Application(middlewares=[_tag("host")])
-    app.router.add_get("/health", _open)
-    return app
-
-
-def _tag(name: str) -> Any:
-    @web.middleware
-    async def tag(request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            response = await handler(request)
-        except web.HTTPException as exc:
-            exc.headers.add("X-Passed", name)
-            raise
-        response.headers.add("X-Passed", name)
-        return response
-
-    return tag
 
 
 async def _whoami(request: web.Request) -> web.Response:

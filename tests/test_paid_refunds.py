@@ -18,10 +18,9 @@ from ciris_billing_proxy import BillingConfig, credit_gate
 from ciris_billing_proxy.keys import SERVICE_KEY, SPEND_KEY
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 
-from .ciris_helpers import INTERACT, who
+from .ciris_helpers import INTERACT, paid_user, until, who, with_options
 from .conftest import ClientFactory
 from .default_paths import CREDITS
-from .test_ciris_faults import until, with_options
 
 
 def keyed_agent(app: web.Application) -> None:
@@ -35,14 +34,6 @@ def keyed_agent(app: web.Application) -> None:
         return web.json_response(reply, status=502 if request.query.get("fail") else 200)
 
     app.router.add_post(INTERACT, interact)
-
-
-async def paid_user(client: Any, fake: FakeBillingBackend, tokens: TokenFactory, name: str, paid: int) -> Any:
-    auth = tokens.headers(name)
-    assert (await client.get(CREDITS, headers=auth)).status == 200  # creates the account
-    fake.use_up_free_uses(*who(name))
-    fake.grant(*who(name), paid)
-    return auth
 
 
 def charges_by_key(fake: FakeBillingBackend, name: str) -> dict[str, str]:

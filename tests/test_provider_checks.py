@@ -17,9 +17,8 @@ from ciris_billing_proxy.testing import TokenFactory
 
 from .conftest import ClientFactory, make_config
 from .default_paths import CREDITS, INITIATE
-from .providers import ShopProvider
+from .providers import ShopProvider, fake_distribution
 from .serving import clean_env
-from .test_registry import fake_distribution
 
 
 @pytest.mark.parametrize("provider", [ShopProvider, object(), "shop"], ids=["a class", "an object", "a name"])

@@ -14,20 +14,12 @@ from ciris_billing_proxy.providers.ciris import settings as ciris_settings
 from ciris_billing_proxy.testing import TokenFactory
 
 from .default_paths import CREDITS
-
-ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+from .repo_files import README, ROOT, code_after
 
 
 def section(title: str) -> str:
     match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", README, re.S | re.M)
     assert match, title
-    return match.group(1)
-
-
-def code_after(marker: str) -> str:
-    match = re.search(rf"<!-- readme-test: {marker} -->\n```python\n(.*?)```", README, re.S)
-    assert match, marker
     return match.group(1)
 
 

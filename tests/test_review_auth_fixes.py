@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,11 +27,10 @@ from ciris_billing_proxy.tools.users import UserStore
 from .conftest import SECRET, make_config
 from .default_paths import BILLING, CREDITS, INITIATE, LOGIN, REFRESH, STATUS, TRANSACTIONS
 from .providers import ShopProvider
-from .serving import clean_env, serve
-from .test_disconnects import credits
+from .serving import COMMAND, clean_env, get_credits, serve
 
 OTHER_SECRET = "another-secret-for-the-inner-app-0123456789-abcdefghijklmnopqrstuvwxyz"
-SERVE = (sys.executable, "-m", "ciris_billing_proxy", "serve")
+SERVE = (*COMMAND, "serve")
 PATIENCE = 30.0  # far beyond every deadline configured below: only a hang could exhaust it
 
 
@@ -291,10 +289,10 @@ async def test_a_gated_interaction_whose_body_is_late_costs_nothing(tmp_path: Pa
     config = make_config(tmp_path, body_timeout_seconds=0.2)
     factory = TokenFactory(config)
     async with _serving(create_demo_app(config, UserStore(), environ={})) as port:
-        before = await credits(port, factory)
+        before = await get_credits(port, factory)
         head, _body = await _stalled(port, "/v1/agent/interact", factory.headers("zoe"))
         assert head.startswith(b"HTTP/1.1 408")
-        assert await credits(port, factory) == before
+        assert await get_credits(port, factory) == before
 
 
 def test_the_body_deadline_comes_from_the_environment() -> None:
