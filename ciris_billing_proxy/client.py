@@ -150,6 +150,18 @@ TRANSIENT: Final = (ServiceUnavailableError, RateLimitedError, BillingConnection
 
 
 class BillingClient:
+    """An async client for one agent's billing routes, used as `async with BillingClient(url) as c:`.
+
+    `login(username, password)` keeps the token it gets (or pass `token=`); then `get_credits()`,
+    `initiate_purchase(return_url=None, *, idempotency_key=None)`, `get_purchase_status(payment_id)`,
+    `wait_for_purchase(payment_id)`, `get_transactions(limit, offset)`, and `me()`, `refresh()`,
+    `logout()` for the auth routes. Replies are the wire-contract models of
+    `ciris_billing_proxy.models` (`CreditStatusReply`, ...). Every failure is a `BillingClientError`:
+    `BillingAPIError` (with `status` and `detail`; a subclass per status, e.g. `BillingNotEnabled`),
+    `BillingConnectionError`, or `InvalidReplyError` for a reply outside the contract. `prefix` is
+    where the billing routes are (`/v1/api/billing` by default).
+    """
+
     def __init__(
         self,
         base_url: str,

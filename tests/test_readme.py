@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pydoc
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import ciris_billing_proxy
+from ciris_billing_proxy.client import BillingClient
 from ciris_billing_proxy.config import ENV_VARS
 from ciris_billing_proxy.providers import simple
 from ciris_billing_proxy.providers.ciris import settings as ciris_settings
@@ -90,3 +93,16 @@ def test_readme_embeds_the_latest_benchmark_table() -> None:
     embedded = README.split("<!-- bench:start -->\n", 1)[1].split("<!-- bench:end -->", 1)[0]
     assert embedded == results
     assert "| A: bare aiohttp handler" in embedded
+
+
+def test_the_front_door_objects_explain_themselves_in_help() -> None:
+    for thing in (
+        ciris_billing_proxy.setup_billing,
+        ciris_billing_proxy.credit_gate,
+        ciris_billing_proxy.get_identity,
+        ciris_billing_proxy.BillingService,
+        BillingClient,
+    ):
+        words = (thing.__doc__ or "").split()
+        assert len(words) >= 15, thing
+        assert " ".join(words[:5]) in " ".join(pydoc.render_doc(thing, renderer=pydoc.plaintext).split())

@@ -16,7 +16,7 @@ from .default_paths import BILLING, CREDITS, INITIATE, STATUS
 
 Client = TestClient[web.Request, web.Application]
 A_STATUS = f"{STATUS}pi_abc123xyz789"
-SEVEN = {
+FRESH_USER_CREDIT_TYPES = {
     "has_credit": bool,
     "credits_remaining": int,
     "free_uses_remaining": int,
@@ -34,7 +34,7 @@ async def test_credits_has_all_seven_fields_with_their_types(
     assert resp.status == 200
     assert resp.content_type == "application/json"
     body = await resp.json()
-    for field, kind in SEVEN.items():
+    for field, kind in FRESH_USER_CREDIT_TYPES.items():
         assert field in body, field
         assert type(body[field]) is kind, (field, body[field])
     assert body == {
