@@ -34,6 +34,7 @@ from .models import (
     UserInfoReply,
 )
 from .paths import (
+    CAPABILITIES_ROUTE,
     CREDITS_ROUTE,
     DEFAULT_LOGIN_PATH,
     DEFAULT_LOGOUT_PATH,
@@ -230,7 +231,7 @@ class BillingClient:
     async def capabilities(self) -> CapabilitiesReply:
         """What the agent's provider offers (`purchases`, `transactions`): ask before offering a
         buy button. Agents older than the route answer 404 (`NotFoundError`)."""
-        return _parse(CapabilitiesReply, await self.request("GET", f"{self.prefix}/capabilities"))
+        return _parse(CapabilitiesReply, await self.request("GET", self.prefix + CAPABILITIES_ROUTE))
 
     async def initiate_purchase(
         self, return_url: str | None = None, *, idempotency_key: str | None = None

@@ -15,6 +15,7 @@ from aiohttp import web
 #: Where the billing routes are unless `BillingConfig.prefix` says otherwise.
 DEFAULT_PREFIX: Final = "/v1/api/billing"
 #: The billing routes, below the prefix. `STATUS_ROUTE` is followed by the payment id.
+CAPABILITIES_ROUTE: Final = "/capabilities"
 CREDITS_ROUTE: Final = "/credits"
 INITIATE_ROUTE: Final = "/purchase/initiate"
 STATUS_ROUTE: Final = "/purchase/status/"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from ciris_billing_proxy.paths import (
+    CAPABILITIES_ROUTE,
     CREDITS_ROUTE,
     DEFAULT_LOGIN_PATH,
     DEFAULT_LOGOUT_PATH,
@@ -16,6 +17,7 @@ from ciris_billing_proxy.paths import (
 )
 
 BILLING = DEFAULT_PREFIX
+CAPABILITIES = DEFAULT_PREFIX + CAPABILITIES_ROUTE
 CREDITS = DEFAULT_PREFIX + CREDITS_ROUTE
 INITIATE = DEFAULT_PREFIX + INITIATE_ROUTE
 #: Followed by the payment id.

@@ -25,20 +25,22 @@ def test_defaults() -> None:
 def test_the_default_paths_are_the_ones_clients_call() -> None:
     # The tests build their paths from the package's constants; this pins those to the contract
     # (docs/billing-api.md), so a changed constant fails here rather than moving every test with it.
-    assert {
-        name: getattr(default_paths, name) for name in ("CREDITS", "INITIATE", "STATUS", "TRANSACTIONS")
-    } == {
-        "CREDITS": "/v1/api/billing/credits",
-        "INITIATE": "/v1/api/billing/purchase/initiate",
-        "STATUS": "/v1/api/billing/purchase/status/",
-        "TRANSACTIONS": "/v1/api/billing/transactions",
-    }
-    assert (default_paths.LOGIN, default_paths.LOGOUT, default_paths.REFRESH, default_paths.ME) == (
-        "/v1/auth/login",
-        "/v1/auth/logout",
-        "/v1/auth/refresh",
-        "/v1/auth/me",
+    billing = (
+        default_paths.CAPABILITIES,
+        default_paths.CREDITS,
+        default_paths.INITIATE,
+        default_paths.STATUS,
+        default_paths.TRANSACTIONS,
     )
+    assert billing == (
+        "/v1/api/billing/capabilities",
+        "/v1/api/billing/credits",
+        "/v1/api/billing/purchase/initiate",
+        "/v1/api/billing/purchase/status/",
+        "/v1/api/billing/transactions",
+    )
+    auth = (default_paths.LOGIN, default_paths.LOGOUT, default_paths.REFRESH, default_paths.ME)
+    assert auth == ("/v1/auth/login", "/v1/auth/logout", "/v1/auth/refresh", "/v1/auth/me")
 
 
 def test_every_variable_is_read(tmp_path: Path) -> None:
