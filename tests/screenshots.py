@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.ui_driver import CHROMIUM, DemoPage, demo_server, missing_browser
+from .ui_driver import CHROMIUM, DemoPage, demo_server, missing_browser
 
 ROOT = Path(__file__).resolve().parents[1]
 FREE_USES = 12

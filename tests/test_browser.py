@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
 
-from tests.serving import Server
-from tests.ui_driver import ELEMENT, REQUIRED, SECRET, DemoPage, demo_server, missing_browser
+from .repo_files import README
+from .serving import Server
+from .ui_driver import ELEMENT, REQUIRED, SECRET, DemoPage, demo_server, missing_browser
 
 FREE_USES = 12  # the fake backend's 10 one-time and 2 daily free uses
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,7 @@ def browser() -> Iterator[Any]:
         pytest.skip(reason)
     from playwright.sync_api import sync_playwright
 
-    from tests.ui_driver import CHROMIUM
+    from .ui_driver import CHROMIUM
 
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=str(CHROMIUM))

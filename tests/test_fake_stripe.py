@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 
 from ciris_billing_proxy import BillingConfig
-from ciris_billing_proxy.demo import create_demo_app
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
-from ciris_billing_proxy.users import UserStore
+from ciris_billing_proxy.tools.demo import create_demo_app
+from ciris_billing_proxy.tools.users import UserStore
+
+from .default_paths import INITIATE, STATUS
 
 CARD = {"exp_month": 12, "exp_year": 2099, "cvc": "123"}
 
@@ -27,7 +29,7 @@ async def demo(
 
 async def purchase(demo: Any, tokens: TokenFactory, user: str = "ann") -> dict[str, Any]:
     headers = tokens.headers(user, email=f"{user}@example.com")
-    resp = await demo.post("/v1/api/billing/purchase/initiate", headers=headers, json={})
+    resp = await demo.post(INITIATE, headers=headers, json={})
     assert resp.status == 200
     body: dict[str, Any] = await resp.json()
     return body
@@ -65,7 +67,7 @@ async def test_the_success_card_pays_and_the_webhook_follows(
     }
     assert bought["client_secret"] not in await resp.text()
     headers = ciris_tokens.headers("ann", email="ann@example.com")
-    status_url = f"/v1/api/billing/purchase/status/{bought['payment_id']}"
+    status_url = STATUS + bought["payment_id"]
     for _ in range(100):  # the webhook lands after the fake Stripe's delay
         status = await (await demo.get(status_url, headers=headers)).json()
         if status["status"] == "succeeded":

@@ -13,8 +13,9 @@ from ciris_billing_proxy.config import ConfigError
 from ciris_billing_proxy.testing import TokenFactory
 
 from .conftest import SECRET, ClientFactory, make_config
+from .default_paths import BILLING, CAPABILITIES, CREDITS
 
-UI = "/v1/api/billing/ui"
+UI = f"{BILLING}/ui"
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_UI = ROOT / "ciris_billing_proxy" / "ui"
 
@@ -27,8 +28,10 @@ def read(name: str) -> str:
     ("name", "content_type"),
     [("billing.js", "text/javascript"), ("billing.d.ts", "application/typescript")],
 )
-async def test_served_without_a_token_with_cache_headers(client: Any, name: str, content_type: str) -> None:
-    resp = await client.get(f"{UI}/{name}")
+async def test_served_without_a_token_with_cache_headers(
+    billing_client: Any, name: str, content_type: str
+) -> None:
+    resp = await billing_client.get(f"{UI}/{name}")
     assert resp.status == 200
     assert resp.content_type == content_type
     assert await resp.read() == (PACKAGE_UI / name).read_bytes()
@@ -36,12 +39,12 @@ async def test_served_without_a_token_with_cache_headers(client: Any, name: str,
     assert resp.headers["Access-Control-Allow-Origin"] == "*"  # module scripts are fetched with CORS
     assert resp.headers["X-Content-Type-Options"] == "nosniff"
     etag = resp.headers["ETag"]
-    again = await client.get(f"{UI}/{name}", headers={"If-None-Match": f'"other", W/{etag}'})
+    again = await billing_client.get(f"{UI}/{name}", headers={"If-None-Match": f'"other", W/{etag}'})
     assert again.status == 304
     assert again.headers["ETag"] == etag
     assert await again.read() == b""
-    assert (await client.get(f"{UI}/{name}", headers={"If-None-Match": '"other"'})).status == 200
-    head = await client.head(f"{UI}/{name}")
+    assert (await billing_client.get(f"{UI}/{name}", headers={"If-None-Match": '"other"'})).status == 200
+    head = await billing_client.head(f"{UI}/{name}")
     assert head.status == 200
     assert head.headers["ETag"] == etag
 
@@ -59,17 +62,17 @@ async def test_served_without_a_token_with_cache_headers(client: Any, name: str,
         "",
     ],
 )
-async def test_anything_else_is_a_json_404_without_a_token(client: Any, path: str) -> None:
-    resp = await client.get(f"{UI}/{path}")
+async def test_anything_else_is_a_json_404_without_a_token(billing_client: Any, path: str) -> None:
+    resp = await billing_client.get(f"{UI}/{path}")
     assert resp.status == 404
     assert await resp.json() == {"detail": "Not Found"}
 
 
-async def test_only_the_files_are_public(client: Any, tokens: TokenFactory) -> None:
-    assert (await client.get("/v1/api/billing/credits")).status == 401
-    assert (await client.get("/v1/api/billing/capabilities")).status == 401
-    assert (await client.post(f"{UI}/billing.js")).status == 401
-    resp = await client.post(f"{UI}/billing.js", headers=tokens.headers())
+async def test_only_the_files_are_public(billing_client: Any, tokens: TokenFactory) -> None:
+    assert (await billing_client.get(CREDITS)).status == 401
+    assert (await billing_client.get(CAPABILITIES)).status == 401
+    assert (await billing_client.post(f"{UI}/billing.js")).status == 401
+    resp = await billing_client.post(f"{UI}/billing.js", headers=tokens.headers())
     assert resp.status == 405
     assert resp.headers["Allow"] == "GET,HEAD"
 
@@ -79,7 +82,7 @@ async def test_served_without_the_sub_app_too(make_client: ClientFactory, config
     resp = await client.get(f"{UI}/billing.js")
     assert resp.status == 200
     assert (await client.get(f"{UI}/nothing.js")).status == 404
-    assert (await client.get("/v1/api/billing/credits")).status == 401
+    assert (await client.get(CREDITS)).status == 401
 
 
 async def test_a_config_can_turn_them_off(

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.serving import Server, clean_env, serve
+from ciris_billing_proxy.tools.demo import INTERACT_PATH
+
+from .serving import Server, clean_env, serve
 
 CHROMIUM = Path(os.environ.get("CIRIS_CHROMIUM", "/usr/bin/chromium"))
 REQUIRED = os.environ.get("CIRIS_BROWSER_TESTS", "") == "required"
@@ -124,7 +126,7 @@ class DemoPage:
         headers = {"Authorization": f"Bearer {self.token()}"}
         for _ in range(times):
             reply = self.page.request.post(
-                f"{self.url}/v1/agent/interact", headers=headers, data={"message": "hello"}
+                self.url + INTERACT_PATH, headers=headers, data={"message": "hello"}
             )
             assert reply.ok, reply.text()
 

@@ -14,32 +14,36 @@ import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .auth import get_identity
-from .bodies import expect_continue, read_model
-from .config import BillingConfig, ConfigError
-from .errors import error_middleware
-from .gate import credit_gate
-from .models import InteractReply, InteractRequest
-from .routes import json_reply
-from .service import SERVICE_KEY
-from .setup import setup_billing
-from .testing.fake_backend import FakeBillingBackend
-from .testing.fake_stripe import FakeStripe
-from .ui.demo_page import STRIPE_JS, add_demo_page, demo_page
+from ..auth import get_identity
+from ..bodies import expect_continue, read_model
+from ..config import BillingConfig, ConfigError
+from ..errors import error_middleware
+from ..gate import credit_gate
+from ..keys import billing_service
+from ..models import InteractReply, InteractRequest
+from ..routes import json_reply
+from ..setup import setup_billing
+from ..ui.demo_page import STRIPE_JS, add_demo_page, demo_page
 from .users import UserStore
+
+if TYPE_CHECKING:
+    from ..testing.fake_backend import FakeBillingBackend
 
 SECRET_FILE = "jwt-secret"  # noqa: S105 - a file name
 USERS_FILE = "demo-users.json"
+#: The demo's one gated endpoint.
+INTERACT_PATH = "/v1/agent/interact"
 # Letters and digits only: a password starting with "-" reads as an option on a command line.
 _PASSWORD_ALPHABET = string.ascii_letters + string.digits
 
 
 @credit_gate
 async def interact(request: web.Request) -> web.Response:
-    service = request.config_dict[SERVICE_KEY]
+    service = billing_service(request)
     config = service.config
     body = await read_model(
         request, InteractRequest, config.max_body_bytes, time_limit=config.body_timeout_seconds
@@ -69,12 +73,17 @@ def create_demo_app(
 ) -> web.Application:
     """The demo agent; with `fake_backend`, the page's payment form is the fake Stripe that drives it."""
     app = web.Application(middlewares=[error_middleware()])
-    setup_billing(app, config, authenticate=users.authenticate, environ=environ)
+    setup_billing(app, config, authenticate=users.verify_login, environ=environ)
     # JSON 417 for an unknown `Expect:`; aiohttp's default answers before any middleware, in text.
-    app.router.add_post("/v1/agent/interact", interact, expect_handler=expect_continue)
+    app.router.add_post(INTERACT_PATH, interact, expect_handler=expect_continue)
     app.router.add_get("/health", health)
-    stripe_js = STRIPE_JS if fake_backend is None else FakeStripe(fake_backend).add_routes(app.router)
-    label = config.provider if fake_backend is None else f"{config.provider} (fake backend)"
+    stripe_js, label = STRIPE_JS, config.provider
+    if fake_backend is not None:
+        # Only with the fake: an agent serving the real thing never loads the testing kit.
+        from ..testing.fake_stripe import FakeStripe
+
+        stripe_js = FakeStripe(fake_backend).add_routes(app.router)
+        label = f"{config.provider} (fake backend)"
     add_demo_page(app.router, demo_page(config, stripe_js=stripe_js, provider=label))
     return app
 
