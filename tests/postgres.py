@@ -12,6 +12,7 @@ import contextlib
 import os
 import secrets
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import pytest
 from yarl import URL
@@ -23,7 +24,7 @@ def server_url() -> str:
     return os.environ.get("CIRIS_TEST_POSTGRES_URL") or DEFAULT_SERVER
 
 
-def unavailable(reason: str) -> None:
+def unavailable(reason: str) -> NoReturn:
     if os.environ.get("CIRIS_REQUIRE_POSTGRES") == "1":
         pytest.fail(f"PostgreSQL is required (CIRIS_REQUIRE_POSTGRES=1) but {reason}")
     pytest.skip(f"PostgreSQL tests skipped: {reason} (set CIRIS_TEST_POSTGRES_URL to a server)")

@@ -51,16 +51,23 @@ class PostgresDatabase(Engine):
             import asyncpg
         except ImportError:
             raise DatabaseUnavailable(f"PostgreSQL needs the asyncpg driver: {INSTALL_POSTGRES}") from None
+        pool = asyncpg.create_pool(
+            self.url.target,
+            # No floor: connections open on demand. A pool with one reconnects in the background
+            # during an outage and logs every failed attempt with a traceback.
+            min_size=0,
+            max_size=self.max_size,
+            timeout=CONNECT_TIMEOUT_SECONDS,
+            command_timeout=COMMAND_TIMEOUT_SECONDS,
+        )
         try:
-            self._pool = await asyncpg.create_pool(
-                self.url.target,
-                min_size=1,
-                max_size=self.max_size,
-                timeout=CONNECT_TIMEOUT_SECONDS,
-                command_timeout=COMMAND_TIMEOUT_SECONDS,
-            )
+            await pool
+            # Without a floor nothing connects yet: one query proves the database is there.
+            await pool.execute("SELECT 1")
         except Exception as exc:
+            await pool.close()
             raise DatabaseUnavailable(f"cannot use {self.describe()}: {_reason(exc)}") from None
+        self._pool = pool
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

@@ -1,0 +1,59 @@
+"""The database going away while serving: 503 JSON on the routes and the gate, nothing granted that
+was not recorded, and service back without a restart once the database is (through a TCP proxy the
+test cuts and restores)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from yarl import URL
+
+from ciris_billing_proxy.testing import TokenFactory
+
+from .conftest import ClientFactory, make_config
+from .postgres import TcpProxy, fetch
+from .test_gate import _agent
+
+INTERACT = "/v1/agent/interact"
+CREDITS = "/v1/api/billing/credits"
+TRANSACTIONS = "/v1/api/billing/transactions"
+
+
+@pytest.fixture
+async def proxy(pg_url: str) -> AsyncIterator[TcpProxy]:
+    target = URL(pg_url)
+    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
+    await proxy.start()
+    yield proxy
+    await proxy.cut()
+
+
+async def test_an_outage_is_503_json_and_service_resumes_without_a_restart(
+    pg_url: str, proxy: TcpProxy, make_client: ClientFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config(tmp_path, database_url=proxy.url_for(pg_url), provider_options={"free_uses": 10})
+    client = await make_client(config, host=_agent)
+    headers = TokenFactory(config).headers("alice")
+    for _ in range(3):
+        assert (await client.post(INTERACT, json={}, headers=headers)).status == 200
+
+    await proxy.cut()
+    gated = await client.post(INTERACT, json={}, headers=headers)
+    assert gated.status == 503
+    assert await gated.json() == {"detail": "Credit provider unavailable"}
+    for path in (CREDITS, TRANSACTIONS):
+        reply = await client.get(path, headers=headers)
+        assert reply.status == 503
+        assert await reply.json() == {"detail": "Billing service unavailable"}
+    assert await fetch(pg_url, "SELECT used FROM usage") == [(3,)]
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith("ciris_billing_proxy")]
+    assert [line for line in logged if line.startswith("PostgreSQL unavailable: ")]
+    assert not [line for line in logged if str(proxy.port) in line or URL(pg_url).path in line]
+
+    await proxy.restore()
+    assert (await client.post(INTERACT, json={}, headers=headers)).status == 200
+    credits = await (await client.get(CREDITS, headers=headers)).json()
+    assert (credits["total_uses"], credits["free_uses_remaining"]) == (4, 6)
+    assert await fetch(pg_url, "SELECT used FROM usage") == [(4,)]
