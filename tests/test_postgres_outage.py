@@ -1,4 +1,5 @@
-"""The database going away while serving: 503 JSON on the routes and the gate, nothing granted that
+"""Faults of the PostgreSQL store. Unreachable at startup: a clear exception. Going away while
+serving: 503 JSON on the routes and the gate, nothing granted that
 was not recorded, and service back without a restart once the database is (through a TCP proxy the
 test cuts and restores)."""
 
@@ -8,8 +9,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from yarl import URL
 
+from ciris_billing_proxy import DatabaseUnavailable, setup_billing
 from ciris_billing_proxy.testing import TokenFactory
 
 from .conftest import ClientFactory, make_config
@@ -57,3 +60,16 @@ async def test_an_outage_is_503_json_and_service_resumes_without_a_restart(
     credits = await (await client.get(CREDITS, headers=headers)).json()
     assert (credits["total_uses"], credits["free_uses_remaining"]) == (4, 6)
     assert await fetch(pg_url, "SELECT used FROM usage") == [(4,)]
+
+
+async def test_an_unreachable_database_stops_the_app_startup_with_a_clear_exception(tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path, database_url="postgresql://agent:hunter2@127.0.0.1:1/billing", provider_options={}
+    )
+    app = web.Application()
+    setup_billing(app, config, environ={})
+    runner = web.AppRunner(app)
+    with pytest.raises(DatabaseUnavailable) as raised:
+        await runner.setup()
+    assert str(raised.value).startswith("cannot use PostgreSQL agent@127.0.0.1:1/billing: ")
+    assert "hunter2" not in str(raised.value)
