@@ -59,6 +59,7 @@ class PostgresDatabase(Engine):
             max_size=self.max_size,
             timeout=CONNECT_TIMEOUT_SECONDS,
             command_timeout=COMMAND_TIMEOUT_SECONDS,
+            reset=_keep_session,
         )
         try:
             await pool
@@ -124,6 +125,12 @@ class PostgresDatabase(Engine):
                 version,
             )
         return Migrated(schema.name, schema.version, schema.version - found)
+
+
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """Replaces asyncpg's reset on release (`RESET ALL`, `UNLISTEN *`, ...: a round trip per use,
+    as costly as a spend): the stores leave no session state behind. An open transaction is still
+    rolled back by asyncpg before this is called."""
 
 
 def _reason(exc: BaseException) -> str:
