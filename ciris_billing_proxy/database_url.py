@@ -29,7 +29,8 @@ class DatabaseURL:
         url = URL(self.target)
         user = f"{url.user}@" if url.user else ""
         port = f":{url.explicit_port}" if url.explicit_port else ""
-        return f"PostgreSQL {user}{url.host or 'localhost'}{port}{url.path}"
+        host = url.host or url.query.get("host") or "localhost"
+        return f"PostgreSQL {user}{host}{port}{url.path}"
 
 
 def parse_database_url(value: str) -> DatabaseURL:

@@ -46,7 +46,7 @@ class ProviderContext:
     data_dir: Path = Path(".")
     agent_id: str = "agent"
     provider: str = "custom"
-    database_url: str | None = None
+    database_url: str | None = field(default=None, repr=False)  # may carry a password
 
     def database(self, sqlite_file: str, path: str | Path | None = None) -> Engine:
         """The engine for the provider's records, not yet opened: PostgreSQL or a SQLite file as

@@ -91,6 +91,7 @@ class PostgresDatabase(Engine):
             asyncpg.PostgresConnectionError,
             asyncpg.InterfaceError,
             asyncpg.OperatorInterventionError,
+            asyncpg.InsufficientResourcesError,  # too many connections, out of disk or memory
         ) as exc:
             logger.warning("PostgreSQL unavailable: %s", type(exc).__name__)
             raise ProviderUnavailable(DATABASE_UNAVAILABLE) from None
