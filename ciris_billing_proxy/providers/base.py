@@ -51,8 +51,8 @@ class ProviderContext:
     def database(self, sqlite_file: str, path: str | Path | None = None) -> Engine:
         """The engine for the provider's records, not yet opened: PostgreSQL or a SQLite file as
         `database_url` says, and without one the file `sqlite_file` in `data_dir`. `path`, the
-        provider's own SQLite file setting (a path or ":memory:"), wins over both when given."""
-        if path is not None:
+        provider's own SQLite file setting (a path or ":memory:"), wins over both unless empty."""
+        if path:
             return SQLiteDatabase(path)
         if self.database_url is None:
             return SQLiteDatabase(self.data_dir / sqlite_file)
