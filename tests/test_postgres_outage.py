@@ -15,12 +15,10 @@ from yarl import URL
 from ciris_billing_proxy import DatabaseUnavailable, setup_billing
 from ciris_billing_proxy.testing import TokenFactory
 
+from .ciris_helpers import CREDITS, INTERACT, agent_routes
 from .conftest import ClientFactory, make_config
 from .postgres import TcpProxy, fetch
-from .test_gate import _agent
 
-INTERACT = "/v1/agent/interact"
-CREDITS = "/v1/api/billing/credits"
 TRANSACTIONS = "/v1/api/billing/transactions"
 
 
@@ -37,7 +35,7 @@ async def test_an_outage_is_503_json_and_service_resumes_without_a_restart(
     pg_url: str, proxy: TcpProxy, make_client: ClientFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = make_config(tmp_path, database_url=proxy.url_for(pg_url), provider_options={"free_uses": 10})
-    client = await make_client(config, host=_agent)
+    client = await make_client(config, host=agent_routes)
     headers = TokenFactory(config).headers("alice")
     for _ in range(3):
         assert (await client.post(INTERACT, json={}, headers=headers)).status == 200

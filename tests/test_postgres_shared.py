@@ -19,18 +19,15 @@ from ciris_billing_proxy.store import PostgresDatabase, usage_ledger
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 from ciris_billing_proxy.testing.conformance import ProviderContract
 
-from .ciris_helpers import INITIATE, STATUS
+from .ciris_helpers import CREDITS, INITIATE, INTERACT, STATUS, agent_routes
 from .conftest import ClientFactory, make_config
 from .postgres import fetch
-from .test_gate import _agent
 
 Client = TestClient[web.Request, web.Application]
-INTERACT = "/v1/agent/interact"
-CREDITS = "/v1/api/billing/credits"
 
 
 async def _two_apps(make_client: ClientFactory, config: BillingConfig) -> tuple[Client, Client]:
-    return await make_client(config, host=_agent), await make_client(config, host=_agent)
+    return await make_client(config, host=agent_routes), await make_client(config, host=agent_routes)
 
 
 def _config(tmp_path: Path, pg_url: str, free_uses: int) -> BillingConfig:
@@ -63,12 +60,9 @@ async def test_failed_interactions_on_either_app_give_back_exactly_their_use(
     a, b = await _two_apps(make_client, config)
     headers = TokenFactory(config).headers("alice")
     results = await asyncio.gather(
-        *(
-            (a if i % 2 else b).post(INTERACT, json={"http_error": i % 3 == 0}, headers=headers)
-            for i in range(60)
-        )
+        *((a if i % 2 else b).post(INTERACT, json={"fail": i % 3 == 0}, headers=headers) for i in range(60))
     )
-    assert sorted({r.status for r in results}) == [200, 400]
+    assert sorted({r.status for r in results}) == [200, 502]
     assert await fetch(pg_url, "SELECT used FROM usage") == [(40,)]
     assert await fetch(pg_url, "SELECT kind, count(*) FROM usage_events GROUP BY kind ORDER BY kind") == [
         ("give_back", 20),
