@@ -27,8 +27,9 @@ logger = logging.getLogger("ciris_billing_proxy")
 #: many processes fit in PostgreSQL's default of 100 connections.
 POOL_MAX_SIZE: Final = 10
 CONNECT_TIMEOUT_SECONDS: Final = 5.0
-#: Longest a request waits for a free connection, and for one statement.
+#: Longest a request waits for a free connection of the pool.
 ACQUIRE_TIMEOUT_SECONDS: Final = 5.0
+#: Longest one statement may take: a server that stops answering without closing the connection.
 COMMAND_TIMEOUT_SECONDS: Final = 10.0
 #: Serialises schema changes between processes (`pg_advisory_xact_lock`); any fixed 64-bit number.
 MIGRATION_LOCK: Final = 0x43495249_5342494C
@@ -38,9 +39,8 @@ DATABASE_UNAVAILABLE: Final = "database unavailable"
 class PostgresDatabase(Engine):
     dialect = "postgresql"
 
-    def __init__(self, url: DatabaseURL, *, max_size: int = POOL_MAX_SIZE) -> None:
+    def __init__(self, url: DatabaseURL) -> None:
         self.url = url
-        self.max_size = max_size
         self._pool: asyncpg.Pool | None = None
 
     def describe(self) -> str:
@@ -56,7 +56,7 @@ class PostgresDatabase(Engine):
             # No floor: connections open on demand. A pool with one reconnects in the background
             # during an outage and logs every failed attempt with a traceback.
             min_size=0,
-            max_size=self.max_size,
+            max_size=POOL_MAX_SIZE,
             timeout=CONNECT_TIMEOUT_SECONDS,
             command_timeout=COMMAND_TIMEOUT_SECONDS,
             reset=_keep_session,
