@@ -13,9 +13,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import BaseModel
 
-from .auth import VERIFIED_KEY, authenticate
+from .auth import identity_of_request
 from .bodies import expect_continue, read_model
 from .errors import BillingDisabled, PaymentNotFound, http_error
+from .keys import VERIFIED_KEY
 from .models import PurchaseRequest
 from .service import BillingService
 
@@ -72,7 +73,7 @@ class BillingRoutes:
 
     async def expect_authenticated(self, request: web.Request) -> None:
         """`Expect:` is answered before middlewares run: check the token before inviting an upload."""
-        authenticate(request, self.service.verifier)  # a 401 here is sent instead of 100
+        identity_of_request(request, self.service.verifier)  # a 401 here is sent instead of 100
         await expect_continue(request)
 
     def answer_unmatched(self, router: web.UrlDispatcher, prefix: str) -> None:

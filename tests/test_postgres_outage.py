@@ -16,11 +16,10 @@ from yarl import URL
 from ciris_billing_proxy import DatabaseUnavailable, setup_billing
 from ciris_billing_proxy.testing import TokenFactory
 
-from .ciris_helpers import CREDITS, INTERACT, agent_routes
+from .ciris_helpers import INTERACT, agent_routes
 from .conftest import ClientFactory, make_config
+from .default_paths import CREDITS, TRANSACTIONS
 from .postgres import TcpProxy, fetch
-
-TRANSACTIONS = "/v1/api/billing/transactions"
 
 
 @pytest.fixture

@@ -13,8 +13,7 @@ import pytest
 
 from .conftest import SECRET
 from .postgres import fetch
-from .serving import clean_env, serve
-from .test_cli import login
+from .serving import clean_env, login, serve
 
 MIGRATE = [sys.executable, "-m", "ciris_billing_proxy", "migrate", "--database-url"]
 

@@ -19,8 +19,9 @@ from ciris_billing_proxy.store import PostgresDatabase, usage_ledger
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 from ciris_billing_proxy.testing.conformance import ProviderContract
 
-from .ciris_helpers import CREDITS, INITIATE, INTERACT, STATUS, agent_routes
+from .ciris_helpers import INTERACT, agent_routes
 from .conftest import ClientFactory, make_config
+from .default_paths import CREDITS, INITIATE, STATUS
 from .postgres import fetch
 
 Client = TestClient[web.Request, web.Application]
