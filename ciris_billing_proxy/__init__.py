@@ -34,6 +34,7 @@ from .models import (
 from .providers.base import CreditProvider, ProviderContext
 from .service import BillingService
 from .setup import setup_billing
+from .store import DatabaseUnavailable
 
 try:
     # The installed distribution's version, so it cannot drift from pyproject.toml.
@@ -52,6 +53,7 @@ __all__ = [
     "ConfigError",
     "CreditProvider",
     "CreditStatus",
+    "DatabaseUnavailable",
     "Identity",
     "InsufficientCredit",
     "InvalidRequest",

@@ -66,6 +66,7 @@ def setup_billing(
             environ=os.environ if environ is None else environ,
             data_dir=config.data_dir,
             agent_id=config.agent_id,
+            database_url=config.database_url.get_secret_value() if config.database_url else None,
         )
         provider = create_provider(config.provider, context)
     elif not isinstance(provider, CreditProvider):

@@ -1,4 +1,5 @@
-"""`ciris-billing-proxy serve` runs the demo agent; `ciris-billing-proxy qa` checks any agent."""
+"""`ciris-billing-proxy serve` runs the demo agent; `ciris-billing-proxy qa` checks any agent;
+`ciris-billing-proxy migrate` brings a database's schemas up to date."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from aiohttp import web
 
 from .. import __version__
 from ..config import BillingConfig, ConfigError, default_data_dir
+from ..database_url import parse_database_url
+from ..store.migrate import migrate
 from .demo import (
     CreatedUser,
     create_demo_app,
@@ -103,12 +106,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--data-dir", type=Path, default=None, help="where state is kept")
     serve.add_argument(
+        "--database-url",
+        default=None,
+        metavar="URL",
+        help="where the providers keep their records: postgresql://user@host:port/dbname, or "
+        "sqlite:///path (default: CIRIS_BILLING_DATABASE_URL, else SQLite files in the data directory)",
+    )
+    serve.add_argument(
         "--idle-timeout",
         type=_seconds,
         default=DEFAULT_IDLE_TIMEOUT,
         metavar="SECONDS",
         help="close a connection that has not sent a complete request head this long after it opened "
         f"or after its last response (default {DEFAULT_IDLE_TIMEOUT:g})",
+    )
+    migrate_cmd = commands.add_parser(
+        "migrate",
+        help="create or upgrade the store's tables, then exit",
+        description="Create or upgrade the tables of every built-in record kind (servers also do it "
+        "when they start). Exits 0 with a one-line summary, 2 when the database cannot be used.",
+    )
+    migrate_cmd.add_argument(
+        "--database-url",
+        default=os.environ.get("CIRIS_BILLING_DATABASE_URL") or None,
+        required=not os.environ.get("CIRIS_BILLING_DATABASE_URL"),
+        metavar="URL",
+        help="postgresql://user@host:port/dbname or sqlite:///path (default: CIRIS_BILLING_DATABASE_URL)",
     )
     qa = commands.add_parser(
         "qa",
@@ -142,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "qa":
         return _qa(args)
     try:
+        if args.command == "migrate":
+            print(asyncio.run(migrate(args.database_url)))
+            return 0
         return _serve(args)
     except ConfigError as exc:
         print(f"ciris-billing-proxy: {exc}", file=sys.stderr)
@@ -190,6 +216,8 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["provider"] = args.provider
     if args.provider_option:
         overrides["provider_options"] = dict(args.provider_option)
+    if args.database_url:
+        overrides["database_url"] = args.database_url
     jwt: dict[str, object] = {}
     if not (os.environ.get("CIRIS_JWT_SECRET") or os.environ.get("CIRIS_JWT_PUBLIC_KEY")):
         # No key configured: keep a generated one in the data directory so tokens survive restarts.
@@ -291,9 +319,12 @@ async def _run(runner: web.AppRunner, host: str, port: int, config: BillingConfi
             bound_host, bound_port = address[0], address[1]
             shown = f"[{bound_host}]" if ":" in bound_host else bound_host
             print(f"Listening on http://{shown}:{bound_port}")
+        records = ""
+        if config.database_url is not None:
+            records = f"; records in {parse_database_url(config.database_url.get_secret_value()).describe()}"
         print(
             f"Credit provider: {config.provider}; billing routes under {config.prefix}; "
-            f"data in {config.data_dir}",
+            f"data in {config.data_dir}{records}",
             flush=True,
         )
         stop = asyncio.Event()
