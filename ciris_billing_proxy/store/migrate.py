@@ -8,13 +8,23 @@ from __future__ import annotations
 
 from ..config import ConfigError
 from ..database_url import parse_database_url
-from . import payments, replays, usage
+from . import login_failures, payments, replays, usage
 from .choose import engine_for
 from .engine import Migrated
 
 SCHEMAS = {
-    "sqlite": (usage.SQLITE_SCHEMA, payments.SQLITE_SCHEMA, replays.SQLITE_SCHEMA),
-    "postgresql": (usage.POSTGRES_SCHEMA, payments.POSTGRES_SCHEMA, replays.POSTGRES_SCHEMA),
+    "sqlite": (
+        usage.SQLITE_SCHEMA,
+        payments.SQLITE_SCHEMA,
+        replays.SQLITE_SCHEMA,
+        login_failures.SQLITE_SCHEMA,
+    ),
+    "postgresql": (
+        usage.POSTGRES_SCHEMA,
+        payments.POSTGRES_SCHEMA,
+        replays.POSTGRES_SCHEMA,
+        login_failures.POSTGRES_SCHEMA,
+    ),
 }
 
 
