@@ -248,16 +248,12 @@ async def _start(
         fake = FakeBillingBackend()
         url = await fake.start(host="127.0.0.1")
         environ = {}  # the fake's settings only, whatever CIRIS_BILLING_* the shell has
-        config = config.model_copy(
-            update={
-                "provider_options": {
-                    **config.provider_options,
-                    "api_url": url,
-                    "api_key": fake.api_key,
-                    "database": ":memory:",  # the fake's payments live only as long as it does
-                }
-            }
-        )
+        options = {**config.provider_options, "api_url": url, "api_key": fake.api_key}
+        if config.database_url is None:
+            # The fake's payments live only as long as it does; with a database_url the records
+            # go where it says, like every other provider's.
+            options["database"] = ":memory:"
+        config = config.model_copy(update={"provider_options": options})
     try:
         app = create_demo_app(config, users, environ=environ, fake_backend=fake)
         if created is not None:
