@@ -97,6 +97,11 @@ def _schemas(operations: Iterable[Operation]) -> tuple[dict[type[BaseModel], dic
 def _operation(op: Operation, refs: dict[type[BaseModel], dict[str, Any]]) -> dict[str, Any]:
     reply_schema = refs[op.reply] if op.reply is not None else {"type": "object"}
     responses: dict[str, Any] = {"200": {"description": "OK", "content": _json(reply_schema)}}
+    if op.links:
+        responses["200"]["links"] = {
+            target: {"operationId": target, "parameters": dict(parameters)}
+            for target, parameters in op.links.items()
+        }
     for status, when in sorted(op.errors.items()):
         response: dict[str, Any] = {"description": when, "content": _json(refs[ErrorReply])}
         headers = _BEARER_CHALLENGE if status == 401 and op.bearer else _ERROR_HEADERS.get(status)

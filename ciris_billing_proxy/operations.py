@@ -75,6 +75,9 @@ class Operation:
     headers: tuple[TextParam, ...] = ()
     #: Whether a bearer token is required (a 401 with `WWW-Authenticate` without a valid one).
     bearer: bool = True
+    #: OpenAPI links from the 200 reply: operation id -> {parameter: runtime expression}, so a
+    #: client generator (and schemathesis' stateful phase) can follow a purchase to its status.
+    links: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     statuses: frozenset[int] = field(init=False)
 
     def __post_init__(self) -> None:

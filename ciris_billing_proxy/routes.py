@@ -87,6 +87,7 @@ INITIATE: Final = Operation(
     "billing",
     body=PurchaseRequest,
     headers=(IDEMPOTENCY_KEY,),
+    links={"getPurchaseStatus": {"payment_id": "$response.body#/payment_id"}},
 )
 STATUS: Final = Operation(
     "getPurchaseStatus",

@@ -1,0 +1,67 @@
+"""Schemathesis against the running demo, `serve` (simple) and `serve --fake-backend`, as real
+subprocesses, logged in through the demo login, with all of its checks: zero failures.
+
+`tests/schemathesis.toml` holds the check configuration. Login lockouts are off in these servers
+(both limits 0): schemathesis sends hundreds of failed logins, with user names it has read in
+replies, which would lock out the run's own user. The 429 they would give is documented and
+produced in tests/test_openapi.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .serving import clean_env, serve
+
+USER, PASSWORD = "demo", "demo-password-123"
+#: Test cases per operation and phase: enough to find the classic failures, bounded for 2 cores.
+MAX_EXAMPLES = "10"
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.mark.parametrize("args", [[], ["--fake-backend"]], ids=["simple", "fake-backend"])
+def test_schemathesis_finds_nothing(tmp_path: Path, args: list[str]) -> None:
+    env = clean_env(CIRIS_LOGIN_MAX_FAILURES_PER_USER="0", CIRIS_LOGIN_MAX_FAILURES_PER_ADDRESS="0")
+    # The email address lets the ciris provider start purchases.
+    user = ["--user", f"{USER}:{PASSWORD}:{USER}@example.com"]
+    with serve([*args, *user], tmp_path / "data", env) as server:
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "schemathesis.cli",
+                "--config-file",
+                str(HERE / "schemathesis.toml"),
+                "run",
+                f"{server.url}/v1/api/billing/openapi.json",
+                "--checks",
+                "all",
+                "--max-examples",
+                MAX_EXAMPLES,
+                "--workers",
+                "1",
+                "--generation-database",
+                "none",
+                "--no-color",
+            ],
+            cwd=tmp_path,
+            env={
+                **env,
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")])),
+                "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks",
+                "BILLING_DEMO_URL": server.url,
+                "BILLING_DEMO_USER": USER,
+                "BILLING_DEMO_PASSWORD": PASSWORD,
+            },
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    assert run.returncode == 0, run.stdout + run.stderr  # 1 for any failure or error
+    assert "Tested: 9" in run.stdout  # every operation, the auth routes included
