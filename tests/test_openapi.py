@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -377,3 +379,24 @@ async def test_each_documented_status_is_produced_as_documented(
     for name, header in documented_reply.get("headers", {}).items():
         if header.get("required"):
             assert jsonschema_rs.is_valid(header["schema"], reply.headers[name]), (name, reply.headers)
+
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+
+
+def test_the_readme_commands_print_the_document(capsys: pytest.CaptureFixture[str]) -> None:
+    section = README.split("\n## OpenAPI\n", 1)[1].split("\n## ", 1)[0]
+    commands = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert commands
+    for line in commands.group(1).splitlines():
+        args = shlex.split(line.split(">")[0].split("#")[0])
+        assert args[0] == "ciris-billing-proxy"
+        assert main(args[1:]) == 0
+        assert json.loads(capsys.readouterr().out)["openapi"] == "3.1.0"
+
+
+def test_every_documented_status_is_in_the_readme_errors_table() -> None:
+    table = README.split("\n### Errors\n", 1)[1].split("\n## ", 1)[0]
+    listed = {int(status) for status in re.findall(r"^\| (\d{3})\b", table, re.M)}
+    listed |= {int(status) for status in re.findall(r"^\| \d{3} / (\d{3})\b", table, re.M)}
+    assert {status for _, status in SCENARIOS} - {200} <= listed
