@@ -56,8 +56,8 @@ class TextParam:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Operation:
-    """One method on one path. `path` is below the billing prefix for the billing routes, and the
-    default path for the auth routes (whose paths follow `login_path`)."""
+    """One method on one path. `path` is below the prefix for a billing route; for an auth route it
+    is the last segment, beside `login_path` (`auth_routes.auth_paths`)."""
 
     operation_id: str
     method: str
@@ -78,10 +78,6 @@ class Operation:
     #: OpenAPI links from the 200 reply: operation id -> {parameter: runtime expression}, so a
     #: client generator (and schemathesis' stateful phase) can follow a purchase to its status.
     links: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
-    statuses: frozenset[int] = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "statuses", frozenset({200, *self.errors}))
 
 
 #: Every route of this package checks `Expect:` before it reads anything.

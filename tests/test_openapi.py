@@ -115,6 +115,14 @@ async def test_every_route_is_documented_and_every_operation_routed(
     assert {path for _, path in on_router} >= {mount + login_path, f"{mount}{PREFIX}/credits"}
 
 
+@pytest.mark.parametrize("login_path", [None, LOGIN])
+def test_the_document_is_valid_openapi_3_1(login_path: str | None) -> None:
+    # The OpenAPI 3.1 schema as schemathesis ships it (the test extras pin schemathesis 4).
+    from schemathesis.specs.openapi.definitions import OPENAPI_31
+
+    jsonschema_rs.validator_for(OPENAPI_31).validate(openapi_document(PREFIX, login_path))
+
+
 async def test_without_login_the_auth_routes_are_not_documented(aiohttp_client: Any, tmp_path: Path) -> None:
     app = web.Application()
     setup_billing(app, make_config(tmp_path), environ={})
