@@ -22,7 +22,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from .common import cpu_seconds
+from ciris_billing_proxy.tools.demo import INTERACT_PATH
+
+from .common import CREDITS_PATH, cpu_seconds
 
 ROOT = Path(__file__).resolve().parent
 SCENARIOS = {
@@ -106,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     calls = fake_calls(fake_url)
                     spec = {
                         "mode": "burst",
-                        "url": base[s] + "/v1/api/billing/credits",
+                        "url": base[s] + CREDITS_PATH,
                         "users": fresh,
                         "per_user": 10,
                     }
@@ -114,19 +116,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     result["backend_calls"] = fake_calls(fake_url) - calls
                     # The same burst against the floor: what 1,000 simultaneous requests cost this
                     # machine and load generator with no proxy and no backend at all.
-                    floor = {**spec, "url": base["A"] + "/v1/api/billing/credits"}
+                    floor = {**spec, "url": base["A"] + CREDITS_PATH}
                     result["floor_p99_ms"] = measure(servers["A"][0].pid, floor)["p99_ms"]
                 elif s == "D":
                     spec = {
                         **closed,
-                        "url": base[s] + "/v1/agent/interact",
+                        "url": base[s] + INTERACT_PATH,
                         "method": "POST",
                         "body": {"message": "hi"},
                         "warmup": 100,
                     }
                     result = measure(pid, spec)
                 else:
-                    spec = {**closed, "url": base[s] + "/v1/api/billing/credits", "warmup": 100}
+                    spec = {**closed, "url": base[s] + CREDITS_PATH, "warmup": 100}
                     result = measure(pid, spec)
                     # CPU per request depends on how requests batch per loop turn, which follows the
                     # server's own speed when the load generator is the bottleneck: compare the

@@ -8,8 +8,12 @@ from pathlib import Path
 
 import jwt
 
+from ciris_billing_proxy.paths import CREDITS_ROUTE, DEFAULT_PREFIX
+
 SECRET = "bench-secret-" + "b" * 64
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: What scenarios A-C request: the `/credits` route of a default setup.
+CREDITS_PATH = DEFAULT_PREFIX + CREDITS_ROUTE
 
 
 def pin(core: int) -> None:

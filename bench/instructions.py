@@ -19,7 +19,7 @@ from pathlib import Path
 
 import aiohttp
 
-from .common import token
+from .common import CREDITS_PATH, token
 
 SCENARIOS = ("A", "A0", "B")
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ async def requests(port: int, n: int) -> None:
     headers = {"Authorization": f"Bearer {token('user-0')}"}
     async with aiohttp.ClientSession() as session:
         for _ in range(n):
-            async with session.get(f"http://127.0.0.1:{port}/v1/api/billing/credits", headers=headers) as r:
+            async with session.get(f"http://127.0.0.1:{port}{CREDITS_PATH}", headers=headers) as r:
                 await r.read()
                 if r.status != 200:
                     raise RuntimeError(f"HTTP {r.status}")

@@ -19,10 +19,10 @@ from pathlib import Path
 from aiohttp import web
 
 from ciris_billing_proxy import BillingConfig, JWTConfig, setup_billing
-from ciris_billing_proxy.demo import create_demo_app
-from ciris_billing_proxy.users import UserStore
+from ciris_billing_proxy.tools.demo import create_demo_app
+from ciris_billing_proxy.tools.users import UserStore
 
-from .common import SECRET, pin
+from .common import CREDITS_PATH, SECRET, pin
 
 CREDITS_JSON = {
     "has_credit": True,
@@ -44,7 +44,7 @@ def build(scenario: str, argv: list[str]) -> web.Application:
         async def credits(request: web.Request) -> web.Response:
             return web.json_response(CREDITS_JSON)
 
-        app.router.add_get("/v1/api/billing/credits", credits)
+        app.router.add_get(CREDITS_PATH, credits)
         return app
     if scenario == "A0":
         app = web.Application()
@@ -53,7 +53,7 @@ def build(scenario: str, argv: list[str]) -> web.Application:
         async def credits_bytes(request: web.Request) -> web.Response:
             return web.Response(body=body, content_type="application/json")
 
-        app.router.add_get("/v1/api/billing/credits", credits_bytes)
+        app.router.add_get(CREDITS_PATH, credits_bytes)
         return app
     if scenario == "B":
         app = web.Application()

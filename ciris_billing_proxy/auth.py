@@ -20,7 +20,7 @@ from jwt.algorithms import get_default_algorithms
 from .config import BillingConfig, ConfigError, JWTConfig
 from .errors import NOT_AUTHENTICATED, client_gone, client_left, http_error
 from .identity import Identity
-from .lookup import setup_value
+from .keys import VERIFIED_KEY, billing_service
 from .paths import PathScope, as_scope
 
 _BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*)$")
@@ -235,13 +235,6 @@ def _signing_key(config: JWTConfig) -> Any:
     return _prepare(config.algorithms[0], config.private_key.get_secret_value(), "private key")
 
 
-VERIFIER_KEY: Final = web.AppKey("ciris_billing_proxy.verifier", TokenVerifier)
-#: The identity the request's token was verified as, and the verifier that accepted it. Applications
-#: mounted inside one another may each verify with their own key: an identity is reused only by the
-#: verifier that produced it (see `authenticate`).
-VERIFIED_KEY: Final = web.RequestKey[tuple[TokenVerifier, Identity]]("ciris_billing_proxy.verified")
-
-
 def bearer_token(request: web.Request) -> str:
     """The raw token from `Authorization: Bearer ...`, or a 401 "Not authenticated"."""
     headers = request.headers.getall("Authorization", [])
@@ -252,7 +245,7 @@ def bearer_token(request: web.Request) -> str:
     return match.group(1)
 
 
-def authenticate(request: web.Request, verifier: TokenVerifier) -> Identity:
+def identity_of_request(request: web.Request, verifier: TokenVerifier) -> Identity:
     """The request's identity as `verifier` sees it: verified once, then remembered on the request.
 
     An identity another verifier put there (an outer application's middleware, with another key)
@@ -282,9 +275,10 @@ def get_identity(request: web.Request) -> Identity:
     handler's own, or one it is mounted in). Under the billing prefix and protected paths of that
     application the middleware has already verified it; elsewhere it is verified here, so a host
     route that calls this is protected by calling it. Raises a 401 JSON error when there is no
-    valid token.
+    valid token, and `RuntimeError("call setup_billing() first: ...")` when no application on the
+    request's way has billing set up.
     """
-    return authenticate(request, setup_value(request, VERIFIER_KEY))
+    return identity_of_request(request, billing_service(request).verifier)
 
 
 def token_check(

@@ -29,6 +29,7 @@ from .login import (
 )
 from .models import LoginReply, LoginRequest, LogoutReply, RefreshRequest, UserInfoReply
 from .operations import BEARER_ERRORS, BODY_ERRORS, EXPECT_FAILED, Operation
+from .paths import DEFAULT_LOGIN_PATH, DEFAULT_LOGOUT_PATH, DEFAULT_ME_PATH, DEFAULT_REFRESH_PATH
 from .routes import json_reply
 from .throttle import LoginThrottle, MemoryLoginThrottle
 
@@ -41,11 +42,11 @@ BYPASS_PERMISSION: Final = "bypass_credit_gate"
 CARRIED_CLAIMS: Final = (CREATED_AT_CLAIM, "oauth_provider", "tenant", "tenant_id")
 _LAST_TIMESTAMP = 253_402_300_799  # 9999-12-31T23:59:59Z: datetime's limit
 
-#: The path of login is `login_path`; the others' are beside it (`auth_paths`).
+#: Their paths are the defaults; `auth_paths` places them beside another `login_path`.
 LOGIN: Final = Operation(
     "login",
     "POST",
-    "/login",
+    DEFAULT_LOGIN_PATH,
     "Sign in with a username and password: a bearer token for the other routes.",
     LoginReply,
     {
@@ -62,12 +63,12 @@ LOGIN: Final = Operation(
     bearer=False,
 )
 LOGOUT: Final = Operation(
-    "logout", "POST", "/logout", "Revoke the presented token.", LogoutReply, BEARER_ERRORS, "auth"
+    "logout", "POST", DEFAULT_LOGOUT_PATH, "Revoke the presented token.", LogoutReply, BEARER_ERRORS, "auth"
 )
 REFRESH: Final = Operation(
     "refresh",
     "POST",
-    "/refresh",
+    DEFAULT_REFRESH_PATH,
     "A new token for the presented one, which is revoked.",
     LoginReply,
     {**BEARER_ERRORS, **BODY_ERRORS},
@@ -75,7 +76,7 @@ REFRESH: Final = Operation(
     body=RefreshRequest,
 )
 ME: Final = Operation(
-    "me", "GET", "/me", "Who the presented token belongs to.", UserInfoReply, BEARER_ERRORS, "auth"
+    "me", "GET", DEFAULT_ME_PATH, "Who the presented token belongs to.", UserInfoReply, BEARER_ERRORS, "auth"
 )
 AUTH_OPERATIONS: Final = (LOGIN, LOGOUT, REFRESH, ME)
 
@@ -84,7 +85,9 @@ def auth_paths(login_path: str) -> dict[Operation, str]:
     """Where each auth route is: login at `login_path`; logout, refresh and me beside it
     (`/v1/auth/login` gives `/v1/auth/logout`, `/v1/auth/refresh`, `/v1/auth/me`)."""
     base = login_path.rstrip("/").rsplit("/", 1)[0]
-    return {op: login_path if op is LOGIN else base + op.path for op in AUTH_OPERATIONS}
+    return {
+        op: login_path if op is LOGIN else base + op.path[op.path.rindex("/") :] for op in AUTH_OPERATIONS
+    }
 
 
 class SessionRoutes:

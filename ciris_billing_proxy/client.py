@@ -33,14 +33,21 @@ from .models import (
     TransactionPageReply,
     UserInfoReply,
 )
+from .paths import (
+    CAPABILITIES_ROUTE,
+    CREDITS_ROUTE,
+    DEFAULT_LOGIN_PATH,
+    DEFAULT_LOGOUT_PATH,
+    DEFAULT_ME_PATH,
+    DEFAULT_PREFIX,
+    DEFAULT_REFRESH_PATH,
+    INITIATE_ROUTE,
+    STATUS_ROUTE,
+    TRANSACTIONS_ROUTE,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
-DEFAULT_PREFIX: Final = "/v1/api/billing"
-LOGIN_PATH: Final = "/v1/auth/login"
-LOGOUT_PATH: Final = "/v1/auth/logout"
-REFRESH_PATH: Final = "/v1/auth/refresh"
-ME_PATH: Final = "/v1/auth/me"
 FAILED_STATES: Final = frozenset({"failed", "canceled"})
 MAX_REPLY_BYTES: Final = 1024 * 1024
 
@@ -144,6 +151,18 @@ TRANSIENT: Final = (ServiceUnavailableError, RateLimitedError, BillingConnection
 
 
 class BillingClient:
+    """An async client for one agent's billing routes, used as `async with BillingClient(url) as c:`.
+
+    `login(username, password)` keeps the token it gets (or pass `token=`); then `get_credits()`,
+    `initiate_purchase(return_url=None, *, idempotency_key=None)`, `get_purchase_status(payment_id)`,
+    `wait_for_purchase(payment_id)`, `get_transactions(limit, offset)`, and `me()`, `refresh()`,
+    `logout()` for the auth routes. Replies are the wire-contract models of
+    `ciris_billing_proxy.models` (`CreditStatusReply`, ...). Every failure is a `BillingClientError`:
+    `BillingAPIError` (with `status` and `detail`; a subclass per status, e.g. `BillingNotEnabled`),
+    `BillingConnectionError`, or `InvalidReplyError` for a reply outside the contract. `prefix` is
+    where the billing routes are (`/v1/api/billing` by default).
+    """
+
     def __init__(
         self,
         base_url: str,
@@ -186,7 +205,7 @@ class BillingClient:
     # -- the calls ------------------------------------------------------------------------------
     async def login(self, username: str, password: str) -> LoginReply:
         body = await self.request(
-            "POST", LOGIN_PATH, json_body={"username": username, "password": password}, auth=False
+            "POST", DEFAULT_LOGIN_PATH, json_body={"username": username, "password": password}, auth=False
         )
         reply = _parse(LoginReply, body)
         self.token = reply.access_token
@@ -194,38 +213,36 @@ class BillingClient:
 
     async def logout(self) -> None:
         """Revoke the current token on the agent, and forget it."""
-        await self.request("POST", LOGOUT_PATH)
+        await self.request("POST", DEFAULT_LOGOUT_PATH)
         self.token = None
 
     async def refresh(self) -> LoginReply:
         """Trade the current token for a new one (the agent revokes the old one); keeps the new one."""
-        reply = _parse(LoginReply, await self.request("POST", REFRESH_PATH, json_body={}))
+        reply = _parse(LoginReply, await self.request("POST", DEFAULT_REFRESH_PATH, json_body={}))
         self.token = reply.access_token
         return reply
 
     async def me(self) -> UserInfoReply:
-        return _parse(UserInfoReply, await self.request("GET", ME_PATH))
+        return _parse(UserInfoReply, await self.request("GET", DEFAULT_ME_PATH))
 
     async def get_credits(self) -> CreditStatusReply:
-        return _parse(CreditStatusReply, await self.request("GET", f"{self.prefix}/credits"))
+        return _parse(CreditStatusReply, await self.request("GET", self.prefix + CREDITS_ROUTE))
 
     async def capabilities(self) -> CapabilitiesReply:
         """What the agent's provider offers (`purchases`, `transactions`): ask before offering a
         buy button. Agents older than the route answer 404 (`NotFoundError`)."""
-        return _parse(CapabilitiesReply, await self.request("GET", f"{self.prefix}/capabilities"))
+        return _parse(CapabilitiesReply, await self.request("GET", self.prefix + CAPABILITIES_ROUTE))
 
     async def initiate_purchase(
         self, return_url: str | None = None, *, idempotency_key: str | None = None
     ) -> PurchaseInitiatedReply:
         body = {"return_url": return_url} if return_url else {}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        reply = await self.request(
-            "POST", f"{self.prefix}/purchase/initiate", json_body=body, headers=headers
-        )
+        reply = await self.request("POST", self.prefix + INITIATE_ROUTE, json_body=body, headers=headers)
         return _parse(PurchaseInitiatedReply, reply)
 
     async def get_purchase_status(self, payment_id: str) -> PurchaseStatusReply:
-        path = f"{self.prefix}/purchase/status/{quote(payment_id, safe='')}"
+        path = self.prefix + STATUS_ROUTE + quote(payment_id, safe="")
         return _parse(PurchaseStatusReply, await self.request("GET", path))
 
     async def wait_for_purchase(
@@ -265,7 +282,7 @@ class BillingClient:
 
     async def get_transactions(self, limit: int = 50, offset: int = 0) -> TransactionPageReply:
         params = {"limit": str(limit), "offset": str(offset)}
-        reply = await self.request("GET", f"{self.prefix}/transactions", params=params)
+        reply = await self.request("GET", self.prefix + TRANSACTIONS_ROUTE, params=params)
         return _parse(TransactionPageReply, reply)
 
     # -- the transport --------------------------------------------------------------------------

@@ -15,11 +15,12 @@ from typing import Any, Final, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from .paths import DEFAULT_PREFIX
+
 HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC_ALGORITHMS: Final = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
-DEFAULT_PREFIX: Final = "/v1/api/billing"
 
 
 def default_data_dir() -> Path:

@@ -17,28 +17,35 @@ from __future__ import annotations
 import functools
 import logging
 import uuid
-from typing import Final
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .auth import get_identity
+from .auth import identity_of_request
 from .errors import BillingError, client_gone, client_left, to_http
 from .identity import Identity
-from .lookup import setup_value
-from .service import SERVICE_KEY, BillingService
+from .keys import SPEND_KEY, billing_service
+from .service import BillingService
 
 logger = logging.getLogger("ciris_billing_proxy")
 
-#: The idempotency key the gate spent under, for handlers that want to correlate it.
-SPEND_KEY: Final = web.RequestKey("ciris_billing_proxy.spend_key", str)
-
 
 def credit_gate(handler: Handler) -> Handler:
+    """Decorate an aiohttp handler so each successful call costs the caller one use.
+
+    The caller's token is checked as `get_identity` does. Without credit the handler does not run
+    and the client gets 402 (`insufficient_credit`), or 503 when the provider cannot answer. The use
+    is taken before the handler runs and given back when it raises or answers with a 4xx/5xx. Roles
+    in `gate_bypass_roles` pass free.
+    The key spent under is `request[SPEND_KEY]` (`ciris_billing_proxy.keys`). Needs
+    `setup_billing()` on the handler's application or one it is mounted in (`RuntimeError`
+    otherwise).
+    """
+
     @functools.wraps(handler)
     async def gated(request: web.Request) -> web.StreamResponse:
-        service = setup_value(request, SERVICE_KEY)
-        identity = get_identity(request)
+        service = billing_service(request)
+        identity = identity_of_request(request, service.verifier)
         if identity.role in service.config.gate_bypass_roles:
             return await handler(request)
         # Server-made, never client-supplied: a reusable client key would let a user replay it for

@@ -25,7 +25,6 @@ from .models import LoginReply, LoginRequest
 from .routes import json_reply
 from .throttle import LoginAttempt, LoginThrottle
 
-DEFAULT_LOGIN_PATH: Final = "/v1/auth/login"
 MAX_LOGIN_BODY: Final = 8 * 1024
 TOO_MANY_LOGIN_ATTEMPTS: Final = "Too many login attempts"
 #: The claim carrying the user's creation time (seconds since the epoch), for `GET /v1/auth/me`.

@@ -56,8 +56,8 @@ class TextParam:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Operation:
-    """One method on one path. `path` is below the prefix for a billing route; for an auth route it
-    is the last segment, beside `login_path` (`auth_routes.auth_paths`)."""
+    """One method on one path. `path` is below the prefix for a billing route, and the default path
+    for an auth route (`auth_routes.auth_paths` places them beside the configured login path)."""
 
     operation_id: str
     method: str

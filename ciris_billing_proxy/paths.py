@@ -8,8 +8,24 @@ point once, at startup, when every mount is known; matching a request is then a 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Final
 
 from aiohttp import web
+
+#: Where the billing routes are unless `BillingConfig.prefix` says otherwise.
+DEFAULT_PREFIX: Final = "/v1/api/billing"
+#: The billing routes, below the prefix. `STATUS_ROUTE` is followed by the payment id.
+CAPABILITIES_ROUTE: Final = "/capabilities"
+CREDITS_ROUTE: Final = "/credits"
+INITIATE_ROUTE: Final = "/purchase/initiate"
+STATUS_ROUTE: Final = "/purchase/status/"
+TRANSACTIONS_ROUTE: Final = "/transactions"
+#: The login route `setup_billing(authenticate=...)` adds unless `login_path` says otherwise; logout,
+#: refresh and me sit beside it.
+DEFAULT_LOGIN_PATH: Final = "/v1/auth/login"
+DEFAULT_LOGOUT_PATH: Final = "/v1/auth/logout"
+DEFAULT_REFRESH_PATH: Final = "/v1/auth/refresh"
+DEFAULT_ME_PATH: Final = "/v1/auth/me"
 
 
 class PathScope:

@@ -14,9 +14,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import BaseModel
 
-from .auth import VERIFIED_KEY, authenticate
+from .auth import identity_of_request
 from .bodies import expect_continue, read_model
 from .errors import BillingDisabled, PaymentNotFound, http_error
+from .keys import VERIFIED_KEY
 from .models import (
     Capabilities,
     CreditStatus,
@@ -35,6 +36,7 @@ from .operations import (
     Operation,
     TextParam,
 )
+from .paths import CAPABILITIES_ROUTE, CREDITS_ROUTE, INITIATE_ROUTE, STATUS_ROUTE, TRANSACTIONS_ROUTE
 from .service import BillingService
 
 #: Stripe ids are short `pi_...` tokens; anything outside this alphabet cannot be one of ours.
@@ -55,7 +57,7 @@ BAD_IDEMPOTENCY_KEY: Final = "Idempotency-Key must be 1-128 letters, digits or -
 CREDITS: Final = Operation(
     "getCredits",
     "GET",
-    "/credits",
+    CREDITS_ROUTE,
     "The caller's credit: free and paid uses left, and what a purchase costs when one is needed.",
     CreditStatus,
     {**BEARER_ERRORS, 503: PROVIDER_FAILED},
@@ -64,7 +66,7 @@ CREDITS: Final = Operation(
 CAPABILITIES: Final = Operation(
     "getCapabilities",
     "GET",
-    "/capabilities",
+    CAPABILITIES_ROUTE,
     "What the provider offers (purchases, a transaction history), so a UI can hide what it cannot do.",
     Capabilities,
     {**BEARER_ERRORS, 503: "the provider's declaration is broken"},
@@ -73,7 +75,7 @@ CAPABILITIES: Final = Operation(
 INITIATE: Final = Operation(
     "initiatePurchase",
     "POST",
-    "/purchase/initiate",
+    INITIATE_ROUTE,
     "Start a purchase: a Stripe PaymentIntent whose `client_secret` the UI confirms with Stripe.js.",
     PurchaseInitiated,
     {
@@ -92,7 +94,7 @@ INITIATE: Final = Operation(
 STATUS: Final = Operation(
     "getPurchaseStatus",
     "GET",
-    "/purchase/status/{payment_id}",
+    STATUS_ROUTE + "{payment_id}",
     "A purchase's state; poll until `succeeded`, `failed`, `canceled` or `unknown`.",
     PurchaseStatus,
     {**BEARER_ERRORS, 403: SELLING, 404: "no such payment of this user's", 503: PROVIDER_FAILED},
@@ -102,7 +104,7 @@ STATUS: Final = Operation(
 TRANSACTIONS: Final = Operation(
     "getTransactions",
     "GET",
-    "/transactions",
+    TRANSACTIONS_ROUTE,
     "The caller's charges and credits, newest first, a page at a time.",
     TransactionPage,
     {**BEARER_ERRORS, 422: "`limit` or `offset` out of range", 503: PROVIDER_FAILED},
@@ -169,7 +171,7 @@ class BillingRoutes:
 
     async def expect_authenticated(self, request: web.Request) -> None:
         """`Expect:` is answered before middlewares run: check the token before inviting an upload."""
-        authenticate(request, self.service.verifier)  # a 401 here is sent instead of 100
+        identity_of_request(request, self.service.verifier)  # a 401 here is sent instead of 100
         await expect_continue(request)
 
     def answer_unmatched(self, router: web.UrlDispatcher, prefix: str) -> None:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from cachetools import LRUCache
@@ -133,7 +133,9 @@ class BillingService:
         self.cache.invalidate(identity)
 
     async def spend(self, identity: Identity, idempotency_key: str) -> None:
-        task = self._track(self._settle(self.provider.spend(identity, idempotency_key), identity, "spend"))
+        task = self._track(
+            self._change_credit(self.provider.spend(identity, idempotency_key), identity, "spend")
+        )
         try:
             await asyncio.shield(task)
         except (asyncio.CancelledError, ProviderUnavailable):
@@ -160,7 +162,7 @@ class BillingService:
             logger.warning("Could not give back the use spent under request key %s", key)
 
     async def _give_back_once(self, identity: Identity, key: str) -> None:
-        task = self._track(self._settle(self.provider.give_back(identity, key), identity, "give_back"))
+        task = self._track(self._change_credit(self.provider.give_back(identity, key), identity, "give_back"))
         await asyncio.shield(task)
 
     def _retry_later(self, identity: Identity, key: str) -> None:
@@ -197,7 +199,9 @@ class BillingService:
             self.provider.transactions(identity, limit, offset), "transactions", TransactionPage
         )
 
-    async def _settle(self, call: Awaitable[None], identity: Identity, what: str) -> None:
+    async def _change_credit(self, call: Awaitable[None], identity: Identity, what: str) -> None:
+        """Run a provider call that changes the user's credit (a spend or a give-back) and forget
+        the user's cached credit once it is done, whatever its outcome."""
         # The cache is dropped inside the tracked task, after the provider call: a caller's
         # cancellation cannot make it happen before the change and let a stale load be cached.
         try:
@@ -246,6 +250,3 @@ class BillingService:
         self._money_tasks.add(task)
         task.add_done_callback(self._money_tasks.discard)
         return task
-
-
-SERVICE_KEY: Final = web.AppKey("ciris_billing_proxy.service", BillingService)

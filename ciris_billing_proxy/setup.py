@@ -8,17 +8,18 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .auth import VERIFIER_KEY, TokenVerifier, auth_middleware, token_check
+from .auth import TokenVerifier, auth_middleware, token_check
 from .auth_routes import add_auth_routes
 from .config import BillingConfig, ConfigError
 from .errors import error_middleware
-from .login import DEFAULT_LOGIN_PATH, Authenticator
+from .keys import SERVICE_KEY
+from .login import Authenticator
 from .openapi import APIDescription
-from .paths import PathScope, mount_point
+from .paths import DEFAULT_LOGIN_PATH, PathScope, mount_point
 from .providers.base import CreditProvider, ProviderContext
 from .providers.registry import check_provider_class, create_provider
 from .routes import add_routes
-from .service import SERVICE_KEY, BillingService
+from .service import BillingService
 from .throttle import LoginThrottle
 
 
@@ -79,7 +80,6 @@ def setup_billing(
     service = BillingService(config, provider, verifier)
 
     app[SERVICE_KEY] = service
-    app[VERIFIER_KEY] = verifier
     app.cleanup_ctx.append(service.lifespan)
     scopes: list[PathScope] = []
     if config.protected_paths:
@@ -93,8 +93,6 @@ def setup_billing(
     describe = APIDescription(config.prefix, None if authenticate is None else login_path).handle
     if subapp:
         billing = web.Application(middlewares=[error_middleware(before=check)])
-        billing[SERVICE_KEY] = service
-        billing[VERIFIER_KEY] = verifier
         anchor = add_routes(billing.router, service, public=public, describe=describe, own_router=True)
         app.add_subapp(config.prefix, billing)
     else:

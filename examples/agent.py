@@ -8,7 +8,7 @@ Then log in as ann / change-me at POST /v1/auth/login and call POST /v1/agent/in
 from aiohttp import web
 
 from ciris_billing_proxy import BillingConfig, credit_gate, expect_continue, get_identity, setup_billing
-from ciris_billing_proxy.users import UserStore
+from ciris_billing_proxy.tools.users import UserStore
 
 
 @credit_gate  # takes one use before the handler runs; gives it back if the handler fails
@@ -28,7 +28,7 @@ def create_app(config: BillingConfig) -> web.Application:
 
     app = web.Application()
     # The one call: /v1/api/billing/* with JWT auth, /v1/auth/{login,logout,refresh,me}, provider lifecycle.
-    setup_billing(app, config, authenticate=users.authenticate)
+    setup_billing(app, config, authenticate=users.verify_login)
     # expect_continue: an unsupported `Expect` header is a JSON 417, like every billing error.
     app.router.add_post("/v1/agent/interact", interact, expect_handler=expect_continue)
     return app

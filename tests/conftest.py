@@ -60,7 +60,7 @@ def make_client(aiohttp_client: Any) -> ClientFactory:
 
 
 @pytest.fixture
-async def client(
+async def billing_client(
     make_client: ClientFactory, config: BillingConfig
 ) -> TestClient[web.Request, web.Application]:
     return await make_client(config)

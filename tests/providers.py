@@ -7,6 +7,8 @@ backend; these only stand in where the proxy's behaviour, not a backend's, is un
 from __future__ import annotations
 
 import asyncio
+import textwrap
+from pathlib import Path
 
 from ciris_billing_proxy import (
     CreditProvider,
@@ -115,3 +117,12 @@ class BrokenProvider(ShopProvider):
     def __init__(self) -> None:
         super().__init__()
         self.fail = ProviderUnavailable()
+
+
+def fake_distribution(root: Path, dist: str, module: str, source: str, entry: str) -> None:
+    """Lay out an installed distribution (module + .dist-info) the way pip would."""
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist.replace('-', '_')}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[ciris_billing_proxy.providers]\n{entry}\n")

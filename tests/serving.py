@@ -1,4 +1,5 @@
-"""Run `ciris-billing-proxy serve` as a real subprocess and wait until it listens."""
+"""Run `ciris-billing-proxy serve` as a real subprocess and wait until it listens, and talk to a
+served agent over real HTTP."""
 
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
+
+from ciris_billing_proxy.testing import TokenFactory
+
+from .default_paths import CREDITS, LOGIN
+
+#: The command line of `ciris-billing-proxy` as the tests run it (the installed script may be stale).
+COMMAND = (sys.executable, "-m", "ciris_billing_proxy")
 LISTENING = re.compile(r"Listening on (http://127\.0\.0\.1:\d+)")
 
 
@@ -32,9 +41,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 @contextmanager
 def serve(args: Sequence[str], data_dir: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
     cmd = [
-        sys.executable,
-        "-m",
-        "ciris_billing_proxy",
+        *COMMAND,
         "serve",
         "--port",
         "0",
@@ -75,3 +82,19 @@ def serve(args: Sequence[str], data_dir: Path, env: dict[str, str] | None = None
                 process.wait()
         server.output.extend(process.stdout.readlines())
         process.stdout.close()
+
+
+async def login(session: aiohttp.ClientSession, url: str, username: str, password: str) -> str:
+    """A token from the agent at `url`'s login route."""
+    async with session.post(f"{url}{LOGIN}", json={"username": username, "password": password}) as r:
+        assert r.status == 200, await r.text()
+        token: str = (await r.json())["access_token"]
+        return token
+
+
+async def get_credits(port: int, tokens: TokenFactory) -> object:
+    """A user's `/credits` from an agent served on a loopback port."""
+    url = f"http://127.0.0.1:{port}{CREDITS}"
+    async with aiohttp.ClientSession() as session, session.get(url, headers=tokens.headers("zoe")) as resp:
+        assert resp.status == 200
+        return await resp.json()

@@ -22,8 +22,7 @@ from ciris_billing_proxy import BillingConfig, ConfigError, JWTConfig, get_ident
 from ciris_billing_proxy.testing import TokenFactory
 
 from .conftest import SECRET, ClientFactory, make_config
-
-CREDITS = "/v1/api/billing/credits"
+from .default_paths import BILLING, CREDITS
 
 
 def b64(data: bytes) -> str:
@@ -64,59 +63,59 @@ async def status_and_detail(
     "header",
     ["", "Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "Token abc.def.ghi", "Bearer a.b.c extra", "bearer"],
 )
-async def test_missing_or_malformed_header_is_not_authenticated(client: Any, header: str) -> None:
-    resp = await client.get(CREDITS, headers={"Authorization": header} if header else {})
+async def test_missing_or_malformed_header_is_not_authenticated(billing_client: Any, header: str) -> None:
+    resp = await billing_client.get(CREDITS, headers={"Authorization": header} if header else {})
     assert resp.status == 401
     assert resp.headers["WWW-Authenticate"] == "Bearer"
     assert await resp.json() == {"detail": "Not authenticated"}
 
 
-async def test_scheme_is_case_insensitive(client: Any, tokens: TokenFactory) -> None:
-    status, _ = await status_and_detail(client, header=f"bearer {tokens.token()}")
+async def test_scheme_is_case_insensitive(billing_client: Any, tokens: TokenFactory) -> None:
+    status, _ = await status_and_detail(billing_client, header=f"bearer {tokens.token()}")
     assert status == 200
 
 
-async def test_garbage_token_is_invalid(client: Any) -> None:
-    resp = await client.get(CREDITS, headers={"Authorization": "Bearer abc.def.ghi"})
+async def test_garbage_token_is_invalid(billing_client: Any) -> None:
+    resp = await billing_client.get(CREDITS, headers={"Authorization": "Bearer abc.def.ghi"})
     assert resp.status == 401
     assert await resp.json() == {"detail": "Invalid token"}
     assert "invalid_token" in resp.headers["WWW-Authenticate"]
 
 
-async def test_expired_token(client: Any, tokens: TokenFactory) -> None:
-    assert await status_and_detail(client, tokens.token(ttl=-60)) == (401, "Token expired")
+async def test_expired_token(billing_client: Any, tokens: TokenFactory) -> None:
+    assert await status_and_detail(billing_client, tokens.token(ttl=-60)) == (401, "Token expired")
 
 
-async def test_expired_within_leeway_is_accepted(client: Any, tokens: TokenFactory) -> None:
-    assert (await status_and_detail(client, tokens.token(ttl=-3)))[0] == 200
+async def test_expired_within_leeway_is_accepted(billing_client: Any, tokens: TokenFactory) -> None:
+    assert (await status_and_detail(billing_client, tokens.token(ttl=-3)))[0] == 200
 
 
-async def test_wrong_signature(client: Any) -> None:
+async def test_wrong_signature(billing_client: Any) -> None:
     other = jwt.encode({"sub": "u", "exp": time.time() + 60}, "another-secret-" + "y" * 40, algorithm="HS256")
-    assert await status_and_detail(client, other) == (401, "Invalid token")
+    assert await status_and_detail(billing_client, other) == (401, "Invalid token")
 
 
-async def test_tampered_payload(client: Any, tokens: TokenFactory) -> None:
+async def test_tampered_payload(billing_client: Any, tokens: TokenFactory) -> None:
     header, _, signature = tokens.token("alice").split(".")
     forged = b64(json.dumps({"sub": "admin", "exp": int(time.time()) + 60}).encode())
-    assert await status_and_detail(client, f"{header}.{forged}.{signature}") == (401, "Invalid token")
+    assert await status_and_detail(billing_client, f"{header}.{forged}.{signature}") == (401, "Invalid token")
 
 
-async def test_alg_none_is_rejected(client: Any) -> None:
+async def test_alg_none_is_rejected(billing_client: Any) -> None:
     token = handmade({"alg": "none", "typ": "JWT"}, {"sub": "u", "exp": int(time.time()) + 60}, None)
-    assert await status_and_detail(client, token) == (401, "Invalid token")
+    assert await status_and_detail(billing_client, token) == (401, "Invalid token")
 
 
 @pytest.mark.parametrize("drop", ["exp", "sub"])
-async def test_required_claims(client: Any, tokens: TokenFactory, drop: str) -> None:
+async def test_required_claims(billing_client: Any, tokens: TokenFactory, drop: str) -> None:
     token = jwt.encode({k: v for k, v in tokens.claims().items() if k != drop}, SECRET, algorithm="HS256")
-    assert await status_and_detail(client, token) == (401, "Invalid token")
+    assert await status_and_detail(billing_client, token) == (401, "Invalid token")
 
 
 @pytest.mark.parametrize("claims", [{"sub": 42}, {"sub": ""}, {"nbf": int(time.time()) + 600}])
-async def test_bad_claim_values(client: Any, tokens: TokenFactory, claims: dict[str, Any]) -> None:
+async def test_bad_claim_values(billing_client: Any, tokens: TokenFactory, claims: dict[str, Any]) -> None:
     token = jwt.encode({**tokens.claims(), **claims}, SECRET, algorithm="HS256")
-    assert await status_and_detail(client, token) == (401, "Invalid token")
+    assert await status_and_detail(billing_client, token) == (401, "Invalid token")
 
 
 async def test_hs256_token_signed_with_the_public_key_is_rejected(
@@ -232,9 +231,9 @@ async def test_host_can_protect_its_own_paths(
     assert (await client.get("/v1/agent/status", headers=tokens.headers())).status == 200
 
 
-async def test_cors_preflight_is_not_blocked_by_auth(client: Any) -> None:
+async def test_cors_preflight_is_not_blocked_by_auth(billing_client: Any) -> None:
     preflight = {"Origin": "https://ui.example", "Access-Control-Request-Method": "GET"}
-    resp = await client.options(CREDITS, headers=preflight)
+    resp = await billing_client.options(CREDITS, headers=preflight)
     assert resp.status != 401
 
 
@@ -245,7 +244,7 @@ async def test_app_wide_placement_without_subapp(
     assert (await client.get("/public")).status == 200
     assert (await client.get(CREDITS)).status == 401
     assert (await client.get(CREDITS, headers=tokens.headers())).status == 200
-    resp = await client.get("/v1/api/billing/nothing-here", headers=tokens.headers())
+    resp = await client.get(f"{BILLING}/nothing-here", headers=tokens.headers())
     assert resp.status == 404
     assert await resp.json() == {"detail": "Not Found"}
 
@@ -284,9 +283,9 @@ async def test_forged_algorithm_header_for_an_unfit_key_is_just_invalid(
 
 
 @pytest.mark.parametrize("exp", [10**309, str(int(time.time()) + 3600), True, 2**60, [1]])
-async def test_exp_must_be_a_sane_number(client: Any, tokens: TokenFactory, exp: Any) -> None:
+async def test_exp_must_be_a_sane_number(billing_client: Any, tokens: TokenFactory, exp: Any) -> None:
     token = jwt.encode({**tokens.claims(), "exp": exp}, SECRET, algorithm="HS256")
-    status, detail = await status_and_detail(client, token)
+    status, detail = await status_and_detail(billing_client, token)
     assert status == 401
     assert detail in ("Invalid token", "Token expired")  # PyJWT reads True as 1 (1970)
 

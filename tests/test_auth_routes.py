@@ -14,14 +14,13 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from ciris_billing_proxy import AuthenticatedUser, BillingConfig
 from ciris_billing_proxy.client import AuthenticationError, BillingClient
-from ciris_billing_proxy.demo import create_demo_app
 from ciris_billing_proxy.testing import TokenFactory
-from ciris_billing_proxy.users import UserStore
+from ciris_billing_proxy.tools.demo import create_demo_app
+from ciris_billing_proxy.tools.users import UserStore
 
 from .conftest import SECRET, ClientFactory, make_config
+from .default_paths import CREDITS, LOGIN, LOGOUT, ME, REFRESH
 
-LOGIN, LOGOUT, REFRESH, ME = "/v1/auth/login", "/v1/auth/logout", "/v1/auth/refresh", "/v1/auth/me"
-CREDITS = "/v1/api/billing/credits"
 CREATED = datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)
 
 Client = TestClient[web.Request, web.Application]
@@ -36,7 +35,7 @@ async def authenticate(username: str, password: str) -> AuthenticatedUser | None
 
 
 @pytest.fixture
-async def client(make_client: ClientFactory, config: BillingConfig) -> Client:
+async def login_client(make_client: ClientFactory, config: BillingConfig) -> Client:
     return await make_client(config, authenticate=authenticate)
 
 
@@ -51,22 +50,22 @@ async def login(client: Client, username: str = "ann") -> str:
     return token
 
 
-async def test_logout_revokes_exactly_the_presented_token(client: Client) -> None:
-    token, other = await login(client), await login(client)
-    assert (await client.get(CREDITS, headers=bearer(token))).status == 200
-    resp = await client.post(LOGOUT, headers=bearer(token))
+async def test_logout_revokes_exactly_the_presented_token(login_client: Client) -> None:
+    token, other = await login(login_client), await login(login_client)
+    assert (await login_client.get(CREDITS, headers=bearer(token))).status == 200
+    resp = await login_client.post(LOGOUT, headers=bearer(token))
     assert resp.status == 200
     assert await resp.json() == {"status": "logged_out"}
-    after = await client.get(CREDITS, headers=bearer(token))
+    after = await login_client.get(CREDITS, headers=bearer(token))
     assert (after.status, await after.json()) == (401, {"detail": "Invalid token"})
-    assert (await client.get(ME, headers=bearer(token))).status == 401
-    assert (await client.post(LOGOUT, headers=bearer(token))).status == 401
-    assert (await client.get(CREDITS, headers=bearer(other))).status == 200  # the user's other session
+    assert (await login_client.get(ME, headers=bearer(token))).status == 401
+    assert (await login_client.post(LOGOUT, headers=bearer(token))).status == 401
+    assert (await login_client.get(CREDITS, headers=bearer(other))).status == 200  # the user's other session
 
 
-async def test_refresh_answers_a_new_token_and_revokes_the_old_one(client: Client) -> None:
-    old = await login(client)
-    resp = await client.post(REFRESH, json={"refresh_token": "current_token"}, headers=bearer(old))
+async def test_refresh_answers_a_new_token_and_revokes_the_old_one(login_client: Client) -> None:
+    old = await login(login_client)
+    resp = await login_client.post(REFRESH, json={"refresh_token": "current_token"}, headers=bearer(old))
     assert resp.status == 200
     body = await resp.json()
     assert set(body) == {"access_token", "token_type", "expires_in", "user_id", "role"}
@@ -78,18 +77,20 @@ async def test_refresh_answers_a_new_token_and_revokes_the_old_one(client: Clien
     )
     new = body["access_token"]
     assert new != old
-    assert (await client.get(CREDITS, headers=bearer(old))).status == 401
-    assert (await client.get(CREDITS, headers=bearer(new))).status == 200
+    assert (await login_client.get(CREDITS, headers=bearer(old))).status == 401
+    assert (await login_client.get(CREDITS, headers=bearer(new))).status == 200
     claims = jwt.decode(new, SECRET, algorithms=["HS256"])
     assert (claims["email"], claims["created_at"]) == ("ann@example.com", int(CREATED.timestamp()))
     # An empty body is fine too (the body's refresh_token is never used).
-    again = await client.post(REFRESH, headers=bearer(new))
+    again = await login_client.post(REFRESH, headers=bearer(new))
     assert again.status == 200
 
 
-async def test_refresh_keeps_the_identity_namespace_and_tenant(client: Client, tokens: TokenFactory) -> None:
+async def test_refresh_keeps_the_identity_namespace_and_tenant(
+    login_client: Client, tokens: TokenFactory
+) -> None:
     google = tokens.token("g-123", oauth_provider="google", tenant="acme", email="g@example.com")
-    resp = await client.post(REFRESH, headers=bearer(google))
+    resp = await login_client.post(REFRESH, headers=bearer(google))
     assert resp.status == 200
     new = (await resp.json())["access_token"]
     claims = jwt.decode(new, SECRET, algorithms=["HS256"])
@@ -132,24 +133,26 @@ async def test_me_describes_the_caller(
         ({"Authorization": "Bearer not.a.jwt"}, "Invalid token"),
     ],
 )
-async def test_no_valid_token_is_401(client: Client, path: str, headers: dict[str, str], detail: str) -> None:
+async def test_no_valid_token_is_401(
+    login_client: Client, path: str, headers: dict[str, str], detail: str
+) -> None:
     method = "GET" if path == ME else "POST"
-    resp = await client.request(method, path, headers=headers)
+    resp = await login_client.request(method, path, headers=headers)
     assert resp.status == 401
     assert await resp.json() == {"detail": detail}
     assert resp.headers["WWW-Authenticate"].startswith("Bearer")
 
 
 @pytest.mark.parametrize("path", [LOGOUT, REFRESH, ME])
-async def test_expired_token_is_401(client: Client, tokens: TokenFactory, path: str) -> None:
+async def test_expired_token_is_401(login_client: Client, tokens: TokenFactory, path: str) -> None:
     method = "GET" if path == ME else "POST"
-    resp = await client.request(method, path, headers=bearer(tokens.token("ann", ttl=-60)))
+    resp = await login_client.request(method, path, headers=bearer(tokens.token("ann", ttl=-60)))
     assert (resp.status, await resp.json()) == (401, {"detail": "Token expired"})
 
 
 @pytest.mark.parametrize(("path", "allow"), [(LOGOUT, "POST"), (REFRESH, "POST"), (ME, "GET")])
-async def test_wrong_method_is_json_405(client: Client, path: str, allow: str) -> None:
-    resp = await client.request("DELETE", path, headers=bearer(await login(client)))
+async def test_wrong_method_is_json_405(login_client: Client, path: str, allow: str) -> None:
+    resp = await login_client.request("DELETE", path, headers=bearer(await login(login_client)))
     assert resp.status == 405
     assert resp.headers["Allow"] == allow
     assert await resp.json() == {"detail": "Method Not Allowed"}
@@ -164,25 +167,25 @@ async def test_wrong_method_is_json_405(client: Client, path: str, allow: str) -
         (b'{"refresh_token": "' + b"a" * 10000 + b'"}', 413),
     ],
 )
-async def test_malformed_refresh_bodies(client: Client, data: bytes, status: int) -> None:
-    token = await login(client)
+async def test_malformed_refresh_bodies(login_client: Client, data: bytes, status: int) -> None:
+    token = await login(login_client)
     headers = {**bearer(token), "Content-Type": "application/json"}
-    resp = await client.post(REFRESH, data=data, headers=headers)
+    resp = await login_client.post(REFRESH, data=data, headers=headers)
     assert resp.status == status
     assert "detail" in await resp.json()
-    assert (await client.get(CREDITS, headers=bearer(token))).status == 200  # not revoked
+    assert (await login_client.get(CREDITS, headers=bearer(token))).status == 200  # not revoked
 
 
-async def test_a_malformed_body_without_a_token_is_401(client: Client) -> None:
-    resp = await client.post(REFRESH, data=b"{oops", headers={"Content-Type": "application/json"})
+async def test_a_malformed_body_without_a_token_is_401(login_client: Client) -> None:
+    resp = await login_client.post(REFRESH, data=b"{oops", headers={"Content-Type": "application/json"})
     assert resp.status == 401
 
 
-async def test_expect_continue_only_for_a_valid_token(client: Client) -> None:
-    resp = await client.post(REFRESH, data=b"{}", headers={"Expect": "100-continue"})
+async def test_expect_continue_only_for_a_valid_token(login_client: Client) -> None:
+    resp = await login_client.post(REFRESH, data=b"{}", headers={"Expect": "100-continue"})
     assert (resp.status, await resp.json()) == (401, {"detail": "Not authenticated"})
-    token = await login(client)
-    ok = await client.post(REFRESH, data=b"{}", headers={"Expect": "100-continue", **bearer(token)})
+    token = await login(login_client)
+    ok = await login_client.post(REFRESH, data=b"{}", headers={"Expect": "100-continue", **bearer(token)})
     assert ok.status == 200
 
 
@@ -207,7 +210,7 @@ async def test_demo_user_store_reports_creation_time(tmp_path: Path, make_client
     store = UserStore()
     before = datetime.now(UTC).replace(microsecond=0)
     store.add("ann", "pw-ann")
-    client = await make_client(make_config(tmp_path), authenticate=store.authenticate)
+    client = await make_client(make_config(tmp_path), authenticate=store.verify_login)
     token = await login(client)
     created = datetime.fromisoformat(
         (await (await client.get(ME, headers=bearer(token))).json())["created_at"]
@@ -226,7 +229,7 @@ async def test_users_saved_without_a_creation_time_still_log_in(
     for row in rows:
         del row["created_at"]  # a file written before creation times were kept
     path.write_text(json.dumps(rows))
-    client = await make_client(make_config(tmp_path), authenticate=UserStore.load(path).authenticate)
+    client = await make_client(make_config(tmp_path), authenticate=UserStore.load(path).verify_login)
     token = await login(client)
     me = await (await client.get(ME, headers=bearer(token))).json()
     issued = jwt.decode(token, SECRET, algorithms=["HS256"])["iat"]

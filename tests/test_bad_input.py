@@ -10,10 +10,10 @@ from ciris_billing_proxy import BillingConfig, CreditStatus, Identity
 from ciris_billing_proxy.testing import TokenFactory
 
 from .conftest import ClientFactory
+from .default_paths import CREDITS, INITIATE, STATUS
 from .providers import BrokenProvider, ShopProvider
 
 Client = TestClient[web.Request, web.Application]
-INITIATE = "/v1/api/billing/purchase/initiate"
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ async def test_bad_idempotency_key_header_is_400(shop: Client, tokens: TokenFact
 async def test_unknown_or_malformed_payment_id_is_404(
     shop: Client, tokens: TokenFactory, payment_id: str
 ) -> None:
-    resp = await shop.get(f"/v1/api/billing/purchase/status/{payment_id}", headers=tokens.headers())
+    resp = await shop.get(f"{STATUS}{payment_id}", headers=tokens.headers())
     assert resp.status == 404
     assert await resp.json() == {"detail": "Payment not found"}
 
@@ -99,14 +99,14 @@ async def test_malformed_id_never_reaches_the_provider(
 ) -> None:
     provider = ShopProvider()
     client = await make_client(config, provider=provider)
-    resp = await client.get(f"/v1/api/billing/purchase/status/{payment_id}", headers=tokens.headers())
+    resp = await client.get(f"{STATUS}{payment_id}", headers=tokens.headers())
     assert resp.status == 404
     assert provider.calls.get("purchase_status", 0) == 0
 
 
 async def test_another_users_payment_is_not_found(shop: Client, tokens: TokenFactory) -> None:
     created = await (await shop.post(INITIATE, json={}, headers=tokens.headers("alice"))).json()
-    path = f"/v1/api/billing/purchase/status/{created['payment_id']}"
+    path = f"{STATUS}{created['payment_id']}"
     own = await shop.get(path, headers=tokens.headers("alice"))
     assert own.status == 200
     other = await shop.get(path, headers=tokens.headers("bob"))
@@ -117,9 +117,9 @@ async def test_another_users_payment_is_not_found(shop: Client, tokens: TokenFac
 @pytest.mark.parametrize(
     ("method", "path"),
     [
-        ("GET", "/v1/api/billing/credits"),
+        ("GET", CREDITS),
         ("POST", INITIATE),
-        ("GET", "/v1/api/billing/purchase/status/pi_1"),
+        ("GET", f"{STATUS}pi_1"),
     ],
 )
 async def test_provider_faults_are_503_json(
@@ -137,7 +137,7 @@ async def test_a_provider_bug_is_503_without_internals(
     provider = ShopProvider()
     provider.fail = RuntimeError("secret internals at https://billing.internal")
     client = await make_client(config, provider=provider)
-    resp = await client.get("/v1/api/billing/credits", headers=tokens.headers())
+    resp = await client.get(CREDITS, headers=tokens.headers())
     assert resp.status == 503
     text = await resp.text()
     assert "internals" not in text
@@ -162,6 +162,6 @@ async def test_an_inconsistent_status_from_a_provider_is_refused(
             )
 
     client = await make_client(config, provider=Liar())
-    resp = await client.get("/v1/api/billing/credits", headers=tokens.headers())
+    resp = await client.get(CREDITS, headers=tokens.headers())
     assert resp.status == 503
     assert await resp.json() == {"detail": "Billing service unavailable"}

@@ -12,13 +12,12 @@ from ciris_billing_proxy.client import BillingClient, NotFoundError
 from ciris_billing_proxy.testing import TokenFactory
 
 from .conftest import ClientFactory
+from .default_paths import CAPABILITIES
 from .providers import ShopProvider
 
-CAPABILITIES = "/v1/api/billing/capabilities"
 
-
-async def test_simple_offers_history_but_no_purchases(client: Any, tokens: TokenFactory) -> None:
-    resp = await client.get(CAPABILITIES, headers=tokens.headers())
+async def test_simple_offers_history_but_no_purchases(billing_client: Any, tokens: TokenFactory) -> None:
+    resp = await billing_client.get(CAPABILITIES, headers=tokens.headers())
     assert resp.status == 200
     assert await resp.json() == {"provider": "simple", "purchases": False, "transactions": True}
 
@@ -40,9 +39,9 @@ async def test_a_third_party_provider_declares_its_own(
     assert await resp.json() == {"provider": "shop", "purchases": True, "transactions": False}
 
 
-async def test_needs_a_token(client: Any, tokens: TokenFactory) -> None:
+async def test_needs_a_token(billing_client: Any, tokens: TokenFactory) -> None:
     for headers in ({}, {"Authorization": "Bearer nope"}, tokens.headers(ttl=-60)):
-        resp = await client.get(CAPABILITIES, headers=headers)
+        resp = await billing_client.get(CAPABILITIES, headers=headers)
         assert resp.status == 401
         assert "detail" in await resp.json()
 
@@ -68,16 +67,16 @@ async def test_a_declaration_that_is_not_a_bool_is_a_503_naming_the_provider(
     assert "'confused' declared keeps_transactions as str; expected bool" in caplog.text
 
 
-async def test_the_python_client_reads_them(client: Any, tokens: TokenFactory) -> None:
-    base = str(client.make_url(""))
+async def test_the_python_client_reads_them(billing_client: Any, tokens: TokenFactory) -> None:
+    base = str(billing_client.make_url(""))
     async with BillingClient(base, token=tokens.token()) as billing:
         capabilities = await billing.capabilities()
     assert capabilities.model_dump() == {"provider": "simple", "purchases": False, "transactions": True}
 
 
-async def test_the_client_names_an_agent_without_the_route(client: Any, tokens: TokenFactory) -> None:
+async def test_the_client_names_an_agent_without_the_route(billing_client: Any, tokens: TokenFactory) -> None:
     # An agent older than the route: nothing is served at that prefix.
-    base = str(client.make_url(""))
+    base = str(billing_client.make_url(""))
     async with BillingClient(base, token=tokens.token(), prefix="/v1/api/older") as billing:
         with pytest.raises(NotFoundError):
             await billing.capabilities()

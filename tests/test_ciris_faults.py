@@ -13,19 +13,16 @@ import pytest
 from ciris_billing_proxy import BillingConfig
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 
-from .ciris_helpers import CREDITS, INITIATE, INTERACT, STATUS, agent_routes, who
+from .ciris_helpers import INTERACT, agent_routes, paid_user, until, who, with_options
 from .conftest import ClientFactory
+from .default_paths import CREDITS, INITIATE, STATUS
 
 UNAVAILABLE = {"detail": "Billing service unavailable"}
 BUDGET = 0.4
 
 
-def with_options(config: BillingConfig, **options: Any) -> BillingConfig:
-    return config.model_copy(update={"provider_options": {**config.provider_options, **options}})
-
-
 @pytest.fixture
-async def client(ciris_billing_config: BillingConfig, make_client: ClientFactory) -> Any:
+async def tight_ciris_client(ciris_billing_config: BillingConfig, make_client: ClientFactory) -> Any:
     # The fake backend (behind the config) is set up first, so it is torn down after the app.
     # A tight budget: a fault that were not cut off by it would outlast the test client's timeout.
     config = with_options(
@@ -57,82 +54,94 @@ def closed_port() -> int:
     ],
 )
 async def test_every_fault_on_credits_is_503(
-    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory, kind: str, seconds: float
+    tight_ciris_client: Any,
+    ciris_fake_backend: FakeBillingBackend,
+    ciris_tokens: TokenFactory,
+    kind: str,
+    seconds: float,
 ) -> None:
     ciris_fake_backend.inject(kind, seconds=seconds)
-    resp = await client.get(CREDITS, headers=ciris_tokens.headers(), timeout=5)
+    resp = await tight_ciris_client.get(CREDITS, headers=ciris_tokens.headers(), timeout=5)
     assert resp.status == 503
     assert await resp.json() == UNAVAILABLE
 
 
 @pytest.mark.parametrize("kind", ["latency", "drop", "error_500", "rate_limit_503", "reject_key"])
 async def test_every_fault_on_the_gate_is_503_credit_provider_unavailable(
-    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory, kind: str
+    tight_ciris_client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory, kind: str
 ) -> None:
     ciris_fake_backend.inject(kind, seconds=30.0)
-    resp = await client.post(INTERACT, json={}, headers=ciris_tokens.headers(), timeout=5)
+    resp = await tight_ciris_client.post(INTERACT, json={}, headers=ciris_tokens.headers(), timeout=5)
     assert resp.status == 503
     assert await resp.json() == {"detail": "Credit provider unavailable"}
 
 
 @pytest.mark.parametrize("kind", ["latency", "drop", "error_500", "rate_limit_503", "bad_json", "not_found"])
 async def test_faults_on_purchase_status_are_503(
-    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory, kind: str
+    tight_ciris_client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory, kind: str
 ) -> None:
     auth = ciris_tokens.headers("u", email="u@example.com")
-    purchase = await (await client.post(INITIATE, json={}, headers=auth)).json()
+    purchase = await (await tight_ciris_client.post(INITIATE, json={}, headers=auth)).json()
     ciris_fake_backend.inject(kind, endpoint="purchase_status", seconds=30.0)
-    resp = await client.get(STATUS + purchase["payment_id"], headers=auth, timeout=5)
+    resp = await tight_ciris_client.get(STATUS + purchase["payment_id"], headers=auth, timeout=5)
     assert resp.status == 503
     assert await resp.json() == UNAVAILABLE
 
 
 async def test_backend_400_on_purchase_is_400_invalid_purchase_request(
-    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
+    tight_ciris_client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
 ) -> None:
     ciris_fake_backend.inject("bad_request", endpoint="purchases")
-    resp = await client.post(INITIATE, json={}, headers=ciris_tokens.headers("u", email="u@example.com"))
+    resp = await tight_ciris_client.post(
+        INITIATE, json={}, headers=ciris_tokens.headers("u", email="u@example.com")
+    )
     assert resp.status == 400
     assert await resp.json() == {"detail": "Invalid purchase request"}
 
 
 async def test_payment_provider_not_configured_is_503(
-    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
+    tight_ciris_client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
 ) -> None:
     ciris_fake_backend.pricing.stripe_configured = False
-    resp = await client.post(INITIATE, json={}, headers=ciris_tokens.headers("u", email="u@example.com"))
+    resp = await tight_ciris_client.post(
+        INITIATE, json={}, headers=ciris_tokens.headers("u", email="u@example.com")
+    )
     assert resp.status == 503
 
 
 async def test_purchases_are_never_retried_blindly(
-    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
+    tight_ciris_client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
 ) -> None:
     ciris_fake_backend.inject("error_500", endpoint="purchases", times=1)
-    resp = await client.post(INITIATE, json={}, headers=ciris_tokens.headers("u", email="u@example.com"))
+    resp = await tight_ciris_client.post(
+        INITIATE, json={}, headers=ciris_tokens.headers("u", email="u@example.com")
+    )
     assert resp.status == 503
     assert ciris_fake_backend.calls["purchases"] == 1
     ciris_fake_backend.inject("drop", endpoint="purchases", times=1)
-    resp = await client.post(INITIATE, json={}, headers=ciris_tokens.headers("v", email="v@example.com"))
+    resp = await tight_ciris_client.post(
+        INITIATE, json={}, headers=ciris_tokens.headers("v", email="v@example.com")
+    )
     assert resp.status == 503
     assert ciris_fake_backend.calls["purchases"] == 2
 
 
 async def test_reads_are_retried_after_a_transient_fault(
-    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
+    tight_ciris_client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
 ) -> None:
     ciris_fake_backend.inject("error_500", endpoint="credits/check", times=2)
-    resp = await client.get(CREDITS, headers=ciris_tokens.headers())
+    resp = await tight_ciris_client.get(CREDITS, headers=ciris_tokens.headers())
     assert resp.status == 200
     assert ciris_fake_backend.calls["credits/check"] == 3
 
 
 async def test_charges_are_retried_with_the_same_idempotency_key(
-    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
+    tight_ciris_client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
 ) -> None:
     auth = ciris_tokens.headers("w")
-    await client.get(CREDITS, headers=auth)
+    await tight_ciris_client.get(CREDITS, headers=auth)
     ciris_fake_backend.inject("rate_limit_503", endpoint="charges", times=1)
-    assert (await client.post(INTERACT, json={}, headers=auth)).status == 200
+    assert (await tight_ciris_client.post(INTERACT, json={}, headers=auth)).status == 200
     keys = [b["idempotency_key"] for e, b, _ in ciris_fake_backend.received if e == "charges"]
     assert len(keys) == 2
     assert keys[0] == keys[1]
@@ -163,14 +172,14 @@ async def test_refused_connection_is_503(
 
 
 async def test_rejected_key_logs_one_error_without_the_key(
-    client: Any,
+    tight_ciris_client: Any,
     ciris_fake_backend: FakeBillingBackend,
     ciris_tokens: TokenFactory,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     ciris_fake_backend.revoke_api_key(ciris_fake_backend.api_key)
     with caplog.at_level(logging.DEBUG):
-        resp = await client.get(CREDITS, headers=ciris_tokens.headers())
+        resp = await tight_ciris_client.get(CREDITS, headers=ciris_tokens.headers())
     assert resp.status == 503
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1
@@ -179,7 +188,7 @@ async def test_rejected_key_logs_one_error_without_the_key(
 
 
 async def test_nothing_secret_in_replies_or_debug_logs(
-    client: Any,
+    tight_ciris_client: Any,
     ciris_fake_backend: FakeBillingBackend,
     ciris_tokens: TokenFactory,
     ciris_billing_config: BillingConfig,
@@ -189,16 +198,20 @@ async def test_nothing_secret_in_replies_or_debug_logs(
     auth = {"Authorization": f"Bearer {token}"}
     replies = []
     with caplog.at_level(logging.DEBUG):
-        replies.append(await (await client.get(CREDITS, headers=auth)).text())
-        purchase = await (await client.post(INITIATE, json={}, headers=auth)).json()
-        replies.append(await (await client.get(STATUS + purchase["payment_id"], headers=auth)).text())
+        replies.append(await (await tight_ciris_client.get(CREDITS, headers=auth)).text())
+        purchase = await (await tight_ciris_client.post(INITIATE, json={}, headers=auth)).json()
+        replies.append(
+            await (await tight_ciris_client.get(STATUS + purchase["payment_id"], headers=auth)).text()
+        )
         for kind in ("error_500", "drop", "bad_json", "latency", "reject_key"):
             ciris_fake_backend.inject(kind, seconds=30.0)
-            replies.append(await (await client.get(CREDITS, headers=auth)).text())
-            replies.append(await (await client.post(INTERACT, json={}, headers=auth)).text())
+            replies.append(await (await tight_ciris_client.get(CREDITS, headers=auth)).text())
+            replies.append(await (await tight_ciris_client.post(INTERACT, json={}, headers=auth)).text())
             replies.append(
                 await (
-                    await client.post(INITIATE, json={}, headers=ciris_tokens.headers("y", email="y@x.org"))
+                    await tight_ciris_client.post(
+                        INITIATE, json={}, headers=ciris_tokens.headers("y", email="y@x.org")
+                    )
                 ).text()
             )
             ciris_fake_backend.clear_faults()
@@ -218,14 +231,11 @@ async def test_nothing_secret_in_replies_or_debug_logs(
 
 
 async def test_a_charge_that_committed_then_timed_out_is_refunded(
-    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
+    tight_ciris_client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
 ) -> None:
-    auth = ciris_tokens.headers("late")
-    await client.get(CREDITS, headers=auth)
-    ciris_fake_backend.use_up_free_uses(*who("late"))
-    ciris_fake_backend.grant(*who("late"), 3)
+    auth = await paid_user(tight_ciris_client, ciris_fake_backend, ciris_tokens, "late", 3)
     ciris_fake_backend.inject("latency_after", endpoint="charges", seconds=30.0, times=1)
-    resp = await client.post(INTERACT, json={}, headers=auth, timeout=5)
+    resp = await tight_ciris_client.post(INTERACT, json={}, headers=auth, timeout=5)
     assert resp.status == 503
     await until(lambda: ciris_fake_backend.calls["credits"] > 0)
     assert ciris_fake_backend.account(*who("late"))["credits_remaining"] == 3
@@ -248,10 +258,7 @@ async def test_a_charge_that_lands_after_its_timeout_is_found_and_refunded(
         reconcile_window_seconds=2.0,
     )
     client = await make_client(config, host=agent_routes)
-    auth = ciris_tokens.headers("slow")
-    await client.get(CREDITS, headers=auth)
-    ciris_fake_backend.use_up_free_uses(*who("slow"))
-    ciris_fake_backend.grant(*who("slow"), 3)
+    auth = await paid_user(client, ciris_fake_backend, ciris_tokens, "slow", 3)
     ciris_fake_backend.inject("latency", endpoint="charges", seconds=0.6, times=1)
     assert (await client.post(INTERACT, json={}, headers=auth, timeout=5)).status == 503
     await until(lambda: ciris_fake_backend.calls["credits"] > 0, seconds=5)
@@ -259,14 +266,11 @@ async def test_a_charge_that_lands_after_its_timeout_is_found_and_refunded(
 
 
 async def test_a_charge_that_never_happened_is_not_refunded(
-    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
+    tight_ciris_client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
 ) -> None:
-    auth = ciris_tokens.headers("never")
-    await client.get(CREDITS, headers=auth)
-    ciris_fake_backend.use_up_free_uses(*who("never"))
-    ciris_fake_backend.grant(*who("never"), 3)
+    auth = await paid_user(tight_ciris_client, ciris_fake_backend, ciris_tokens, "never", 3)
     ciris_fake_backend.inject("drop", endpoint="charges")  # the connection dies before any work
-    assert (await client.post(INTERACT, json={}, headers=auth, timeout=5)).status == 503
+    assert (await tight_ciris_client.post(INTERACT, json={}, headers=auth, timeout=5)).status == 503
     await until(lambda: ciris_fake_backend.calls["transactions"] >= 3)  # looked three times
     await asyncio.sleep(0.1)
     assert ciris_fake_backend.calls["credits"] == 0  # found no charge, minted nothing
@@ -274,16 +278,16 @@ async def test_a_charge_that_never_happened_is_not_refunded(
 
 
 async def test_a_rejected_key_logs_one_error_even_through_the_gate(
-    client: Any,
+    tight_ciris_client: Any,
     ciris_fake_backend: FakeBillingBackend,
     ciris_tokens: TokenFactory,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     auth = ciris_tokens.headers("keyless")
-    await client.get(CREDITS, headers=auth)
+    await tight_ciris_client.get(CREDITS, headers=auth)
     ciris_fake_backend.inject("reject_key", endpoint="charges")
     with caplog.at_level(logging.DEBUG):
-        assert (await client.post(INTERACT, json={}, headers=auth)).status == 503
+        assert (await tight_ciris_client.post(INTERACT, json={}, headers=auth)).status == 503
         await asyncio.sleep(0.3)
     assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
     assert ciris_fake_backend.calls["transactions"] == 0  # a refused charge needs no reconciling
@@ -291,10 +295,12 @@ async def test_a_rejected_key_logs_one_error_even_through_the_gate(
 
 @pytest.mark.parametrize("kind", ["stripe_unavailable", "cloudflare_403", "error_500"])
 async def test_purchase_faults_are_503(
-    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory, kind: str
+    tight_ciris_client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory, kind: str
 ) -> None:
     ciris_fake_backend.inject(kind, endpoint="purchases")
-    resp = await client.post(INITIATE, json={}, headers=ciris_tokens.headers("p", email="p@example.com"))
+    resp = await tight_ciris_client.post(
+        INITIATE, json={}, headers=ciris_tokens.headers("p", email="p@example.com")
+    )
     assert (resp.status, await resp.json()) == (503, UNAVAILABLE)
 
 
@@ -316,10 +322,3 @@ async def test_one_budget_per_operation(
         INITIATE, json={}, headers=ciris_tokens.headers("b", email="b@example.com"), timeout=5
     )
     assert resp.status == 503
-
-
-async def until(condition: Any, seconds: float = 3.0) -> None:
-    for _ in range(int(seconds / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)

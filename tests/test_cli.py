@@ -11,16 +11,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from .serving import clean_env, serve
+from .default_paths import CREDITS, INITIATE, LOGIN, STATUS
+from .serving import COMMAND, clean_env, login, serve
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
-
-
-async def login(session: aiohttp.ClientSession, url: str, username: str, password: str) -> str:
-    async with session.post(f"{url}/v1/auth/login", json={"username": username, "password": password}) as r:
-        assert r.status == 200, await r.text()
-        token: str = (await r.json())["access_token"]
-        return token
 
 
 async def test_demo_first_start_restart_keeps_usage_and_tokens(tmp_path: Path) -> None:
@@ -40,9 +34,7 @@ async def test_demo_first_start_restart_keeps_usage_and_tokens(tmp_path: Path) -
                     reply = await r.json()
             assert reply["reply"] == "You said: hi"
             assert reply["free_uses_remaining"] == 8
-            async with session.post(
-                f"{server.url}/v1/api/billing/purchase/initiate", json={}, headers=auth
-            ) as r:
+            async with session.post(f"{server.url}{INITIATE}", json={}, headers=auth) as r:
                 assert r.status == 403
                 assert (await r.json())["detail"] == "Billing not enabled for this agent"
     assert server.process.returncode == 0
@@ -51,7 +43,7 @@ async def test_demo_first_start_restart_keeps_usage_and_tokens(tmp_path: Path) -
     with serve([], tmp_path) as server:
         assert "Created demo user" not in "".join(server.output)
         async with aiohttp.ClientSession() as session:
-            async with session.get(f"{server.url}/v1/api/billing/credits", headers=auth) as r:
+            async with session.get(f"{server.url}{CREDITS}", headers=auth) as r:
                 assert r.status == 200, "a token issued before the restart must stay valid"
                 body = await r.json()
             assert (body["free_uses_remaining"], body["total_uses"]) == (8, 2)
@@ -64,9 +56,7 @@ async def test_users_from_the_command_line(tmp_path: Path) -> None:
         async with aiohttp.ClientSession() as session:
             await login(session, server.url, "ann", "pw-ann")
             await login(session, server.url, "bob", "pw-bob")
-            async with session.post(
-                f"{server.url}/v1/auth/login", json={"username": "demo", "password": "x"}
-            ) as r:
+            async with session.post(f"{server.url}{LOGIN}", json={"username": "demo", "password": "x"}) as r:
                 assert r.status == 401
 
 
@@ -113,7 +103,7 @@ def test_bad_options_exit_2_with_a_clear_message(tmp_path: Path, args: list[str]
     if args[:1] == ["serve"]:
         args = [*args, "--data-dir", str(tmp_path)]
     result = subprocess.run(
-        [sys.executable, "-m", "ciris_billing_proxy", *args],
+        [*COMMAND, *args],
         capture_output=True,
         text=True,
         env=clean_env(),
@@ -183,7 +173,7 @@ def test_filesystem_problems_are_clear_errors(tmp_path: Path, problem: str) -> N
     else:
         env.update(CIRIS_JWT_PUBLIC_KEY=str(tmp_path / "missing.pem"), CIRIS_JWT_ALGORITHMS="RS256")
     result = subprocess.run(
-        [sys.executable, "-m", "ciris_billing_proxy", "serve", "--data-dir", str(data_dir)],
+        [*COMMAND, "serve", "--data-dir", str(data_dir)],
         capture_output=True,
         text=True,
         env=env,
@@ -202,17 +192,17 @@ async def paid_flow(url: str, username: str, password: str, confirm: Any) -> Non
                 if r.status == 402:
                     break
                 assert r.status == 200
-        async with session.get(f"{url}/v1/api/billing/credits", headers=auth) as r:
+        async with session.get(f"{url}{CREDITS}", headers=auth) as r:
             credits = await r.json()
         assert credits["purchase_required"] is True
         assert credits["purchase_options"] == {"price_minor": 500, "uses": 20, "currency": "USD"}
-        async with session.post(f"{url}/v1/api/billing/purchase/initiate", json={}, headers=auth) as r:
+        async with session.post(f"{url}{INITIATE}", json={}, headers=auth) as r:
             assert r.status == 200
             payment_id = (await r.json())["payment_id"]
         await confirm(session, payment_id)
-        async with session.get(f"{url}/v1/api/billing/purchase/status/{payment_id}", headers=auth) as r:
+        async with session.get(f"{url}{STATUS}{payment_id}", headers=auth) as r:
             assert await r.json() == {"status": "succeeded", "credits_added": 20, "balance_after": 20}
-        async with session.get(f"{url}/v1/api/billing/credits", headers=auth) as r:
+        async with session.get(f"{url}{CREDITS}", headers=auth) as r:
             assert (await r.json())["credits_remaining"] == 20
 
 
@@ -279,3 +269,13 @@ def test_ciris_misconfiguration_fails_at_startup(tmp_path: Path, env: dict[str, 
     assert result.returncode == 2
     assert words in result.stderr
     assert "sk_live_wrong" not in result.stderr
+
+
+def test_the_command_loads_the_testing_kit_only_for_the_fake_backend() -> None:
+    # The kit is for tests and `serve --fake-backend`; an agent running the command must not import it.
+    probe = (
+        "import sys, ciris_billing_proxy.tools.cli\n"
+        "print(sorted(m for m in sys.modules if m.startswith('ciris_billing_proxy.testing')))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -27,11 +27,12 @@ from ciris_billing_proxy.client import (
     PurchaseTimeout,
     ServiceUnavailableError,
 )
-from ciris_billing_proxy.demo import create_demo_app
 from ciris_billing_proxy.testing import FakeBillingBackend
-from ciris_billing_proxy.users import UserStore
+from ciris_billing_proxy.tools.demo import create_demo_app
+from ciris_billing_proxy.tools.users import UserStore
 
 from .conftest import make_config
+from .default_paths import BILLING, CREDITS, STATUS
 
 
 def users() -> UserStore:
@@ -178,7 +179,7 @@ async def test_a_reply_that_breaks_the_contract(aiohttp_server: Any) -> None:
         return web.json_response({"has_credit": True, "credits_remaining": None})
 
     app = web.Application()
-    app.router.add_get("/v1/api/billing/credits", credits)
+    app.router.add_get(CREDITS, credits)
     server = await aiohttp_server(app)
     async with BillingClient(str(server.make_url("")), token="t") as client:
         with pytest.raises(InvalidReplyError, match="credits_remaining"):
@@ -205,7 +206,7 @@ async def test_replies_of_real_ciris_agents_are_accepted(aiohttp_server: Any) ->
     server = await aiohttp_server(
         odd_agent(
             {
-                "/v1/api/billing/credits": (
+                CREDITS: (
                     200,
                     {
                         "has_credit": False,
@@ -218,11 +219,11 @@ async def test_replies_of_real_ciris_agents_are_accepted(aiohttp_server: Any) ->
                         "extra": 1,
                     },
                 ),
-                "/v1/api/billing/purchase/status/pi_1": (
+                f"{STATUS}pi_1": (
                     200,
                     {"status": "pending", "credits_added": 0, "balance_after": None},
                 ),
-                "/v1/api/billing/data": (200, {"data": {"status": "succeeded"}}),
+                f"{BILLING}/data": (200, {"data": {"status": "succeeded"}}),
             }
         )
     )
@@ -231,8 +232,8 @@ async def test_replies_of_real_ciris_agents_are_accepted(aiohttp_server: Any) ->
         assert (credits.purchase_required, credits.purchase_options is not None) == (False, True)
         status = await client.get_purchase_status("pi_1")
         assert (status.status, status.balance_after) == ("pending", None)
-        assert await client.request("GET", "/v1/api/billing/data") == {"status": "succeeded"}  # SDK unwrap
-        assert await client.request("GET", "/v1/api/billing/data", unwrap=False) == {
+        assert await client.request("GET", f"{BILLING}/data") == {"status": "succeeded"}  # SDK unwrap
+        assert await client.request("GET", f"{BILLING}/data", unwrap=False) == {
             "data": {"status": "succeeded"}
         }
 
@@ -249,7 +250,7 @@ async def test_replies_of_real_ciris_agents_are_accepted(aiohttp_server: Any) ->
     ],
 )
 async def test_error_classes(aiohttp_server: Any, status: int, error: str) -> None:
-    server = await aiohttp_server(odd_agent({"/v1/api/billing/credits": (status, {"detail": "nope"})}))
+    server = await aiohttp_server(odd_agent({CREDITS: (status, {"detail": "nope"})}))
     async with BillingClient(str(server.make_url("")), token="t") as client:
         with pytest.raises(BillingAPIError) as raised:
             await client.get_credits()
@@ -279,7 +280,7 @@ async def test_wait_for_purchase_polls_through_passing_faults(
 async def test_html_error_pages_and_huge_replies(aiohttp_server: Any) -> None:
     page = b"<html>\n<body>\n<h1>502 Bad Gateway</h1>\n</body>\n</html>"
     huge = {"has_credit": True, "pad": "x" * (2 * 1024 * 1024)}
-    server = await aiohttp_server(odd_agent({"/v1/api/billing/credits": (502, page), "/big": (200, huge)}))
+    server = await aiohttp_server(odd_agent({CREDITS: (502, page), "/big": (200, huge)}))
     async with BillingClient(str(server.make_url("")), token="t") as client:
         with pytest.raises(ServiceUnavailableError) as down:
             await client.get_credits()

@@ -8,6 +8,7 @@ import pytest
 
 from ciris_billing_proxy import BillingConfig, ConfigError
 
+from . import default_paths
 from .conftest import SECRET
 
 
@@ -19,6 +20,27 @@ def test_defaults() -> None:
     assert config.jwt.algorithms == ("HS256",)
     assert config.gate_bypass_roles == frozenset()
     assert config.data_dir == Path.home() / ".ciris-billing-proxy"
+
+
+def test_the_default_paths_are_the_ones_clients_call() -> None:
+    # The tests build their paths from the package's constants; this pins those to the contract
+    # (docs/billing-api.md), so a changed constant fails here rather than moving every test with it.
+    billing = (
+        default_paths.CAPABILITIES,
+        default_paths.CREDITS,
+        default_paths.INITIATE,
+        default_paths.STATUS,
+        default_paths.TRANSACTIONS,
+    )
+    assert billing == (
+        "/v1/api/billing/capabilities",
+        "/v1/api/billing/credits",
+        "/v1/api/billing/purchase/initiate",
+        "/v1/api/billing/purchase/status/",
+        "/v1/api/billing/transactions",
+    )
+    auth = (default_paths.LOGIN, default_paths.LOGOUT, default_paths.REFRESH, default_paths.ME)
+    assert auth == ("/v1/auth/login", "/v1/auth/logout", "/v1/auth/refresh", "/v1/auth/me")
 
 
 def test_every_variable_is_read(tmp_path: Path) -> None:

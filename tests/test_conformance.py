@@ -13,7 +13,7 @@ from ciris_billing_proxy.providers.simple import SimpleProvider
 from ciris_billing_proxy.testing import FakeBillingBackend
 from ciris_billing_proxy.testing.conformance import ProviderContract
 
-from .test_readme import code_after
+from .repo_files import code_after
 
 
 class TestSimpleConforms(ProviderContract):

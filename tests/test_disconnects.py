@@ -13,21 +13,19 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 
 from ciris_billing_proxy import BillingConfig, credit_gate, error_middleware, expect_continue, setup_billing
-from ciris_billing_proxy.demo import create_demo_app
 from ciris_billing_proxy.testing import TokenFactory
-from ciris_billing_proxy.users import UserStore
+from ciris_billing_proxy.tools.demo import create_demo_app
+from ciris_billing_proxy.tools.users import UserStore
 
+from .default_paths import INITIATE, LOGIN
 from .providers import ShopProvider
-from .test_examples import load as load_example
+from .repo_files import load_example
+from .serving import get_credits
 
-CREDITS = "/v1/api/billing/credits"
-LOGIN = "/v1/auth/login"
-INITIATE = "/v1/api/billing/purchase/initiate"
 INTERACT = "/v1/agent/interact"
 
 
@@ -44,7 +42,7 @@ def demo(config: BillingConfig) -> web.Application:
 def plain_host(config: BillingConfig) -> web.Application:
     """A host without the package's error middleware: the login route and billing routes only."""
     app = web.Application()
-    setup_billing(app, config, provider=ShopProvider(), authenticate=_users().authenticate, environ={})
+    setup_billing(app, config, provider=ShopProvider(), authenticate=_users().verify_login, environ={})
     return app
 
 
@@ -128,13 +126,6 @@ async def send_half_and_close(port: int, path: str, headers: dict[str, str], *, 
     await writer.wait_closed()
 
 
-async def credits(port: int, tokens: TokenFactory) -> object:
-    url = f"http://127.0.0.1:{port}{CREDITS}"
-    async with aiohttp.ClientSession() as session, session.get(url, headers=tokens.headers("zoe")) as resp:
-        assert resp.status == 200
-        return await resp.json()
-
-
 @pytest.mark.parametrize(
     ("make_app", "path", "signed_in"),
     [
@@ -171,11 +162,11 @@ async def test_a_client_that_closes_mid_body_is_no_error(
     caplog.set_level(logging.DEBUG)
     headers = tokens.headers("zoe") if signed_in else {}
     async with served(make_app(config)) as (port, answered):
-        before = await credits(port, tokens)
+        before = await get_credits(port, tokens)
         for _ in range(3):
             await send_half_and_close(port, path, headers, chunked=chunked)
             assert await asyncio.wait_for(answered.get(), 30) == path
-        assert await credits(port, tokens) == before, "an interaction that never happened was charged"
+        assert await get_credits(port, tokens) == before, "an interaction that never happened was charged"
 
     records = [r for r in caplog.records if r.name.startswith(("ciris_billing_proxy", "aiohttp"))]
     assert not [r for r in records if r.levelno >= logging.WARNING], caplog.text

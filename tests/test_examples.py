@@ -3,36 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from ciris_billing_proxy import BillingConfig, Identity
-from ciris_billing_proxy.demo import create_demo_app
-from ciris_billing_proxy.service import SERVICE_KEY
-from ciris_billing_proxy.users import UserStore
+from ciris_billing_proxy.keys import SERVICE_KEY
+from ciris_billing_proxy.tools.demo import create_demo_app
+from ciris_billing_proxy.tools.users import UserStore
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .default_paths import CREDITS, LOGIN
+from .repo_files import load_example
 
 
 async def test_example_agent(aiohttp_client: Any, config: BillingConfig) -> None:
-    client = await aiohttp_client(load("agent").create_app(config))
-    login = await client.post("/v1/auth/login", json={"username": "ann", "password": "change-me"})
+    client = await aiohttp_client(load_example("agent").create_app(config))
+    login = await client.post(LOGIN, json={"username": "ann", "password": "change-me"})
     auth = {"Authorization": f"Bearer {(await login.json())['access_token']}"}
     resp = await client.post("/v1/agent/interact", json={"message": "hi"}, headers=auth)
     assert await resp.json() == {"reply": "Hello ann, you said: hi"}
     assert (await client.post("/v1/agent/interact", data=b"nope", headers=auth)).status == 422
-    credits = await (await client.get("/v1/api/billing/credits", headers=auth)).json()
+    credits = await (await client.get(CREDITS, headers=auth)).json()
     assert credits["free_uses_remaining"] == 9
 
 
@@ -43,7 +32,7 @@ async def test_example_client_buys_credits(
     users.add("ann", "pw", email="ann@example.com")
     server = await aiohttp_client(create_demo_app(ciris_billing_config, users, environ={}))
     url = str(server.make_url("")).rstrip("/")
-    example = load("client")
+    example = load_example("client")
     assert await example.main(url, "ann", "pw") == "no purchase needed"
     ciris_fake_backend.use_up_free_uses("oauth:local", "test-agent:ann")
     server.app[SERVICE_KEY].invalidate(Identity("ann", "local", "OBSERVER"))

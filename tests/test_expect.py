@@ -9,9 +9,9 @@ from typing import Any
 from aiohttp import web
 
 from ciris_billing_proxy import BillingConfig, credit_gate, expect_continue, setup_billing
-from ciris_billing_proxy.demo import create_demo_app
 from ciris_billing_proxy.testing import TokenFactory
-from ciris_billing_proxy.users import UserStore
+from ciris_billing_proxy.tools.demo import create_demo_app
+from ciris_billing_proxy.tools.users import UserStore
 
 INTERACT = "/v1/agent/interact"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -14,11 +13,10 @@ import pytest
 
 import ciris_billing_proxy
 from ciris_billing_proxy import BillingConfig, ConfigError
-from ciris_billing_proxy.demo import generate_password
+from ciris_billing_proxy.tools.demo import generate_password
 
-from .serving import clean_env, serve
-from .test_cli import login
-from .test_readme import code_after
+from .repo_files import code_after
+from .serving import COMMAND, clean_env, login, serve
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -28,7 +26,7 @@ PYPROJECT_VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="
 
 def test_version_option_prints_the_package_version() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "ciris_billing_proxy", "--version"],
+        [*COMMAND, "--version"],
         capture_output=True,
         text=True,
         env=clean_env(),

@@ -10,13 +10,12 @@ import pytest
 from aiohttp import web
 
 from ciris_billing_proxy import BillingConfig, credit_gate
-from ciris_billing_proxy.gate import SPEND_KEY
+from ciris_billing_proxy.keys import SPEND_KEY
 from ciris_billing_proxy.testing import TokenFactory
 
 from .conftest import ClientFactory, make_config
+from .default_paths import CREDITS
 from .providers import BrokenProvider, ShopProvider
-
-CREDITS = "/v1/api/billing/credits"
 
 
 def _agent(app: web.Application) -> None:

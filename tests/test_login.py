@@ -9,11 +9,10 @@ import pytest
 from aiohttp import web
 
 from ciris_billing_proxy import BillingConfig, ConfigError, setup_billing
-from ciris_billing_proxy.users import UserStore, hash_password, verify_password
+from ciris_billing_proxy.tools.users import UserStore, hash_password, verify_password
 
 from .conftest import ClientFactory, make_config
-
-LOGIN = "/v1/auth/login"
+from .default_paths import CREDITS, LOGIN
 
 
 @pytest.fixture
@@ -27,7 +26,7 @@ def users() -> UserStore:
 async def test_login_reply_is_the_bare_five_key_object(
     make_client: ClientFactory, config: BillingConfig, users: UserStore
 ) -> None:
-    client = await make_client(config, authenticate=users.authenticate)
+    client = await make_client(config, authenticate=users.verify_login)
     resp = await client.post(
         LOGIN,
         json={"username": "ann", "password": "correct horse"},
@@ -39,16 +38,14 @@ async def test_login_reply_is_the_bare_five_key_object(
     assert body["token_type"] == "Bearer"
     assert body["expires_in"] == 3600
     assert (body["user_id"], body["role"]) == ("ann", "OBSERVER")
-    credits = await client.get(
-        "/v1/api/billing/credits", headers={"Authorization": f"Bearer {body['access_token']}"}
-    )
+    credits = await client.get(CREDITS, headers={"Authorization": f"Bearer {body['access_token']}"})
     assert credits.status == 200
 
 
 async def test_roles_are_upper_case(
     make_client: ClientFactory, config: BillingConfig, users: UserStore
 ) -> None:
-    client = await make_client(config, authenticate=users.authenticate)
+    client = await make_client(config, authenticate=users.verify_login)
     body = await (await client.post(LOGIN, json={"username": "root", "password": "battery staple"})).json()
     assert body["role"] == "ADMIN"
 
@@ -59,7 +56,7 @@ async def test_roles_are_upper_case(
 async def test_bad_credentials(
     make_client: ClientFactory, config: BillingConfig, users: UserStore, creds: dict[str, str]
 ) -> None:
-    client = await make_client(config, authenticate=users.authenticate)
+    client = await make_client(config, authenticate=users.verify_login)
     resp = await client.post(LOGIN, json=creds)
     assert resp.status == 401
     assert await resp.json() == {"detail": "Invalid credentials"}
@@ -79,7 +76,7 @@ async def test_bad_credentials(
 async def test_malformed_login_bodies(
     make_client: ClientFactory, config: BillingConfig, users: UserStore, data: bytes, status: int
 ) -> None:
-    client = await make_client(config, authenticate=users.authenticate)
+    client = await make_client(config, authenticate=users.verify_login)
     resp = await client.post(LOGIN, data=data, headers={"Content-Type": "application/json"})
     assert resp.status == status
     assert "detail" in await resp.json()
@@ -88,7 +85,7 @@ async def test_malformed_login_bodies(
 async def test_wrong_method_is_json_405(
     make_client: ClientFactory, config: BillingConfig, users: UserStore
 ) -> None:
-    client = await make_client(config, authenticate=users.authenticate)
+    client = await make_client(config, authenticate=users.verify_login)
     resp = await client.get(LOGIN)
     assert resp.status == 405
     assert resp.headers["Allow"] == "POST"
@@ -107,8 +104,8 @@ async def test_a_failing_authenticator_is_a_plain_500(
     assert await resp.json() == {"detail": "Internal server error"}
 
 
-async def test_no_login_route_unless_asked(client: object) -> None:
-    resp = await client.post(LOGIN, json={"username": "a", "password": "b"})  # type: ignore[attr-defined]
+async def test_no_login_route_unless_asked(billing_client: object) -> None:
+    resp = await billing_client.post(LOGIN, json={"username": "a", "password": "b"})  # type: ignore[attr-defined]
     assert resp.status == 404
 
 
@@ -123,7 +120,7 @@ def test_login_needs_a_signing_key(tmp_path: Path, users: UserStore) -> None:
     )
     config = make_config(tmp_path, jwt={"algorithms": ["ES256"], "public_key": public.decode()})
     with pytest.raises(ConfigError, match="login route needs"):
-        setup_billing(web.Application(), config, authenticate=users.authenticate, environ={})
+        setup_billing(web.Application(), config, authenticate=users.verify_login, environ={})
 
 
 def test_user_store_keeps_hashes_only(tmp_path: Path, users: UserStore) -> None:

@@ -15,8 +15,8 @@ from ciris_billing_proxy import AuthenticatedUser
 from ciris_billing_proxy.throttle import MemoryLoginThrottle
 
 from .conftest import ClientFactory, make_config
+from .default_paths import LOGIN
 
-LOGIN = "/v1/auth/login"
 LOCKED = {"detail": "Too many login attempts"}
 
 Client = TestClient[web.Request, web.Application]

@@ -11,11 +11,12 @@ import pytest
 from aiohttp import web
 
 from ciris_billing_proxy import BillingConfig, Identity, ProviderUnavailable, credit_gate, setup_billing
-from ciris_billing_proxy.service import SERVICE_KEY
+from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.store import UsageLedger
 from ciris_billing_proxy.testing import TokenFactory
 
 from .conftest import make_config
+from .default_paths import CREDITS, LOGIN
 from .providers import ShopProvider
 
 ALICE = Identity("user-1", "local", "OBSERVER")
@@ -51,7 +52,7 @@ async def test_a_client_that_goes_away_gets_its_use_back(
             break
     provider.delay = 0
     assert provider.balance(ALICE) == 5
-    status = await (await client.get("/v1/api/billing/credits", headers=tokens.headers())).json()
+    status = await (await client.get(CREDITS, headers=tokens.headers())).json()
     assert status["credits_remaining"] == 5  # and the cache did not keep a stale value
 
 
@@ -113,17 +114,15 @@ async def test_a_failed_commit_does_not_wedge_the_ledger(tmp_path: Path) -> None
 
 
 async def test_deeply_nested_json_is_a_400(aiohttp_client: Any, config: BillingConfig) -> None:
-    from ciris_billing_proxy.users import UserStore
+    from ciris_billing_proxy.tools.users import UserStore
 
     app = web.Application()
-    setup_billing(app, config, authenticate=UserStore().authenticate, environ={})
+    setup_billing(app, config, authenticate=UserStore().verify_login, environ={})
     client = await aiohttp_client(app)
-    resp = await client.post(
-        "/v1/auth/login", data=b"[" * 100_00, headers={"Content-Type": "application/json"}
-    )
+    resp = await client.post(LOGIN, data=b"[" * 100_00, headers={"Content-Type": "application/json"})
     assert resp.status in (400, 413)
     assert "detail" in await resp.json()
-    resp = await client.post("/v1/auth/login", data=b"[" * 5000)
+    resp = await client.post(LOGIN, data=b"[" * 5000)
     assert (resp.status, await resp.json()) == (400, {"detail": "Malformed JSON body"})
 
 

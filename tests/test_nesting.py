@@ -21,11 +21,11 @@ from aiohttp.typedefs import Handler
 
 from ciris_billing_proxy import ConfigError, credit_gate, error_middleware, get_identity, setup_billing
 from ciris_billing_proxy.testing import TokenFactory
-from ciris_billing_proxy.users import UserStore
+from ciris_billing_proxy.tools.users import UserStore
 
 from .conftest import make_config
+from .default_paths import BILLING, LOGIN
 
-BILLING = "/v1/api/billing"
 DOMAIN = "agent.example"
 
 
@@ -36,6 +36,31 @@ class Mounted:
     root: web.Application
     base: str = ""
     headers: dict[str, str] = field(default_factory=dict)
+
+
+def _tag(name: str) -> Any:
+    @web.middleware
+    async def tag(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            exc.headers.add("X-Passed", name)
+            raise
+        response.headers.add("X-Passed", name)
+        return response
+
+    return tag
+
+
+async def _open(_request: web.Request) -> web.Response:
+    return web.json_response({"open": True})
+
+
+def _host() -> web.Application:
+    """A host application with a route of its own at `/health` and its own middleware."""
+    app = web.Application(middlewares=[_tag("host")])
+    app.router.add_get("/health", _open)
+    return app
 
 
 def top(agent: web.Application) -> Mounted:
@@ -78,31 +103,6 @@ MOUNTS: list[Callable[[web.Application], Mounted]] = [
 ]
 
 
-async def _open(_request: web.Request) -> web.Response:
-    return web.json_response({"open": True})
-
-
-def _host() -> web.Application:
-    """A host application with a route of its own at `/health` and its own middleware."""
-    app = web.Application(middlewares=[_tag("host")])
-    app.router.add_get("/health", _open)
-    return app
-
-
-def _tag(name: str) -> Any:
-    @web.middleware
-    async def tag(request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            response = await handler(request)
-        except web.HTTPException as exc:
-            exc.headers.add("X-Passed", name)
-            raise
-        response.headers.add("X-Passed", name)
-        return response
-
-    return tag
-
-
 async def _whoami(request: web.Request) -> web.Response:
     return web.json_response({"user_id": get_identity(request).user_id})
 
@@ -122,7 +122,7 @@ def _agent(config_dir: Path, *, subapp: bool) -> tuple[web.Application, TokenFac
     agent.router.add_post("/v1/agent/interact", _interact)
     users = UserStore()
     users.add("ann", "correct horse")
-    setup_billing(agent, config, subapp=subapp, authenticate=users.authenticate, environ={})
+    setup_billing(agent, config, subapp=subapp, authenticate=users.verify_login, environ={})
     return agent, TokenFactory(config)
 
 
@@ -159,7 +159,7 @@ async def test_every_path_is_relative_to_the_application_billing_is_set_up_on(
     assert (await call("GET", f"{BILLING}/credits", signed_in, 200))["free_uses_remaining"] == 9
 
     login = await client.post(
-        base + "/v1/auth/login", json={"username": "ann", "password": "correct horse"}, headers=anonymous
+        base + LOGIN, json={"username": "ann", "password": "correct horse"}, headers=anonymous
     )
     assert login.status == 200
     token = (await login.json())["access_token"]
@@ -255,4 +255,29 @@ async def test_without_setup_billing_the_log_says_to_call_it(
     assert resp.status == 500
     assert await resp.json() == {"detail": "Internal server error"}
     assert "call setup_billing() first" in caplog.text
+    assert "KeyError" not in caplog.text
+
+
+@pytest.mark.parametrize("use", ["get_identity", "credit_gate"])
+async def test_an_application_without_billing_anywhere_gets_the_clear_error_not_a_key_error(
+    aiohttp_client: Any, tokens: TokenFactory, caplog: pytest.LogCaptureFixture, use: str
+) -> None:
+    seen: list[BaseException] = []
+
+    async def whoami(request: web.Request) -> web.Response:
+        try:
+            return await (_whoami if use == "get_identity" else credit_gate(_whoami))(request)
+        except Exception as exc:
+            seen.append(exc)
+            raise
+
+    app = web.Application(middlewares=[error_middleware()])
+    app.router.add_get("/me", whoami)
+    client = await aiohttp_client(app)
+    with caplog.at_level(logging.ERROR, logger="ciris_billing_proxy"):
+        resp = await client.get("/me", headers=tokens.headers())
+    assert resp.status == 500
+    assert await resp.json() == {"detail": "Internal server error"}
+    assert [type(exc) for exc in seen] == [RuntimeError]
+    assert str(seen[0]).startswith("call setup_billing() first")
     assert "KeyError" not in caplog.text

@@ -26,12 +26,13 @@ from ciris_billing_proxy import (
     TransactionPage,
     setup_billing,
 )
-from ciris_billing_proxy.cli import main
 from ciris_billing_proxy.openapi import openapi_document
 from ciris_billing_proxy.testing import TokenFactory
+from ciris_billing_proxy.tools.cli import main
 
 from .conftest import make_config
 from .providers import ShopProvider
+from .repo_files import README
 
 PREFIX = "/v1/api/billing"
 DOC = f"{PREFIX}/openapi.json"
@@ -387,9 +388,6 @@ async def test_each_documented_status_is_produced_as_documented(
     for name, header in documented_reply.get("headers", {}).items():
         if header.get("required"):
             assert jsonschema_rs.is_valid(header["schema"], reply.headers[name]), (name, reply.headers)
-
-
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 
 
 def test_the_readme_commands_print_the_document(capsys: pytest.CaptureFixture[str]) -> None:

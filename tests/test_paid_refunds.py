@@ -1,7 +1,7 @@
 """Paid credits under concurrent, failing and slow interactions of one user (`ciris` provider).
 
 A failed interaction is refunded exactly when its charge took a paid credit. The fake backend records
-which pool each charge really took (`Transaction.pool`), which is the truth these tests hold the
+which pool each charge really took (`LedgerEntry.pool`), which is the truth these tests hold the
 proxy's bookkeeping against: over many interleavings, no paid credit is lost and none is minted.
 """
 
@@ -15,13 +15,12 @@ import pytest
 from aiohttp import web
 
 from ciris_billing_proxy import BillingConfig, credit_gate
-from ciris_billing_proxy.gate import SPEND_KEY
-from ciris_billing_proxy.service import SERVICE_KEY
+from ciris_billing_proxy.keys import SERVICE_KEY, SPEND_KEY
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 
-from .ciris_helpers import CREDITS, INTERACT, who
+from .ciris_helpers import INTERACT, paid_user, until, who, with_options
 from .conftest import ClientFactory
-from .test_ciris_faults import until, with_options
+from .default_paths import CREDITS
 
 
 def keyed_agent(app: web.Application) -> None:
@@ -35,14 +34,6 @@ def keyed_agent(app: web.Application) -> None:
         return web.json_response(reply, status=502 if request.query.get("fail") else 200)
 
     app.router.add_post(INTERACT, interact)
-
-
-async def paid_user(client: Any, fake: FakeBillingBackend, tokens: TokenFactory, name: str, paid: int) -> Any:
-    auth = tokens.headers(name)
-    assert (await client.get(CREDITS, headers=auth)).status == 200  # creates the account
-    fake.use_up_free_uses(*who(name))
-    fake.grant(*who(name), paid)
-    return auth
 
 
 def charges_by_key(fake: FakeBillingBackend, name: str) -> dict[str, str]:
@@ -71,44 +62,44 @@ async def settled(client: Any) -> None:
 
 
 @pytest.fixture
-async def client(ciris_billing_config: BillingConfig, make_client: ClientFactory) -> Any:
+async def keyed_client(ciris_billing_config: BillingConfig, make_client: ClientFactory) -> Any:
     return await make_client(ciris_billing_config, host=keyed_agent)
 
 
 async def test_200_concurrent_failing_interactions_keep_every_paid_credit(
-    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
+    keyed_client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
 ) -> None:
     fake = ciris_fake_backend
-    auth = await paid_user(client, fake, ciris_tokens, "payer", 20)
+    auth = await paid_user(keyed_client, fake, ciris_tokens, "payer", 20)
     for _ in range(3):
         replies = await asyncio.gather(
-            *(client.post(INTERACT + "?fail=1", json={}, headers=auth) for _ in range(200))
+            *(keyed_client.post(INTERACT + "?fail=1", json={}, headers=auth) for _ in range(200))
         )
         assert {r.status for r in replies} <= {502, 402}
         assert sum(r.status == 502 for r in replies) >= 20  # at least every paid credit was used
-        await settled(client)
+        await settled(keyed_client)
         assert fake.account(*who("payer"))["credits_remaining"] == 20
     pools = charges_by_key(fake, "payer")
     assert refunds(fake, "payer") == sum(pool == "paid" for pool in pools.values())
-    status = await (await client.get(CREDITS, headers=auth)).json()
+    status = await (await keyed_client.get(CREDITS, headers=auth)).json()
     assert status["credits_remaining"] == 20
 
 
 async def test_interleaved_successes_and_failures_spend_exactly_the_successes_on_paid(
-    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
+    keyed_client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
 ) -> None:
     fake = ciris_fake_backend
-    auth = await paid_user(client, fake, ciris_tokens, "mixed", 100)
+    auth = await paid_user(keyed_client, fake, ciris_tokens, "mixed", 100)
     with fake.ledger.lock:
         fake.ledger.accounts[who("mixed")].free_uses_remaining = 5  # free and paid uses interleave
     outcomes: dict[str, int] = {}
     for round_ in range(3):
         paths = [INTERACT + ("?fail=1" if (i + round_) % 3 else "") for i in range(150)]
-        replies = await asyncio.gather(*(client.post(path, json={}, headers=auth) for path in paths))
+        replies = await asyncio.gather(*(keyed_client.post(path, json={}, headers=auth) for path in paths))
         for reply in replies:
             if reply.status in (200, 502):
                 outcomes[(await reply.json())["key"]] = reply.status
-        await settled(client)
+        await settled(keyed_client)
     pools = charges_by_key(fake, "mixed")
     assert set(outcomes) == set(pools)  # every charged request answered, and only those
     paid_successes = sum(pools[k] == "paid" and s == 200 for k, s in outcomes.items())
@@ -182,17 +173,17 @@ async def test_a_mix_of_slow_failing_and_successful_interactions_under_backend_f
 
 
 async def test_a_refund_owed_while_the_backend_is_down_is_made_once_it_is_back(
-    client: Any,
+    keyed_client: Any,
     ciris_fake_backend: FakeBillingBackend,
     ciris_tokens: TokenFactory,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     fake = ciris_fake_backend
-    auth = await paid_user(client, fake, ciris_tokens, "outage", 5)
+    auth = await paid_user(keyed_client, fake, ciris_tokens, "outage", 5)
     fake.inject("error_500", endpoint="transactions")
     fake.inject("error_500", endpoint="credits")
     with caplog.at_level(logging.INFO, logger="ciris_billing_proxy"):
-        reply = await client.post(INTERACT + "?fail=1", json={}, headers=auth)
+        reply = await keyed_client.post(INTERACT + "?fail=1", json={}, headers=auth)
         key = (await reply.json())["key"]
         await asyncio.sleep(1.0)  # several retries fail meanwhile
         assert fake.account(*who("outage"))["credits_remaining"] == 4
@@ -200,9 +191,9 @@ async def test_a_refund_owed_while_the_backend_is_down_is_made_once_it_is_back(
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert any(key in message for message in warnings)  # the operator can name the request
         fake.clear_faults()
-        await settled(client)
+        await settled(keyed_client)
     assert fake.account(*who("outage"))["credits_remaining"] == 5
-    status = await (await client.get(CREDITS, headers=auth)).json()
+    status = await (await keyed_client.get(CREDITS, headers=auth)).json()
     assert status["credits_remaining"] == 5  # and the cache shows it
 
 
@@ -239,19 +230,19 @@ async def test_two_agents_on_one_backend_refund_exactly(
 
 
 async def test_shutdown_with_a_give_back_still_owed_is_prompt_and_names_it(
-    client: Any,
+    keyed_client: Any,
     ciris_fake_backend: FakeBillingBackend,
     ciris_tokens: TokenFactory,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     fake = ciris_fake_backend
-    auth = await paid_user(client, fake, ciris_tokens, "leaving", 3)
+    auth = await paid_user(keyed_client, fake, ciris_tokens, "leaving", 3)
     fake.inject("error_500", endpoint="transactions")
-    reply = await client.post(INTERACT + "?fail=1", json={}, headers=auth)
+    reply = await keyed_client.post(INTERACT + "?fail=1", json={}, headers=auth)
     key = (await reply.json())["key"]
-    assert len(client.app[SERVICE_KEY].retries) == 1
+    assert len(keyed_client.app[SERVICE_KEY].retries) == 1
     with caplog.at_level(logging.WARNING):
-        await asyncio.wait_for(client.close(), 10)
+        await asyncio.wait_for(keyed_client.close(), 10)
     assert any(key in r.getMessage() and "not retried again" in r.getMessage() for r in caplog.records)
 
 
@@ -321,7 +312,7 @@ async def test_a_give_back_failing_during_shutdown_is_named_and_not_retried_afte
 
 
 async def test_a_backend_that_refuses_the_listing_ends_the_give_back_with_one_warning(
-    client: Any,
+    keyed_client: Any,
     ciris_fake_backend: FakeBillingBackend,
     ciris_tokens: TokenFactory,
     caplog: pytest.LogCaptureFixture,
@@ -329,12 +320,12 @@ async def test_a_backend_that_refuses_the_listing_ends_the_give_back_with_one_wa
     """A backend from before the listing existed answers 404: no refund can be proven safe, and
     asking again will not change that, so it is not retried (nor does it flood the log)."""
     fake = ciris_fake_backend
-    auth = await paid_user(client, fake, ciris_tokens, "old", 5)
+    auth = await paid_user(keyed_client, fake, ciris_tokens, "old", 5)
     fake.inject("not_found", endpoint="transactions")
     with caplog.at_level(logging.INFO):
         for _ in range(5):
-            await client.post(INTERACT + "?fail=1", json={}, headers=auth)
-        assert not len(client.app[SERVICE_KEY].retries)
+            await keyed_client.post(INTERACT + "?fail=1", json={}, headers=auth)
+        assert not len(keyed_client.app[SERVICE_KEY].retries)
         calls = fake.calls["transactions"]
         await asyncio.sleep(0.5)
     assert fake.calls["transactions"] == calls == 5
@@ -369,17 +360,17 @@ async def test_a_timed_out_charge_that_took_a_free_use_is_not_refunded(
 
 
 async def test_a_paid_balance_change_missing_from_the_listing_cannot_mint_a_refund(
-    client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
+    keyed_client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
 ) -> None:
     """The backend's tool charges take main-pool credits without a listed entry: the listing then
     shows a free use's charge one below its predecessor. One-time free uses left prove it free."""
     fake = ciris_fake_backend
     auth = ciris_tokens.headers("tools")
-    await client.get(CREDITS, headers=auth)
+    await keyed_client.get(CREDITS, headers=auth)
     fake.grant(*who("tools"), 5)
     with fake.ledger.lock:
         fake.ledger.accounts[who("tools")].paid_credits -= 1  # a tool charge: no listed entry
-    assert (await client.post(INTERACT + "?fail=1", json={}, headers=auth)).status == 502
-    await settled(client)
+    assert (await keyed_client.post(INTERACT + "?fail=1", json={}, headers=auth)).status == 502
+    await settled(keyed_client)
     assert refunds(fake, "tools") == 0
     assert fake.account(*who("tools"))["credits_remaining"] == 4

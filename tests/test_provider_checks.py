@@ -16,12 +16,9 @@ from ciris_billing_proxy import ConfigError, CreditProvider, Identity, setup_bil
 from ciris_billing_proxy.testing import TokenFactory
 
 from .conftest import ClientFactory, make_config
-from .providers import ShopProvider
+from .default_paths import CREDITS, INITIATE
+from .providers import ShopProvider, fake_distribution
 from .serving import clean_env
-from .test_registry import fake_distribution
-
-CREDITS = "/v1/api/billing/credits"
-INITIATE = "/v1/api/billing/purchase/initiate"
 
 
 @pytest.mark.parametrize("provider", [ShopProvider, object(), "shop"], ids=["a class", "an object", "a name"])

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from .default_paths import CREDITS, INITIATE, LOGIN, STATUS, TRANSACTIONS
 from .serving import clean_env, serve
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
@@ -105,8 +106,8 @@ async def test_a_server_that_breaks_the_contract_fails(aiohttp_server: Any) -> N
         )
 
     app = web.Application()
-    app.router.add_post("/v1/auth/login", login)
-    app.router.add_get("/v1/api/billing/credits", credits)
+    app.router.add_post(LOGIN, login)
+    app.router.add_get(CREDITS, credits)
     server = await aiohttp_server(app)
     code, out, _ = await qa(
         "--url", str(server.make_url("")), "--username", "u", "--password", "p", "--no-purchase"
@@ -156,11 +157,11 @@ GOOD_INITIATE = {
 
 def agent(**routes: Any) -> web.Application:
     paths = {
-        "login": "/v1/auth/login",
-        "credits": "/v1/api/billing/credits",
-        "initiate": "/v1/api/billing/purchase/initiate",
-        "status": "/v1/api/billing/purchase/status/pi_1",
-        "transactions": "/v1/api/billing/transactions",
+        "login": LOGIN,
+        "credits": CREDITS,
+        "initiate": INITIATE,
+        "status": f"{STATUS}pi_1",
+        "transactions": TRANSACTIONS,
     }
     bodies = {
         "login": LOGIN_OK,
@@ -310,9 +311,7 @@ async def test_transactions_of_a_busy_user_are_checked(tmp_path: Path) -> None:
 
     with serve(["--user", "ann:pw:ann@example.com"], tmp_path) as server:
         async with aiohttp.ClientSession() as session:
-            async with session.post(
-                f"{server.url}/v1/auth/login", json={"username": "ann", "password": "pw"}
-            ) as r:
+            async with session.post(f"{server.url}{LOGIN}", json={"username": "ann", "password": "pw"}) as r:
                 auth = {"Authorization": f"Bearer {(await r.json())['access_token']}"}
             for _ in range(3):
                 async with session.post(

@@ -2,30 +2,27 @@
 
 from __future__ import annotations
 
+import pydoc
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import ciris_billing_proxy
+from ciris_billing_proxy.client import BillingClient
 from ciris_billing_proxy.config import ENV_VARS
 from ciris_billing_proxy.providers import simple
 from ciris_billing_proxy.providers.ciris import settings as ciris_settings
 from ciris_billing_proxy.testing import TokenFactory
 
-ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+from .default_paths import CREDITS
+from .repo_files import README, ROOT, code_after
 
 
 def section(title: str) -> str:
     match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", README, re.S | re.M)
     assert match, title
-    return match.group(1)
-
-
-def code_after(marker: str) -> str:
-    match = re.search(rf"<!-- readme-test: {marker} -->\n```python\n(.*?)```", README, re.S)
-    assert match, marker
     return match.group(1)
 
 
@@ -46,7 +43,7 @@ async def test_registration_snippet_runs(
     headers = TokenFactory(namespace["billing"].config).headers("zoe")
     resp = await client.post("/v1/agent/interact", headers=headers)
     assert await resp.json() == {"reply": "Hello zoe"}
-    credits = await (await client.get("/v1/api/billing/credits", headers=headers)).json()
+    credits = await (await client.get(CREDITS, headers=headers)).json()
     assert credits["free_uses_remaining"] == 9
 
 
@@ -96,3 +93,16 @@ def test_readme_embeds_the_latest_benchmark_table() -> None:
     embedded = README.split("<!-- bench:start -->\n", 1)[1].split("<!-- bench:end -->", 1)[0]
     assert embedded == results
     assert "| A: bare aiohttp handler" in embedded
+
+
+def test_the_front_door_objects_explain_themselves_in_help() -> None:
+    for thing in (
+        ciris_billing_proxy.setup_billing,
+        ciris_billing_proxy.credit_gate,
+        ciris_billing_proxy.get_identity,
+        ciris_billing_proxy.BillingService,
+        BillingClient,
+    ):
+        words = (thing.__doc__ or "").split()
+        assert len(words) >= 15, thing
+        assert " ".join(words[:5]) in " ".join(pydoc.render_doc(thing, renderer=pydoc.plaintext).split())

@@ -15,17 +15,9 @@ from ciris_billing_proxy.providers import ProviderContext, create_provider, inst
 from ciris_billing_proxy.providers.simple import SimpleProvider
 
 from .conftest import make_config
+from .providers import fake_distribution
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "provider_plugin"
-
-
-def fake_distribution(root: Path, dist: str, module: str, source: str, entry: str) -> None:
-    """Lay out an installed distribution (module + .dist-info) the way pip would."""
-    (root / f"{module}.py").write_text(textwrap.dedent(source))
-    info = root / f"{dist.replace('-', '_')}-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[ciris_billing_proxy.providers]\n{entry}\n")
 
 
 def test_builtin_simple_is_registered_through_the_package_entry_point() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,19 +19,18 @@ from aiohttp import web
 from ciris_billing_proxy import BillingConfig, ConfigError, credit_gate, get_identity, setup_billing
 from ciris_billing_proxy import auth as auth_module
 from ciris_billing_proxy.auth import TokenVerifier
-from ciris_billing_proxy.demo import USERS_FILE, create_demo_app, load_or_create_users
-from ciris_billing_proxy.service import SERVICE_KEY
+from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.testing import TokenFactory
-from ciris_billing_proxy.users import UserStore
+from ciris_billing_proxy.tools.demo import USERS_FILE, create_demo_app, load_or_create_users
+from ciris_billing_proxy.tools.users import UserStore
 
 from .conftest import SECRET, make_config
+from .default_paths import BILLING, CREDITS, INITIATE, LOGIN, REFRESH, STATUS, TRANSACTIONS
 from .providers import ShopProvider
-from .serving import clean_env, serve
-from .test_disconnects import credits
+from .serving import COMMAND, clean_env, get_credits, serve
 
-CREDITS = "/v1/api/billing/credits"
 OTHER_SECRET = "another-secret-for-the-inner-app-0123456789-abcdefghijklmnopqrstuvwxyz"
-SERVE = (sys.executable, "-m", "ciris_billing_proxy", "serve")
+SERVE = (*COMMAND, "serve")
 PATIENCE = 30.0  # far beyond every deadline configured below: only a hang could exhaust it
 
 
@@ -157,13 +155,13 @@ def _request(method: str, path: str, expect: str, token: str | None = None) -> s
 
 BILLING_ROUTES = [
     ("GET", CREDITS),
-    ("GET", "/v1/api/billing/transactions"),
-    ("GET", "/v1/api/billing/purchase/status/pi_1"),
-    ("POST", "/v1/api/billing/purchase/initiate"),
+    ("GET", TRANSACTIONS),
+    ("GET", f"{STATUS}pi_1"),
+    ("POST", INITIATE),
 ]
 UNMATCHED = [
-    ("GET", "/v1/api/billing/nope"),
-    ("GET", "/v1/api/billing"),
+    ("GET", f"{BILLING}/nope"),
+    ("GET", BILLING),
     ("POST", CREDITS),
 ]
 
@@ -194,11 +192,11 @@ async def test_every_billing_route_answers_expect_in_json_after_the_token_check(
 @pytest.mark.parametrize(
     ("method", "path", "status", "detail", "allow"),
     [
-        ("GET", "/v1/api/billing/nope", 404, "Not Found", None),
-        ("GET", "/v1/api/billing", 404, "Not Found", None),
-        ("GET", "/v1/api/billing/purchase/status/a/b", 404, "Not Found", None),
+        ("GET", f"{BILLING}/nope", 404, "Not Found", None),
+        ("GET", BILLING, 404, "Not Found", None),
+        ("GET", f"{STATUS}a/b", 404, "Not Found", None),
         ("POST", CREDITS, 405, "Method Not Allowed", "GET,HEAD"),
-        ("GET", "/v1/api/billing/purchase/initiate", 405, "Method Not Allowed", "POST"),
+        ("GET", INITIATE, 405, "Method Not Allowed", "POST"),
     ],
 )
 async def test_unmatched_billing_paths_are_json_404_and_405(
@@ -261,16 +259,16 @@ def _plain_host(config: BillingConfig) -> web.Application:
     users = UserStore()
     users.add("ann", "pw")
     app = web.Application()
-    setup_billing(app, config, provider=ShopProvider(), authenticate=users.authenticate, environ={})
+    setup_billing(app, config, provider=ShopProvider(), authenticate=users.verify_login, environ={})
     return app
 
 
 @pytest.mark.parametrize(
     ("path", "signed_in"),
     [
-        ("/v1/auth/login", False),
-        ("/v1/auth/refresh", True),
-        ("/v1/api/billing/purchase/initiate", True),
+        (LOGIN, False),
+        (REFRESH, True),
+        (INITIATE, True),
         ("/v1/agent/interact", True),
     ],
 )
@@ -291,10 +289,10 @@ async def test_a_gated_interaction_whose_body_is_late_costs_nothing(tmp_path: Pa
     config = make_config(tmp_path, body_timeout_seconds=0.2)
     factory = TokenFactory(config)
     async with _serving(create_demo_app(config, UserStore(), environ={})) as port:
-        before = await credits(port, factory)
+        before = await get_credits(port, factory)
         head, _body = await _stalled(port, "/v1/agent/interact", factory.headers("zoe"))
         assert head.startswith(b"HTTP/1.1 408")
-        assert await credits(port, factory) == before
+        assert await get_credits(port, factory) == before
 
 
 def test_the_body_deadline_comes_from_the_environment() -> None:
@@ -311,7 +309,7 @@ async def test_serve_answers_a_login_body_that_never_comes_and_hangs_up(tmp_path
         port = int(server.url.rsplit(":", 1)[1])
         # Read to the end: the server closes the connection (after aiohttp's lingering time, 10 s,
         # for the rest of the body), so this returns well within PATIENCE.
-        head, rest = await _stalled(port, "/v1/auth/login", {})
+        head, rest = await _stalled(port, LOGIN, {})
     assert head.startswith(b"HTTP/1.1 408"), head
     assert json.loads(rest) == {"detail": "Request body not received in time"}
 

@@ -9,14 +9,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from ciris_billing_proxy import Identity
-from ciris_billing_proxy.service import SERVICE_KEY
+from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.testing import TokenFactory
 
+from .default_paths import BILLING, CREDITS, INITIATE, STATUS
+
 Client = TestClient[web.Request, web.Application]
-CREDITS = "/v1/api/billing/credits"
-INITIATE = "/v1/api/billing/purchase/initiate"
-STATUS = "/v1/api/billing/purchase/status/pi_abc123xyz789"
-SEVEN = {
+A_STATUS = f"{STATUS}pi_abc123xyz789"
+FRESH_USER_CREDIT_TYPES = {
     "has_credit": bool,
     "credits_remaining": int,
     "free_uses_remaining": int,
@@ -27,12 +27,14 @@ SEVEN = {
 }
 
 
-async def test_credits_has_all_seven_fields_with_their_types(client: Client, tokens: TokenFactory) -> None:
-    resp = await client.get(CREDITS, headers=tokens.headers())
+async def test_credits_has_all_seven_fields_with_their_types(
+    billing_client: Client, tokens: TokenFactory
+) -> None:
+    resp = await billing_client.get(CREDITS, headers=tokens.headers())
     assert resp.status == 200
     assert resp.content_type == "application/json"
     body = await resp.json()
-    for field, kind in SEVEN.items():
+    for field, kind in FRESH_USER_CREDIT_TYPES.items():
         assert field in body, field
         assert type(body[field]) is kind, (field, body[field])
     assert body == {
@@ -47,11 +49,11 @@ async def test_credits_has_all_seven_fields_with_their_types(client: Client, tok
     assert "data" not in body
 
 
-async def test_credits_are_per_user(client: Client, tokens: TokenFactory) -> None:
-    service = client.app[SERVICE_KEY]
+async def test_credits_are_per_user(billing_client: Client, tokens: TokenFactory) -> None:
+    service = billing_client.app[SERVICE_KEY]
     await service.spend(Identity("alice", "local", "OBSERVER"), "k1")
-    alice = await (await client.get(CREDITS, headers=tokens.headers("alice"))).json()
-    bob = await (await client.get(CREDITS, headers=tokens.headers("bob"))).json()
+    alice = await (await billing_client.get(CREDITS, headers=tokens.headers("alice"))).json()
+    bob = await (await billing_client.get(CREDITS, headers=tokens.headers("bob"))).json()
     assert alice["free_uses_remaining"] == 9
     assert bob["free_uses_remaining"] == 10
 
@@ -62,23 +64,23 @@ async def test_credits_are_per_user(client: Client, tokens: TokenFactory) -> Non
         ("POST", INITIATE, {"return_url": "https://app.example/done"}),
         ("POST", INITIATE, {}),
         ("POST", INITIATE, None),
-        ("GET", STATUS, None),
+        ("GET", A_STATUS, None),
     ],
 )
 async def test_purchase_routes_answer_403_when_billing_is_disabled(
-    client: Client, tokens: TokenFactory, method: str, path: str, body: Any
+    billing_client: Client, tokens: TokenFactory, method: str, path: str, body: Any
 ) -> None:
-    resp = await client.request(method, path, json=body, headers=tokens.headers())
+    resp = await billing_client.request(method, path, json=body, headers=tokens.headers())
     assert resp.status == 403
     assert await resp.json() == {"detail": "Billing not enabled for this agent"}
 
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", CREDITS), ("POST", INITIATE), ("GET", STATUS), ("GET", "/v1/api/billing/unknown")],
+    [("GET", CREDITS), ("POST", INITIATE), ("GET", A_STATUS), ("GET", f"{BILLING}/unknown")],
 )
-async def test_every_route_needs_a_token(client: Client, method: str, path: str) -> None:
-    resp = await client.request(method, path)
+async def test_every_route_needs_a_token(billing_client: Client, method: str, path: str) -> None:
+    resp = await billing_client.request(method, path)
     assert resp.status == 401
     assert resp.headers["WWW-Authenticate"] == "Bearer"
     assert await resp.json() == {"detail": "Not authenticated"}
@@ -87,19 +89,19 @@ async def test_every_route_needs_a_token(client: Client, method: str, path: str)
 @pytest.mark.parametrize(
     ("method", "path", "status"),
     [
-        ("GET", "/v1/api/billing/unknown", 404),
-        ("GET", "/v1/api/billing", 404),
-        ("GET", "/v1/api/billing/purchase/status/", 404),
+        ("GET", f"{BILLING}/unknown", 404),
+        ("GET", BILLING, 404),
+        ("GET", STATUS, 404),
         ("DELETE", CREDITS, 405),
         ("POST", CREDITS, 405),
         ("GET", INITIATE, 405),
-        ("PUT", STATUS, 405),
+        ("PUT", A_STATUS, 405),
     ],
 )
 async def test_unknown_paths_and_methods_are_json(
-    client: Client, tokens: TokenFactory, method: str, path: str, status: int
+    billing_client: Client, tokens: TokenFactory, method: str, path: str, status: int
 ) -> None:
-    resp = await client.request(method, path, headers=tokens.headers())
+    resp = await billing_client.request(method, path, headers=tokens.headers())
     assert resp.status == status
     assert resp.content_type == "application/json"
     body = await resp.json()
@@ -108,16 +110,18 @@ async def test_unknown_paths_and_methods_are_json(
         assert "Allow" in resp.headers
 
 
-async def test_sdk_headers_are_tolerated(client: Client, tokens: TokenFactory) -> None:
-    resp = await client.get(CREDITS, headers={**tokens.headers(), "X-API-Version": "v1"})
+async def test_sdk_headers_are_tolerated(billing_client: Client, tokens: TokenFactory) -> None:
+    resp = await billing_client.get(CREDITS, headers={**tokens.headers(), "X-API-Version": "v1"})
     assert resp.status == 200
     assert "X-RateLimit-Limit" not in resp.headers
 
 
-async def test_expect_continue_is_granted_only_to_a_valid_token(client: Client, tokens: TokenFactory) -> None:
+async def test_expect_continue_is_granted_only_to_a_valid_token(
+    billing_client: Client, tokens: TokenFactory
+) -> None:
     import asyncio
 
-    host, port = client.server.host, client.server.port
+    host, port = billing_client.server.host, billing_client.server.port
 
     async def raw(headers: str) -> bytes:
         reader, writer = await asyncio.open_connection(host, port)
@@ -140,12 +144,12 @@ async def test_expect_continue_is_granted_only_to_a_valid_token(client: Client, 
     assert b"application/json" in odd
 
 
-async def test_two_authorization_headers_are_refused(client: Client, tokens: TokenFactory) -> None:
+async def test_two_authorization_headers_are_refused(billing_client: Client, tokens: TokenFactory) -> None:
     from multidict import CIMultiDict
 
     headers = CIMultiDict(
         [("Authorization", f"Bearer {tokens.token('a')}"), ("Authorization", f"Bearer {tokens.token('b')}")]
     )
-    resp = await client.get(CREDITS, headers=headers)
+    resp = await billing_client.get(CREDITS, headers=headers)
     assert resp.status == 401
     assert await resp.json() == {"detail": "Not authenticated"}

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from .repo_files import ROOT
 from .serving import clean_env, serve
 
 USER, PASSWORD = "demo", "demo-password-123"
 #: Test cases per operation and phase: enough to find the classic failures, bounded for 2 cores.
 MAX_EXAMPLES = "10"
-HERE = Path(__file__).resolve().parent
 
 
 @pytest.mark.parametrize("args", [[], ["--fake-backend"]], ids=["simple", "fake-backend"])
@@ -36,7 +36,7 @@ def test_schemathesis_finds_nothing(tmp_path: Path, args: list[str]) -> None:
                 "-m",
                 "schemathesis.cli",
                 "--config-file",
-                str(HERE / "schemathesis.toml"),
+                str(ROOT / "tests" / "schemathesis.toml"),
                 "run",
                 f"{server.url}/v1/api/billing/openapi.json",
                 "--checks",
@@ -52,7 +52,7 @@ def test_schemathesis_finds_nothing(tmp_path: Path, args: list[str]) -> None:
             cwd=tmp_path,
             env={
                 **env,
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")])),
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
                 "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks",
                 "BILLING_DEMO_URL": server.url,
                 "BILLING_DEMO_USER": USER,

@@ -17,8 +17,8 @@ import pytest
 from aiohttp import web
 
 from ciris_billing_proxy import BillingConfig, Identity, credit_gate, setup_billing
-from ciris_billing_proxy.cli import make_runner
 from ciris_billing_proxy.testing import TokenFactory
+from ciris_billing_proxy.tools.cli import make_runner
 
 from .providers import ShopProvider
 from .serving import Server, clean_env, serve

@@ -16,6 +16,7 @@ from ciris_billing_proxy.providers.simple import SimpleProvider
 from ciris_billing_proxy.testing import TokenFactory
 
 from .conftest import make_config
+from .default_paths import CREDITS
 
 ALICE = Identity("alice", "local", "OBSERVER")
 
@@ -70,7 +71,7 @@ async def test_usage_survives_an_app_restart_on_the_same_file(tmp_path: Path) ->
         async with TestClient(TestServer(app)) as client:
             for i in range(spend):
                 await service.spend(ALICE, f"restart-{spend}-{i}")
-            resp = await client.get("/v1/api/billing/credits", headers=headers)
+            resp = await client.get(CREDITS, headers=headers)
             body: dict[str, object] = await resp.json()
             return body
 

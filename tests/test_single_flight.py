@@ -9,8 +9,9 @@ from typing import Any
 from ciris_billing_proxy import BillingConfig
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 
-from .ciris_helpers import CREDITS
+from .ciris_helpers import with_options
 from .conftest import ClientFactory
+from .default_paths import CREDITS
 
 
 async def test_concurrent_requests_make_one_backend_call_per_user(
@@ -36,9 +37,7 @@ async def test_a_backend_failure_is_shared_and_not_cached(
     ciris_fake_backend: FakeBillingBackend,
     ciris_tokens: TokenFactory,
 ) -> None:
-    config = ciris_billing_config.model_copy(
-        update={"provider_options": {**ciris_billing_config.provider_options, "max_retries": 0}}
-    )
+    config = with_options(ciris_billing_config, max_retries=0)
     client = await make_client(config)
     ciris_fake_backend.inject("latency", endpoint="credits/check", seconds=0.05, times=1)
     ciris_fake_backend.inject("error_500", endpoint="credits/check", times=1)

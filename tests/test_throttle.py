@@ -14,6 +14,7 @@ from ciris_billing_proxy.client_address import client_address
 from ciris_billing_proxy.throttle import LoginAttempt, MemoryLoginThrottle
 
 from .conftest import SECRET
+from .default_paths import LOGIN
 
 
 class Clock:
@@ -82,17 +83,17 @@ async def test_success_clears_the_user_and_takes_back_the_address_count() -> Non
     assert await limiter.admit(bob) is not None  # the address: one failure (ann's first) + bob's
 
 
-def request(peer: str, *forwarded: str) -> object:
-    headers = [("X-Forwarded-For", value) for value in forwarded]
-    return make_mocked_request("POST", "/v1/auth/login", headers=headers, transport=_Transport(peer))
-
-
 class _Transport:
     def __init__(self, peer: str) -> None:
         self._peer = peer
 
     def get_extra_info(self, name: str, default: object = None) -> object:
         return (self._peer, 1234) if name == "peername" else default
+
+
+def request(peer: str, *forwarded: str) -> object:
+    headers = [("X-Forwarded-For", value) for value in forwarded]
+    return make_mocked_request("POST", LOGIN, headers=headers, transport=_Transport(peer))
 
 
 TRUSTED = (ip_network("10.0.0.0/8"), ip_network("2001:db8:ffff::/48"))

@@ -54,7 +54,7 @@ class Account:
 
 
 @dataclass
-class Transaction:
+class LedgerEntry:
     transaction_id: str
     account_key: tuple[str, str]
     type: str  # "charge" | "credit"
@@ -100,7 +100,7 @@ class Ledger:
         self.pricing = pricing or Pricing()
         self.lock = threading.RLock()
         self.accounts: dict[tuple[str, str], Account] = {}
-        self.transactions: list[Transaction] = []
+        self.transactions: list[LedgerEntry] = []
         self.payments: dict[str, PaymentIntent] = {}
         self._purchase_keys: dict[str, str] = {}
         self.clock_offset = timedelta()
@@ -254,7 +254,7 @@ class Ledger:
                 account.balance_minor = account.paid_credits
             account.total_uses += 1
             meta = body.get("metadata") or {}
-            txn = Transaction(
+            txn = LedgerEntry(
                 transaction_id=str(uuid.uuid4()),
                 account_key=key,
                 type="charge",
@@ -270,14 +270,14 @@ class Ledger:
             self.transactions.append(txn)
             return self._charge_view(txn)
 
-    def _find(self, kind: str, idempotency_key: str) -> Transaction | None:
+    def _find(self, kind: str, idempotency_key: str) -> LedgerEntry | None:
         # Global lookup: not scoped to the account (section 3.2 step 2).
         for txn in self.transactions:
             if txn.type == kind and txn.idempotency_key == idempotency_key:
                 return txn
         return None
 
-    def _charge_view(self, txn: Transaction) -> dict[str, Any]:
+    def _charge_view(self, txn: LedgerEntry) -> dict[str, Any]:
         return {
             "charge_id": txn.transaction_id,
             "account_id": self.accounts[txn.account_key].account_id,
@@ -315,7 +315,7 @@ class Ledger:
     def _credit(self, account: Account, body: dict[str, Any]) -> dict[str, Any]:
         account.paid_credits += body["amount_minor"]
         account.balance_minor = account.paid_credits
-        txn = Transaction(
+        txn = LedgerEntry(
             transaction_id=str(uuid.uuid4()),
             account_key=(account.oauth_provider, account.external_id),
             type="credit",

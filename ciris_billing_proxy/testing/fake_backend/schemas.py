@@ -83,7 +83,7 @@ class CreditRequest(IdentityFields, MetadataFields, _Money):
     external_transaction_id: str | None = Field(default=None, max_length=255)
 
 
-class PurchaseRequest(IdentityFields, MetadataFields):
+class BackendPurchaseBody(IdentityFields, MetadataFields):
     customer_email: str = Field(min_length=1, max_length=255)
     return_url: str | None = Field(default=None, min_length=1)
     display_name: str | None = Field(default=None, max_length=255)

@@ -25,11 +25,11 @@ from .faults import Fault, FaultPlan
 from .ledger import BackendError, Ledger, Pricing
 from .schemas import (
     AccountRequest,
+    BackendPurchaseBody,
     ChargeRequest,
     CheckRequest,
     CreditRequest,
     InvalidBody,
-    PurchaseRequest,
     _Body,
     parse,
 )
@@ -374,7 +374,7 @@ class FakeBillingBackend:
         return _json(200, self.ledger.account_view(key))
 
     async def _purchase(self, request: web.Request) -> web.Response:
-        body = await self._authorized_body(request, PurchaseRequest, WRITE)
+        body = await self._authorized_body(request, BackendPurchaseBody, WRITE)
         return _json(201, self.ledger.purchase(body))
 
     async def _payment(self, request: web.Request) -> web.Response:

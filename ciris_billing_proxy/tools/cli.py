@@ -11,11 +11,14 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from . import __version__
-from .config import DEFAULT_PREFIX, BillingConfig, ConfigError, default_data_dir
+from .. import __version__
+from ..config import BillingConfig, ConfigError, default_data_dir
+from ..openapi import openapi_document
+from ..paths import DEFAULT_LOGIN_PATH, DEFAULT_PREFIX
 from .demo import (
     CreatedUser,
     create_demo_app,
@@ -25,11 +28,11 @@ from .demo import (
     save_users,
     saved_usernames,
 )
-from .login import DEFAULT_LOGIN_PATH
-from .openapi import openapi_document
 from .qa import QAError, print_report, run_qa
-from .testing.fake_backend import FakeBillingBackend
 from .users import UserStore
+
+if TYPE_CHECKING:
+    from ..testing.fake_backend import FakeBillingBackend
 
 #: Seconds `serve` gives a connection to send a complete request head (see `make_runner`).
 DEFAULT_IDLE_TIMEOUT = 30.0
@@ -234,9 +237,12 @@ def _serve(args: argparse.Namespace) -> int:
 async def _start(
     config: BillingConfig, users: UserStore, created: CreatedUser | None, args: argparse.Namespace
 ) -> int:
-    fake = None
+    fake: FakeBillingBackend | None = None
     environ: dict[str, str] | None = None
     if args.fake_backend:
+        # The testing kit (and its backend's dependencies) load only when the fake is asked for.
+        from ..testing.fake_backend import FakeBillingBackend
+
         fake = FakeBillingBackend()
         url = await fake.start(host="127.0.0.1")
         environ = {}  # the fake's settings only, whatever CIRIS_BILLING_* the shell has

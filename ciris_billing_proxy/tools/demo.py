@@ -17,26 +17,28 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .auth import get_identity
-from .bodies import expect_continue, read_model
-from .config import BillingConfig, ConfigError
-from .errors import error_middleware
-from .gate import credit_gate
-from .models import InteractReply, InteractRequest
-from .routes import json_reply
-from .service import SERVICE_KEY
-from .setup import setup_billing
+from ..auth import get_identity
+from ..bodies import expect_continue, read_model
+from ..config import BillingConfig, ConfigError
+from ..errors import error_middleware
+from ..gate import credit_gate
+from ..keys import billing_service
+from ..models import InteractReply, InteractRequest
+from ..routes import json_reply
+from ..setup import setup_billing
 from .users import UserStore
 
 SECRET_FILE = "jwt-secret"  # noqa: S105 - a file name
 USERS_FILE = "demo-users.json"
+#: The demo's one gated endpoint.
+INTERACT_PATH = "/v1/agent/interact"
 # Letters and digits only: a password starting with "-" reads as an option on a command line.
 _PASSWORD_ALPHABET = string.ascii_letters + string.digits
 
 
 @credit_gate
 async def interact(request: web.Request) -> web.Response:
-    service = request.config_dict[SERVICE_KEY]
+    service = billing_service(request)
     config = service.config
     body = await read_model(
         request, InteractRequest, config.max_body_bytes, time_limit=config.body_timeout_seconds
@@ -61,9 +63,9 @@ def create_demo_app(
     config: BillingConfig, users: UserStore, *, environ: Mapping[str, str] | None = None
 ) -> web.Application:
     app = web.Application(middlewares=[error_middleware()])
-    setup_billing(app, config, authenticate=users.authenticate, environ=environ)
+    setup_billing(app, config, authenticate=users.verify_login, environ=environ)
     # JSON 417 for an unknown `Expect:`; aiohttp's default answers before any middleware, in text.
-    app.router.add_post("/v1/agent/interact", interact, expect_handler=expect_continue)
+    app.router.add_post(INTERACT_PATH, interact, expect_handler=expect_continue)
     app.router.add_get("/health", health)
     return app
 

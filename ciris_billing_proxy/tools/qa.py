@@ -9,38 +9,74 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Final, Literal, TextIO
+from typing import Any, Final, Literal, TextIO, Union, get_args, get_origin
 
-from .client import (
+from pydantic import BaseModel
+
+from ..client import (
     BillingAPIError,
     BillingClient,
     BillingClientError,
     BillingConnectionError,
     BillingNotEnabled,
 )
-from .models import PAYMENT_STATES
+from ..models import (
+    PAYMENT_STATES,
+    CreditStatusReply,
+    PurchaseInitiated,
+    PurchaseOptionsReply,
+    PurchaseStatusReply,
+    Transaction,
+    TransactionPageReply,
+    TransactionReply,
+)
+from ..paths import CREDITS_ROUTE, DEFAULT_LOGIN_PATH, INITIATE_ROUTE, STATUS_ROUTE, TRANSACTIONS_ROUTE
 
 Result = Literal["PASS", "SKIP", "FAIL"]
+#: The Python types `json.loads` may give for a field: what a check accepts.
+JSONKinds = tuple[type, ...]
 
-SEVEN: Final = {
-    "has_credit": (bool,),
-    "credits_remaining": (int,),
-    "free_uses_remaining": (int,),
-    "total_uses": (int,),
-    "plan_name": (str, type(None)),
-    "purchase_required": (bool,),
-    "purchase_options": (dict, type(None)),
-}
-INITIATED: Final = {
-    "payment_id": (str,),
-    "client_secret": (str,),
-    "amount_minor": (int,),
-    "currency": (str,),
-    "uses_purchased": (int,),
-    "publishable_key": (str,),
-}
+
+def _json_kinds(annotation: Any) -> JSONKinds:
+    """What JSON a model field's annotation allows, as the types `json.loads` returns for it."""
+    union = get_origin(annotation) in (Union, types.UnionType)
+    kinds: list[type] = []
+    for kind in get_args(annotation) if union else (annotation,):
+        origin = get_origin(kind)
+        if origin is Literal:
+            kinds.append(type(get_args(kind)[0]))
+        elif origin is not None:
+            kinds.append(origin)  # list[...] is a JSON array
+        elif isinstance(kind, type) and issubclass(kind, BaseModel):
+            kinds.append(dict)
+        else:
+            kinds.append(kind)
+    return tuple(dict.fromkeys(kinds))
+
+
+def wire_fields(model: type[BaseModel], *, required_only: bool = False) -> dict[str, JSONKinds]:
+    """The fields a reply of `model` carries, with the JSON each may hold, read from the wire
+    models themselves so the checklist cannot drift from the contract the server and client use."""
+    return {
+        name: _json_kinds(info.annotation)
+        for name, info in model.__pydantic_fields__.items()
+        if info.is_required() or not required_only
+    }
+
+
+#: The `/credits` fields every agent must send (the additive extras may be left out).
+CREDITS_REQUIRED_FIELDS: Final = wire_fields(CreditStatusReply, required_only=True)
+#: The purchase reply as the UI needs it: the server's model, whose publishable key is required.
+INITIATED_FIELDS: Final = wire_fields(PurchaseInitiated)
+PURCHASE_OPTIONS_FIELDS: Final = wire_fields(PurchaseOptionsReply)
+#: Every field, also those a client may default: the contract says they are sent.
+PURCHASE_STATUS_FIELDS: Final = wire_fields(PurchaseStatusReply)
+TRANSACTION_PAGE_FIELDS: Final = wire_fields(TransactionPageReply)
+TRANSACTION_FIELDS: Final = wire_fields(TransactionReply)
+TRANSACTION_TYPES: Final = get_args(Transaction.__pydantic_fields__["type"].annotation)
 
 
 class QAError(Exception):
@@ -81,7 +117,7 @@ def _brief(detail: Any) -> str:
     return line if len(line) <= 120 else line[:117] + "..."
 
 
-def _type_problems(body: Any, fields: Mapping[str, tuple[type, ...]]) -> list[str]:
+def _type_problems(body: Any, fields: Mapping[str, JSONKinds]) -> list[str]:
     if not isinstance(body, dict):
         return [f"the reply is {_shown(body)}, not a JSON object"]
     problems = []
@@ -141,15 +177,15 @@ class Checklist:
             report.steps.append(Step(name, result, reason))
 
     async def get_credit_status(self) -> tuple[Result, str]:
-        self.credits = await self.client.request("GET", f"{self.client.prefix}/credits", unwrap=False)
-        problems = _type_problems(self.credits, SEVEN)
+        self.credits = await self.client.request("GET", self.client.prefix + CREDITS_ROUTE, unwrap=False)
+        problems = _type_problems(self.credits, CREDITS_REQUIRED_FIELDS)
         if problems:
             return "FAIL", "; ".join(problems)
-        return "PASS", "all seven fields present with their types"
+        return "PASS", f"all {len(CREDITS_REQUIRED_FIELDS)} fields present with their types"
 
     async def check_balance_display(self) -> tuple[Result, str]:
         status = self.credits
-        if _type_problems(status, SEVEN):
+        if _type_problems(status, CREDITS_REQUIRED_FIELDS):
             return "FAIL", "no usable credit status (see Get Credit Status)"
         total = status["credits_remaining"] + status["free_uses_remaining"]
         problems = []
@@ -169,7 +205,7 @@ class Checklist:
 
     async def check_purchase_options(self) -> tuple[Result, str]:
         status = self.credits
-        if _type_problems(status, SEVEN):
+        if _type_problems(status, CREDITS_REQUIRED_FIELDS):
             return "FAIL", "no usable credit status (see Get Credit Status)"
         options = status["purchase_options"]
         if not status["purchase_required"]:
@@ -178,7 +214,7 @@ class Checklist:
                 # CIRIS agents send zeroed ones), and UIs ignore them.
                 return "PASS", "no purchase required (options sent anyway; UIs ignore them)"
             return "PASS", "no purchase required, no options shown"
-        problems = _type_problems(options, {"price_minor": (int,), "uses": (int,), "currency": (str,)})
+        problems = _type_problems(options, PURCHASE_OPTIONS_FIELDS)
         if problems:
             return "FAIL", "purchase_required but " + "; ".join(problems)
         if options["price_minor"] <= 0 or options["uses"] < 1 or _currency_problem(options["currency"]):
@@ -195,11 +231,11 @@ class Checklist:
         body = {"return_url": self.return_url} if self.return_url else {}
         try:
             reply = await self.client.request(
-                "POST", f"{self.client.prefix}/purchase/initiate", json_body=body, unwrap=False
+                "POST", self.client.prefix + INITIATE_ROUTE, json_body=body, unwrap=False
             )
         except BillingNotEnabled as exc:
             return "SKIP", f"billing not enabled for this agent (403: {_brief(exc.detail)})"
-        problems = _type_problems(reply, INITIATED)
+        problems = _type_problems(reply, INITIATED_FIELDS)
         if not problems:
             if not reply["publishable_key"]:
                 problems.append("publishable_key is empty")
@@ -219,12 +255,9 @@ class Checklist:
     async def check_purchase_status(self) -> tuple[Result, str]:
         if self.payment_id is None:
             return "SKIP", "no purchase was initiated"
-        path = f"{self.client.prefix}/purchase/status/{self.payment_id}"
+        path = self.client.prefix + STATUS_ROUTE + self.payment_id
         reply = await self.client.request("GET", path, unwrap=False)
-        numbers = (int, type(None))
-        problems = _type_problems(
-            reply, {"status": (str,), "credits_added": numbers, "balance_after": numbers}
-        )
+        problems = _type_problems(reply, PURCHASE_STATUS_FIELDS)
         if not problems:
             problems += [
                 f"{name} is negative"
@@ -239,11 +272,12 @@ class Checklist:
 
     async def get_transactions(self) -> tuple[Result, str]:
         reply = await self.client.request(
-            "GET", f"{self.client.prefix}/transactions", params={"limit": "50", "offset": "0"}, unwrap=False
+            "GET",
+            self.client.prefix + TRANSACTIONS_ROUTE,
+            params={"limit": "50", "offset": "0"},
+            unwrap=False,
         )
-        problems = _type_problems(
-            reply, {"transactions": (list,), "total_count": (int,), "has_more": (bool,)}
-        )
+        problems = _type_problems(reply, TRANSACTION_PAGE_FIELDS)
         if problems:
             return "FAIL", "; ".join(problems)
         items, total = reply["transactions"], reply["total_count"]
@@ -251,20 +285,12 @@ class Checklist:
             return "FAIL", f"{len(items)} transactions for limit=50"
         if total < len(items) or reply["has_more"] != (len(items) < total):
             return "FAIL", f"{len(items)} listed, total_count {total}, has_more {_shown(reply['has_more'])}"
-        item_fields = {
-            "transaction_id": (str,),
-            "type": (str,),
-            "amount_minor": (int,),
-            "currency": (str,),
-            "description": (str,),
-            "created_at": (str,),
-            "balance_after": (int, type(None)),
-        }
         for index, item in enumerate(items):
-            item_problems = _type_problems(item, item_fields)
+            item_problems = _type_problems(item, TRANSACTION_FIELDS)
             if not item_problems:
-                if item["type"] not in ("charge", "credit"):
-                    item_problems.append(f'type is "{item["type"][:20]}", not charge or credit')
+                if item["type"] not in TRANSACTION_TYPES:
+                    wanted = " or ".join(TRANSACTION_TYPES)
+                    item_problems.append(f'type is "{item["type"][:20]}", not {wanted}')
                 item_problems += _currency_problem(item["currency"])
             if item_problems:
                 return "FAIL", f"transaction {index}: " + "; ".join(item_problems)
@@ -292,7 +318,7 @@ async def run_qa(
         try:
             reply = await client.request(
                 "POST",
-                "/v1/auth/login",
+                DEFAULT_LOGIN_PATH,
                 json_body={"username": username, "password": password},
                 auth=False,
                 unwrap=False,
