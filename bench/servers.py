@@ -6,6 +6,7 @@ Pinned to core 0. Prints `READY <port>` once listening, then serves until killed
   B  the plugin's authenticated GET /credits, `simple` provider
   C  the same with the `ciris` provider against the fake backend
   D  the credit-gated demo endpoint, POST /v1/agent/interact, `simple` provider
+  DP the same with the usage ledger in PostgreSQL (`python -m bench.servers DP DATABASE_URL`)
 """
 
 from __future__ import annotations
@@ -70,8 +71,13 @@ def build(scenario: str, argv: list[str]) -> web.Application:
         app = web.Application()
         setup_billing(app, config, environ={})
         return app
-    if scenario == "D":
-        config = BillingConfig(jwt=jwt, data_dir=data_dir, provider_options={"free_uses": 1_000_000})
+    if scenario in ("D", "DP"):
+        config = BillingConfig(
+            jwt=jwt,
+            data_dir=data_dir,
+            provider_options={"free_uses": 1_000_000},
+            database_url=argv[0] if scenario == "DP" else None,
+        )
         return create_demo_app(config, UserStore(), environ={})
     raise SystemExit(f"unknown scenario {scenario}")
 

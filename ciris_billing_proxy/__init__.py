@@ -32,6 +32,7 @@ from .models import (
 from .providers.base import CreditProvider, ProviderContext
 from .service import BillingService
 from .setup import setup_billing
+from .store import DatabaseUnavailable
 from .version import __version__
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "ConfigError",
     "CreditProvider",
     "CreditStatus",
+    "DatabaseUnavailable",
     "Identity",
     "InsufficientCredit",
     "InvalidRequest",

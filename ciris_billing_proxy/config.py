@@ -15,6 +15,7 @@ from typing import Any, Final, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from .database_url import parse_database_url
 from .paths import DEFAULT_PREFIX
 
 HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
@@ -95,6 +96,10 @@ class BillingConfig(BaseModel):
     provider: str = "simple"
     provider_options: dict[str, Any] = Field(default_factory=dict)
     data_dir: Path = Field(default_factory=default_data_dir)
+    #: Where the providers keep their records: unset for SQLite files in `data_dir`, `sqlite:///path`
+    #: for one SQLite file, `postgresql://user@host:port/dbname` for PostgreSQL (shared by every
+    #: process and host pointed at it). Secret: it may carry a password.
+    database_url: SecretStr | None = None
     agent_id: str = Field(default="agent", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     identity_namespace: str = Field(default="local", min_length=1, max_length=64)
     default_role: str = Field(default="OBSERVER", min_length=1, max_length=50)
@@ -121,6 +126,8 @@ class BillingConfig(BaseModel):
     login_failure_window_seconds: int = Field(default=900, ge=1, le=7 * 24 * 3600)
     #: Reverse proxies whose `X-Forwarded-For` is believed (addresses or CIDR networks); none by default.
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+    #: Serve the billing UI kit (`{prefix}/ui/billing.js`, `billing.d.ts`) without a token.
+    serve_ui: bool = True
 
     @field_validator("prefix")
     @classmethod
@@ -128,6 +135,13 @@ class BillingConfig(BaseModel):
         value = value.rstrip("/")
         if not value.startswith("/") or "//" in value or " " in value:
             raise ValueError("prefix must be an absolute URL path such as /v1/api/billing")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_database_url(value.get_secret_value())
         return value
 
     @field_validator("gate_bypass_roles")
@@ -215,6 +229,7 @@ ENV_VARS: Final[dict[str, tuple[str, str, str]]] = {
     "CIRIS_BILLING_PREFIX": ("top", "prefix", "str"),
     "CIRIS_CREDIT_PROVIDER": ("top", "provider", "str"),
     "CIRIS_BILLING_DATA_DIR": ("top", "data_dir", "path"),
+    "CIRIS_BILLING_DATABASE_URL": ("top", "database_url", "str"),
     "CIRIS_AGENT_ID": ("top", "agent_id", "str"),
     "CIRIS_IDENTITY_NAMESPACE": ("top", "identity_namespace", "str"),
     "CIRIS_DEFAULT_ROLE": ("top", "default_role", "str"),
@@ -231,6 +246,7 @@ ENV_VARS: Final[dict[str, tuple[str, str, str]]] = {
     "CIRIS_LOGIN_MAX_FAILURES_PER_ADDRESS": ("top", "login_max_failures_per_address", "int"),
     "CIRIS_LOGIN_FAILURE_WINDOW_SECONDS": ("top", "login_failure_window_seconds", "int"),
     "CIRIS_TRUSTED_PROXIES": ("top", "trusted_proxies", "list"),
+    "CIRIS_BILLING_SERVE_UI": ("top", "serve_ui", "bool"),
 }
 
 

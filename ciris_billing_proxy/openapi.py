@@ -18,7 +18,7 @@ from pydantic.json_schema import models_json_schema
 from .auth_routes import auth_paths
 from .models import ErrorReply
 from .operations import Operation, TextParam
-from .routes import BILLING_OPERATIONS, OPENAPI
+from .routes import BILLING_OPERATIONS, OPENAPI, UI_FILE
 from .version import __version__
 
 OPENAPI_VERSION: Final = "3.1.0"
@@ -50,10 +50,11 @@ _ERROR_HEADERS: Final[dict[int, dict[str, Any]]] = {
 }
 
 
-def openapi_document(prefix: str, login_path: str | None = None) -> dict[str, Any]:
-    """The document for billing routes under `prefix` and, when `login_path` is given, the auth
-    routes (login there, logout, refresh and me beside it). Paths are full paths from the root."""
-    placed = [(op, prefix + op.path) for op in BILLING_OPERATIONS]
+def openapi_document(prefix: str, login_path: str | None = None, *, ui: bool = True) -> dict[str, Any]:
+    """The document for billing routes under `prefix` (the UI kit's files with `ui`) and, when
+    `login_path` is given, the auth routes (login there, logout, refresh and me beside it). Paths
+    are full paths from the root."""
+    placed = [(op, prefix + op.path) for op in BILLING_OPERATIONS if ui or op is not UI_FILE]
     if login_path is not None:
         placed += [(op, path) for op, path in auth_paths(login_path).items()]
     refs, defs = _schemas(op for op, _ in placed)
@@ -95,13 +96,19 @@ def _schemas(operations: Iterable[Operation]) -> tuple[dict[type[BaseModel], dic
 
 
 def _operation(op: Operation, refs: dict[type[BaseModel], dict[str, Any]]) -> dict[str, Any]:
-    reply_schema = refs[op.reply] if op.reply is not None else {"type": "object"}
-    responses: dict[str, Any] = {"200": {"description": "OK", "content": _json(reply_schema)}}
+    if op.reply is not None:
+        content = _json(refs[op.reply])
+    else:
+        free_form = {"type": "object"} if op.media_types == ("application/json",) else {"type": "string"}
+        content = {media_type: {"schema": free_form} for media_type in op.media_types}
+    responses: dict[str, Any] = {"200": {"description": "OK", "content": content}}
     if op.links:
         responses["200"]["links"] = {
             target: {"operationId": target, "parameters": dict(parameters)}
             for target, parameters in op.links.items()
         }
+    for status, when in sorted(op.bodiless.items()):
+        responses[str(status)] = {"description": when}
     for status, when in sorted(op.errors.items()):
         response: dict[str, Any] = {"description": when, "content": _json(refs[ErrorReply])}
         headers = _BEARER_CHALLENGE if status == 401 and op.bearer else _ERROR_HEADERS.get(status)
@@ -154,9 +161,10 @@ class APIDescription:
     """The `{prefix}/openapi.json` handler. The document is built on the first request, when the
     application's mount point is final, and then served as the same bytes."""
 
-    def __init__(self, prefix: str, login_path: str | None) -> None:
+    def __init__(self, prefix: str, login_path: str | None, *, ui: bool) -> None:
         self._prefix = prefix
         self._login_path = login_path
+        self._ui = ui
         self._body: bytes | None = None
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -166,7 +174,7 @@ class APIDescription:
             # aiohttp prefixes a mounted application's resources: what precedes ours is the mount point.
             mount = resource.canonical.removesuffix(self._prefix + OPENAPI.path)
             login_path = None if self._login_path is None else mount + self._login_path
-            document = openapi_document(mount + self._prefix, login_path)
+            document = openapi_document(mount + self._prefix, login_path, ui=self._ui)
             self._body = json.dumps(document, indent=2).encode()
         return web.Response(
             body=self._body, content_type="application/json", headers={"Cache-Control": CACHE_CONTROL}

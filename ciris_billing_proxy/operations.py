@@ -63,7 +63,8 @@ class Operation:
     method: str
     path: str
     summary: str
-    #: The 200 reply's model; None for a free-form JSON object (the OpenAPI document itself).
+    #: The 200 reply's model; None for a free-form object (the OpenAPI document itself), or for
+    #: text in `media_types`.
     reply: type[BaseModel] | None
     #: Every error status the route can answer, with when. Each is JSON `{"detail": "..."}`.
     errors: Mapping[int, str]
@@ -78,6 +79,10 @@ class Operation:
     #: OpenAPI links from the 200 reply: operation id -> {parameter: runtime expression}, so a
     #: client generator (and schemathesis' stateful phase) can follow a purchase to its status.
     links: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    #: The 200 reply's content types.
+    media_types: tuple[str, ...] = ("application/json",)
+    #: Statuses answered without a body (a 304), with when.
+    bodiless: Mapping[int, str] = field(default_factory=dict)
 
 
 #: Every route of this package checks `Expect:` before it reads anything.

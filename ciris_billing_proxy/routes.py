@@ -38,6 +38,7 @@ from .operations import (
 )
 from .paths import CAPABILITIES_ROUTE, CREDITS_ROUTE, INITIATE_ROUTE, STATUS_ROUTE, TRANSACTIONS_ROUTE
 from .service import BillingService
+from .ui import SERVED, UIFiles
 
 #: Stripe ids are short `pi_...` tokens; anything outside this alphabet cannot be one of ours.
 PAYMENT_ID: Final = TextParam(
@@ -121,8 +122,22 @@ OPENAPI: Final = Operation(
     "billing",
     bearer=False,
 )
-#: Every billing route, in the order of the document.
-BILLING_OPERATIONS: Final = (CREDITS, CAPABILITIES, INITIATE, STATUS, TRANSACTIONS, OPENAPI)
+UI_FILE: Final = Operation(
+    "getUIFile",
+    "GET",
+    "/ui/{name}",
+    "A file of the billing UI kit: `billing.js` (the ES module) or `billing.d.ts` (its types). Public, "
+    "cacheable (`ETag`, `Cache-Control`), readable from any origin. Served unless `serve_ui` is off.",
+    None,
+    {404: "no such file", 417: EXPECT_FAILED},
+    "ui",
+    path_params=(TextParam("name", re.compile("|".join(map(re.escape, SERVED))), "The file's name."),),
+    bearer=False,
+    media_types=tuple(sorted(set(SERVED.values()))),
+    bodiless={304: "the file has not changed since the `ETag` sent in `If-None-Match`"},
+)
+#: Every billing route, in the order of the document; `UI_FILE` only with `serve_ui`.
+BILLING_OPERATIONS: Final = (CREDITS, CAPABILITIES, INITIATE, STATUS, TRANSACTIONS, OPENAPI, UI_FILE)
 
 
 def json_reply(model: BaseModel, status: int = 200) -> web.Response:
@@ -232,6 +247,13 @@ def add_routes(
     router.add_get(prefix + TRANSACTIONS.path, routes.transactions, expect_handler=expect)
     router.add_get(prefix + OPENAPI.path, describe, expect_handler=expect_continue)
     public.add(describe)
+    if service.config.serve_ui:
+        # Every path below /ui/ goes to the files' handler, so an unknown one is a 404 without a token.
+        ui = UIFiles().serve
+        router.add_get(
+            prefix + UI_FILE.path.replace("{name}", "{name:.*}"), ui, expect_handler=expect_continue
+        )
+        public.add(ui)
     if own_router:
         routes.answer_unmatched(router, prefix)
     assert credits is not None  # a route added by path always has its resource

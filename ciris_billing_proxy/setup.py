@@ -67,6 +67,7 @@ def setup_billing(
             environ=os.environ if environ is None else environ,
             data_dir=config.data_dir,
             agent_id=config.agent_id,
+            database_url=config.database_url.get_secret_value() if config.database_url else None,
         )
         provider = create_provider(config.provider, context)
     elif not isinstance(provider, CreditProvider):
@@ -90,7 +91,8 @@ def setup_billing(
 
     public: set[Handler] = set()  # routes that need no token; add_routes fills it
     check = token_check(verifier, public)
-    describe = APIDescription(config.prefix, None if authenticate is None else login_path).handle
+    login = None if authenticate is None else login_path
+    describe = APIDescription(config.prefix, login, ui=config.serve_ui).handle
     if subapp:
         billing = web.Application(middlewares=[error_middleware(before=check)])
         anchor = add_routes(billing.router, service, public=public, describe=describe, own_router=True)

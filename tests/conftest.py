@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,8 @@ from aiohttp.test_utils import TestClient
 from ciris_billing_proxy import BillingConfig, JWTConfig, setup_billing
 from ciris_billing_proxy.providers.base import CreditProvider
 from ciris_billing_proxy.testing import TokenFactory
+
+from .postgres import fresh_database
 
 # pytester runs the conformance kit against broken providers (tests/test_conformance.py).
 pytest_plugins = ["pytester"]
@@ -64,3 +66,10 @@ async def billing_client(
     make_client: ClientFactory, config: BillingConfig
 ) -> TestClient[web.Request, web.Application]:
     return await make_client(config)
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """A new database on the test PostgreSQL server (see tests/postgres.py), dropped afterwards."""
+    async with fresh_database() as url:
+        yield url

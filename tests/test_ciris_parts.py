@@ -21,7 +21,7 @@ from ciris_billing_proxy.providers.ciris.charges import ChargeBook
 from ciris_billing_proxy.providers.ciris.purchases import PurchaseDesk
 from ciris_billing_proxy.providers.ciris.settings import CirisSettings
 from ciris_billing_proxy.providers.ciris.wire import BackendCredit, public_transaction, to_credit_status
-from ciris_billing_proxy.store import PaymentStore
+from ciris_billing_proxy.store import SQLiteDatabase, payment_store
 from ciris_billing_proxy.testing import FakeBillingBackend
 
 ANN = Identity("ann", "local", "OBSERVER", email="ann@example.com")
@@ -120,7 +120,7 @@ async def test_the_charge_book_refunds_a_paid_charge_once_and_a_free_one_never(
 async def test_the_purchase_desk_keeps_payments_to_their_owner(
     backend: BillingBackend, ciris_fake_backend: FakeBillingBackend
 ) -> None:
-    store = PaymentStore(":memory:")
+    store = payment_store(SQLiteDatabase(":memory:"))
     await store.open()
     try:
         desk = PurchaseDesk(backend, store)

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from ciris_billing_proxy import BillingConfig, Identity, ProviderUnavailable, credit_gate, setup_billing
 from ciris_billing_proxy.keys import SERVICE_KEY
-from ciris_billing_proxy.store import UsageLedger
+from ciris_billing_proxy.store import SQLiteDatabase, usage_ledger
 from ciris_billing_proxy.testing import TokenFactory
 
 from .conftest import make_config
@@ -92,13 +92,14 @@ async def test_shutdown_waits_for_give_backs_started_late(config: BillingConfig)
 
 async def test_a_failed_commit_does_not_wedge_the_ledger(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
-    ledger = UsageLedger(path)
+    db = SQLiteDatabase(path)
+    ledger = usage_ledger(db)
     await ledger.open()
     try:
         # Rollback-journal mode (what a filesystem without WAL gives): a reader's shared lock makes
         # COMMIT itself fail, after BEGIN IMMEDIATE and the UPDATE went through.
-        await ledger.db.run(lambda conn: conn.execute("PRAGMA journal_mode = DELETE"))
-        await ledger.db.run(lambda conn: conn.execute("PRAGMA busy_timeout = 50"))
+        await db.run(lambda conn: conn.execute("PRAGMA journal_mode = DELETE"))
+        await db.run(lambda conn: conn.execute("PRAGMA busy_timeout = 50"))
         await ledger.spend("local", "u", "k1", 10)
         reader = sqlite3.connect(path, isolation_level=None)
         reader.execute("BEGIN")

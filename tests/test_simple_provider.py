@@ -13,6 +13,7 @@ from ciris_billing_proxy import ConfigError, Identity, InsufficientCredit, setup
 from ciris_billing_proxy.providers import ProviderContext
 from ciris_billing_proxy.providers.registry import create_provider
 from ciris_billing_proxy.providers.simple import SimpleProvider
+from ciris_billing_proxy.store import SQLiteDatabase
 from ciris_billing_proxy.testing import TokenFactory
 
 from .conftest import make_config
@@ -25,7 +26,9 @@ def test_free_uses_from_environment_and_options(tmp_path: Path) -> None:
     env = {"CIRIS_SIMPLE_FREE_USES": "3"}
     provider = SimpleProvider.from_context(ProviderContext(environ=env, data_dir=tmp_path))
     assert provider.settings.free_uses == 3
-    assert provider.ledger.db.path == str(tmp_path / "simple-usage.sqlite3")
+    engine = provider.ledger.engine
+    assert isinstance(engine, SQLiteDatabase)
+    assert engine.path == str(tmp_path / "simple-usage.sqlite3")
     provider = SimpleProvider.from_context(
         ProviderContext(options={"free_uses": 5}, environ=env, data_dir=tmp_path)
     )

@@ -20,9 +20,12 @@ from typing import Any, ClassVar, Self, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from ..config import ConfigError, describe_validation_error
+from ..database_url import parse_database_url
 from ..errors import BillingDisabled
 from ..identity import Identity
 from ..models import CreditStatus, PurchaseInitiated, PurchaseStatus, TransactionPage
+from ..store import Engine, SQLiteDatabase
+from ..store.choose import engine_for
 
 S = TypeVar("S", bound=BaseModel)
 
@@ -34,7 +37,8 @@ class ProviderContext:
     `options` are the host's `BillingConfig.provider_options`; `environ` is where a provider reads
     its own environment variables (the process environment unless a test passes another mapping);
     `data_dir` is where it may keep files; `agent_id` namespaces anything it sends to a shared backend;
-    `provider` is the name it was chosen by (for messages).
+    `provider` is the name it was chosen by (for messages); `database_url` is the host's
+    `BillingConfig.database_url`, which `database()` turns into an engine.
     """
 
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -42,6 +46,21 @@ class ProviderContext:
     data_dir: Path = Path(".")
     agent_id: str = "agent"
     provider: str = "custom"
+    database_url: str | None = field(default=None, repr=False)  # may carry a password
+
+    def database(self, sqlite_file: str, path: str | Path | None = None) -> Engine:
+        """The engine for the provider's records, not yet opened: PostgreSQL or a SQLite file as
+        `database_url` says, and without one the file `sqlite_file` in `data_dir`. `path`, the
+        provider's own SQLite file setting (a path or ":memory:"), wins over both unless empty."""
+        if path:
+            return SQLiteDatabase(path)
+        if self.database_url is None:
+            return SQLiteDatabase(self.data_dir / sqlite_file)
+        try:
+            url = parse_database_url(self.database_url)
+        except ValueError as exc:
+            raise ConfigError(f"Invalid configuration: database_url: {exc}") from None
+        return engine_for(url)
 
     def settings(self, model: type[S], env: Mapping[str, str] | None = None) -> S:
         """The provider's settings as `model`: environment variables named in `env` (variable ->

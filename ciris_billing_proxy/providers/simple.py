@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import InsufficientCredit
 from ..identity import Identity
 from ..models import CreditStatus, Transaction, TransactionPage
-from ..store import UsageLedger
+from ..store import Engine, SQLiteDatabase, usage_ledger
 from .base import CreditProvider, ProviderContext
 
 NO_FREE_USES = "No free uses remaining"
@@ -24,7 +24,8 @@ class SimpleSettings(BaseModel):
 
     free_uses: int = Field(default=10, ge=0, le=1_000_000)
     plan_name: str = Field(default="free", min_length=1, max_length=100)
-    #: A file path, or ":memory:". Default: `simple-usage.sqlite3` in the data directory.
+    #: A SQLite file path, or ":memory:". Default: where `BillingConfig.database_url` says, and without
+    #: one `simple-usage.sqlite3` in the data directory.
     database: str | None = None
 
 
@@ -39,14 +40,14 @@ ENV_VARS = {
 class SimpleProvider(CreditProvider):
     name = "simple"
 
-    def __init__(self, settings: SimpleSettings | None = None, *, database: str | Path) -> None:
+    def __init__(self, settings: SimpleSettings | None = None, *, database: str | Path | Engine) -> None:
         self.settings = settings or SimpleSettings()
-        self.ledger = UsageLedger(database)
+        self.ledger = usage_ledger(database if isinstance(database, Engine) else SQLiteDatabase(database))
 
     @classmethod
     def from_context(cls, context: ProviderContext) -> Self:
         settings = context.settings(SimpleSettings, env=ENV_VARS)
-        return cls(settings, database=settings.database or context.data_dir / LEDGER_FILE)
+        return cls(settings, database=context.database(LEDGER_FILE, settings.database))
 
     @property
     def keeps_transactions(self) -> bool:

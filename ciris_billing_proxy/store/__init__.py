@@ -1,7 +1,23 @@
-"""Persistent state: the engine (`sqlite`) and one module per kind of record kept in it."""
+"""Persistent state: the engines (`sqlite`, `postgres`) and one module per kind of record kept in
+them, each with one implementation per engine behind one interface."""
 
-from .payments import Payment, PaymentStore
+from .engine import DatabaseUnavailable, Engine, Migrated, Schema
+from .payments import Payment, PaymentStore, payment_store
+from .postgres import PostgresDatabase
 from .sqlite import SQLiteDatabase, transaction
-from .usage import UsageLedger
+from .usage import UsageLedger, usage_ledger
 
-__all__ = ["Payment", "PaymentStore", "SQLiteDatabase", "UsageLedger", "transaction"]
+__all__ = [
+    "DatabaseUnavailable",
+    "Engine",
+    "Migrated",
+    "Payment",
+    "PaymentStore",
+    "PostgresDatabase",
+    "SQLiteDatabase",
+    "Schema",
+    "UsageLedger",
+    "payment_store",
+    "transaction",
+    "usage_ledger",
+]

@@ -2,34 +2,61 @@
 
 One row per PaymentIntent this agent created: the owner, the uses bought, the paid balance when it
 was started (to tell when the webhook's credits have landed), and, once they have, the balance after.
+One interface, one implementation per engine (`payment_store(engine)` picks it); on PostgreSQL every
+process of the agent sees every payment, so a purchase started on one is followed up on another.
 """
 
 from __future__ import annotations
 
+import abc
 import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ..identity import Identity
-from .sqlite import SQLiteStore, transaction
+from .engine import Engine, Migrated, Schema
+from .postgres import PostgresDatabase
+from .sqlite import SQLiteDatabase, transaction
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS payments (
+_COLUMNS = """
     payment_id        TEXT PRIMARY KEY,
     namespace         TEXT NOT NULL,
     user_id           TEXT NOT NULL,
     uses              INTEGER NOT NULL,
-    amount_minor      INTEGER NOT NULL,
+    amount_minor      {integer} NOT NULL,
     currency          TEXT NOT NULL,
-    balance_before    INTEGER NOT NULL,
+    balance_before    {integer} NOT NULL,
     created_at        TEXT NOT NULL,
-    succeeded_seen_at REAL,
+    succeeded_seen_at {real},
     credited_at       TEXT,
-    balance_after     INTEGER
-);
-CREATE INDEX IF NOT EXISTS payments_owner ON payments (namespace, user_id);
+    balance_after     {integer}
 """
+
+SQLITE_SCHEMA = Schema(
+    "payments",
+    (
+        (
+            f"CREATE TABLE IF NOT EXISTS payments ({_COLUMNS.format(integer='INTEGER', real='REAL')})",
+            "CREATE INDEX IF NOT EXISTS payments_owner ON payments (namespace, user_id)",
+        ),
+    ),
+)
+
+POSTGRES_SCHEMA = Schema(
+    "payments",
+    (
+        (
+            f"CREATE TABLE payments ({_COLUMNS.format(integer='BIGINT', real='DOUBLE PRECISION')})",
+            "CREATE INDEX payments_owner ON payments (namespace, user_id)",
+        ),
+    ),
+)
+
+_SELECT = (
+    "SELECT payment_id, namespace, user_id, uses, amount_minor, currency, balance_before,"
+    " succeeded_seen_at, balance_after FROM payments WHERE payment_id = "
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +79,61 @@ class Payment:
         return self.balance_after is not None
 
 
-class PaymentStore(SQLiteStore):
-    SCHEMA = SCHEMA
+class PaymentStore(abc.ABC):
+    """Opened and closed with the provider that owns it; `open` brings the schema up to date."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @abc.abstractmethod
+    async def open(self) -> Migrated: ...
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+    @abc.abstractmethod
+    async def record(
+        self,
+        payment_id: str,
+        owner: Identity,
+        *,
+        uses: int,
+        amount_minor: int,
+        currency: str,
+        balance_before: int,
+    ) -> None:
+        """Keep a payment just started; a payment already recorded keeps its first record."""
+
+    @abc.abstractmethod
+    async def get(self, payment_id: str) -> Payment | None: ...
+
+    @abc.abstractmethod
+    async def seen_succeeded(self, payment_id: str) -> float:
+        """When Stripe was first seen reporting success for this payment (recorded now if never)."""
+
+    @abc.abstractmethod
+    async def mark_credited(self, payment_id: str, balance_after: int) -> int:
+        """Record that the credits landed; the first recorded balance wins. Returns it."""
+
+
+def payment_store(engine: Engine) -> PaymentStore:
+    if isinstance(engine, PostgresDatabase):
+        return PostgresPaymentStore(engine)
+    if isinstance(engine, SQLiteDatabase):
+        return SQLitePaymentStore(engine)
+    raise TypeError(f"no payment store for the {engine.dialect} engine")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class SQLitePaymentStore(PaymentStore):
+    engine: SQLiteDatabase
+
+    async def open(self) -> Migrated:
+        await self.engine.open()
+        return await self.engine.migrate(SQLITE_SCHEMA)
 
     async def record(
         self,
@@ -78,26 +158,20 @@ class PaymentStore(SQLiteStore):
                         amount_minor,
                         currency,
                         balance_before,
-                        datetime.now(UTC).isoformat(),
+                        _now(),
                     ),
                 )
 
-        await self.db.run(write)
+        await self.engine.run(write)
 
     async def get(self, payment_id: str) -> Payment | None:
         def read(conn: sqlite3.Connection) -> Payment | None:
-            row = conn.execute(
-                "SELECT payment_id, namespace, user_id, uses, amount_minor, currency, balance_before,"
-                " succeeded_seen_at, balance_after FROM payments WHERE payment_id = ?",
-                (payment_id,),
-            ).fetchone()
+            row = conn.execute(_SELECT + "?", (payment_id,)).fetchone()
             return Payment(*row) if row else None
 
-        return await self.db.run(read)
+        return await self.engine.run(read)
 
     async def seen_succeeded(self, payment_id: str) -> float:
-        """When Stripe was first seen reporting success for this payment (recorded now if never)."""
-
         def write(conn: sqlite3.Connection) -> float:
             with transaction(conn):
                 conn.execute(
@@ -110,21 +184,79 @@ class PaymentStore(SQLiteStore):
                 ).fetchone()
                 return float(row[0])
 
-        return await self.db.run(write)
+        return await self.engine.run(write)
 
     async def mark_credited(self, payment_id: str, balance_after: int) -> int:
-        """Record that the credits landed; the first recorded balance wins. Returns it."""
-
         def write(conn: sqlite3.Connection) -> int:
             with transaction(conn):
                 conn.execute(
                     "UPDATE payments SET credited_at = ?, balance_after = ? "
                     "WHERE payment_id = ? AND balance_after IS NULL",
-                    (datetime.now(UTC).isoformat(), balance_after, payment_id),
+                    (_now(), balance_after, payment_id),
                 )
                 row = conn.execute(
                     "SELECT balance_after FROM payments WHERE payment_id = ?", (payment_id,)
                 ).fetchone()
                 return int(row[0])
 
-        return await self.db.run(write)
+        return await self.engine.run(write)
+
+
+class PostgresPaymentStore(PaymentStore):
+    engine: PostgresDatabase
+
+    async def open(self) -> Migrated:
+        await self.engine.open()
+        return await self.engine.migrate(POSTGRES_SCHEMA)
+
+    async def record(
+        self,
+        payment_id: str,
+        owner: Identity,
+        *,
+        uses: int,
+        amount_minor: int,
+        currency: str,
+        balance_before: int,
+    ) -> None:
+        async with self.engine.connection() as conn:
+            await conn.execute(
+                "INSERT INTO payments (payment_id, namespace, user_id, uses, amount_minor, currency,"
+                " balance_before, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                " ON CONFLICT (payment_id) DO NOTHING",
+                payment_id,
+                owner.namespace,
+                owner.user_id,
+                uses,
+                amount_minor,
+                currency,
+                balance_before,
+                _now(),
+            )
+
+    async def get(self, payment_id: str) -> Payment | None:
+        async with self.engine.connection() as conn:
+            row = await conn.fetchrow(_SELECT + "$1", payment_id)
+        return Payment(*row) if row else None
+
+    # COALESCE keeps the first value: one statement, so concurrent callers in any process agree.
+    async def seen_succeeded(self, payment_id: str) -> float:
+        async with self.engine.connection() as conn:
+            seen = await conn.fetchval(
+                "UPDATE payments SET succeeded_seen_at = COALESCE(succeeded_seen_at, $2)"
+                " WHERE payment_id = $1 RETURNING succeeded_seen_at",
+                payment_id,
+                time.time(),
+            )
+        return float(seen)
+
+    async def mark_credited(self, payment_id: str, balance_after: int) -> int:
+        async with self.engine.connection() as conn:
+            balance = await conn.fetchval(
+                "UPDATE payments SET balance_after = COALESCE(balance_after, $2),"
+                " credited_at = COALESCE(credited_at, $3) WHERE payment_id = $1 RETURNING balance_after",
+                payment_id,
+                balance_after,
+                _now(),
+            )
+        return int(balance)

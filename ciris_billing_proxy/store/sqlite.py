@@ -15,8 +15,11 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import TypeVar
+
+from .engine import Engine, Migrated, Schema, newer_schema
 
 T = TypeVar("T")
 
@@ -38,14 +41,18 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
-class SQLiteDatabase:
-    """One SQLite file (or `:memory:`) with a schema applied on open."""
+class SQLiteDatabase(Engine):
+    """One SQLite file (or `:memory:`)."""
 
-    def __init__(self, path: str | Path, schema: str) -> None:
+    dialect = "sqlite"
+
+    def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        self._schema = schema
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
+
+    def describe(self) -> str:
+        return f"SQLite file {self.path}"
 
     async def open(self) -> None:
         if self.path != MEMORY:
@@ -69,8 +76,31 @@ class SQLiteDatabase:
                     mode,
                 )
             conn.execute("PRAGMA synchronous = NORMAL")
-        conn.executescript(self._schema)
         return conn
+
+    async def migrate(self, schema: Schema) -> Migrated:
+        def write(conn: sqlite3.Connection) -> Migrated:
+            with transaction(conn):
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_version (component TEXT NOT NULL,"
+                    " version INTEGER NOT NULL, applied_at TEXT NOT NULL, PRIMARY KEY (component, version))"
+                )
+                (found,) = conn.execute(
+                    "SELECT COALESCE(MAX(version), 0) FROM schema_version WHERE component = ?",
+                    (schema.name,),
+                ).fetchone()
+                if found > schema.version:
+                    raise newer_schema(schema, found, self.describe())
+                for version in range(found + 1, schema.version + 1):
+                    for statement in schema.steps[version - 1]:
+                        conn.execute(statement)
+                    conn.execute(
+                        "INSERT INTO schema_version (component, version, applied_at) VALUES (?, ?, ?)",
+                        (schema.name, version, datetime.now(UTC).isoformat()),
+                    )
+                return Migrated(schema.name, schema.version, schema.version - found)
+
+        return await self.run(write)
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._executor is None or self._conn is None:
@@ -89,19 +119,3 @@ class SQLiteDatabase:
         if conn is not None:
             await asyncio.get_running_loop().run_in_executor(executor, conn.close)
         executor.shutdown(wait=True)
-
-
-class SQLiteStore:
-    """Base of the stores: one `SQLiteDatabase` with the subclass's `SCHEMA`, opened and closed
-    with the provider that owns it."""
-
-    SCHEMA: ClassVar[str]
-
-    def __init__(self, path: str | Path) -> None:
-        self.db = SQLiteDatabase(path, self.SCHEMA)
-
-    async def open(self) -> None:
-        await self.db.open()
-
-    async def close(self) -> None:
-        await self.db.close()

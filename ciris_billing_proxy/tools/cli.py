@@ -1,5 +1,6 @@
 """`ciris-billing-proxy serve` runs the demo agent; `ciris-billing-proxy qa` checks any agent;
-`ciris-billing-proxy openapi` prints the API description."""
+`ciris-billing-proxy migrate` brings a database's schemas up to date; `ciris-billing-proxy openapi`
+prints the API description."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from aiohttp import web
 
 from .. import __version__
 from ..config import BillingConfig, ConfigError, default_data_dir
+from ..database_url import parse_database_url
 from ..openapi import openapi_document
 from ..paths import DEFAULT_LOGIN_PATH, DEFAULT_PREFIX
+from ..store.migrate import migrate
 from .demo import (
     CreatedUser,
     create_demo_app,
@@ -114,12 +117,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--data-dir", type=Path, default=None, help="where state is kept")
     serve.add_argument(
+        "--database-url",
+        default=None,
+        metavar="URL",
+        help="where the providers keep their records: postgresql://user@host:port/dbname, or "
+        "sqlite:///path (default: CIRIS_BILLING_DATABASE_URL, else SQLite files in the data directory)",
+    )
+    serve.add_argument(
         "--idle-timeout",
         type=_seconds,
         default=DEFAULT_IDLE_TIMEOUT,
         metavar="SECONDS",
         help="close a connection that has not sent a complete request head this long after it opened "
         f"or after its last response (default {DEFAULT_IDLE_TIMEOUT:g})",
+    )
+    migrate_cmd = commands.add_parser(
+        "migrate",
+        help="create or upgrade the store's tables, then exit",
+        description="Create or upgrade the tables of every built-in record kind (servers also do it "
+        "when they start). Exits 0 with a one-line summary, 2 when the database cannot be used.",
+    )
+    migrate_cmd.add_argument(
+        "--database-url",
+        default=os.environ.get("CIRIS_BILLING_DATABASE_URL") or None,
+        required=not os.environ.get("CIRIS_BILLING_DATABASE_URL"),
+        metavar="URL",
+        help="postgresql://user@host:port/dbname or sqlite:///path (default: CIRIS_BILLING_DATABASE_URL)",
     )
     qa = commands.add_parser(
         "qa",
@@ -150,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     openapi.add_argument("--login-path", type=_url_path, default=DEFAULT_LOGIN_PATH, help="the login route")
     openapi.add_argument("--no-auth-routes", action="store_true", help="the app has no login routes")
+    openapi.add_argument("--no-ui", action="store_true", help="the UI kit's files are not served")
     serve.add_argument(
         "--fake-backend",
         action="store_true",
@@ -165,9 +189,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _qa(args)
     if args.command == "openapi":
         login_path = None if args.no_auth_routes else args.login_path
-        print(json.dumps(openapi_document(args.prefix, login_path), indent=2))
+        print(json.dumps(openapi_document(args.prefix, login_path, ui=not args.no_ui), indent=2))
         return 0
     try:
+        if args.command == "migrate":
+            print(asyncio.run(migrate(args.database_url)))
+            return 0
         return _serve(args)
     except ConfigError as exc:
         print(f"ciris-billing-proxy: {exc}", file=sys.stderr)
@@ -216,6 +243,8 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["provider"] = args.provider
     if args.provider_option:
         overrides["provider_options"] = dict(args.provider_option)
+    if args.database_url:
+        overrides["database_url"] = args.database_url
     jwt: dict[str, object] = {}
     if not (os.environ.get("CIRIS_JWT_SECRET") or os.environ.get("CIRIS_JWT_PUBLIC_KEY")):
         # No key configured: keep a generated one in the data directory so tokens survive restarts.
@@ -257,7 +286,7 @@ async def _start(
             }
         )
     try:
-        app = create_demo_app(config, users, environ=environ)
+        app = create_demo_app(config, users, environ=environ, fake_backend=fake)
         if created is not None:
             # Saved only now that the app is valid, so a user is never kept whose password was not shown.
             save_users(users, config.data_dir)
@@ -317,9 +346,12 @@ async def _run(runner: web.AppRunner, host: str, port: int, config: BillingConfi
             bound_host, bound_port = address[0], address[1]
             shown = f"[{bound_host}]" if ":" in bound_host else bound_host
             print(f"Listening on http://{shown}:{bound_port}")
+        records = ""
+        if config.database_url is not None:
+            records = f"; records in {parse_database_url(config.database_url.get_secret_value()).describe()}"
         print(
             f"Credit provider: {config.provider}; billing routes under {config.prefix}; "
-            f"data in {config.data_dir}",
+            f"data in {config.data_dir}{records}",
             flush=True,
         )
         stop = asyncio.Event()

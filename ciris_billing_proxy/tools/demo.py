@@ -14,6 +14,7 @@ import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -26,7 +27,11 @@ from ..keys import billing_service
 from ..models import InteractReply, InteractRequest
 from ..routes import json_reply
 from ..setup import setup_billing
+from ..ui.demo_page import STRIPE_JS, add_demo_page, demo_page
 from .users import UserStore
+
+if TYPE_CHECKING:
+    from ..testing.fake_backend import FakeBillingBackend
 
 SECRET_FILE = "jwt-secret"  # noqa: S105 - a file name
 USERS_FILE = "demo-users.json"
@@ -60,13 +65,26 @@ async def health(_request: web.Request) -> web.Response:
 
 
 def create_demo_app(
-    config: BillingConfig, users: UserStore, *, environ: Mapping[str, str] | None = None
+    config: BillingConfig,
+    users: UserStore,
+    *,
+    environ: Mapping[str, str] | None = None,
+    fake_backend: FakeBillingBackend | None = None,
 ) -> web.Application:
+    """The demo agent; with `fake_backend`, the page's payment form is the fake Stripe that drives it."""
     app = web.Application(middlewares=[error_middleware()])
     setup_billing(app, config, authenticate=users.verify_login, environ=environ)
     # JSON 417 for an unknown `Expect:`; aiohttp's default answers before any middleware, in text.
     app.router.add_post(INTERACT_PATH, interact, expect_handler=expect_continue)
     app.router.add_get("/health", health)
+    stripe_js, label = STRIPE_JS, config.provider
+    if fake_backend is not None:
+        # Only with the fake: an agent serving the real thing never loads the testing kit.
+        from ..testing.fake_stripe import FakeStripe
+
+        stripe_js = FakeStripe(fake_backend).add_routes(app.router)
+        label = f"{config.provider} (fake backend)"
+    add_demo_page(app.router, demo_page(config, stripe_js=stripe_js, provider=label))
     return app
 
 

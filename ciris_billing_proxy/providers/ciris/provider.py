@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from ...errors import ProviderUnavailable
 from ...identity import Identity
 from ...models import CreditStatus, PurchaseInitiated, PurchaseStatus, TransactionPage
-from ...store import PaymentStore
+from ...store import Engine, SQLiteDatabase, payment_store
 from ..base import CreditProvider, ProviderContext
 from .accounts import BackendAccounts
 from .backend import BillingBackend
@@ -36,10 +36,12 @@ PAYMENTS_FILE: Final = "ciris-payments.sqlite3"
 class CirisProvider(CreditProvider):
     name = "ciris"
 
-    def __init__(self, settings: CirisSettings, *, database: str | Path, agent_id: str = "agent") -> None:
+    def __init__(
+        self, settings: CirisSettings, *, database: str | Path | Engine, agent_id: str = "agent"
+    ) -> None:
         self.settings = settings
         self.backend = BillingBackend(settings, BackendAccounts(agent_id))
-        self.payments = PaymentStore(database)
+        self.payments = payment_store(database if isinstance(database, Engine) else SQLiteDatabase(database))
         self.charges = ChargeBook(self.backend)
         self.purchases = PurchaseDesk(self.backend, self.payments)
 
@@ -48,7 +50,7 @@ class CirisProvider(CreditProvider):
         settings = CirisSettings.from_context(context)
         return cls(
             settings,
-            database=settings.database or context.data_dir / PAYMENTS_FILE,
+            database=context.database(PAYMENTS_FILE, settings.database),
             agent_id=context.agent_id,
         )
 
