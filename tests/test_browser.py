@@ -179,6 +179,7 @@ def test_simple_provider_is_disabled_without_a_buy_button(page: Any, free: Serve
     demo.wait_for_state("disabled")
     assert demo.total() == 3
     assert not demo.part("buy").is_visible()
+    assert "paid" not in demo.part("balance").inner_text()  # nothing can be bought here
     demo.spend(3)
     page.click("#interact")
     page.get_by_text("No: ").wait_for()

@@ -581,7 +581,10 @@ export class CirisBillingElement extends HTMLElement {
       unit.textContent = total === 1 ? "use" : "uses";
       const daily = credits.daily_free_uses_remaining;
       const free = typeof daily === "number" && daily > 0 ? `free (${daily} of them daily)` : "free";
-      breakdown.replaceChildren(...[[credits.free_uses_remaining, free], [credits.credits_remaining, "paid"]].map(([value, label]) => {
+      // Where nothing can be bought, a "0 paid" line would only raise a question.
+      const pools = [[credits.free_uses_remaining, free]];
+      if (this.#capabilities?.purchases || credits.credits_remaining > 0) pools.push([credits.credits_remaining, "paid"]);
+      breakdown.replaceChildren(...pools.map(([value, label]) => {
         const item = document.createElement("li");
         const count = document.createElement("b");
         count.textContent = String(value);
