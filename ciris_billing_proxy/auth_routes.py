@@ -27,7 +27,9 @@ from .login import (
     require_method,
     token_reply,
 )
-from .models import LogoutReply, RefreshRequest, UserInfoReply
+from .models import LoginReply, LoginRequest, LogoutReply, RefreshRequest, UserInfoReply
+from .operations import BEARER_ERRORS, BODY_ERRORS, EXPECT_FAILED, Operation
+from .paths import DEFAULT_LOGIN_PATH, DEFAULT_LOGOUT_PATH, DEFAULT_ME_PATH, DEFAULT_REFRESH_PATH
 from .routes import json_reply
 from .throttle import LoginThrottle, MemoryLoginThrottle
 
@@ -40,6 +42,53 @@ BYPASS_PERMISSION: Final = "bypass_credit_gate"
 CARRIED_CLAIMS: Final = (CREATED_AT_CLAIM, "oauth_provider", "tenant", "tenant_id")
 _LAST_TIMESTAMP = 253_402_300_799  # 9999-12-31T23:59:59Z: datetime's limit
 
+#: Their paths are the defaults; `auth_paths` places them beside another `login_path`.
+LOGIN: Final = Operation(
+    "login",
+    "POST",
+    DEFAULT_LOGIN_PATH,
+    "Sign in with a username and password: a bearer token for the other routes.",
+    LoginReply,
+    {
+        **BODY_ERRORS,
+        400: "the body is empty or not JSON",
+        401: "wrong username or password",
+        417: EXPECT_FAILED,
+        429: "too many failed logins for this username or from this address; see `Retry-After`",
+        500: "the host's authenticator failed",
+    },
+    "auth",
+    body=LoginRequest,
+    body_required=True,
+    bearer=False,
+)
+LOGOUT: Final = Operation(
+    "logout", "POST", DEFAULT_LOGOUT_PATH, "Revoke the presented token.", LogoutReply, BEARER_ERRORS, "auth"
+)
+REFRESH: Final = Operation(
+    "refresh",
+    "POST",
+    DEFAULT_REFRESH_PATH,
+    "A new token for the presented one, which is revoked.",
+    LoginReply,
+    {**BEARER_ERRORS, **BODY_ERRORS},
+    "auth",
+    body=RefreshRequest,
+)
+ME: Final = Operation(
+    "me", "GET", DEFAULT_ME_PATH, "Who the presented token belongs to.", UserInfoReply, BEARER_ERRORS, "auth"
+)
+AUTH_OPERATIONS: Final = (LOGIN, LOGOUT, REFRESH, ME)
+
+
+def auth_paths(login_path: str) -> dict[Operation, str]:
+    """Where each auth route is: login at `login_path`; logout, refresh and me beside it
+    (`/v1/auth/login` gives `/v1/auth/logout`, `/v1/auth/refresh`, `/v1/auth/me`)."""
+    base = login_path.rstrip("/").rsplit("/", 1)[0]
+    return {
+        op: login_path if op is LOGIN else base + op.path[op.path.rindex("/") :] for op in AUTH_OPERATIONS
+    }
+
 
 class SessionRoutes:
     def __init__(self, verifier: TokenVerifier, config: BillingConfig) -> None:
@@ -50,13 +99,13 @@ class SessionRoutes:
     async def logout(self, request: web.Request) -> web.Response:
         """Revoke exactly the presented token. 200 with a JSON object rather than 204: older CIRIS
         SDKs parse every success reply as JSON."""
-        require_method(request, "POST")
+        require_method(request, LOGOUT.method)
         token, _identity = self._caller(request)
         self._verifier.revoke(token)
         return json_reply(LogoutReply())
 
     async def refresh(self, request: web.Request) -> web.Response:
-        require_method(request, "POST")
+        require_method(request, REFRESH.method)
         self._caller(request)
         await read_model(
             request, RefreshRequest, MAX_LOGIN_BODY, time_limit=self._body_timeout, empty_ok=True
@@ -70,7 +119,7 @@ class SessionRoutes:
         return reply
 
     async def me(self, request: web.Request) -> web.Response:
-        require_method(request, "GET")
+        require_method(request, ME.method)
         token, identity = self._caller(request)
         claims = _claims(token)
         created = _timestamp(claims.get(CREATED_AT_CLAIM)) or _timestamp(claims.get("iat")) or time.time()
@@ -121,9 +170,9 @@ def add_auth_routes(
     login_path: str,
     throttle: LoginThrottle | None = None,
 ) -> None:
-    """Login at `login_path`; logout, refresh and me beside it (`/v1/auth/login` gives
-    `/v1/auth/logout`, `/v1/auth/refresh`, `/v1/auth/me`)."""
-    base = login_path.rstrip("/").rsplit("/", 1)[0]
+    """Login at `login_path`; logout, refresh and me beside it (`auth_paths`). Each is registered
+    for every method, so that a wrong one is a JSON 405 too."""
+    paths = auth_paths(login_path)
     login = LoginRoute(
         authenticate,
         verifier,
@@ -133,7 +182,7 @@ def add_auth_routes(
     )
     sessions = SessionRoutes(verifier, config)
     authenticated = sessions.expect_authenticated
-    router.add_route("*", login_path, json_errors(login.login), expect_handler=expect_continue)
-    router.add_route("*", f"{base}/logout", json_errors(sessions.logout), expect_handler=authenticated)
-    router.add_route("*", f"{base}/refresh", json_errors(sessions.refresh), expect_handler=authenticated)
-    router.add_route("*", f"{base}/me", json_errors(sessions.me), expect_handler=authenticated)
+    router.add_route("*", paths[LOGIN], json_errors(login.login), expect_handler=expect_continue)
+    router.add_route("*", paths[LOGOUT], json_errors(sessions.logout), expect_handler=authenticated)
+    router.add_route("*", paths[REFRESH], json_errors(sessions.refresh), expect_handler=authenticated)
+    router.add_route("*", paths[ME], json_errors(sessions.me), expect_handler=authenticated)

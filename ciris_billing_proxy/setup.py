@@ -14,6 +14,7 @@ from .config import BillingConfig, ConfigError
 from .errors import error_middleware
 from .keys import SERVICE_KEY
 from .login import Authenticator
+from .openapi import APIDescription
 from .paths import DEFAULT_LOGIN_PATH, PathScope, mount_point
 from .providers.base import CreditProvider, ProviderContext
 from .providers.registry import check_provider_class, create_provider
@@ -95,14 +96,16 @@ def setup_billing(
 
     public: set[Handler] = set()  # routes that need no token; add_routes fills it
     check = token_check(verifier, public)
+    login = None if authenticate is None else login_path
+    describe = APIDescription(config.prefix, login, ui=config.serve_ui).handle
     if subapp:
         billing = web.Application(middlewares=[error_middleware(before=check)])
-        anchor = add_routes(billing.router, service, public=public, own_router=True)
+        anchor = add_routes(billing.router, service, public=public, describe=describe, own_router=True)
         app.add_subapp(config.prefix, billing)
     else:
         scopes.append(PathScope((config.prefix,)))
         app.middlewares.append(error_middleware(scopes[-1], before=check))
-        anchor = add_routes(app.router, service, config.prefix, public=public)
+        anchor = add_routes(app.router, service, config.prefix, public=public, describe=describe)
     if scopes:
         app.on_startup.append(_rebase_on_mount(anchor, scopes))
     return service
