@@ -56,6 +56,7 @@ LOGIN: Final = Operation(
         417: EXPECT_FAILED,
         429: "too many failed logins for this username or from this address; see `Retry-After`",
         500: "the host's authenticator failed",
+        503: "the database keeping the failed-login counters (`database_url`) is unavailable",
     },
     "auth",
     body=LoginRequest,

@@ -29,6 +29,7 @@ from ciris_billing_proxy import (
 )
 from ciris_billing_proxy.openapi import openapi_document
 from ciris_billing_proxy.testing import TokenFactory
+from ciris_billing_proxy.throttle import LoginAttempt
 from ciris_billing_proxy.tools.cli import main
 
 from .conftest import make_config
@@ -61,6 +62,17 @@ class ConfusedProvider(Shop):
     @property
     def keeps_transactions(self) -> bool:
         return "yes"  # type: ignore[return-value]
+
+
+class ThrottleDatabaseDown:
+    """A store-backed login throttle while its database is away (the real outage, through a cut
+    connection, is tests/test_shared_login_throttle.py's)."""
+
+    async def admit(self, attempt: LoginAttempt) -> float | None:
+        raise ProviderUnavailable("database unavailable")
+
+    async def succeeded(self, attempt: LoginAttempt) -> None:
+        raise ProviderUnavailable("database unavailable")
 
 
 def routed(app: web.Application) -> set[tuple[str, str]]:
@@ -340,6 +352,9 @@ scenario("login", 422)(lambda ctx: ctx.send("POST", LOGIN, json={"username": 5, 
 scenario("login", 500)(lambda ctx: ctx.send("POST", LOGIN, json={"username": "boom", "password": "x"}))
 
 
+scenario("login", 503, "throttle down")(lambda ctx: ctx.send("POST", LOGIN, json=GOOD_LOGIN))
+
+
 @scenario("login", 429)
 async def locked_out(ctx: Ctx) -> Reply:
     wrong = {"username": "alice", "password": "wrong"}
@@ -378,6 +393,7 @@ async def ctx(aiohttp_client: Any, tmp_path: Path, request: pytest.FixtureReques
         config,
         provider=None if request.param == "simple" else provider,
         authenticate=authenticate,
+        login_throttle=ThrottleDatabaseDown() if request.param == "throttle down" else None,
         environ={},
     )
     tokens = TokenFactory(config)
