@@ -11,6 +11,7 @@ from .config import BillingConfig, ConfigError, JWTConfig
 from .errors import (
     BillingDisabled,
     BillingError,
+    IdTokenRequired,
     InsufficientCredit,
     InvalidRequest,
     PaymentNotFound,
@@ -18,14 +19,18 @@ from .errors import (
     error_middleware,
 )
 from .gate import credit_gate
+from .id_token import IdToken, current_id_token
 from .identity import Identity
 from .login import AuthenticatedUser, Authenticator
 from .models import (
+    AppStorePurchase,
     Capabilities,
     CreditStatus,
+    GooglePlayPurchase,
     PurchaseInitiated,
     PurchaseOptions,
     PurchaseStatus,
+    StoreVerification,
     Transaction,
     TransactionPage,
 )
@@ -36,6 +41,7 @@ from .store import DatabaseUnavailable
 from .version import __version__
 
 __all__ = [
+    "AppStorePurchase",
     "AuthenticatedUser",
     "Authenticator",
     "BillingConfig",
@@ -47,6 +53,9 @@ __all__ = [
     "CreditProvider",
     "CreditStatus",
     "DatabaseUnavailable",
+    "GooglePlayPurchase",
+    "IdToken",
+    "IdTokenRequired",
     "Identity",
     "InsufficientCredit",
     "InvalidRequest",
@@ -57,10 +66,12 @@ __all__ = [
     "PurchaseInitiated",
     "PurchaseOptions",
     "PurchaseStatus",
+    "StoreVerification",
     "Transaction",
     "TransactionPage",
     "__version__",
     "credit_gate",
+    "current_id_token",
     "error_middleware",
     "expect_continue",
     "get_identity",

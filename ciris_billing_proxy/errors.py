@@ -60,6 +60,15 @@ class InvalidRequest(BillingError):
         self.detail = detail
 
 
+class IdTokenRequired(BillingError):
+    """The provider speaks to its backend with the user's ID token, and this request has none, or
+    the backend refused it. `detail` names what is missing or wrong, never the token."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
 class InsufficientCredit(BillingError):
     """The user has no credit left for this use."""
 
@@ -102,6 +111,8 @@ def to_http(exc: BillingError, *, gate: bool = False) -> HTTPJSONError:
         return http_error(404, PAYMENT_NOT_FOUND)
     if isinstance(exc, InvalidRequest):
         return http_error(400, exc.detail)
+    if isinstance(exc, IdTokenRequired):
+        return http_error(401, exc.detail)
     return http_error(503, CREDIT_PROVIDER_UNAVAILABLE if gate else BILLING_UNAVAILABLE)
 
 

@@ -10,6 +10,10 @@ that goes away while the handler still reads its body gets the package's usual "
 handling (one DEBUG line, a 400 nobody reads), with or without `error_middleware()` on the host.
 The gate uses the same identity and the same credit cache as `GET /credits`, so the UI shows
 exactly what the gate spends.
+
+A provider that declares `gate_charges` false (the `ciris` provider in `id_token` mode, whose
+backend takes charges only with an API key) is "informational": the gate checks that the user has
+credit and runs the handler without taking a use; something else (CIRIS's LLM proxy) charges.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .auth import identity_of_request
-from .errors import BillingError, client_gone, client_left, to_http
+from .errors import BillingError, IdTokenRequired, InsufficientCredit, client_gone, client_left, to_http
+from .id_token import MISSING, id_token_of, id_token_scope
 from .identity import Identity
 from .keys import SPEND_KEY, billing_service
 from .service import BillingService
@@ -48,11 +53,17 @@ def credit_gate(handler: Handler) -> Handler:
         identity = identity_of_request(request, service.verifier)
         if identity.role in service.config.gate_bypass_roles:
             return await handler(request)
+        if service.provider.id_token_required and id_token_of(request) is None:
+            raise to_http(IdTokenRequired(MISSING), gate=True)
+        if not service.provider.gate_charges:
+            await _check_credit(service, request, identity)
+            return await handler(request)
         # Server-made, never client-supplied: a reusable client key would let a user replay it for
         # free interactions.
         key = uuid.uuid4().hex
         try:
-            await service.spend(identity, key)
+            with id_token_scope(request):
+                await service.spend(identity, key)
         except BillingError as exc:
             raise to_http(exc, gate=True) from None
         request[SPEND_KEY] = key
@@ -72,6 +83,17 @@ def credit_gate(handler: Handler) -> Handler:
         return response
 
     return gated
+
+
+async def _check_credit(service: BillingService, request: web.Request, identity: Identity) -> None:
+    """The informational gate: a 402 without credit, nothing taken with it."""
+    try:
+        with id_token_scope(request):
+            status = await service.credit_status(identity)
+        if not status.has_credit:
+            raise InsufficientCredit(status.reason or "No free uses or credits remaining")
+    except BillingError as exc:
+        raise to_http(exc, gate=True) from None
 
 
 async def _give_back(service: BillingService, identity: Identity, key: str) -> None:

@@ -170,15 +170,60 @@ class TransactionPage(TransactionPageReply):
 
 class CapabilitiesReply(_Reply):
     """`GET /capabilities`: what the provider behind the agent offers, declared by the provider, so a
-    UI knows before the user clicks whether buying is possible."""
+    UI knows before the user clicks whether buying is possible. The last three fields came with the
+    mobile store routes; an older agent leaves them out, which reads as false (and `charges` true)."""
 
     provider: str
     purchases: bool
     transactions: bool
+    google_play: bool = False
+    apple_storekit: bool = False
+    #: False when the gate only checks credit and someone else (CIRIS's LLM proxy) charges.
+    charges: bool = True
 
 
 class Capabilities(CapabilitiesReply):
     provider: str = Field(min_length=1)
+
+
+class GooglePlayPurchase(_Request):
+    """`POST /google-play/verify` body: what the Android app's billing library hands over."""
+
+    #: Not in the repr: the token redeems the purchase, so it stays out of log lines and tracebacks.
+    purchase_token: str = Field(min_length=1, max_length=4096, repr=False)
+    product_id: str = Field(min_length=1, max_length=255)
+    package_name: str = Field(min_length=1, max_length=255)
+
+
+class AppStorePurchase(_Request):
+    """`POST /apple-storekit/verify` body: the StoreKit transaction to redeem."""
+
+    transaction_id: str = Field(min_length=1, max_length=4096, repr=False)
+    product_id: str = Field(min_length=1, max_length=255)
+
+
+class StoreVerificationReply(_Reply):
+    """The reply of both verify routes, as the CIRIS mobile clients parse it: they read `success` and
+    `error`, never a 4xx body, so a refused purchase is a 200 with `success: false`."""
+
+    success: bool
+    credits_added: int
+    new_balance: int
+    already_processed: bool
+    error: str | None = None
+
+
+class StoreVerification(StoreVerificationReply):
+    credits_added: int = Field(ge=0)
+    new_balance: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if not self.success and (self.credits_added or self.error is None):
+            raise ValueError("a failed verification adds nothing and says why in error")
+        if self.already_processed and self.credits_added:
+            raise ValueError("an already processed purchase adds nothing")
+        return self
 
 
 class LoginRequest(_Request):

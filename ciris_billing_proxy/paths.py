@@ -20,6 +20,8 @@ CREDITS_ROUTE: Final = "/credits"
 INITIATE_ROUTE: Final = "/purchase/initiate"
 STATUS_ROUTE: Final = "/purchase/status/"
 TRANSACTIONS_ROUTE: Final = "/transactions"
+GOOGLE_PLAY_ROUTE: Final = "/google-play/verify"
+APP_STORE_ROUTE: Final = "/apple-storekit/verify"
 #: The login route `setup_billing(authenticate=...)` adds unless `login_path` says otherwise; logout,
 #: refresh and me sit beside it.
 DEFAULT_LOGIN_PATH: Final = "/v1/auth/login"

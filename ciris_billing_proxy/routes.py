@@ -8,7 +8,9 @@ reply there). Each route is an `Operation` declared below, which the OpenAPI doc
 from __future__ import annotations
 
 import re
-from typing import Final
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
+from typing import Final, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -16,14 +18,19 @@ from pydantic import BaseModel
 
 from .auth import identity_of_request
 from .bodies import expect_continue, read_model
-from .errors import BillingDisabled, PaymentNotFound, http_error
+from .errors import BillingDisabled, IdTokenRequired, PaymentNotFound, http_error
+from .id_token import APPLE_HEADER, GOOGLE_HEADER, MISSING, IdToken, id_token_of, id_token_scope
+from .identity import Identity
 from .keys import VERIFIED_KEY
 from .models import (
+    AppStorePurchase,
     Capabilities,
     CreditStatus,
+    GooglePlayPurchase,
     PurchaseInitiated,
     PurchaseRequest,
     PurchaseStatus,
+    StoreVerification,
     TransactionPage,
 )
 from .operations import (
@@ -36,9 +43,19 @@ from .operations import (
     Operation,
     TextParam,
 )
-from .paths import CAPABILITIES_ROUTE, CREDITS_ROUTE, INITIATE_ROUTE, STATUS_ROUTE, TRANSACTIONS_ROUTE
+from .paths import (
+    APP_STORE_ROUTE,
+    CAPABILITIES_ROUTE,
+    CREDITS_ROUTE,
+    GOOGLE_PLAY_ROUTE,
+    INITIATE_ROUTE,
+    STATUS_ROUTE,
+    TRANSACTIONS_ROUTE,
+)
 from .service import BillingService
 from .ui import SERVED, UIFiles
+
+M = TypeVar("M", bound=BaseModel)
 
 #: Stripe ids are short `pi_...` tokens; anything outside this alphabet cannot be one of ours.
 PAYMENT_ID: Final = TextParam(
@@ -54,6 +71,26 @@ IDEMPOTENCY_KEY: Final = TextParam(
 LIMIT: Final = IntQuery("limit", 50, 1, 100, "Transactions per page.")
 OFFSET: Final = IntQuery("offset", 0, 0, 1_000_000_000, "Transactions to skip, newest first.")
 BAD_IDEMPOTENCY_KEY: Final = "Idempotency-Key must be 1-128 letters, digits or -_.:"
+_ID_HEADER_USE: Final = (
+    "ID token of the user, for a provider that calls its backend as the user (the `ciris` provider in "
+    "`id_token` mode; see `/capabilities`). Never stored or logged."
+)
+#: Sent by native apps beside the bearer token; a provider in ID-token mode needs one of them.
+ID_TOKENS: Final = (
+    TextParam(GOOGLE_HEADER, re.compile(r"[!-~]{1,8192}"), "The Google " + _ID_HEADER_USE),
+    TextParam(APPLE_HEADER, re.compile(r"[!-~]{1,8192}"), "The Apple " + _ID_HEADER_USE),
+)
+NO_ID_TOKEN: Final = (
+    "no valid bearer token (missing, malformed, expired, revoked or badly signed); or the provider "
+    f"needs the user's ID token and neither `{GOOGLE_HEADER}` nor `{APPLE_HEADER}` was sent, or its "
+    "backend refused it"
+)
+AS_USER_ERRORS: Final = {**BEARER_ERRORS, 401: NO_ID_TOKEN}
+STORE_REFUSED: Final = (
+    "A purchase the store or backend refuses (invalid, unknown product) is still a 200, with "
+    "`success: false` and a readable `error`: the mobile apps read those fields. A repeated purchase "
+    "answers `already_processed: true` and adds nothing."
+)
 
 CREDITS: Final = Operation(
     "getCredits",
@@ -61,14 +98,16 @@ CREDITS: Final = Operation(
     CREDITS_ROUTE,
     "The caller's credit: free and paid uses left, and what a purchase costs when one is needed.",
     CreditStatus,
-    {**BEARER_ERRORS, 503: PROVIDER_FAILED},
+    {**AS_USER_ERRORS, 503: PROVIDER_FAILED},
     "billing",
+    headers=ID_TOKENS,
 )
 CAPABILITIES: Final = Operation(
     "getCapabilities",
     "GET",
     CAPABILITIES_ROUTE,
-    "What the provider offers (purchases, a transaction history), so a UI can hide what it cannot do.",
+    "What the provider offers (purchases, a transaction history, app store purchases, whether the gate "
+    "charges), so a UI can hide what it cannot do.",
     Capabilities,
     {**BEARER_ERRORS, 503: "the provider's declaration is broken"},
     "billing",
@@ -80,7 +119,7 @@ INITIATE: Final = Operation(
     "Start a purchase: a Stripe PaymentIntent whose `client_secret` the UI confirms with Stripe.js.",
     PurchaseInitiated,
     {
-        **BEARER_ERRORS,
+        **AS_USER_ERRORS,
         **BODY_ERRORS,
         400: "the body is not JSON, a bad `Idempotency-Key`, or the provider refused the purchase "
         "(e.g. no email address on the account)",
@@ -89,7 +128,7 @@ INITIATE: Final = Operation(
     },
     "billing",
     body=PurchaseRequest,
-    headers=(IDEMPOTENCY_KEY,),
+    headers=(IDEMPOTENCY_KEY, *ID_TOKENS),
     links={"getPurchaseStatus": {"payment_id": "$response.body#/payment_id"}},
 )
 STATUS: Final = Operation(
@@ -98,9 +137,10 @@ STATUS: Final = Operation(
     STATUS_ROUTE + "{payment_id}",
     "A purchase's state; poll until `succeeded`, `failed`, `canceled` or `unknown`.",
     PurchaseStatus,
-    {**BEARER_ERRORS, 403: SELLING, 404: "no such payment of this user's", 503: PROVIDER_FAILED},
+    {**AS_USER_ERRORS, 403: SELLING, 404: "no such payment of this user's", 503: PROVIDER_FAILED},
     "billing",
     path_params=(PAYMENT_ID,),
+    headers=ID_TOKENS,
 )
 TRANSACTIONS: Final = Operation(
     "getTransactions",
@@ -108,9 +148,45 @@ TRANSACTIONS: Final = Operation(
     TRANSACTIONS_ROUTE,
     "The caller's charges and credits, newest first, a page at a time.",
     TransactionPage,
-    {**BEARER_ERRORS, 422: "`limit` or `offset` out of range", 503: PROVIDER_FAILED},
+    {**AS_USER_ERRORS, 422: "`limit` or `offset` out of range", 503: PROVIDER_FAILED},
     "billing",
     query=(LIMIT, OFFSET),
+    headers=ID_TOKENS,
+)
+GOOGLE_PLAY: Final = Operation(
+    "verifyGooglePlay",
+    "POST",
+    GOOGLE_PLAY_ROUTE,
+    "Redeem a Google Play purchase: its credits are added to the caller's account, once. " + STORE_REFUSED,
+    StoreVerification,
+    {
+        **AS_USER_ERRORS,
+        **BODY_ERRORS,
+        403: "the provider does not redeem Google Play purchases (`Billing not enabled for this agent`)",
+        503: PROVIDER_FAILED,
+    },
+    "billing",
+    body=GooglePlayPurchase,
+    body_required=True,
+    headers=ID_TOKENS,
+)
+APP_STORE: Final = Operation(
+    "verifyAppStore",
+    "POST",
+    APP_STORE_ROUTE,
+    "Redeem an App Store (StoreKit) transaction: its credits are added to the caller's account, once. "
+    + STORE_REFUSED,
+    StoreVerification,
+    {
+        **AS_USER_ERRORS,
+        **BODY_ERRORS,
+        403: "the provider does not redeem App Store purchases (`Billing not enabled for this agent`)",
+        503: PROVIDER_FAILED,
+    },
+    "billing",
+    body=AppStorePurchase,
+    body_required=True,
+    headers=ID_TOKENS,
 )
 OPENAPI: Final = Operation(
     "getOpenAPI",
@@ -137,7 +213,17 @@ UI_FILE: Final = Operation(
     bodiless={304: "the file has not changed since the `ETag` sent in `If-None-Match`"},
 )
 #: Every billing route, in the order of the document; `UI_FILE` only with `serve_ui`.
-BILLING_OPERATIONS: Final = (CREDITS, CAPABILITIES, INITIATE, STATUS, TRANSACTIONS, OPENAPI, UI_FILE)
+BILLING_OPERATIONS: Final = (
+    CREDITS,
+    CAPABILITIES,
+    INITIATE,
+    STATUS,
+    TRANSACTIONS,
+    GOOGLE_PLAY,
+    APP_STORE,
+    OPENAPI,
+    UI_FILE,
+)
 
 
 def json_reply(model: BaseModel, status: int = 200) -> web.Response:
@@ -152,7 +238,8 @@ class BillingRoutes:
         self._catch_all: list[web.AbstractResource] = []
 
     async def get_credits(self, request: web.Request) -> web.Response:
-        body = await self.service.credit_reply(request[VERIFIED_KEY][1])
+        with self._as_user(request):
+            body = await self.service.credit_reply(request[VERIFIED_KEY][1])
         return web.Response(body=body, content_type="application/json")
 
     async def capabilities(self, request: web.Request) -> web.Response:
@@ -171,18 +258,51 @@ class BillingRoutes:
         key = request.headers.get("Idempotency-Key")
         if key is not None and not IDEMPOTENCY_KEY.matches(key):
             raise http_error(400, BAD_IDEMPOTENCY_KEY)
-        return json_reply(await service.initiate_purchase(request[VERIFIED_KEY][1], body.return_url, key))
+        with self._as_user(request):
+            reply = await service.initiate_purchase(request[VERIFIED_KEY][1], body.return_url, key)
+        return json_reply(reply)
 
     async def purchase_status(self, request: web.Request) -> web.Response:
         service = self._selling()
         payment_id = request.match_info["payment_id"]
         if not PAYMENT_ID.matches(payment_id):
             raise PaymentNotFound
-        return json_reply(await service.purchase_status(request[VERIFIED_KEY][1], payment_id))
+        with self._as_user(request):
+            return json_reply(await service.purchase_status(request[VERIFIED_KEY][1], payment_id))
 
     async def transactions(self, request: web.Request) -> web.Response:
         limit, offset = LIMIT.read(request), OFFSET.read(request)
-        return json_reply(await self.service.transactions(request[VERIFIED_KEY][1], limit, offset))
+        with self._as_user(request):
+            return json_reply(await self.service.transactions(request[VERIFIED_KEY][1], limit, offset))
+
+    async def verify_google_play(self, request: web.Request) -> web.Response:
+        if not self.service.provider.google_play_enabled:
+            raise BillingDisabled
+        purchase = await self._read(request, GooglePlayPurchase)
+        return await self._verify(request, lambda who: self.service.verify_google_play(who, purchase))
+
+    async def verify_app_store(self, request: web.Request) -> web.Response:
+        if not self.service.provider.apple_storekit_enabled:
+            raise BillingDisabled
+        purchase = await self._read(request, AppStorePurchase)
+        return await self._verify(request, lambda who: self.service.verify_app_store(who, purchase))
+
+    async def _read(self, request: web.Request, model: type[M]) -> M:
+        config = self.service.config
+        return await read_model(request, model, config.max_body_bytes, time_limit=config.body_timeout_seconds)
+
+    async def _verify(
+        self, request: web.Request, verify: Callable[[Identity], Awaitable[StoreVerification]]
+    ) -> web.Response:
+        with self._as_user(request):
+            return json_reply(await verify(request[VERIFIED_KEY][1]))
+
+    def _as_user(self, request: web.Request) -> AbstractContextManager[IdToken | None]:
+        """The request's ID token made current for the provider (see `id_token`); a 401 first if the
+        provider needs one and none was sent, before any cached credit could answer."""
+        if self.service.provider.id_token_required and id_token_of(request) is None:
+            raise IdTokenRequired(MISSING)
+        return id_token_scope(request)
 
     async def expect_authenticated(self, request: web.Request) -> None:
         """`Expect:` is answered before middlewares run: check the token before inviting an upload."""
@@ -245,6 +365,8 @@ def add_routes(
     router.add_post(prefix + INITIATE.path, routes.initiate_purchase, expect_handler=expect)
     router.add_get(prefix + STATUS.path, routes.purchase_status, expect_handler=expect)
     router.add_get(prefix + TRANSACTIONS.path, routes.transactions, expect_handler=expect)
+    router.add_post(prefix + GOOGLE_PLAY.path, routes.verify_google_play, expect_handler=expect)
+    router.add_post(prefix + APP_STORE.path, routes.verify_app_store, expect_handler=expect)
     router.add_get(prefix + OPENAPI.path, describe, expect_handler=expect_continue)
     public.add(describe)
     if service.config.serve_ui:

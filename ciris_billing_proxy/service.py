@@ -22,7 +22,16 @@ from .cache import CreditCache
 from .config import BillingConfig
 from .errors import BillingError, ProviderUnavailable
 from .identity import Identity
-from .models import Capabilities, CreditStatus, PurchaseInitiated, PurchaseStatus, TransactionPage
+from .models import (
+    AppStorePurchase,
+    Capabilities,
+    CreditStatus,
+    GooglePlayPurchase,
+    PurchaseInitiated,
+    PurchaseStatus,
+    StoreVerification,
+    TransactionPage,
+)
 from .providers.base import CreditProvider
 from .retries import GiveBackRetries
 
@@ -111,9 +120,17 @@ class BillingService:
     def capabilities(self) -> Capabilities:
         """What the provider declares it offers. Read on every call (a provider may change what it
         offers while running); a declaration that is not a bool is a provider bug, answered 503."""
-        purchases = self.provider.purchases_enabled
-        transactions = self.provider.keeps_transactions
-        for attribute, value in (("purchases_enabled", purchases), ("keeps_transactions", transactions)):
+        declared = {
+            name: getattr(self.provider, name)
+            for name in (
+                "purchases_enabled",
+                "keeps_transactions",
+                "google_play_enabled",
+                "apple_storekit_enabled",
+                "gate_charges",
+            )
+        }
+        for attribute, value in declared.items():
             if not isinstance(value, bool):
                 logger.error(
                     "Credit provider %r declared %s as %s; expected bool",
@@ -122,7 +139,14 @@ class BillingService:
                     type(value).__name__,
                 )
                 raise ProviderUnavailable(maybe_applied=False)
-        return Capabilities(provider=self.provider.name, purchases=purchases, transactions=transactions)
+        return Capabilities(
+            provider=self.provider.name,
+            purchases=declared["purchases_enabled"],
+            transactions=declared["keeps_transactions"],
+            google_play=declared["google_play_enabled"],
+            apple_storekit=declared["apple_storekit_enabled"],
+            charges=declared["gate_charges"],
+        )
 
     def revoke_token(self, token: str) -> None:
         """Refuse a bearer token from now on (logout), even though it has not expired."""
@@ -185,6 +209,29 @@ class BillingService:
         if status.status == "succeeded":
             self.cache.invalidate(identity)
         return status
+
+    async def verify_google_play(self, identity: Identity, purchase: GooglePlayPurchase) -> StoreVerification:
+        call = self.provider.verify_google_play(identity, purchase)
+        return await self._verified(identity, call, "verify_google_play")
+
+    async def verify_app_store(self, identity: Identity, purchase: AppStorePurchase) -> StoreVerification:
+        call = self.provider.verify_app_store(identity, purchase)
+        return await self._verified(identity, call, "verify_app_store")
+
+    async def _verified(
+        self, identity: Identity, call: Awaitable[StoreVerification], what: str
+    ) -> StoreVerification:
+        """A store verification, run to its end even if the app goes away (it adds credit), and the
+        user's cached credit dropped once it succeeded, inside that run: a caller's cancellation
+        cannot skip it."""
+
+        async def verify_then_forget() -> StoreVerification:
+            result = await self._guard(call, what, StoreVerification)
+            if result.success:
+                self.cache.invalidate(identity)
+            return result
+
+        return await asyncio.shield(self._track(verify_then_forget()))
 
     async def _load_status(self, identity: Identity) -> CachedCredit:
         status = await self._guard(self.provider.credit_status(identity), "credit_status", CreditStatus)

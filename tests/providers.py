@@ -11,14 +11,17 @@ import textwrap
 from pathlib import Path
 
 from ciris_billing_proxy import (
+    AppStorePurchase,
     CreditProvider,
     CreditStatus,
+    GooglePlayPurchase,
     Identity,
     InsufficientCredit,
     PaymentNotFound,
     ProviderUnavailable,
     PurchaseInitiated,
     PurchaseStatus,
+    StoreVerification,
 )
 
 
@@ -108,6 +111,49 @@ class ShopProvider(CreditProvider):
             raise PaymentNotFound
         return PurchaseStatus(
             status="succeeded", credits_added=owner[1], balance_after=self.balance(identity)
+        )
+
+
+class MobileShopProvider(ShopProvider):
+    """A third-party provider that redeems app store purchases: 100 credits per token, once; tokens
+    starting with "bad" are refused by the store."""
+
+    name = "mobile-shop"
+
+    def __init__(self, credits: int = 0) -> None:
+        super().__init__(credits)
+        self.redeemed: set[tuple[str, str]] = set()
+
+    @property
+    def google_play_enabled(self) -> bool:
+        return True
+
+    @property
+    def apple_storekit_enabled(self) -> bool:
+        return True
+
+    async def verify_google_play(self, identity: Identity, purchase: GooglePlayPurchase) -> StoreVerification:
+        await self._enter("verify_google_play")
+        return self._redeem(identity, ("google", purchase.purchase_token))
+
+    async def verify_app_store(self, identity: Identity, purchase: AppStorePurchase) -> StoreVerification:
+        await self._enter("verify_app_store")
+        return self._redeem(identity, ("apple", purchase.transaction_id))
+
+    def _redeem(self, identity: Identity, token: tuple[str, str]) -> StoreVerification:
+        if token[1].startswith("bad"):
+            return StoreVerification(
+                success=False, credits_added=0, new_balance=0, already_processed=False, error="Invalid"
+            )
+        repeat = token in self.redeemed
+        self.redeemed.add(token)
+        added = 0 if repeat else 100
+        self.balances[identity.key] = self.balance(identity) + added
+        return StoreVerification(
+            success=True,
+            credits_added=added,
+            new_balance=self.balance(identity),
+            already_processed=repeat,
         )
 
 

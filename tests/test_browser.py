@@ -275,7 +275,14 @@ def test_the_js_client_throws_typed_errors(page: Any, free: Server) -> None:
         token,
     )
     assert result["credits"]["free_uses_remaining"] == 3
-    assert result["capabilities"] == {"provider": "simple", "purchases": False, "transactions": True}
+    assert result["capabilities"] == {
+        "provider": "simple",
+        "purchases": False,
+        "transactions": True,
+        "google_play": False,
+        "apple_storekit": False,
+        "charges": True,
+    }
     assert result["unauthorized"] == {
         "name": "AuthenticationError",
         "status": 401,

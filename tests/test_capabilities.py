@@ -15,11 +15,14 @@ from .conftest import ClientFactory
 from .default_paths import CAPABILITIES
 from .providers import ShopProvider
 
+NO_STORES = {"google_play": False, "apple_storekit": False, "charges": True}
+SIMPLE = {"provider": "simple", "purchases": False, "transactions": True, **NO_STORES}
+
 
 async def test_simple_offers_history_but_no_purchases(billing_client: Any, tokens: TokenFactory) -> None:
     resp = await billing_client.get(CAPABILITIES, headers=tokens.headers())
     assert resp.status == 200
-    assert await resp.json() == {"provider": "simple", "purchases": False, "transactions": True}
+    assert await resp.json() == SIMPLE
 
 
 async def test_ciris_offers_purchases_and_history(
@@ -27,7 +30,14 @@ async def test_ciris_offers_purchases_and_history(
 ) -> None:
     client = await make_client(ciris_billing_config)
     resp = await client.get(CAPABILITIES, headers=ciris_tokens.headers())
-    assert await resp.json() == {"provider": "ciris", "purchases": True, "transactions": True}
+    assert await resp.json() == {
+        "provider": "ciris",
+        "purchases": True,
+        "transactions": True,
+        "google_play": True,
+        "apple_storekit": True,
+        "charges": True,
+    }
 
 
 async def test_a_third_party_provider_declares_its_own(
@@ -36,7 +46,12 @@ async def test_a_third_party_provider_declares_its_own(
     client = await make_client(config, provider=ShopProvider())
     resp = await client.get(CAPABILITIES, headers=tokens.headers())
     # ShopProvider declares purchases and inherits the default "no history".
-    assert await resp.json() == {"provider": "shop", "purchases": True, "transactions": False}
+    assert await resp.json() == {
+        "provider": "shop",
+        "purchases": True,
+        "transactions": False,
+        **NO_STORES,
+    }
 
 
 async def test_needs_a_token(billing_client: Any, tokens: TokenFactory) -> None:
@@ -71,7 +86,7 @@ async def test_the_python_client_reads_them(billing_client: Any, tokens: TokenFa
     base = str(billing_client.make_url(""))
     async with BillingClient(base, token=tokens.token()) as billing:
         capabilities = await billing.capabilities()
-    assert capabilities.model_dump() == {"provider": "simple", "purchases": False, "transactions": True}
+    assert capabilities.model_dump() == SIMPLE
 
 
 async def test_the_client_names_an_agent_without_the_route(billing_client: Any, tokens: TokenFactory) -> None:

@@ -33,7 +33,7 @@ from ciris_billing_proxy.throttle import LoginAttempt
 from ciris_billing_proxy.tools.cli import main
 
 from .conftest import make_config
-from .providers import ShopProvider
+from .providers import MobileShopProvider
 from .repo_files import README
 
 PREFIX = "/v1/api/billing"
@@ -48,8 +48,8 @@ async def authenticate(username: str, password: str) -> AuthenticatedUser | None
     return AuthenticatedUser(username) if password == "right" else None
 
 
-class Shop(ShopProvider):
-    """A shop whose history fails like its other calls when told to."""
+class Shop(MobileShopProvider):
+    """A shop (app stores too) whose history fails like its other calls when told to."""
 
     async def transactions(self, identity: Identity, limit: int, offset: int) -> TransactionPage:
         await self._enter("transactions")
@@ -371,6 +371,30 @@ scenario("refresh", 413)(
     lambda ctx: ctx.send("POST", REFRESH, headers=ctx.auth, json={"refresh_token": "x" * 9000})
 )
 scenario("refresh", 422)(lambda ctx: ctx.send("POST", REFRESH, headers=ctx.auth, json={"refresh_token": 5}))
+
+GOOGLE_PLAY, APP_STORE = f"{PREFIX}/google-play/verify", f"{PREFIX}/apple-storekit/verify"
+PLAY_PURCHASE = {"purchase_token": "tok-1", "product_id": "credits_100", "package_name": "ai.ciris"}
+STORE_PURCHASE = {"transaction_id": "2000000001", "product_id": "credits_100"}
+for _id, _path, _body in (
+    ("verifyGooglePlay", GOOGLE_PLAY, PLAY_PURCHASE),
+    ("verifyAppStore", APP_STORE, STORE_PURCHASE),
+):
+    no_token(_id, "POST", _path)
+    scenario(_id, 200)(lambda ctx, p=_path, b=_body: ctx.send("POST", p, headers=ctx.auth, json=b))
+    scenario(_id, 400)(lambda ctx, p=_path: ctx.send("POST", p, headers=ctx.auth, data=b"{"))
+    scenario(_id, 403, "simple")(lambda ctx, p=_path, b=_body: ctx.send("POST", p, headers=ctx.auth, json=b))
+    scenario(_id, 408)(lambda ctx, p=_path: ctx.late_body(p, ctx.bearer()))
+    scenario(_id, 413)(
+        lambda ctx, p=_path, b=_body: ctx.send("POST", p, headers=ctx.auth, json={**b, "pad": "x" * 2000})
+    )
+    scenario(_id, 422)(
+        lambda ctx, p=_path, b=_body: ctx.send("POST", p, headers=ctx.auth, json={**b, "product_id": 5})
+    )
+    scenario(_id, 503)(
+        lambda ctx, p=_path, b=_body: failing(ctx, ProviderUnavailable()).send(
+            "POST", p, headers=ctx.auth, json=b
+        )
+    )
 
 DOCUMENT = openapi_document(PREFIX, LOGIN)
 OPERATIONS = {op["operationId"]: op for item in DOCUMENT["paths"].values() for op in item.values()}

@@ -23,7 +23,15 @@ from ..config import ConfigError, describe_validation_error
 from ..database_url import parse_database_url
 from ..errors import BillingDisabled
 from ..identity import Identity
-from ..models import CreditStatus, PurchaseInitiated, PurchaseStatus, TransactionPage
+from ..models import (
+    AppStorePurchase,
+    CreditStatus,
+    GooglePlayPurchase,
+    PurchaseInitiated,
+    PurchaseStatus,
+    StoreVerification,
+    TransactionPage,
+)
 from ..store import Engine, SQLiteDatabase
 from ..store.choose import engine_for
 
@@ -103,6 +111,31 @@ class CreditProvider(abc.ABC):
         a UI not to offer one (the route still answers, with an empty page)."""
         return False
 
+    @property
+    def google_play_enabled(self) -> bool:
+        """Whether `verify_google_play` redeems Google Play purchases. When false, its route answers
+        403 and `/capabilities` says `google_play: false`."""
+        return False
+
+    @property
+    def apple_storekit_enabled(self) -> bool:
+        """Whether `verify_app_store` redeems App Store purchases (as `google_play_enabled`)."""
+        return False
+
+    @property
+    def gate_charges(self) -> bool:
+        """Whether the credit gate takes a use per interaction (`spend`). When false the gate only
+        checks that the user has credit ("informational": something else charges), and
+        `/capabilities` says `charges: false`."""
+        return True
+
+    @property
+    def id_token_required(self) -> bool:
+        """Whether every billing request must carry the user's ID token (`X-Google-ID-Token` or
+        `X-Apple-ID-Token`): the proxy answers 401 without one, before the credit cache is read.
+        The provider reads the token with `ciris_billing_proxy.current_id_token()`."""
+        return False
+
     async def start(self) -> None:
         """Open connections, files and sessions. Called once at app startup."""
 
@@ -133,6 +166,20 @@ class CreditProvider(abc.ABC):
 
     async def purchase_status(self, identity: Identity, payment_id: str) -> PurchaseStatus:
         """Status of a purchase this user started; `PaymentNotFound` for anyone else's id."""
+        raise BillingDisabled
+
+    async def verify_google_play(self, identity: Identity, purchase: GooglePlayPurchase) -> StoreVerification:
+        """Redeem a Google Play purchase for this user; only called when `google_play_enabled`.
+
+        Exactly once per purchase token: a repeat answers `already_processed: true` and adds nothing.
+        A purchase the store refuses is `success: false` with a readable `error` (the mobile apps
+        read that, not an error status); raise `ProviderUnavailable` only when no answer was had.
+        """
+        raise BillingDisabled
+
+    async def verify_app_store(self, identity: Identity, purchase: AppStorePurchase) -> StoreVerification:
+        """Redeem an App Store transaction, as `verify_google_play`; only called when
+        `apple_storekit_enabled`."""
         raise BillingDisabled
 
     async def transactions(self, identity: Identity, limit: int, offset: int) -> TransactionPage:

@@ -23,6 +23,8 @@ ASYNC_METHODS: Final = (
     "initiate_purchase",
     "purchase_status",
     "transactions",
+    "verify_google_play",
+    "verify_app_store",
     "start",
     "stop",
 )

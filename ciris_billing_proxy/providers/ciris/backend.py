@@ -6,6 +6,12 @@
   POST /v1/billing/purchases            start a Stripe purchase (never retried blindly)
   GET  /v1/billing/purchases/{id}/status     Stripe's status of a payment this agent started
   GET  /v1/billing/transactions         the account's charges and credits, newest first
+  POST /v1/billing/google-play/verify   redeem a Google Play purchase (idempotent per token)
+  POST /v1/billing/apple-storekit/verify     redeem an App Store transaction (the same)
+
+In `id_token` mode the credit check and the verifications go with the user's ID token of the
+request being served (`current_id_token()`) instead of the API key; the backend takes nothing else
+that way.
 
 Every failure to get an answer leaves here as `ProviderUnavailable`; answers are returned for the
 caller to judge, except a credit check, which is always parsed.
@@ -21,11 +27,12 @@ from urllib.parse import quote
 
 from pydantic import ValidationError
 
-from ...errors import ProviderUnavailable
+from ...errors import IdTokenRequired, ProviderUnavailable
+from ...id_token import MISSING, REFUSED, current_id_token
 from ...identity import Identity
 from .accounts import BackendAccounts
 from .settings import CirisSettings
-from .transport import BackendUnavailable, Reply, Transport
+from .transport import BackendUnavailable, IdTokenRefused, Reply, Transport
 from .wire import BackendCredit
 
 logger = logging.getLogger("ciris_billing_proxy.ciris")
@@ -54,17 +61,28 @@ class BillingBackend:
         # A definite answer (not a timeout): whatever it was, the backend did not apply the call.
         return ProviderUnavailable(f"unexpected HTTP {reply.status} from {endpoint}", maybe_applied=False)
 
-    async def _call(self, method: str, path: str, **kwargs: Any) -> Reply:
+    async def _call(self, method: str, path: str, *, as_user: bool = False, **kwargs: Any) -> Reply:
+        """`as_user`: the call may go with the user's ID token (the endpoints that take one)."""
+        bearer = self._id_token() if as_user and self.settings.id_token_mode else None
         try:
-            return await self.transport.call(method, path, **kwargs)
+            return await self.transport.call(method, path, bearer=bearer, **kwargs)
         except BackendUnavailable as exc:
             raise ProviderUnavailable(exc.reason, maybe_applied=exc.maybe_applied) from None
+        except IdTokenRefused:
+            raise IdTokenRequired(REFUSED) from None
+
+    def _id_token(self) -> str:
+        token = current_id_token()
+        if token is None:
+            raise IdTokenRequired(MISSING)
+        return token.value
 
     async def check(self, identity: Identity, deadline: float | None = None) -> BackendCredit:
         agent_id = self.accounts.agent_id
         reply = await self._call(
             "POST",
             "/v1/billing/credits/check",
+            as_user=True,
             endpoint="credits/check",
             idempotent=True,
             json_body={**self.accounts.of(identity), "context": {"agent_id": agent_id}},
@@ -131,6 +149,20 @@ class BillingBackend:
             endpoint="purchase_status",
             idempotent=True,
             deadline=deadline,
+        )
+
+    async def verify_store(self, store: str, identity: Identity, purchase: dict[str, str]) -> Reply:
+        """`store` is `google-play` or `apple-storekit`. Retried like a check: the backend redeems
+        each purchase once, so a repeat after a lost reply answers `already_processed`. The budget is
+        the purchase one: the backend asks the store synchronously."""
+        return await self._call(
+            "POST",
+            f"/v1/billing/{store}/verify",
+            as_user=True,
+            endpoint=f"{store}/verify",
+            idempotent=True,
+            json_body={**self.accounts.of(identity), **purchase},
+            deadline=self.deadline(self.settings.purchase_timeout_seconds),
         )
 
     async def transactions(

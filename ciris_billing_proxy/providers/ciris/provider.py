@@ -12,6 +12,7 @@ A facade over parts with one job each:
 from __future__ import annotations
 
 import logging
+import secrets
 from pathlib import Path
 from typing import Final, Self
 
@@ -19,7 +20,15 @@ from pydantic import ValidationError
 
 from ...errors import ProviderUnavailable
 from ...identity import Identity
-from ...models import CreditStatus, PurchaseInitiated, PurchaseStatus, TransactionPage
+from ...models import (
+    AppStorePurchase,
+    CreditStatus,
+    GooglePlayPurchase,
+    PurchaseInitiated,
+    PurchaseStatus,
+    StoreVerification,
+    TransactionPage,
+)
 from ...store import Engine, SQLiteDatabase, payment_store, replay_store
 from ..base import CreditProvider, ProviderContext
 from .accounts import BackendAccounts
@@ -28,7 +37,8 @@ from .charges import ChargeBook
 from .purchases import PurchaseDesk
 from .sealing import ReplySeal
 from .settings import CirisSettings
-from .wire import public_transaction, to_credit_status
+from .transport import Reply
+from .wire import NOT_VERIFIED, public_transaction, refused, to_credit_status, to_store_verification
 
 logger = logging.getLogger("ciris_billing_proxy.ciris")
 
@@ -48,9 +58,10 @@ class CirisProvider(CreditProvider):
         self.payments = payment_store(engine)
         self.replays = replay_store(engine)
         self.charges = ChargeBook(self.backend)
-        self.purchases = PurchaseDesk(
-            self.backend, self.payments, self.replays, ReplySeal(settings.api_key.get_secret_value())
-        )
+        # Without an API key (id_token mode) nothing is sold through Stripe, so nothing is ever
+        # sealed: a random secret keeps the desk whole without a key to derive one from.
+        key = settings.api_key.get_secret_value() if settings.api_key else secrets.token_urlsafe(32)
+        self.purchases = PurchaseDesk(self.backend, self.payments, self.replays, ReplySeal(key))
 
     @classmethod
     def from_context(cls, context: ProviderContext) -> Self:
@@ -61,12 +72,30 @@ class CirisProvider(CreditProvider):
             agent_id=context.agent_id,
         )
 
+    # In id_token mode the backend takes the user's token only for checks and store verifications:
+    # Stripe purchases, charges and the listing need the API key.
     @property
     def purchases_enabled(self) -> bool:
-        return True
+        return not self.settings.id_token_mode
 
     @property
     def keeps_transactions(self) -> bool:
+        return not self.settings.id_token_mode
+
+    @property
+    def gate_charges(self) -> bool:
+        return not self.settings.id_token_mode
+
+    @property
+    def id_token_required(self) -> bool:
+        return self.settings.id_token_mode
+
+    @property
+    def google_play_enabled(self) -> bool:
+        return True
+
+    @property
+    def apple_storekit_enabled(self) -> bool:
         return True
 
     async def start(self) -> None:
@@ -97,7 +126,30 @@ class CirisProvider(CreditProvider):
     async def purchase_status(self, identity: Identity, payment_id: str) -> PurchaseStatus:
         return await self.purchases.status(identity, payment_id)
 
+    async def verify_google_play(self, identity: Identity, purchase: GooglePlayPurchase) -> StoreVerification:
+        fields = {
+            "purchase_token": purchase.purchase_token,
+            "product_id": purchase.product_id,
+            "package_name": purchase.package_name,
+        }
+        return self._verification(await self.backend.verify_store("google-play", identity, fields))
+
+    async def verify_app_store(self, identity: Identity, purchase: AppStorePurchase) -> StoreVerification:
+        fields = {"transaction_id": purchase.transaction_id, "product_id": purchase.product_id}
+        return self._verification(await self.backend.verify_store("apple-storekit", identity, fields))
+
+    def _verification(self, reply: Reply) -> StoreVerification:
+        """The backend's answer as the apps read it: its refusals (400 invalid purchase or unknown
+        product, a 422 on the token's shape, a 404/403 on the account) are `success: false`."""
+        if reply.status == 200:
+            return to_store_verification(reply.body)
+        if 400 <= reply.status < 500:
+            return refused(reply.detail or NOT_VERIFIED)
+        raise self.backend.unexpected("store verification", reply)
+
     async def transactions(self, identity: Identity, limit: int, offset: int) -> TransactionPage:
+        if self.settings.id_token_mode:
+            return TransactionPage(transactions=[], total_count=0, has_more=False)
         reply = await self.backend.transactions(identity, limit, offset)
         if reply.status == 404:  # a backend from before the listing existed (Nov 2025): no history
             return TransactionPage(transactions=[], total_count=0, has_more=False)

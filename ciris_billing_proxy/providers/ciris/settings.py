@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from pydantic import (
     BaseModel,
@@ -35,6 +35,7 @@ ENV_VARS: Final = {
     "CIRIS_BILLING_CREDIT_WAIT_SECONDS": "credit_wait_seconds",
     "CIRIS_BILLING_PURCHASE_REUSE_SECONDS": "purchase_reuse_seconds",
     "CIRIS_BILLING_DATABASE": "database",
+    "CIRIS_BILLING_AUTH_MODE": "auth_mode",
 }
 
 
@@ -61,7 +62,12 @@ def check_base_url(value: str) -> str:
 class CirisSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    api_key: SecretStr
+    #: Required in `api_key` mode; not used in `id_token` mode.
+    api_key: SecretStr | None = None
+    #: How the backend is told who calls: the agent's API key (`api_key`, the default when a key is
+    #: set), or the user's own Google/Apple ID token from the request (`id_token`, native apps), in
+    #: which the backend takes no charges, sells no Stripe purchases and lists no transactions.
+    auth_mode: Literal["api_key", "id_token"] = "api_key"
     api_url: str = DEFAULT_API_URL
     fallback_urls: tuple[str, ...] = ()
     stripe_publishable_key: str | None = None
@@ -85,10 +91,10 @@ class CirisSettings(BaseModel):
 
     @field_validator("api_key")
     @classmethod
-    def _key_shape(cls, value: SecretStr) -> SecretStr:
+    def _key_shape(cls, value: SecretStr | None) -> SecretStr | None:
         # The shape of real keys: cbk_{env}_{base64url}. Anything else (spaces, line breaks) could
         # never authenticate and would fail on every request instead of at startup.
-        if not API_KEY_SHAPE.fullmatch(value.get_secret_value()):
+        if value is not None and not API_KEY_SHAPE.fullmatch(value.get_secret_value()):
             raise ValueError(
                 "must be a CIRIS Billing API key (starts with cbk_, then letters, digits, - or _)"
             )
@@ -115,7 +121,13 @@ class CirisSettings(BaseModel):
     def _budgets(self) -> CirisSettings:
         if self.connect_timeout_seconds > self.timeout_seconds:
             raise ValueError("connect_timeout_seconds cannot exceed timeout_seconds")
+        if self.auth_mode == "api_key" and self.api_key is None:
+            raise ValueError("api_key is required unless auth_mode is id_token")
         return self
+
+    @property
+    def id_token_mode(self) -> bool:
+        return self.auth_mode == "id_token"
 
     @property
     def base_urls(self) -> tuple[str, ...]:
@@ -123,10 +135,13 @@ class CirisSettings(BaseModel):
 
     @classmethod
     def from_context(cls, context: ProviderContext) -> CirisSettings:
-        """Options over `CIRIS_BILLING_*` variables (see `ENV_VARS`); the key is required."""
-        if not (context.options.get("api_key") or context.environ.get("CIRIS_BILLING_API_KEY")):
+        """Options over `CIRIS_BILLING_*` variables (see `ENV_VARS`); the key is required unless
+        `auth_mode` is `id_token`."""
+        mode = context.options.get("auth_mode") or context.environ.get("CIRIS_BILLING_AUTH_MODE")
+        has_key = context.options.get("api_key") or context.environ.get("CIRIS_BILLING_API_KEY")
+        if not has_key and mode != "id_token":
             raise ConfigError(
                 f"{context.provider} provider: CIRIS_BILLING_API_KEY is required "
-                "(a CIRIS Billing API key, cbk_...)"
+                "(a CIRIS Billing API key, cbk_...), unless CIRIS_BILLING_AUTH_MODE is id_token"
             )
         return context.settings(cls, env=ENV_VARS)

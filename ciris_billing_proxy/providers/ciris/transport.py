@@ -6,9 +6,11 @@
 * Non-idempotent calls (purchases: each one is a new PaymentIntent) move to the next base URL only when
   the connection could not be made at all, so the request provably never left; otherwise they fail.
 * A rejected API key (401, or 403 "Missing required permission") is logged at ERROR, once per call,
-  without the key.
+  without the key. A call made with the user's ID token (`bearer`) that gets a 401 raises
+  `IdTokenRefused`: the user's sign-in is stale, the agent's configuration is fine.
 
-Log lines name the endpoint and what went wrong, never the backend URL, the key or a response body.
+Log lines name the endpoint and what went wrong, never the backend URL, the key, an ID token or a
+response body.
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ class Reply:
         return ""
 
 
+class IdTokenRefused(Exception):
+    """The backend answered 401 to a call made with the user's ID token."""
+
+
 class _Transient(Exception):
     def __init__(self, reason: str, *, sent: bool = True) -> None:
         super().__init__(reason)
@@ -75,12 +81,11 @@ class Transport:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+        if not self._settings.id_token_mode and self._settings.api_key is not None:
+            headers["X-API-Key"] = self._settings.api_key.get_secret_value()
         self._session = aiohttp.ClientSession(
-            headers={
-                "X-API-Key": self._settings.api_key.get_secret_value(),
-                "User-Agent": USER_AGENT,
-                "Accept": "application/json",
-            },
+            headers=headers,
             connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=None),
@@ -102,9 +107,12 @@ class Transport:
         json_body: dict[str, Any] | None = None,
         params: dict[str, str] | None = None,
         deadline: float | None = None,
+        bearer: str | None = None,
     ) -> Reply:
-        """One logical call, finished by `deadline` (loop time; default: now + `timeout_seconds`).
-        Returns any non-transient reply; raises `BackendUnavailable` otherwise."""
+        """One logical call, finished by `deadline` (loop time; default: now + `timeout_seconds`),
+        authenticated with `bearer` (the user's ID token) when given, else the session's API key.
+        Returns any non-transient reply; raises `BackendUnavailable` (or `IdTokenRefused`) otherwise."""
+        auth = None if bearer is None else {"Authorization": f"Bearer {bearer}"}
         if self._session is None:
             raise BackendUnavailable("provider not started", maybe_applied=False)
         loop = asyncio.get_running_loop()
@@ -119,7 +127,7 @@ class Transport:
                 break
             base = self._urls[attempt % len(self._urls)]
             try:
-                reply = await self._once(method, base + path, json_body, params, remaining)
+                reply = await self._once(method, base + path, json_body, params, remaining, auth)
             except _Transient as exc:
                 reason = exc.reason
                 maybe_applied = maybe_applied or exc.sent
@@ -130,6 +138,9 @@ class Transport:
                 if attempt + 1 < attempts and delay > 0 and idempotent:
                     await asyncio.sleep(delay)
                 continue
+            if reply.status == 401 and auth is not None:
+                logger.info("Billing backend refused the user's ID token on %s", endpoint)
+                raise IdTokenRefused
             if reply.status == 401 or (reply.status == 403 and reply.detail.startswith("Missing required")):
                 logger.error(
                     "CIRIS Billing rejected the API key (HTTP %d on %s); check CIRIS_BILLING_API_KEY",
@@ -148,6 +159,7 @@ class Transport:
         json_body: dict[str, Any] | None,
         params: dict[str, str] | None,
         remaining: float,
+        auth: dict[str, str] | None,
     ) -> Reply:
         assert self._session is not None
         timeout = aiohttp.ClientTimeout(
@@ -155,7 +167,13 @@ class Transport:
         )
         try:
             async with self._session.request(
-                method, url, json=json_body, params=params, timeout=timeout, allow_redirects=False
+                method,
+                url,
+                json=json_body,
+                params=params,
+                headers=auth,
+                timeout=timeout,
+                allow_redirects=False,
             ) as resp:
                 raw = await resp.read()
                 status = resp.status

@@ -8,7 +8,7 @@ from typing import Any, Final
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from ...errors import ProviderUnavailable
-from ...models import CreditStatus, PurchaseOptions
+from ...models import CreditStatus, PurchaseOptions, StoreVerification
 
 #: Stripe states of a PaymentIntent the user can still pay.
 AWAITING_PAYMENT: Final = frozenset({"requires_payment_method", "requires_confirmation", "requires_action"})
@@ -58,6 +58,44 @@ class BackendPurchase(BaseModel):
     uses_purchased: int
     status: str = "requires_payment_method"
     publishable_key: str | None = None
+
+
+class BackendVerification(BaseModel):
+    """The verify endpoints' 200 (3.9): `/v1/billing/*` always has `success: true`; the `/v1/user/*`
+    variant may say `success: false` with an `error`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    success: bool = True
+    credits_added: int = 0
+    new_balance: int = 0
+    already_processed: bool = False
+    error: str | None = None
+
+
+NOT_VERIFIED: Final = "The purchase could not be verified"
+
+
+def to_store_verification(body: Any) -> StoreVerification:
+    """A 200 of a verify endpoint as the mobile apps read it (`ProviderUnavailable` if malformed)."""
+    try:
+        backend = BackendVerification.model_validate(body)
+        if not backend.success:
+            return refused(backend.error or NOT_VERIFIED)
+        return StoreVerification(
+            success=True,
+            credits_added=0 if backend.already_processed else max(backend.credits_added, 0),
+            new_balance=max(backend.new_balance, 0),
+            already_processed=backend.already_processed,
+        )
+    except ValueError:  # pydantic's ValidationError is one
+        raise ProviderUnavailable("malformed verification", maybe_applied=False) from None
+
+
+def refused(error: str) -> StoreVerification:
+    return StoreVerification(
+        success=False, credits_added=0, new_balance=0, already_processed=False, error=error
+    )
 
 
 OWN_CHARGE: Final = re.compile(r"^(Agent interaction) [0-9a-f]{32}$")

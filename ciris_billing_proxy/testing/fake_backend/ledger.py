@@ -10,7 +10,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 
 def _now_iso() -> str:
@@ -93,6 +93,16 @@ class Pricing:
     stripe_configured: bool = True
 
 
+#: Credits per store product (sections 3.9 and 7, packs as of 2026-02-18): the product ids each store sells.
+GOOGLE_PLAY_PRODUCTS: Final = {"credits_100": 99, "credits_250": 249, "credits_600": 599}
+APP_STORE_PRODUCTS: Final = {
+    f"ai.ciris.mobile.credits_{size}_v1": credits
+    for size, credits in (("100", 99), ("250", 249), ("600", 599))
+}
+#: A store token starting with this is one the store calls not valid (a refunded or cancelled purchase).
+INVALID_PURCHASE_PREFIX: Final = "invalid"
+
+
 class Ledger:
     """All state, behind one lock: the HTTP layer and test controls may run on different threads."""
 
@@ -103,6 +113,8 @@ class Ledger:
         self.transactions: list[LedgerEntry] = []
         self.payments: dict[str, PaymentIntent] = {}
         self._purchase_keys: dict[str, str] = {}
+        #: (store, purchase token or transaction id) -> order id: what makes a repeat a no-op.
+        self.store_purchases: dict[tuple[str, str], str] = {}
         self.clock_offset = timedelta()
 
     def now(self) -> datetime:
@@ -422,6 +434,44 @@ class Ledger:
             )
             intent.credited = True
             return True
+
+    # -- app store purchases (section 3.9) -----------------------------------------------------
+    def verify_store(self, store: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
+        """`google-play/verify` or `apple-storekit/verify`: add the product's credits once per token."""
+        products = GOOGLE_PLAY_PRODUCTS if store == "google-play" else APP_STORE_PRODUCTS
+        product_id = body["product_id"]
+        if product_id not in products:
+            raise BackendError(400, f"Unknown product ID: {product_id}")
+        if token.startswith(INVALID_PURCHASE_PREFIX):
+            raise BackendError(400, "Purchase not valid: state=1")
+        key = (body["oauth_provider"], body["external_id"])
+        with self.lock:
+            account = self.accounts.get(key) or self._create(key, self.pricing.free_uses_per_account, body)
+            self._touch_metadata(account, body)
+            done = self.store_purchases.get((store, token))
+            added = 0
+            if done is None:
+                done = f"{store}-order-{len(self.store_purchases) + 1}"
+                added = products[product_id]
+                self._credit(
+                    account,
+                    {
+                        "amount_minor": added,
+                        "currency": "USD",
+                        "description": f"{store} purchase {product_id}",
+                        "transaction_type": "purchase",
+                        "external_transaction_id": done,
+                    },
+                )
+                self.store_purchases[(store, token)] = done
+            return {
+                "success": True,
+                "credits_added": added,
+                "new_balance": account.paid_credits,
+                "order_id": done,
+                "purchase_time_millis": int(self.now().timestamp() * 1000),
+                "already_processed": added == 0,
+            }
 
     # -- transactions (section 3.9) ------------------------------------------------------------
     def list_transactions(self, key: tuple[str, str], limit: int, offset: int) -> dict[str, Any]:

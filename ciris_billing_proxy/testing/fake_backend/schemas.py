@@ -89,6 +89,24 @@ class BackendPurchaseBody(IdentityFields, MetadataFields):
     display_name: str | None = Field(default=None, max_length=255)
 
 
+class _StorePurchase(IdentityFields, MetadataFields):
+    product_id: str = Field(min_length=1, max_length=255)
+
+    @field_validator("purchase_token", "transaction_id", mode="before", check_fields=False)
+    @classmethod
+    def _trimmed(cls, value: Any) -> Any:
+        return value.strip() if isinstance(value, str) else value
+
+
+class GooglePlayVerifyBody(_StorePurchase):
+    purchase_token: str = Field(min_length=10, max_length=4096)
+    package_name: str = Field(min_length=1, max_length=255)
+
+
+class AppStoreVerifyBody(_StorePurchase):
+    transaction_id: str = Field(min_length=10, max_length=4096)
+
+
 class InvalidBody(Exception):
     def __init__(self, errors: list[dict[str, Any]]) -> None:
         super().__init__("invalid body")

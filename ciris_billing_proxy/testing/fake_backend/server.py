@@ -25,10 +25,12 @@ from .faults import Fault, FaultPlan
 from .ledger import BackendError, Ledger, Pricing
 from .schemas import (
     AccountRequest,
+    AppStoreVerifyBody,
     BackendPurchaseBody,
     ChargeRequest,
     CheckRequest,
     CreditRequest,
+    GooglePlayVerifyBody,
     InvalidBody,
     _Body,
     parse,
@@ -44,12 +46,43 @@ ENDPOINTS = {
     "credits_check": "credits/check",
     "purchase_status_alias": "purchase_status",
     "accounts_upsert": "accounts",
+    "google_play_verify": "google-play/verify",
+    "apple_storekit_verify": "apple-storekit/verify",
 }
+#: Bearer ID tokens the fake accepts: `fake-id-token.google.<sub>` or `fake-id-token.apple.<sub>`,
+#: for the identity `oauth:google`/`oauth:apple` + `<sub>`; the sub `expired` is an expired token.
+FAKE_ID_PREFIX = "fake-id-token."
+
+
+def fake_id_token(issuer: str, subject: str) -> str:
+    """An ID token the fake backend accepts as `oauth:{issuer}` / `subject` (`google` or `apple`)."""
+    return f"{FAKE_ID_PREFIX}{issuer}.{subject}"
+
+
+def _bearer_identity(authorization: str) -> tuple[str, str] | BackendError:
+    """The identity of a Bearer ID token (section 1, JWT path), or the backend's 401."""
+    token = authorization.removeprefix("Bearer ").strip()
+    issuer, _, subject = token.removeprefix(FAKE_ID_PREFIX).partition(".")
+    if not token.startswith(FAKE_ID_PREFIX) or issuer not in ("google", "apple") or not subject:
+        return BackendError(401, "Invalid Google ID token: not a fake-id-token")
+    if subject == "expired":
+        return BackendError(
+            401,
+            {"error": "token_expired", "message": "Your session has expired. Please sign in again."},
+        )
+    return f"oauth:{issuer}", subject
 
 
 def new_api_key(env: str = "test") -> str:
     """A key shaped like the real ones: `cbk_{env}_` + 43 base64url characters."""
     return f"cbk_{env}_{secrets.token_urlsafe(32)}"
+
+
+def key_missing_but_bearer(request: web.Request) -> bool:
+    """If both are sent, `X-API-Key` wins (section 1)."""
+    return "X-API-Key" not in request.headers and request.headers.get("Authorization", "").startswith(
+        "Bearer "
+    )
 
 
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
@@ -225,6 +258,8 @@ class FakeBillingBackend:
         r.add_get("/v1/billing/purchases/{payment_id}", self._payment, name="purchase_status")
         r.add_get("/v1/billing/purchases/{payment_id}/status", self._payment, name="purchase_status_alias")
         r.add_get("/v1/billing/transactions", self._transactions, name="transactions")
+        r.add_post("/v1/billing/google-play/verify", self._google_play, name="google_play_verify")
+        r.add_post("/v1/billing/apple-storekit/verify", self._app_store, name="apple_storekit_verify")
         r.add_get("/health", self._health, name="health")
         r.add_post("/_fake/payments/{payment_id}/{action}", self._control_payment)
         r.add_get("/_fake/calls", self._control_calls)
@@ -310,7 +345,8 @@ class FakeBillingBackend:
         if key is None:
             if either:
                 if request.headers.get("Authorization", "").startswith("Bearer "):
-                    return BackendError(401, "Invalid Google ID token: fake backend accepts API keys only")
+                    who = _bearer_identity(request.headers["Authorization"])
+                    return who if isinstance(who, BackendError) else None
                 return BackendError(
                     401,
                     "Authentication required. Provide X-API-Key header or "
@@ -350,11 +386,24 @@ class FakeBillingBackend:
                 errors.extend(exc.errors)
         if errors:
             raise BackendError(422, errors)
+        if either and key_missing_but_bearer(request):
+            # The body's identity is required but ignored: the token says who the user is.
+            who = _bearer_identity(request.headers["Authorization"])
+            assert not isinstance(who, BackendError)  # checked above
+            body["oauth_provider"], body["external_id"] = who
         return body
 
     async def _check(self, request: web.Request) -> web.Response:
         body = await self._authorized_body(request, CheckRequest, READ, either=True)
         return _json(200, self.ledger.check(body))
+
+    async def _google_play(self, request: web.Request) -> web.Response:
+        body = await self._authorized_body(request, GooglePlayVerifyBody, WRITE, either=True)
+        return _json(200, self.ledger.verify_store("google-play", body["purchase_token"], body))
+
+    async def _app_store(self, request: web.Request) -> web.Response:
+        body = await self._authorized_body(request, AppStoreVerifyBody, WRITE, either=True)
+        return _json(200, self.ledger.verify_store("apple-storekit", body["transaction_id"], body))
 
     async def _charge(self, request: web.Request) -> web.Response:
         body = await self._authorized_body(request, ChargeRequest, WRITE)
