@@ -13,14 +13,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ciris_billing_proxy import (
+    AppStorePurchase,
     CreditProvider,
     CreditStatus,
+    GooglePlayPurchase,
     Identity,
     InsufficientCredit,
     PaymentNotFound,
     PurchaseInitiated,
     PurchaseOptions,
     PurchaseStatus,
+    StoreVerification,
 )
 from ciris_billing_proxy.models import Transaction, TransactionPage
 
@@ -243,3 +246,67 @@ class LeaksTask(Reference):
 
     async def start(self) -> None:
         self.ticker = asyncio.ensure_future(asyncio.Event().wait())
+
+
+def play_purchase() -> GooglePlayPurchase:
+    return GooglePlayPurchase(purchase_token=uuid.uuid4().hex, product_id="pack", package_name="app")
+
+
+def store_purchase() -> AppStorePurchase:
+    return AppStorePurchase(transaction_id=uuid.uuid4().hex, product_id="pack")
+
+
+class StoreReference(Reference):
+    """Redeems app store purchases too: a pack per token, once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.redeemed: set[str] = set()
+
+    @property
+    def google_play_enabled(self) -> bool:
+        return True
+
+    @property
+    def apple_storekit_enabled(self) -> bool:
+        return True
+
+    async def verify_google_play(self, identity: Identity, purchase: GooglePlayPurchase) -> StoreVerification:
+        return await self.redeem(identity, f"play:{purchase.purchase_token}")
+
+    async def verify_app_store(self, identity: Identity, purchase: AppStorePurchase) -> StoreVerification:
+        return await self.redeem(identity, f"store:{purchase.transaction_id}")
+
+    async def redeem(self, identity: Identity, token: str) -> StoreVerification:
+        await asyncio.sleep(0)  # a real store is asked over the network: let calls interleave
+        repeat = token in self.redeemed
+        self.redeemed.add(token)
+        account = self.account(identity)
+        if not repeat:
+            account.paid += PACK.uses
+            account.record("credit", PACK.uses, "Store purchase")
+        return StoreVerification(
+            success=True,
+            credits_added=0 if repeat else PACK.uses,
+            new_balance=account.paid,
+            already_processed=repeat,
+        )
+
+
+class StoreCreditsEveryTime(StoreReference):
+    async def redeem(self, identity: Identity, token: str) -> StoreVerification:
+        self.redeemed.discard(token)
+        return await super().redeem(identity, token)
+
+
+class StoreWithoutDeclaring(Reference):
+    """Redeems Google Play purchases while declaring none."""
+
+    async def verify_google_play(self, identity: Identity, purchase: GooglePlayPurchase) -> StoreVerification:
+        self.account(identity).paid += PACK.uses
+        return StoreVerification(
+            success=True,
+            credits_added=PACK.uses,
+            new_balance=self.account(identity).paid,
+            already_processed=False,
+        )

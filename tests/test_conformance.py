@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from ciris_billing_proxy import BillingConfig, Identity, ProviderContext
+from ciris_billing_proxy import (
+    AppStorePurchase,
+    BillingConfig,
+    GooglePlayPurchase,
+    Identity,
+    ProviderContext,
+)
 from ciris_billing_proxy.providers.ciris import CirisProvider
 from ciris_billing_proxy.providers.simple import SimpleProvider
 from ciris_billing_proxy.testing import FakeBillingBackend
@@ -50,6 +57,18 @@ class TestCirisConforms(ProviderContract):
     async def complete_payment(self, provider: CirisProvider, payment_id: str) -> None:
         self.fake.confirm_payment(payment_id)  # Stripe says succeeded, and the webhook credits at once
 
+    async def google_play_purchase(self, provider: CirisProvider) -> GooglePlayPurchase:
+        # Any fresh token the fake backend's Google Play accepts (see "Fake store tokens").
+        return GooglePlayPurchase(
+            purchase_token=f"gp-{uuid.uuid4().hex}", product_id="credits_100", package_name="ai.ciris.mobile"
+        )
+
+    async def app_store_purchase(self, provider: CirisProvider) -> AppStorePurchase:
+        return AppStorePurchase(
+            transaction_id=f"2000{uuid.uuid4().int % 10**12:012d}",
+            product_id="ai.ciris.mobile.credits_250_v1",
+        )
+
 
 ROOT = Path(__file__).resolve().parents[1]
 KIT_CHECKS = sorted(name for name in dir(ProviderContract) if name.startswith("test_"))
@@ -81,6 +100,12 @@ class Test{name}(ProviderContract):
 
     async def complete_payment(self, provider, payment_id):
         provider.pay(payment_id)
+
+    async def google_play_purchase(self, provider):
+        return conformance_providers.play_purchase()
+
+    async def app_store_purchase(self, provider):
+        return conformance_providers.store_purchase()
 """
 
 
@@ -94,8 +119,17 @@ def run_kit(pytester: pytest.Pytester, name: str) -> pytest.RunResult:
 
 def test_a_correct_provider_that_sells_passes_every_check(pytester: pytest.Pytester) -> None:
     result = run_kit(pytester, "Reference")
-    # The one skip: the check for providers that do not sell.
-    result.assert_outcomes(passed=len(KIT_CHECKS) - 1, skipped=1)
+    # Skipped: the check for providers that do not sell, and the two of providers that redeem
+    # app store purchases.
+    result.assert_outcomes(passed=len(KIT_CHECKS) - 3, skipped=3)
+
+
+def test_a_correct_provider_that_redeems_store_purchases_passes_every_check(
+    pytester: pytest.Pytester,
+) -> None:
+    result = run_kit(pytester, "StoreReference")
+    # Skipped: the checks of providers that do not sell, and of stores a provider does not declare.
+    result.assert_outcomes(passed=len(KIT_CHECKS) - 2, skipped=2)
 
 
 @pytest.mark.parametrize(
@@ -117,6 +151,12 @@ def test_a_correct_provider_that_sells_passes_every_check(pytester: pytest.Pytes
         ("CreditsOnEveryStatus", "a completed payment must add exactly its uses (10) once, but"),
         ("IgnoresLimit", "transactions must return at most limit (1) items, but it returned"),
         ("LeaksTask", "stop after a restart must leave no task of the provider running, but 1 started"),
+        ("StoreCreditsEveryTime", "verify_google_play must redeem one purchase exactly once: of 6 identical"),
+        ("StoreCreditsEveryTime", "verify_app_store must redeem one purchase exactly once"),
+        (
+            "StoreWithoutDeclaring",
+            "verify_google_play must raise BillingDisabled when google_play_enabled is",
+        ),
     ],
 )
 def test_a_broken_provider_fails_with_the_rule_it_broke(
@@ -136,8 +176,9 @@ def test_the_example_distribution_passes_the_kit_with_its_pytest_config(pytester
     pytester.syspathinsert(EXAMPLE)
     pytester.makepyfile(test_conformance=EXAMPLE_TEST.read_text(encoding="utf-8"))
     result = pytester.runpytest("-p", "no:cacheprovider", "-W", "error")
-    # Skipped: paid give-backs (no add_paid_credit hook) and the three checks of providers that sell.
-    result.assert_outcomes(passed=len(KIT_CHECKS) - 4, skipped=4)
+    # Skipped: paid give-backs (no add_paid_credit hook), the three checks of providers that sell and
+    # the two of providers that redeem app store purchases.
+    result.assert_outcomes(passed=len(KIT_CHECKS) - 6, skipped=6)
 
 
 def test_the_readme_shows_the_example_distributions_test_and_this_repositorys_ciris_test() -> None:

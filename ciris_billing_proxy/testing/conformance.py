@@ -7,9 +7,11 @@ test of that class. Each check uses fresh users (uuid-based ids), so one provide
 persistent one, can serve them all. A failing check says the rule it broke in one sentence.
 
 What the kit cannot do generically is left to optional hooks (`add_paid_credit`,
-`complete_payment`): a check that needs a hook the subclass does not implement is skipped, with a
-reason naming the hook. What a provider may legitimately do differently is declared in class
-attributes (`returns_free_uses`, ...), never inferred, so no check is weakened silently.
+`complete_payment`, `google_play_purchase`, `app_store_purchase`): a check that needs a hook the
+subclass does not implement is skipped, with a reason naming the hook. What a provider may
+legitimately do differently is declared in class attributes (`returns_free_uses`, ...) or by the
+provider itself (`purchases_enabled`, `google_play_enabled`, ...), never inferred, so no check is
+weakened silently.
 
 The async checks need pytest-asyncio in auto mode (`asyncio_mode = "auto"`), which pytest-aiohttp
 also uses. This module imports pytest, so it is for test suites only; nothing at runtime imports it.
@@ -27,16 +29,19 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from .. import (
+    AppStorePurchase,
     BillingDisabled,
     BillingError,
     CreditProvider,
     CreditStatus,
+    GooglePlayPurchase,
     Identity,
     InsufficientCredit,
     PaymentNotFound,
     ProviderUnavailable,
     PurchaseInitiated,
     PurchaseStatus,
+    StoreVerification,
 )
 from ..models import TransactionPage
 
@@ -52,7 +57,25 @@ ASYNC_METHODS = (
     "initiate_purchase",
     "purchase_status",
     "transactions",
+    "verify_google_play",
+    "verify_app_store",
 )
+#: What a provider declares it offers: each must be a bool.
+DECLARATIONS = (
+    "purchases_enabled",
+    "keeps_transactions",
+    "google_play_enabled",
+    "apple_storekit_enabled",
+    "gate_charges",
+    "id_token_required",
+)
+#: Store -> (its declaration, its method, the hook that makes a purchase to redeem).
+STORES = {
+    "google_play": ("google_play_enabled", "verify_google_play", "google_play_purchase"),
+    "app_store": ("apple_storekit_enabled", "verify_app_store", "app_store_purchase"),
+}
+#: Identical verifications the kit sends at once: one may add credits, the others none.
+CONCURRENT_VERIFIES = 5
 FAILED_STATES = frozenset({"failed", "canceled"})
 POLL_SECONDS = 0.05
 
@@ -183,6 +206,15 @@ class ProviderContract:
         delivered, possibly later: the kit polls `purchase_status` for `settle_seconds`)."""
         raise NotImplementedError
 
+    async def google_play_purchase(self, provider: Any) -> GooglePlayPurchase:
+        """A Google Play purchase, never redeemed before, that the provider's store accepts.
+        Implement it for a provider that declares `google_play_enabled`; its check skips otherwise."""
+        raise NotImplementedError
+
+    async def app_store_purchase(self, provider: Any) -> AppStorePurchase:
+        """An App Store transaction, as `google_play_purchase`, for `apple_storekit_enabled`."""
+        raise NotImplementedError
+
     # -- checks -----------------------------------------------------------------------------------
     async def test_every_method_is_a_coroutine_function(self, provider: CreditProvider) -> None:
         for name in ASYNC_METHODS:
@@ -191,7 +223,7 @@ class ProviderContract:
                     f"CreditProvider.{name} must be a coroutine function (async def), but"
                     f" {type(provider).__name__}.{name} is not."
                 )
-        for declared in ("purchases_enabled", "keeps_transactions"):
+        for declared in DECLARATIONS:
             value = getattr(provider, declared)
             if not isinstance(value, bool):
                 broken(f"{declared} must be a bool, but it was {type(value).__name__}.")
@@ -385,6 +417,75 @@ class ProviderContract:
             "a provider that does not sell (purchases_enabled is false) must raise BillingDisabled from"
             " initiate_purchase, but it started a purchase."
         )
+
+    async def test_a_store_the_provider_does_not_declare_raises_billing_disabled(
+        self, provider: CreditProvider
+    ) -> None:
+        undeclared = [store for store, (declared, _, _) in STORES.items() if not getattr(provider, declared)]
+        if not undeclared:
+            pytest.skip("this provider redeems purchases of both app stores")
+        for store in undeclared:
+            declared, method, _ = STORES[store]
+            purchase = (
+                GooglePlayPurchase(purchase_token=new_key(), product_id="p", package_name="p")
+                if store == "google_play"
+                else AppStorePurchase(transaction_id=new_key(), product_id="p")
+            )
+            try:
+                await self._call(provider, method, self.new_identity(), purchase)
+            except BillingDisabled:
+                continue
+            except BillingError as exc:
+                broken(
+                    f"{method} must raise BillingDisabled when {declared} is false, not {type(exc).__name__}."
+                )
+            broken(f"{method} must raise BillingDisabled when {declared} is false, but it answered.")
+
+    async def test_a_verified_google_play_purchase_adds_its_credits_once(
+        self, provider: CreditProvider
+    ) -> None:
+        await self._store_purchase_adds_once(provider, "google_play")
+
+    async def test_a_verified_app_store_purchase_adds_its_credits_once(
+        self, provider: CreditProvider
+    ) -> None:
+        await self._store_purchase_adds_once(provider, "app_store")
+
+    async def _store_purchase_adds_once(self, provider: CreditProvider, store: str) -> None:
+        declared, method, hook = STORES[store]
+        if not getattr(provider, declared):
+            pytest.skip(f"this provider does not redeem this store's purchases ({declared} is false)")
+        try:
+            purchase = await getattr(self, hook)(provider)
+        except NotImplementedError:
+            pytest.skip(f"redeeming a purchase needs the {hook} hook, which is not implemented")
+        identity = self.new_identity()
+        before = await self._balance(provider, identity)
+        replies = await asyncio.gather(
+            *(
+                self._typed(provider, method, StoreVerification, identity, purchase)
+                for _ in range(CONCURRENT_VERIFIES)
+            )
+        )
+        replies.append(await self._typed(provider, method, StoreVerification, identity, purchase))
+        if not all(reply.success for reply in replies):
+            broken(
+                f"{method} must succeed for a purchase the store accepts, but it said: {replies[0].error}."
+            )
+        firsts = [reply for reply in replies if not reply.already_processed]
+        if len(firsts) != 1 or firsts[0].credits_added <= 0:
+            broken(
+                f"{method} must redeem one purchase exactly once: of {len(replies)} identical calls"
+                f" ({CONCURRENT_VERIFIES} at once, then one more), exactly one must add credits and the"
+                f" others say already_processed, but {len(firsts)} added"
+                f" {[reply.credits_added for reply in firsts]}."
+            )
+        after = await self._balance(provider, identity)
+        if after.available - before.available != firsts[0].credits_added:
+            broken(
+                f"a verified purchase must add exactly its credits_added ({firsts[0].credits_added}) once,"
+                f" but {before.change_to(after)}."
+            )
 
     async def test_a_payment_is_visible_to_its_owner_only(self, provider: CreditProvider) -> None:
         self._skip_unless_selling(provider)
