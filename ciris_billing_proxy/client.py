@@ -24,16 +24,19 @@ import aiohttp
 from pydantic import BaseModel, ValidationError
 from yarl import URL
 
+from .id_token import GOOGLE_HEADER
 from .models import (
     CapabilitiesReply,
     CreditStatusReply,
     LoginReply,
     PurchaseInitiatedReply,
     PurchaseStatusReply,
+    StoreVerificationReply,
     TransactionPageReply,
     UserInfoReply,
 )
 from .paths import (
+    APP_STORE_ROUTE,
     CAPABILITIES_ROUTE,
     CREDITS_ROUTE,
     DEFAULT_LOGIN_PATH,
@@ -41,6 +44,7 @@ from .paths import (
     DEFAULT_ME_PATH,
     DEFAULT_PREFIX,
     DEFAULT_REFRESH_PATH,
+    GOOGLE_PLAY_ROUTE,
     INITIATE_ROUTE,
     STATUS_ROUTE,
     TRANSACTIONS_ROUTE,
@@ -155,12 +159,14 @@ class BillingClient:
 
     `login(username, password)` keeps the token it gets (or pass `token=`); then `get_credits()`,
     `initiate_purchase(return_url=None, *, idempotency_key=None)`, `get_purchase_status(payment_id)`,
-    `wait_for_purchase(payment_id)`, `get_transactions(limit, offset)`, and `me()`, `refresh()`,
-    `logout()` for the auth routes. Replies are the wire-contract models of
-    `ciris_billing_proxy.models` (`CreditStatusReply`, ...). Every failure is a `BillingClientError`:
-    `BillingAPIError` (with `status` and `detail`; a subclass per status, e.g. `BillingNotEnabled`),
-    `BillingConnectionError`, or `InvalidReplyError` for a reply outside the contract. `prefix` is
-    where the billing routes are (`/v1/api/billing` by default).
+    `wait_for_purchase(payment_id)`, `get_transactions(limit, offset)`, `capabilities()`,
+    `verify_google_play(...)`, `verify_app_store(...)`, and `me()`, `refresh()`, `logout()` for the
+    auth routes. `id_token` (sent in `id_token_header`, `X-Google-ID-Token` by default) is the
+    user's own ID token, for an agent whose provider calls its backend as the user. Replies are the
+    wire-contract models of `ciris_billing_proxy.models` (`CreditStatusReply`, ...). Every failure is
+    a `BillingClientError`: `BillingAPIError` (with `status` and `detail`; a subclass per status,
+    e.g. `BillingNotEnabled`), `BillingConnectionError`, or `InvalidReplyError` for a reply outside
+    the contract. `prefix` is where the billing routes are (`/v1/api/billing` by default).
     """
 
     def __init__(
@@ -171,6 +177,8 @@ class BillingClient:
         token: str | None = None,
         prefix: str = DEFAULT_PREFIX,
         on_unauthorized: Callable[[BillingClient], Awaitable[None]] | None = None,
+        id_token: str | None = None,
+        id_token_header: str = GOOGLE_HEADER,
     ) -> None:
         """`on_unauthorized(client)`, if given, is awaited once when a call gets a 401 (typically
         to `login` again); the call is then retried once with the new token."""
@@ -184,6 +192,8 @@ class BillingClient:
         self._shown_url = str(url.with_user(None).with_password(None)).rstrip("/")
         self.prefix = prefix.rstrip("/")
         self.token = token
+        self.id_token = id_token
+        self.id_token_header = id_token_header
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._on_unauthorized = on_unauthorized
         self._session: aiohttp.ClientSession | None = None
@@ -229,9 +239,25 @@ class BillingClient:
         return _parse(CreditStatusReply, await self.request("GET", self.prefix + CREDITS_ROUTE))
 
     async def capabilities(self) -> CapabilitiesReply:
-        """What the agent's provider offers (`purchases`, `transactions`): ask before offering a
-        buy button. Agents older than the route answer 404 (`NotFoundError`)."""
+        """What the agent's provider offers (`purchases`, `transactions`, `google_play`,
+        `apple_storekit`, `charges`): ask before offering a buy button. Agents older than the route
+        answer 404 (`NotFoundError`)."""
         return _parse(CapabilitiesReply, await self.request("GET", self.prefix + CAPABILITIES_ROUTE))
+
+    async def verify_google_play(
+        self, purchase_token: str, product_id: str, package_name: str
+    ) -> StoreVerificationReply:
+        """Redeem a Google Play purchase. A purchase the store refuses is not an exception: the
+        reply says `success: False` with an `error`; a repeat says `already_processed: True`."""
+        body = {"purchase_token": purchase_token, "product_id": product_id, "package_name": package_name}
+        reply = await self.request("POST", self.prefix + GOOGLE_PLAY_ROUTE, json_body=body)
+        return _parse(StoreVerificationReply, reply)
+
+    async def verify_app_store(self, transaction_id: str, product_id: str) -> StoreVerificationReply:
+        """Redeem an App Store transaction, as `verify_google_play`."""
+        body = {"transaction_id": transaction_id, "product_id": product_id}
+        reply = await self.request("POST", self.prefix + APP_STORE_ROUTE, json_body=body)
+        return _parse(StoreVerificationReply, reply)
 
     async def initiate_purchase(
         self, return_url: str | None = None, *, idempotency_key: str | None = None
@@ -324,6 +350,8 @@ class BillingClient:
         all_headers = dict(headers or {})
         if auth and self.token:
             all_headers["Authorization"] = f"Bearer {self.token}"
+        if auth and self.id_token:
+            all_headers[self.id_token_header] = self.id_token
         try:
             async with self._session.request(
                 method, self.base_url + path, json=json_body, params=params, headers=all_headers

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from ciris_billing_proxy import BillingConfig
+from ciris_billing_proxy.client import BillingClient
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 from ciris_billing_proxy.testing.fake_backend import fake_id_token
 
@@ -295,3 +296,36 @@ async def test_a_refused_id_token_is_a_401(
             "detail": "The billing backend did not accept the ID token; sign in again"
         }
         assert token not in caplog.text
+
+
+async def test_the_python_client_verifies_both_stores(ciris_client: Any, ciris_tokens: TokenFactory) -> None:
+    base = str(ciris_client.make_url(""))
+    async with BillingClient(base, token=ciris_tokens.token("ivy")) as billing:
+        capabilities = await billing.capabilities()
+        assert (capabilities.google_play, capabilities.apple_storekit, capabilities.charges) == (
+            True,
+            True,
+            True,
+        )
+        play_reply = await billing.verify_google_play(new_token(), "credits_250", PACKAGE)
+        store_reply = await billing.verify_app_store("2000000000000005", "ai.ciris.mobile.credits_100_v1")
+        refused = await billing.verify_google_play("invalid-token-0", "credits_100", PACKAGE)
+        assert (await billing.get_credits()).credits_remaining == 249 + 99
+    assert (play_reply.credits_added, store_reply.credits_added) == (249, 99)
+    assert (refused.success, refused.error) == (False, "Purchase not valid: state=1")
+
+
+async def test_the_python_client_sends_the_id_token(
+    native_client: Any, id_token_config: BillingConfig, ciris_fake_backend: FakeBillingBackend
+) -> None:
+    subject = secrets.token_hex(8)
+    base = str(native_client.make_url(""))
+    token = TokenFactory(id_token_config).token("jo")
+    apple = fake_id_token("apple", subject)
+    async with BillingClient(
+        base, token=token, id_token=apple, id_token_header="X-Apple-ID-Token"
+    ) as billing:
+        reply = await billing.verify_google_play(new_token(), "credits_100", PACKAGE)
+        assert (await billing.capabilities()).charges is False
+    assert reply.new_balance == 99
+    assert ciris_fake_backend.account("oauth:apple", subject)["credits_remaining"] == 99

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from .default_paths import CREDITS, INITIATE, LOGIN, STATUS, TRANSACTIONS
+from .default_paths import CREDITS, GOOGLE_PLAY, INITIATE, LOGIN, STATUS, TRANSACTIONS
 from .serving import clean_env, serve
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
@@ -52,8 +52,10 @@ async def test_simple_demo_passes_with_purchase_skipped(tmp_path: Path) -> None:
         "Initiate Purchase": "SKIP",
         "Check Purchase Status": "SKIP",
         "Get Transaction History": "PASS",
+        "Verify Store Purchase": "SKIP",
     }
     assert "billing not enabled" in out
+    assert "app store purchases not enabled for this agent" in out
     assert "... Get Credit Status" in err  # progress goes to stderr
 
 
@@ -73,7 +75,8 @@ async def test_ciris_demo_passes_every_step_and_reports_json(tmp_path: Path) -> 
         assert code == 0, out
         report = json.loads(out)
         assert report["passed"] is True
-        assert [s["result"] for s in report["steps"]] == ["PASS"] * 6
+        assert [s["result"] for s in report["steps"]] == ["PASS"] * 7
+        assert report["steps"][-1]["reason"].startswith("a made-up purchase is refused with success: false")
         assert "_secret_" not in out  # the client secret is never printed
         code, out, _ = await qa("--url", server.url, "--username", "ann", "--password", "pw", "--no-purchase")
         assert code == 0
@@ -117,6 +120,7 @@ async def test_a_server_that_breaks_the_contract_fails(aiohttp_server: Any) -> N
     assert steps["Get Credit Status"] == "FAIL"
     assert "credits_remaining is null, not int" in out
     assert steps["Get Transaction History"] == "FAIL"  # 404: newer clients call it
+    assert steps["Verify Store Purchase"] == "SKIP"  # 404: an agent from before the mobile routes
     assert "QA FAILED" in out
 
 
@@ -145,6 +149,7 @@ GOOD_CREDITS = {
     "purchase_options": None,
 }
 GOOD_TX = {"transactions": [], "total_count": 0, "has_more": False}
+REFUSED = {"success": False, "credits_added": 0, "new_balance": 0, "already_processed": False, "error": "No"}
 GOOD_INITIATE = {
     "payment_id": "pi_1",
     "client_secret": "pi_1_secret_x",
@@ -162,6 +167,7 @@ def agent(**routes: Any) -> web.Application:
         "initiate": INITIATE,
         "status": f"{STATUS}pi_1",
         "transactions": TRANSACTIONS,
+        "verify": GOOGLE_PLAY,
     }
     bodies = {
         "login": LOGIN_OK,
@@ -169,6 +175,7 @@ def agent(**routes: Any) -> web.Application:
         "initiate": GOOD_INITIATE,
         "status": {"status": "processing", "credits_added": 0, "balance_after": 0},
         "transactions": GOOD_TX,
+        "verify": REFUSED,
         **routes,
     }
 
@@ -321,3 +328,11 @@ async def test_transactions_of_a_busy_user_are_checked(tmp_path: Path) -> None:
         code, out, _ = await qa("--url", server.url, "--username", "ann", "--password", "pw")
     assert code == 0, out
     assert "3 of 3 transactions" in out
+
+
+async def test_an_agent_that_accepts_a_made_up_purchase_fails(aiohttp_server: Any) -> None:
+    accepted = {**REFUSED, "success": True, "credits_added": 99, "error": None}
+    code, out, _ = await run_against(aiohttp_server, verify=accepted)
+    assert code == 1
+    assert results(out)["Verify Store Purchase"] == "FAIL"
+    assert "a made-up purchase token was accepted" in out

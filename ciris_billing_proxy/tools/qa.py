@@ -22,6 +22,7 @@ from ..client import (
     BillingClientError,
     BillingConnectionError,
     BillingNotEnabled,
+    NotFoundError,
 )
 from ..models import (
     PAYMENT_STATES,
@@ -29,11 +30,19 @@ from ..models import (
     PurchaseInitiated,
     PurchaseOptionsReply,
     PurchaseStatusReply,
+    StoreVerificationReply,
     Transaction,
     TransactionPageReply,
     TransactionReply,
 )
-from ..paths import CREDITS_ROUTE, DEFAULT_LOGIN_PATH, INITIATE_ROUTE, STATUS_ROUTE, TRANSACTIONS_ROUTE
+from ..paths import (
+    CREDITS_ROUTE,
+    DEFAULT_LOGIN_PATH,
+    GOOGLE_PLAY_ROUTE,
+    INITIATE_ROUTE,
+    STATUS_ROUTE,
+    TRANSACTIONS_ROUTE,
+)
 
 Result = Literal["PASS", "SKIP", "FAIL"]
 #: The Python types `json.loads` may give for a field: what a check accepts.
@@ -76,6 +85,14 @@ PURCHASE_OPTIONS_FIELDS: Final = wire_fields(PurchaseOptionsReply)
 PURCHASE_STATUS_FIELDS: Final = wire_fields(PurchaseStatusReply)
 TRANSACTION_PAGE_FIELDS: Final = wire_fields(TransactionPageReply)
 TRANSACTION_FIELDS: Final = wire_fields(TransactionReply)
+STORE_VERIFICATION_FIELDS: Final = wire_fields(StoreVerificationReply)
+#: A purchase no store issued: every store refuses it (the fake backend refuses tokens starting
+#: "invalid"), so the check adds no credit anywhere.
+MADE_UP_PURCHASE: Final = {
+    "purchase_token": "invalid-qa-check-not-a-real-purchase",
+    "product_id": "credits_100",
+    "package_name": "ai.ciris.qa",
+}
 TRANSACTION_TYPES: Final = get_args(Transaction.__pydantic_fields__["type"].annotation)
 
 
@@ -162,6 +179,7 @@ class Checklist:
             ("Initiate Purchase", self.initiate_purchase),
             ("Check Purchase Status", self.check_purchase_status),
             ("Get Transaction History", self.get_transactions),
+            ("Verify Store Purchase", self.verify_store_purchase),
         ]
         for name, check in steps:
             if self.progress is not None:
@@ -295,6 +313,24 @@ class Checklist:
             if item_problems:
                 return "FAIL", f"transaction {index}: " + "; ".join(item_problems)
         return "PASS", f"{len(items)} of {total} transactions" + (" (more)" if reply["has_more"] else "")
+
+    async def verify_store_purchase(self) -> tuple[Result, str]:
+        """The mobile apps' route, with a purchase no store issued: it must answer 200 with
+        `success: false` (the apps read that, never an error status)."""
+        try:
+            reply = await self.client.request(
+                "POST", self.client.prefix + GOOGLE_PLAY_ROUTE, json_body=MADE_UP_PURCHASE, unwrap=False
+            )
+        except BillingNotEnabled as exc:
+            return "SKIP", f"app store purchases not enabled for this agent (403: {_brief(exc.detail)})"
+        except NotFoundError:
+            return "SKIP", "no google-play/verify route (404): the CIRIS mobile apps cannot buy through it"
+        problems = _type_problems(reply, STORE_VERIFICATION_FIELDS)
+        if problems:
+            return "FAIL", "; ".join(problems)
+        if reply["success"] or reply["credits_added"]:
+            return "FAIL", "a made-up purchase token was accepted"
+        return "PASS", f"a made-up purchase is refused with success: false ({_brief(reply['error'])})"
 
 
 async def run_qa(
