@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from ciris_billing_proxy import BillingConfig
@@ -19,6 +22,7 @@ from .ciris_helpers import INTERACT, agent_routes, who, with_options
 from .conftest import ClientFactory
 from .default_paths import APP_STORE, CAPABILITIES, CREDITS, GOOGLE_PLAY, TRANSACTIONS
 from .providers import MobileShopProvider, ShopProvider
+from .serving import clean_env, login, serve
 
 PACKAGE = "ai.ciris.mobile"
 NOT_ENABLED = {"detail": "Billing not enabled for this agent"}
@@ -329,3 +333,38 @@ async def test_the_python_client_sends_the_id_token(
         assert (await billing.capabilities()).charges is False
     assert reply.new_balance == 99
     assert ciris_fake_backend.account("oauth:apple", subject)["credits_remaining"] == 99
+
+
+def demo_password(server_output: list[str]) -> str:
+    found = re.search(r"with password (\S+)\n", "".join(server_output))
+    assert found, server_output
+    return found.group(1)
+
+
+async def test_serve_fake_backend_runs_the_mobile_flow(tmp_path: Path) -> None:
+    with serve(["--fake-backend"], tmp_path) as server:
+        async with aiohttp.ClientSession() as session:
+            bearer = await login(session, server.url, "demo", demo_password(server.output))
+            auth = {"Authorization": f"Bearer {bearer}"}
+            token = new_token()
+            for expected in (99, 0):
+                async with session.post(server.url + GOOGLE_PLAY, json=play(token), headers=auth) as r:
+                    assert (await r.json())["credits_added"] == expected
+            async with session.get(server.url + CREDITS, headers=auth) as r:
+                assert (await r.json())["credits_remaining"] == 99
+    assert token not in "".join(server.output)
+
+
+async def test_serve_fake_backend_in_id_token_mode(tmp_path: Path) -> None:
+    id_token = fake_id_token("google", secrets.token_hex(8))
+    with serve(["--fake-backend"], tmp_path, clean_env(CIRIS_BILLING_AUTH_MODE="id_token")) as server:
+        async with aiohttp.ClientSession() as session:
+            bearer = await login(session, server.url, "demo", demo_password(server.output))
+            auth = {"Authorization": f"Bearer {bearer}", "X-Google-ID-Token": id_token}
+            async with session.get(server.url + CAPABILITIES, headers=auth) as r:
+                assert (await r.json())["charges"] is False
+            async with session.post(server.url + GOOGLE_PLAY, json=play(new_token()), headers=auth) as r:
+                assert (await r.json())["new_balance"] == 99
+            async with session.get(server.url + CREDITS, headers=auth) as r:
+                assert (await r.json())["credits_remaining"] == 99
+    assert id_token not in "".join(server.output)

@@ -274,7 +274,9 @@ async def _start(
 
         fake = FakeBillingBackend()
         url = await fake.start(host="127.0.0.1")
-        environ = {}  # the fake's settings only, whatever CIRIS_BILLING_* the shell has
+        # The fake's settings only, whatever CIRIS_BILLING_* the shell has, but for the auth mode:
+        # the fake serves the native apps' ID-token mode too.
+        environ = {k: v for k, v in os.environ.items() if k == "CIRIS_BILLING_AUTH_MODE"}
         options = {**config.provider_options, "api_url": url, "api_key": fake.api_key}
         if config.database_url is None:
             # The fake's payments live only as long as it does; with a database_url the records
@@ -301,7 +303,9 @@ async def _start(
             print(
                 f"Fake CIRIS Billing backend on {fake.url} (state in memory, gone at exit)\n"
                 f"  confirm a payment: curl -X POST {fake.url}/_fake/payments/PAYMENT_ID/confirm\n"
-                f"  fail or cancel one: .../PAYMENT_ID/fail, .../PAYMENT_ID/cancel"
+                f"  fail or cancel one: .../PAYMENT_ID/fail, .../PAYMENT_ID/cancel\n"
+                f"  app store purchases: any purchase token of 10+ characters succeeds once, one starting "
+                f"'invalid' is refused (README: Fake store tokens)"
             )
         return await _run(make_runner(app, idle_timeout=args.idle_timeout), args.host, args.port, config)
     finally:
