@@ -19,7 +19,17 @@ export interface CreditStatus {
   daily_free_uses_remaining?: number | null;
   daily_free_uses_limit?: number | null;
 }
-export interface Capabilities { provider: string; purchases: boolean; transactions: boolean; }
+export interface Capabilities {
+  provider: string;
+  purchases: boolean;
+  transactions: boolean;
+  /** Whether the agent redeems Google Play purchases (`POST {prefix}/google-play/verify`). */
+  google_play: boolean;
+  /** Whether the agent redeems App Store purchases (`POST {prefix}/apple-storekit/verify`). */
+  apple_storekit: boolean;
+  /** False when the agent's gate only checks credit and something else charges (ID-token mode). */
+  charges: boolean;
+}
 export interface PurchaseInitiated {
   payment_id: string;
   client_secret: string;

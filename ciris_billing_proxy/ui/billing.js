@@ -122,7 +122,9 @@ export class BillingClient {
 
   /** What the provider offers; agents older than the route answer 404 (`NotFoundError`). */
   async getCapabilities() {
-    return checked("capabilities", await this.request("GET", "/capabilities"), "capabilities");
+    const body = checked("capabilities", await this.request("GET", "/capabilities"), "capabilities");
+    // Agents from before the app store routes leave these out: no stores, and the gate charges.
+    return { google_play: false, apple_storekit: false, charges: true, ...body };
   }
 
   async initiatePurchase({ returnUrl, idempotencyKey } = {}) {
