@@ -71,19 +71,12 @@ IDEMPOTENCY_KEY: Final = TextParam(
 LIMIT: Final = IntQuery("limit", 50, 1, 100, "Transactions per page.")
 OFFSET: Final = IntQuery("offset", 0, 0, 1_000_000_000, "Transactions to skip, newest first.")
 BAD_IDEMPOTENCY_KEY: Final = "Idempotency-Key must be 1-128 letters, digits or -_.:"
-_ID_HEADER_USE: Final = (
-    "ID token of the user, for a provider that calls its backend as the user (the `ciris` provider in "
-    "`id_token` mode; see `/capabilities`). Never stored or logged."
-)
-#: Sent by native apps beside the bearer token; a provider in ID-token mode needs one of them.
-ID_TOKENS: Final = (
-    TextParam(GOOGLE_HEADER, re.compile(r"[!-~]{1,8192}"), "The Google " + _ID_HEADER_USE),
-    TextParam(APPLE_HEADER, re.compile(r"[!-~]{1,8192}"), "The Apple " + _ID_HEADER_USE),
-)
+#: The ID-token headers are not declared as parameters: only a provider in ID-token mode reads them
+#: (`/capabilities` says `charges: false` then), and every other agent ignores them.
 NO_ID_TOKEN: Final = (
     "no valid bearer token (missing, malformed, expired, revoked or badly signed); or the provider "
-    f"needs the user's ID token and neither `{GOOGLE_HEADER}` nor `{APPLE_HEADER}` was sent, or its "
-    "backend refused it"
+    f"needs the user's Google or Apple ID token (`{GOOGLE_HEADER}` or `{APPLE_HEADER}` header, beside "
+    "the bearer token) and none was sent, or its backend refused it"
 )
 AS_USER_ERRORS: Final = {**BEARER_ERRORS, 401: NO_ID_TOKEN}
 STORE_REFUSED: Final = (
@@ -100,7 +93,6 @@ CREDITS: Final = Operation(
     CreditStatus,
     {**AS_USER_ERRORS, 503: PROVIDER_FAILED},
     "billing",
-    headers=ID_TOKENS,
 )
 CAPABILITIES: Final = Operation(
     "getCapabilities",
@@ -128,7 +120,7 @@ INITIATE: Final = Operation(
     },
     "billing",
     body=PurchaseRequest,
-    headers=(IDEMPOTENCY_KEY, *ID_TOKENS),
+    headers=(IDEMPOTENCY_KEY,),
     links={"getPurchaseStatus": {"payment_id": "$response.body#/payment_id"}},
 )
 STATUS: Final = Operation(
@@ -140,7 +132,6 @@ STATUS: Final = Operation(
     {**AS_USER_ERRORS, 403: SELLING, 404: "no such payment of this user's", 503: PROVIDER_FAILED},
     "billing",
     path_params=(PAYMENT_ID,),
-    headers=ID_TOKENS,
 )
 TRANSACTIONS: Final = Operation(
     "getTransactions",
@@ -151,7 +142,6 @@ TRANSACTIONS: Final = Operation(
     {**AS_USER_ERRORS, 422: "`limit` or `offset` out of range", 503: PROVIDER_FAILED},
     "billing",
     query=(LIMIT, OFFSET),
-    headers=ID_TOKENS,
 )
 GOOGLE_PLAY: Final = Operation(
     "verifyGooglePlay",
@@ -168,7 +158,6 @@ GOOGLE_PLAY: Final = Operation(
     "billing",
     body=GooglePlayPurchase,
     body_required=True,
-    headers=ID_TOKENS,
 )
 APP_STORE: Final = Operation(
     "verifyAppStore",
@@ -186,7 +175,6 @@ APP_STORE: Final = Operation(
     "billing",
     body=AppStorePurchase,
     body_required=True,
-    headers=ID_TOKENS,
 )
 OPENAPI: Final = Operation(
     "getOpenAPI",
