@@ -7,6 +7,7 @@ Each needs a valid bearer token (401 JSON otherwise) and answers a bare JSON obj
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -41,18 +42,24 @@ CARRIED_CLAIMS: Final = (CREATED_AT_CLAIM, "oauth_provider", "tenant", "tenant_i
 _LAST_TIMESTAMP = 253_402_300_799  # 9999-12-31T23:59:59Z: datetime's limit
 
 
+#: Revokes a token in every process before returning (`BillingService.revoke_everywhere`).
+Revoke = Callable[[str], Awaitable[None]]
+
+
 class SessionRoutes:
-    def __init__(self, verifier: TokenVerifier, config: BillingConfig) -> None:
+    def __init__(self, verifier: TokenVerifier, config: BillingConfig, revoke: Revoke) -> None:
         self._verifier = verifier
+        self._revoke = revoke
         self._bypass_roles = config.gate_bypass_roles
         self._body_timeout = config.body_timeout_seconds
 
     async def logout(self, request: web.Request) -> web.Response:
-        """Revoke exactly the presented token. 200 with a JSON object rather than 204: older CIRIS
-        SDKs parse every success reply as JSON."""
+        """Revoke exactly the presented token, in every process before answering (503 when the
+        database cannot record it). 200 with a JSON object rather than 204: older CIRIS SDKs parse
+        every success reply as JSON."""
         require_method(request, "POST")
         token, _identity = self._caller(request)
-        self._verifier.revoke(token)
+        await self._revoke(token)
         return json_reply(LogoutReply())
 
     async def refresh(self, request: web.Request) -> web.Response:
@@ -66,7 +73,7 @@ class SessionRoutes:
         claims = _claims(token)
         extra: dict[str, Any] = {name: claims[name] for name in CARRIED_CLAIMS if name in claims}
         reply = token_reply(self._verifier, identity.user_id, identity.role, identity.email, extra)
-        self._verifier.revoke(token)
+        await self._revoke(token)
         return reply
 
     async def me(self, request: web.Request) -> web.Response:
@@ -119,10 +126,11 @@ def add_auth_routes(
     verifier: TokenVerifier,
     authenticate: Authenticator,
     login_path: str,
-    throttle: LoginThrottle | None = None,
+    throttle: LoginThrottle | None,
+    revoke: Revoke,
 ) -> None:
     """Login at `login_path`; logout, refresh and me beside it (`/v1/auth/login` gives
-    `/v1/auth/logout`, `/v1/auth/refresh`, `/v1/auth/me`)."""
+    `/v1/auth/logout`, `/v1/auth/refresh`, `/v1/auth/me`). `revoke` revokes a token everywhere."""
     base = login_path.rstrip("/").rsplit("/", 1)[0]
     login = LoginRoute(
         authenticate,
@@ -131,7 +139,7 @@ def add_auth_routes(
         config.trusted_proxies,
         config.body_timeout_seconds,
     )
-    sessions = SessionRoutes(verifier, config)
+    sessions = SessionRoutes(verifier, config, revoke)
     authenticated = sessions.expect_authenticated
     router.add_route("*", login_path, json_errors(login.login), expect_handler=expect_continue)
     router.add_route("*", f"{base}/logout", json_errors(sessions.logout), expect_handler=authenticated)
