@@ -5,8 +5,6 @@ from ciris_billing_proxy import BillingConfig, setup_billing, credit_gate, get_i
 billing = setup_billing(app, BillingConfig.from_env())
 """
 
-from importlib import metadata as _metadata
-
 from .auth import get_identity
 from .bodies import expect_continue
 from .config import BillingConfig, ConfigError, JWTConfig
@@ -35,12 +33,7 @@ from .providers.base import CreditProvider, ProviderContext
 from .service import BillingService
 from .setup import setup_billing
 from .store import DatabaseUnavailable
-
-try:
-    # The installed distribution's version, so it cannot drift from pyproject.toml.
-    __version__ = _metadata.version("ciris-billing-proxy")
-except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
-    __version__ = "0+unknown"
+from .version import __version__
 
 __all__ = [
     "AuthenticatedUser",

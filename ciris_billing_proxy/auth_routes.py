@@ -28,7 +28,9 @@ from .login import (
     require_method,
     token_reply,
 )
-from .models import LogoutReply, RefreshRequest, UserInfoReply
+from .models import LoginReply, LoginRequest, LogoutReply, RefreshRequest, UserInfoReply
+from .operations import BEARER_ERRORS, BODY_ERRORS, EXPECT_FAILED, Operation
+from .paths import DEFAULT_LOGIN_PATH, DEFAULT_LOGOUT_PATH, DEFAULT_ME_PATH, DEFAULT_REFRESH_PATH
 from .routes import json_reply
 from .throttle import LoginThrottle, MemoryLoginThrottle
 
@@ -40,6 +42,54 @@ BYPASS_PERMISSION: Final = "bypass_credit_gate"
 #: identity namespace, so dropping it would move the user to another account) or what `me` shows.
 CARRIED_CLAIMS: Final = (CREATED_AT_CLAIM, "oauth_provider", "tenant", "tenant_id")
 _LAST_TIMESTAMP = 253_402_300_799  # 9999-12-31T23:59:59Z: datetime's limit
+
+#: Their paths are the defaults; `auth_paths` places them beside another `login_path`.
+LOGIN: Final = Operation(
+    "login",
+    "POST",
+    DEFAULT_LOGIN_PATH,
+    "Sign in with a username and password: a bearer token for the other routes.",
+    LoginReply,
+    {
+        **BODY_ERRORS,
+        400: "the body is empty or not JSON",
+        401: "wrong username or password",
+        417: EXPECT_FAILED,
+        429: "too many failed logins for this username or from this address; see `Retry-After`",
+        500: "the host's authenticator failed",
+        503: "the database keeping the failed-login counters (`database_url`) is unavailable",
+    },
+    "auth",
+    body=LoginRequest,
+    body_required=True,
+    bearer=False,
+)
+LOGOUT: Final = Operation(
+    "logout", "POST", DEFAULT_LOGOUT_PATH, "Revoke the presented token.", LogoutReply, BEARER_ERRORS, "auth"
+)
+REFRESH: Final = Operation(
+    "refresh",
+    "POST",
+    DEFAULT_REFRESH_PATH,
+    "A new token for the presented one, which is revoked.",
+    LoginReply,
+    {**BEARER_ERRORS, **BODY_ERRORS},
+    "auth",
+    body=RefreshRequest,
+)
+ME: Final = Operation(
+    "me", "GET", DEFAULT_ME_PATH, "Who the presented token belongs to.", UserInfoReply, BEARER_ERRORS, "auth"
+)
+AUTH_OPERATIONS: Final = (LOGIN, LOGOUT, REFRESH, ME)
+
+
+def auth_paths(login_path: str) -> dict[Operation, str]:
+    """Where each auth route is: login at `login_path`; logout, refresh and me beside it
+    (`/v1/auth/login` gives `/v1/auth/logout`, `/v1/auth/refresh`, `/v1/auth/me`)."""
+    base = login_path.rstrip("/").rsplit("/", 1)[0]
+    return {
+        op: login_path if op is LOGIN else base + op.path[op.path.rindex("/") :] for op in AUTH_OPERATIONS
+    }
 
 
 #: Revokes a token in every process before returning (`BillingService.revoke_everywhere`).
@@ -57,13 +107,13 @@ class SessionRoutes:
         """Revoke exactly the presented token, in every process before answering (503 when the
         database cannot record it). 200 with a JSON object rather than 204: older CIRIS SDKs parse
         every success reply as JSON."""
-        require_method(request, "POST")
+        require_method(request, LOGOUT.method)
         token, _identity = self._caller(request)
         await self._revoke(token)
         return json_reply(LogoutReply())
 
     async def refresh(self, request: web.Request) -> web.Response:
-        require_method(request, "POST")
+        require_method(request, REFRESH.method)
         self._caller(request)
         await read_model(
             request, RefreshRequest, MAX_LOGIN_BODY, time_limit=self._body_timeout, empty_ok=True
@@ -77,7 +127,7 @@ class SessionRoutes:
         return reply
 
     async def me(self, request: web.Request) -> web.Response:
-        require_method(request, "GET")
+        require_method(request, ME.method)
         token, identity = self._caller(request)
         claims = _claims(token)
         created = _timestamp(claims.get(CREATED_AT_CLAIM)) or _timestamp(claims.get("iat")) or time.time()
@@ -129,9 +179,9 @@ def add_auth_routes(
     throttle: LoginThrottle | None,
     revoke: Revoke,
 ) -> None:
-    """Login at `login_path`; logout, refresh and me beside it (`/v1/auth/login` gives
-    `/v1/auth/logout`, `/v1/auth/refresh`, `/v1/auth/me`). `revoke` revokes a token everywhere."""
-    base = login_path.rstrip("/").rsplit("/", 1)[0]
+    """Login at `login_path`; logout, refresh and me beside it (`auth_paths`). Each is registered
+    for every method, so that a wrong one is a JSON 405 too. `revoke` revokes a token everywhere."""
+    paths = auth_paths(login_path)
     login = LoginRoute(
         authenticate,
         verifier,
@@ -141,7 +191,7 @@ def add_auth_routes(
     )
     sessions = SessionRoutes(verifier, config, revoke)
     authenticated = sessions.expect_authenticated
-    router.add_route("*", login_path, json_errors(login.login), expect_handler=expect_continue)
-    router.add_route("*", f"{base}/logout", json_errors(sessions.logout), expect_handler=authenticated)
-    router.add_route("*", f"{base}/refresh", json_errors(sessions.refresh), expect_handler=authenticated)
-    router.add_route("*", f"{base}/me", json_errors(sessions.me), expect_handler=authenticated)
+    router.add_route("*", paths[LOGIN], json_errors(login.login), expect_handler=expect_continue)
+    router.add_route("*", paths[LOGOUT], json_errors(sessions.logout), expect_handler=authenticated)
+    router.add_route("*", paths[REFRESH], json_errors(sessions.refresh), expect_handler=authenticated)
+    router.add_route("*", paths[ME], json_errors(sessions.me), expect_handler=authenticated)

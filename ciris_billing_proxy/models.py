@@ -43,6 +43,12 @@ class _Reply(BaseModel):
 # (bounds, consistency rules, required publishable key), so field names cannot drift apart.
 
 
+class ErrorReply(_Reply):
+    """Every error: a plain, stable English sentence (clients match words in it)."""
+
+    detail: str
+
+
 class PurchaseOptionsReply(_Reply):
     price_minor: int
     uses: int

@@ -1,7 +1,8 @@
 """The billing routes under the prefix. Thin: parse, call the service, reply.
 
-Every handler runs behind the auth middleware (so `VERIFIED_KEY` is always set) and the error
-middleware (so a `BillingError` raised here or by the service becomes its HTTP reply there).
+Every handler but the API description's runs behind the token check (so `VERIFIED_KEY` is always
+set) and the error middleware (so a `BillingError` raised here or by the service becomes its HTTP
+reply there). Each route is an `Operation` declared below, which the OpenAPI document is built from.
 """
 
 from __future__ import annotations
@@ -17,14 +18,126 @@ from .auth import identity_of_request
 from .bodies import expect_continue, read_model
 from .errors import BillingDisabled, PaymentNotFound, http_error
 from .keys import VERIFIED_KEY
-from .models import PurchaseRequest
+from .models import (
+    Capabilities,
+    CreditStatus,
+    PurchaseInitiated,
+    PurchaseRequest,
+    PurchaseStatus,
+    TransactionPage,
+)
+from .operations import (
+    BEARER_ERRORS,
+    BODY_ERRORS,
+    EXPECT_FAILED,
+    PROVIDER_FAILED,
+    SELLING,
+    IntQuery,
+    Operation,
+    TextParam,
+)
+from .paths import CAPABILITIES_ROUTE, CREDITS_ROUTE, INITIATE_ROUTE, STATUS_ROUTE, TRANSACTIONS_ROUTE
 from .service import BillingService
-from .ui import UIFiles
+from .ui import SERVED, UIFiles
 
 #: Stripe ids are short `pi_...` tokens; anything outside this alphabet cannot be one of ours.
-PAYMENT_ID: Final = re.compile(r"^[A-Za-z0-9_\-]{1,255}$")
-IDEMPOTENCY_KEY: Final = re.compile(r"^[A-Za-z0-9_\-.:]{1,128}$")
-MAX_OFFSET: Final = 1_000_000_000
+PAYMENT_ID: Final = TextParam(
+    "payment_id",
+    re.compile(r"[A-Za-z0-9_\-]{1,255}"),
+    "The `payment_id` from `purchase/initiate`; any other id, or another user's, is a 404.",
+)
+IDEMPOTENCY_KEY: Final = TextParam(
+    "Idempotency-Key",
+    re.compile(r"[A-Za-z0-9_\-.:]{1,128}"),
+    "Repeating a purchase with the same key (per user) returns the same payment instead of a new one.",
+)
+LIMIT: Final = IntQuery("limit", 50, 1, 100, "Transactions per page.")
+OFFSET: Final = IntQuery("offset", 0, 0, 1_000_000_000, "Transactions to skip, newest first.")
+BAD_IDEMPOTENCY_KEY: Final = "Idempotency-Key must be 1-128 letters, digits or -_.:"
+
+CREDITS: Final = Operation(
+    "getCredits",
+    "GET",
+    CREDITS_ROUTE,
+    "The caller's credit: free and paid uses left, and what a purchase costs when one is needed.",
+    CreditStatus,
+    {**BEARER_ERRORS, 503: PROVIDER_FAILED},
+    "billing",
+)
+CAPABILITIES: Final = Operation(
+    "getCapabilities",
+    "GET",
+    CAPABILITIES_ROUTE,
+    "What the provider offers (purchases, a transaction history), so a UI can hide what it cannot do.",
+    Capabilities,
+    {**BEARER_ERRORS, 503: "the provider's declaration is broken"},
+    "billing",
+)
+INITIATE: Final = Operation(
+    "initiatePurchase",
+    "POST",
+    INITIATE_ROUTE,
+    "Start a purchase: a Stripe PaymentIntent whose `client_secret` the UI confirms with Stripe.js.",
+    PurchaseInitiated,
+    {
+        **BEARER_ERRORS,
+        **BODY_ERRORS,
+        400: "the body is not JSON, a bad `Idempotency-Key`, or the provider refused the purchase "
+        "(e.g. no email address on the account)",
+        403: SELLING,
+        503: PROVIDER_FAILED,
+    },
+    "billing",
+    body=PurchaseRequest,
+    headers=(IDEMPOTENCY_KEY,),
+    links={"getPurchaseStatus": {"payment_id": "$response.body#/payment_id"}},
+)
+STATUS: Final = Operation(
+    "getPurchaseStatus",
+    "GET",
+    STATUS_ROUTE + "{payment_id}",
+    "A purchase's state; poll until `succeeded`, `failed`, `canceled` or `unknown`.",
+    PurchaseStatus,
+    {**BEARER_ERRORS, 403: SELLING, 404: "no such payment of this user's", 503: PROVIDER_FAILED},
+    "billing",
+    path_params=(PAYMENT_ID,),
+)
+TRANSACTIONS: Final = Operation(
+    "getTransactions",
+    "GET",
+    TRANSACTIONS_ROUTE,
+    "The caller's charges and credits, newest first, a page at a time.",
+    TransactionPage,
+    {**BEARER_ERRORS, 422: "`limit` or `offset` out of range", 503: PROVIDER_FAILED},
+    "billing",
+    query=(LIMIT, OFFSET),
+)
+OPENAPI: Final = Operation(
+    "getOpenAPI",
+    "GET",
+    "/openapi.json",
+    "This document: the API as OpenAPI 3.1. Public: no token needed.",
+    None,
+    {417: EXPECT_FAILED},
+    "billing",
+    bearer=False,
+)
+UI_FILE: Final = Operation(
+    "getUIFile",
+    "GET",
+    "/ui/{name}",
+    "A file of the billing UI kit: `billing.js` (the ES module) or `billing.d.ts` (its types). Public, "
+    "cacheable (`ETag`, `Cache-Control`), readable from any origin. Served unless `serve_ui` is off.",
+    None,
+    {404: "no such file", 417: EXPECT_FAILED},
+    "ui",
+    path_params=(TextParam("name", re.compile("|".join(map(re.escape, SERVED))), "The file's name."),),
+    bearer=False,
+    media_types=tuple(sorted(set(SERVED.values()))),
+    bodiless={304: "the file has not changed since the `ETag` sent in `If-None-Match`"},
+)
+#: Every billing route, in the order of the document; `UI_FILE` only with `serve_ui`.
+BILLING_OPERATIONS: Final = (CREDITS, CAPABILITIES, INITIATE, STATUS, TRANSACTIONS, OPENAPI, UI_FILE)
 
 
 def json_reply(model: BaseModel, status: int = 200) -> web.Response:
@@ -56,20 +169,19 @@ class BillingRoutes:
             empty_ok=True,
         )
         key = request.headers.get("Idempotency-Key")
-        if key is not None and not IDEMPOTENCY_KEY.match(key):
-            raise http_error(400, "Idempotency-Key must be 1-128 letters, digits or -_.:")
+        if key is not None and not IDEMPOTENCY_KEY.matches(key):
+            raise http_error(400, BAD_IDEMPOTENCY_KEY)
         return json_reply(await service.initiate_purchase(request[VERIFIED_KEY][1], body.return_url, key))
 
     async def purchase_status(self, request: web.Request) -> web.Response:
         service = self._selling()
         payment_id = request.match_info["payment_id"]
-        if not PAYMENT_ID.match(payment_id):
+        if not PAYMENT_ID.matches(payment_id):
             raise PaymentNotFound
         return json_reply(await service.purchase_status(request[VERIFIED_KEY][1], payment_id))
 
     async def transactions(self, request: web.Request) -> web.Response:
-        limit = _int_query(request, "limit", 50, low=1, high=100)
-        offset = _int_query(request, "offset", 0, low=0, high=MAX_OFFSET)
+        limit, offset = LIMIT.read(request), OFFSET.read(request)
         return json_reply(await self.service.transactions(request[VERIFIED_KEY][1], limit, offset))
 
     async def expect_authenticated(self, request: web.Request) -> None:
@@ -106,48 +218,41 @@ class BillingRoutes:
         return self.service
 
 
-def _int_query(request: web.Request, name: str, default: int, *, low: int, high: int) -> int:
-    """A bounded integer query parameter; out of range is an error, never silently clamped."""
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    digits = raw.lstrip("0") or ("0" if raw else "")
-    # Plain ASCII digits only (no signs, spaces or exponents), and short enough to convert cheaply.
-    value = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 12 else -1
-    if not low <= value <= high:
-        raise http_error(422, f"Invalid request: {name} must be a whole number from {low} to {high}")
-    return value
-
-
 def add_routes(
     router: web.UrlDispatcher,
     service: BillingService,
     prefix: str = "",
     *,
     public: set[Handler],
+    describe: Handler,
     own_router: bool = False,
 ) -> web.AbstractResource:
-    """Add the billing routes to `router`, each path under `prefix` (empty inside the sub-app).
-    The handlers of routes that need no token are added to `public`, which the token check skips.
+    """Add the billing routes to `router`, each path under `prefix` (empty inside the sub-app), and
+    `describe` (the API description) at `OPENAPI`'s path. The handlers of routes that need no token
+    are added to `public`, which the token check skips.
 
-    Every route checks the token before granting `Expect: 100-continue`. With `own_router` (the
-    billing sub-app's router, which serves nothing else) every other path and method is answered
-    too, with the same `Expect:` handling and a JSON 404/405.
+    Every route checks `Expect:` (the token first, where one is needed) before granting
+    `100-continue`. With `own_router` (the billing sub-app's router, which serves nothing else)
+    every other path and method is answered too, with the same `Expect:` handling and a JSON 404/405.
 
     Returns the `/credits` resource: mounting the application prefixes it like every other one,
     which is how `setup_billing` learns where the routes ended up.
     """
     routes = BillingRoutes(service)
     expect = routes.expect_authenticated
-    credits = router.add_get(f"{prefix}/credits", routes.get_credits, expect_handler=expect).resource
-    router.add_get(f"{prefix}/capabilities", routes.capabilities, expect_handler=expect)
-    router.add_post(f"{prefix}/purchase/initiate", routes.initiate_purchase, expect_handler=expect)
-    router.add_get(f"{prefix}/purchase/status/{{payment_id}}", routes.purchase_status, expect_handler=expect)
-    router.add_get(f"{prefix}/transactions", routes.transactions, expect_handler=expect)
+    credits = router.add_get(prefix + CREDITS.path, routes.get_credits, expect_handler=expect).resource
+    router.add_get(prefix + CAPABILITIES.path, routes.capabilities, expect_handler=expect)
+    router.add_post(prefix + INITIATE.path, routes.initiate_purchase, expect_handler=expect)
+    router.add_get(prefix + STATUS.path, routes.purchase_status, expect_handler=expect)
+    router.add_get(prefix + TRANSACTIONS.path, routes.transactions, expect_handler=expect)
+    router.add_get(prefix + OPENAPI.path, describe, expect_handler=expect_continue)
+    public.add(describe)
     if service.config.serve_ui:
         # Every path below /ui/ goes to the files' handler, so an unknown one is a 404 without a token.
         ui = UIFiles().serve
-        router.add_get(f"{prefix}/ui/{{name:.*}}", ui)
+        router.add_get(
+            prefix + UI_FILE.path.replace("{name}", "{name:.*}"), ui, expect_handler=expect_continue
+        )
         public.add(ui)
     if own_router:
         routes.answer_unmatched(router, prefix)

@@ -14,13 +14,14 @@ from .config import BillingConfig, ConfigError
 from .errors import error_middleware
 from .keys import SERVICE_KEY
 from .login import Authenticator
+from .openapi import APIDescription
 from .paths import DEFAULT_LOGIN_PATH, PathScope, mount_point
 from .providers.base import CreditProvider, ProviderContext
 from .providers.registry import check_provider_class, create_provider
 from .routes import add_routes
 from .service import BillingService
 from .store.choose import change_feed_for
-from .throttle import LoginThrottle
+from .throttle import LoginThrottle, StoreLoginThrottle
 
 
 def setup_billing(
@@ -42,8 +43,9 @@ def setup_billing(
     * `config.protected_paths` also require a valid token on the host's own routes.
     * `provider` overrides the entry-point lookup of `config.provider`.
     * `authenticate` enables `POST {login_path}`, issuing tokens signed with the configured key, and
-      logout, refresh and me beside it. Failed logins are throttled in memory by the config's
-      limits, or by `login_throttle` (e.g. one shared by several processes).
+      logout, refresh and me beside it. Failed logins are throttled by the config's limits: in
+      the database when `database_url` is set (shared by every process on it), else in memory;
+      or by `login_throttle`.
 
     Paths are relative to `app`: mounted with `outer.add_subapp("/agent", app)`, the routes are
     served at `/agent{prefix}` and `/agent{protected path}` needs a token. Call this before `app` is
@@ -88,20 +90,26 @@ def setup_billing(
         scopes.append(PathScope(config.protected_paths))
         app.middlewares.append(auth_middleware(verifier, scopes[-1]))
     if authenticate is not None:
+        if login_throttle is None and config.database_url is not None:
+            shared = StoreLoginThrottle.from_config(config)
+            app.cleanup_ctx.append(shared.lifespan)
+            login_throttle = shared
         add_auth_routes(
             app.router, config, verifier, authenticate, login_path, login_throttle, service.revoke_everywhere
         )
 
     public: set[Handler] = set()  # routes that need no token; add_routes fills it
     check = token_check(verifier, public)
+    login = None if authenticate is None else login_path
+    describe = APIDescription(config.prefix, login, ui=config.serve_ui).handle
     if subapp:
         billing = web.Application(middlewares=[error_middleware(before=check)])
-        anchor = add_routes(billing.router, service, public=public, own_router=True)
+        anchor = add_routes(billing.router, service, public=public, describe=describe, own_router=True)
         app.add_subapp(config.prefix, billing)
     else:
         scopes.append(PathScope((config.prefix,)))
         app.middlewares.append(error_middleware(scopes[-1], before=check))
-        anchor = add_routes(app.router, service, config.prefix, public=public)
+        anchor = add_routes(app.router, service, config.prefix, public=public, describe=describe)
     if scopes:
         app.on_startup.append(_rebase_on_mount(anchor, scopes))
     return service

@@ -4,20 +4,29 @@ The login route asks `admit` before it checks a password. An admitted attempt is
 failure at once, so that concurrent guesses cannot all slip in before the first failure is
 recorded; `succeeded` then takes that back (and clears the username's count). A refused attempt
 (the route's 429) is not counted.
+
+`MemoryLoginThrottle` counts within one process; `StoreLoginThrottle` in the database named by
+`database_url`, shared by every process on it (`setup_billing` uses it whenever that is set). A
+database outage fails closed: the login route answers 503 and checks no password.
 """
 
 from __future__ import annotations
 
 import time
 import unicodedata
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from hashlib import blake2b
 from typing import Final, Protocol, TypeVar
 
+from aiohttp import web
 from cachetools import TTLCache
 
-from .config import BillingConfig
+from .config import BillingConfig, ConfigError
+from .database_url import parse_database_url
+from .store.choose import engine_for
+from .store.login_failures import Counter, LoginFailures, login_failures
+from .store.sweeper import Sweeper
 
 #: Counters kept per kind (usernames, addresses). The least recently used goes first when full;
 #: filling it needs that many failed logins within one window, each paying for a password check.
@@ -141,3 +150,59 @@ def fold_username(username: str) -> str:
 
 def _username_key(username: str) -> bytes:
     return blake2b(fold_username(username).encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+class StoreLoginThrottle:
+    """The counters in a database, so N processes on it never let more failures through than the
+    limits (each `admit` is one atomic step there). Same rules as `MemoryLoginThrottle`, on the
+    database's clock; opened and closed by `lifespan`, an `app.cleanup_ctx` entry."""
+
+    def __init__(
+        self,
+        failures: LoginFailures,
+        *,
+        max_failures_per_user: int,
+        max_failures_per_address: int,
+        window_seconds: float,
+    ) -> None:
+        self.failures = failures
+        self._user_limit = max_failures_per_user
+        self._address_limit = max_failures_per_address
+        self._window = window_seconds
+        self._sweeper = Sweeper(failures.sweep, "login failure counters")
+
+    @classmethod
+    def from_config(cls, config: BillingConfig) -> StoreLoginThrottle:
+        """On the database of `config.database_url`, which must be set."""
+        if config.database_url is None:
+            raise ConfigError("a login throttle in the store needs database_url")
+        engine = engine_for(parse_database_url(config.database_url.get_secret_value()))
+        return cls(
+            login_failures(engine),
+            max_failures_per_user=config.login_max_failures_per_user,
+            max_failures_per_address=config.login_max_failures_per_address,
+            window_seconds=config.login_failure_window_seconds,
+        )
+
+    async def lifespan(self, _app: web.Application) -> AsyncIterator[None]:
+        try:
+            await self.failures.open()
+            self._sweeper.start()
+            yield
+        finally:
+            await self._sweeper.aclose()
+            await self.failures.close()
+
+    async def admit(self, attempt: LoginAttempt) -> float | None:
+        user, address = self._counters(attempt)
+        counters = tuple(c for c in (user, address) if c.limit)
+        return await self.failures.admit(counters, self._window)
+
+    async def succeeded(self, attempt: LoginAttempt) -> None:
+        await self.failures.succeeded(*self._counters(attempt))
+
+    def _counters(self, attempt: LoginAttempt) -> tuple[Counter, Counter]:
+        return (
+            Counter("user", _username_key(attempt.username).hex(), self._user_limit),
+            Counter("address", attempt.address, self._address_limit),
+        )

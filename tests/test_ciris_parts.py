@@ -19,9 +19,10 @@ from ciris_billing_proxy.providers.ciris.accounts import BackendAccounts
 from ciris_billing_proxy.providers.ciris.backend import BillingBackend
 from ciris_billing_proxy.providers.ciris.charges import ChargeBook
 from ciris_billing_proxy.providers.ciris.purchases import PurchaseDesk
+from ciris_billing_proxy.providers.ciris.sealing import ReplySeal
 from ciris_billing_proxy.providers.ciris.settings import CirisSettings
 from ciris_billing_proxy.providers.ciris.wire import BackendCredit, public_transaction, to_credit_status
-from ciris_billing_proxy.store import SQLiteDatabase, payment_store
+from ciris_billing_proxy.store import SQLiteDatabase, payment_store, replay_store
 from ciris_billing_proxy.testing import FakeBillingBackend
 
 ANN = Identity("ann", "local", "OBSERVER", email="ann@example.com")
@@ -120,10 +121,12 @@ async def test_the_charge_book_refunds_a_paid_charge_once_and_a_free_one_never(
 async def test_the_purchase_desk_keeps_payments_to_their_owner(
     backend: BillingBackend, ciris_fake_backend: FakeBillingBackend
 ) -> None:
-    store = payment_store(SQLiteDatabase(":memory:"))
+    engine = SQLiteDatabase(":memory:")
+    store, replays = payment_store(engine), replay_store(engine)
     await store.open()
+    await replays.open()
     try:
-        desk = PurchaseDesk(backend, store)
+        desk = PurchaseDesk(backend, store, replays, ReplySeal(backend.settings.api_key.get_secret_value()))
         with pytest.raises(InvalidRequest):
             await desk.initiate(Identity("nomail", "local", "OBSERVER"), None, None)
         bought = await desk.initiate(ANN, None, "k1")

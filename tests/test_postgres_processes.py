@@ -52,14 +52,20 @@ async def test_five_processes_migrating_one_new_database_at_once_apply_each_step
     assert sorted(parts) == [
         "change_feed at version 1 (1 step(s) applied)",
         *["change_feed at version 1 (up to date)"] * 4,
+        "login_failures at version 1 (1 step(s) applied)",
+        *["login_failures at version 1 (up to date)"] * 4,
         "payments at version 1 (1 step(s) applied)",
         *["payments at version 1 (up to date)"] * 4,
+        "purchase_replays at version 1 (1 step(s) applied)",
+        *["purchase_replays at version 1 (up to date)"] * 4,
         "usage at version 1 (1 step(s) applied)",
         *["usage at version 1 (up to date)"] * 4,
     ]
     assert await fetch(pg_url, "SELECT component, version FROM schema_version ORDER BY 1") == [
         ("change_feed", 1),
+        ("login_failures", 1),
         ("payments", 1),
+        ("purchase_replays", 1),
         ("usage", 1),
     ]
 

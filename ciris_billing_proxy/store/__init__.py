@@ -4,6 +4,7 @@ them, each with one implementation per engine behind one interface."""
 from .engine import DatabaseUnavailable, Engine, Migrated, Schema
 from .payments import Payment, PaymentStore, payment_store
 from .postgres import PostgresDatabase
+from .replays import ReplayStore, replay_store
 from .sqlite import SQLiteDatabase, transaction
 from .usage import UsageLedger, usage_ledger
 
@@ -14,10 +15,12 @@ __all__ = [
     "Payment",
     "PaymentStore",
     "PostgresDatabase",
+    "ReplayStore",
     "SQLiteDatabase",
     "Schema",
     "UsageLedger",
     "payment_store",
+    "replay_store",
     "transaction",
     "usage_ledger",
 ]

@@ -8,13 +8,25 @@ from __future__ import annotations
 
 from ..config import ConfigError
 from ..database_url import parse_database_url
-from . import feed_postgres, feed_sqlite, payments, usage
+from . import feed_postgres, feed_sqlite, login_failures, payments, replays, usage
 from .choose import engine_for
 from .engine import Migrated
 
 SCHEMAS = {
-    "sqlite": (usage.SQLITE_SCHEMA, payments.SQLITE_SCHEMA, feed_sqlite.SCHEMA),
-    "postgresql": (usage.POSTGRES_SCHEMA, payments.POSTGRES_SCHEMA, feed_postgres.SCHEMA),
+    "sqlite": (
+        usage.SQLITE_SCHEMA,
+        payments.SQLITE_SCHEMA,
+        replays.SQLITE_SCHEMA,
+        login_failures.SQLITE_SCHEMA,
+        feed_sqlite.SCHEMA,
+    ),
+    "postgresql": (
+        usage.POSTGRES_SCHEMA,
+        payments.POSTGRES_SCHEMA,
+        replays.POSTGRES_SCHEMA,
+        login_failures.POSTGRES_SCHEMA,
+        feed_postgres.SCHEMA,
+    ),
 }
 
 

@@ -1,5 +1,6 @@
 """`ciris-billing-proxy serve` runs the demo agent; `ciris-billing-proxy qa` checks any agent;
-`ciris-billing-proxy migrate` brings a database's schemas up to date."""
+`ciris-billing-proxy migrate` brings a database's schemas up to date; `ciris-billing-proxy openapi`
+prints the API description."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from aiohttp import web
 from .. import __version__
 from ..config import BillingConfig, ConfigError, default_data_dir
 from ..database_url import parse_database_url
+from ..openapi import openapi_document
+from ..paths import DEFAULT_LOGIN_PATH, DEFAULT_PREFIX
 from ..store.migrate import migrate
 from .demo import (
     CreatedUser,
@@ -84,6 +87,14 @@ def _port(value: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port must be 0-65535, got {port}")
     return port
+
+
+def _url_path(value: str) -> str:
+    if not value.startswith("/") or "//" in value or " " in value:
+        raise argparse.ArgumentTypeError(
+            f"expected an absolute URL path such as /v1/auth/login, got {value!r}"
+        )
+    return value.rstrip("/") or "/"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,6 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     qa.add_argument("--json", action="store_true", help="print a machine-readable report")
     qa.add_argument("--timeout", type=_seconds, default=30.0, help="seconds per request (default 30)")
+    openapi = commands.add_parser(
+        "openapi",
+        help="print the API's OpenAPI 3.1 document (what {prefix}/openapi.json serves)",
+        description="Print the OpenAPI 3.1 document of the billing routes and, unless --no-auth-routes, "
+        "of login, logout, refresh and me.",
+    )
+    openapi.add_argument(
+        "--prefix", type=_url_path, default=DEFAULT_PREFIX, help="the billing routes' prefix"
+    )
+    openapi.add_argument("--login-path", type=_url_path, default=DEFAULT_LOGIN_PATH, help="the login route")
+    openapi.add_argument("--no-auth-routes", action="store_true", help="the app has no login routes")
+    openapi.add_argument("--no-ui", action="store_true", help="the UI kit's files are not served")
     serve.add_argument(
         "--fake-backend",
         action="store_true",
@@ -184,6 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "qa":
         return _qa(args)
+    if args.command == "openapi":
+        login_path = None if args.no_auth_routes else args.login_path
+        print(json.dumps(openapi_document(args.prefix, login_path, ui=not args.no_ui), indent=2))
+        return 0
     try:
         if args.command == "migrate":
             print(asyncio.run(migrate(args.database_url)))
@@ -315,16 +342,12 @@ async def _start(
         fake = FakeBillingBackend()
         url = await fake.start(host="127.0.0.1")
         environ = {}  # the fake's settings only, whatever CIRIS_BILLING_* the shell has
-        config = config.model_copy(
-            update={
-                "provider_options": {
-                    **config.provider_options,
-                    "api_url": url,
-                    "api_key": fake.api_key,
-                    "database": ":memory:",  # the fake's payments live only as long as it does
-                }
-            }
-        )
+        options = {**config.provider_options, "api_url": url, "api_key": fake.api_key}
+        if config.database_url is None:
+            # The fake's payments live only as long as it does; with a database_url the records
+            # go where it says, like every other provider's.
+            options["database"] = ":memory:"
+        config = config.model_copy(update={"provider_options": options})
     try:
         app = create_demo_app(config, users, environ=environ, fake_backend=fake)
         if ready is None:

@@ -6,6 +6,7 @@ A facade over parts with one job each:
   wire.py        the backend's reply shapes and their mapping onto the UI contract
   charges.py     charges for gated interactions, and exact refunds when those fail
   purchases.py   Stripe purchases: ownership, replays, double clicks, status truth
+  sealing.py     purchase replies encrypted at rest (they carry Stripe client secrets)
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from pydantic import ValidationError
 from ...errors import ProviderUnavailable
 from ...identity import Identity
 from ...models import CreditStatus, PurchaseInitiated, PurchaseStatus, TransactionPage
-from ...store import Engine, SQLiteDatabase, payment_store
+from ...store import Engine, SQLiteDatabase, payment_store, replay_store
 from ..base import CreditProvider, ProviderContext
 from .accounts import BackendAccounts
 from .backend import BillingBackend
 from .charges import ChargeBook
 from .purchases import PurchaseDesk
+from .sealing import ReplySeal
 from .settings import CirisSettings
 from .wire import public_transaction, to_credit_status
 
@@ -41,9 +43,14 @@ class CirisProvider(CreditProvider):
     ) -> None:
         self.settings = settings
         self.backend = BillingBackend(settings, BackendAccounts(agent_id))
-        self.payments = payment_store(database if isinstance(database, Engine) else SQLiteDatabase(database))
+        engine = database if isinstance(database, Engine) else SQLiteDatabase(database)
+        # One engine for both records: the payment store opens and closes it.
+        self.payments = payment_store(engine)
+        self.replays = replay_store(engine)
         self.charges = ChargeBook(self.backend)
-        self.purchases = PurchaseDesk(self.backend, self.payments)
+        self.purchases = PurchaseDesk(
+            self.backend, self.payments, self.replays, ReplySeal(settings.api_key.get_secret_value())
+        )
 
     @classmethod
     def from_context(cls, context: ProviderContext) -> Self:
@@ -64,7 +71,9 @@ class CirisProvider(CreditProvider):
 
     async def start(self) -> None:
         await self.payments.open()
+        await self.replays.open()
         await self.backend.start()
+        self.purchases.start()
 
     async def stop(self) -> None:
         await self.purchases.aclose()

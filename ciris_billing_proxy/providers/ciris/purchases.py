@@ -2,9 +2,12 @@
 
 * Ownership: each payment started is recorded with its owner in the `PaymentStore`, because the
   backend does not check who asks about a payment.
-* Starting: concurrent initiates of one user share one backend call; an `Idempotency-Key` replays
-  the same user's reply for a day; without one, a click within `purchase_reuse_seconds` gets the
-  last payment back, but only while it still awaits payment.
+* Starting: an `Idempotency-Key` replays the same user's reply for a day; without one, a click
+  within `purchase_reuse_seconds` gets the user's latest payment back, but only while it still
+  awaits payment. Both replies are kept in the `ReplayStore`, sealed (they carry the Stripe client
+  secret), so every process sharing the database replays them; and a purchase is started only under
+  the store's claim on its slot, so simultaneous initiates of one user on any number of processes
+  (same key, or both without one) make one PaymentIntent. Within a process they share one task.
 * Status: Stripe's `succeeded` is `processing` until the webhook's credit for *this* payment shows.
 """
 
@@ -12,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
+from contextlib import suppress
 from typing import Any, Final
 
-from cachetools import TTLCache
 from pydantic import ValidationError
 
 from ...errors import InvalidRequest, PaymentNotFound, ProviderUnavailable
@@ -23,31 +27,43 @@ from ...identity import Identity
 from ...models import PAYMENT_STATES, PurchaseInitiated, PurchaseStatus
 from ...singleflight import SingleFlight
 from ...store import Payment, PaymentStore
+from ...store.replays import Found, ReplayStore, Slot, Taken
+from ...store.sweeper import Sweeper
 from .backend import BillingBackend
+from .sealing import ReplySeal
 from .wire import AWAITING_PAYMENT, BLOCKED, BackendPurchase, to_credit_status
 
 logger = logging.getLogger("ciris_billing_proxy.ciris")
 
 EMAIL_REQUIRED: Final = "Email address required for purchase"
 INVALID_PURCHASE: Final = "Invalid purchase request"
+#: How long an `Idempotency-Key` replays its reply.
+KEY_REPLAY_SECONDS: Final = 86_400.0
+#: A claim outlives the longest start (the purchase budget, a second's wait for a replayed
+#: PaymentIntent, the ownership write) by this much; a process that dies holding one delays the
+#: user's next purchase by its lease at most.
+CLAIM_MARGIN_SECONDS: Final = 15.0
+#: How often a click waiting for another process's start looks again.
+CLAIM_POLL_SECONDS: Final = 0.05
 
 
 class PurchaseDesk:
-    def __init__(self, backend: BillingBackend, payments: PaymentStore) -> None:
+    def __init__(
+        self, backend: BillingBackend, payments: PaymentStore, replays: ReplayStore, seal: ReplySeal
+    ) -> None:
         self.backend = backend
         self.payments = payments
-        settings = backend.settings
-        # Purchase replies kept in memory only (they carry the Stripe client secret): by
-        # (user, Idempotency-Key) for a day, and by user for the double-click window.
-        self._by_key: TTLCache[tuple[tuple[str, str], str], PurchaseInitiated] = TTLCache(
-            maxsize=10_000, ttl=86_400
-        )
-        self._recent: TTLCache[tuple[str, str], PurchaseInitiated] = TTLCache(
-            maxsize=10_000, ttl=max(settings.purchase_reuse_seconds, 1e-9)
-        )
-        self._starting: SingleFlight[tuple[tuple[str, str], str], PurchaseInitiated] = SingleFlight()
+        self.replays = replays
+        self._seal = seal
+        self._lease = backend.settings.purchase_timeout_seconds + CLAIM_MARGIN_SECONDS
+        self._starting: SingleFlight[tuple[tuple[str, str], str | None], PurchaseInitiated] = SingleFlight()
+        self._sweeper = Sweeper(replays.sweep, "purchase replays")
+
+    def start(self) -> None:
+        self._sweeper.start()
 
     async def aclose(self) -> None:
+        await self._sweeper.aclose()
         await self._starting.aclose()
 
     async def initiate(
@@ -55,43 +71,86 @@ class PurchaseDesk:
     ) -> PurchaseInitiated:
         if not identity.email:
             raise InvalidRequest(EMAIL_REQUIRED)
-        if idempotency_key is not None:
-            replay = self._by_key.get((identity.key, idempotency_key))
-            if replay is not None:
-                return replay
-        else:
-            recent = self._recent.get(identity.key)
-            if recent is not None and await self._awaits_payment(identity, recent.payment_id):
-                return recent
-        # Concurrent initiates of one user (same key, or both without one) share one backend call.
-        slot = (identity.key, idempotency_key or "")
-        task = self._starting.run(slot, lambda: self._start(identity, return_url, idempotency_key))
+        task = self._starting.run(
+            (identity.key, idempotency_key), lambda: self._once(identity, return_url, idempotency_key)
+        )
         return await asyncio.shield(task)
 
-    async def _awaits_payment(self, identity: Identity, payment_id: str) -> bool:
+    async def _once(
+        self, identity: Identity, return_url: str | None, idempotency_key: str | None
+    ) -> PurchaseInitiated:
+        """The slot's reply if it may be handed back, else a new purchase made under its claim; a
+        claim held elsewhere is waited for (it ends with a reply, or with its lease)."""
+        slot = Slot(identity.namespace, identity.user_id, idempotency_key)
+        token = secrets.token_hex(16)
+        give_up = time.monotonic() + self._lease + 1.0
+        superseding: str | None = None
+        while True:
+            claim = await self.replays.claim(slot, token, self._lease, superseding)
+            if isinstance(claim, Taken):
+                return await self._start_claimed(identity, return_url, slot, token)
+            if isinstance(claim, Found):
+                purchase = self._open(slot, claim)
+                if purchase is not None and (
+                    idempotency_key is not None or await self._awaits_payment(purchase.payment_id)
+                ):
+                    return purchase
+                superseding = claim.payment_id
+                continue
+            if time.monotonic() > give_up:
+                raise ProviderUnavailable("another process is still starting it", maybe_applied=False)
+            await asyncio.sleep(CLAIM_POLL_SECONDS)
+
+    def _open(self, slot: Slot, found: Found) -> PurchaseInitiated | None:
+        plain = self._seal.open(found.sealed, slot.binding())
+        if plain is None:
+            logger.warning("A kept purchase reply does not open (was the API key changed?); starting anew")
+            return None
+        return PurchaseInitiated.model_validate_json(plain)
+
+    async def _start_claimed(
+        self, identity: Identity, return_url: str | None, slot: Slot, token: str
+    ) -> PurchaseInitiated:
+        try:
+            purchase = await self._start(identity, return_url)
+            body = purchase.model_dump_json().encode()
+            ttl = KEY_REPLAY_SECONDS if slot.idempotency_key is not None else self._reuse_seconds
+            if not await self.replays.fill(slot, token, purchase.payment_id, self._seal_for(slot, body), ttl):
+                logger.warning("Payment %s took longer than its claim to start", purchase.payment_id)
+            if slot.idempotency_key is not None and self._reuse_seconds > 0:
+                latest = slot.latest()
+                await self.replays.remember_latest(
+                    slot, purchase.payment_id, self._seal_for(latest, body), self._reuse_seconds
+                )
+        except BaseException:
+            # Others waiting on the claim then try themselves instead of waiting out its lease.
+            with suppress(ProviderUnavailable):
+                await self.replays.release(slot, token)
+            raise
+        return purchase
+
+    def _seal_for(self, slot: Slot, body: bytes) -> bytes:
+        return self._seal.seal(body, slot.binding())
+
+    @property
+    def _reuse_seconds(self) -> float:
+        return self.backend.settings.purchase_reuse_seconds
+
+    async def _awaits_payment(self, payment_id: str) -> bool:
         """Whether a payment can still be handed back for a double click: only one still waiting
         for the user to pay. One that succeeded, failed or was canceled cannot be paid again, so
         the next click must get a new one; when its state cannot be read, so must it."""
         payment = await self.payments.get(payment_id)
-        if payment is not None and not payment.credited:
-            deadline = self.backend.deadline(self.backend.settings.timeout_seconds)
-            try:
-                reply = await self.backend.stripe_status(payment_id, deadline)
-            except ProviderUnavailable:
-                reply = None
-            if reply is not None and reply.status == 200 and reply.body.get("status") in AWAITING_PAYMENT:
-                return True
-        self._forget_recent(identity, payment_id)
-        return False
+        if payment is None or payment.credited:
+            return False
+        deadline = self.backend.deadline(self.backend.settings.timeout_seconds)
+        try:
+            reply = await self.backend.stripe_status(payment_id, deadline)
+        except ProviderUnavailable:
+            return False
+        return reply.status == 200 and reply.body.get("status") in AWAITING_PAYMENT
 
-    def _forget_recent(self, identity: Identity, payment_id: str) -> None:
-        recent = self._recent.get(identity.key)
-        if recent is not None and recent.payment_id == payment_id:
-            self._recent.pop(identity.key, None)
-
-    async def _start(
-        self, identity: Identity, return_url: str | None, idempotency_key: str | None
-    ) -> PurchaseInitiated:
+    async def _start(self, identity: Identity, return_url: str | None) -> PurchaseInitiated:
         backend = self.backend
         deadline = backend.deadline(backend.settings.purchase_timeout_seconds)
         # A fresh check first: it creates the account the right way (10 free uses; a purchase would
@@ -128,7 +187,7 @@ class PurchaseDesk:
             currency=bought.currency,
             balance_before=max(before.credits_remaining, 0),
         )
-        purchase = PurchaseInitiated(
+        return PurchaseInitiated(
             payment_id=bought.payment_id,
             client_secret=bought.client_secret,
             amount_minor=bought.amount_minor,
@@ -136,11 +195,6 @@ class PurchaseDesk:
             uses_purchased=bought.uses_purchased,
             publishable_key=publishable_key,
         )
-        # Remembered before the in-flight slot is released, so no click can fall between the two.
-        if idempotency_key is not None:
-            self._by_key[(identity.key, idempotency_key)] = purchase
-        self._recent[identity.key] = purchase
-        return purchase
 
     async def _new_payment_intent(self, body: dict[str, Any], deadline: float) -> BackendPurchase:
         reply = await self.backend.purchase(body, deadline)
@@ -177,8 +231,6 @@ class PurchaseDesk:
             # We created this payment, so a 404 here is the backend's Stripe error, not a bad id.
             raise self.backend.unexpected("purchase_status", reply)
         stripe_status = reply.body.get("status")
-        if stripe_status not in AWAITING_PAYMENT:
-            self._forget_recent(identity, payment_id)
         if stripe_status != "succeeded":
             state = stripe_status if stripe_status in PAYMENT_STATES else "unknown"
             return PurchaseStatus.model_validate({"status": state})

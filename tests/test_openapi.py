@@ -1,0 +1,444 @@
+"""The OpenAPI document and the routes kept in step: every route on the router is documented and
+every documented operation is routed; every documented status is produced over real HTTP by a
+scenario below, with a body (and headers) that validate against what the document says."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shlex
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema_rs
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from multidict import CIMultiDict
+
+from ciris_billing_proxy import (
+    AuthenticatedUser,
+    Identity,
+    InvalidRequest,
+    ProviderUnavailable,
+    TransactionPage,
+    setup_billing,
+)
+from ciris_billing_proxy.openapi import openapi_document
+from ciris_billing_proxy.testing import TokenFactory
+from ciris_billing_proxy.throttle import LoginAttempt
+from ciris_billing_proxy.tools.cli import main
+
+from .conftest import make_config
+from .providers import ShopProvider
+from .repo_files import README
+
+PREFIX = "/v1/api/billing"
+DOC = f"{PREFIX}/openapi.json"
+LOGIN, LOGOUT, REFRESH, ME = (f"/v1/auth/{name}" for name in ("login", "logout", "refresh", "me"))
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+async def authenticate(username: str, password: str) -> AuthenticatedUser | None:
+    if username == "boom":
+        raise RuntimeError("the user store is down")
+    return AuthenticatedUser(username) if password == "right" else None
+
+
+class Shop(ShopProvider):
+    """A shop whose history fails like its other calls when told to."""
+
+    async def transactions(self, identity: Identity, limit: int, offset: int) -> TransactionPage:
+        await self._enter("transactions")
+        return await super().transactions(identity, limit, offset)
+
+
+class ConfusedProvider(Shop):
+    """Declares its capabilities wrongly: a provider bug `/capabilities` answers with 503."""
+
+    @property
+    def keeps_transactions(self) -> bool:
+        return "yes"  # type: ignore[return-value]
+
+
+class ThrottleDatabaseDown:
+    """A store-backed login throttle while its database is away (the real outage, through a cut
+    connection, is tests/test_shared_login_throttle.py's)."""
+
+    async def admit(self, attempt: LoginAttempt) -> float | None:
+        raise ProviderUnavailable("database unavailable")
+
+    async def succeeded(self, attempt: LoginAttempt) -> None:
+        raise ProviderUnavailable("database unavailable")
+
+
+def routed(app: web.Application) -> set[tuple[str, str]]:
+    """(method, path) of every route on the app and its sub-apps, as a client sees them. HEAD is
+    aiohttp's automatic twin of each GET; the billing sub-app's catch-all routes answer 404/405."""
+    found = set()
+    for route in app.router.routes():
+        if route.method == "HEAD" or getattr(route.handler, "__name__", "") == "unmatched":
+            continue
+        assert route.resource is not None
+        found.add((route.method, route.resource.canonical))
+    return found
+
+
+def documented(document: dict[str, Any]) -> set[tuple[str, str]]:
+    return {(method.upper(), path) for path, item in document["paths"].items() for method in item}
+
+
+@pytest.mark.parametrize(
+    ("subapp", "mount", "login_path"),
+    [(True, "", "/v1/auth/login"), (False, "", "/v1/auth/login"), (True, "/agent", "/auth/v2/signin")],
+)
+async def test_every_route_is_documented_and_every_operation_routed(
+    aiohttp_client: Any, tmp_path: Path, subapp: bool, mount: str, login_path: str
+) -> None:
+    app = web.Application()
+    setup_billing(
+        app,
+        make_config(tmp_path),
+        authenticate=authenticate,
+        login_path=login_path,
+        subapp=subapp,
+        environ={},
+    )
+    root = app
+    if mount:
+        root = web.Application()
+        root.add_subapp(mount, app)
+    client = await aiohttp_client(root)
+    resp = await client.get(mount + DOC)  # no token: the document is public
+    assert resp.status == 200
+    assert resp.headers["Cache-Control"] == "public, max-age=300"
+    document = await resp.json()
+    assert document["openapi"] == "3.1.0"
+    # The auth routes answer every method (a wrong one is a JSON 405): the document says which is theirs.
+    methods = {path: set(item) for path, item in document["paths"].items()}
+    on_router = {
+        (method, path)
+        for method, path in routed(root)
+        if method != "*" or len(methods.get(path, ())) == 1
+        for method in ([method] if method != "*" else [m.upper() for m in methods[path]])
+    }
+    assert on_router == documented(document)
+    assert {path for _, path in on_router} >= {mount + login_path, f"{mount}{PREFIX}/credits"}
+
+
+@pytest.mark.parametrize("login_path", [None, LOGIN])
+def test_the_document_is_valid_openapi_3_1(login_path: str | None) -> None:
+    # The OpenAPI 3.1 schema as schemathesis ships it (the test extras pin schemathesis 4).
+    from schemathesis.specs.openapi.definitions import OPENAPI_31
+
+    jsonschema_rs.validator_for(OPENAPI_31).validate(openapi_document(PREFIX, login_path))
+
+
+async def test_without_login_or_ui_neither_is_documented(aiohttp_client: Any, tmp_path: Path) -> None:
+    app = web.Application()
+    setup_billing(app, make_config(tmp_path, serve_ui=False), environ={})
+    document = await (await (await aiohttp_client(app)).get(DOC)).json()
+    assert routed(app) == documented(document)
+    assert not any(path.startswith(("/v1/auth", f"{PREFIX}/ui")) for path in document["paths"])
+
+
+async def test_other_methods_are_a_json_405_listing_the_documented_one(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    config = make_config(tmp_path)
+    app = web.Application()
+    setup_billing(app, config, authenticate=authenticate, environ={})
+    client = await aiohttp_client(app)
+    document = openapi_document(PREFIX, LOGIN)
+    headers = TokenFactory(config).headers()
+    for path, item in document["paths"].items():
+        allowed = {m.upper() for m in item}
+        url = path.replace("{payment_id}", "pi_1")
+        for method in set(METHODS) - allowed:
+            resp = await client.request(method, url, headers=headers)
+            assert resp.status == 405, (method, path)
+            assert allowed <= set(resp.headers["Allow"].split(",")), (method, path)
+            assert (await resp.json()) == {"detail": "Method Not Allowed"}
+
+
+def test_the_command_prints_the_document(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["openapi"]) == 0
+    assert json.loads(capsys.readouterr().out) == openapi_document(PREFIX, LOGIN)
+    assert main(["openapi", "--prefix", "/billing/", "--no-auth-routes", "--no-ui"]) == 0
+    assert json.loads(capsys.readouterr().out) == openapi_document("/billing", ui=False)
+    assert main(["openapi", "--login-path", "/auth/signin"]) == 0
+    assert "/auth/me" in json.loads(capsys.readouterr().out)["paths"]
+    with pytest.raises(SystemExit):
+        main(["openapi", "--prefix", "billing"])
+
+
+# --- every documented status, produced ---------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: CIMultiDict[str]
+    body: Any
+    content_type: str = "application/json"
+
+
+@dataclass
+class Ctx:
+    client: TestClient[web.Request, web.Application]
+    provider: Shop
+    tokens: TokenFactory
+    auth: dict[str, str] = field(default_factory=dict)
+
+    async def send(self, method: str, path: str, **kwargs: Any) -> Reply:
+        resp = await self.client.request(method, path, **kwargs)
+        raw = await resp.read()
+        if resp.content_type == "application/json":
+            return Reply(resp.status, CIMultiDict(resp.headers), json.loads(raw))
+        return Reply(resp.status, CIMultiDict(resp.headers), raw.decode(), resp.content_type)
+
+    async def late_body(self, path: str, headers: str = "") -> Reply:
+        """Announce a body and never send it."""
+        reader, writer = await asyncio.open_connection(self.client.server.host, self.client.server.port)
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n{headers}\r\n".encode())
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        lines = head.decode().strip().split("\r\n")
+        parsed = CIMultiDict(line.split(": ", 1) for line in lines[1:])
+        body = await reader.readexactly(int(parsed["Content-Length"]))
+        writer.close()
+        await writer.wait_closed()
+        return Reply(int(lines[0].split()[1]), parsed, json.loads(body))
+
+    def bearer(self) -> str:
+        return f"Authorization: {self.auth['Authorization']}\r\n"
+
+
+Send = Callable[[Ctx], Awaitable[Reply]]
+#: (operation id, status) -> (which provider, how to get that status).
+SCENARIOS: dict[tuple[str, int], tuple[str, Send]] = {}
+
+
+def scenario(operation_id: str, status: int, provider: str = "shop") -> Callable[[Send], Send]:
+    def register(send: Send) -> Send:
+        SCENARIOS[(operation_id, status)] = (provider, send)
+        return send
+
+    return register
+
+
+def expect(ctx: Ctx, token: bool = True) -> dict[str, str]:
+    return {**(ctx.auth if token else {}), "Expect": "bogus"}
+
+
+def no_token(operation_id: str, method: str, path: str) -> None:
+    scenario(operation_id, 401)(lambda ctx: ctx.send(method, path))
+    scenario(operation_id, 417)(lambda ctx: ctx.send(method, path, headers=expect(ctx)))
+
+
+def failing(ctx: Ctx, error: Exception) -> Ctx:
+    ctx.provider.fail = error
+    return ctx
+
+
+for _id, _method, _path in (
+    ("getCredits", "GET", f"{PREFIX}/credits"),
+    ("getCapabilities", "GET", f"{PREFIX}/capabilities"),
+    ("initiatePurchase", "POST", f"{PREFIX}/purchase/initiate"),
+    ("getPurchaseStatus", "GET", f"{PREFIX}/purchase/status/pi_1"),
+    ("getTransactions", "GET", f"{PREFIX}/transactions"),
+    ("logout", "POST", LOGOUT),
+    ("refresh", "POST", REFRESH),
+    ("me", "GET", ME),
+):
+    no_token(_id, _method, _path)
+
+scenario("getCredits", 200)(lambda ctx: ctx.send("GET", f"{PREFIX}/credits", headers=ctx.auth))
+scenario("getCredits", 503)(
+    lambda ctx: failing(ctx, ProviderUnavailable()).send("GET", f"{PREFIX}/credits", headers=ctx.auth)
+)
+scenario("getCapabilities", 200)(lambda ctx: ctx.send("GET", f"{PREFIX}/capabilities", headers=ctx.auth))
+scenario("getCapabilities", 503, "confused")(
+    lambda ctx: ctx.send("GET", f"{PREFIX}/capabilities", headers=ctx.auth)
+)
+
+INITIATE = f"{PREFIX}/purchase/initiate"
+scenario("initiatePurchase", 200)(lambda ctx: ctx.send("POST", INITIATE, headers=ctx.auth))
+scenario("initiatePurchase", 403, "simple")(lambda ctx: ctx.send("POST", INITIATE, headers=ctx.auth))
+scenario("initiatePurchase", 408)(lambda ctx: ctx.late_body(INITIATE, ctx.bearer()))
+scenario("initiatePurchase", 413)(
+    lambda ctx: ctx.send("POST", INITIATE, headers=ctx.auth, json={"return_url": "x" * 2000})
+)
+scenario("initiatePurchase", 422)(
+    lambda ctx: ctx.send("POST", INITIATE, headers=ctx.auth, json={"return_url": 5})
+)
+scenario("initiatePurchase", 503)(
+    lambda ctx: failing(ctx, ProviderUnavailable()).send("POST", INITIATE, headers=ctx.auth)
+)
+
+
+@scenario("initiatePurchase", 400)
+async def bad_purchase_requests(ctx: Ctx) -> Reply:
+    """A malformed body, a bad key, and a purchase the provider refuses."""
+    malformed = await ctx.send("POST", INITIATE, headers=ctx.auth, data=b"{")
+    assert malformed.status == 400
+    assert malformed.body == {"detail": "Malformed JSON body"}
+    bad_key = await ctx.send("POST", INITIATE, headers={**ctx.auth, "Idempotency-Key": "a b"})
+    assert bad_key.status == 400
+    assert bad_key.body == {"detail": "Idempotency-Key must be 1-128 letters, digits or -_.:"}
+    return await failing(ctx, InvalidRequest("Email address required for purchase")).send(
+        "POST", INITIATE, headers=ctx.auth
+    )
+
+
+@scenario("getPurchaseStatus", 200)
+async def status_of_a_purchase(ctx: Ctx) -> Reply:
+    started = await ctx.send("POST", INITIATE, headers={**ctx.auth, "Idempotency-Key": "click-1"})
+    return await ctx.send("GET", f"{PREFIX}/purchase/status/{started.body['payment_id']}", headers=ctx.auth)
+
+
+scenario("getPurchaseStatus", 403, "simple")(
+    lambda ctx: ctx.send("GET", f"{PREFIX}/purchase/status/pi_1", headers=ctx.auth)
+)
+scenario("getPurchaseStatus", 404)(
+    lambda ctx: ctx.send("GET", f"{PREFIX}/purchase/status/pi_1", headers=ctx.auth)
+)
+scenario("getPurchaseStatus", 503)(
+    lambda ctx: failing(ctx, ProviderUnavailable()).send(
+        "GET", f"{PREFIX}/purchase/status/pi_1", headers=ctx.auth
+    )
+)
+
+TRANSACTIONS = f"{PREFIX}/transactions"
+scenario("getTransactions", 200)(
+    lambda ctx: ctx.send("GET", TRANSACTIONS, headers=ctx.auth, params={"limit": "100", "offset": "0"})
+)
+scenario("getTransactions", 422)(
+    lambda ctx: ctx.send("GET", TRANSACTIONS, headers=ctx.auth, params={"limit": "0"})
+)
+
+
+scenario("getTransactions", 503)(
+    lambda ctx: failing(ctx, ProviderUnavailable()).send("GET", TRANSACTIONS, headers=ctx.auth)
+)
+
+
+scenario("getOpenAPI", 200)(lambda ctx: ctx.send("GET", DOC))
+scenario("getOpenAPI", 417)(lambda ctx: ctx.send("GET", DOC, headers=expect(ctx, token=False)))
+
+UI_FILE = f"{PREFIX}/ui/billing.js"
+scenario("getUIFile", 200)(lambda ctx: ctx.send("GET", UI_FILE))
+scenario("getUIFile", 404)(lambda ctx: ctx.send("GET", f"{PREFIX}/ui/nope.js"))
+scenario("getUIFile", 417)(lambda ctx: ctx.send("GET", UI_FILE, headers=expect(ctx, token=False)))
+
+
+@scenario("getUIFile", 304)
+async def unchanged_file(ctx: Ctx) -> Reply:
+    etag = (await ctx.send("GET", UI_FILE)).headers["ETag"]
+    return await ctx.send("GET", UI_FILE, headers={"If-None-Match": etag})
+
+
+GOOD_LOGIN = {"username": "alice", "password": "right"}
+scenario("login", 200)(lambda ctx: ctx.send("POST", LOGIN, json=GOOD_LOGIN))
+scenario("login", 400)(lambda ctx: ctx.send("POST", LOGIN))
+scenario("login", 401)(lambda ctx: ctx.send("POST", LOGIN, json={"username": "alice", "password": "wrong"}))
+scenario("login", 408)(lambda ctx: ctx.late_body(LOGIN))
+scenario("login", 413)(lambda ctx: ctx.send("POST", LOGIN, json={**GOOD_LOGIN, "padding": "x" * 9000}))
+scenario("login", 417)(lambda ctx: ctx.send("POST", LOGIN, json=GOOD_LOGIN, headers=expect(ctx, token=False)))
+scenario("login", 422)(lambda ctx: ctx.send("POST", LOGIN, json={"username": 5, "password": "right"}))
+scenario("login", 500)(lambda ctx: ctx.send("POST", LOGIN, json={"username": "boom", "password": "x"}))
+
+
+scenario("login", 503, "throttle down")(lambda ctx: ctx.send("POST", LOGIN, json=GOOD_LOGIN))
+
+
+@scenario("login", 429)
+async def locked_out(ctx: Ctx) -> Reply:
+    wrong = {"username": "alice", "password": "wrong"}
+    assert (await ctx.send("POST", LOGIN, json=wrong)).status == 401
+    return await ctx.send("POST", LOGIN, json=GOOD_LOGIN)
+
+
+scenario("logout", 200)(lambda ctx: ctx.send("POST", LOGOUT, headers=ctx.auth))
+scenario("me", 200)(lambda ctx: ctx.send("GET", ME, headers=ctx.auth))
+scenario("refresh", 200)(lambda ctx: ctx.send("POST", REFRESH, headers=ctx.auth))
+scenario("refresh", 400)(lambda ctx: ctx.send("POST", REFRESH, headers=ctx.auth, data=b"nope"))
+scenario("refresh", 408)(lambda ctx: ctx.late_body(REFRESH, ctx.bearer()))
+scenario("refresh", 413)(
+    lambda ctx: ctx.send("POST", REFRESH, headers=ctx.auth, json={"refresh_token": "x" * 9000})
+)
+scenario("refresh", 422)(lambda ctx: ctx.send("POST", REFRESH, headers=ctx.auth, json={"refresh_token": 5}))
+
+DOCUMENT = openapi_document(PREFIX, LOGIN)
+OPERATIONS = {op["operationId"]: op for item in DOCUMENT["paths"].values() for op in item.values()}
+
+
+def test_every_documented_status_has_a_scenario_and_every_scenario_is_documented() -> None:
+    statuses = {(op_id, int(status)) for op_id, op in OPERATIONS.items() for status in op["responses"]}
+    assert set(SCENARIOS) == statuses
+
+
+@pytest.fixture
+async def ctx(aiohttp_client: Any, tmp_path: Path, request: pytest.FixtureRequest) -> Ctx:
+    config = make_config(
+        tmp_path, max_body_bytes=1024, body_timeout_seconds=0.5, login_max_failures_per_user=1
+    )
+    provider = ConfusedProvider() if request.param == "confused" else Shop(credits=3)
+    app = web.Application()
+    setup_billing(
+        app,
+        config,
+        provider=None if request.param == "simple" else provider,
+        authenticate=authenticate,
+        login_throttle=ThrottleDatabaseDown() if request.param == "throttle down" else None,
+        environ={},
+    )
+    tokens = TokenFactory(config)
+    return Ctx(await aiohttp_client(app), provider, tokens, tokens.headers("alice"))
+
+
+@pytest.mark.parametrize(
+    ("operation_id", "status", "ctx"),
+    [
+        pytest.param(op_id, st, SCENARIOS[(op_id, st)][0], id=f"{op_id}-{st}")
+        for op_id, st in sorted(SCENARIOS)
+    ],
+    indirect=["ctx"],
+)
+async def test_each_documented_status_is_produced_as_documented(
+    operation_id: str, status: int, ctx: Ctx
+) -> None:
+    reply = await SCENARIOS[(operation_id, status)][1](ctx)
+    assert reply.status == status, reply.body
+    documented_reply = OPERATIONS[operation_id]["responses"][str(status)]
+    if "content" not in documented_reply:
+        assert reply.body == ""
+        return
+    schema = documented_reply["content"][reply.content_type]["schema"]
+    jsonschema_rs.validator_for({**schema, "components": DOCUMENT["components"]}).validate(reply.body)
+    if status >= 400:
+        assert isinstance(reply.body["detail"], str)
+    for name, header in documented_reply.get("headers", {}).items():
+        if header.get("required"):
+            assert jsonschema_rs.is_valid(header["schema"], reply.headers[name]), (name, reply.headers)
+
+
+def test_the_readme_commands_print_the_document(capsys: pytest.CaptureFixture[str]) -> None:
+    section = README.split("\n## OpenAPI\n", 1)[1].split("\n## ", 1)[0]
+    commands = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert commands
+    for line in commands.group(1).splitlines():
+        args = shlex.split(line.split(">")[0].split("#")[0])
+        assert args[0] == "ciris-billing-proxy"
+        assert main(args[1:]) == 0
+        assert json.loads(capsys.readouterr().out)["openapi"] == "3.1.0"
+
+
+def test_every_documented_status_is_in_the_readme_errors_table() -> None:
+    table = README.split("\n### Errors\n", 1)[1].split("\n## ", 1)[0]
+    listed = {int(status) for status in re.findall(r"^\| (\d{3})\b", table, re.M)}
+    listed |= {int(status) for status in re.findall(r"^\| \d{3} / (\d{3})\b", table, re.M)}
+    assert {status for _, status in SCENARIOS if status >= 400} <= listed
