@@ -64,8 +64,18 @@ LOGIN: Final = Operation(
     body_required=True,
     bearer=False,
 )
+#: Logout and refresh record the revocation in the store for every process before answering.
+REVOCATION_UNAVAILABLE: Final = {
+    503: "the database keeping revoked tokens is unavailable (the token is still refused by this process)"
+}
 LOGOUT: Final = Operation(
-    "logout", "POST", DEFAULT_LOGOUT_PATH, "Revoke the presented token.", LogoutReply, BEARER_ERRORS, "auth"
+    "logout",
+    "POST",
+    DEFAULT_LOGOUT_PATH,
+    "Revoke the presented token, in every process sharing the store.",
+    LogoutReply,
+    {**BEARER_ERRORS, **REVOCATION_UNAVAILABLE},
+    "auth",
 )
 REFRESH: Final = Operation(
     "refresh",
@@ -73,7 +83,7 @@ REFRESH: Final = Operation(
     DEFAULT_REFRESH_PATH,
     "A new token for the presented one, which is revoked.",
     LoginReply,
-    {**BEARER_ERRORS, **BODY_ERRORS},
+    {**BEARER_ERRORS, **BODY_ERRORS, **REVOCATION_UNAVAILABLE},
     "auth",
     body=RefreshRequest,
 )
