@@ -22,11 +22,11 @@ from ciris_billing_proxy import BillingConfig, BillingService, Identity, Provide
 from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.providers.simple import SimpleProvider
 from ciris_billing_proxy.store.feed_postgres import PostgresChangeFeed
-from ciris_billing_proxy.testing import TokenFactory
+from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 
 from .ciris_helpers import INTERACT, agent_routes
 from .conftest import ClientFactory, make_config
-from .default_paths import CREDITS, LOGOUT
+from .default_paths import CREDITS, INITIATE, LOGOUT, STATUS
 from .postgres import TcpProxy, fetch
 from .test_auth_routes import authenticate, bearer, login
 
@@ -196,3 +196,26 @@ async def test_a_logout_while_the_database_is_unreachable_is_503_and_refused_her
     reply = await client.post(LOGOUT, headers=bearer(token))
     assert (reply.status, await reply.json()) == (503, {"detail": "Billing service unavailable"})
     assert (await client.get(CREDITS, headers=bearer(token))).status == 401
+
+
+async def test_a_purchase_settled_through_one_app_reaches_the_others_cache(
+    pg_url: str,
+    make_client: ClientFactory,
+    ciris_billing_config: BillingConfig,
+    ciris_fake_backend: FakeBillingBackend,
+) -> None:
+    config = BillingConfig.model_validate(ciris_billing_config.model_dump() | {"database_url": pg_url})
+    a, b = await make_client(config), await make_client(config)
+    ann = TokenFactory(config).headers("ann", email="ann@example.com")
+    before = await (await b.get(CREDITS, headers=ann)).json()  # cached on B now
+    started = await a.post(INITIATE, json={}, headers=ann)
+    payment_id = (await started.json())["payment_id"]
+    ciris_fake_backend.confirm_payment(payment_id)
+    status = await (await a.get(STATUS + payment_id, headers=ann)).json()
+    assert status["status"] == "succeeded"
+
+    async def paid_credit_on_b() -> bool:
+        credits = await (await b.get(CREDITS, headers=ann)).json()
+        return bool(credits["credits_remaining"] > before["credits_remaining"])
+
+    await eventually(paid_credit_on_b)
