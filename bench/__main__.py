@@ -163,7 +163,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 cwd=ROOT.parent,
             ).stdout
         )
-    return {"rows": rows, "memory": memory, "instructions": instructions, "args": vars(args)}
+    return {
+        "rows": rows,
+        "memory": memory,
+        "instructions": instructions,
+        "shared": None if args.no_shared else shared(args),
+        "args": vars(args),
+    }
+
+
+def shared(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`bench.shared`'s figures, or None when no PostgreSQL server can be used."""
+    command = [sys.executable, "-m", "bench.shared", "--rounds", str(args.rounds)]
+    command += ["--duration", str(args.duration), "--changes", str(args.changes)]
+    if args.database_url:
+        command += ["--database-url", args.database_url]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT.parent)
+    if out.returncode != 0:
+        print(f"two servers on PostgreSQL not measured: {out.stderr.strip().splitlines()[-1:]}", flush=True)
+        return None
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
 
 
 def median(rows: list[dict[str, Any]], key: str) -> float:
@@ -227,6 +247,16 @@ def table(data: dict[str, Any]) -> str:
         f"backend (goal: at most {args['backend_ms'] + 5} ms). The same burst against A (no proxy, no "
         f"backend) has p99 {floor_p99:.1f} ms on this machine: the proxy and backend add "
         f"{c_p99 - floor_p99:.1f} ms to it.",
+        (
+            f"- Two server processes sharing PostgreSQL (ledger and change feed in one database, "
+            f"PostgreSQL's own CPU not counted): gated spends {sh['dp2_per_cpu_s']:,.0f} per server "
+            f"CPU-second against {sh['d_per_cpu_s']:,.0f} for D on SQLite, **{sh['ratio']:.2f}** of it "
+            f"(goal: at least 0.5). Freshness, a spend on one server until the other's cached "
+            f"`/credits` shows it, over {sh['changes']} changes: **p50 {sh['fresh_p50_ms']:.1f} ms, p99 "
+            f"{sh['fresh_p99_ms']:.1f} ms** (max {sh['fresh_max_ms']:.1f} ms; goal: p99 at most 100 ms)."
+            if (sh := data.get("shared"))
+            else "- Two servers on PostgreSQL not measured (no PostgreSQL server, or --no-shared)."
+        ),
         f"- Memory: {int(mem['identities']):,} cached identities (credit cache + verified-token cache, "
         f"550 distinct statuses) added {mem['delta_mb']:.1f} MB of RSS (goal: at most 100 MB); the "
         f"process peaked at {mem['peak_rss_mb']:.1f} MB, interpreter and the probe's own tokens included.",
@@ -260,6 +290,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "RESULTS.md")
     parser.add_argument("--no-readme", action="store_true", help="do not update README.md")
     parser.add_argument("--no-instructions", action="store_true", help="skip the callgrind measure")
+    parser.add_argument("--no-shared", action="store_true", help="skip two servers on PostgreSQL")
+    parser.add_argument("--changes", type=int, default=200, help="changes timed for freshness")
+    parser.add_argument("--database-url", default=None, help="PostgreSQL server for bench.shared")
     args = parser.parse_args()
     started = time.monotonic()
     data = run(args)

@@ -94,26 +94,36 @@ class TokenVerifier:
             self._verified[digest] = identity
         return identity
 
-    def revoke(self, token: str) -> None:
-        """Refuse this token from now on (e.g. at logout), cached or not.
+    def revoke(self, token: str) -> tuple[bytes, float] | None:
+        """Refuse this token from now on (e.g. at logout), cached or not; returns its digest and
+        until when the revocation is kept, for sharing it (`revoke_digest` elsewhere).
 
         The revocation is kept only while the token would otherwise be accepted: until its `exp`
         plus the leeway, after which `verify` refuses it as expired anyway. A token this verifier
-        refuses already (bad signature, expired, revoked) needs no revocation and takes no memory.
-        At most `MAX_REVOKED` are kept; beyond that the one whose token expires soonest goes first.
+        refuses already (bad signature, expired, revoked) needs no revocation and takes no memory
+        (`None`). At most `MAX_REVOKED` are kept; beyond that the one whose token expires soonest
+        goes first.
         """
         try:
             identity = self.verify(token)
         except AuthError:
-            return
+            return None
         digest = blake2b(token.encode(), digest_size=16).digest()
+        until = identity.expires_at + self._jwt.leeway_seconds
+        self.revoke_digest(digest, until)
+        return digest, until
+
+    def revoke_digest(self, digest: bytes, until: float) -> None:
+        """Refuse the token with this digest until `until` (a revocation made by another process)."""
         revocations = self._revocations
         now = self._clock()
+        if until <= now or digest in self._revoked:
+            return
         while revocations and revocations[0][0] <= now:
             self._revoked.discard(heapq.heappop(revocations)[1])
         if len(revocations) >= MAX_REVOKED:
             self._revoked.discard(heapq.heappop(revocations)[1])
-        heapq.heappush(revocations, (identity.expires_at + self._jwt.leeway_seconds, digest))
+        heapq.heappush(revocations, (until, digest))
         self._revoked.add(digest)
         if self._verified is not None:
             self._verified.pop(digest, None)

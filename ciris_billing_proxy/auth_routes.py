@@ -7,6 +7,7 @@ Each needs a valid bearer token (401 JSON otherwise) and answers a bare JSON obj
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -63,8 +64,18 @@ LOGIN: Final = Operation(
     body_required=True,
     bearer=False,
 )
+#: Logout and refresh record the revocation in the store for every process before answering.
+REVOCATION_UNAVAILABLE: Final = {
+    503: "the database keeping revoked tokens is unavailable (the token is still refused by this process)"
+}
 LOGOUT: Final = Operation(
-    "logout", "POST", DEFAULT_LOGOUT_PATH, "Revoke the presented token.", LogoutReply, BEARER_ERRORS, "auth"
+    "logout",
+    "POST",
+    DEFAULT_LOGOUT_PATH,
+    "Revoke the presented token, in every process sharing the store.",
+    LogoutReply,
+    {**BEARER_ERRORS, **REVOCATION_UNAVAILABLE},
+    "auth",
 )
 REFRESH: Final = Operation(
     "refresh",
@@ -72,7 +83,7 @@ REFRESH: Final = Operation(
     DEFAULT_REFRESH_PATH,
     "A new token for the presented one, which is revoked.",
     LoginReply,
-    {**BEARER_ERRORS, **BODY_ERRORS},
+    {**BEARER_ERRORS, **BODY_ERRORS, **REVOCATION_UNAVAILABLE},
     "auth",
     body=RefreshRequest,
 )
@@ -91,18 +102,24 @@ def auth_paths(login_path: str) -> dict[Operation, str]:
     }
 
 
+#: Revokes a token in every process before returning (`BillingService.revoke_everywhere`).
+Revoke = Callable[[str], Awaitable[None]]
+
+
 class SessionRoutes:
-    def __init__(self, verifier: TokenVerifier, config: BillingConfig) -> None:
+    def __init__(self, verifier: TokenVerifier, config: BillingConfig, revoke: Revoke) -> None:
         self._verifier = verifier
+        self._revoke = revoke
         self._bypass_roles = config.gate_bypass_roles
         self._body_timeout = config.body_timeout_seconds
 
     async def logout(self, request: web.Request) -> web.Response:
-        """Revoke exactly the presented token. 200 with a JSON object rather than 204: older CIRIS
-        SDKs parse every success reply as JSON."""
+        """Revoke exactly the presented token, in every process before answering (503 when the
+        database cannot record it). 200 with a JSON object rather than 204: older CIRIS SDKs parse
+        every success reply as JSON."""
         require_method(request, LOGOUT.method)
         token, _identity = self._caller(request)
-        self._verifier.revoke(token)
+        await self._revoke(token)
         return json_reply(LogoutReply())
 
     async def refresh(self, request: web.Request) -> web.Response:
@@ -116,7 +133,7 @@ class SessionRoutes:
         claims = _claims(token)
         extra: dict[str, Any] = {name: claims[name] for name in CARRIED_CLAIMS if name in claims}
         reply = token_reply(self._verifier, identity.user_id, identity.role, identity.email, extra)
-        self._verifier.revoke(token)
+        await self._revoke(token)
         return reply
 
     async def me(self, request: web.Request) -> web.Response:
@@ -169,10 +186,11 @@ def add_auth_routes(
     verifier: TokenVerifier,
     authenticate: Authenticator,
     login_path: str,
-    throttle: LoginThrottle | None = None,
+    throttle: LoginThrottle | None,
+    revoke: Revoke,
 ) -> None:
     """Login at `login_path`; logout, refresh and me beside it (`auth_paths`). Each is registered
-    for every method, so that a wrong one is a JSON 405 too."""
+    for every method, so that a wrong one is a JSON 405 too. `revoke` revokes a token everywhere."""
     paths = auth_paths(login_path)
     login = LoginRoute(
         authenticate,
@@ -181,7 +199,7 @@ def add_auth_routes(
         config.trusted_proxies,
         config.body_timeout_seconds,
     )
-    sessions = SessionRoutes(verifier, config)
+    sessions = SessionRoutes(verifier, config, revoke)
     authenticated = sessions.expect_authenticated
     router.add_route("*", paths[LOGIN], json_errors(login.login), expect_handler=expect_continue)
     router.add_route("*", paths[LOGOUT], json_errors(sessions.logout), expect_handler=authenticated)

@@ -48,6 +48,7 @@ class CreditCache(Generic[V]):
         self._timer = timer
         self._entries: LRUCache[tuple[str, str], tuple[float, V]] = LRUCache(maxsize=maxsize)
         self._loads: SingleFlight[tuple[str, str], V] = SingleFlight()
+        self._max_lifetime: float | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -65,8 +66,17 @@ class CreditCache(Generic[V]):
         return await asyncio.shield(self._loads.run(key, lambda: self._fill(identity)))
 
     def invalidate(self, identity: Identity) -> None:
-        self._entries.pop(identity.key, None)
-        self._loads.forget(identity.key)
+        self.invalidate_key(identity.key)
+
+    def invalidate_key(self, key: tuple[str, str]) -> None:
+        self._entries.pop(key, None)
+        self._loads.forget(key)
+
+    def limit_lifetime(self, seconds: float | None) -> None:
+        """Keep entries at most `seconds` from now on (`None`: their normal lifetime), and drop
+        every entry and load so far: for while changes made elsewhere may go unheard."""
+        self._max_lifetime = seconds
+        self.clear()
 
     def clear(self) -> None:
         self._entries.clear()
@@ -81,5 +91,7 @@ class CreditCache(Generic[V]):
         value = await self._load(identity)
         if self._loads.is_current(identity.key):
             lifetime = self._ttl if self._ttl_of is None else self._ttl_of(value)
+            if self._max_lifetime is not None:
+                lifetime = min(lifetime, self._max_lifetime)
             self._entries[identity.key] = (self._timer() + lifetime, value)
         return value

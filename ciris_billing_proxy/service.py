@@ -34,6 +34,7 @@ from .models import (
 )
 from .providers.base import CreditProvider
 from .retries import GiveBackRetries
+from .store.changes import FEED_DOWN_MAX_AGE_SECONDS, ChangeFeed, IdentityKey
 
 T = TypeVar("T")
 
@@ -65,17 +66,30 @@ class BillingService:
       (a give-back the provider cannot make now is retried in the background, never dropped);
     * `capabilities()`: what the provider offers (purchases, transactions);
     * `await initiate_purchase(...)`, `await purchase_status(...)`, `await transactions(...)`;
-    * `invalidate(identity)`: forget the cached credit after it changed elsewhere;
-    * `revoke_token(token)`: refuse a bearer token from now on (logout);
+    * `invalidate(identity)`: forget the cached credit after it changed elsewhere (`invalidate()`:
+      everyone's), in every process sharing the database;
+    * `revoke_token(token)`: refuse a bearer token from now on, here at once and in every other
+      process in the background; `await revoke_everywhere(token)` returns once every process will;
     * `provider`, `config`: what it was built with.
+
+    With a change feed (`setup_billing` gives it one on the configured database), every change
+    made here reaches the other processes sharing that database, and theirs reach this one: it is
+    the `ChangeListener` of its feed.
 
     Every provider failure leaves it as a `BillingError` (a bug becomes `ProviderUnavailable`).
     """
 
-    def __init__(self, config: BillingConfig, provider: CreditProvider, verifier: TokenVerifier) -> None:
+    def __init__(
+        self,
+        config: BillingConfig,
+        provider: CreditProvider,
+        verifier: TokenVerifier,
+        feed: ChangeFeed | None = None,
+    ) -> None:
         self.config = config
         self.provider = provider
         self.verifier = verifier
+        self.feed = feed
         negative_ttl = min(config.negative_cache_ttl_seconds, config.cache_ttl_seconds)
         self.cache: CreditCache[CachedCredit] = CreditCache(
             self._load_status,
@@ -88,11 +102,16 @@ class BillingService:
         self._interned: LRUCache[bytes, CachedCredit] = LRUCache(maxsize=4096)
 
     async def lifespan(self, _app: web.Application) -> AsyncIterator[None]:
-        """`cleanup_ctx` entry: start the provider, and on shutdown finish money-moving work first."""
+        """`cleanup_ctx` entry: start the feed and the provider, and on shutdown finish money-moving
+        work first."""
+        if self.feed is not None:
+            await self.feed.start(self)
         try:
             await self.provider.start()
         except BaseException:
             await self.provider.stop()
+            if self.feed is not None:
+                await self.feed.stop()
             raise
         try:
             yield
@@ -105,6 +124,8 @@ class BillingService:
             await self.retries.aclose()
             await self._drain()
             await self.provider.stop()
+            if self.feed is not None:
+                await self.feed.stop()
 
     async def _drain(self) -> None:
         while self._money_tasks:
@@ -149,12 +170,57 @@ class BillingService:
         )
 
     def revoke_token(self, token: str) -> None:
-        """Refuse a bearer token from now on (logout), even though it has not expired."""
-        self.verifier.revoke(token)
+        """Refuse a bearer token from now on (logout), even though it has not expired: here at
+        once, and in the other processes once it is recorded (in the background; a failure to
+        record it is logged)."""
+        revoked = self.verifier.revoke(token)
+        if revoked is not None and self.feed is not None:
+            self._track(self._share_revocation(*revoked))
 
-    def invalidate(self, identity: Identity) -> None:
-        """Forget the cached credit of a user whose credit changed outside this process's calls."""
+    async def revoke_everywhere(self, token: str) -> None:
+        """Refuse a bearer token from now on, here at once, and return once it is recorded for
+        every process (`ProviderUnavailable` when the database cannot be reached: refused here
+        only)."""
+        revoked = self.verifier.revoke(token)
+        if revoked is not None and self.feed is not None:
+            await asyncio.shield(self._track(self.feed.revoke(*revoked)))
+
+    async def _share_revocation(self, digest: bytes, until: float) -> None:
+        assert self.feed is not None
+        try:
+            await self.feed.revoke(digest, until)
+        except ProviderUnavailable:
+            logger.warning("Could not record a revoked token for the other processes")
+
+    def invalidate(self, identity: Identity | None = None) -> None:
+        """Forget the cached credit of a user (without one: of everyone) whose credit changed
+        outside this process's calls, here and in every process sharing the database."""
+        if identity is None:
+            self.cache.clear()
+            if self.feed is not None:
+                self.feed.changed_all()
+        else:
+            self._forget(identity)
+
+    def _forget(self, identity: Identity) -> None:
         self.cache.invalidate(identity)
+        if self.feed is not None:
+            self.feed.changed(identity.key)
+
+    def identity_changed(self, key: IdentityKey) -> None:
+        self.cache.invalidate_key(key)
+
+    def all_changed(self) -> None:
+        self.cache.clear()
+
+    def token_revoked(self, digest: bytes, until: float) -> None:
+        self.verifier.revoke_digest(digest, until)
+
+    def feed_down(self) -> None:
+        self.cache.limit_lifetime(min(FEED_DOWN_MAX_AGE_SECONDS, self.config.cache_ttl_seconds))
+
+    def feed_up(self) -> None:
+        self.cache.limit_lifetime(None)
 
     async def spend(self, identity: Identity, idempotency_key: str) -> None:
         task = self._track(
@@ -207,7 +273,7 @@ class BillingService:
             self.provider.purchase_status(identity, payment_id), "purchase_status", PurchaseStatus
         )
         if status.status == "succeeded":
-            self.cache.invalidate(identity)
+            self._forget(identity)
         return status
 
     async def verify_google_play(self, identity: Identity, purchase: GooglePlayPurchase) -> StoreVerification:
@@ -255,7 +321,7 @@ class BillingService:
             # What spend and give_back return is never used: only their effect and errors count.
             await self._guard(call, what, object)
         finally:
-            self.cache.invalidate(identity)
+            self._forget(identity)
 
     async def _give_back_after(self, spend: asyncio.Task[None], identity: Identity, key: str) -> None:
         """Give back what `spend` took, if it may have taken anything. `give_back` is a no-op for a

@@ -20,6 +20,7 @@ from .providers.base import CreditProvider, ProviderContext
 from .providers.registry import check_provider_class, create_provider
 from .routes import add_routes
 from .service import BillingService
+from .store.choose import change_feed_for
 from .throttle import LoginThrottle, StoreLoginThrottle
 
 
@@ -79,7 +80,8 @@ def setup_billing(
         )
     else:
         check_provider_class(type(provider), provider.name)
-    service = BillingService(config, provider, verifier)
+    database_url = config.database_url.get_secret_value() if config.database_url else None
+    service = BillingService(config, provider, verifier, change_feed_for(database_url, config.data_dir))
 
     app[SERVICE_KEY] = service
     app.cleanup_ctx.append(service.lifespan)
@@ -92,7 +94,9 @@ def setup_billing(
             shared = StoreLoginThrottle.from_config(config)
             app.cleanup_ctx.append(shared.lifespan)
             login_throttle = shared
-        add_auth_routes(app.router, config, verifier, authenticate, login_path, login_throttle)
+        add_auth_routes(
+            app.router, config, verifier, authenticate, login_path, login_throttle, service.revoke_everywhere
+        )
 
     public: set[Handler] = set()  # routes that need no token; add_routes fills it
     check = token_check(verifier, public)

@@ -26,6 +26,8 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path) -> None:
             str(out),
             "--no-readme",
             "--no-instructions",
+            "--changes",
+            "20",
         ],
         capture_output=True,
         text=True,
@@ -38,3 +40,4 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path) -> None:
         assert scenario in table
     assert "caused 100 backend calls" in table  # single-flight: one call per user in the burst
     assert "| 0 |" in table  # no request failed
+    assert "Two server processes sharing PostgreSQL" in table or "on PostgreSQL not measured" in table

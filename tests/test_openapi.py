@@ -27,7 +27,9 @@ from ciris_billing_proxy import (
     TransactionPage,
     setup_billing,
 )
+from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.openapi import openapi_document
+from ciris_billing_proxy.store.feed_sqlite import SQLiteChangeFeed
 from ciris_billing_proxy.testing import TokenFactory
 from ciris_billing_proxy.throttle import LoginAttempt
 from ciris_billing_proxy.tools.cli import main
@@ -72,6 +74,14 @@ class ThrottleDatabaseDown:
         raise ProviderUnavailable("database unavailable")
 
     async def succeeded(self, attempt: LoginAttempt) -> None:
+        raise ProviderUnavailable("database unavailable")
+
+
+class RevocationsDown(SQLiteChangeFeed):
+    """A change feed whose database cannot record a revocation (the real outage, through a cut
+    connection, is tests/test_freshness.py's)."""
+
+    async def revoke(self, digest: bytes, until: float) -> None:
         raise ProviderUnavailable("database unavailable")
 
 
@@ -371,6 +381,8 @@ scenario("refresh", 413)(
     lambda ctx: ctx.send("POST", REFRESH, headers=ctx.auth, json={"refresh_token": "x" * 9000})
 )
 scenario("refresh", 422)(lambda ctx: ctx.send("POST", REFRESH, headers=ctx.auth, json={"refresh_token": 5}))
+scenario("logout", 503, "revocations down")(lambda ctx: ctx.send("POST", LOGOUT, headers=ctx.auth))
+scenario("refresh", 503, "revocations down")(lambda ctx: ctx.send("POST", REFRESH, headers=ctx.auth))
 
 GOOGLE_PLAY, APP_STORE = f"{PREFIX}/google-play/verify", f"{PREFIX}/apple-storekit/verify"
 PLAY_PURCHASE = {"purchase_token": "tok-1", "product_id": "credits_100", "package_name": "ai.ciris"}
@@ -420,6 +432,8 @@ async def ctx(aiohttp_client: Any, tmp_path: Path, request: pytest.FixtureReques
         login_throttle=ThrottleDatabaseDown() if request.param == "throttle down" else None,
         environ={},
     )
+    if request.param == "revocations down":
+        app[SERVICE_KEY].feed = RevocationsDown(tmp_path / "changes.sqlite3")
     tokens = TokenFactory(config)
     return Ctx(await aiohttp_client(app), provider, tokens, tokens.headers("alice"))
 

@@ -1,9 +1,14 @@
-"""The engine a `database_url` names."""
+"""The engine a `database_url` names, and the change feed of a configuration."""
 
 from __future__ import annotations
 
-from ..database_url import DatabaseURL
+from pathlib import Path
+
+from ..database_url import DatabaseURL, parse_database_url
+from .changes import ChangeFeed
 from .engine import Engine
+from .feed_postgres import PostgresChangeFeed
+from .feed_sqlite import SQLiteChangeFeed
 from .postgres import PostgresDatabase
 from .sqlite import SQLiteDatabase
 
@@ -12,3 +17,19 @@ def engine_for(url: DatabaseURL) -> Engine:
     if url.dialect == "postgresql":
         return PostgresDatabase(url)
     return SQLiteDatabase(url.target)
+
+
+#: The change feed's file in the data directory when no `database_url` is set: every process of one
+#: data directory shares it.
+CHANGES_FILE = "changes.sqlite3"
+
+
+def change_feed_for(database_url: str | None, data_dir: Path) -> ChangeFeed:
+    """The feed on the database every process of the agent shares (`database_url`, validated by
+    `BillingConfig`), else on a file of the data directory."""
+    if database_url is None:
+        return SQLiteChangeFeed(data_dir / CHANGES_FILE)
+    url = parse_database_url(database_url)
+    if url.dialect == "postgresql":
+        return PostgresChangeFeed(url)
+    return SQLiteChangeFeed(url.target)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..config import ConfigError
 from ..database_url import parse_database_url
-from . import login_failures, payments, replays, usage
+from . import feed_postgres, feed_sqlite, login_failures, payments, replays, usage
 from .choose import engine_for
 from .engine import Migrated
 
@@ -18,12 +18,14 @@ SCHEMAS = {
         payments.SQLITE_SCHEMA,
         replays.SQLITE_SCHEMA,
         login_failures.SQLITE_SCHEMA,
+        feed_sqlite.SCHEMA,
     ),
     "postgresql": (
         usage.POSTGRES_SCHEMA,
         payments.POSTGRES_SCHEMA,
         replays.POSTGRES_SCHEMA,
         login_failures.POSTGRES_SCHEMA,
+        feed_postgres.SCHEMA,
     ),
 }
 

@@ -39,8 +39,9 @@ DATABASE_UNAVAILABLE: Final = "database unavailable"
 class PostgresDatabase(Engine):
     dialect = "postgresql"
 
-    def __init__(self, url: DatabaseURL) -> None:
+    def __init__(self, url: DatabaseURL, *, max_size: int = POOL_MAX_SIZE) -> None:
         self.url = url
+        self.max_size = max_size
         self._pool: asyncpg.Pool | None = None
 
     def describe(self) -> str:
@@ -56,7 +57,7 @@ class PostgresDatabase(Engine):
             # No floor: connections open on demand. A pool with one reconnects in the background
             # during an outage and logs every failed attempt with a traceback.
             min_size=0,
-            max_size=POOL_MAX_SIZE,
+            max_size=self.max_size,
             timeout=CONNECT_TIMEOUT_SECONDS,
             command_timeout=COMMAND_TIMEOUT_SECONDS,
             reset=_keep_session,

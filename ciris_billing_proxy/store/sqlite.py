@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ T = TypeVar("T")
 logger = logging.getLogger("ciris_billing_proxy")
 
 MEMORY = ":memory:"
+BUSY_TIMEOUT_MS = 5000
 
 
 @contextmanager
@@ -39,6 +41,20 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def _enter_wal(conn: sqlite3.Connection) -> str:
+    """Switch to WAL, retrying while the file is locked: when several processes open one new file
+    at once (workers starting together), SQLite may answer "database is locked" here at once,
+    without waiting in its busy handler, while another one is switching it."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 class SQLiteDatabase(Engine):
@@ -66,9 +82,9 @@ class SQLiteDatabase(Engine):
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         if self.path != MEMORY:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = _enter_wal(conn)
             if str(mode).lower() != "wal":
                 logger.warning(
                     "SQLite could not use WAL for %s (got %s): concurrent access may wait on locks",

@@ -7,12 +7,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing.connection
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -33,6 +34,7 @@ from .demo import (
 )
 from .qa import QAError, print_report, run_qa
 from .users import UserStore
+from .workers import Supervisor, reserve_port
 
 if TYPE_CHECKING:
     from ..testing.fake_backend import FakeBillingBackend
@@ -65,6 +67,16 @@ def _seconds(value: str) -> float:
     if not 0 < seconds <= 3600:
         raise argparse.ArgumentTypeError("must be more than 0 and at most 3600 seconds")
     return seconds
+
+
+def _workers(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= 64:
+        raise argparse.ArgumentTypeError("must be a whole number from 1 to 64")
+    return count
 
 
 def _port(value: str) -> int:
@@ -130,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="close a connection that has not sent a complete request head this long after it opened "
         f"or after its last response (default {DEFAULT_IDLE_TIMEOUT:g})",
+    )
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the port and the store (default 1); a worker that dies is "
+        "replaced, Ctrl-C or SIGTERM stops them all",
     )
     migrate_cmd = commands.add_parser(
         "migrate",
@@ -260,12 +280,59 @@ def _serve(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--user: {exc}") from None
     else:
         users, created = load_or_create_users(config.data_dir)
+    if args.workers > 1:
+        return _serve_workers(config, users, created, args)
     return asyncio.run(_start(config, users, created, args))
 
 
-async def _start(
+def _serve_workers(
     config: BillingConfig, users: UserStore, created: CreatedUser | None, args: argparse.Namespace
 ) -> int:
+    if args.fake_backend:
+        raise ConfigError("--fake-backend keeps its state in one process: it cannot run with --workers")
+    create_demo_app(config, users)  # every setting is checked once, here, before any worker starts
+    _announce_users(config, users, created, args)
+    try:
+        reserved = reserve_port(args.host, args.port)
+    except OSError as exc:
+        print(
+            f"ciris-billing-proxy: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr
+        )
+        return 1
+    with reserved:
+        port = reserved.getsockname()[1]
+
+        def worker(ready: multiprocessing.connection.Connection) -> int:
+            return _guarded(lambda: asyncio.run(_start(config, users, None, args, port=port, ready=ready)))
+
+        def listening() -> None:
+            _print_listening(config, [reserved.getsockname()], f"; {args.workers} worker processes")
+
+        return Supervisor(args.workers, worker).run(listening)
+
+
+def _guarded(run: Callable[[], int]) -> int:
+    """A worker's exit code, with `main`'s one-line errors."""
+    try:
+        return run()
+    except ConfigError as exc:
+        print(f"ciris-billing-proxy: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _start(
+    config: BillingConfig,
+    users: UserStore,
+    created: CreatedUser | None,
+    args: argparse.Namespace,
+    *,
+    port: int | None = None,
+    ready: multiprocessing.connection.Connection | None = None,
+) -> int:
+    """Serve one process; as a worker (`ready` given), on the reserved `port`, reporting on `ready`
+    once it listens, and announcing nothing (the parent does)."""
     fake: FakeBillingBackend | None = None
     environ: dict[str, str] | None = None
     if args.fake_backend:
@@ -285,20 +352,8 @@ async def _start(
         config = config.model_copy(update={"provider_options": options})
     try:
         app = create_demo_app(config, users, environ=environ, fake_backend=fake)
-        if created is not None:
-            # Saved only now that the app is valid, so a user is never kept whose password was not shown.
-            save_users(users, config.data_dir)
-            # Bare, not repr-quoted: the value is pasted into a shell or a login form as printed.
-            print(
-                f"Created demo user {created.username} with password {created.password}\n"
-                f"  (shown once; only its hash is kept in {config.data_dir})"
-            )
-        elif not args.user:
-            names = ", ".join(saved_usernames(config.data_dir)) or "none"
-            print(
-                f"Demo users: {names} (created earlier; password not shown again)\n"
-                f"  Lost it? Stop the server, {reset_users(config.data_dir)}"
-            )
+        if ready is None:
+            _announce_users(config, users, created, args)
         if fake is not None:
             print(
                 f"Fake CIRIS Billing backend on {fake.url} (state in memory, gone at exit)\n"
@@ -307,10 +362,30 @@ async def _start(
                 f"  app store purchases: any purchase token of 10+ characters succeeds once, one starting "
                 f"'invalid' is refused (README: Fake store tokens)"
             )
-        return await _run(make_runner(app, idle_timeout=args.idle_timeout), args.host, args.port, config)
+        runner = make_runner(app, idle_timeout=args.idle_timeout)
+        return await _run(runner, args.host, args.port if port is None else port, config, ready)
     finally:
         if fake is not None:
             await fake.stop()
+
+
+def _announce_users(
+    config: BillingConfig, users: UserStore, created: CreatedUser | None, args: argparse.Namespace
+) -> None:
+    if created is not None:
+        # Saved only now that the app is valid, so a user is never kept whose password was not shown.
+        save_users(users, config.data_dir)
+        # Bare, not repr-quoted: the value is pasted into a shell or a login form as printed.
+        print(
+            f"Created demo user {created.username} with password {created.password}\n"
+            f"  (shown once; only its hash is kept in {config.data_dir})"
+        )
+    elif not args.user:
+        names = ", ".join(saved_usernames(config.data_dir)) or "none"
+        print(
+            f"Demo users: {names} (created earlier; password not shown again)\n"
+            f"  Lost it? Stop the server, {reset_users(config.data_dir)}"
+        )
 
 
 def make_runner(app: web.Application, *, idle_timeout: float) -> web.AppRunner:
@@ -330,10 +405,16 @@ def make_runner(app: web.Application, *, idle_timeout: float) -> web.AppRunner:
     )
 
 
-async def _run(runner: web.AppRunner, host: str, port: int, config: BillingConfig) -> int:
+async def _run(
+    runner: web.AppRunner,
+    host: str,
+    port: int,
+    config: BillingConfig,
+    ready: multiprocessing.connection.Connection | None = None,
+) -> int:
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, reuse_port=ready is not None)
         try:
             await site.start()
         except OSError as exc:
@@ -342,18 +423,11 @@ async def _run(runner: web.AppRunner, host: str, port: int, config: BillingConfi
                 file=sys.stderr,
             )
             return 1
-        for address in runner.addresses:
-            bound_host, bound_port = address[0], address[1]
-            shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-            print(f"Listening on http://{shown}:{bound_port}")
-        records = ""
-        if config.database_url is not None:
-            records = f"; records in {parse_database_url(config.database_url.get_secret_value()).describe()}"
-        print(
-            f"Credit provider: {config.provider}; billing routes under {config.prefix}; "
-            f"data in {config.data_dir}{records}",
-            flush=True,
-        )
+        if ready is None:
+            _print_listening(config, runner.addresses)
+        else:
+            ready.send(True)
+            ready.close()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -362,3 +436,18 @@ async def _run(runner: web.AppRunner, host: str, port: int, config: BillingConfi
     finally:
         await runner.cleanup()
     return 0
+
+
+def _print_listening(config: BillingConfig, addresses: Sequence[Any], workers: str = "") -> None:
+    for address in addresses:
+        bound_host, bound_port = address[0], address[1]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        print(f"Listening on http://{shown}:{bound_port}")
+    records = ""
+    if config.database_url is not None:
+        records = f"; records in {parse_database_url(config.database_url.get_secret_value()).describe()}"
+    print(
+        f"Credit provider: {config.provider}; billing routes under {config.prefix}; "
+        f"data in {config.data_dir}{records}{workers}",
+        flush=True,
+    )

@@ -1,0 +1,197 @@
+"""The change feed: how every process sharing one database learns what changed elsewhere.
+
+A process publishes "this user's credit changed", "everyone's changed" and "this token is revoked";
+every other process on the database hears it and drops its cached entry, or refuses the token.
+PostgreSQL carries it with `LISTEN/NOTIFY` (`feed_postgres`), a SQLite file with a polled table
+(`feed_sqlite`). Revocations are also kept in a `revoked_tokens` table (a digest of the token, never
+the token, until its expiry), which a process loads when it starts and after its feed reconnects.
+
+Credit changes are published in the background, batched: a burst of spends costs one database
+round trip, not one each, and never delays the reply. A revocation is written before the logout is
+answered, so a logout that was answered 200 holds in every process.
+
+While a feed is down (its connection lost) it tells its listener, which must not trust its cache
+for long (`FEED_DOWN_MAX_AGE_SECONDS`); once it is back it reloads the revocations and tells the
+listener to start afresh, since what was published meanwhile was not heard.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import json
+import logging
+import secrets
+from collections.abc import Iterable
+from typing import Final, Protocol
+
+from ..errors import ProviderUnavailable
+
+logger = logging.getLogger("ciris_billing_proxy")
+
+#: Longest a cached entry may be served while the feed is down.
+FEED_DOWN_MAX_AGE_SECONDS: Final = 5.0
+#: Pending identities beyond this are published as "everyone changed": one message, same effect.
+MAX_PENDING: Final = 10_000
+#: Longest wait between attempts to publish, or to reconnect a lost feed.
+MAX_BACKOFF_SECONDS: Final = 2.0
+#: PostgreSQL refuses NOTIFY payloads of 8,000 bytes or more; batches are split below it.
+MAX_PAYLOAD: Final = 7_000
+#: How long changes gather before they are published: under load one round trip carries many, for
+#: a delay far below the 1 s freshness bound.
+GATHER_SECONDS: Final = 0.01
+
+IdentityKey = tuple[str, str]
+
+
+class ChangeListener(Protocol):
+    """What a process does with what it hears (the billing service implements it)."""
+
+    def identity_changed(self, key: IdentityKey) -> None: ...
+
+    def all_changed(self) -> None: ...
+
+    def token_revoked(self, digest: bytes, until: float) -> None: ...
+
+    def feed_down(self) -> None:
+        """The feed lost its connection: changes made elsewhere may go unheard until `feed_up`."""
+
+    def feed_up(self) -> None:
+        """The feed is back (revocations reloaded); anything cached meanwhile may be stale."""
+
+
+def encode(sender: str, identities: Iterable[IdentityKey], everyone: bool) -> list[str]:
+    """Payloads, each below `MAX_PAYLOAD`, carrying the changed identities (or "everyone"). Each
+    starts with its sender's id, so a process skips its own without decoding them."""
+    if everyone:
+        return [sender + json.dumps({"a": True})]
+    payloads: list[str] = []
+    batch: list[list[str]] = []
+    size = 0
+    for namespace, user_id in identities:
+        item = [namespace, user_id]
+        item_size = len(json.dumps(item)) + 1
+        if batch and size + item_size > MAX_PAYLOAD - 64:
+            payloads.append(sender + json.dumps({"i": batch}))
+            batch, size = [], 0
+        batch.append(item)
+        size += item_size
+    if batch:
+        payloads.append(sender + json.dumps({"i": batch}))
+    return payloads
+
+
+def encode_revocation(sender: str, digest: bytes, until: float) -> str:
+    return sender + json.dumps({"r": [digest.hex(), until]})
+
+
+def deliver(payload: str, me: str, listener: ChangeListener) -> None:
+    """Hand one payload to the listener; its own, and anything malformed, are ignored."""
+    if payload.startswith(me):
+        return
+    try:
+        message = json.loads(payload[len(me) :])
+        if message.get("a"):
+            listener.all_changed()
+        for namespace, user_id in message.get("i", ()):
+            listener.identity_changed((str(namespace), str(user_id)))
+        if "r" in message:
+            digest, until = message["r"]
+            listener.token_revoked(bytes.fromhex(digest), float(until))
+    except (ValueError, TypeError, AttributeError):
+        logger.warning("Ignored a malformed change notification")
+
+
+class ChangeFeed(abc.ABC):
+    """Publish changes made here; hear the ones made elsewhere (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.sender = secrets.token_hex(8)
+        self._pending: set[IdentityKey] = set()
+        self._everyone = False
+        self._wake = asyncio.Event()
+        self._publisher: asyncio.Task[None] | None = None
+        self._listener: ChangeListener | None = None
+
+    async def start(self, listener: ChangeListener) -> None:
+        """Open, bring the schema up to date, load unexpired revocations into `listener`, and start
+        hearing changes. `DatabaseUnavailable` when the database cannot be used."""
+        self._listener = listener
+        await self._open(listener)
+        self._publisher = asyncio.create_task(self._publish_forever())
+
+    async def stop(self) -> None:
+        """Publish what is pending (once, if it can), then stop."""
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            publisher.cancel()
+            await asyncio.gather(publisher, return_exceptions=True)
+            try:
+                await self._flush()
+            except ProviderUnavailable:
+                logger.warning("Could not publish the last credit changes at shutdown")
+        await self._close()
+
+    def changed(self, key: IdentityKey) -> None:
+        """This user's credit changed here: tell the other processes (in the background)."""
+        if len(self._pending) >= MAX_PENDING:
+            self._everyone = True
+            self._pending.clear()
+        elif not self._everyone:
+            self._pending.add(key)
+        self._wake.set()
+
+    def changed_all(self) -> None:
+        self._everyone = True
+        self._pending.clear()
+        self._wake.set()
+
+    @abc.abstractmethod
+    async def revoke(self, digest: bytes, until: float) -> None:
+        """Record a revoked token (its digest, kept until `until`) and tell every process;
+        `ProviderUnavailable` when the database cannot be reached."""
+
+    @abc.abstractmethod
+    async def _open(self, listener: ChangeListener) -> None: ...
+
+    @abc.abstractmethod
+    async def _close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _publish(self, payloads: list[str]) -> None:
+        """Send the payloads; `ProviderUnavailable` when the database cannot be reached."""
+
+    async def _publish_forever(self) -> None:
+        delay = 0.05
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(GATHER_SECONDS)
+            try:
+                await self._flush()
+            except ProviderUnavailable:
+                # Kept and sent with whatever comes next: the other processes' feeds are most
+                # likely down too, and then their caches keep entries only briefly anyway.
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+                continue
+            except Exception:
+                logger.exception("Publishing credit changes failed")
+                await asyncio.sleep(MAX_BACKOFF_SECONDS)
+                continue
+            delay = 0.05
+
+    async def _flush(self) -> None:
+        self._wake.clear()
+        pending, everyone = self._pending, self._everyone
+        if not pending and not everyone:
+            return
+        self._pending, self._everyone = set(), False
+        try:
+            await self._publish(encode(self.sender, pending, everyone))
+        except BaseException:
+            if everyone:
+                self.changed_all()
+            else:
+                for key in pending:
+                    self.changed(key)
+            raise
