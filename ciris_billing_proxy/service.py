@@ -288,13 +288,13 @@ class BillingService:
         self, identity: Identity, call: Awaitable[StoreVerification], what: str
     ) -> StoreVerification:
         """A store verification, run to its end even if the app goes away (it adds credit), and the
-        user's cached credit dropped once it succeeded, inside that run: a caller's cancellation
-        cannot skip it."""
+        user's cached credit dropped once it succeeded (here and, through the change feed, in every
+        process sharing the database), inside that run: a caller's cancellation cannot skip it."""
 
         async def verify_then_forget() -> StoreVerification:
             result = await self._guard(call, what, StoreVerification)
             if result.success:
-                self.cache.invalidate(identity)
+                self._forget(identity)
             return result
 
         return await asyncio.shield(self._track(verify_then_forget()))
