@@ -26,7 +26,7 @@ from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 
 from .ciris_helpers import INTERACT, agent_routes
 from .conftest import SECRET, ClientFactory, make_config
-from .default_paths import CREDITS, INITIATE, LOGOUT, STATUS
+from .default_paths import CREDITS, GOOGLE_PLAY, INITIATE, LOGOUT, STATUS
 from .postgres import TcpProxy, fetch
 from .test_auth_routes import authenticate, bearer, login
 
@@ -219,3 +219,23 @@ async def test_a_purchase_settled_through_one_app_reaches_the_others_cache(
         return bool(credits["credits_remaining"] > before["credits_remaining"])
 
     await eventually(paid_credit_on_b)
+
+
+async def test_a_store_purchase_verified_through_one_app_reaches_the_others_cache(
+    pg_url: str,
+    make_client: ClientFactory,
+    ciris_billing_config: BillingConfig,
+    ciris_fake_backend: FakeBillingBackend,
+) -> None:
+    config = BillingConfig.model_validate(ciris_billing_config.model_dump() | {"database_url": pg_url})
+    a, b = await make_client(config), await make_client(config)
+    bo = TokenFactory(config).headers("bo")
+    assert (await (await b.get(CREDITS, headers=bo)).json())["credits_remaining"] == 0  # cached on B now
+    purchase = {"purchase_token": "gp-freshness-1", "product_id": "credits_100", "package_name": "ai.ciris"}
+    verified = await (await a.post(GOOGLE_PLAY, json=purchase, headers=bo)).json()
+    assert verified["credits_added"] == 99
+
+    async def credited_on_b() -> bool:
+        return bool((await (await b.get(CREDITS, headers=bo)).json())["credits_remaining"] == 99)
+
+    await eventually(credited_on_b)
