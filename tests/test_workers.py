@@ -208,3 +208,18 @@ def test_a_worker_that_cannot_start_stops_the_rest_with_one_line(tmp_path: Path)
     assert result.stderr.startswith("ciris-billing-proxy: cannot use PostgreSQL agent@127.0.0.1:1/billing: ")
     assert result.stderr.count("\n") == 1
     assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_ctrl_c_stops_every_worker_without_replacing_one(tmp_path: Path) -> None:
+    # Ctrl-C in a terminal signals the whole process group; the workers may see it first.
+    with serve(["--workers", "2"], tmp_path, clean_env(CIRIS_JWT_SECRET=SECRET)) as server:
+        pids = workers_of(server.process.pid)
+        for pid in pids:
+            os.kill(pid, signal.SIGINT)
+        time.sleep(0.1)
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(30) == 0
+        assert server.process.stdout is not None
+        rest = server.process.stdout.read()
+    assert "starting a new one" not in rest, rest
+    assert not [pid for pid in pids if running(pid)]

@@ -46,6 +46,10 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
+#: How long a worker's exit waits for this process's own stop signal before counting as a death.
+SHUTDOWN_GRACE_SECONDS = 0.5
+
+
 @dataclass
 class _Worker:
     number: int
@@ -80,6 +84,10 @@ class Supervisor:
                     index = sentinels.index(sentinel)  # type: ignore[arg-type]
                     dead = workers[index]
                     dead.process.join()
+                    # Ctrl-C in a terminal reaches every worker and this process at once: a worker
+                    # that stopped because of it is the start of a shutdown, not a death to repair.
+                    if self._stop.wait(SHUTDOWN_GRACE_SECONDS):
+                        break
                     print(
                         f"ciris-billing-proxy: worker {dead.number} (pid {dead.process.pid}) "
                         f"{_how(dead.process.exitcode)}; starting a new one",
