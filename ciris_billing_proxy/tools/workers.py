@@ -46,7 +46,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-#: How long a worker's exit waits for this process's own stop signal before counting as a death.
+#: How long a worker's clean exit waits for this process's own stop signal before counting as a death.
 SHUTDOWN_GRACE_SECONDS = 0.5
 
 
@@ -85,8 +85,9 @@ class Supervisor:
                     dead = workers[index]
                     dead.process.join()
                     # Ctrl-C in a terminal reaches every worker and this process at once: a worker
-                    # that stopped because of it is the start of a shutdown, not a death to repair.
-                    if self._stop.wait(SHUTDOWN_GRACE_SECONDS):
+                    # that stopped cleanly because of it is the start of a shutdown, not a death to
+                    # repair. A crash or a kill is repaired at once.
+                    if dead.process.exitcode == 0 and self._stop.wait(SHUTDOWN_GRACE_SECONDS):
                         break
                     print(
                         f"ciris-billing-proxy: worker {dead.number} (pid {dead.process.pid}) "
