@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from ..database_url import DatabaseURL, parse_database_url
 from .changes import ChangeFeed
@@ -11,6 +13,23 @@ from .feed_postgres import PostgresChangeFeed
 from .feed_sqlite import SQLiteChangeFeed
 from .postgres import PostgresDatabase
 from .sqlite import SQLiteDatabase
+
+R = TypeVar("R")
+
+
+def for_engine(
+    engine: Engine,
+    what: str,
+    *,
+    sqlite: Callable[[SQLiteDatabase], R],
+    postgres: Callable[[PostgresDatabase], R],
+) -> R:
+    """The implementation of one kind of record for `engine` (each kind has one per engine)."""
+    if isinstance(engine, PostgresDatabase):
+        return postgres(engine)
+    if isinstance(engine, SQLiteDatabase):
+        return sqlite(engine)
+    raise TypeError(f"no {what} for the {engine.dialect} engine")
 
 
 def engine_for(url: DatabaseURL) -> Engine:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
+from .choose import for_engine
 from .engine import Engine, Migrated, Schema
 from .postgres import PostgresDatabase
 from .sqlite import SQLiteDatabase, transaction
@@ -88,11 +89,9 @@ class LoginFailures(abc.ABC):
 
 
 def login_failures(engine: Engine) -> LoginFailures:
-    if isinstance(engine, PostgresDatabase):
-        return PostgresLoginFailures(engine)
-    if isinstance(engine, SQLiteDatabase):
-        return SQLiteLoginFailures(engine)
-    raise TypeError(f"no login failure counters for the {engine.dialect} engine")
+    return for_engine(
+        engine, "login failure counters", sqlite=SQLiteLoginFailures, postgres=PostgresLoginFailures
+    )
 
 
 #: (kind, key) -> (count, window_end) of the live counters found.

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ..identity import Identity
+from .choose import for_engine
 from .engine import Engine, Migrated, Schema
 from .postgres import PostgresDatabase
 from .sqlite import SQLiteDatabase, transaction
@@ -117,11 +118,7 @@ class PaymentStore(abc.ABC):
 
 
 def payment_store(engine: Engine) -> PaymentStore:
-    if isinstance(engine, PostgresDatabase):
-        return PostgresPaymentStore(engine)
-    if isinstance(engine, SQLiteDatabase):
-        return SQLitePaymentStore(engine)
-    raise TypeError(f"no payment store for the {engine.dialect} engine")
+    return for_engine(engine, "payment store", sqlite=SQLitePaymentStore, postgres=PostgresPaymentStore)
 
 
 def _now() -> str:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
+from .choose import for_engine
 from .engine import Engine, Migrated, Schema
 from .postgres import PostgresDatabase
 from .sqlite import SQLiteDatabase, transaction
@@ -131,11 +132,7 @@ class ReplayStore(abc.ABC):
 
 
 def replay_store(engine: Engine) -> ReplayStore:
-    if isinstance(engine, PostgresDatabase):
-        return PostgresReplayStore(engine)
-    if isinstance(engine, SQLiteDatabase):
-        return SQLiteReplayStore(engine)
-    raise TypeError(f"no replay store for the {engine.dialect} engine")
+    return for_engine(engine, "replay store", sqlite=SQLiteReplayStore, postgres=PostgresReplayStore)
 
 
 def _slot_args(slot: Slot) -> tuple[str, str, str, str]:

@@ -12,6 +12,7 @@ import sqlite3
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from .choose import for_engine
 from .engine import Engine, Migrated, Schema
 from .postgres import PostgresDatabase
 from .sqlite import SQLiteDatabase, transaction
@@ -103,11 +104,7 @@ class UsageLedger(abc.ABC):
 
 
 def usage_ledger(engine: Engine) -> UsageLedger:
-    if isinstance(engine, PostgresDatabase):
-        return PostgresUsageLedger(engine)
-    if isinstance(engine, SQLiteDatabase):
-        return SQLiteUsageLedger(engine)
-    raise TypeError(f"no usage ledger for the {engine.dialect} engine")
+    return for_engine(engine, "usage ledger", sqlite=SQLiteUsageLedger, postgres=PostgresUsageLedger)
 
 
 def _now() -> str:
