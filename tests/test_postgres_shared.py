@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from ciris_billing_proxy import BillingConfig, Identity, ProviderContext
+from ciris_billing_proxy import BillingConfig, ProviderContext
 from ciris_billing_proxy.database_url import parse_database_url
 from ciris_billing_proxy.providers.ciris import CirisProvider
 from ciris_billing_proxy.providers.simple import SimpleProvider
@@ -19,6 +19,7 @@ from ciris_billing_proxy.store import PostgresDatabase, usage_ledger
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 from ciris_billing_proxy.testing.conformance import ProviderContract
 
+from . import test_conformance
 from .ciris_helpers import INTERACT, agent_routes
 from .conftest import ClientFactory, make_config
 from .default_paths import CREDITS, INITIATE, STATUS
@@ -130,8 +131,8 @@ class TestSimpleConformsOnPostgres(ProviderContract):
         await provider.stop()
 
 
-class TestCirisConformsOnPostgres(ProviderContract):
-    returns_free_uses = False
+class TestCirisConformsOnPostgres(test_conformance.TestCirisConforms):
+    """The same contract and hooks as on SQLite; only the provider's records move to PostgreSQL."""
 
     @pytest.fixture
     async def provider(
@@ -146,11 +147,3 @@ class TestCirisConformsOnPostgres(ProviderContract):
         await provider.start()
         yield provider
         await provider.stop()
-
-    async def add_paid_credit(self, provider: CirisProvider, identity: Identity, uses: int) -> None:
-        local = identity.namespace == "local"
-        external_id = f"{self.agent_id}:{identity.user_id}" if local else identity.user_id
-        self.fake.grant(f"oauth:{identity.namespace}", external_id, uses)
-
-    async def complete_payment(self, provider: CirisProvider, payment_id: str) -> None:
-        self.fake.confirm_payment(payment_id)
