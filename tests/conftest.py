@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from ciris_billing_proxy import BillingConfig, JWTConfig, setup_billing
+from ciris_billing_proxy import AuthenticatedUser, BillingConfig, JWTConfig, setup_billing
 from ciris_billing_proxy.providers.base import CreditProvider
 from ciris_billing_proxy.testing import TokenFactory
 
@@ -73,3 +74,19 @@ async def pg_url() -> AsyncIterator[str]:
     """A new database on the test PostgreSQL server (see tests/postgres.py), dropped afterwards."""
     async with fresh_database() as url:
         yield url
+
+
+class CountingAuthenticator:
+    """Two users, and a count of how often a password is checked at all. (No scrypt: the throttle
+    sits in front of whatever the host checks passwords with.)"""
+
+    def __init__(self) -> None:
+        self.passwords = {"ann": "correct horse", "bob": "battery staple"}
+        self.calls = 0
+
+    async def __call__(self, username: str, password: str) -> AuthenticatedUser | None:
+        self.calls += 1
+        expected = self.passwords.get(username)
+        if expected is None or not hmac.compare_digest(expected, password):
+            return None
+        return AuthenticatedUser(user_id=username)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from aiohttp.test_utils import TestClient
 from ciris_billing_proxy import AuthenticatedUser
 from ciris_billing_proxy.throttle import MemoryLoginThrottle
 
-from .conftest import ClientFactory, make_config
+from .conftest import ClientFactory, CountingAuthenticator, make_config
 from .default_paths import LOGIN
 
 LOCKED = {"detail": "Too many login attempts"}
@@ -30,22 +29,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class CountingAuthenticator:
-    """Two users, and a count of how often a password is checked at all. (No scrypt: the throttle
-    sits in front of whatever the host checks passwords with.)"""
-
-    def __init__(self) -> None:
-        self.passwords = {"ann": "correct horse", "bob": "battery staple"}
-        self.calls = 0
-
-    async def __call__(self, username: str, password: str) -> AuthenticatedUser | None:
-        self.calls += 1
-        expected = self.passwords.get(username)
-        if expected is None or not hmac.compare_digest(expected, password):
-            return None
-        return AuthenticatedUser(user_id=username)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ attempt reaches, however many arrive at once; and a database outage fails closed
 from __future__ import annotations
 
 import asyncio
-import hmac
 from pathlib import Path
 from typing import Any
 
@@ -14,33 +13,18 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
-from ciris_billing_proxy import AuthenticatedUser, BillingConfig
+from ciris_billing_proxy import BillingConfig
 from ciris_billing_proxy.database_url import parse_database_url
 from ciris_billing_proxy.store import PostgresDatabase, SQLiteDatabase
 from ciris_billing_proxy.store.engine import Engine
 from ciris_billing_proxy.store.login_failures import Counter, login_failures
 
-from .conftest import ClientFactory, make_config
+from .conftest import ClientFactory, CountingAuthenticator, make_config
 from .default_paths import LOGIN
 from .postgres import TcpProxy, fetch
 
 Client = TestClient[web.Request, web.Application]
 LOCKED = {"detail": "Too many login attempts"}
-
-
-class Users:
-    """Two users, and how often a password was checked at all."""
-
-    def __init__(self) -> None:
-        self.passwords = {"ann": "correct horse", "bob": "battery staple"}
-        self.calls = 0
-
-    async def __call__(self, username: str, password: str) -> AuthenticatedUser | None:
-        self.calls += 1
-        expected = self.passwords.get(username)
-        if expected is None or not hmac.compare_digest(expected, password):
-            return None
-        return AuthenticatedUser(user_id=username)
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -51,7 +35,9 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'shared.sqlite3'}"
 
 
-async def _pair(make_client: ClientFactory, config: BillingConfig, users: Users) -> tuple[Client, Client]:
+async def _pair(
+    make_client: ClientFactory, config: BillingConfig, users: CountingAuthenticator
+) -> tuple[Client, Client]:
     return (
         await make_client(config, authenticate=users),
         await make_client(config, authenticate=users),
@@ -65,7 +51,7 @@ async def _login(client: Client, username: str, password: str) -> Any:
 async def test_concurrent_failures_on_two_instances_lock_a_username_at_exactly_the_limit(
     database_url: str, make_client: ClientFactory, tmp_path: Path
 ) -> None:
-    users = Users()
+    users = CountingAuthenticator()
     config = make_config(tmp_path, database_url=database_url)
     a, b = await _pair(make_client, config, users)
     replies = await asyncio.gather(*(_login((a, b)[i % 2], "ann", "wrong") for i in range(30)))
@@ -82,7 +68,7 @@ async def test_concurrent_failures_on_two_instances_lock_a_username_at_exactly_t
 async def test_concurrent_failures_on_two_instances_lock_an_address_at_exactly_the_limit(
     database_url: str, make_client: ClientFactory, tmp_path: Path
 ) -> None:
-    users = Users()
+    users = CountingAuthenticator()
     config = make_config(tmp_path, database_url=database_url, login_max_failures_per_address=12)
     a, b = await _pair(make_client, config, users)
     replies = await asyncio.gather(*(_login((a, b)[i % 2], f"user{i}", "guess") for i in range(40)))
@@ -94,7 +80,7 @@ async def test_a_success_on_one_instance_clears_the_username_on_the_other(
     database_url: str, make_client: ClientFactory, tmp_path: Path
 ) -> None:
     config = make_config(tmp_path, database_url=database_url)
-    a, b = await _pair(make_client, config, Users())
+    a, b = await _pair(make_client, config, CountingAuthenticator())
     assert [(await _login(a, "ann", "wrong")).status for _ in range(4)] == [401] * 4
     assert (await _login(b, "ann", "correct horse")).status == 200
     assert [(await _login(b, "ann", "wrong")).status for _ in range(5)] == [401] * 5
@@ -104,7 +90,9 @@ async def test_a_success_on_one_instance_clears_the_username_on_the_other(
 async def test_the_counters_keep_no_username_in_the_clear(
     pg_url: str, make_client: ClientFactory, tmp_path: Path
 ) -> None:
-    client = await make_client(make_config(tmp_path, database_url=pg_url), authenticate=Users())
+    client = await make_client(
+        make_config(tmp_path, database_url=pg_url), authenticate=CountingAuthenticator()
+    )
     assert (await _login(client, "Ann.Example", "wrong")).status == 401
     rows = await fetch(pg_url, "SELECT kind, key, count FROM login_failures ORDER BY kind")
     assert [(kind, count) for kind, _key, count in rows] == [("address", 1), ("user", 1)]
@@ -118,7 +106,7 @@ async def test_a_database_outage_fails_login_closed_with_503_json(
     proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
     await proxy.start()
     try:
-        users = Users()
+        users = CountingAuthenticator()
         client = await make_client(
             make_config(tmp_path, database_url=proxy.url_for(pg_url)), authenticate=users
         )
