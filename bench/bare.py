@@ -28,7 +28,6 @@ CREDITS_JSON = {
     "plan_name": "free",
     "purchase_required": False,
     "purchase_options": None,
-    "reason": None,
 }
 
 

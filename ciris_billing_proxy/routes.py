@@ -226,8 +226,14 @@ class BillingRoutes:
         self._catch_all: list[web.AbstractResource] = []
 
     async def get_credits(self, request: web.Request) -> web.Response:
-        with self._as_user(request):
-            body = await self.service.credit_reply(request[VERIFIED_KEY][1])
+        identity = request[VERIFIED_KEY][1]
+        if self.service.provider.id_token_required and id_token_of(request) is None:
+            raise IdTokenRequired(MISSING)
+        # A hit calls no provider, so only a load needs the request's ID token made current.
+        body = self.service.cached_reply(identity)
+        if body is None:
+            with id_token_scope(request):
+                body = await self.service.credit_reply(identity)
         return web.Response(body=body, content_type="application/json")
 
     async def capabilities(self, request: web.Request) -> web.Response:

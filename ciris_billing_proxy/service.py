@@ -138,6 +138,12 @@ class BillingService:
         """The `/credits` JSON body, from the cache when fresh."""
         return (await self.cache.get(identity)).body
 
+    def cached_reply(self, identity: Identity) -> bytes | None:
+        """The `/credits` JSON body if the cache holds a fresh one, else None (then `credit_reply`
+        loads it): the hit, answered without a coroutine."""
+        entry = self.cache.peek(identity)
+        return None if entry is None else entry.body
+
     def capabilities(self) -> Capabilities:
         """What the provider declares it offers. Read on every call (a provider may change what it
         offers while running); a declaration that is not a bool is a provider bug, answered 503."""
