@@ -52,8 +52,8 @@ class CreditCache(Generic[V]):
         return len(self._entries)
 
     def peek(self, identity: Identity) -> V | None:
-        """The fresh cached value, or None (values are never None): the hit path, run on every cached request, so plain
-        calls only (no coroutine, nothing scheduled)."""
+        """The fresh cached value, or None (values are never None): the hit path, run on every
+        cached request, so plain calls only (no coroutine, nothing scheduled)."""
         key = identity.key
         entry = self._entries.get(key)
         if entry is None:
