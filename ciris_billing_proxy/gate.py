@@ -29,7 +29,7 @@ from .auth import identity_of_request
 from .errors import BillingError, IdTokenRequired, InsufficientCredit, client_gone, client_left, to_http
 from .id_token import MISSING, id_token_of, id_token_scope
 from .identity import Identity
-from .keys import SPEND_KEY, billing_service
+from .keys import SPEND_KEY, SPENT_STATUS_KEY, billing_service
 from .service import BillingService
 
 logger = logging.getLogger("ciris_billing_proxy")
@@ -42,7 +42,8 @@ def credit_gate(handler: Handler) -> Handler:
     and the client gets 402 (`insufficient_credit`), or 503 when the provider cannot answer. The use
     is taken before the handler runs and given back when it raises or answers with a 4xx/5xx. Roles
     in `gate_bypass_roles` pass free.
-    The key spent under is `request[SPEND_KEY]` (`ciris_billing_proxy.keys`). Needs
+    The key spent under is `request[SPEND_KEY]` (`ciris_billing_proxy.keys`), and the credit left
+    right after the spend `request[SPENT_STATUS_KEY]` when the provider tells it. Needs
     `setup_billing()` on the handler's application or one it is mounted in (`RuntimeError`
     otherwise).
     """
@@ -63,10 +64,12 @@ def credit_gate(handler: Handler) -> Handler:
         key = uuid.uuid4().hex
         try:
             with id_token_scope(request):
-                await service.spend(identity, key)
+                status = await service.spend(identity, key)
         except BillingError as exc:
             raise to_http(exc, gate=True) from None
         request[SPEND_KEY] = key
+        if status is not None:
+            request[SPENT_STATUS_KEY] = status
         try:
             response = await handler(request)
         except web.HTTPException as exc:

@@ -76,12 +76,13 @@ class SimpleProvider(CreditProvider):
             reason=None if remaining else NO_FREE_USES,
         )
 
-    async def spend(self, identity: Identity, idempotency_key: str) -> None:
-        spent = await self.ledger.spend(
+    async def spend(self, identity: Identity, idempotency_key: str) -> CreditStatus:
+        used = await self.ledger.spend_counted(
             identity.namespace, identity.user_id, idempotency_key, self.settings.free_uses
         )
-        if not spent:
+        if used is None:
             raise InsufficientCredit(NO_FREE_USES)
+        return self._status(used)
 
     async def give_back(self, identity: Identity, idempotency_key: str) -> None:
         await self.ledger.give_back(identity.namespace, identity.user_id, idempotency_key)

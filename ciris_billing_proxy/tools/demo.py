@@ -23,7 +23,7 @@ from ..bodies import expect_continue, read_model
 from ..config import BillingConfig, ConfigError
 from ..errors import error_middleware
 from ..gate import credit_gate
-from ..keys import billing_service
+from ..keys import SPENT_STATUS_KEY, billing_service
 from ..models import InteractReply, InteractRequest
 from ..routes import json_reply
 from ..setup import setup_billing
@@ -49,7 +49,8 @@ async def interact(request: web.Request) -> web.Response:
         request, InteractRequest, config.max_body_bytes, time_limit=config.body_timeout_seconds
     )
     identity = get_identity(request)
-    status = await service.credit_status(identity)
+    # What the gate's spend left, straight from its transaction; read only if the provider did not say.
+    status = request.get(SPENT_STATUS_KEY) or await service.credit_status(identity)
     return json_reply(
         InteractReply(
             reply=f"You said: {body.message}",
