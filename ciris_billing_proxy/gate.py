@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import uuid
+import os
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -61,7 +61,7 @@ def credit_gate(handler: Handler) -> Handler:
             return await handler(request)
         # Server-made, never client-supplied: a reusable client key would let a user replay it for
         # free interactions.
-        key = uuid.uuid4().hex
+        key = os.urandom(16).hex()
         try:
             with id_token_scope(request):
                 status = await service.spend(identity, key)
