@@ -1,10 +1,13 @@
 """The change feed on one SQLite file, for processes sharing a host (see `changes`).
 
 A change is a row of the `changes` table; each process polls for rows newer than the last it read.
-The poll is cheap when nothing changed, which is nearly always: every `POLL_SECONDS` the event loop
-asks a connection of its own for `PRAGMA data_version` (a counter SQLite bumps when another
-connection commits; it reads shared memory, no disk, no table), and only when that moved does the
-database thread read the new rows. Rows older than `KEEP_SECONDS` are pruned by the publishers.
+The poll is cheap when nothing changed, which is nearly always: every `POLL_SECONDS` a timer
+callback on the event loop (no task, nothing awaited) asks a connection of its own for
+`PRAGMA data_version` (a counter SQLite bumps when another connection commits; it reads shared
+memory, no disk, no table), and only when that moved does it read the new rows, on the same
+connection: a WAL reader never waits for writers, and the few new rows of a small, hot table cost
+less than a round trip through the database thread. Rows older than `KEEP_SECONDS` are pruned by
+the publishers.
 """
 
 from __future__ import annotations
@@ -50,7 +53,9 @@ class SQLiteChangeFeed(ChangeFeed):
         self._last_id = 0
         self._pruned_at = 0.0
         self._probe: sqlite3.Connection | None = None
-        self._poller: asyncio.Task[None] | None = None
+        self._poller: asyncio.TimerHandle | None = None
+        self._seen: object = None
+        self._down = False
 
     async def _open(self, listener: ChangeListener) -> None:
         await self.db.open()
@@ -66,41 +71,46 @@ class SQLiteChangeFeed(ChangeFeed):
         self._last_id, revoked = await self.db.run(load)
         for digest, until in revoked:
             listener.token_revoked(digest, until)
-        self._probe = sqlite3.connect(self.db.path, isolation_level=None, check_same_thread=False)
-        self._poller = asyncio.create_task(self._poll_forever(listener, self._probe))
+        self._probe = sqlite3.connect(self.db.path, isolation_level=None)
+        self._poller = asyncio.get_running_loop().call_later(POLL_SECONDS, self._poll, listener, self._probe)
 
     async def _close(self) -> None:
         poller, self._poller = self._poller, None
         if poller is not None:
             poller.cancel()
-            await asyncio.gather(poller, return_exceptions=True)
         probe, self._probe = self._probe, None
         if probe is not None:
             probe.close()
         await self.db.close()
 
-    async def _poll_forever(self, listener: ChangeListener, probe: sqlite3.Connection) -> None:
-        seen: object = None
-        down = False
-        while True:
-            await asyncio.sleep(POLL_SECONDS)
-            try:
-                version = probe.execute("PRAGMA data_version").fetchone()[0]
-                if version == seen:
-                    continue
-                payloads = await self.db.run(self._read_new)
-            except sqlite3.Error as exc:
-                if not down:
-                    logger.warning("Change feed unavailable (SQLite: %s)", type(exc).__name__)
-                    listener.feed_down()
-                    down = True
-                continue
-            if down:
-                listener.feed_up()
-                down = False
-            seen = version
-            for payload in payloads:
-                deliver(payload, self.sender, listener)
+    def _poll(self, listener: ChangeListener, probe: sqlite3.Connection) -> None:
+        """One look for changes, then the next one scheduled (until `_close` cancels it)."""
+        try:
+            self._look(listener, probe)
+        finally:
+            if self._poller is not None:
+                self._poller = asyncio.get_running_loop().call_later(
+                    POLL_SECONDS, self._poll, listener, probe
+                )
+
+    def _look(self, listener: ChangeListener, probe: sqlite3.Connection) -> None:
+        try:
+            version = probe.execute("PRAGMA data_version").fetchone()[0]
+            if version == self._seen:
+                return
+            payloads = self._read_new(probe)
+        except sqlite3.Error as exc:
+            if not self._down:
+                logger.warning("Change feed unavailable (SQLite: %s)", type(exc).__name__)
+                listener.feed_down()
+                self._down = True
+            return
+        if self._down:
+            listener.feed_up()
+            self._down = False
+        self._seen = version
+        for payload in payloads:
+            deliver(payload, self.sender, listener)
 
     def _read_new(self, conn: sqlite3.Connection) -> list[str]:
         rows = conn.execute(
