@@ -9,12 +9,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InsufficientCredit
 from ..identity import Identity
+from ..lru import LRU
 from ..models import CreditStatus, Transaction, TransactionPage
 from ..store import Engine, SQLiteDatabase, usage_ledger
 from .base import CreditProvider, ProviderContext
 
 NO_FREE_USES = "No free uses remaining"
 LEDGER_FILE = "simple-usage.sqlite3"
+#: Distinct use counts whose status is kept built.
+STATUSES_KEPT = 1024
 
 
 class SimpleSettings(BaseModel):
@@ -43,6 +46,9 @@ class SimpleProvider(CreditProvider):
     def __init__(self, settings: SimpleSettings | None = None, *, database: str | Path | Engine) -> None:
         self.settings = settings or SimpleSettings()
         self.ledger = usage_ledger(database if isinstance(database, Engine) else SQLiteDatabase(database))
+        # A status depends on the use count alone, and the models are frozen: built (and validated)
+        # once per count, then shared.
+        self._statuses: LRU[int, CreditStatus] = LRU(STATUSES_KEPT)
 
     @classmethod
     def from_context(cls, context: ProviderContext) -> Self:
@@ -64,6 +70,12 @@ class SimpleProvider(CreditProvider):
         return self._status(used)
 
     def _status(self, used: int) -> CreditStatus:
+        status = self._statuses.get(used)
+        if status is None:
+            status = self._statuses[used] = self._new_status(used)
+        return status
+
+    def _new_status(self, used: int) -> CreditStatus:
         remaining = max(self.settings.free_uses - used, 0)
         return CreditStatus(
             has_credit=remaining > 0,
