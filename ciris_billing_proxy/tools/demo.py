@@ -50,7 +50,9 @@ async def interact(request: web.Request) -> web.Response:
     )
     identity = get_identity(request)
     # What the gate's spend left, straight from its transaction; read only if the provider did not say.
-    status = request.get(SPENT_STATUS_KEY) or await service.credit_status(identity)
+    status = request.get(SPENT_STATUS_KEY)
+    if status is None:
+        status = await service.credit_status(identity)
     return json_reply(
         InteractReply(
             reply=f"You said: {body.message}",
