@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from .. import __version__
+from ..bad_requests import ServeRunner
 from ..config import BillingConfig, ConfigError, default_data_dir
 from ..database_url import parse_database_url
 from ..openapi import openapi_document
@@ -389,8 +390,9 @@ def _announce_users(
 
 
 def make_runner(app: web.Application, *, idle_timeout: float) -> web.AppRunner:
-    """The runner `serve` uses (tests serve their apps with the same one)."""
-    return web.AppRunner(
+    """The runner `serve` uses (tests serve their apps with the same one): requests aiohttp's parser
+    refuses get a JSON 400 and one log line without their bytes (`bad_requests`)."""
+    return ServeRunner(
         app,
         handle_signals=False,
         # A client that hangs up after sending its request still gets its interaction run, and pays
