@@ -33,6 +33,7 @@ from .operations import BEARER_ERRORS, BODY_ERRORS, EXPECT_FAILED, Operation
 from .paths import DEFAULT_LOGIN_PATH, DEFAULT_LOGOUT_PATH, DEFAULT_ME_PATH, DEFAULT_REFRESH_PATH
 from .routes import json_reply
 from .throttle import LoginThrottle, MemoryLoginThrottle
+from .token_limit import TokenIssueLimit
 
 #: What every signed-in user may do through this package; its own routes check nothing finer.
 USER_PERMISSIONS: Final = ("view_billing", "purchase_credits")
@@ -55,7 +56,8 @@ LOGIN: Final = Operation(
         400: "the body is empty or not JSON",
         401: "wrong username or password",
         417: EXPECT_FAILED,
-        429: "too many failed logins for this username or from this address; see `Retry-After`",
+        429: "too many failed logins for this username or from this address, or the user was given "
+        "`token_issue_max_per_user` new tokens within the window; see `Retry-After`",
         500: "the host's authenticator failed",
         503: "the database keeping the failed-login counters (`database_url`) is unavailable",
     },
@@ -83,7 +85,13 @@ REFRESH: Final = Operation(
     DEFAULT_REFRESH_PATH,
     "A new token for the presented one, which is revoked.",
     LoginReply,
-    {**BEARER_ERRORS, **BODY_ERRORS, **REVOCATION_UNAVAILABLE},
+    {
+        **BEARER_ERRORS,
+        **BODY_ERRORS,
+        **REVOCATION_UNAVAILABLE,
+        429: "the user was given `token_issue_max_per_user` new tokens within the window; see "
+        "`Retry-After` (the presented token stays valid)",
+    },
     "auth",
     body=RefreshRequest,
 )
@@ -107,9 +115,12 @@ Revoke = Callable[[str], Awaitable[None]]
 
 
 class SessionRoutes:
-    def __init__(self, verifier: TokenVerifier, config: BillingConfig, revoke: Revoke) -> None:
+    def __init__(
+        self, verifier: TokenVerifier, config: BillingConfig, revoke: Revoke, limit: TokenIssueLimit
+    ) -> None:
         self._verifier = verifier
         self._revoke = revoke
+        self._limit = limit
         self._bypass_roles = config.gate_bypass_roles
         self._body_timeout = config.body_timeout_seconds
 
@@ -132,7 +143,7 @@ class SessionRoutes:
         token, identity = self._caller(request)
         claims = _claims(token)
         extra: dict[str, Any] = {name: claims[name] for name in CARRIED_CLAIMS if name in claims}
-        reply = token_reply(self._verifier, identity.user_id, identity.role, identity.email, extra)
+        reply = token_reply(self._verifier, self._limit, identity.key, identity.role, identity.email, extra)
         await self._revoke(token)
         return reply
 
@@ -192,14 +203,12 @@ def add_auth_routes(
     """Login at `login_path`; logout, refresh and me beside it (`auth_paths`). Each is registered
     for every method, so that a wrong one is a JSON 405 too. `revoke` revokes a token everywhere."""
     paths = auth_paths(login_path)
+    # One count for both: login and refresh are the two ways to a new token.
+    limit = TokenIssueLimit.from_config(config)
     login = LoginRoute(
-        authenticate,
-        verifier,
-        throttle or MemoryLoginThrottle.from_config(config),
-        config.trusted_proxies,
-        config.body_timeout_seconds,
+        authenticate, verifier, throttle or MemoryLoginThrottle.from_config(config), limit, config
     )
-    sessions = SessionRoutes(verifier, config, revoke)
+    sessions = SessionRoutes(verifier, config, revoke, limit)
     authenticated = sessions.expect_authenticated
     router.add_route("*", paths[LOGIN], json_errors(login.login), expect_handler=expect_continue)
     router.add_route("*", paths[LOGOUT], json_errors(sessions.logout), expect_handler=authenticated)

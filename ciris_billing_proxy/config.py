@@ -124,6 +124,11 @@ class BillingConfig(BaseModel):
     login_max_failures_per_user: int = Field(default=5, ge=0, le=1_000_000)
     login_max_failures_per_address: int = Field(default=20, ge=0, le=1_000_000)
     login_failure_window_seconds: int = Field(default=900, ge=1, le=7 * 24 * 3600)
+    #: New tokens one user may get (login and refresh together) per window, in each process (0: no
+    #: limit); beyond it 429 with `Retry-After`. It bounds the revoked tokens kept (see
+    #: `token_limit`).
+    token_issue_max_per_user: int = Field(default=120, ge=0, le=1_000_000)
+    token_issue_window_seconds: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
     #: Reverse proxies whose `X-Forwarded-For` is believed (addresses or CIDR networks); none by default.
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
     #: Serve the billing UI kit (`{prefix}/ui/billing.js`, `billing.d.ts`) without a token.
@@ -245,6 +250,8 @@ ENV_VARS: Final[dict[str, tuple[str, str, str]]] = {
     "CIRIS_LOGIN_MAX_FAILURES_PER_USER": ("top", "login_max_failures_per_user", "int"),
     "CIRIS_LOGIN_MAX_FAILURES_PER_ADDRESS": ("top", "login_max_failures_per_address", "int"),
     "CIRIS_LOGIN_FAILURE_WINDOW_SECONDS": ("top", "login_failure_window_seconds", "int"),
+    "CIRIS_TOKEN_ISSUE_MAX_PER_USER": ("top", "token_issue_max_per_user", "int"),
+    "CIRIS_TOKEN_ISSUE_WINDOW_SECONDS": ("top", "token_issue_window_seconds", "int"),
     "CIRIS_TRUSTED_PROXIES": ("top", "trusted_proxies", "list"),
     "CIRIS_BILLING_SERVE_UI": ("top", "serve_ui", "bool"),
 }

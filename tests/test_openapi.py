@@ -381,6 +381,19 @@ scenario("refresh", 413)(
     lambda ctx: ctx.send("POST", REFRESH, headers=ctx.auth, json={"refresh_token": "x" * 9000})
 )
 scenario("refresh", 422)(lambda ctx: ctx.send("POST", REFRESH, headers=ctx.auth, json={"refresh_token": 5}))
+
+
+@scenario("refresh", 429)
+async def refreshed_too_often(ctx: Ctx) -> Reply:
+    headers = ctx.auth
+    for _ in range(200):  # the default limit is 120 new tokens per user and hour
+        reply = await ctx.send("POST", REFRESH, headers=headers)
+        if reply.status != 200:
+            return reply
+        headers = {"Authorization": f"Bearer {reply.body['access_token']}"}
+    raise AssertionError("refresh was never limited")
+
+
 scenario("logout", 503, "revocations down")(lambda ctx: ctx.send("POST", LOGOUT, headers=ctx.auth))
 scenario("refresh", 503, "revocations down")(lambda ctx: ctx.send("POST", REFRESH, headers=ctx.auth))
 

@@ -132,11 +132,15 @@ class SQLiteChangeFeed(ChangeFeed):
 
         def write(conn: sqlite3.Connection) -> None:
             with transaction(conn):
+                now = time.time()
                 conn.execute(
                     "INSERT OR IGNORE INTO revoked_tokens (digest, expires_at) VALUES (?, ?)",
                     (digest, until),
                 )
-                conn.execute("INSERT INTO changes (payload, at) VALUES (?, ?)", (payload, time.time()))
+                # Expired ones go here too (an index range): the table never holds more than the
+                # revocations of live tokens, whether or not credit changes are being published.
+                conn.execute("DELETE FROM revoked_tokens WHERE expires_at < ?", (now,))
+                conn.execute("INSERT INTO changes (payload, at) VALUES (?, ?)", (payload, now))
 
         await self._write(write)
 
