@@ -76,6 +76,10 @@ class TokenVerifier:
         self._revoked: set[bytes] = set()
         self._expiring: dict[int, list[bytes]] = {}
         self._next_sweep = math.inf
+        # Per-user token epochs: a token of the user issued (`iat`) before it is refused. Checked
+        # only when a token is decoded: moving an epoch drops the user's verified tokens, so a
+        # cached one is never older than its user's epoch.
+        self._epochs: dict[tuple[str, str], float] = {}
 
     @property
     def token_ttl_seconds(self) -> int:
@@ -138,6 +142,23 @@ class TokenVerifier:
             self._revoked.difference_update(self._expiring.pop(batch))
         self._next_sweep = min(self._expiring, default=math.inf) * REVOCATION_BATCH_SECONDS
 
+    def move_epoch(self, user: tuple[str, str], epoch: float) -> bool:
+        """Refuse every token of `user` (namespace, user id) issued before `epoch` (seconds since
+        the epoch), and any without an `iat`. An epoch never moves back; False when it would."""
+        if epoch <= self._epochs.get(user, -math.inf):
+            return False
+        self._epochs[user] = epoch
+        if self._verified is not None:
+            # A scan, but a rare one: each move needs a password change, an operator, or a
+            # logout everywhere with a fresh token (whose number `TokenIssueLimit` bounds).
+            stale = [digest for digest, identity in self._verified.items() if identity.key == user]
+            for digest in stale:
+                del self._verified[digest]
+        return True
+
+    def epoch_of(self, user: tuple[str, str]) -> float | None:
+        return self._epochs.get(user)
+
     @property
     def revocations_kept(self) -> int:
         """How many revoked tokens this verifier refuses (for operators and tests)."""
@@ -177,6 +198,13 @@ class TokenVerifier:
         exp = claims["exp"]
         if isinstance(exp, bool) or not isinstance(exp, int | float) or not abs(exp) < _MAX_EXP:
             raise AuthError("Invalid token")
+        if self._epochs:
+            epoch = self._epochs.get((namespace, sub))
+            if epoch is not None:
+                iat = claims.get("iat")
+                # No `iat`: nothing says the token is newer than the epoch, so it is not.
+                if isinstance(iat, bool) or not isinstance(iat, int | float) or iat < epoch:
+                    raise AuthError("Invalid token")
         return Identity(
             user_id=sub,
             namespace=namespace,

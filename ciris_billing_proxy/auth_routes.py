@@ -28,7 +28,7 @@ from .login import (
     require_method,
     token_reply,
 )
-from .models import LoginReply, LoginRequest, LogoutReply, RefreshRequest, UserInfoReply
+from .models import LoginReply, LoginRequest, LogoutReply, LogoutRequest, RefreshRequest, UserInfoReply
 from .operations import BEARER_ERRORS, BODY_ERRORS, EXPECT_FAILED, Operation
 from .paths import DEFAULT_LOGIN_PATH, DEFAULT_LOGOUT_PATH, DEFAULT_ME_PATH, DEFAULT_REFRESH_PATH
 from .routes import json_reply
@@ -74,10 +74,12 @@ LOGOUT: Final = Operation(
     "logout",
     "POST",
     DEFAULT_LOGOUT_PATH,
-    "Revoke the presented token, in every process sharing the store.",
+    'Revoke the presented token, in every process sharing the store; with `{"everywhere": true}`, '
+    "every token of its user issued until now (their other devices and sessions too).",
     LogoutReply,
-    {**BEARER_ERRORS, **REVOCATION_UNAVAILABLE},
+    {**BEARER_ERRORS, **BODY_ERRORS, **REVOCATION_UNAVAILABLE},
     "auth",
+    body=LogoutRequest,
 )
 REFRESH: Final = Operation(
     "refresh",
@@ -112,25 +114,42 @@ def auth_paths(login_path: str) -> dict[Operation, str]:
 
 #: Revokes a token in every process before returning (`BillingService.revoke_everywhere`).
 Revoke = Callable[[str], Awaitable[None]]
+#: Ends every session of a user in every process before returning (`BillingService.end_sessions`).
+EndSessions = Callable[[tuple[str, str]], Awaitable[None]]
 
 
 class SessionRoutes:
     def __init__(
-        self, verifier: TokenVerifier, config: BillingConfig, revoke: Revoke, limit: TokenIssueLimit
+        self,
+        verifier: TokenVerifier,
+        config: BillingConfig,
+        revoke: Revoke,
+        end_sessions: EndSessions,
+        limit: TokenIssueLimit,
     ) -> None:
         self._verifier = verifier
         self._revoke = revoke
+        self._end_sessions = end_sessions
         self._limit = limit
         self._bypass_roles = config.gate_bypass_roles
         self._body_timeout = config.body_timeout_seconds
 
     async def logout(self, request: web.Request) -> web.Response:
-        """Revoke exactly the presented token, in every process before answering (503 when the
-        database cannot record it). 200 with a JSON object rather than 204: older CIRIS SDKs parse
-        every success reply as JSON."""
+        """Revoke exactly the presented token, or with `{"everywhere": true}` every token of its
+        user issued until now, in every process before answering (503 when the database cannot
+        record it). 200 with a JSON object rather than 204: older CIRIS SDKs parse every success
+        reply as JSON."""
         require_method(request, LOGOUT.method)
-        token, _identity = self._caller(request)
-        await self._revoke(token)
+        self._caller(request)
+        body = await read_model(
+            request, LogoutRequest, MAX_LOGIN_BODY, time_limit=self._body_timeout, empty_ok=True
+        )
+        # Checked again: another logout may have landed while the body was read.
+        token, identity = self._caller(request)
+        if body.everywhere:
+            await self._end_sessions(identity.key)
+        else:
+            await self._revoke(token)
         return json_reply(LogoutReply())
 
     async def refresh(self, request: web.Request) -> web.Response:
@@ -199,16 +218,18 @@ def add_auth_routes(
     login_path: str,
     throttle: LoginThrottle | None,
     revoke: Revoke,
+    end_sessions: EndSessions,
 ) -> None:
     """Login at `login_path`; logout, refresh and me beside it (`auth_paths`). Each is registered
-    for every method, so that a wrong one is a JSON 405 too. `revoke` revokes a token everywhere."""
+    for every method, so that a wrong one is a JSON 405 too. `revoke` revokes a token everywhere,
+    `end_sessions` every token of a user."""
     paths = auth_paths(login_path)
     # One count for both: login and refresh are the two ways to a new token.
     limit = TokenIssueLimit.from_config(config)
     login = LoginRoute(
         authenticate, verifier, throttle or MemoryLoginThrottle.from_config(config), limit, config
     )
-    sessions = SessionRoutes(verifier, config, revoke, limit)
+    sessions = SessionRoutes(verifier, config, revoke, end_sessions, limit)
     authenticated = sessions.expect_authenticated
     router.add_route("*", paths[LOGIN], json_errors(login.login), expect_handler=expect_continue)
     router.add_route("*", paths[LOGOUT], json_errors(sessions.logout), expect_handler=authenticated)

@@ -221,9 +221,12 @@ class BillingClient:
         self.token = reply.access_token
         return reply
 
-    async def logout(self) -> None:
-        """Revoke the current token on the agent, and forget it."""
-        await self.request("POST", DEFAULT_LOGOUT_PATH)
+    async def logout(self, *, everywhere: bool = False) -> None:
+        """Revoke the current token on the agent, and forget it; with `everywhere=True`, every
+        token of the user issued until now (their other sessions and devices too)."""
+        await self.request(
+            "POST", DEFAULT_LOGOUT_PATH, json_body={"everywhere": True} if everywhere else None
+        )
         self.token = None
 
     async def refresh(self) -> LoginReply:

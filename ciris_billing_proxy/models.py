@@ -246,6 +246,13 @@ class RefreshRequest(_Request):
     refresh_token: str | None = Field(default=None, max_length=4096)
 
 
+class LogoutRequest(_Request):
+    """`POST /v1/auth/logout` body: empty or `{}` to revoke the presented token; `{"everywhere":
+    true}` to end every session of its user (all their tokens issued until now)."""
+
+    everywhere: bool = False
+
+
 class LogoutReply(_Reply):
     status: Literal["logged_out"] = "logged_out"
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -70,6 +72,8 @@ class BillingService:
       everyone's), in every process sharing the database;
     * `revoke_token(token)`: refuse a bearer token from now on, here at once and in every other
       process in the background; `await revoke_everywhere(token)` returns once every process will;
+    * `await end_sessions((namespace, user_id))`: refuse every token of that user issued until now
+      (a logout everywhere, a new password), in every process;
     * `provider`, `config`: what it was built with.
 
     With a change feed (`setup_billing` gives it one on the configured database), every change
@@ -185,6 +189,21 @@ class BillingService:
         if revoked is not None and self.feed is not None:
             await asyncio.shield(self._track(self.feed.revoke(*revoked)))
 
+    async def end_sessions(self, user: IdentityKey) -> None:
+        """Refuse every token of `user` (namespace, user id) issued until now, and any without an
+        `iat`: here at once, and returns once it is recorded for every process
+        (`ProviderUnavailable` when the database cannot be reached: refused here only).
+
+        The epoch is the next whole second, and this returns once it has come: `iat` counts whole
+        seconds, so a token issued in this second is void too, and one issued after this returns
+        is not."""
+        epoch = float(math.floor(time.time()) + 1)
+        self.verifier.move_epoch(user, epoch)
+        logger.info("Ended every session of user %s (identity namespace %s)", user[1], user[0])
+        if self.feed is not None:
+            await asyncio.shield(self._track(self.feed.move_epoch(user, epoch)))
+        await asyncio.sleep(max(epoch - time.time(), 0.0))
+
     async def _share_revocation(self, digest: bytes, until: float) -> None:
         assert self.feed is not None
         try:
@@ -215,6 +234,9 @@ class BillingService:
 
     def token_revoked(self, digest: bytes, until: float) -> None:
         self.verifier.revoke_digest(digest, until)
+
+    def epoch_moved(self, key: IdentityKey, epoch: float) -> None:
+        self.verifier.move_epoch(key, epoch)
 
     def feed_down(self) -> None:
         self.cache.limit_lifetime(min(FEED_DOWN_MAX_AGE_SECONDS, self.config.cache_ttl_seconds))

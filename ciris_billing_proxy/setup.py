@@ -95,7 +95,14 @@ def setup_billing(
             app.cleanup_ctx.append(shared.lifespan)
             login_throttle = shared
         add_auth_routes(
-            app.router, config, verifier, authenticate, login_path, login_throttle, service.revoke_everywhere
+            app.router,
+            config,
+            verifier,
+            authenticate,
+            login_path,
+            login_throttle,
+            service.revoke_everywhere,
+            service.end_sessions,
         )
 
     public: set[Handler] = set()  # routes that need no token; add_routes fills it

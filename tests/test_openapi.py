@@ -373,6 +373,10 @@ async def locked_out(ctx: Ctx) -> Reply:
 
 
 scenario("logout", 200)(lambda ctx: ctx.send("POST", LOGOUT, headers=ctx.auth))
+scenario("logout", 400)(lambda ctx: ctx.send("POST", LOGOUT, headers=ctx.auth, data=b"nope"))
+scenario("logout", 408)(lambda ctx: ctx.late_body(LOGOUT, ctx.bearer()))
+scenario("logout", 413)(lambda ctx: ctx.send("POST", LOGOUT, headers=ctx.auth, json={"pad": "x" * 9000}))
+scenario("logout", 422)(lambda ctx: ctx.send("POST", LOGOUT, headers=ctx.auth, json={"everywhere": "all"}))
 scenario("me", 200)(lambda ctx: ctx.send("GET", ME, headers=ctx.auth))
 scenario("refresh", 200)(lambda ctx: ctx.send("POST", REFRESH, headers=ctx.auth))
 scenario("refresh", 400)(lambda ctx: ctx.send("POST", REFRESH, headers=ctx.auth, data=b"nope"))

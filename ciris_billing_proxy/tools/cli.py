@@ -1,17 +1,20 @@
 """`ciris-billing-proxy serve` runs the demo agent; `ciris-billing-proxy qa` checks any agent;
-`ciris-billing-proxy migrate` brings a database's schemas up to date; `ciris-billing-proxy openapi`
-prints the API description."""
+`ciris-billing-proxy migrate` brings a database's schemas up to date; `ciris-billing-proxy users
+logout NAME` ends every session of a user; `ciris-billing-proxy openapi` prints the API description."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import math
 import multiprocessing.connection
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +24,10 @@ from .. import __version__
 from ..bad_requests import ServeRunner
 from ..config import BillingConfig, ConfigError, default_data_dir
 from ..database_url import parse_database_url
+from ..errors import ProviderUnavailable
 from ..openapi import openapi_document
 from ..paths import DEFAULT_LOGIN_PATH, DEFAULT_PREFIX
+from ..store.choose import change_feed_for
 from ..store.migrate import migrate
 from .demo import (
     CreatedUser,
@@ -34,7 +39,7 @@ from .demo import (
     saved_usernames,
 )
 from .qa import QAError, print_report, run_qa
-from .users import UserStore
+from .users import UserStore, end_sessions_of_new_passwords
 from .workers import Supervisor, reserve_port
 
 if TYPE_CHECKING:
@@ -183,6 +188,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     qa.add_argument("--json", action="store_true", help="print a machine-readable report")
     qa.add_argument("--timeout", type=_seconds, default=30.0, help="seconds per request (default 30)")
+    users_cmd = commands.add_parser(
+        "users",
+        help="manage the sessions of users",
+        description="Act on users' sessions in the store every process of the agent shares.",
+    )
+    users_actions = users_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    logout = users_actions.add_parser(
+        "logout",
+        help="end every session of a user",
+        description="Refuse every token of NAME issued until now (and any without an `iat` claim), in "
+        "every process on the store within a second; the user signs in again. Exits 0 once recorded, "
+        "2 when the store cannot be used.",
+    )
+    logout.add_argument("name", metavar="NAME", help="the user id (a token's `sub`)")
+    logout.add_argument(
+        "--namespace",
+        default=os.environ.get("CIRIS_IDENTITY_NAMESPACE") or "local",
+        help="the user's identity namespace (default: CIRIS_IDENTITY_NAMESPACE, else local)",
+    )
+    logout.add_argument("--data-dir", type=Path, default=None, help="the agent's data directory")
+    logout.add_argument(
+        "--database-url",
+        default=None,
+        metavar="URL",
+        help="the agent's store (default: CIRIS_BILLING_DATABASE_URL, else the data directory's files)",
+    )
     openapi = commands.add_parser(
         "openapi",
         help="print the API's OpenAPI 3.1 document (what {prefix}/openapi.json serves)",
@@ -216,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             print(asyncio.run(migrate(args.database_url)))
             return 0
+        if args.command == "users":
+            return asyncio.run(_logout_user(args))
         return _serve(args)
     except ConfigError as exc:
         print(f"ciris-billing-proxy: {exc}", file=sys.stderr)
@@ -253,6 +286,27 @@ def _qa(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+async def _logout_user(args: argparse.Namespace) -> int:
+    database_url = args.database_url or os.environ.get("CIRIS_BILLING_DATABASE_URL") or None
+    if database_url is not None:
+        parse_database_url(database_url)  # a ConfigError naming what is wrong, never the password
+    data_dir = args.data_dir or Path(os.environ.get("CIRIS_BILLING_DATA_DIR") or default_data_dir())
+    feed = change_feed_for(database_url, data_dir)
+    user = (args.namespace, args.name)
+    await feed.open_store()
+    try:
+        epoch = float(math.floor(time.time()) + 1)
+        await feed.move_epoch(user, epoch)
+    except ProviderUnavailable:
+        raise ConfigError("the store cannot be reached; nothing was changed") from None
+    finally:
+        await feed.close_store()
+    await asyncio.sleep(max(epoch - time.time(), 0.0))
+    shown = datetime.fromtimestamp(epoch, UTC).isoformat()
+    print(f"Ended every session of {args.name} ({args.namespace}): tokens issued before {shown} are refused")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or Path(os.environ.get("CIRIS_BILLING_DATA_DIR") or default_data_dir())
     overrides: dict[str, object] = {"data_dir": data_dir}
@@ -281,9 +335,21 @@ def _serve(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--user: {exc}") from None
     else:
         users, created = load_or_create_users(config.data_dir)
+    _end_sessions_of_new_passwords(config, users)
     if args.workers > 1:
         return _serve_workers(config, users, created, args)
     return asyncio.run(_start(config, users, created, args))
+
+
+def _end_sessions_of_new_passwords(config: BillingConfig, users: UserStore) -> None:
+    """Every source of users goes through here once, before any process serves: a user whose
+    password changed since the last start loses the sessions of the old one (`tools.users`)."""
+    database_url = config.database_url.get_secret_value() if config.database_url else None
+    feed = change_feed_for(database_url, config.data_dir)
+    try:
+        asyncio.run(end_sessions_of_new_passwords(users, feed, config.identity_namespace))
+    except ProviderUnavailable:
+        raise ConfigError("the store keeping sessions cannot be reached") from None
 
 
 def _serve_workers(
