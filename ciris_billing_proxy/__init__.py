@@ -16,6 +16,7 @@ from .errors import (
     InvalidRequest,
     PaymentNotFound,
     ProviderUnavailable,
+    TooManyRequests,
     error_middleware,
 )
 from .gate import credit_gate
@@ -67,6 +68,7 @@ __all__ = [
     "PurchaseOptions",
     "PurchaseStatus",
     "StoreVerification",
+    "TooManyRequests",
     "Transaction",
     "TransactionPage",
     "__version__",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -77,6 +78,15 @@ class InsufficientCredit(BillingError):
         self.reason = reason
 
 
+class TooManyRequests(BillingError):
+    """The user asked for this too often; `retry_after` seconds until they may again (a 429)."""
+
+    def __init__(self, detail: str, retry_after: float) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after = retry_after
+
+
 class HTTPJSONError(web.HTTPException):
     """An HTTP error whose body is `{"detail": ...}`; the status is chosen per instance."""
 
@@ -113,6 +123,8 @@ def to_http(exc: BillingError, *, gate: bool = False) -> HTTPJSONError:
         return http_error(400, exc.detail)
     if isinstance(exc, IdTokenRequired):
         return http_error(401, exc.detail)
+    if isinstance(exc, TooManyRequests):
+        return http_error(429, exc.detail, {"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
     return http_error(503, CREDIT_PROVIDER_UNAVAILABLE if gate else BILLING_UNAVAILABLE)
 
 

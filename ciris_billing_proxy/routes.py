@@ -116,6 +116,8 @@ INITIATE: Final = Operation(
         400: "the body is not JSON, a bad `Idempotency-Key`, or the provider refused the purchase "
         "(e.g. no email address on the account)",
         403: SELLING,
+        429: "the user started the provider's limit of new purchases within its window (`ciris`: "
+        "`purchase_max_per_user`); see `Retry-After`",
         503: PROVIDER_FAILED,
     },
     "billing",

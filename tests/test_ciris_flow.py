@@ -439,8 +439,13 @@ async def test_failed_interactions_never_turn_free_uses_into_paid_credits(
 
 
 async def test_succeeded_waits_for_this_payments_own_credit(
-    ciris_client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
+    make_client: ClientFactory,
+    ciris_billing_config: BillingConfig,
+    ciris_fake_backend: FakeBillingBackend,
+    ciris_tokens: TokenFactory,
 ) -> None:
+    # Without the double-click window, so that the second key starts a second payment.
+    ciris_client = await make_client(with_options(ciris_billing_config, purchase_reuse_seconds=0))
     auth = ciris_tokens.headers("two", email="two@example.com")
     first = await (
         await ciris_client.post(INITIATE, json={}, headers={**auth, "Idempotency-Key": "a"})

@@ -24,6 +24,7 @@ from ciris_billing_proxy import (
     Identity,
     InvalidRequest,
     ProviderUnavailable,
+    TooManyRequests,
     TransactionPage,
     setup_billing,
 )
@@ -287,6 +288,11 @@ scenario("initiatePurchase", 422)(
 )
 scenario("initiatePurchase", 503)(
     lambda ctx: failing(ctx, ProviderUnavailable()).send("POST", INITIATE, headers=ctx.auth)
+)
+scenario("initiatePurchase", 429)(
+    lambda ctx: failing(ctx, TooManyRequests("Too many purchases started; try again later", 60)).send(
+        "POST", INITIATE, headers=ctx.auth
+    )
 )
 
 

@@ -34,6 +34,8 @@ ENV_VARS: Final = {
     "CIRIS_BILLING_MAX_RETRIES": "max_retries",
     "CIRIS_BILLING_CREDIT_WAIT_SECONDS": "credit_wait_seconds",
     "CIRIS_BILLING_PURCHASE_REUSE_SECONDS": "purchase_reuse_seconds",
+    "CIRIS_BILLING_PURCHASE_MAX_PER_USER": "purchase_max_per_user",
+    "CIRIS_BILLING_PURCHASE_WINDOW_SECONDS": "purchase_window_seconds",
     "CIRIS_BILLING_DATABASE": "database",
     "CIRIS_BILLING_AUTH_MODE": "auth_mode",
 }
@@ -83,6 +85,10 @@ class CirisSettings(BaseModel):
     credit_wait_seconds: float = Field(default=120.0, gt=0, le=86_400)
     #: A purchase started by the same user this recently is returned again instead of a new one.
     purchase_reuse_seconds: float = Field(default=10.0, ge=0, le=3600)
+    #: New PaymentIntents one user may start per `purchase_window_seconds` (0: no limit); beyond it
+    #: initiate answers 429 with `Retry-After`. Replays (a key's, a double click's) do not count.
+    purchase_max_per_user: int = Field(default=10, ge=0, le=100_000)
+    purchase_window_seconds: float = Field(default=3600.0, gt=0, le=7 * 86_400)
     #: How long after it was sent a charge is waited for in the backend's listing before a failed
     #: interaction's refund concludes it never landed: the backend finishes requests whose client
     #: went away (behind a proxy timeout of 60 s), so a charge whose reply was lost can land late.
