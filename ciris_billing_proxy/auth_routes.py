@@ -130,6 +130,13 @@ class SessionRoutes:
         self._verifier = verifier
         self._revoke = revoke
         self._end_sessions = end_sessions
+        # Logouts are counted like new tokens: tokens issued elsewhere (another login, an identity
+        # provider) escape the count of `limit`, and each revocation is kept until its token
+        # expires. Past the count, a logout ends every session of the user instead: the same for
+        # the token logged out, one entry for the user.
+        self._revocations = TokenIssueLimit(
+            config.token_issue_max_per_user, config.token_issue_window_seconds
+        )
         self._limit = limit
         self._bypass_roles = config.gate_bypass_roles
         self._body_timeout = config.body_timeout_seconds
@@ -146,7 +153,7 @@ class SessionRoutes:
         )
         # Checked again: another logout may have landed while the body was read.
         token, identity = self._caller(request)
-        if body.everywhere:
+        if body.everywhere or self._revocations.take(identity.key) is not None:
             await self._end_sessions(identity.key)
         else:
             await self._revoke(token)

@@ -179,3 +179,21 @@ async def test_bytes_per_revocation_in_the_postgres_store(pg_url: str) -> None:
     per_row = size / 5_000
     print(f"PostgreSQL bytes per revoked_tokens row (table and indexes): {per_row:.0f}")
     assert per_row < 200
+
+
+async def test_logouts_beyond_the_limit_end_every_session_instead_of_growing_memory(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
+    """Tokens issued elsewhere are not counted by the token limit; their logouts are."""
+    config = make_config(tmp_path, token_issue_max_per_user=2)
+    client = await make_client(config, authenticate=authenticate)
+    elsewhere = TokenFactory(config)
+    tokens = [elsewhere.token("ann", ttl=600 + n) for n in range(4)]
+    for token in tokens[:2]:
+        assert (await client.post(LOGOUT, headers=bearer(token))).status == 200
+    assert (await client.get(CREDITS, headers=bearer(tokens[3]))).status == 200
+    assert (await client.post(LOGOUT, headers=bearer(tokens[2]))).status == 200  # the third: everywhere
+    for token in tokens:
+        assert (await client.get(CREDITS, headers=bearer(token))).status == 401
+    assert client.app[SERVICE_KEY].verifier.revocations_kept == 2
+    assert (await client.get(CREDITS, headers=elsewhere.headers("bob"))).status == 200
