@@ -2,12 +2,14 @@
 
 * Ownership: each payment started is recorded with its owner in the `PaymentStore`, because the
   backend does not check who asks about a payment.
-* Starting: an `Idempotency-Key` replays the same user's reply for a day; without one, a click
-  within `purchase_reuse_seconds` gets the user's latest payment back, but only while it still
-  awaits payment. Both replies are kept in the `ReplayStore`, sealed (they carry the Stripe client
-  secret), so every process sharing the database replays them; and a purchase is started only under
-  the store's claim on its slot, so simultaneous initiates of one user on any number of processes
-  (same key, or both without one) make one PaymentIntent. Within a process they share one task.
+* Starting: an `Idempotency-Key` replays the same user's reply for a day. A new key, or none, gets
+  the user's latest payment back within `purchase_reuse_seconds`, but only while it still awaits
+  payment; else a new one. Replies are kept in the `ReplayStore`, sealed (they carry the Stripe
+  client secret), so every process sharing the database replays them. Every new PaymentIntent of a
+  user is made under the store's one claim on the user's latest slot (a key's answer under the key's
+  claim first), so simultaneous initiates of one user on any number of processes, with any keys,
+  make one PaymentIntent at a time, and at most `purchase_max_per_user` per window. Within a process
+  initiates with the same key (or none) share one task.
 * Status: Stripe's `succeeded` is `processing` until the webhook's credit for *this* payment shows.
 """
 
