@@ -142,11 +142,11 @@ class TokenVerifier:
             self._revoked.difference_update(self._expiring.pop(batch))
         self._next_sweep = min(self._expiring, default=math.inf) * REVOCATION_BATCH_SECONDS
 
-    def move_epoch(self, user: tuple[str, str], epoch: float) -> bool:
+    def move_epoch(self, user: tuple[str, str], epoch: float) -> None:
         """Refuse every token of `user` (namespace, user id) issued before `epoch` (seconds since
-        the epoch), and any without an `iat`. An epoch never moves back; False when it would."""
+        the epoch), and any without an `iat`. An epoch never moves back."""
         if epoch <= self._epochs.get(user, -math.inf):
-            return False
+            return
         self._epochs[user] = epoch
         if self._verified is not None:
             # A scan, but a rare one: each move needs a password change, an operator, or a
@@ -154,10 +154,6 @@ class TokenVerifier:
             stale = [digest for digest, identity in self._verified.items() if identity.key == user]
             for digest in stale:
                 del self._verified[digest]
-        return True
-
-    def epoch_of(self, user: tuple[str, str]) -> float | None:
-        return self._epochs.get(user)
 
     @property
     def revocations_kept(self) -> int:
