@@ -34,6 +34,8 @@ from .models import (
     Transaction,
     TransactionPage,
 )
+from .ops.health import Health, add_health_routes
+from .ops.metrics import BillingCollector, add_metrics_route, metrics_text
 from .providers.base import CreditProvider, ProviderContext
 from .service import BillingService
 from .setup import setup_billing
@@ -44,6 +46,7 @@ __all__ = [
     "AppStorePurchase",
     "AuthenticatedUser",
     "Authenticator",
+    "BillingCollector",
     "BillingConfig",
     "BillingDisabled",
     "BillingError",
@@ -54,6 +57,7 @@ __all__ = [
     "CreditStatus",
     "DatabaseUnavailable",
     "GooglePlayPurchase",
+    "Health",
     "IdToken",
     "IdTokenRequired",
     "Identity",
@@ -70,10 +74,13 @@ __all__ = [
     "Transaction",
     "TransactionPage",
     "__version__",
+    "add_health_routes",
+    "add_metrics_route",
     "credit_gate",
     "current_id_token",
     "error_middleware",
     "expect_continue",
     "get_identity",
+    "metrics_text",
     "setup_billing",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import jwt
 from aiohttp import web
@@ -33,6 +33,9 @@ from .operations import BEARER_ERRORS, BODY_ERRORS, EXPECT_FAILED, Operation
 from .paths import DEFAULT_LOGIN_PATH, DEFAULT_LOGOUT_PATH, DEFAULT_ME_PATH, DEFAULT_REFRESH_PATH
 from .routes import json_reply
 from .throttle import LoginThrottle, MemoryLoginThrottle
+
+if TYPE_CHECKING:
+    from .ops.metrics import Counts
 
 #: What every signed-in user may do through this package; its own routes check nothing finer.
 USER_PERMISSIONS: Final = ("view_billing", "purchase_credits")
@@ -188,9 +191,11 @@ def add_auth_routes(
     login_path: str,
     throttle: LoginThrottle | None,
     revoke: Revoke,
+    counts: Counts,
 ) -> None:
     """Login at `login_path`; logout, refresh and me beside it (`auth_paths`). Each is registered
-    for every method, so that a wrong one is a JSON 405 too. `revoke` revokes a token everywhere."""
+    for every method, so that a wrong one is a JSON 405 too. `revoke` revokes a token everywhere;
+    `counts` is where the metrics count their requests and failed logins."""
     paths = auth_paths(login_path)
     login = LoginRoute(
         authenticate,
@@ -198,10 +203,14 @@ def add_auth_routes(
         throttle or MemoryLoginThrottle.from_config(config),
         config.trusted_proxies,
         config.body_timeout_seconds,
+        counts,
     )
     sessions = SessionRoutes(verifier, config, revoke)
     authenticated = sessions.expect_authenticated
-    router.add_route("*", paths[LOGIN], json_errors(login.login), expect_handler=expect_continue)
-    router.add_route("*", paths[LOGOUT], json_errors(sessions.logout), expect_handler=authenticated)
-    router.add_route("*", paths[REFRESH], json_errors(sessions.refresh), expect_handler=authenticated)
-    router.add_route("*", paths[ME], json_errors(sessions.me), expect_handler=authenticated)
+    requests = counts.requests
+    router.add_route("*", paths[LOGIN], json_errors(login.login, requests), expect_handler=expect_continue)
+    router.add_route("*", paths[LOGOUT], json_errors(sessions.logout, requests), expect_handler=authenticated)
+    router.add_route(
+        "*", paths[REFRESH], json_errors(sessions.refresh, requests), expect_handler=authenticated
+    )
+    router.add_route("*", paths[ME], json_errors(sessions.me, requests), expect_handler=authenticated)

@@ -64,6 +64,7 @@ class SQLiteChangeFeed(ChangeFeed):
             return int(last), [(bytes(d), float(e)) for d, e in rows]
 
         self._last_id, revoked = await self.db.run(load)
+        self.heard_at = asyncio.get_running_loop().time()
         for digest, until in revoked:
             listener.token_revoked(digest, until)
         self._probe = sqlite3.connect(self.db.path, isolation_level=None, check_same_thread=False)
@@ -86,6 +87,7 @@ class SQLiteChangeFeed(ChangeFeed):
             await asyncio.sleep(POLL_SECONDS)
             try:
                 version = probe.execute("PRAGMA data_version").fetchone()[0]
+                self.heard_at = asyncio.get_running_loop().time()
                 if version == seen:
                     continue
                 payloads = await self.db.run(self._read_new)
@@ -126,6 +128,12 @@ class SQLiteChangeFeed(ChangeFeed):
         await self._write(write)
         if prune:
             self._pruned_at = now
+
+    async def ping(self) -> None:
+        def probe(conn: sqlite3.Connection) -> None:
+            conn.execute("SELECT 1").fetchone()
+
+        await self._write(probe)
 
     async def revoke(self, digest: bytes, until: float) -> None:
         payload = encode_revocation(self.sender, digest, until)
