@@ -181,7 +181,10 @@ def error_middleware(
             raise
         if requests is not None:
             key = (request.match_info.route, response.status)
-            requests[key] = requests.get(key, 0) + 1
+            try:  # cheaper than .get() on the hot path, where the key is nearly always there
+                requests[key] += 1
+            except KeyError:
+                requests[key] = 1
         return response
 
     return middleware

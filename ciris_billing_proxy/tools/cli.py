@@ -57,7 +57,10 @@ _FALSE = frozenset({"", "0", "false", "no", "off"})
 def _user(value: str) -> tuple[str, str, str | None]:
     parts = value.split(":")
     if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
-        raise argparse.ArgumentTypeError(f"expected NAME:PASSWORD[:EMAIL], got {value.split(':')[0]!r}:…")
+        # Only the name is shown, and only when there is a colon: without one, the whole value may
+        # be a password.
+        got = f", got {parts[0]!r}:…" if len(parts) > 1 else ""
+        raise argparse.ArgumentTypeError(f"expected NAME:PASSWORD[:EMAIL]{got}")
     return parts[0], parts[1], parts[2] if len(parts) == 3 and parts[2] else None
 
 
@@ -152,7 +155,7 @@ def _defaults_from_env(serve: argparse.ArgumentParser, environ: Mapping[str, str
         var = serve_env_var(action)
         action.help = f"{action.help}; env {var}" if action.help else f"env {var}"
         raw = environ.get(var)
-        if raw is None:
+        if not raw:  # unset or empty: the flag's own default
             continue
         try:
             action.default = _from_env(action, raw)
