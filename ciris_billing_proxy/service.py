@@ -93,6 +93,8 @@ class BillingService:
       everyone's), in every process sharing the database;
     * `revoke_token(token)`: refuse a bearer token from now on, here at once and in every other
       process in the background; `await revoke_everywhere(token)` returns once every process will;
+    * `await health()`: whether billing can serve now, check by check (what `GET /readyz` answers);
+    * `counts`: what the metrics count (`ops.metrics`), `give_backs_owed()`;
     * `provider`, `config`: what it was built with.
 
     With a change feed (`setup_billing` gives it one on the configured database), every change

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from bisect import bisect_left
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -137,7 +138,8 @@ def families(service: BillingService) -> list[Family]:
             duration.append(("_bucket", {**labels, "le": _le(bound)}, observed))
         duration.append(("_sum", labels, values[-1]))
     feed = service.feed
-    loop_time = asyncio.get_running_loop().time()
+    # Not the loop's clock: a host's registry may be scraped from another thread.
+    now = time.monotonic()
     return [
         Family(
             "ciris_billing_requests",
@@ -227,7 +229,7 @@ def families(service: BillingService) -> list[Family]:
             "gauge",
             "Seconds since the change feed last confirmed it hears the other processes: the longest a "
             "change made elsewhere may have gone unheard (over processes: the highest).",
-            [("", {}, 0.0 if feed is None or not feed.heard_at else max(0.0, loop_time - feed.heard_at))],
+            [("", {}, 0.0 if feed is None or not feed.heard_at else max(0.0, now - feed.heard_at))],
             mode="livemax",
         ),
         Family(

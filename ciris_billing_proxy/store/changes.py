@@ -112,7 +112,7 @@ class ChangeFeed(abc.ABC):
         self._wake = asyncio.Event()
         self._publisher: asyncio.Task[None] | None = None
         self._listener: ChangeListener | None = None
-        #: Loop time at which the feed last confirmed it hears the other processes (0: never); how
+        #: `time.monotonic()` at which the feed last confirmed it hears the other processes (0: never); how
         #: long ago that was is the most a change made elsewhere can have gone unheard.
         self.heard_at = 0.0
 

@@ -101,7 +101,7 @@ class PostgresChangeFeed(ChangeFeed):
             listener.token_revoked(bytes(digest), float(until))
         self._lost.clear()
         self._conn = conn
-        self.heard_at = asyncio.get_running_loop().time()
+        self.heard_at = time.monotonic()
 
     async def _watch_forever(self, listener: ChangeListener) -> None:
         while True:
@@ -137,7 +137,7 @@ class PostgresChangeFeed(ChangeFeed):
                 await asyncio.wait_for(conn.fetchval("SELECT 1"), PING_SECONDS)
             except Exception:
                 return
-            self.heard_at = asyncio.get_running_loop().time()
+            self.heard_at = time.monotonic()
 
     async def _publish(self, payloads: list[str]) -> None:
         async with self.db.connection() as conn:

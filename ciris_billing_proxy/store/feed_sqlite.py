@@ -64,7 +64,7 @@ class SQLiteChangeFeed(ChangeFeed):
             return int(last), [(bytes(d), float(e)) for d, e in rows]
 
         self._last_id, revoked = await self.db.run(load)
-        self.heard_at = asyncio.get_running_loop().time()
+        self.heard_at = time.monotonic()
         for digest, until in revoked:
             listener.token_revoked(digest, until)
         self._probe = sqlite3.connect(self.db.path, isolation_level=None, check_same_thread=False)
@@ -87,7 +87,7 @@ class SQLiteChangeFeed(ChangeFeed):
             await asyncio.sleep(POLL_SECONDS)
             try:
                 version = probe.execute("PRAGMA data_version").fetchone()[0]
-                self.heard_at = asyncio.get_running_loop().time()
+                self.heard_at = time.monotonic()
                 if version == seen:
                     continue
                 payloads = await self.db.run(self._read_new)
