@@ -375,7 +375,7 @@ def _serve(args: argparse.Namespace) -> int:
             try:
                 users.add(name, password, email=email)
             except ValueError as exc:  # the same name twice, in any case
-                raise ConfigError(f"users: {exc}") from None
+                raise ConfigError(f"--user: {exc}") from None
     else:
         users, created = load_or_create_users(config.data_dir)
     if args.workers > 1:
