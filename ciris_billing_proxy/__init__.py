@@ -35,6 +35,8 @@ from .models import (
     Transaction,
     TransactionPage,
 )
+from .ops.health import Health, add_health_routes
+from .ops.metrics import BillingCollector, add_metrics_route, metrics_text
 from .providers.base import CreditProvider, ProviderContext
 from .service import BillingService
 from .setup import setup_billing
@@ -45,6 +47,7 @@ __all__ = [
     "AppStorePurchase",
     "AuthenticatedUser",
     "Authenticator",
+    "BillingCollector",
     "BillingConfig",
     "BillingDisabled",
     "BillingError",
@@ -55,6 +58,7 @@ __all__ = [
     "CreditStatus",
     "DatabaseUnavailable",
     "GooglePlayPurchase",
+    "Health",
     "IdToken",
     "IdTokenRequired",
     "Identity",
@@ -72,10 +76,13 @@ __all__ = [
     "Transaction",
     "TransactionPage",
     "__version__",
+    "add_health_routes",
+    "add_metrics_route",
     "credit_gate",
     "current_id_token",
     "error_middleware",
     "expect_continue",
     "get_identity",
+    "metrics_text",
     "setup_billing",
 ]

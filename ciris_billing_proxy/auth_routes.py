@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import jwt
 from aiohttp import web
@@ -34,6 +34,9 @@ from .paths import DEFAULT_LOGIN_PATH, DEFAULT_LOGOUT_PATH, DEFAULT_ME_PATH, DEF
 from .routes import json_reply
 from .throttle import LoginThrottle, MemoryLoginThrottle
 from .token_limit import TokenIssueLimit
+
+if TYPE_CHECKING:
+    from .ops.metrics import Counts
 
 #: What every signed-in user may do through this package; its own routes check nothing finer.
 USER_PERMISSIONS: Final = ("view_billing", "purchase_credits")
@@ -226,19 +229,24 @@ def add_auth_routes(
     throttle: LoginThrottle | None,
     revoke: Revoke,
     end_sessions: EndSessions,
+    counts: Counts,
 ) -> None:
     """Login at `login_path`; logout, refresh and me beside it (`auth_paths`). Each is registered
     for every method, so that a wrong one is a JSON 405 too. `revoke` revokes a token everywhere,
-    `end_sessions` every token of a user."""
+    `end_sessions` every token of a user; `counts` is where the metrics count their requests and
+    failed logins."""
     paths = auth_paths(login_path)
     # One count for both: login and refresh are the two ways to a new token.
     limit = TokenIssueLimit.from_config(config)
     login = LoginRoute(
-        authenticate, verifier, throttle or MemoryLoginThrottle.from_config(config), limit, config
+        authenticate, verifier, throttle or MemoryLoginThrottle.from_config(config), limit, config, counts
     )
     sessions = SessionRoutes(verifier, config, revoke, end_sessions, limit)
     authenticated = sessions.expect_authenticated
-    router.add_route("*", paths[LOGIN], json_errors(login.login), expect_handler=expect_continue)
-    router.add_route("*", paths[LOGOUT], json_errors(sessions.logout), expect_handler=authenticated)
-    router.add_route("*", paths[REFRESH], json_errors(sessions.refresh), expect_handler=authenticated)
-    router.add_route("*", paths[ME], json_errors(sessions.me), expect_handler=authenticated)
+    requests = counts.requests
+    router.add_route("*", paths[LOGIN], json_errors(login.login, requests), expect_handler=expect_continue)
+    router.add_route("*", paths[LOGOUT], json_errors(sessions.logout, requests), expect_handler=authenticated)
+    router.add_route(
+        "*", paths[REFRESH], json_errors(sessions.refresh, requests), expect_handler=authenticated
+    )
+    router.add_route("*", paths[ME], json_errors(sessions.me, requests), expect_handler=authenticated)

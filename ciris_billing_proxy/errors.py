@@ -146,6 +146,7 @@ def error_middleware(
     path_prefixes: tuple[str, ...] | PathScope | None = None,
     *,
     before: Callable[[web.Request], None] | None = None,
+    requests: dict[tuple[object, int], int] | None = None,
 ) -> Middleware:
     """Turn every error under the given paths (all paths when None) into JSON `{"detail": ...}`.
 
@@ -154,7 +155,8 @@ def error_middleware(
     nothing (the traceback goes to the log only), unless it is the client's connection failing
     because the client went away (`client_gone`). `before(request)`, if given, runs first inside
     the same handling: the billing prefix passes its auth check here, so every billing request goes
-    through one middleware layer instead of two.
+    through one middleware layer instead of two. `requests`, if given, counts the answers by
+    (route, status) for the metrics: one dict entry bumped per request.
 
     A tuple of prefixes is matched against the full request path; `setup_billing` passes a
     `PathScope` it rebases onto the application's mount point at startup.
@@ -166,22 +168,35 @@ def error_middleware(
         if scope is not None and not scope.covers(request.path):
             return await handler(request)
         try:
-            if before is not None:
-                before(request)
-            return await handler(request)
-        except HTTPJSONError:
-            raise
-        except BillingError as exc:
-            raise to_http(exc) from None
-        except web.HTTPException as exc:
-            if exc.status < 400:
+            try:
+                if before is not None:
+                    before(request)
+                response = await handler(request)
+            except HTTPJSONError:
                 raise
-            headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-            raise http_error(exc.status, exc.reason, headers) from None
-        except Exception as exc:
-            if client_left(request, exc):
-                raise client_gone(request) from None
-            logger.exception("Unhandled error in %s %s", request.method, request.path)
-            raise http_error(500, INTERNAL_ERROR) from None
+            except BillingError as exc:
+                raise to_http(exc) from None
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+                raise http_error(exc.status, exc.reason, headers) from None
+            except Exception as exc:
+                if client_left(request, exc):
+                    raise client_gone(request) from None
+                logger.exception("Unhandled error in %s %s", request.method, request.path)
+                raise http_error(500, INTERNAL_ERROR) from None
+        except web.HTTPException as exc:
+            if requests is not None:
+                key = (request.match_info.route, exc.status)
+                requests[key] = requests.get(key, 0) + 1
+            raise
+        if requests is not None:
+            key = (request.match_info.route, response.status)
+            try:  # cheaper than .get() on the hot path, where the key is nearly always there
+                requests[key] += 1
+            except KeyError:
+                requests[key] = 1
+        return response
 
     return middleware

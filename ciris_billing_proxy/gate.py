@@ -82,7 +82,18 @@ def credit_gate(handler: Handler) -> Handler:
             await _give_back(service, identity, key)
         return response
 
-    return gated
+    @functools.wraps(handler)
+    async def counted(request: web.Request) -> web.StreamResponse:
+        # For the metrics, by route and status: one dict entry bumped.
+        try:
+            response = await gated(request)
+        except web.HTTPException as exc:
+            billing_service(request).counts.request(request.match_info.route, exc.status)
+            raise
+        billing_service(request).counts.request(request.match_info.route, response.status)
+        return response
+
+    return counted
 
 
 async def _check_credit(service: BillingService, request: web.Request, identity: Identity) -> None:

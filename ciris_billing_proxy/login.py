@@ -12,7 +12,7 @@ import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -32,6 +32,9 @@ TOO_MANY_LOGIN_ATTEMPTS: Final = "Too many login attempts"
 #: The claim carrying the user's creation time (seconds since the epoch), for `GET /v1/auth/me`.
 CREATED_AT_CLAIM: Final = "created_at"
 
+if TYPE_CHECKING:
+    from .ops.metrics import Counts
+
 
 @dataclass(frozen=True, slots=True)
 class AuthenticatedUser:
@@ -46,10 +49,10 @@ class AuthenticatedUser:
 Authenticator = Callable[[str, str], Awaitable[AuthenticatedUser | None]]
 
 
-def json_errors(handler: Handler) -> Handler:
+def json_errors(handler: Handler, requests: dict[tuple[object, int], int] | None = None) -> Handler:
     """`handler` with every error as JSON `{"detail": ...}`: these routes live on the host's app,
-    which may have no JSON error middleware of its own."""
-    middleware = error_middleware()
+    which may have no JSON error middleware of its own. `requests` counts answers for the metrics."""
+    middleware = error_middleware(requests=requests)
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
         return await middleware(request, handler)
@@ -94,7 +97,9 @@ class LoginRoute:
         throttle: LoginThrottle,
         limit: TokenIssueLimit,
         config: BillingConfig,
+        counts: Counts,
     ) -> None:
+        self._counts = counts
         self._authenticate = authenticate
         self._verifier = verifier
         self._limit = limit
@@ -109,11 +114,13 @@ class LoginRoute:
         attempt = LoginAttempt(body.username, client_address(request, self._trusted_proxies))
         wait = await self._throttle.admit(attempt)
         if wait is not None:
+            self._counts.login_lockouts += 1
             raise http_error(429, TOO_MANY_LOGIN_ATTEMPTS, retry_after(wait))
         # From here the attempt counts as a failure unless the password proves right, also when the
         # authenticator raises (a 500): an error is no licence for unlimited guesses.
         user = await self._authenticate(body.username, body.password)
         if user is None:
+            self._counts.login_failures += 1
             raise http_error(401, "Invalid credentials")
         await self._throttle.succeeded(attempt)
         extra = {CREATED_AT_CLAIM: _epoch_seconds(user.created_at)} if user.created_at else None

@@ -21,8 +21,8 @@ from cachetools import LRUCache
 
 from .auth import TokenVerifier
 from .cache import CreditCache
-from .config import BillingConfig
-from .errors import BillingError, ProviderUnavailable
+from .config import BillingConfig, ConfigError
+from .errors import BillingError, InsufficientCredit, ProviderUnavailable
 from .identity import Identity
 from .models import (
     AppStorePurchase,
@@ -34,6 +34,8 @@ from .models import (
     StoreVerification,
     TransactionPage,
 )
+from .ops.health import Health, readiness
+from .ops.metrics import Counts, MultiprocessWriter
 from .providers.base import CreditProvider
 from .retries import GiveBackRetries
 from .store.changes import FEED_DOWN_MAX_AGE_SECONDS, ChangeFeed, IdentityKey
@@ -58,6 +60,26 @@ class CachedCredit:
         return CreditStatus.model_validate_json(self.body)
 
 
+def outcome_of(exc: BillingError) -> str:
+    """The metrics' outcome of a provider call that raised `exc`."""
+    if isinstance(exc, ProviderUnavailable):
+        return "unavailable"
+    return "insufficient_credit" if isinstance(exc, InsufficientCredit) else "refused"
+
+
+class ProviderStartError(ConfigError):
+    """The provider's `start()` failed: one line naming the provider and why, safe to print
+    (the cause, with its traceback, is chained for a host that logs it)."""
+
+    def __init__(self, provider: str, cause: Exception) -> None:
+        if isinstance(cause, ProviderUnavailable):
+            why = f"its backend or database is unavailable ({cause})"
+        else:
+            # Only the type: the message of an arbitrary exception may carry a URL or a key.
+            why = f"{type(cause).__name__} in start()"
+        super().__init__(f"credit provider {provider!r} could not start: {why}")
+
+
 class BillingService:
     """The handle `setup_billing` returns: one provider, its credit cache and the token verifier.
 
@@ -74,6 +96,8 @@ class BillingService:
       process in the background; `await revoke_everywhere(token)` returns once every process will;
     * `await end_sessions((namespace, user_id))`: refuse every token of that user issued until now
       (a logout everywhere, a new password), in every process;
+    * `await health()`: whether billing can serve now, check by check (what `GET /readyz` answers);
+    * `counts`: what the metrics count (`ops.metrics`), `give_backs_owed()`;
     * `provider`, `config`: what it was built with.
 
     With a change feed (`setup_billing` gives it one on the configured database), every change
@@ -104,32 +128,65 @@ class BillingService:
         self._money_tasks: set[asyncio.Task[Any]] = set()
         self.retries = GiveBackRetries(self._give_back_once, max_interval=config.give_back_retry_max_seconds)
         self._interned: LRUCache[bytes, CachedCredit] = LRUCache(maxsize=4096)
+        #: What the metrics count, as plain numbers (`ops.metrics`); its writer in a multiprocess group.
+        self.counts = Counts()
+        self.metrics_writer: MultiprocessWriter | None = None
+        #: "ok" while serving; otherwise why not (the readiness check's "service").
+        self.lifecycle = "not started"
+        #: Whether the change feed hears the other processes now (see `feed_down`).
+        self.feed_listening = False
+        self._startup_check: asyncio.Task[None] | None = None
 
     async def lifespan(self, _app: web.Application) -> AsyncIterator[None]:
         """`cleanup_ctx` entry: start the feed and the provider, and on shutdown finish money-moving
         work first."""
         if self.feed is not None:
             await self.feed.start(self)
+            self.feed_listening = True
         try:
             await self.provider.start()
-        except BaseException:
+        except BaseException as exc:
             await self.provider.stop()
             if self.feed is not None:
                 await self.feed.stop()
+            if isinstance(exc, Exception) and not isinstance(exc, ConfigError):
+                raise ProviderStartError(self.provider.name, exc) from exc
             raise
+        self.lifecycle = "ok"
+        self._startup_check = asyncio.create_task(self._check_at_startup())
         try:
             yield
         finally:
+            self.lifecycle = "stopping"
+            self._startup_check.cancel()
+            await asyncio.gather(self._startup_check, return_exceptions=True)
             await self.cache.aclose()
             # A finishing task may start another (a give-back after a spend): drain until none is
             # left, stop the retries (one stopped mid-call leaves that call to drain), drain again.
             # A give-back that fails after the retries stopped is logged with its key, not retried.
             await self._drain()
+            self.counts.give_backs_abandoned += self.give_backs_owed()
             await self.retries.aclose()
             await self._drain()
             await self.provider.stop()
             if self.feed is not None:
                 await self.feed.stop()
+
+    async def health(self) -> Health:
+        """Whether billing can serve now: each check (`service`, `store`, `change_feed`,
+        `provider`) as "ok" or why not. What `GET /readyz` answers (see `ops.health`)."""
+        return await readiness(self)
+
+    async def _check_at_startup(self) -> None:
+        # In the background, so a slow backend does not hold up startup; one line, not a
+        # surprise on the first request (a rejected API key, a backend down).
+        health = await readiness(self)
+        if not health.ready:
+            logger.warning("Billing is not ready at startup: %s", health.detail)
+
+    def give_backs_owed(self) -> int:
+        """Give-backs owed and not yet made (the `ciris_billing_give_backs_owed` gauge)."""
+        return len(self.retries)
 
     async def _drain(self) -> None:
         while self._money_tasks:
@@ -239,9 +296,11 @@ class BillingService:
         self.verifier.move_epoch(key, epoch)
 
     def feed_down(self) -> None:
+        self.feed_listening = False
         self.cache.limit_lifetime(min(FEED_DOWN_MAX_AGE_SECONDS, self.config.cache_ttl_seconds))
 
     def feed_up(self) -> None:
+        self.feed_listening = True
         self.cache.limit_lifetime(None)
 
     async def spend(self, identity: Identity, idempotency_key: str) -> None:
@@ -278,7 +337,9 @@ class BillingService:
         await asyncio.shield(task)
 
     def _retry_later(self, identity: Identity, key: str) -> None:
-        if self.retries.schedule(identity, key):
+        if not self.retries.schedule(identity, key):
+            self.counts.give_backs_abandoned += 1
+        else:
             logger.warning(
                 "Could not give back the use spent under request key %s yet; retrying in the background",
                 key,
@@ -314,12 +375,26 @@ class BillingService:
         process sharing the database), inside that run: a caller's cancellation cannot skip it."""
 
         async def verify_then_forget() -> StoreVerification:
-            result = await self._guard(call, what, StoreVerification)
+            try:
+                result = await self._guard(call, what, StoreVerification)
+            except BillingError as exc:
+                self._count_verification(what, outcome_of(exc))
+                raise
             if result.success:
                 self._forget(identity)
+            self._count_verification(
+                what,
+                ("already_processed" if result.already_processed else "credited")
+                if result.success
+                else "refused",
+            )
             return result
 
         return await asyncio.shield(self._track(verify_then_forget()))
+
+    def _count_verification(self, what: str, outcome: str) -> None:
+        key = (what.removeprefix("verify_"), outcome)
+        self.counts.verifications[key] = self.counts.verifications.get(key, 0) + 1
 
     async def _load_status(self, identity: Identity) -> CachedCredit:
         status = await self._guard(self.provider.credit_status(identity), "credit_status", CreditStatus)
@@ -360,13 +435,19 @@ class BillingService:
     async def _guard(self, call: Awaitable[Any], what: str, expected: type[T]) -> T:
         """The provider's answer, if it is what the interface declares; every failure other than
         a `BillingError` (a bug, a wrong return type) is logged and becomes `ProviderUnavailable`."""
+        started = time.perf_counter()
         try:
             result = await call
-        except BillingError:
+        except BillingError as exc:
+            self.counts.latencies.observe(what, outcome_of(exc), time.perf_counter() - started)
             raise
         except Exception:
+            self.counts.latencies.observe(what, "error", time.perf_counter() - started)
             logger.exception("Credit provider %r failed in %s", self.provider.name, what)
             raise ProviderUnavailable from None
+        self.counts.latencies.observe(
+            what, "ok" if isinstance(result, expected) else "error", time.perf_counter() - started
+        )
         if not isinstance(result, expected):
             logger.error(
                 "Credit provider %r returned %s from %s; expected %s",

@@ -15,6 +15,7 @@ from .errors import error_middleware
 from .keys import SERVICE_KEY
 from .login import Authenticator
 from .openapi import APIDescription
+from .ops.metrics import metrics_publisher
 from .paths import DEFAULT_LOGIN_PATH, PathScope, mount_point
 from .providers.base import CreditProvider, ProviderContext
 from .providers.registry import check_provider_class, create_provider
@@ -84,6 +85,8 @@ def setup_billing(
     service = BillingService(config, provider, verifier, change_feed_for(database_url, config.data_dir))
 
     app[SERVICE_KEY] = service
+    # Before the service's own entry, so its last write at shutdown comes after the service stopped.
+    app.cleanup_ctx.append(metrics_publisher(service))
     app.cleanup_ctx.append(service.lifespan)
     scopes: list[PathScope] = []
     if config.protected_paths:
@@ -103,6 +106,7 @@ def setup_billing(
             login_throttle,
             service.revoke_everywhere,
             service.end_sessions,
+            service.counts,
         )
 
     public: set[Handler] = set()  # routes that need no token; add_routes fills it
@@ -110,12 +114,13 @@ def setup_billing(
     login = None if authenticate is None else login_path
     describe = APIDescription(config.prefix, login, ui=config.serve_ui).handle
     if subapp:
-        billing = web.Application(middlewares=[error_middleware(before=check)])
+        requests = service.counts.requests
+        billing = web.Application(middlewares=[error_middleware(before=check, requests=requests)])
         anchor = add_routes(billing.router, service, public=public, describe=describe, own_router=True)
         app.add_subapp(config.prefix, billing)
     else:
         scopes.append(PathScope((config.prefix,)))
-        app.middlewares.append(error_middleware(scopes[-1], before=check))
+        app.middlewares.append(error_middleware(scopes[-1], before=check, requests=service.counts.requests))
         anchor = add_routes(app.router, service, config.prefix, public=public, describe=describe)
     if scopes:
         app.on_startup.append(_rebase_on_mount(anchor, scopes))

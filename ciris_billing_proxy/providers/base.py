@@ -142,6 +142,15 @@ class CreditProvider(abc.ABC):
     async def stop(self) -> None:
         """Release what `start` opened. Called once at app cleanup, also after a failed start."""
 
+    async def health(self) -> str | None:
+        """None when the provider can serve; otherwise why not, in a few words an operator reads
+        (never a URL, key or other secret), e.g. "backend refused the API key (HTTP 401)".
+
+        Called by the readiness check (`GET /readyz`, `BillingService.health()`), once at startup
+        and whenever it is asked, with a time limit of a few seconds: make it one cheap call that
+        changes nothing (a failure raised here counts as not ready too). The default says ready."""
+        return None
+
     @abc.abstractmethod
     async def credit_status(self, identity: Identity) -> CreditStatus:
         """The user's current credit. May create the account on first sight."""

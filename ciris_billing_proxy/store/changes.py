@@ -126,6 +126,9 @@ class ChangeFeed(abc.ABC):
         self._wake = asyncio.Event()
         self._publisher: asyncio.Task[None] | None = None
         self._listener: ChangeListener | None = None
+        #: `time.monotonic()` at which the feed last confirmed it hears the other processes (0: never); how
+        #: long ago that was is the most a change made elsewhere can have gone unheard.
+        self.heard_at = 0.0
 
     async def start(self, listener: ChangeListener) -> None:
         """Open, bring the schema up to date, load unexpired revocations and the epochs into
@@ -160,6 +163,14 @@ class ChangeFeed(abc.ABC):
         self._everyone = True
         self._pending.clear()
         self._wake.set()
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """One round trip to the database; `ProviderUnavailable` when it does not answer."""
+
+    def connections_in_use(self) -> int:
+        """Connections of the feed's pool lent out now (for the metrics)."""
+        return 0
 
     @abc.abstractmethod
     async def revoke(self, digest: bytes, until: float) -> None:

@@ -128,6 +128,7 @@ class PostgresChangeFeed(ChangeFeed):
             listener.epoch_moved((str(namespace), str(user_id)), float(epoch))
         self._lost.clear()
         self._conn = conn
+        self.heard_at = time.monotonic()
 
     async def _watch_forever(self, listener: ChangeListener) -> None:
         while True:
@@ -163,10 +164,18 @@ class PostgresChangeFeed(ChangeFeed):
                 await asyncio.wait_for(conn.fetchval("SELECT 1"), PING_SECONDS)
             except Exception:
                 return
+            self.heard_at = time.monotonic()
 
     async def _publish(self, payloads: list[str]) -> None:
         async with self.db.connection() as conn:
             await conn.execute("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", CHANNEL, payloads)
+
+    async def ping(self) -> None:
+        async with self.db.connection() as conn:
+            await conn.fetchval("SELECT 1")
+
+    def connections_in_use(self) -> int:
+        return self.db.connections_in_use()
 
     async def revoke(self, digest: bytes, until: float) -> None:
         # One statement: the row and the notification commit together, and expired rows go.

@@ -82,6 +82,7 @@ class SQLiteChangeFeed(ChangeFeed):
             return int(last), [(bytes(d), float(e)) for d, e in rows], epochs
 
         self._last_id, revoked, epochs = await self.db.run(load)
+        self.heard_at = time.monotonic()
         for digest, until in revoked:
             listener.token_revoked(digest, until)
         for namespace, user_id, epoch in epochs:
@@ -106,6 +107,7 @@ class SQLiteChangeFeed(ChangeFeed):
             await asyncio.sleep(POLL_SECONDS)
             try:
                 version = probe.execute("PRAGMA data_version").fetchone()[0]
+                self.heard_at = time.monotonic()
                 if version == seen:
                     continue
                 payloads = await self.db.run(self._read_new)
@@ -146,6 +148,12 @@ class SQLiteChangeFeed(ChangeFeed):
         await self._write(write)
         if prune:
             self._pruned_at = now
+
+    async def ping(self) -> None:
+        def probe(conn: sqlite3.Connection) -> None:
+            conn.execute("SELECT 1").fetchone()
+
+        await self._write(probe)
 
     async def revoke(self, digest: bytes, until: float) -> None:
         payload = encode_revocation(self.sender, digest, until)

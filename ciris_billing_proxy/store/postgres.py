@@ -71,6 +71,11 @@ class PostgresDatabase(Engine):
             raise DatabaseUnavailable(f"cannot use {self.describe()}: {_reason(exc)}") from None
         self._pool = pool
 
+    def connections_in_use(self) -> int:
+        """Connections of the pool lent out now."""
+        pool = self._pool
+        return 0 if pool is None else pool.get_size() - pool.get_idle_size()
+
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:

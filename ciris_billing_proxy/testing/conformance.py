@@ -59,6 +59,7 @@ ASYNC_METHODS = (
     "transactions",
     "verify_google_play",
     "verify_app_store",
+    "health",
 )
 #: What a provider declares it offers: each must be a bool.
 DECLARATIONS = (
@@ -600,6 +601,16 @@ class ProviderContract:
         theirs = await self._page(provider, stranger, 100, 0)
         if set(ids) & {item.transaction_id for item in theirs.transactions}:
             broken("transactions must list the user's own only, but another user's page held theirs.")
+
+    async def test_health_says_ready_while_its_backend_is_up(self, provider: CreditProvider) -> None:
+        result = await self._call(provider, "health")
+        if result is not None:
+            broken(
+                "health must return None while the provider can serve (its backend up, its key"
+                f" accepted), but it returned {result!r}."
+                if isinstance(result, str)
+                else f"health must return None or a short reason, but it returned {type(result).__name__}."
+            )
 
     async def test_stop_leaves_no_task_running_and_start_works_again(self, provider: CreditProvider) -> None:
         baseline = asyncio.all_tasks()

@@ -10,15 +10,19 @@ import json
 import math
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from prometheus_client.multiprocess import mark_process_dead
 
 from .. import __version__
 from ..bad_requests import ServeRunner
@@ -26,6 +30,7 @@ from ..config import BillingConfig, ConfigError, default_data_dir
 from ..database_url import parse_database_url
 from ..errors import ProviderUnavailable
 from ..openapi import openapi_document
+from ..ops.metrics import MULTIPROC_DIR_VAR
 from ..paths import DEFAULT_LOGIN_PATH, DEFAULT_PREFIX
 from ..store.choose import change_feed_for
 from ..store.migrate import migrate
@@ -47,12 +52,21 @@ if TYPE_CHECKING:
 
 #: Seconds `serve` gives a connection to send a complete request head (see `make_runner`).
 DEFAULT_IDLE_TIMEOUT = 30.0
+#: Every `serve` flag not given reads `CIRIS_BILLING_` + its name (`--idle-timeout`:
+#: `CIRIS_BILLING_IDLE_TIMEOUT`); a repeatable flag's variable is plural and holds one value a line
+#: (`--user`: `CIRIS_BILLING_USERS`). A flag given wins over its variable.
+SERVE_ENV_PREFIX = "CIRIS_BILLING_"
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
 
 
 def _user(value: str) -> tuple[str, str, str | None]:
     parts = value.split(":")
     if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
-        raise argparse.ArgumentTypeError(f"expected NAME:PASSWORD[:EMAIL], got {value.split(':')[0]!r}:…")
+        # Only the name is shown, and only when there is a colon: without one, the whole value may
+        # be a password.
+        got = f", got {parts[0]!r}:…" if len(parts) > 1 else ""
+        raise argparse.ArgumentTypeError(f"expected NAME:PASSWORD[:EMAIL]{got}")
     return parts[0], parts[1], parts[2] if len(parts) == 3 and parts[2] else None
 
 
@@ -103,7 +117,73 @@ def _url_path(value: str) -> str:
     return value.rstrip("/") or "/"
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Repeatable(argparse._AppendAction):
+    """A repeatable flag whose first use replaces the default (its environment variable's
+    values) instead of adding to it: a flag given wins over its variable."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if getattr(namespace, self.dest, None) is self.default:
+            setattr(namespace, self.dest, [])
+        super().__call__(parser, namespace, values, option_string)
+
+
+def serve_env_var(action: argparse.Action) -> str:
+    """The environment variable of one `serve` flag (see `SERVE_ENV_PREFIX`)."""
+    name = next(o for o in action.option_strings if o.startswith("--")).removeprefix("--")
+    plural = "S" if isinstance(action, argparse._AppendAction) else ""
+    return SERVE_ENV_PREFIX + name.upper().replace("-", "_") + plural
+
+
+def serve_flags(serve: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The flags of `serve` that take settings (all but --help)."""
+    return [a for a in serve._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+
+
+@dataclass(frozen=True)
+class _BadVariable:
+    """The default of a flag whose variable holds a bad value: an error once `serve` runs (other
+    commands do not read the variables)."""
+
+    message: str
+
+
+def _defaults_from_env(serve: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """Make each flag's variable its default, converted and checked as the flag would be, and
+    name the variable in the flag's help. A bad value names the variable, never its value (it may
+    hold a password)."""
+    for action in serve_flags(serve):
+        var = serve_env_var(action)
+        action.help = f"{action.help}; env {var}" if action.help else f"env {var}"
+        raw = environ.get(var)
+        if not raw:  # unset or empty: the flag's own default
+            continue
+        try:
+            action.default = _from_env(action, raw)
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            action.default = _BadVariable(f"{var}: {exc}")
+
+
+def _from_env(action: argparse.Action, raw: str) -> object:
+    if action.nargs == 0:  # a switch such as --fake-backend
+        word = raw.strip().lower()
+        if word not in _TRUE | _FALSE:
+            raise argparse.ArgumentTypeError("expected 1/true/yes/on or 0/false/no/off")
+        return word in _TRUE
+    convert: Callable[[str], object] = action.type if callable(action.type) else str
+    if isinstance(action, argparse._AppendAction):
+        return [convert(line.strip()) for line in raw.splitlines() if line.strip()]
+    return convert(raw)
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The command line; `serve`'s flags default to their environment variables in `environ`
+    (the process environment when None)."""
     parser = argparse.ArgumentParser(
         prog="ciris-billing-proxy", description="Agent billing proxy for aiohttp applications."
     )
@@ -120,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--provider-option",
         type=_option,
-        action="append",
+        action=_Repeatable,
         default=[],
         metavar="KEY=VALUE",
         help="a provider setting (repeatable); wins over the provider's environment variables",
@@ -128,10 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--user",
         type=_user,
-        action="append",
+        action=_Repeatable,
         default=[],
         metavar="NAME:PASSWORD[:EMAIL]",
-        help="a login for this run (repeatable); without it a demo user is created once",
+        help="a login for this run (repeatable; the password shows in ps: prefer --users-file or the "
+        "variable); without any user given a demo user is created once",
+    )
+    serve.add_argument(
+        "--users-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="logins for this run, one NAME:PASSWORD[:EMAIL] a line (# comments and blank lines "
+        "ignored), added to those of --user",
     )
     serve.add_argument("--data-dir", type=Path, default=None, help="where state is kept")
     serve.add_argument(
@@ -231,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run a fake CIRIS Billing backend in-process and use the ciris provider against it",
     )
+    _defaults_from_env(serve, os.environ if environ is None else environ)
     return parser
 
 
@@ -243,6 +333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         login_path = None if args.no_auth_routes else args.login_path
         print(json.dumps(openapi_document(args.prefix, login_path, ui=not args.no_ui), indent=2))
         return 0
+    if args.command == "serve":
+        for value in vars(args).values():
+            if isinstance(value, _BadVariable):
+                print(f"ciris-billing-proxy serve: error: {value.message}", file=sys.stderr)
+                return 2
     try:
         if args.command == "migrate":
             print(asyncio.run(migrate(args.database_url)))
@@ -308,7 +403,7 @@ async def _logout_user(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    data_dir = args.data_dir or Path(os.environ.get("CIRIS_BILLING_DATA_DIR") or default_data_dir())
+    data_dir = args.data_dir or default_data_dir()
     overrides: dict[str, object] = {"data_dir": data_dir}
     if args.fake_backend:
         if args.provider not in (None, "ciris"):
@@ -326,6 +421,9 @@ def _serve(args: argparse.Namespace) -> int:
         jwt["secret"] = load_or_create_secret(data_dir)
     config = BillingConfig.from_env(**overrides, jwt=jwt)
     created = None
+    if args.users_file is not None:
+        # Through the same list as --user: one way users are added, whichever way they came.
+        args.user = [*args.user, *read_users_file(args.users_file)]
     if args.user:
         users = UserStore()
         for name, password, email in args.user:
@@ -352,6 +450,20 @@ def _end_sessions_of_new_passwords(config: BillingConfig, users: UserStore) -> N
         raise ConfigError("the store keeping sessions cannot be reached") from None
 
 
+def read_users_file(path: Path) -> list[tuple[str, str, str | None]]:
+    """The logins of a users file: one NAME:PASSWORD[:EMAIL] a line; blank lines and lines
+    starting with # are skipped. A bad line is a `ConfigError` naming its number, never its text."""
+    users = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            users.append(_user(line.strip()))
+        except argparse.ArgumentTypeError:
+            raise ConfigError(f"{path}, line {number}: expected NAME:PASSWORD[:EMAIL]") from None
+    return users
+
+
 def _serve_workers(
     config: BillingConfig, users: UserStore, created: CreatedUser | None, args: argparse.Namespace
 ) -> int:
@@ -375,7 +487,20 @@ def _serve_workers(
         def listening() -> None:
             _print_listening(config, [reserved.getsockname()], f"; {args.workers} worker processes")
 
-        return Supervisor(args.workers, worker).run(listening)
+        # One scrape of any worker reports them all: prometheus-client's multiprocess mode, in a
+        # directory of this run's own (set before the workers fork, removed when they are gone).
+        metrics_dir = tempfile.mkdtemp(prefix="ciris-billing-metrics-")
+        os.environ[MULTIPROC_DIR_VAR] = metrics_dir
+        try:
+            # A dead worker's counts stay (counters only grow); its live gauges go with it.
+            return Supervisor(
+                args.workers,
+                worker,
+                on_exit=lambda pid: mark_process_dead(pid, metrics_dir),  # type: ignore[no-untyped-call]
+            ).run(listening)
+        finally:
+            del os.environ[MULTIPROC_DIR_VAR]
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _guarded(run: Callable[[], int]) -> int:

@@ -25,6 +25,8 @@ from ..errors import error_middleware
 from ..gate import credit_gate
 from ..keys import billing_service
 from ..models import InteractReply, InteractRequest
+from ..ops.health import add_health_routes, ready
+from ..ops.metrics import add_metrics_route
 from ..routes import json_reply
 from ..setup import setup_billing
 from ..ui.demo_page import STRIPE_JS, add_demo_page, demo_page
@@ -60,10 +62,6 @@ async def interact(request: web.Request) -> web.Response:
     )
 
 
-async def health(_request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
 def create_demo_app(
     config: BillingConfig,
     users: UserStore,
@@ -76,7 +74,11 @@ def create_demo_app(
     setup_billing(app, config, authenticate=users.verify_login, environ=environ)
     # JSON 417 for an unknown `Expect:`; aiohttp's default answers before any middleware, in text.
     app.router.add_post(INTERACT_PATH, interact, expect_handler=expect_continue)
-    app.router.add_get("/health", health)
+    add_health_routes(app)
+    add_metrics_route(app)
+    # What serve answered at /health before /readyz existed: kept for probes pointed at it, and
+    # now as true as /readyz (it used to say ok while billing answered 503).
+    app.router.add_get("/health", ready)
     stripe_js, label = STRIPE_JS, config.provider
     if fake_backend is not None:
         # Only with the fake: an agent serving the real thing never loads the testing kit.

@@ -37,6 +37,10 @@ from .wire import BackendCredit
 
 logger = logging.getLogger("ciris_billing_proxy.ciris")
 
+#: What the readiness check reads with the API key: an account no agent creates (the backend answers
+#: 404 when the key is good).
+HEALTH_PROBE_PATH = "/v1/billing/accounts/ciris-billing-proxy-health/probe"
+
 
 class BillingBackend:
     def __init__(self, settings: CirisSettings, accounts: BackendAccounts) -> None:
@@ -51,6 +55,21 @@ class BillingBackend:
 
     async def stop(self) -> None:
         await self.transport.stop()
+
+    async def health(self, seconds: float) -> str | None:
+        """None when the backend answers and, with an API key, accepts it; else why not. With the
+        key: a read of an account that does not exist (404 with a good key, 401/403 with a bad
+        one, nothing written); in `id_token` mode, which has no key: `GET /health`."""
+        path = "/health" if self.settings.id_token_mode else HEALTH_PROBE_PATH
+        try:
+            status = await self.transport.probe(path, seconds)
+        except BackendUnavailable as exc:
+            return f"backend unavailable: {exc.reason}"
+        if status in (401, 403):
+            return f"backend refused the API key (HTTP {status})"
+        if status >= 400 and not (status == 404 and path == HEALTH_PROBE_PATH):
+            return f"backend answered HTTP {status}"
+        return None
 
     def deadline(self, seconds: float) -> float:
         """One budget for a whole operation: every call it makes shares what is left of it."""

@@ -43,6 +43,8 @@ from .wire import NOT_VERIFIED, public_transaction, refused, to_credit_status, t
 logger = logging.getLogger("ciris_billing_proxy.ciris")
 
 PAYMENTS_FILE: Final = "ciris-payments.sqlite3"
+#: The readiness check's budget for its one backend call (below the service's own limit).
+HEALTH_SECONDS: Final = 2.0
 
 
 class CirisProvider(CreditProvider):
@@ -103,6 +105,9 @@ class CirisProvider(CreditProvider):
         await self.replays.open()
         await self.backend.start()
         self.purchases.start()
+
+    async def health(self) -> str | None:
+        return await self.backend.health(HEALTH_SECONDS)
 
     async def stop(self) -> None:
         await self.purchases.aclose()

@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from ...providers.ciris.backend import HEALTH_PROBE_PATH
 from .faults import Fault, FaultPlan
 from .ledger import BackendError, Ledger, Pricing
 from .schemas import (
@@ -253,6 +254,10 @@ class FakeBillingBackend:
         r.add_post("/v1/billing/charges", self._charge, name="charges")
         r.add_post("/v1/billing/credits", self._add_credits, name="credits")
         r.add_post("/v1/billing/accounts", self._upsert_account, name="accounts_upsert")
+        # The proxy's readiness probes, unnamed: answered (the key checked) but neither counted,
+        # recorded nor faulted, so a test sees only the calls of the flows it drives.
+        r.add_get(HEALTH_PROBE_PATH, self._health_probe)
+        r.add_get("/health", self._health)
         r.add_get("/v1/billing/accounts/{oauth_provider}/{external_id}", self._get_account, name="accounts")
         r.add_post("/v1/billing/purchases", self._purchase, name="purchases")
         r.add_get("/v1/billing/purchases/{payment_id}", self._payment, name="purchase_status")
@@ -260,7 +265,6 @@ class FakeBillingBackend:
         r.add_get("/v1/billing/transactions", self._transactions, name="transactions")
         r.add_post("/v1/billing/google-play/verify", self._google_play, name="google_play_verify")
         r.add_post("/v1/billing/apple-storekit/verify", self._app_store, name="apple_storekit_verify")
-        r.add_get("/health", self._health, name="health")
         r.add_post("/_fake/payments/{payment_id}/{action}", self._control_payment)
         r.add_get("/_fake/calls", self._control_calls)
         return app
@@ -442,6 +446,13 @@ class FakeBillingBackend:
                 422, [{"type": "missing", "loc": ["query"], "msg": "Field required", "input": None}]
             ) from None
         return _json(200, self.ledger.list_transactions(key, limit, offset))
+
+    async def _health_probe(self, request: web.Request) -> web.Response:
+        try:
+            await self._authorized_body(request, None, READ)
+        except BackendError as exc:
+            return _json(exc.status, {"detail": exc.detail}, exc.headers)
+        return _json(404, {"detail": "Account not found"})
 
     async def _health(self, request: web.Request) -> web.Response:
         return _json(200, {"status": "healthy", "database": "connected", "timestamp": "now"})
