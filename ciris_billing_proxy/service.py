@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -32,9 +33,11 @@ from .models import (
     StoreVerification,
     TransactionPage,
 )
+from .ops.outbox import GiveBackOutbox
 from .providers.base import CreditProvider
 from .retries import GiveBackRetries
 from .store.changes import FEED_DOWN_MAX_AGE_SECONDS, ChangeFeed, IdentityKey
+from .store.give_backs import Owed
 
 T = TypeVar("T")
 
@@ -63,7 +66,8 @@ class BillingService:
 
     * `await credit_status(identity)`: the user's `CreditStatus` (cached for `cache_ttl_seconds`);
     * `await spend(identity, key)` / `await give_back(identity, key)`: take one use, or return it
-      (a give-back the provider cannot make now is retried in the background, never dropped);
+      (a give-back the provider cannot make now is kept in the outbox and retried in the
+      background, by this process or any other sharing the store, until it is made);
     * `capabilities()`: what the provider offers (purchases, transactions);
     * `await initiate_purchase(...)`, `await purchase_status(...)`, `await transactions(...)`;
     * `invalidate(identity)`: forget the cached credit after it changed elsewhere (`invalidate()`:
@@ -85,11 +89,13 @@ class BillingService:
         provider: CreditProvider,
         verifier: TokenVerifier,
         feed: ChangeFeed | None = None,
+        outbox: GiveBackOutbox | None = None,
     ) -> None:
         self.config = config
         self.provider = provider
         self.verifier = verifier
         self.feed = feed
+        self.outbox = outbox
         negative_ttl = min(config.negative_cache_ttl_seconds, config.cache_ttl_seconds)
         self.cache: CreditCache[CachedCredit] = CreditCache(
             self._load_status,
@@ -98,31 +104,51 @@ class BillingService:
             ttl_of=lambda entry: config.cache_ttl_seconds if entry.has_credit else negative_ttl,
         )
         self._money_tasks: set[asyncio.Task[Any]] = set()
-        self.retries = GiveBackRetries(self._give_back_once, max_interval=config.give_back_retry_max_seconds)
+        self.retries = GiveBackRetries(self._retry_give_back, max_interval=config.give_back_retry_max_seconds)
+        #: Give-backs this process took over from the outbox (owed by a process that stopped).
+        self._taken_over: dict[tuple[tuple[str, str], str], Owed] = {}
         self._interned: LRUCache[bytes, CachedCredit] = LRUCache(maxsize=4096)
 
     async def lifespan(self, _app: web.Application) -> AsyncIterator[None]:
-        """`cleanup_ctx` entry: start the feed and the provider, and on shutdown finish money-moving
-        work first."""
+        """`cleanup_ctx` entry: start the feed, the outbox and the provider, and on shutdown finish
+        money-moving work first."""
         if self.feed is not None:
             await self.feed.start(self)
         try:
+            if self.outbox is not None:
+                await self.outbox.open()
             await self.provider.start()
         except BaseException:
             await self.provider.stop()
+            if self.outbox is not None:
+                await self.outbox.close()
             if self.feed is not None:
                 await self.feed.stop()
             raise
+        if self.outbox is not None:
+            self.outbox.start(self._take_over)
         try:
             yield
         finally:
             await self.cache.aclose()
             # A finishing task may start another (a give-back after a spend): drain until none is
             # left, stop the retries (one stopped mid-call leaves that call to drain), drain again.
-            # A give-back that fails after the retries stopped is logged with its key, not retried.
+            # Every give-back still owed then is kept in the outbox, for the next process.
             await self._drain()
-            await self.retries.aclose()
+            if self.outbox is not None:
+                await self.outbox.stop()
+            owed = await self.retries.aclose()
             await self._drain()
+            if owed:
+                logger.warning(
+                    "Shutting down with %d give-back(s) still owed: %s",
+                    owed,
+                    "kept in the give-back outbox for the next process (or ciris-billing-proxy reconcile)"
+                    if self.outbox is not None
+                    else "not retried again, so their uses may not be given back",
+                )
+            if self.outbox is not None:
+                await self.outbox.close()
             await self.provider.stop()
             if self.feed is not None:
                 await self.feed.stop()
@@ -235,19 +261,22 @@ class BillingService:
             self._track(self._give_back_after(task, identity, idempotency_key))
             raise
 
-    async def give_back(self, identity: Identity, idempotency_key: str) -> None:
+    async def give_back(
+        self, identity: Identity, idempotency_key: str, why: str = "asked by the host"
+    ) -> None:
         """Give back the use spent under this key. When the provider cannot do it now
-        (`ProviderUnavailable`), it is retried in the background until it can: never dropped.
+        (`ProviderUnavailable`), it is kept in the outbox and retried in the background until it
+        can: never dropped. `why` is what `ciris-billing-proxy reconcile` shows for it meanwhile.
 
         The give-back and the decision to retry it run as one tracked task: a caller cancelled
         while it waits (a client gone, a host's timeout) cannot leave a failure unhandled."""
-        await asyncio.shield(self._track(self._give_back_or_retry(identity, idempotency_key)))
+        await asyncio.shield(self._track(self._give_back_or_retry(identity, idempotency_key, why)))
 
-    async def _give_back_or_retry(self, identity: Identity, key: str) -> None:
+    async def _give_back_or_retry(self, identity: Identity, key: str, why: str) -> None:
         try:
             await self._give_back_once(identity, key)
         except ProviderUnavailable:
-            self._retry_later(identity, key)
+            await self._owe(identity, key, why)
         except BillingError:
             logger.warning("Could not give back the use spent under request key %s", key)
 
@@ -255,12 +284,44 @@ class BillingService:
         task = self._track(self._change_credit(self.provider.give_back(identity, key), identity, "give_back"))
         await asyncio.shield(task)
 
-    def _retry_later(self, identity: Identity, key: str) -> None:
+    async def _owe(self, identity: Identity, key: str, why: str) -> None:
+        """Keep the give-back durably first (a SIGTERM from now on cannot lose it), then retry it."""
+        if self.outbox is not None:
+            await self.outbox.owe(Owed(identity, key, why, time.time()))
         if self.retries.schedule(identity, key):
             logger.warning(
                 "Could not give back the use spent under request key %s yet; retrying in the background",
                 key,
             )
+        else:
+            logger.info("Shutting down: the give-back for request key %s is left to the next process", key)
+
+    def _take_over(self, owed: Owed) -> None:
+        """A give-back the outbox claimed for this process (its own process stopped, or it was
+        owed while none ran): made with the retries' backoff like any other."""
+        self._taken_over[owed.slot] = owed
+        self.retries.schedule(owed.identity, owed.request_key)
+
+    async def _retry_give_back(self, identity: Identity, key: str) -> None:
+        """One retry, and the outbox told once it is made (or never can be)."""
+        slot = (identity.key, key)
+        owed = self._taken_over.get(slot)
+        call = (
+            self.provider.give_back(identity, key)
+            if owed is None
+            else self.provider.give_back_owed(identity, key, owed.owed_since)
+        )
+        try:
+            await asyncio.shield(self._track(self._change_credit(call, identity, "give_back")))
+        except ProviderUnavailable:
+            raise
+        except BillingError as exc:
+            logger.warning(
+                "Gave up giving back the use spent under request key %s: %s", key, type(exc).__name__
+            )
+        self._taken_over.pop(slot, None)
+        if self.outbox is not None:
+            await self.outbox.made(slot)
 
     async def initiate_purchase(
         self, identity: Identity, return_url: str | None, idempotency_key: str | None
@@ -333,7 +394,7 @@ class BillingService:
                 return
         except BillingError:
             return  # refused outright (no credit): nothing was taken
-        await self._give_back_or_retry(identity, key)
+        await self._give_back_or_retry(identity, key, "the spend failed, and may have taken effect")
 
     async def _guard(self, call: Awaitable[Any], what: str, expected: type[T]) -> T:
         """The provider's answer, if it is what the interface declares; every failure other than

@@ -15,6 +15,7 @@ from .errors import error_middleware
 from .keys import SERVICE_KEY
 from .login import Authenticator
 from .openapi import APIDescription
+from .ops.outbox import outbox_for
 from .paths import DEFAULT_LOGIN_PATH, PathScope, mount_point
 from .providers.base import CreditProvider, ProviderContext
 from .providers.registry import check_provider_class, create_provider
@@ -70,6 +71,7 @@ def setup_billing(
             data_dir=config.data_dir,
             agent_id=config.agent_id,
             database_url=config.database_url.get_secret_value() if config.database_url else None,
+            database_budget=config.database_budget,
         )
         provider = create_provider(config.provider, context)
     elif not isinstance(provider, CreditProvider):
@@ -81,7 +83,15 @@ def setup_billing(
     else:
         check_provider_class(type(provider), provider.name)
     database_url = config.database_url.get_secret_value() if config.database_url else None
-    service = BillingService(config, provider, verifier, change_feed_for(database_url, config.data_dir))
+    service = BillingService(
+        config,
+        provider,
+        verifier,
+        change_feed_for(database_url, config.data_dir, config.database_budget),
+        outbox_for(
+            database_url, config.data_dir, config.database_budget, period=config.give_back_retry_max_seconds
+        ),
+    )
 
     app[SERVICE_KEY] = service
     app.cleanup_ctx.append(service.lifespan)

@@ -4,6 +4,11 @@ sqlite3 calls block (a commit waits for the disk), so they run off the event loo
 thread owns the connection, which serialises this process's writes, and `BEGIN IMMEDIATE` makes each
 read-check-write atomic against other processes sharing the file. WAL with `synchronous=NORMAL` keeps
 every committed transaction across a process crash or restart.
+
+Every use waits at most `timeout` seconds in all (`BillingConfig.database_timeout_seconds`): in the
+worker's queue, then on another process's lock (SQLite's busy timeout, lowered to what is left).
+A use that cannot start in time, or finds the file locked or unusable, is `ProviderUnavailable`
+(503), logged as one line, never a traceback.
 """
 
 from __future__ import annotations
@@ -20,14 +25,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
-from .engine import Engine, Migrated, Schema, newer_schema
+from ..database_budget import DEFAULT_BUDGET
+from ..errors import ProviderUnavailable
+from .engine import DatabaseUnavailable, Engine, Migrated, Schema, newer_schema
 
 T = TypeVar("T")
 
 logger = logging.getLogger("ciris_billing_proxy")
 
 MEMORY = ":memory:"
+#: How long opening a file waits for another process switching it to WAL.
 BUSY_TIMEOUT_MS = 5000
+DATABASE_UNAVAILABLE = "database unavailable"
 
 
 @contextmanager
@@ -57,13 +66,19 @@ def _enter_wal(conn: sqlite3.Connection) -> str:
             time.sleep(0.01)
 
 
+class _Late(Exception):
+    """A use whose budget was spent before the worker could start it: it was not run."""
+
+
 class SQLiteDatabase(Engine):
     """One SQLite file (or `:memory:`)."""
 
     dialect = "sqlite"
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, timeout: float = DEFAULT_BUDGET.timeout_seconds) -> None:
         self.path = str(path)
+        self.timeout = timeout
+        self._busy_ms = round(timeout * 1000)
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
 
@@ -82,7 +97,7 @@ class SQLiteDatabase(Engine):
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
         if self.path != MEMORY:
             mode = _enter_wal(conn)
             if str(mode).lower() != "wal":
@@ -116,16 +131,43 @@ class SQLiteDatabase(Engine):
                     )
                 return Migrated(schema.name, schema.version, schema.version - found)
 
-        return await self.run(write)
+        try:
+            return await self.run(write)
+        except ProviderUnavailable:
+            raise DatabaseUnavailable(f"cannot use {self.describe()}: it stayed locked") from None
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._executor is None or self._conn is None:
             raise RuntimeError("database is not open")
         conn = self._conn
+        deadline = time.monotonic() + self.timeout
         # Shielded: once a write is handed to the worker it completes, even if the request that
         # asked for it is cancelled, so the caller's view and the file never disagree.
-        future = asyncio.get_running_loop().run_in_executor(self._executor, fn, conn)
-        return await asyncio.shield(future)
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._within, fn, conn, deadline)
+        try:
+            return await asyncio.shield(future)
+        except sqlite3.OperationalError as exc:  # locked past the budget, a full disk, a lost file
+            logger.warning("SQLite unavailable: %s", exc)
+            raise ProviderUnavailable(DATABASE_UNAVAILABLE) from None
+        except _Late:
+            logger.warning("SQLite unavailable: no turn within %g s", self.timeout)
+            raise ProviderUnavailable(DATABASE_UNAVAILABLE, maybe_applied=False) from None
+
+    def _within(self, fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection, deadline: float) -> T:
+        """`fn` on the worker, within what is left of the budget: not started once it is spent,
+        and waiting on locks no longer than the rest. (Busy timeouts change only for uses that
+        queued: on an idle worker this costs one clock read.)"""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Late
+        busy = max(round(left * 1000), 1)
+        if busy < self._busy_ms * 0.9:
+            conn.execute(f"PRAGMA busy_timeout = {busy}")
+            try:
+                return fn(conn)
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+        return fn(conn)
 
     async def close(self) -> None:
         executor, conn = self._executor, self._conn

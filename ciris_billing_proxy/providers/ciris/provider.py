@@ -118,6 +118,9 @@ class CirisProvider(CreditProvider):
     async def give_back(self, identity: Identity, idempotency_key: str) -> None:
         await self.charges.give_back(identity, idempotency_key)
 
+    async def give_back_owed(self, identity: Identity, idempotency_key: str, owed_since: float) -> None:
+        await self.charges.give_back_owed(identity, idempotency_key, owed_since)
+
     async def initiate_purchase(
         self, identity: Identity, return_url: str | None, idempotency_key: str | None
     ) -> PurchaseInitiated:
