@@ -65,15 +65,7 @@ def setup_billing(
     if authenticate is not None and not config.jwt.can_issue:
         raise ConfigError("the login route needs a JWT secret (HS*) or a private key to sign with")
     if provider is None:
-        context = ProviderContext(
-            options=config.provider_options,
-            environ=os.environ if environ is None else environ,
-            data_dir=config.data_dir,
-            agent_id=config.agent_id,
-            database_url=config.database_url.get_secret_value() if config.database_url else None,
-            database_budget=config.database_budget,
-        )
-        provider = create_provider(config.provider, context)
+        provider = create_provider(config.provider, provider_context(config, environ))
     elif not isinstance(provider, CreditProvider):
         what = f"the class {provider.__qualname__}" if isinstance(provider, type) else type(provider).__name__
         raise TypeError(
@@ -123,6 +115,18 @@ def setup_billing(
     if scopes:
         app.on_startup.append(_rebase_on_mount(anchor, scopes))
     return service
+
+
+def provider_context(config: BillingConfig, environ: Mapping[str, str] | None = None) -> ProviderContext:
+    """What the provider `config.provider` is built from (`environ`: the process environment)."""
+    return ProviderContext(
+        options=config.provider_options,
+        environ=os.environ if environ is None else environ,
+        data_dir=config.data_dir,
+        agent_id=config.agent_id,
+        database_url=config.database_url.get_secret_value() if config.database_url else None,
+        database_budget=config.database_budget,
+    )
 
 
 def _rebase_on_mount(

@@ -14,6 +14,7 @@ A use that cannot start in time, or finds the file locked or unusable, is `Provi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -89,8 +90,13 @@ class SQLiteDatabase(Engine):
         if self.path != MEMORY:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             # Create it owner-only before SQLite does (its journal files inherit this mode): the
-            # ledger names users and, for paid providers, their payments.
-            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+            # ledger names users and, for paid providers, their payments. Only when it does not
+            # exist: closing a descriptor of a file drops every POSIX lock this process holds on
+            # it, those of SQLite connections already open on it too (another engine on the same
+            # `database_url`), after which another process may delete the WAL under them and each
+            # side goes on writing a database the other never sees.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ciris-billing-db")
         loop = asyncio.get_running_loop()
         self._conn = await loop.run_in_executor(self._executor, self._connect)

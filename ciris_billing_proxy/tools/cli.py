@@ -1,6 +1,6 @@
 """`ciris-billing-proxy serve` runs the demo agent; `ciris-billing-proxy qa` checks any agent;
-`ciris-billing-proxy migrate` brings a database's schemas up to date; `ciris-billing-proxy openapi`
-prints the API description."""
+`ciris-billing-proxy migrate` brings a database's schemas up to date; `ciris-billing-proxy reconcile`
+makes the give-backs still owed; `ciris-billing-proxy openapi` prints the API description."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import asyncio
 import json
 import multiprocessing.connection
 import os
+import secrets
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from .demo import (
     saved_usernames,
 )
 from .qa import QAError, print_report, run_qa
+from .reconcile import reconcile
 from .users import UserStore
 from .workers import Supervisor, reserve_port
 
@@ -110,15 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=_port, default=8000, help="port to bind (default 8000)")
-    serve.add_argument("--provider", default=None, help="credit provider name (default simple)")
-    serve.add_argument(
-        "--provider-option",
-        type=_option,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a provider setting (repeatable); wins over the provider's environment variables",
-    )
+    _store_options(serve)
     serve.add_argument(
         "--user",
         type=_user,
@@ -126,14 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME:PASSWORD[:EMAIL]",
         help="a login for this run (repeatable); without it a demo user is created once",
-    )
-    serve.add_argument("--data-dir", type=Path, default=None, help="where state is kept")
-    serve.add_argument(
-        "--database-url",
-        default=None,
-        metavar="URL",
-        help="where the providers keep their records: postgresql://user@host:port/dbname, or "
-        "sqlite:///path (default: CIRIS_BILLING_DATABASE_URL, else SQLite files in the data directory)",
     )
     serve.add_argument(
         "--idle-timeout",
@@ -151,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes sharing the port and the store (default 1); a worker that dies is "
         "replaced, Ctrl-C or SIGTERM stops them all",
     )
+    reconcile_cmd = commands.add_parser(
+        "reconcile",
+        help="list the give-backs still owed, and make them",
+        description="List every give-back still owed (request key, user, age, attempts, why), kept in "
+        "the store or in the data directory's spool, and make those no running process holds. "
+        "Exits 0 when nothing is owed (any more), 1 when give-backs are still owed (with --dry-run: "
+        "when any are), 2 when the configuration is invalid or the store cannot be reached.",
+    )
+    reconcile_cmd.add_argument("--dry-run", action="store_true", help="only list them; change nothing")
+    _store_options(reconcile_cmd)
     migrate_cmd = commands.add_parser(
         "migrate",
         help="create or upgrade the store's tables, then exit",
@@ -202,6 +198,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _store_options(command: argparse.ArgumentParser) -> None:
+    """The options `serve` and `reconcile` share: which provider, and where state is kept."""
+    command.add_argument("--provider", default=None, help="credit provider name (default simple)")
+    command.add_argument(
+        "--provider-option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a provider setting (repeatable); wins over the provider's environment variables",
+    )
+    command.add_argument("--data-dir", type=Path, default=None, help="where state is kept")
+    command.add_argument(
+        "--database-url",
+        default=None,
+        metavar="URL",
+        help="where the providers keep their records: postgresql://user@host:port/dbname, or "
+        "sqlite:///path (default: CIRIS_BILLING_DATABASE_URL, else SQLite files in the data directory)",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -215,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             print(asyncio.run(migrate(args.database_url)))
             return 0
+        if args.command == "reconcile":
+            return _reconcile(args)
         return _serve(args)
     except ConfigError as exc:
         print(f"ciris-billing-proxy: {exc}", file=sys.stderr)
@@ -252,19 +271,38 @@ def _qa(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
-def _serve(args: argparse.Namespace) -> int:
-    data_dir = args.data_dir or Path(os.environ.get("CIRIS_BILLING_DATA_DIR") or default_data_dir())
+def _reconcile(args: argparse.Namespace) -> int:
+    overrides = _store_settings(args, _data_dir(args))
+    jwt: dict[str, object] = {}
+    if not (os.environ.get("CIRIS_JWT_SECRET") or os.environ.get("CIRIS_JWT_PUBLIC_KEY")):
+        jwt["secret"] = secrets.token_urlsafe(48)  # never used: reconcile verifies and issues no token
+    config = BillingConfig.from_env(**overrides, jwt=jwt)
+    return asyncio.run(reconcile(config, dry_run=args.dry_run, out=sys.stdout))
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    return Path(args.data_dir or os.environ.get("CIRIS_BILLING_DATA_DIR") or default_data_dir())
+
+
+def _store_settings(args: argparse.Namespace, data_dir: Path) -> dict[str, object]:
+    """The config overrides of `_store_options`."""
     overrides: dict[str, object] = {"data_dir": data_dir}
-    if args.fake_backend:
-        if args.provider not in (None, "ciris"):
-            raise ConfigError("--fake-backend works with the ciris provider only")
-        overrides["provider"] = "ciris"
-    elif args.provider:
+    if args.provider:
         overrides["provider"] = args.provider
     if args.provider_option:
         overrides["provider_options"] = dict(args.provider_option)
     if args.database_url:
         overrides["database_url"] = args.database_url
+    return overrides
+
+
+def _serve(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    overrides = _store_settings(args, data_dir)
+    if args.fake_backend:
+        if args.provider not in (None, "ciris"):
+            raise ConfigError("--fake-backend works with the ciris provider only")
+        overrides["provider"] = "ciris"
     jwt: dict[str, object] = {}
     if not (os.environ.get("CIRIS_JWT_SECRET") or os.environ.get("CIRIS_JWT_PUBLIC_KEY")):
         # No key configured: keep a generated one in the data directory so tokens survive restarts.
