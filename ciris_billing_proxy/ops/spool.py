@@ -52,7 +52,11 @@ class Spool:
 
     def _append(self, line: dict[str, object]) -> None:
         data = (json.dumps(line, separators=(",", ":")) + "\n").encode()
-        with self._locked(os.O_WRONLY | os.O_APPEND | os.O_CREAT) as fd:
+        with self._locked(os.O_RDWR | os.O_APPEND | os.O_CREAT) as fd:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            if end and os.pread(fd, 1, end - 1) != b"\n":
+                # A line cut short by a crash: end it, so it costs only itself, not this one too.
+                data = b"\n" + data
             os.write(fd, data)
             os.fsync(fd)
 
@@ -66,8 +70,8 @@ class Spool:
             return None
         if not data:
             return None
-        # A line cut short (the process was killed while writing it) is left for the next `take`
-        # only if it is the last: every complete line ends with a newline.
+        # A last line cut short (a process killed while writing it) is left as it is: every
+        # complete line ends with a newline, and the next append ends that one first.
         size = data.rfind(b"\n") + 1
         taken = Taken(size)
         for number, raw in enumerate(data[:size].splitlines(), 1):
