@@ -131,10 +131,10 @@ class BillingService:
             yield
         finally:
             await self.cache.aclose()
-            # A finishing task may start another (a give-back after a spend): drain until none is
-            # left, stop the retries (one stopped mid-call leaves that call to drain), drain again.
-            # Every give-back still owed then is kept in the outbox, for the next process.
-            await self._drain()
+            # Retries first: while the provider fails, each would start another attempt and a
+            # drain would never end. One stopped mid-call leaves that call to the drain, and a
+            # finishing task may start another (a give-back after a spend): drain until none is
+            # left. Every give-back still owed is kept in the outbox, for the next process.
             if self.outbox is not None:
                 await self.outbox.stop()
             owed = await self.retries.aclose()
@@ -303,6 +303,10 @@ class BillingService:
         self.retries.schedule(owed.identity, owed.request_key)
 
     async def _retry_give_back(self, identity: Identity, key: str) -> None:
+        # Tracked as a whole: a retry stopped at shutdown mid-call still tells the outbox.
+        await asyncio.shield(self._track(self._retry_once(identity, key)))
+
+    async def _retry_once(self, identity: Identity, key: str) -> None:
         """One retry, and the outbox told once it is made (or never can be)."""
         slot = (identity.key, key)
         owed = self._taken_over.get(slot)
@@ -312,7 +316,7 @@ class BillingService:
             else self.provider.give_back_owed(identity, key, owed.owed_since)
         )
         try:
-            await asyncio.shield(self._track(self._change_credit(call, identity, "give_back")))
+            await self._change_credit(call, identity, "give_back")
         except ProviderUnavailable:
             raise
         except BillingError as exc:
