@@ -60,8 +60,8 @@ class CirisProvider(CreditProvider):
         self.charges = ChargeBook(self.backend)
         # Without an API key (id_token mode) nothing is sold through Stripe, so nothing is ever
         # sealed: a random secret keeps the desk whole without a key to derive one from.
-        key = settings.api_key.get_secret_value() if settings.api_key else secrets.token_urlsafe(32)
-        self.purchases = PurchaseDesk(self.backend, self.payments, self.replays, ReplySeal(key))
+        sealing = settings.replay_secrets or (secrets.token_urlsafe(32),)
+        self.purchases = PurchaseDesk(self.backend, self.payments, self.replays, ReplySeal(*sealing))
 
     @classmethod
     def from_context(cls, context: ProviderContext) -> Self:
