@@ -42,9 +42,9 @@ async def served(args: list[str], data_dir: Path, env: dict[str, str]) -> AsyncI
         await asyncio.to_thread(running.__exit__, None, None, None)
 
 
-async def sigterm(server: Server) -> int:
-    """Stop `serve` as an orchestrator does, and how it exited (it must stop by itself)."""
-    server.process.send_signal(signal.SIGTERM)
+async def stop(server: Server, how: signal.Signals) -> int:
+    """Stop `serve` as an orchestrator does (SIGTERM: it must stop by itself), or kill it."""
+    server.process.send_signal(how)
     return await asyncio.to_thread(server.process.wait, 20)
 
 
@@ -62,10 +62,11 @@ async def outage_then_restart(
     used: Callable[[], Awaitable[int]],
     fail: Callable[[], Awaitable[None]],
     restore: Callable[[], Awaitable[None]],
+    how: signal.Signals = signal.SIGTERM,
 ) -> Path:
     """Three good interactions, then FAILING interactions whose uses are taken before the outage
     and whose bodies (malformed: 400, so their use is owed back) arrive during it, and DURING more
-    started in it; SIGTERM; restore; `serve` again. Returns the spool's path."""
+    started in it; SIGTERM (or `how`); restore; `serve` again. Returns the spool's path."""
     env = clean_env(
         CIRIS_JWT_SECRET=SECRET,
         CIRIS_GIVE_BACK_RETRY_MAX_SECONDS="0.2",
@@ -96,7 +97,7 @@ async def outage_then_restart(
         during = await asyncio.gather(*(interact(json.dumps({"message": "x"})) for _ in range(DURING)))
         assert statuses == [400] * FAILING
         assert set(during) <= {503, 400}, during
-        assert await sigterm(first) == 0, "".join(first.output)
+        assert await stop(first, how) == (0 if how == signal.SIGTERM else -how), "".join(first.output)
     assert await used() == 3 + FAILING  # nothing was given back during the outage
 
     await restore()
@@ -115,9 +116,11 @@ async def proxy(pg_url: str) -> AsyncIterator[TcpProxy]:
     await proxy.cut()
 
 
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
 async def test_a_sigterm_during_a_postgres_outage_loses_no_give_back(
-    pg_url: str, proxy: TcpProxy, tmp_path: Path
+    pg_url: str, proxy: TcpProxy, tmp_path: Path, how: signal.Signals
 ) -> None:
+    """Also `kill -9`: once a failed interaction was answered, its give-back was already recorded."""
     args = [
         "--database-url",
         proxy.url_for(pg_url),
@@ -131,7 +134,7 @@ async def test_a_sigterm_during_a_postgres_outage_loses_no_give_back(
         rows = await fetch(pg_url, "SELECT COALESCE(SUM(used), 0) FROM usage")
         return int(str(rows[0][0]))
 
-    spool = await outage_then_restart(args, tmp_path / "data", used, proxy.cut, proxy.restore)
+    spool = await outage_then_restart(args, tmp_path / "data", used, proxy.cut, proxy.restore, how)
     # The owed give-backs went through the spool (the store was cut too), and left it once made.
     assert spool.exists()
     assert spool.read_bytes() == b""

@@ -51,6 +51,8 @@ class GiveBackOutbox:
         #: This process's claims in the store, and its lines in the spool, carry this.
         self.token = secrets.token_hex(16)
         self._task: asyncio.Task[None] | None = None
+        #: Made, but neither the store nor the spool could say so yet: forgotten in a later round.
+        self._unrecorded: set[Slot] = set()
 
     async def open(self) -> None:
         """Open the store (`DatabaseUnavailable` when it cannot be reached at startup)."""
@@ -101,8 +103,9 @@ class GiveBackOutbox:
 
     async def made(self, slot: Slot) -> None:
         """Forget a give-back that was made (or can never be). When the store does not answer, the
-        spool says so; failing that too, some process makes it again later, which the provider's
-        idempotent `give_back` turns into nothing."""
+        spool says so; failing that too, a later round tells the store (should this process stop
+        first, another makes it again, which the provider's idempotent `give_back` turns into
+        nothing)."""
         try:
             await self.store.remove([slot])
             return
@@ -111,7 +114,7 @@ class GiveBackOutbox:
         try:
             await asyncio.to_thread(self.spool.made, slot)
         except OSError:
-            logger.info("Could not record that the give-back for request key %s was made", slot[1])
+            self._unrecorded.add(slot)
 
     async def import_spool(self) -> int:
         """Move the spool's give-backs into the store; how many were owed. `ProviderUnavailable`
@@ -136,6 +139,10 @@ class GiveBackOutbox:
 
     async def claim(self) -> list[Owed]:
         """Renew this process's claims, then claim what nobody else is making."""
+        if self._unrecorded:
+            done = list(self._unrecorded)
+            await self.store.remove(done)
+            self._unrecorded.difference_update(done)
         await self.store.renew(self.token, self.lease)
         return await self.store.claim(self.token, self.lease, CLAIM_BATCH)
 
