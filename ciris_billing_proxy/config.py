@@ -15,6 +15,7 @@ from typing import Any, Final, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from .database_budget import DatabaseBudget
 from .database_url import parse_database_url
 from .paths import DEFAULT_PREFIX
 
@@ -100,6 +101,12 @@ class BillingConfig(BaseModel):
     #: for one SQLite file, `postgresql://user@host:port/dbname` for PostgreSQL (shared by every
     #: process and host pointed at it). Secret: it may carry a password.
     database_url: SecretStr | None = None
+    #: Connections each pool of this process may hold on PostgreSQL (the records, the change feed's
+    #: up to 2, the login throttle's and the give-back outbox's pools each take at most this many).
+    database_pool_size: int = Field(default=10, ge=1, le=100)
+    #: Longest one use of the database may take in all (waiting for a connection or a lock, and every
+    #: statement of it); past that the request is answered 503. See docs/operations.md.
+    database_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     agent_id: str = Field(default="agent", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     identity_namespace: str = Field(default="local", min_length=1, max_length=64)
     default_role: str = Field(default="OBSERVER", min_length=1, max_length=50)
@@ -148,6 +155,10 @@ class BillingConfig(BaseModel):
         if value is not None:
             parse_database_url(value.get_secret_value())
         return value
+
+    @property
+    def database_budget(self) -> DatabaseBudget:
+        return DatabaseBudget(self.database_pool_size, self.database_timeout_seconds)
 
     @field_validator("gate_bypass_roles")
     @classmethod
@@ -235,6 +246,8 @@ ENV_VARS: Final[dict[str, tuple[str, str, str]]] = {
     "CIRIS_CREDIT_PROVIDER": ("top", "provider", "str"),
     "CIRIS_BILLING_DATA_DIR": ("top", "data_dir", "path"),
     "CIRIS_BILLING_DATABASE_URL": ("top", "database_url", "str"),
+    "CIRIS_BILLING_DATABASE_POOL_SIZE": ("top", "database_pool_size", "int"),
+    "CIRIS_BILLING_DATABASE_TIMEOUT_SECONDS": ("top", "database_timeout_seconds", "float"),
     "CIRIS_AGENT_ID": ("top", "agent_id", "str"),
     "CIRIS_IDENTITY_NAMESPACE": ("top", "identity_namespace", "str"),
     "CIRIS_DEFAULT_ROLE": ("top", "default_role", "str"),

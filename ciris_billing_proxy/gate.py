@@ -71,15 +71,17 @@ def credit_gate(handler: Handler) -> Handler:
             response = await handler(request)
         except web.HTTPException as exc:
             if exc.status >= 400:
-                await _give_back(service, identity, key)
+                await _give_back(service, identity, key, f"the interaction failed (HTTP {exc.status})")
             raise
         except BaseException as exc:
-            await _give_back(service, identity, key)
-            if client_left(request, exc):
+            gone = client_left(request, exc)
+            why = "the client left" if gone else f"the interaction failed ({type(exc).__name__})"
+            await _give_back(service, identity, key, why)
+            if gone:
                 raise client_gone(request) from None
             raise
         if response.status >= 400:
-            await _give_back(service, identity, key)
+            await _give_back(service, identity, key, f"the interaction failed (HTTP {response.status})")
         return response
 
     @functools.wraps(handler)
@@ -107,9 +109,9 @@ async def _check_credit(service: BillingService, request: web.Request, identity:
         raise to_http(exc, gate=True) from None
 
 
-async def _give_back(service: BillingService, identity: Identity, key: str) -> None:
+async def _give_back(service: BillingService, identity: Identity, key: str, why: str) -> None:
     try:
-        await service.give_back(identity, key)
+        await service.give_back(identity, key, why)
     except BillingError:
         # The interaction already failed; a failed refund must not replace that error. The log line
         # names the request key, so an operator can reconcile it.

@@ -36,9 +36,11 @@ from .models import (
 )
 from .ops.health import Health, readiness
 from .ops.metrics import Counts, MultiprocessWriter
+from .ops.outbox import GiveBackOutbox
 from .providers.base import CreditProvider
 from .retries import GiveBackRetries
 from .store.changes import FEED_DOWN_MAX_AGE_SECONDS, ChangeFeed, IdentityKey
+from .store.give_backs import Owed
 
 T = TypeVar("T")
 
@@ -87,7 +89,8 @@ class BillingService:
 
     * `await credit_status(identity)`: the user's `CreditStatus` (cached for `cache_ttl_seconds`);
     * `await spend(identity, key)` / `await give_back(identity, key)`: take one use, or return it
-      (a give-back the provider cannot make now is retried in the background, never dropped);
+      (a give-back the provider cannot make now is kept in the outbox and retried in the
+      background, by this process or any other sharing the store, until it is made);
     * `capabilities()`: what the provider offers (purchases, transactions);
     * `await initiate_purchase(...)`, `await purchase_status(...)`, `await transactions(...)`;
     * `invalidate(identity)`: forget the cached credit after it changed elsewhere (`invalidate()`:
@@ -113,11 +116,13 @@ class BillingService:
         provider: CreditProvider,
         verifier: TokenVerifier,
         feed: ChangeFeed | None = None,
+        outbox: GiveBackOutbox | None = None,
     ) -> None:
         self.config = config
         self.provider = provider
         self.verifier = verifier
         self.feed = feed
+        self.outbox = outbox
         negative_ttl = min(config.negative_cache_ttl_seconds, config.cache_ttl_seconds)
         self.cache: CreditCache[CachedCredit] = CreditCache(
             self._load_status,
@@ -126,7 +131,9 @@ class BillingService:
             ttl_of=lambda entry: config.cache_ttl_seconds if entry.has_credit else negative_ttl,
         )
         self._money_tasks: set[asyncio.Task[Any]] = set()
-        self.retries = GiveBackRetries(self._give_back_once, max_interval=config.give_back_retry_max_seconds)
+        self.retries = GiveBackRetries(self._retry_give_back, max_interval=config.give_back_retry_max_seconds)
+        #: Give-backs this process took over from the outbox (owed by a process that stopped).
+        self._taken_over: dict[tuple[tuple[str, str], str], Owed] = {}
         self._interned: LRUCache[bytes, CachedCredit] = LRUCache(maxsize=4096)
         #: What the metrics count, as plain numbers (`ops.metrics`); its writer in a multiprocess group.
         self.counts = Counts()
@@ -138,15 +145,19 @@ class BillingService:
         self._startup_check: asyncio.Task[None] | None = None
 
     async def lifespan(self, _app: web.Application) -> AsyncIterator[None]:
-        """`cleanup_ctx` entry: start the feed and the provider, and on shutdown finish money-moving
-        work first."""
+        """`cleanup_ctx` entry: start the feed, the outbox and the provider, and on shutdown finish
+        money-moving work first."""
         if self.feed is not None:
             await self.feed.start(self)
             self.feed_listening = True
         try:
+            if self.outbox is not None:
+                await self.outbox.open()
             await self.provider.start()
         except BaseException as exc:
             await self.provider.stop()
+            if self.outbox is not None:
+                await self.outbox.close()
             if self.feed is not None:
                 await self.feed.stop()
             if isinstance(exc, Exception) and not isinstance(exc, ConfigError):
@@ -154,6 +165,8 @@ class BillingService:
             raise
         self.lifecycle = "ok"
         self._startup_check = asyncio.create_task(self._check_at_startup())
+        if self.outbox is not None:
+            self.outbox.start(self._take_over)
         try:
             yield
         finally:
@@ -161,13 +174,26 @@ class BillingService:
             self._startup_check.cancel()
             await asyncio.gather(self._startup_check, return_exceptions=True)
             await self.cache.aclose()
-            # A finishing task may start another (a give-back after a spend): drain until none is
-            # left, stop the retries (one stopped mid-call leaves that call to drain), drain again.
-            # A give-back that fails after the retries stopped is logged with its key, not retried.
+            # Retries first: while the provider fails, each would start another attempt and a
+            # drain would never end. One stopped mid-call leaves that call to the drain, and a
+            # finishing task may start another (a give-back after a spend): drain until none is
+            # left. Every give-back still owed is kept in the outbox, for the next process.
+            if self.outbox is not None:
+                await self.outbox.stop()
+            owed = await self.retries.aclose()
+            if self.outbox is None:
+                self.counts.give_backs_abandoned += owed
             await self._drain()
-            self.counts.give_backs_abandoned += self.give_backs_owed()
-            await self.retries.aclose()
-            await self._drain()
+            if owed:
+                logger.warning(
+                    "Shutting down with %d give-back(s) still owed: %s",
+                    owed,
+                    "kept in the give-back outbox for the next process (or ciris-billing-proxy reconcile)"
+                    if self.outbox is not None
+                    else "not retried again, so their uses may not be given back",
+                )
+            if self.outbox is not None:
+                await self.outbox.close()
             await self.provider.stop()
             if self.feed is not None:
                 await self.feed.stop()
@@ -316,19 +342,22 @@ class BillingService:
             self._track(self._give_back_after(task, identity, idempotency_key))
             raise
 
-    async def give_back(self, identity: Identity, idempotency_key: str) -> None:
+    async def give_back(
+        self, identity: Identity, idempotency_key: str, why: str = "asked by the host"
+    ) -> None:
         """Give back the use spent under this key. When the provider cannot do it now
-        (`ProviderUnavailable`), it is retried in the background until it can: never dropped.
+        (`ProviderUnavailable`), it is kept in the outbox and retried in the background until it
+        can: never dropped. `why` is what `ciris-billing-proxy reconcile` shows for it meanwhile.
 
         The give-back and the decision to retry it run as one tracked task: a caller cancelled
         while it waits (a client gone, a host's timeout) cannot leave a failure unhandled."""
-        await asyncio.shield(self._track(self._give_back_or_retry(identity, idempotency_key)))
+        await asyncio.shield(self._track(self._give_back_or_retry(identity, idempotency_key, why)))
 
-    async def _give_back_or_retry(self, identity: Identity, key: str) -> None:
+    async def _give_back_or_retry(self, identity: Identity, key: str, why: str) -> None:
         try:
             await self._give_back_once(identity, key)
         except ProviderUnavailable:
-            self._retry_later(identity, key)
+            await self._owe(identity, key, why)
         except BillingError:
             logger.warning("Could not give back the use spent under request key %s", key)
 
@@ -336,14 +365,50 @@ class BillingService:
         task = self._track(self._change_credit(self.provider.give_back(identity, key), identity, "give_back"))
         await asyncio.shield(task)
 
-    def _retry_later(self, identity: Identity, key: str) -> None:
-        if not self.retries.schedule(identity, key):
-            self.counts.give_backs_abandoned += 1
-        else:
+    async def _owe(self, identity: Identity, key: str, why: str) -> None:
+        """Keep the give-back durably first (a SIGTERM from now on cannot lose it), then retry it."""
+        if self.outbox is not None:
+            await self.outbox.owe(Owed(identity, key, why, time.time()))
+        if self.retries.schedule(identity, key):
             logger.warning(
                 "Could not give back the use spent under request key %s yet; retrying in the background",
                 key,
             )
+        elif self.outbox is not None:
+            logger.info("Shutting down: the give-back for request key %s is left to the next process", key)
+        else:
+            self.counts.give_backs_abandoned += 1
+
+    def _take_over(self, owed: Owed) -> None:
+        """A give-back the outbox claimed for this process (its own process stopped, or it was
+        owed while none ran): made with the retries' backoff like any other."""
+        self._taken_over[owed.slot] = owed
+        self.retries.schedule(owed.identity, owed.request_key)
+
+    async def _retry_give_back(self, identity: Identity, key: str) -> None:
+        # Tracked as a whole: a retry stopped at shutdown mid-call still tells the outbox.
+        await asyncio.shield(self._track(self._retry_once(identity, key)))
+
+    async def _retry_once(self, identity: Identity, key: str) -> None:
+        """One retry, and the outbox told once it is made (or never can be)."""
+        slot = (identity.key, key)
+        owed = self._taken_over.get(slot)
+        call = (
+            self.provider.give_back(identity, key)
+            if owed is None
+            else self.provider.give_back_owed(identity, key, owed.owed_since)
+        )
+        try:
+            await self._change_credit(call, identity, "give_back")
+        except ProviderUnavailable:
+            raise
+        except BillingError as exc:
+            logger.warning(
+                "Gave up giving back the use spent under request key %s: %s", key, type(exc).__name__
+            )
+        self._taken_over.pop(slot, None)
+        if self.outbox is not None:
+            await self.outbox.made(slot)
 
     async def initiate_purchase(
         self, identity: Identity, return_url: str | None, idempotency_key: str | None
@@ -430,7 +495,7 @@ class BillingService:
                 return
         except BillingError:
             return  # refused outright (no credit): nothing was taken
-        await self._give_back_or_retry(identity, key)
+        await self._give_back_or_retry(identity, key, "the spend failed, and may have taken effect")
 
     async def _guard(self, call: Awaitable[Any], what: str, expected: type[T]) -> T:
         """The provider's answer, if it is what the interface declares; every failure other than

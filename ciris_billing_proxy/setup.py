@@ -16,6 +16,7 @@ from .keys import SERVICE_KEY
 from .login import Authenticator
 from .openapi import APIDescription
 from .ops.metrics import metrics_publisher
+from .ops.outbox import outbox_for
 from .paths import DEFAULT_LOGIN_PATH, PathScope, mount_point
 from .providers.base import CreditProvider, ProviderContext
 from .providers.registry import check_provider_class, create_provider
@@ -65,14 +66,7 @@ def setup_billing(
     if authenticate is not None and not config.jwt.can_issue:
         raise ConfigError("the login route needs a JWT secret (HS*) or a private key to sign with")
     if provider is None:
-        context = ProviderContext(
-            options=config.provider_options,
-            environ=os.environ if environ is None else environ,
-            data_dir=config.data_dir,
-            agent_id=config.agent_id,
-            database_url=config.database_url.get_secret_value() if config.database_url else None,
-        )
-        provider = create_provider(config.provider, context)
+        provider = create_provider(config.provider, provider_context(config, environ))
     elif not isinstance(provider, CreditProvider):
         what = f"the class {provider.__qualname__}" if isinstance(provider, type) else type(provider).__name__
         raise TypeError(
@@ -82,7 +76,15 @@ def setup_billing(
     else:
         check_provider_class(type(provider), provider.name)
     database_url = config.database_url.get_secret_value() if config.database_url else None
-    service = BillingService(config, provider, verifier, change_feed_for(database_url, config.data_dir))
+    service = BillingService(
+        config,
+        provider,
+        verifier,
+        change_feed_for(database_url, config.data_dir, config.database_budget),
+        outbox_for(
+            database_url, config.data_dir, config.database_budget, period=config.give_back_retry_max_seconds
+        ),
+    )
 
     app[SERVICE_KEY] = service
     # Before the service's own entry, so its last write at shutdown comes after the service stopped.
@@ -125,6 +127,18 @@ def setup_billing(
     if scopes:
         app.on_startup.append(_rebase_on_mount(anchor, scopes))
     return service
+
+
+def provider_context(config: BillingConfig, environ: Mapping[str, str] | None = None) -> ProviderContext:
+    """What the provider `config.provider` is built from (`environ`: the process environment)."""
+    return ProviderContext(
+        options=config.provider_options,
+        environ=os.environ if environ is None else environ,
+        data_dir=config.data_dir,
+        agent_id=config.agent_id,
+        database_url=config.database_url.get_secret_value() if config.database_url else None,
+        database_budget=config.database_budget,
+    )
 
 
 def _rebase_on_mount(

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Self, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from ..config import ConfigError, describe_validation_error
+from ..database_budget import DEFAULT_BUDGET, DatabaseBudget
 from ..database_url import parse_database_url
 from ..errors import BillingDisabled
 from ..identity import Identity
@@ -46,7 +47,8 @@ class ProviderContext:
     its own environment variables (the process environment unless a test passes another mapping);
     `data_dir` is where it may keep files; `agent_id` namespaces anything it sends to a shared backend;
     `provider` is the name it was chosen by (for messages); `database_url` is the host's
-    `BillingConfig.database_url`, which `database()` turns into an engine.
+    `BillingConfig.database_url`, which `database()` turns into an engine within `database_budget`
+    (`BillingConfig.database_pool_size` and `database_timeout_seconds`).
     """
 
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -55,20 +57,22 @@ class ProviderContext:
     agent_id: str = "agent"
     provider: str = "custom"
     database_url: str | None = field(default=None, repr=False)  # may carry a password
+    database_budget: DatabaseBudget = DEFAULT_BUDGET
 
     def database(self, sqlite_file: str, path: str | Path | None = None) -> Engine:
         """The engine for the provider's records, not yet opened: PostgreSQL or a SQLite file as
         `database_url` says, and without one the file `sqlite_file` in `data_dir`. `path`, the
         provider's own SQLite file setting (a path or ":memory:"), wins over both unless empty."""
+        timeout = self.database_budget.timeout_seconds
         if path:
-            return SQLiteDatabase(path)
+            return SQLiteDatabase(path, timeout=timeout)
         if self.database_url is None:
-            return SQLiteDatabase(self.data_dir / sqlite_file)
+            return SQLiteDatabase(self.data_dir / sqlite_file, timeout=timeout)
         try:
             url = parse_database_url(self.database_url)
         except ValueError as exc:
             raise ConfigError(f"Invalid configuration: database_url: {exc}") from None
-        return engine_for(url)
+        return engine_for(url, self.database_budget)
 
     def settings(self, model: type[S], env: Mapping[str, str] | None = None) -> S:
         """The provider's settings as `model`: environment variables named in `env` (variable ->
@@ -162,6 +166,13 @@ class CreditProvider(abc.ABC):
     @abc.abstractmethod
     async def give_back(self, identity: Identity, idempotency_key: str) -> None:
         """Return the use taken by `spend(identity, idempotency_key)`; no-op if it was never taken."""
+
+    async def give_back_owed(self, identity: Identity, idempotency_key: str, owed_since: float) -> None:
+        """`give_back`, for a give-back owed since `owed_since` (Unix time) by a process that may
+        have stopped since (the give-back outbox makes those): a provider that keeps what a give-back
+        needs in memory only must find it again here. `identity` has the user's id, namespace,
+        role, email and tenant, not the token's expiry. By default, `give_back`."""
+        await self.give_back(identity, idempotency_key)
 
     async def initiate_purchase(
         self, identity: Identity, return_url: str | None, idempotency_key: str | None

@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
+from ..database_budget import DEFAULT_BUDGET, DatabaseBudget
 from ..database_url import DatabaseURL
 from .changes import (
     MAX_BACKOFF_SECONDS,
@@ -56,10 +57,12 @@ SCHEMA = Schema(
 
 
 class PostgresChangeFeed(ChangeFeed):
-    def __init__(self, url: DatabaseURL) -> None:
+    def __init__(self, url: DatabaseURL, budget: DatabaseBudget = DEFAULT_BUDGET) -> None:
         super().__init__()
         self.url = url
-        self.db = PostgresDatabase(url, max_size=POOL_SIZE)
+        self.db = PostgresDatabase(
+            url, max_size=min(POOL_SIZE, budget.pool_size), timeout=budget.timeout_seconds
+        )
         self._conn: asyncpg.Connection | None = None
         self._lost = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None

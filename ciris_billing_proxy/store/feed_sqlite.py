@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final
 
+from ..database_budget import DEFAULT_BUDGET, DatabaseBudget
 from ..errors import ProviderUnavailable
 from .changes import ChangeFeed, ChangeListener, IdentityKey, deliver, encode_epoch, encode_revocation
 from .engine import Schema
@@ -49,9 +50,9 @@ SCHEMA = Schema(
 
 
 class SQLiteChangeFeed(ChangeFeed):
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, budget: DatabaseBudget = DEFAULT_BUDGET) -> None:
         super().__init__()
-        self.db = SQLiteDatabase(path)
+        self.db = SQLiteDatabase(path, timeout=budget.timeout_seconds)
         self._last_id = 0
         self._pruned_at = 0.0
         self._probe: sqlite3.Connection | None = None
@@ -111,7 +112,7 @@ class SQLiteChangeFeed(ChangeFeed):
                 if version == seen:
                     continue
                 payloads = await self.db.run(self._read_new)
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, ProviderUnavailable) as exc:
                 if not down:
                     logger.warning("Change feed unavailable (SQLite: %s)", type(exc).__name__)
                     listener.feed_down()
@@ -209,6 +210,6 @@ class SQLiteChangeFeed(ChangeFeed):
     async def _write(self, write: Callable[[sqlite3.Connection], None]) -> None:
         try:
             await self.db.run(write)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, ProviderUnavailable) as exc:
             logger.warning("Change feed unavailable (SQLite: %s)", type(exc).__name__)
             raise ProviderUnavailable from None

@@ -1,6 +1,7 @@
 """`ciris-billing-proxy serve` runs the demo agent; `ciris-billing-proxy qa` checks any agent;
-`ciris-billing-proxy migrate` brings a database's schemas up to date; `ciris-billing-proxy users
-logout NAME` ends every session of a user; `ciris-billing-proxy openapi` prints the API description."""
+`ciris-billing-proxy migrate` brings a database's schemas up to date; `ciris-billing-proxy reconcile`
+makes the give-backs still owed; `ciris-billing-proxy users logout NAME` ends every session of a user;
+`ciris-billing-proxy openapi` prints the API description."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import math
 import multiprocessing.connection
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -44,6 +46,7 @@ from .demo import (
     saved_usernames,
 )
 from .qa import QAError, print_report, run_qa
+from .reconcile import reconcile
 from .users import UserStore, end_sessions_of_new_passwords
 from .workers import Supervisor, reserve_port
 
@@ -196,15 +199,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=_port, default=8000, help="port to bind (default 8000)")
-    serve.add_argument("--provider", default=None, help="credit provider name (default simple)")
-    serve.add_argument(
-        "--provider-option",
-        type=_option,
-        action=_Repeatable,
-        default=[],
-        metavar="KEY=VALUE",
-        help="a provider setting (repeatable); wins over the provider's environment variables",
-    )
+    _store_options(serve)
     serve.add_argument(
         "--user",
         type=_user,
@@ -222,14 +217,6 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         help="logins for this run, one NAME:PASSWORD[:EMAIL] a line (# comments and blank lines "
         "ignored), added to those of --user",
     )
-    serve.add_argument("--data-dir", type=Path, default=None, help="where state is kept")
-    serve.add_argument(
-        "--database-url",
-        default=None,
-        metavar="URL",
-        help="where the providers keep their records: postgresql://user@host:port/dbname, or "
-        "sqlite:///path (default: CIRIS_BILLING_DATABASE_URL, else SQLite files in the data directory)",
-    )
     serve.add_argument(
         "--idle-timeout",
         type=_seconds,
@@ -246,6 +233,16 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         help="worker processes sharing the port and the store (default 1); a worker that dies is "
         "replaced, Ctrl-C or SIGTERM stops them all",
     )
+    reconcile_cmd = commands.add_parser(
+        "reconcile",
+        help="list the give-backs still owed, and make them",
+        description="List every give-back still owed (request key, user, age, attempts, why), kept in "
+        "the store or in the data directory's spool, and make those no running process holds. "
+        "Exits 0 when nothing is owed (any more), 1 when give-backs are still owed (with --dry-run: "
+        "when any are), 2 when the configuration is invalid or the store cannot be reached.",
+    )
+    reconcile_cmd.add_argument("--dry-run", action="store_true", help="only list them; change nothing")
+    _store_options(reconcile_cmd)
     migrate_cmd = commands.add_parser(
         "migrate",
         help="create or upgrade the store's tables, then exit",
@@ -324,6 +321,27 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     return parser
 
 
+def _store_options(command: argparse.ArgumentParser) -> None:
+    """The options `serve` and `reconcile` share: which provider, and where state is kept."""
+    command.add_argument("--provider", default=None, help="credit provider name (default simple)")
+    command.add_argument(
+        "--provider-option",
+        type=_option,
+        action=_Repeatable,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a provider setting (repeatable); wins over the provider's environment variables",
+    )
+    command.add_argument("--data-dir", type=Path, default=None, help="where state is kept")
+    command.add_argument(
+        "--database-url",
+        default=None,
+        metavar="URL",
+        help="where the providers keep their records: postgresql://user@host:port/dbname, or "
+        "sqlite:///path (default: CIRIS_BILLING_DATABASE_URL, else SQLite files in the data directory)",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -344,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "users":
             return asyncio.run(_logout_user(args))
+        if args.command == "reconcile":
+            return _reconcile(args)
         return _serve(args)
     except ConfigError as exc:
         print(f"ciris-billing-proxy: {exc}", file=sys.stderr)
@@ -402,19 +422,38 @@ async def _logout_user(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    data_dir = args.data_dir or default_data_dir()
+def _reconcile(args: argparse.Namespace) -> int:
+    overrides = _store_settings(args, _data_dir(args))
+    jwt: dict[str, object] = {}
+    if not (os.environ.get("CIRIS_JWT_SECRET") or os.environ.get("CIRIS_JWT_PUBLIC_KEY")):
+        jwt["secret"] = secrets.token_urlsafe(48)  # never used: reconcile verifies and issues no token
+    config = BillingConfig.from_env(**overrides, jwt=jwt)
+    return asyncio.run(reconcile(config, dry_run=args.dry_run, out=sys.stdout))
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    return Path(args.data_dir or os.environ.get("CIRIS_BILLING_DATA_DIR") or default_data_dir())
+
+
+def _store_settings(args: argparse.Namespace, data_dir: Path) -> dict[str, object]:
+    """The config overrides of `_store_options`."""
     overrides: dict[str, object] = {"data_dir": data_dir}
-    if args.fake_backend:
-        if args.provider not in (None, "ciris"):
-            raise ConfigError("--fake-backend works with the ciris provider only")
-        overrides["provider"] = "ciris"
-    elif args.provider:
+    if args.provider:
         overrides["provider"] = args.provider
     if args.provider_option:
         overrides["provider_options"] = dict(args.provider_option)
     if args.database_url:
         overrides["database_url"] = args.database_url
+    return overrides
+
+
+def _serve(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    overrides = _store_settings(args, data_dir)
+    if args.fake_backend:
+        if args.provider not in (None, "ciris"):
+            raise ConfigError("--fake-backend works with the ciris provider only")
+        overrides["provider"] = "ciris"
     jwt: dict[str, object] = {}
     if not (os.environ.get("CIRIS_JWT_SECRET") or os.environ.get("CIRIS_JWT_PUBLIC_KEY")):
         # No key configured: keep a generated one in the data directory so tokens survive restarts.

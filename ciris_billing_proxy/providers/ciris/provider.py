@@ -62,8 +62,8 @@ class CirisProvider(CreditProvider):
         self.charges = ChargeBook(self.backend)
         # Without an API key (id_token mode) nothing is sold through Stripe, so nothing is ever
         # sealed: a random secret keeps the desk whole without a key to derive one from.
-        key = settings.api_key.get_secret_value() if settings.api_key else secrets.token_urlsafe(32)
-        self.purchases = PurchaseDesk(self.backend, self.payments, self.replays, ReplySeal(key))
+        sealing = settings.replay_secrets or (secrets.token_urlsafe(32),)
+        self.purchases = PurchaseDesk(self.backend, self.payments, self.replays, ReplySeal(*sealing))
 
     @classmethod
     def from_context(cls, context: ProviderContext) -> Self:
@@ -122,6 +122,9 @@ class CirisProvider(CreditProvider):
 
     async def give_back(self, identity: Identity, idempotency_key: str) -> None:
         await self.charges.give_back(identity, idempotency_key)
+
+    async def give_back_owed(self, identity: Identity, idempotency_key: str, owed_since: float) -> None:
+        await self.charges.give_back_owed(identity, idempotency_key, owed_since)
 
     async def initiate_purchase(
         self, identity: Identity, return_url: str | None, idempotency_key: str | None

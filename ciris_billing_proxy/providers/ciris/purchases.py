@@ -150,7 +150,10 @@ class PurchaseDesk:
     def _open(self, slot: Slot, found: Found) -> PurchaseInitiated | None:
         plain = self._seal.open(found.sealed, slot.binding())
         if plain is None:
-            logger.warning("A kept purchase reply does not open (was the API key changed?); starting anew")
+            logger.warning(
+                "A kept purchase reply does not open (sealed with another API key or replay secret: "
+                "see docs/operations.md, Rotating the backend API key); starting anew"
+            )
             return None
         return PurchaseInitiated.model_validate_json(plain)
 

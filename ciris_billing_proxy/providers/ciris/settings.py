@@ -38,7 +38,12 @@ ENV_VARS: Final = {
     "CIRIS_BILLING_PURCHASE_WINDOW_SECONDS": "purchase_window_seconds",
     "CIRIS_BILLING_DATABASE": "database",
     "CIRIS_BILLING_AUTH_MODE": "auth_mode",
+    "CIRIS_BILLING_REPLAY_SECRET": "replay_secret",
+    "CIRIS_BILLING_ACCEPTED_REPLAY_SECRETS": "accepted_replay_secrets",
 }
+
+#: The shortest replay secret taken: it keys AES-256-GCM (through HKDF), so about 256 bits of it.
+MIN_REPLAY_SECRET: Final = 32
 
 
 def _is_loopback(host: str) -> bool:
@@ -94,6 +99,13 @@ class CirisSettings(BaseModel):
     #: went away (behind a proxy timeout of 60 s), so a charge whose reply was lost can land late.
     reconcile_window_seconds: float = Field(default=120.0, gt=0, le=3600)
     database: str | None = None
+    #: What purchase replies are sealed with at rest (docs/operations.md, "Rotating the backend API
+    #: key"). Unset: the API key, so every replica needs the same one. Set (the same on every
+    #: replica), the API key can change without a replay failing to open.
+    replay_secret: SecretStr | None = Field(default=None, min_length=MIN_REPLAY_SECRET)
+    #: More secrets whose sealed replies still open, never used to seal: the secret (or API key)
+    #: replies were sealed with before, or the one some replicas seal with already, mid-rotation.
+    accepted_replay_secrets: tuple[SecretStr, ...] = ()
 
     @field_validator("api_key")
     @classmethod
@@ -111,7 +123,7 @@ class CirisSettings(BaseModel):
     def _api_url(cls, value: str) -> str:
         return check_base_url(value)
 
-    @field_validator("fallback_urls", mode="before")
+    @field_validator("fallback_urls", "accepted_replay_secrets", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -134,6 +146,17 @@ class CirisSettings(BaseModel):
     @property
     def id_token_mode(self) -> bool:
         return self.auth_mode == "id_token"
+
+    @property
+    def replay_secrets(self) -> tuple[str, ...]:
+        """The secrets of purchase replies: the first seals, each opens (tried in order). Without a
+        replay secret or an API key (ID-token mode sells nothing), none."""
+        sealing = self.replay_secret or self.api_key
+        if sealing is None:
+            return ()
+        found = [sealing, self.api_key, *self.accepted_replay_secrets]
+        secrets = [s.get_secret_value() for s in found if s is not None]
+        return tuple(dict.fromkeys(secrets))
 
     @property
     def base_urls(self) -> tuple[str, ...]:
