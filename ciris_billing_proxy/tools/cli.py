@@ -129,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--data-dir", type=Path, default=None, help="where state is kept")
     serve.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a web origin (e.g. http://localhost:5173; * for any) whose pages may call the billing "
+        "routes (repeatable; default: CIRIS_BILLING_CORS_ORIGINS, else none)",
+    )
+    serve.add_argument(
         "--database-url",
         default=None,
         metavar="URL",
@@ -265,6 +273,8 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["provider_options"] = dict(args.provider_option)
     if args.database_url:
         overrides["database_url"] = args.database_url
+    if args.cors_origin:
+        overrides["cors_origins"] = tuple(args.cors_origin)
     jwt: dict[str, object] = {}
     if not (os.environ.get("CIRIS_JWT_SECRET") or os.environ.get("CIRIS_JWT_PUBLIC_KEY")):
         # No key configured: keep a generated one in the data directory so tokens survive restarts.
