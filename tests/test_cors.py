@@ -63,7 +63,9 @@ async def test_an_allowed_origin_gets_a_preflight_and_readable_replies(
     assert (await resp.json())["detail"] == "Not authenticated"
 
 
-async def test_another_origin_is_refused_and_gets_no_cors_headers(shop_client: Any, tokens: TokenFactory) -> None:
+async def test_another_origin_is_refused_and_gets_no_cors_headers(
+    shop_client: Any, tokens: TokenFactory
+) -> None:
     resp = await shop_client.options(CREDITS, headers=preflight(OTHER))
     assert resp.status == 403
     assert "Access-Control-Allow-Origin" not in resp.headers
