@@ -21,13 +21,14 @@ from aiohttp import web
 from ..auth import get_identity
 from ..bodies import expect_continue, read_model
 from ..config import BillingConfig, ConfigError
+from ..cors import allow_origins
 from ..errors import error_middleware
 from ..gate import credit_gate
 from ..keys import billing_service
 from ..models import InteractReply, InteractRequest
 from ..routes import json_reply
 from ..setup import setup_billing
-from ..ui.demo_page import STRIPE_JS, add_demo_page, demo_page
+from ..ui.demo_page import add_demo_page, demo_page
 from .users import UserStore
 
 if TYPE_CHECKING:
@@ -73,18 +74,23 @@ def create_demo_app(
 ) -> web.Application:
     """The demo agent; with `fake_backend`, the page's payment form is the fake Stripe that drives it."""
     app = web.Application(middlewares=[error_middleware()])
-    setup_billing(app, config, authenticate=users.verify_login, environ=environ)
+    service = setup_billing(app, config, authenticate=users.verify_login, environ=environ)
     # JSON 417 for an unknown `Expect:`; aiohttp's default answers before any middleware, in text.
     app.router.add_post(INTERACT_PATH, interact, expect_handler=expect_continue)
     app.router.add_get("/health", health)
-    stripe_js, label = STRIPE_JS, config.provider
+    label = config.provider
     if fake_backend is not None:
         # Only with the fake: an agent serving the real thing never loads the testing kit.
+        from ..testing.fake_stripe import DEFAULT_BASE as FAKE_STRIPE
         from ..testing.fake_stripe import FakeStripe
 
-        stripe_js = FakeStripe(fake_backend).add_routes(app.router)
+        # Said in the capabilities, so <ciris-billing> on any page of this agent pays with it.
+        service.stripe_js = FakeStripe(fake_backend).add_routes(app.router, FAKE_STRIPE)
+        # A page on an allowed origin pays with it too: its confirm call is cross-origin there.
+        fake_routes = [r for r in app.router.resources() if r.canonical.startswith(FAKE_STRIPE + "/")]
+        allow_origins(app, fake_routes, config.cors_origins)
         label = f"{config.provider} (fake backend)"
-    add_demo_page(app.router, demo_page(config, stripe_js=stripe_js, provider=label))
+    add_demo_page(app.router, demo_page(config, provider=label))
     return app
 
 
