@@ -78,7 +78,7 @@
         return input;
       };
       this._fields = {
-        number: make("cardnumber", "Card number", "Card number", "cc-number", "1 1 11em"),
+        number: make("cardnumber", "Card number", "Card number", "cc-number", "1 1 14em"),
         exp: make("exp-date", "MM / YY", "Expiration date", "cc-exp", "0 0 5.5em"),
         cvc: make("cvc", "CVC", "CVC", "cc-csc", "0 0 3.5em"),
       };
