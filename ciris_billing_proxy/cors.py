@@ -41,15 +41,22 @@ def allow_origins(
         allow_methods=ALLOW_METHODS,
         max_age=MAX_AGE,
     )
+    hooks = len(app.on_response_prepare)
     cors = aiohttp_cors.CorsConfig(app, defaults=dict.fromkeys(origins, options))
     covered = frozenset(resources)
     for resource in covered:
         cors.add(resource)
+    # aiohttp-cors adds one reply hook that looks up the route's settings on every reply, though it
+    # does nothing to a request without `Origin` (CORS 6.1.1): same-origin requests skip it below.
+    (set_cors_headers,) = app.on_response_prepare[hooks:]
+    del app.on_response_prepare[hooks:]
 
-    async def vary_on_origin(request: web.Request, response: web.StreamResponse) -> None:
-        # The reply depends on `Origin` (allowed or not), so a cache must not hand one origin's copy
-        # to another. aiohttp-cors leaves this out.
+    async def on_reply(request: web.Request, response: web.StreamResponse) -> None:
         if request.match_info.route.resource in covered:
+            # The reply depends on `Origin` (allowed or not), so a cache must not hand one origin's
+            # copy to another. aiohttp-cors leaves this out.
             response.headers.add("Vary", "Origin")
+            if "Origin" in request.headers:
+                await set_cors_headers(request, response)
 
-    app.on_response_prepare.append(vary_on_origin)
+    app.on_response_prepare.append(on_reply)
