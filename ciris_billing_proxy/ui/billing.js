@@ -298,6 +298,9 @@ const STYLE = `
   --_error: var(--ciris-billing-error, #b42318);
   --_radius: var(--ciris-billing-radius, 10px);
   display: block;
+  /* Its width comes from the page, never from its content: as wide as there is room, up to 32rem
+     (a flex or grid item too, which the container below would otherwise shrink to nothing). */
+  width: 100%;
   max-width: 32rem;
   min-width: 0;
   /* The history reflows by the element's own width (a sidebar is narrow on any screen). */
