@@ -332,7 +332,7 @@ def add_routes(
     prefix: str = "",
     *,
     public: set[Handler],
-    api: list[web.AbstractResource],
+    api: set[web.AbstractResource],
     describe: Handler,
     own_router: bool = False,
 ) -> web.AbstractResource:
@@ -361,7 +361,7 @@ def add_routes(
         router.add_get(prefix + OPENAPI.path, describe, expect_handler=expect_continue),
     ]
     public.add(describe)
-    api.extend(route.resource for route in added if route.resource is not None)
+    api.update(route.resource for route in added if route.resource is not None)
     credits = added[0].resource
     if service.config.serve_ui:
         # Every path below /ui/ goes to the files' handler, so an unknown one is a 404 without a token.

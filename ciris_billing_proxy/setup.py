@@ -11,7 +11,7 @@ from aiohttp.typedefs import Handler
 from .auth import TokenVerifier, auth_middleware, token_check
 from .auth_routes import add_auth_routes
 from .config import BillingConfig, ConfigError
-from .cors import allow_origins
+from .cors import allow_preflights, cors_middleware
 from .errors import error_middleware
 from .keys import SERVICE_KEY
 from .login import Authenticator
@@ -104,20 +104,21 @@ def setup_billing(
     check = token_check(verifier, public)
     login = None if authenticate is None else login_path
     describe = APIDescription(config.prefix, login, ui=config.serve_ui).handle
-    api: list[web.AbstractResource] = []  # the JSON routes, which `cors_origins` opens
+    api: set[web.AbstractResource] = set()  # the JSON routes, which `cors_origins` opens
     if subapp:
-        billing = web.Application(middlewares=[error_middleware(before=check)])
+        errors = cors_middleware(error_middleware(before=check), api, config.cors_origins)
+        billing = web.Application(middlewares=[errors])
         anchor = add_routes(
             billing.router, service, public=public, api=api, describe=describe, own_router=True
         )
-        # On the sub-app, the CORS replies cost the host's own routes nothing.
-        allow_origins(billing, api, config.cors_origins)
+        allow_preflights(billing, api, config.cors_origins)
         app.add_subapp(config.prefix, billing)
     else:
         scopes.append(PathScope((config.prefix,)))
-        app.middlewares.append(error_middleware(scopes[-1], before=check))
+        errors = error_middleware(scopes[-1], before=check)
+        app.middlewares.append(cors_middleware(errors, api, config.cors_origins))
         anchor = add_routes(app.router, service, config.prefix, public=public, api=api, describe=describe)
-        allow_origins(app, api, config.cors_origins)
+        allow_preflights(app, api, config.cors_origins)
     if scopes:
         app.on_startup.append(_rebase_on_mount(anchor, scopes))
     return service

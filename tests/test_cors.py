@@ -62,6 +62,12 @@ async def test_an_allowed_origin_gets_a_preflight_and_readable_replies(
     assert resp.status == 401
     assert resp.headers["Access-Control-Allow-Origin"] == SHOP
     assert (await resp.json())["detail"] == "Not authenticated"
+    assert "Origin" in resp.headers.getall("Vary")
+
+    # Labelled by the billing middleware: no reply hook, which would cost every reply.
+    match = await client.app.router.resolve(make_mocked_request("GET", CREDITS))
+    for app in (client.app, *match.apps):
+        assert len(app.on_response_prepare) == 0
 
 
 async def test_another_origin_is_refused_and_gets_no_cors_headers(

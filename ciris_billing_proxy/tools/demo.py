@@ -21,7 +21,7 @@ from aiohttp import web
 from ..auth import get_identity
 from ..bodies import expect_continue, read_model
 from ..config import BillingConfig, ConfigError
-from ..cors import allow_origins
+from ..cors import allow_preflights, cors_middleware
 from ..errors import error_middleware
 from ..gate import credit_gate
 from ..keys import billing_service
@@ -73,7 +73,13 @@ def create_demo_app(
     fake_backend: FakeBillingBackend | None = None,
 ) -> web.Application:
     """The demo agent; with `fake_backend`, the page's payment form is the fake Stripe that drives it."""
-    app = web.Application(middlewares=[error_middleware()])
+    # With the fake backend, a page on an allowed origin pays with the fake Stripe too: its confirm
+    # call is cross-origin there, so its routes are opened like the billing routes.
+    fake_stripe: set[web.AbstractResource] = set()
+    errors = error_middleware()
+    if fake_backend is not None:
+        errors = cors_middleware(errors, fake_stripe, config.cors_origins)
+    app = web.Application(middlewares=[errors])
     service = setup_billing(app, config, authenticate=users.verify_login, environ=environ)
     # JSON 417 for an unknown `Expect:`; aiohttp's default answers before any middleware, in text.
     app.router.add_post(INTERACT_PATH, interact, expect_handler=expect_continue)
@@ -86,9 +92,8 @@ def create_demo_app(
 
         # Said in the capabilities, so <ciris-billing> on any page of this agent pays with it.
         service.stripe_js = FakeStripe(fake_backend).add_routes(app.router, FAKE_STRIPE)
-        # A page on an allowed origin pays with it too: its confirm call is cross-origin there.
-        fake_routes = [r for r in app.router.resources() if r.canonical.startswith(FAKE_STRIPE + "/")]
-        allow_origins(app, fake_routes, config.cors_origins)
+        fake_stripe.update(r for r in app.router.resources() if r.canonical.startswith(FAKE_STRIPE + "/"))
+        allow_preflights(app, fake_stripe, config.cors_origins)
         label = f"{config.provider} (fake backend)"
     add_demo_page(app.router, demo_page(config, provider=label))
     return app
