@@ -1,5 +1,6 @@
 """The billing UI kit in a real browser: the demo page and `<ciris-billing>` in Chromium, against real
-`serve` processes (the paid flow with `--fake-backend`, and the `simple` provider)."""
+`serve` processes (the paid flow with `--fake-backend`, the `simple` provider, and `ciris` against a
+billing backend of its own), at phone and desktop widths, and from shop pages on other ports."""
 
 from __future__ import annotations
 
