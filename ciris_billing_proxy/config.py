@@ -8,6 +8,7 @@ mercy of whatever variables the machine happens to have set.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
@@ -19,6 +20,8 @@ from .database_budget import DatabaseBudget
 from .database_url import parse_database_url
 from .paths import DEFAULT_PREFIX
 
+#: A serialized web origin as browsers send it in `Origin` (RFC 6454 section 6.1).
+ORIGIN: Final = re.compile(r"https?://(\[[0-9a-f:.]+\]|[a-z0-9.\-]+)(:[0-9]{1,5})?")
 HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC_ALGORITHMS: Final = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
@@ -140,6 +143,9 @@ class BillingConfig(BaseModel):
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
     #: Serve the billing UI kit (`{prefix}/ui/billing.js`, `billing.d.ts`) without a token.
     serve_ui: bool = True
+    #: Web origins (`https://shop.example`, `http://localhost:5173`) whose pages may call the billing
+    #: routes from the browser (CORS); `*` allows every origin. None by default: same origin only.
+    cors_origins: tuple[str, ...] = ()
 
     @field_validator("prefix")
     @classmethod
@@ -173,6 +179,19 @@ class BillingConfig(BaseModel):
         for path in value:
             if not path.startswith("/"):
                 raise ValueError(f"protected path {path!r} must start with '/'")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # Browsers send `Origin` as scheme://host[:port], lower-case, without a path or a trailing
+        # slash, and CORS compares it as a string: anything else would never match.
+        for origin in value:
+            if origin != "*" and not ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"{origin!r} is not a web origin: write scheme://host[:port] in lower case, without a "
+                    "path or trailing slash (e.g. https://shop.example), or * for any origin"
+                )
         return value
 
     @field_validator("trusted_proxies", mode="before")
@@ -267,6 +286,7 @@ ENV_VARS: Final[dict[str, tuple[str, str, str]]] = {
     "CIRIS_TOKEN_ISSUE_WINDOW_SECONDS": ("top", "token_issue_window_seconds", "int"),
     "CIRIS_TRUSTED_PROXIES": ("top", "trusted_proxies", "list"),
     "CIRIS_BILLING_SERVE_UI": ("top", "serve_ui", "bool"),
+    "CIRIS_BILLING_CORS_ORIGINS": ("top", "cors_origins", "list"),
 }
 
 

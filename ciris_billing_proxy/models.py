@@ -184,6 +184,17 @@ class CapabilitiesReply(_Reply):
 
 class Capabilities(CapabilitiesReply):
     provider: str = Field(min_length=1)
+    #: Only with a stand-in for Stripe.js (`serve --fake-backend`): its path on the agent, which
+    #: `<ciris-billing>` loads instead of Stripe's. Left out of the JSON otherwise, so a real
+    #: deployment's reply never names one.
+    stripe_js: str | None = Field(default=None, pattern=r"^/[^/\\]")
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_stripe_js(self, handler: Any) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("stripe_js") is None:
+            data.pop("stripe_js", None)
+        return data
 
 
 class GooglePlayPurchase(_Request):

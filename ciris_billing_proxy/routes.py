@@ -334,12 +334,14 @@ def add_routes(
     prefix: str = "",
     *,
     public: set[Handler],
+    api: set[web.AbstractResource],
     describe: Handler,
     own_router: bool = False,
 ) -> web.AbstractResource:
     """Add the billing routes to `router`, each path under `prefix` (empty inside the sub-app), and
     `describe` (the API description) at `OPENAPI`'s path. The handlers of routes that need no token
-    are added to `public`, which the token check skips.
+    are added to `public`, which the token check skips, and the resources of the JSON API to `api`
+    (what `cors_origins` opens to other origins; the UI kit's files are readable from any origin).
 
     Every route checks `Expect:` (the token first, where one is needed) before granting
     `100-continue`. With `own_router` (the billing sub-app's router, which serves nothing else)
@@ -350,15 +352,19 @@ def add_routes(
     """
     routes = BillingRoutes(service)
     expect = routes.expect_authenticated
-    credits = router.add_get(prefix + CREDITS.path, routes.get_credits, expect_handler=expect).resource
-    router.add_get(prefix + CAPABILITIES.path, routes.capabilities, expect_handler=expect)
-    router.add_post(prefix + INITIATE.path, routes.initiate_purchase, expect_handler=expect)
-    router.add_get(prefix + STATUS.path, routes.purchase_status, expect_handler=expect)
-    router.add_get(prefix + TRANSACTIONS.path, routes.transactions, expect_handler=expect)
-    router.add_post(prefix + GOOGLE_PLAY.path, routes.verify_google_play, expect_handler=expect)
-    router.add_post(prefix + APP_STORE.path, routes.verify_app_store, expect_handler=expect)
-    router.add_get(prefix + OPENAPI.path, describe, expect_handler=expect_continue)
+    added = [
+        router.add_get(prefix + CREDITS.path, routes.get_credits, expect_handler=expect),
+        router.add_get(prefix + CAPABILITIES.path, routes.capabilities, expect_handler=expect),
+        router.add_post(prefix + INITIATE.path, routes.initiate_purchase, expect_handler=expect),
+        router.add_get(prefix + STATUS.path, routes.purchase_status, expect_handler=expect),
+        router.add_get(prefix + TRANSACTIONS.path, routes.transactions, expect_handler=expect),
+        router.add_post(prefix + GOOGLE_PLAY.path, routes.verify_google_play, expect_handler=expect),
+        router.add_post(prefix + APP_STORE.path, routes.verify_app_store, expect_handler=expect),
+        router.add_get(prefix + OPENAPI.path, describe, expect_handler=expect_continue),
+    ]
     public.add(describe)
+    api.update(route.resource for route in added if route.resource is not None)
+    credits = added[0].resource
     if service.config.serve_ui:
         # Every path below /ui/ goes to the files' handler, so an unknown one is a 404 without a token.
         ui = UIFiles().serve

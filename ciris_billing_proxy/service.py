@@ -101,7 +101,7 @@ class BillingService:
       (a logout everywhere, a new password), in every process;
     * `await health()`: whether billing can serve now, check by check (what `GET /readyz` answers);
     * `counts`: what the metrics count (`ops.metrics`), `give_backs_owed()`;
-    * `provider`, `config`: what it was built with.
+    * `provider`, `config`: what it was built with; `stripe_js`: a stand-in Stripe.js to announce.
 
     With a change feed (`setup_billing` gives it one on the configured database), every change
     made here reaches the other processes sharing that database, and theirs reach this one: it is
@@ -123,6 +123,9 @@ class BillingService:
         self.verifier = verifier
         self.feed = feed
         self.outbox = outbox
+        #: Where pages load Stripe.js from when it is not Stripe's own: a stand-in such as the fake
+        #: Stripe of `serve --fake-backend`, said in `capabilities()`. A real deployment leaves it None.
+        self.stripe_js: str | None = None
         negative_ttl = min(config.negative_cache_ttl_seconds, config.cache_ttl_seconds)
         self.cache: CreditCache[CachedCredit] = CreditCache(
             self._load_status,
@@ -254,6 +257,7 @@ class BillingService:
             google_play=declared["google_play_enabled"],
             apple_storekit=declared["apple_storekit_enabled"],
             charges=declared["gate_charges"],
+            stripe_js=self.stripe_js,
         )
 
     def revoke_token(self, token: str) -> None:

@@ -11,6 +11,7 @@ from aiohttp.typedefs import Handler
 from .auth import TokenVerifier, auth_middleware, token_check
 from .auth_routes import add_auth_routes
 from .config import BillingConfig, ConfigError
+from .cors import allow_preflights, cors_middleware
 from .errors import error_middleware
 from .keys import SERVICE_KEY
 from .login import Authenticator
@@ -43,6 +44,7 @@ def setup_billing(
       middlewares cover only that prefix. With `subapp=False` they are added to `app` itself and the
       middlewares are appended to `app`, scoped to the prefix by path.
     * `config.protected_paths` also require a valid token on the host's own routes.
+    * `config.cors_origins` lets pages on those origins call the billing routes (`cors`).
     * `provider` overrides the entry-point lookup of `config.provider`.
     * `authenticate` enables `POST {login_path}`, issuing tokens signed with the configured key, and
       logout, refresh and me beside it. Failed logins are throttled by the config's limits: in
@@ -115,15 +117,22 @@ def setup_billing(
     check = token_check(verifier, public)
     login = None if authenticate is None else login_path
     describe = APIDescription(config.prefix, login, ui=config.serve_ui).handle
+    api: set[web.AbstractResource] = set()  # the JSON routes, which `cors_origins` opens
     if subapp:
         requests = service.counts.requests
-        billing = web.Application(middlewares=[error_middleware(before=check, requests=requests)])
-        anchor = add_routes(billing.router, service, public=public, describe=describe, own_router=True)
+        errors = cors_middleware(error_middleware(before=check, requests=requests), api, config.cors_origins)
+        billing = web.Application(middlewares=[errors])
+        anchor = add_routes(
+            billing.router, service, public=public, api=api, describe=describe, own_router=True
+        )
+        allow_preflights(billing, api, config.cors_origins)
         app.add_subapp(config.prefix, billing)
     else:
         scopes.append(PathScope((config.prefix,)))
-        app.middlewares.append(error_middleware(scopes[-1], before=check, requests=service.counts.requests))
-        anchor = add_routes(app.router, service, config.prefix, public=public, describe=describe)
+        errors = error_middleware(scopes[-1], before=check, requests=service.counts.requests)
+        app.middlewares.append(cors_middleware(errors, api, config.cors_origins))
+        anchor = add_routes(app.router, service, config.prefix, public=public, api=api, describe=describe)
+        allow_preflights(app, api, config.cors_origins)
     if scopes:
         app.on_startup.append(_rebase_on_mount(anchor, scopes))
     return service

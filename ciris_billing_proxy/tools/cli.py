@@ -210,6 +210,14 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "variable); without any user given a demo user is created once",
     )
     serve.add_argument(
+        "--cors-origin",
+        action=_Repeatable,
+        default=[],
+        metavar="ORIGIN",
+        help="a web origin (e.g. http://localhost:5173; * for any) whose pages may call the billing "
+        "routes (repeatable; each value may also list several, comma-separated)",
+    )
+    serve.add_argument(
         "--users-file",
         type=Path,
         default=None,
@@ -454,6 +462,11 @@ def _serve(args: argparse.Namespace) -> int:
         if args.provider not in (None, "ciris"):
             raise ConfigError("--fake-backend works with the ciris provider only")
         overrides["provider"] = "ciris"
+    if args.cors_origin:
+        # A value may list several (CIRIS_BILLING_CORS_ORIGINS is comma-separated, as in the config).
+        overrides["cors_origins"] = tuple(
+            origin.strip() for value in args.cors_origin for origin in value.split(",") if origin.strip()
+        )
     jwt: dict[str, object] = {}
     if not (os.environ.get("CIRIS_JWT_SECRET") or os.environ.get("CIRIS_JWT_PUBLIC_KEY")):
         # No key configured: keep a generated one in the data directory so tokens survive restarts.

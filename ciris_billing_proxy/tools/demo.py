@@ -21,6 +21,7 @@ from aiohttp import web
 from ..auth import get_identity
 from ..bodies import expect_continue, read_model
 from ..config import BillingConfig, ConfigError
+from ..cors import allow_preflights, cors_middleware
 from ..errors import error_middleware
 from ..gate import credit_gate
 from ..keys import billing_service
@@ -29,7 +30,7 @@ from ..ops.health import add_health_routes, ready
 from ..ops.metrics import add_metrics_route
 from ..routes import json_reply
 from ..setup import setup_billing
-from ..ui.demo_page import STRIPE_JS, add_demo_page, demo_page
+from ..ui.demo_page import add_demo_page, demo_page
 from .users import UserStore
 
 if TYPE_CHECKING:
@@ -70,8 +71,14 @@ def create_demo_app(
     fake_backend: FakeBillingBackend | None = None,
 ) -> web.Application:
     """The demo agent; with `fake_backend`, the page's payment form is the fake Stripe that drives it."""
-    app = web.Application(middlewares=[error_middleware()])
-    setup_billing(app, config, authenticate=users.verify_login, environ=environ)
+    # With the fake backend, a page on an allowed origin pays with the fake Stripe too: its confirm
+    # call is cross-origin there, so its routes are opened like the billing routes.
+    fake_stripe: set[web.AbstractResource] = set()
+    errors = error_middleware()
+    if fake_backend is not None:
+        errors = cors_middleware(errors, fake_stripe, config.cors_origins)
+    app = web.Application(middlewares=[errors])
+    service = setup_billing(app, config, authenticate=users.verify_login, environ=environ)
     # JSON 417 for an unknown `Expect:`; aiohttp's default answers before any middleware, in text.
     app.router.add_post(INTERACT_PATH, interact, expect_handler=expect_continue)
     add_health_routes(app)
@@ -79,14 +86,18 @@ def create_demo_app(
     # What serve answered at /health before /readyz existed: kept for probes pointed at it, and
     # now as true as /readyz (it used to say ok while billing answered 503).
     app.router.add_get("/health", ready)
-    stripe_js, label = STRIPE_JS, config.provider
+    label = config.provider
     if fake_backend is not None:
         # Only with the fake: an agent serving the real thing never loads the testing kit.
+        from ..testing.fake_stripe import DEFAULT_BASE as FAKE_STRIPE
         from ..testing.fake_stripe import FakeStripe
 
-        stripe_js = FakeStripe(fake_backend).add_routes(app.router)
+        # Said in the capabilities, so <ciris-billing> on any page of this agent pays with it.
+        service.stripe_js = FakeStripe(fake_backend).add_routes(app.router, FAKE_STRIPE)
+        fake_stripe.update(r for r in app.router.resources() if r.canonical.startswith(FAKE_STRIPE + "/"))
+        allow_preflights(app, fake_stripe, config.cors_origins)
         label = f"{config.provider} (fake backend)"
-    add_demo_page(app.router, demo_page(config, stripe_js=stripe_js, provider=label))
+    add_demo_page(app.router, demo_page(config, provider=label))
     return app
 
 

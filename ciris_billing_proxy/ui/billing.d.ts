@@ -29,6 +29,8 @@ export interface Capabilities {
   apple_storekit: boolean;
   /** False when the agent's gate only checks credit and something else charges (ID-token mode). */
   charges: boolean;
+  /** Only from `serve --fake-backend`: the path of its stand-in Stripe.js, which the element loads. */
+  stripe_js?: string;
 }
 export interface PurchaseInitiated {
   payment_id: string;
@@ -45,10 +47,12 @@ export interface PurchaseStatus { status: PaymentState | string; credits_added: 
 export interface Transaction {
   transaction_id: string;
   type: "charge" | "credit" | string;
+  /** In uses (credits), not money, whatever `currency` says: negative for a charge. */
   amount_minor: number;
   currency: string;
   description: string;
   created_at: string;
+  /** After this entry: the paid credits left where the agent sells credits, else the uses left. */
   balance_after?: number | null;
 }
 export interface TransactionPage { transactions: Transaction[]; total_count: number; has_more: boolean; }
@@ -89,6 +93,11 @@ export declare class BillingClient {
 
 export declare class BillingClientError extends Error {}
 export declare class BillingConnectionError extends BillingClientError {}
+/** The agent answers, but its CORS settings (`cors_origins`) leave this page's origin out. Not transient. */
+export declare class OriginNotAllowedError extends BillingClientError {
+  constructor(origin: string);
+  origin: string;
+}
 export declare class InvalidReplyError extends BillingClientError {}
 export declare class BillingAPIError extends BillingClientError {
   constructor(status: number, detail: unknown);

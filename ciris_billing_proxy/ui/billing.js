@@ -20,6 +20,14 @@ export class BillingClientError extends Error {
 /** The agent could not be reached. */
 export class BillingConnectionError extends BillingClientError {}
 
+/** The agent answers, but not to this page: its CORS settings (`cors_origins`) leave this origin out. */
+export class OriginNotAllowedError extends BillingClientError {
+  constructor(origin) {
+    super(`the agent does not allow this page's origin (${origin})`);
+    this.origin = origin;
+  }
+}
+
 /** A success reply that does not fit the billing contract. */
 export class InvalidReplyError extends BillingClientError {}
 
@@ -173,6 +181,28 @@ export class BillingClient {
     return checked("transactions", await this.request("GET", `/transactions?${query}`), "transactions");
   }
 
+  /**
+   * After a failed call from another origin: whether the agent is up and only CORS kept its reply from
+   * this page. A browser hides the difference from `fetch`, but a `no-cors` request, whose reply the
+   * page cannot read, still fails only when nothing answers.
+   */
+  async #refusedOrigin() {
+    const here = globalThis.location?.origin;
+    let target;
+    try {
+      target = new URL(this.apiBase || here).origin;
+    } catch {
+      return false;
+    }
+    if (!here || here === "null" || target === here) return false;
+    try {
+      await this._fetch(`${this.apiBase}${this.prefix}/capabilities`, { mode: "no-cors", cache: "no-store" });
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
   /** One call under the prefix: the JSON object of a 2xx reply, or a typed error. */
   async request(method, path, { body, headers = {} } = {}) {
     const all = { ...headers };
@@ -187,6 +217,7 @@ export class BillingClient {
       });
       text = await response.text();
     } catch (exc) {
+      if (await this.#refusedOrigin()) throw new OriginNotAllowedError(globalThis.location.origin);
       throw new BillingConnectionError(`cannot reach the agent: ${exc?.message || exc}`);
     }
     let parsed;
@@ -267,7 +298,13 @@ const STYLE = `
   --_error: var(--ciris-billing-error, #b42318);
   --_radius: var(--ciris-billing-radius, 10px);
   display: block;
+  /* Its width comes from the page, never from its content: as wide as there is room, up to 32rem
+     (a flex or grid item too, which the container below would otherwise shrink to nothing). */
+  width: 100%;
   max-width: 32rem;
+  min-width: 0;
+  /* The history reflows by the element's own width (a sidebar is narrow on any screen). */
+  container-type: inline-size;
   font-family: var(--_font);
   color: var(--_text);
   line-height: 1.45;
@@ -347,6 +384,20 @@ td.amount.credit { color: var(--_success); font-weight: 600; }
 td.when { white-space: nowrap; color: var(--_muted); }
 .pager { justify-content: space-between; font-size: 0.85rem; color: var(--_muted); }
 .empty { color: var(--_muted); font-size: 0.9rem; margin: 0; }
+button, .message, td.what { overflow-wrap: anywhere; }
+/* Narrow: each entry is two lines, date and description on the left, uses and balance on the right. */
+@container (max-width: 28rem) {
+  .card { padding: 1rem; }
+  table, tbody { display: block; }
+  thead { display: none; }
+  tr { display: grid; grid-template-columns: minmax(0, 1fr) auto; column-gap: 0.75rem; padding: 0.45rem 0; border-bottom: 1px solid var(--_surface); }
+  td { padding: 0; border: none; }
+  td.when { grid-area: 1 / 1; white-space: normal; font-size: 0.8rem; }
+  td.what { grid-area: 2 / 1; }
+  td.amount { grid-area: 1 / 2; }
+  td.balance { grid-area: 2 / 2; color: var(--_muted); font-size: 0.8rem; }
+  td.amount::after, td.balance::before { content: attr(data-label); color: var(--_muted); font-weight: 400; }
+}
 `;
 
 const TEMPLATE = `
@@ -371,7 +422,7 @@ const TEMPLATE = `
   <section part="history" class="history" aria-label="History" hidden>
     <h3>History</h3>
     <table>
-      <thead><tr><th scope="col">Date</th><th scope="col">Description</th><th scope="col" class="amount">Uses</th><th scope="col" class="balance">Balance</th></tr></thead>
+      <thead><tr><th scope="col">Date</th><th scope="col">Description</th><th scope="col" class="amount">Uses</th><th scope="col" class="balance">Uses left</th></tr></thead>
       <tbody></tbody>
     </table>
     <p class="empty" hidden>No transactions yet.</p>
@@ -380,6 +431,7 @@ const TEMPLATE = `
 </div>`;
 
 const HISTORY_PAGE = 5;
+const CARD_NEEDED = "Enter your card details.";
 const RETRY_SECONDS = [2, 4, 8, 15, 30];
 
 export class CirisBillingElement extends HTMLElement {
@@ -400,6 +452,7 @@ export class CirisBillingElement extends HTMLElement {
   #followup = null;
   #run = 0;
   #abort = null;
+  #hadFocus = false;
 
   constructor() {
     super();
@@ -521,6 +574,13 @@ export class CirisBillingElement extends HTMLElement {
 
   #failLoading(error, run) {
     if (this.#unauthorized(error)) return;
+    if (error instanceof OriginNotAllowedError) {
+      // Not an outage: asking again changes nothing until the agent's operator allows this origin.
+      this.#setState("error", `The agent does not allow this page's origin (${error.origin}) to use billing. `
+        + "Its operator can add it to the agent's cors_origins.");
+      this.#offer("Try again", () => this.#restart());
+      return;
+    }
     if (isTransient(error)) {
       const seconds = RETRY_SECONDS[Math.min(this.#retries, RETRY_SECONDS.length - 1)];
       this.#retries += 1;
@@ -628,6 +688,10 @@ export class CirisBillingElement extends HTMLElement {
     }
     if (run !== this.#run) return;
     this.#historyOffset = offset;
+    // What `balance_after` counts: a provider that sells credits (the CIRIS backend) reports the paid
+    // credits left, its free uses being a separate allowance; one that does not, the uses left.
+    const balance = this.#capabilities?.purchases ? "Paid left" : "Uses left";
+    this.#q("th.balance").textContent = balance;
     const rows = page.transactions.map((txn) => {
       const row = document.createElement("tr");
       const when = new Date(txn.created_at);
@@ -638,10 +702,14 @@ export class CirisBillingElement extends HTMLElement {
         [`amount ${txn.type}`, amount > 0 ? `+${amount}` : `−${Math.abs(amount)}`],
         ["balance", txn.balance_after ?? ""],
       ];
+      // Shown beside the numbers where the header row is hidden (narrow layout).
+      const labels = { amount: Math.abs(amount) === 1 ? " use" : " uses", balance: `${balance}: ` };
       for (const [name, text] of cells) {
         const cell = document.createElement("td");
         cell.className = name;
         cell.textContent = String(text);
+        const label = labels[name.split(" ")[0]];
+        if (label) cell.dataset.label = label;
         row.append(cell);
       }
       row.dataset.type = txn.type;
@@ -668,7 +736,7 @@ export class CirisBillingElement extends HTMLElement {
     try {
       const returnUrl = this.getAttribute("return-url") || undefined;
       const purchase = await this.#client.initiatePurchase({ returnUrl });
-      const Stripe = await loadStripe(this.getAttribute("stripe-js") || DEFAULT_STRIPE_JS);
+      const Stripe = await loadStripe(this.#stripeJs());
       if (run !== this.#run) return;
       this.#purchase = purchase;
       this.#stripe = Stripe(purchase.publishable_key);
@@ -678,7 +746,7 @@ export class CirisBillingElement extends HTMLElement {
       this.#q(".pay").textContent = `Pay ${price}`;
       this.#q(".pay").disabled = false;
       this.#q(".card-error").textContent = "";
-      this.#setState("paying", "Waiting for your card details.");
+      this.#setState("paying", CARD_NEEDED);
       this.#card.focus?.();
     } catch (error) {
       if (run !== this.#run || this.#unauthorized(error)) return;
@@ -697,6 +765,14 @@ export class CirisBillingElement extends HTMLElement {
     }
   }
 
+  /** The `stripe-js` attribute, else the stand-in the agent names (only `serve --fake-backend` does), else Stripe's. */
+  #stripeJs() {
+    const named = this.#capabilities?.stripe_js;
+    // A path on the agent only: a reply never sends the page to another site's script.
+    const own = typeof named === "string" && /^\/[^/\\]/.test(named) ? new URL(named, `${this.#client.apiBase}/`).href : null;
+    return this.getAttribute("stripe-js") || own || DEFAULT_STRIPE_JS;
+  }
+
   #mountCard() {
     this.#destroyCard();
     this.#cardHost = document.createElement("div");
@@ -710,7 +786,13 @@ export class CirisBillingElement extends HTMLElement {
     this.#card = this.#stripe.elements().create("card", {
       style: { base: { fontFamily: computed.fontFamily, fontSize: "16px", color: computed.color } },
     });
-    this.#card.on?.("change", (event) => { this.#q(".card-error").textContent = event.error?.message || ""; });
+    this.#card.on?.("change", (event) => {
+      this.#q(".card-error").textContent = event.error?.message || "";
+      // The status says what is next, not what was true before the card was filled in.
+      if (this.state === "paying" && !this.#q(".pay").disabled) {
+        this.#setState("paying", event.complete ? `Card details complete: press ${this.#q(".pay").textContent} to finish.` : CARD_NEEDED);
+      }
+    });
     this.#card.mount(this.#cardHost);
   }
 
@@ -802,6 +884,7 @@ export class CirisBillingElement extends HTMLElement {
   // -- rendering -------------------------------------------------------------------------------------
 
   #setState(state, message, { busy = false } = {}) {
+    this.#hadFocus = this.#focusIsHere();
     this.setAttribute("state", state);
     const status = this.#q(".status");
     status.classList.toggle("busy", busy);
@@ -817,9 +900,13 @@ export class CirisBillingElement extends HTMLElement {
     this.#q(".followup").hidden = !label;
     this.#q(".again").textContent = label || "";
     this.#q(".dismiss").hidden = !dismiss;
-    // Keyboard users keep their place: focus follows when it was here, or was lost with a hidden button.
-    const focusHere = this.matches(":focus-within") || document.activeElement === document.body;
-    if (label && focusHere) this.#q(".again").focus();
+    // Keyboard users keep their place: focus follows when it was here, or was lost with a hidden
+    // button of ours. It never moves in from elsewhere, nor from nowhere (e.g. on a load error).
+    if (label && this.#focusIsHere()) this.#q(".again").focus();
+  }
+
+  #focusIsHere() {
+    return this.matches(":focus-within") || (this.#hadFocus && document.activeElement === document.body);
   }
 }
 
