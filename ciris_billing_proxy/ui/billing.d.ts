@@ -16,8 +16,11 @@ export interface CreditStatus {
   purchase_required: boolean;
   purchase_options: PurchaseOptions | null;
   reason?: string | null;
+  /** Sent by CIRIS agents beside (not inside) `free_uses_remaining`; never by this package. */
   daily_free_uses_remaining?: number | null;
   daily_free_uses_limit?: number | null;
+  /** How many of `free_uses_remaining` are daily free uses. */
+  daily_free_uses_included?: number | null;
 }
 export interface Capabilities {
   provider: string;

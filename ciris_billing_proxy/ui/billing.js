@@ -581,7 +581,7 @@ export class CirisBillingElement extends HTMLElement {
       const total = credits.credits_remaining + credits.free_uses_remaining;
       number.textContent = String(total);
       unit.textContent = total === 1 ? "use" : "uses";
-      const daily = credits.daily_free_uses_remaining;
+      const daily = credits.daily_free_uses_included;
       const free = typeof daily === "number" && daily > 0 ? `free (${daily} of them daily)` : "free";
       // Where nothing can be bought, a "0 paid" line would only raise a question.
       const pools = [[credits.free_uses_remaining, free]];
