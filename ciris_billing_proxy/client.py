@@ -253,9 +253,13 @@ class BillingClient:
         reply = await self.request("POST", self.prefix + GOOGLE_PLAY_ROUTE, json_body=body)
         return _parse(StoreVerificationReply, reply)
 
-    async def verify_app_store(self, transaction_id: str, product_id: str) -> StoreVerificationReply:
-        """Redeem an App Store transaction, as `verify_google_play`."""
-        body = {"transaction_id": transaction_id, "product_id": product_id}
+    async def verify_app_store(
+        self, transaction_id: str, product_id: str | None = None
+    ) -> StoreVerificationReply:
+        """Redeem an App Store transaction, as `verify_google_play` (the iOS app sends no product)."""
+        body = {"transaction_id": transaction_id}
+        if product_id is not None:
+            body["product_id"] = product_id
         reply = await self.request("POST", self.prefix + APP_STORE_ROUTE, json_body=body)
         return _parse(StoreVerificationReply, reply)
 

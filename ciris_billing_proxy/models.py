@@ -222,10 +222,11 @@ class GooglePlayPurchase(_Request):
 
 
 class AppStorePurchase(_Request):
-    """`POST /apple-storekit/verify` body: the StoreKit transaction to redeem."""
+    """`POST /apple-storekit/verify` body: the StoreKit transaction to redeem. The iOS app sends
+    only `transaction_id` (the store's record of the transaction names the product)."""
 
     transaction_id: str = Field(min_length=1, max_length=4096, repr=False)
-    product_id: str = Field(min_length=1, max_length=255)
+    product_id: str | None = Field(default=None, min_length=1, max_length=255)
 
 
 class StoreVerificationReply(_Reply):

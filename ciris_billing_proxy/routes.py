@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from .auth import identity_of_request
 from .bodies import expect_continue, read_model
-from .errors import BillingDisabled, IdTokenRequired, PaymentNotFound, http_error
+from .errors import BILLING_DISABLED, BillingDisabled, IdTokenRequired, PaymentNotFound, http_error
 from .id_token import APPLE_HEADER, GOOGLE_HEADER, MISSING, IdToken, id_token_of, id_token_scope
 from .identity import Identity
 from .keys import VERIFIED_KEY
@@ -81,8 +81,9 @@ NO_ID_TOKEN: Final = (
 AS_USER_ERRORS: Final = {**BEARER_ERRORS, 401: NO_ID_TOKEN}
 STORE_REFUSED: Final = (
     "A purchase the store or backend refuses (invalid, unknown product) is still a 200, with "
-    "`success: false` and a readable `error`: the mobile apps read those fields. A repeated purchase "
-    "answers `already_processed: true` and adds nothing."
+    "`success: false` and a readable `error`: the mobile apps read those fields. So is a store the "
+    "provider does not redeem (`error`: `Billing not enabled for this agent`; `/capabilities` says it "
+    "is off). A repeated purchase answers `already_processed: true` and adds nothing."
 )
 
 CREDITS: Final = Operation(
@@ -152,7 +153,6 @@ GOOGLE_PLAY: Final = Operation(
     {
         **AS_USER_ERRORS,
         **BODY_ERRORS,
-        403: "the provider does not redeem Google Play purchases (`Billing not enabled for this agent`)",
         503: PROVIDER_FAILED,
     },
     "billing",
@@ -169,7 +169,6 @@ APP_STORE: Final = Operation(
     {
         **AS_USER_ERRORS,
         **BODY_ERRORS,
-        403: "the provider does not redeem App Store purchases (`Billing not enabled for this agent`)",
         503: PROVIDER_FAILED,
     },
     "billing",
@@ -216,6 +215,17 @@ BILLING_OPERATIONS: Final = (
 
 def json_reply(model: BaseModel, status: int = 200) -> web.Response:
     return web.Response(body=model.model_dump_json().encode(), status=status, content_type="application/json")
+
+
+#: A store the provider does not redeem: a 200 the apps read (they show any non-2xx as a raw "API
+#: error"), as CIRIS answers; `/capabilities` says the store is off. Answered before the body is read.
+STORE_OFF_BODY: Final = StoreVerification(
+    success=False, credits_added=0, new_balance=0, already_processed=False, error=BILLING_DISABLED
+)
+
+
+def _store_off() -> web.Response:
+    return json_reply(STORE_OFF_BODY)
 
 
 class BillingRoutes:
@@ -265,13 +275,13 @@ class BillingRoutes:
 
     async def verify_google_play(self, request: web.Request) -> web.Response:
         if not self.service.provider.google_play_enabled:
-            raise BillingDisabled
+            return _store_off()
         purchase = await self._read(request, GooglePlayPurchase)
         return await self._verify(request, lambda who: self.service.verify_google_play(who, purchase))
 
     async def verify_app_store(self, request: web.Request) -> web.Response:
         if not self.service.provider.apple_storekit_enabled:
-            raise BillingDisabled
+            return _store_off()
         purchase = await self._read(request, AppStorePurchase)
         return await self._verify(request, lambda who: self.service.verify_app_store(who, purchase))
 

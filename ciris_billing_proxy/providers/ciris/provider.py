@@ -135,7 +135,9 @@ class CirisProvider(CreditProvider):
         return self._verification(await self.backend.verify_store("google-play", identity, fields))
 
     async def verify_app_store(self, identity: Identity, purchase: AppStorePurchase) -> StoreVerification:
-        fields = {"transaction_id": purchase.transaction_id, "product_id": purchase.product_id}
+        fields = {"transaction_id": purchase.transaction_id}
+        if purchase.product_id is not None:
+            fields["product_id"] = purchase.product_id
         return self._verification(await self.backend.verify_store("apple-storekit", identity, fields))
 
     def _verification(self, reply: Reply) -> StoreVerification:

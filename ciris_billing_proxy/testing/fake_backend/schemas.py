@@ -105,6 +105,8 @@ class GooglePlayVerifyBody(_StorePurchase):
 
 class AppStoreVerifyBody(_StorePurchase):
     transaction_id: str = Field(min_length=10, max_length=4096)
+    #: The App Store's record of a transaction names its product: the iOS app sends none.
+    product_id: str | None = Field(default=None, min_length=1, max_length=255)  # type: ignore[assignment]
 
 
 class InvalidBody(Exception):
