@@ -174,13 +174,33 @@ class TransactionReply(_Reply):
     description: str
     created_at: str
     balance_after: int | None = None
+    #: CIRIS passes these on from its backend (`purchase`, `grant`, `refund`, ... for credits; the
+    #: store's or Stripe's id; the charge's `{message_id, agent_id, channel_id, request_id}`).
+    transaction_type: str | None = None
+    external_transaction_id: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+#: The fields of a transaction sent only when the provider has them.
+TRANSACTION_EXTRAS: Final = ("transaction_type", "external_transaction_id", "metadata")
 
 
 class Transaction(TransactionReply):
-    """One entry of `GET /transactions`: a charge (negative `amount_minor`) or a credit."""
+    """One entry of `GET /transactions`: a charge (negative `amount_minor`) or a credit, with the
+    extras a provider has (left out of the JSON when it has none)."""
 
     type: Literal["charge", "credit"]
     balance_after: int
+    transaction_type: str | None = Field(default=None, min_length=1, max_length=64)
+    external_transaction_id: str | None = Field(default=None, min_length=1, max_length=255)
+
+    @model_serializer(mode="wrap")
+    def _drop_missing_extras(self, handler: Any) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for name in TRANSACTION_EXTRAS:
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
 
 
 class TransactionPageReply(_Reply):

@@ -150,6 +150,7 @@ def test_a_correct_provider_that_redeems_store_purchases_passes_every_check(
         ("PaymentsVisibleToAll", "a payment must be visible to its owner only"),
         ("CreditsOnEveryStatus", "a completed payment must add exactly its uses (10) once, but"),
         ("IgnoresLimit", "transactions must return at most limit (1) items, but it returned"),
+        ("UnsendableMetadata", "metadata must be plain JSON"),
         ("LeaksTask", "stop after a restart must leave no task of the provider running, but 1 started"),
         ("StoreCreditsEveryTime", "verify_google_play must redeem one purchase exactly once: of 6 identical"),
         ("StoreCreditsEveryTime", "verify_app_store must redeem one purchase exactly once"),

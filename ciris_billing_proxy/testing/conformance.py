@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
@@ -867,6 +868,16 @@ class ProviderContract:
                 f"transactions total_count must count every item, but it was {page.total_count} with"
                 f" {count} returned from offset {offset}."
             )
+        for item in page.transactions:
+            # The extras are passed on as they are: a metadata the route cannot send as JSON would
+            # fail every listing of this user.
+            try:
+                json.dumps(item.metadata, allow_nan=False)
+            except (TypeError, ValueError):
+                broken(
+                    f"transaction {item.transaction_id!r} metadata must be plain JSON (strings, numbers,"
+                    " bools, null, lists and objects), but it is not."
+                )
         return page
 
     async def _pending_after(self, baseline: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:

@@ -53,6 +53,10 @@ export interface Transaction {
   description: string;
   created_at: string;
   balance_after?: number | null;
+  /** Passed on when the provider has them (CIRIS's backend does). */
+  transaction_type?: string | null;
+  external_transaction_id?: string | null;
+  metadata?: Record<string, unknown> | null;
 }
 export interface TransactionPage { transactions: Transaction[]; total_count: number; has_more: boolean; }
 
