@@ -119,17 +119,18 @@ def run_kit(pytester: pytest.Pytester, name: str) -> pytest.RunResult:
 
 def test_a_correct_provider_that_sells_passes_every_check(pytester: pytest.Pytester) -> None:
     result = run_kit(pytester, "Reference")
-    # Skipped: the check for providers that do not sell, and the two of providers that redeem
-    # app store purchases.
-    result.assert_outcomes(passed=len(KIT_CHECKS) - 3, skipped=3)
+    # Skipped: the check for providers that do not sell, the two of providers that redeem app store
+    # purchases, and the one of providers that charge nothing.
+    result.assert_outcomes(passed=len(KIT_CHECKS) - 4, skipped=4)
 
 
 def test_a_correct_provider_that_redeems_store_purchases_passes_every_check(
     pytester: pytest.Pytester,
 ) -> None:
     result = run_kit(pytester, "StoreReference")
-    # Skipped: the checks of providers that do not sell, and of stores a provider does not declare.
-    result.assert_outcomes(passed=len(KIT_CHECKS) - 2, skipped=2)
+    # Skipped: the checks of providers that do not sell, of stores a provider does not declare, and
+    # of providers that charge nothing.
+    result.assert_outcomes(passed=len(KIT_CHECKS) - 3, skipped=3)
 
 
 @pytest.mark.parametrize(
@@ -178,8 +179,8 @@ def test_the_example_distribution_passes_the_kit_with_its_pytest_config(pytester
     pytester.makepyfile(test_conformance=EXAMPLE_TEST.read_text(encoding="utf-8"))
     result = pytester.runpytest("-p", "no:cacheprovider", "-W", "error")
     # Skipped: paid give-backs (no add_paid_credit hook), the three checks of providers that sell and
-    # the two of providers that redeem app store purchases.
-    result.assert_outcomes(passed=len(KIT_CHECKS) - 6, skipped=6)
+    # the two of providers that redeem app store purchases, and the one of providers that charge nothing.
+    result.assert_outcomes(passed=len(KIT_CHECKS) - 7, skipped=7)
 
 
 def test_the_readme_shows_the_example_distributions_test_and_this_repositorys_ciris_test() -> None:

@@ -185,6 +185,11 @@ class ProviderContract:
     #: give-backs are then checked on paid credit (which needs `add_paid_credit`), and a give-back
     #: of a free use is checked to add nothing, to neither count.
     returns_free_uses: ClassVar[bool] = True
+    #: Whether `spend` takes a use. A provider under which every user has credit and nothing is
+    #: charged (`unlimited`) sets False: the checks of what a spend takes or a give-back returns
+    #: skip, and the kit checks instead that spends succeed, change no balance, and that the
+    #: provider says so (`gate_charges` false).
+    charges_uses: ClassVar[bool] = True
     #: The identity namespaces of the kit's users; isolation is checked across the first two.
     namespaces: ClassVar[tuple[str, str]] = ("local", "google")
     #: The most uses the kit spends to empty one user's balance; checks that would need more skip.
@@ -238,6 +243,7 @@ class ProviderContract:
             await self._exhausted(provider, identity)
 
     async def test_spend_twice_with_one_key_takes_one_use(self, provider: CreditProvider) -> None:
+        self._skip_unless_charging()
         identity, before = await self._user_with(provider, 2)
         key = new_key()
         await self._must_spend(provider, identity, key, before)
@@ -253,6 +259,7 @@ class ProviderContract:
     async def test_concurrent_spends_never_take_more_than_the_user_had(
         self, provider: CreditProvider
     ) -> None:
+        self._skip_unless_charging()
         identity, before = await self._user_with(provider, 2)
         self._skip_if_too_many(before, "spend concurrently past the end of a fresh user's credit")
         attempts = before.available + 3
@@ -274,6 +281,7 @@ class ProviderContract:
     async def test_spend_without_credit_raises_insufficient_credit_and_changes_nothing(
         self, provider: CreditProvider
     ) -> None:
+        self._skip_unless_charging()
         identity = self.new_identity()
         empty = await self._exhausted(provider, identity)
         key = new_key()
@@ -290,6 +298,7 @@ class ProviderContract:
             )
 
     async def test_give_back_of_a_free_use(self, provider: CreditProvider) -> None:
+        self._skip_unless_charging()
         identity = self.new_identity()
         before = await self._balance(provider, identity)
         if before.free == 0:
@@ -313,6 +322,7 @@ class ProviderContract:
         await self._give_back_again_changes_nothing(provider, identity, key, back)
 
     async def test_give_back_restores_paid_credit_once(self, provider: CreditProvider) -> None:
+        self._skip_unless_charging()
         identity = self.new_identity()
         await self._use_up_free_uses(provider, identity)
         before = await self._add_paid(provider, identity, 3, "check give_back on paid credit")
@@ -332,6 +342,25 @@ class ProviderContract:
             )
         await self._give_back_again_changes_nothing(provider, identity, key, back)
 
+    async def test_a_provider_that_charges_nothing_changes_no_balance(self, provider: CreditProvider) -> None:
+        if self.charges_uses:
+            pytest.skip("this provider charges uses (charges_uses is true)")
+        if provider.gate_charges:
+            broken("a provider that takes no use must declare gate_charges false, but it declares true.")
+        identity = self.new_identity()
+        before = await self._balance(provider, identity)
+        if not before.available:
+            broken("a provider that charges nothing must give every user credit, but a fresh user has none.")
+        keys = [new_key() for _ in range(3)]
+        results = await asyncio.gather(*(self._spend(provider, identity, key) for key in keys * 2))
+        if not all(results):
+            broken("spends under a provider that charges nothing must all succeed, but one raised.")
+        for key in keys:
+            await self._give_back(provider, identity, key)
+        after = await self._balance(provider, identity)
+        if after != before:
+            broken(f"spends and give-backs must change no balance, but {before.change_to(after)}.")
+
     async def test_give_back_for_a_key_never_spent_changes_nothing(self, provider: CreditProvider) -> None:
         identity, before = await self._user_with(provider, 1)
         await self._must_spend(provider, identity, new_key(), before)
@@ -344,6 +373,7 @@ class ProviderContract:
             )
 
     async def test_users_are_isolated_also_across_namespaces(self, provider: CreditProvider) -> None:
+        self._skip_unless_charging()
         first, second = self.namespaces
         alice, alice_before = await self._user_with(provider, 1, self.new_identity(first))
         bob = self.new_identity(first)
@@ -365,6 +395,7 @@ class ProviderContract:
             )
 
     async def test_idempotency_keys_are_per_user(self, provider: CreditProvider) -> None:
+        self._skip_unless_charging()
         first, second = self.namespaces
         alice, alice_before = await self._user_with(provider, 1, self.new_identity(first))
         key = new_key()
@@ -794,6 +825,10 @@ class ProviderContract:
         while balance.free:
             await self._must_spend(provider, identity, new_key(), balance)
             balance = await self._must_take_one(provider, identity, balance)
+
+    def _skip_unless_charging(self) -> None:
+        if not self.charges_uses:
+            pytest.skip("this provider takes no use (charges_uses is false)")
 
     def _skip_unless_selling(self, provider: CreditProvider) -> None:
         if not provider.purchases_enabled:
