@@ -27,7 +27,7 @@ from aiohttp.typedefs import Handler
 
 from .auth import identity_of_request
 from .errors import BillingError, IdTokenRequired, InsufficientCredit, client_gone, client_left, to_http
-from .id_token import MISSING, id_token_of, id_token_scope
+from .id_token import MISSING, IdToken, id_token_as, id_token_of, user_id_token
 from .identity import Identity
 from .keys import SPEND_KEY, billing_service
 from .service import BillingService
@@ -53,16 +53,20 @@ def credit_gate(handler: Handler) -> Handler:
         identity = identity_of_request(request, service.verifier)
         if identity.role in service.config.gate_bypass_roles:
             return await handler(request)
-        if service.provider.id_token_required and id_token_of(request) is None:
-            raise to_http(IdTokenRequired(MISSING), gate=True)
+        if service.provider.id_token_required:
+            token = user_id_token(request, service.provider.agent_id_token)
+            if token is None:
+                raise to_http(IdTokenRequired(MISSING), gate=True)
+        else:
+            token = id_token_of(request)
         if not service.provider.gate_charges:
-            await _check_credit(service, request, identity)
+            await _check_credit(service, token, identity)
             return await handler(request)
         # Server-made, never client-supplied: a reusable client key would let a user replay it for
         # free interactions.
         key = uuid.uuid4().hex
         try:
-            with id_token_scope(request):
+            with id_token_as(token):
                 await service.spend(identity, key)
         except BillingError as exc:
             raise to_http(exc, gate=True) from None
@@ -85,10 +89,10 @@ def credit_gate(handler: Handler) -> Handler:
     return gated
 
 
-async def _check_credit(service: BillingService, request: web.Request, identity: Identity) -> None:
+async def _check_credit(service: BillingService, token: IdToken | None, identity: Identity) -> None:
     """The informational gate: a 402 without credit, nothing taken with it."""
     try:
-        with id_token_scope(request):
+        with id_token_as(token):
             status = await service.credit_status(identity)
         if not status.has_credit:
             raise InsufficientCredit(status.reason or "No free uses or credits remaining")

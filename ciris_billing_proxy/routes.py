@@ -19,7 +19,15 @@ from pydantic import BaseModel
 from .auth import identity_of_request
 from .bodies import expect_continue, read_model
 from .errors import BILLING_DISABLED, BillingDisabled, IdTokenRequired, PaymentNotFound, http_error
-from .id_token import APPLE_HEADER, GOOGLE_HEADER, MISSING, IdToken, id_token_of, id_token_scope
+from .id_token import (
+    APPLE_HEADER,
+    GOOGLE_HEADER,
+    MISSING,
+    IdToken,
+    id_token_as,
+    id_token_scope,
+    user_id_token,
+)
 from .identity import Identity
 from .keys import VERIFIED_KEY
 from .models import (
@@ -297,9 +305,14 @@ class BillingRoutes:
 
     def _as_user(self, request: web.Request) -> AbstractContextManager[IdToken | None]:
         """The request's ID token made current for the provider (see `id_token`); a 401 first if the
-        provider needs one and none was sent, before any cached credit could answer."""
-        if self.service.provider.id_token_required and id_token_of(request) is None:
-            raise IdTokenRequired(MISSING)
+        provider needs one and neither the request nor the agent has one, before any cached credit
+        could answer."""
+        provider = self.service.provider
+        if provider.id_token_required:
+            token = user_id_token(request, provider.agent_id_token)
+            if token is None:
+                raise IdTokenRequired(MISSING)
+            return id_token_as(token)
         return id_token_scope(request)
 
     async def expect_authenticated(self, request: web.Request) -> None:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from ..config import ConfigError, describe_validation_error
 from ..database_url import parse_database_url
 from ..errors import BillingDisabled
+from ..id_token import IdToken
 from ..identity import Identity
 from ..models import (
     AppStorePurchase,
@@ -135,6 +136,13 @@ class CreditProvider(abc.ABC):
         `X-Apple-ID-Token`): the proxy answers 401 without one, before the credit cache is read.
         The provider reads the token with `ciris_billing_proxy.current_id_token()`."""
         return False
+
+    def agent_id_token(self) -> IdToken | None:
+        """The ID token configured for this agent, used (with `id_token_required`) for a request that
+        carries none: an agent on the user's own device, whose app writes the user's token into the
+        agent's environment. None by default: each request must bring its own. Called per request
+        that lacks the header, so it must be cheap (no I/O on every call)."""
+        return None
 
     async def start(self) -> None:
         """Open connections, files and sessions. Called once at app startup."""

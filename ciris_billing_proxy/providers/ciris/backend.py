@@ -45,6 +45,8 @@ class BillingBackend:
         self.transport = Transport(settings)
         #: Set once a backend from before the transactions listing existed (Nov 2025) is seen.
         self.listing_missing = False
+        #: Told when the backend refuses the agent's own ID token (not one a request sent).
+        self.on_agent_token_refused: Callable[[], None] | None = None
 
     async def start(self) -> None:
         await self.transport.start()
@@ -69,6 +71,9 @@ class BillingBackend:
         except BackendUnavailable as exc:
             raise ProviderUnavailable(exc.reason, maybe_applied=exc.maybe_applied) from None
         except IdTokenRefused:
+            token = current_id_token()
+            if token is not None and token.from_agent and self.on_agent_token_refused is not None:
+                self.on_agent_token_refused()
             raise IdTokenRequired(REFUSED) from None
 
     def _id_token(self) -> str:

@@ -19,6 +19,7 @@ from typing import Final, Self
 from pydantic import ValidationError
 
 from ...errors import ProviderUnavailable
+from ...id_token import IdToken
 from ...identity import Identity
 from ...models import (
     AppStorePurchase,
@@ -32,6 +33,7 @@ from ...models import (
 from ...store import Engine, SQLiteDatabase, payment_store, replay_store
 from ..base import CreditProvider, ProviderContext
 from .accounts import BackendAccounts
+from .agent_token import SIGNAL_NAME, AgentToken
 from .backend import BillingBackend
 from .charges import ChargeBook
 from .purchases import PurchaseDesk
@@ -45,14 +47,38 @@ logger = logging.getLogger("ciris_billing_proxy.ciris")
 PAYMENTS_FILE: Final = "ciris-payments.sqlite3"
 
 
+def agent_token_of(settings: CirisSettings, context: ProviderContext) -> AgentToken:
+    """Where the agent's token comes from and where a refusal is signalled: the settings, else the
+    CIRIS layout (`$CIRIS_HOME/.env`, `$CIRIS_HOME/.token_refresh_needed`)."""
+    home = context.environ.get("CIRIS_HOME")
+    env_file = Path(settings.env_file) if settings.env_file else (Path(home) / ".env" if home else None)
+    if settings.refresh_signal_file:
+        signal = Path(settings.refresh_signal_file)
+    elif home:
+        signal = Path(home) / SIGNAL_NAME
+    elif env_file is not None:
+        signal = env_file.with_name(SIGNAL_NAME)
+    else:
+        signal = context.data_dir / SIGNAL_NAME
+    return AgentToken(context.environ, env_file, signal)
+
+
 class CirisProvider(CreditProvider):
     name = "ciris"
 
     def __init__(
-        self, settings: CirisSettings, *, database: str | Path | Engine, agent_id: str = "agent"
+        self,
+        settings: CirisSettings,
+        *,
+        database: str | Path | Engine,
+        agent_id: str = "agent",
+        agent_token: AgentToken | None = None,
     ) -> None:
         self.settings = settings
+        self.agent_token = agent_token
         self.backend = BillingBackend(settings, BackendAccounts(agent_id))
+        if agent_token is not None:
+            self.backend.on_agent_token_refused = agent_token.refused
         engine = database if isinstance(database, Engine) else SQLiteDatabase(database)
         # One engine for both records: the payment store opens and closes it.
         self.payments = payment_store(engine)
@@ -70,7 +96,11 @@ class CirisProvider(CreditProvider):
             settings,
             database=context.database(PAYMENTS_FILE, settings.database),
             agent_id=context.agent_id,
+            agent_token=agent_token_of(settings, context) if settings.id_token_from_env else None,
         )
+
+    def agent_id_token(self) -> IdToken | None:
+        return None if self.agent_token is None else self.agent_token.current()
 
     # In id_token mode the backend takes the user's token only for checks and store verifications:
     # Stripe purchases, charges and the listing need the API key.

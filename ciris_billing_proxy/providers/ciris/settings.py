@@ -36,6 +36,9 @@ ENV_VARS: Final = {
     "CIRIS_BILLING_PURCHASE_REUSE_SECONDS": "purchase_reuse_seconds",
     "CIRIS_BILLING_DATABASE": "database",
     "CIRIS_BILLING_AUTH_MODE": "auth_mode",
+    "CIRIS_BILLING_ID_TOKEN_FROM_ENV": "id_token_from_env",
+    "CIRIS_BILLING_ENV_FILE": "env_file",
+    "CIRIS_BILLING_REFRESH_SIGNAL_FILE": "refresh_signal_file",
 }
 
 
@@ -88,6 +91,16 @@ class CirisSettings(BaseModel):
     #: went away (behind a proxy timeout of 60 s), so a charge whose reply was lost can land late.
     reconcile_window_seconds: float = Field(default=120.0, gt=0, le=3600)
     database: str | None = None
+    #: Opt-in: a request without an ID-token header uses the token in the agent's environment
+    #: (`CIRIS_BILLING_GOOGLE_ID_TOKEN` / `CIRIS_BILLING_APPLE_ID_TOKEN`), as the CIRIS apps set it
+    #: for an agent on the user's own device. On a server with many users it would bill every one
+    #: of them to that one account.
+    id_token_from_env: bool = False
+    #: The agent's `.env` file the app rewrites with a fresh token (default `$CIRIS_HOME/.env`).
+    env_file: str | None = Field(default=None, min_length=1)
+    #: Written when the backend refuses the agent's token (default `.token_refresh_needed` in
+    #: `$CIRIS_HOME`, else beside `env_file`, else in the data directory).
+    refresh_signal_file: str | None = Field(default=None, min_length=1)
 
     @field_validator("api_key")
     @classmethod
