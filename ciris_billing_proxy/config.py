@@ -16,7 +16,7 @@ from typing import Any, Final, Self
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from .database_url import parse_database_url
-from .paths import DEFAULT_PREFIX
+from .paths import DEFAULT_PREFIX, DEFAULT_TOOLS_PREFIX
 
 HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC_ALGORITHMS: Final = frozenset(
@@ -128,14 +128,23 @@ class BillingConfig(BaseModel):
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
     #: Serve the billing UI kit (`{prefix}/ui/billing.js`, `billing.d.ts`) without a token.
     serve_ui: bool = True
+    #: Where the tool routes (per-product credits) live, as the CIRIS agent serves them.
+    tools_prefix: str = DEFAULT_TOOLS_PREFIX
 
-    @field_validator("prefix")
+    @field_validator("prefix", "tools_prefix")
     @classmethod
     def _clean_prefix(cls, value: str) -> str:
         value = value.rstrip("/")
         if not value.startswith("/") or "//" in value or " " in value:
-            raise ValueError("prefix must be an absolute URL path such as /v1/api/billing")
+            raise ValueError("must be an absolute URL path such as /v1/api/billing")
         return value
+
+    @model_validator(mode="after")
+    def _apart(self) -> Self:
+        inner, outer = sorted((self.prefix, self.tools_prefix), key=len, reverse=True)
+        if inner == outer or inner.startswith(outer + "/"):
+            raise ValueError("prefix and tools_prefix must not be the same or one inside the other")
+        return self
 
     @field_validator("database_url")
     @classmethod
@@ -247,6 +256,7 @@ ENV_VARS: Final[dict[str, tuple[str, str, str]]] = {
     "CIRIS_LOGIN_FAILURE_WINDOW_SECONDS": ("top", "login_failure_window_seconds", "int"),
     "CIRIS_TRUSTED_PROXIES": ("top", "trusted_proxies", "list"),
     "CIRIS_BILLING_SERVE_UI": ("top", "serve_ui", "bool"),
+    "CIRIS_TOOLS_PREFIX": ("top", "tools_prefix", "str"),
 }
 
 

@@ -226,6 +226,9 @@ class CapabilitiesReply(_Reply):
     apple_storekit: bool = False
     #: False when the gate only checks credit and someone else (CIRIS's LLM proxy) charges.
     charges: bool = True
+    #: The products sold per use beside the interaction credits (tool credits), by name; their
+    #: balances are at the tool routes (`docs/tool-credits.md`). Older agents leave it out: none.
+    products: list[str] = Field(default_factory=list)
 
 
 class Capabilities(CapabilitiesReply):

@@ -22,6 +22,7 @@ from .routes import add_routes
 from .service import BillingService
 from .store.choose import change_feed_for
 from .throttle import LoginThrottle, StoreLoginThrottle
+from .tool_routes import add_tool_routes
 
 
 def setup_billing(
@@ -101,15 +102,21 @@ def setup_billing(
     public: set[Handler] = set()  # routes that need no token; add_routes fills it
     check = token_check(verifier, public)
     login = None if authenticate is None else login_path
-    describe = APIDescription(config.prefix, login, ui=config.serve_ui).handle
+    describe = APIDescription(
+        config.prefix, login, ui=config.serve_ui, tools_prefix=config.tools_prefix
+    ).handle
     if subapp:
         billing = web.Application(middlewares=[error_middleware(before=check)])
         anchor = add_routes(billing.router, service, public=public, describe=describe, own_router=True)
         app.add_subapp(config.prefix, billing)
+        tools = web.Application(middlewares=[error_middleware(before=check)])
+        add_tool_routes(tools.router, service, own_router=True)
+        app.add_subapp(config.tools_prefix, tools)
     else:
-        scopes.append(PathScope((config.prefix,)))
+        scopes.append(PathScope((config.prefix, config.tools_prefix)))
         app.middlewares.append(error_middleware(scopes[-1], before=check))
         anchor = add_routes(app.router, service, config.prefix, public=public, describe=describe)
+        add_tool_routes(app.router, service, config.tools_prefix)
     if scopes:
         app.on_startup.append(_rebase_on_mount(anchor, scopes))
     return service

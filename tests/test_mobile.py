@@ -265,6 +265,7 @@ async def test_id_token_mode_end_to_end(
             "google_play": True,
             "apple_storekit": True,
             "charges": False,
+            "products": ["web_search"],
         }
         for path in (CREDITS, INTERACT):
             missing = await native_client.request(

@@ -33,6 +33,7 @@ from ..models import (
     StoreVerification,
     TransactionPage,
 )
+from ..products import Product, ToolBalance, ToolCheck, ToolPurchase, ToolPurchaseRequest
 from ..store import Engine, SQLiteDatabase
 from ..store.choose import engine_for
 
@@ -194,3 +195,45 @@ class CreditProvider(abc.ABC):
         """The user's transactions, newest first (`limit` 1-100, `offset` >= 0, already checked).
         A provider that keeps no history answers an empty page."""
         return TransactionPage(transactions=[], total_count=0, has_more=False)
+
+    # -- per-product credits (tool credits): docs/tool-credits.md ------------------------------------
+    @property
+    def products(self) -> Mapping[str, Product]:
+        """The products this provider sells per use, by name (`Product.name`); none by default. The
+        tool routes and `@credit_gate(product=...)` serve only these: another name is a 404."""
+        return {}
+
+    @property
+    def product_purchases_enabled(self) -> bool:
+        """Whether `verify_product_purchase` redeems store purchases of product packs. When false,
+        `POST {tools}/purchase` answers 200 `success: false` without calling it."""
+        return False
+
+    async def product_balance(self, identity: Identity, product: str) -> ToolBalance:
+        """The user's balance of one declared product (the name is checked before)."""
+        raise BillingDisabled
+
+    async def product_balances(self, identity: Identity) -> list[ToolBalance]:
+        """Every declared product's balance, in declaration order; by default one
+        `product_balance` per product."""
+        return [await self.product_balance(identity, name) for name in self.products]
+
+    async def product_check(self, identity: Identity, product: str) -> ToolCheck:
+        """Whether a gated call of the product would pass now; by default from `product_balance`."""
+        return ToolCheck.of(await self.product_balance(identity, product))
+
+    async def spend_product(self, identity: Identity, product: str, idempotency_key: str) -> None:
+        """Take one use of the product, atomically (as `spend`); `InsufficientCredit` without one."""
+        raise BillingDisabled
+
+    async def give_back_product(self, identity: Identity, product: str, idempotency_key: str) -> None:
+        """Return the use `spend_product` took under this key (as `give_back`)."""
+        raise BillingDisabled
+
+    async def verify_product_purchase(
+        self, identity: Identity, purchase: ToolPurchaseRequest
+    ) -> ToolPurchase:
+        """Redeem a store purchase of a pack of `purchase.tool_name` (a declared product), once per
+        purchase token: a repeat raises `AlreadyProcessed`, a purchase the store refuses
+        `InvalidRequest`. Only called when `product_purchases_enabled`."""
+        raise BillingDisabled

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Final, Self
 
@@ -30,6 +31,7 @@ from ...models import (
     StoreVerification,
     TransactionPage,
 )
+from ...products import Product, ToolBalance, ToolCheck, ToolPurchase, ToolPurchaseRequest
 from ...store import Engine, SQLiteDatabase, payment_store, replay_store
 from ..base import CreditProvider, ProviderContext
 from .accounts import BackendAccounts
@@ -39,6 +41,7 @@ from .charges import ChargeBook
 from .purchases import PurchaseDesk
 from .sealing import ReplySeal
 from .settings import CirisSettings
+from .tools import WEB_SEARCH, ToolDesk
 from .transport import Reply
 from .wire import NOT_VERIFIED, public_transaction, refused, to_credit_status, to_store_verification
 
@@ -88,6 +91,7 @@ class CirisProvider(CreditProvider):
         # sealed: a random secret keeps the desk whole without a key to derive one from.
         key = settings.api_key.get_secret_value() if settings.api_key else secrets.token_urlsafe(32)
         self.purchases = PurchaseDesk(self.backend, self.payments, self.replays, ReplySeal(key))
+        self.tools = ToolDesk(self.backend, {WEB_SEARCH.name: WEB_SEARCH})
 
     @classmethod
     def from_context(cls, context: ProviderContext) -> Self:
@@ -169,6 +173,35 @@ class CirisProvider(CreditProvider):
         if purchase.product_id is not None:
             fields["product_id"] = purchase.product_id
         return self._verification(await self.backend.verify_store("apple-storekit", identity, fields))
+
+    # -- tool credits: tools.py --------------------------------------------------------------------
+    @property
+    def products(self) -> Mapping[str, Product]:
+        return self.tools.products
+
+    @property
+    def product_purchases_enabled(self) -> bool:
+        return True
+
+    async def product_balance(self, identity: Identity, product: str) -> ToolBalance:
+        return await self.tools.balance(identity, product)
+
+    async def product_balances(self, identity: Identity) -> list[ToolBalance]:
+        return await self.tools.balances(identity)
+
+    async def product_check(self, identity: Identity, product: str) -> ToolCheck:
+        return await self.tools.check(identity, product)
+
+    async def spend_product(self, identity: Identity, product: str, idempotency_key: str) -> None:
+        await self.tools.spend(identity, product, idempotency_key)
+
+    async def give_back_product(self, identity: Identity, product: str, idempotency_key: str) -> None:
+        await self.tools.give_back(identity, product, idempotency_key)
+
+    async def verify_product_purchase(
+        self, identity: Identity, purchase: ToolPurchaseRequest
+    ) -> ToolPurchase:
+        return await self.tools.verify_purchase(identity, purchase)
 
     def _verification(self, reply: Reply) -> StoreVerification:
         """The backend's answer as the apps read it: its refusals (400 invalid purchase or unknown
