@@ -10,16 +10,19 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from ciris_billing_proxy import BillingConfig, credit_gate
+from ciris_billing_proxy.client import AlreadyProcessedError, BillingClient, NotFoundError
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 
 from .ciris_helpers import agent_routes, who
 from .conftest import ClientFactory, make_config
 from .default_paths import CAPABILITIES, CREDITS
 from .postgres import fetch
+from .serving import login, serve
 
 TOOLS = "/v1/api/tools"
 SEARCH, IMAGE = "/v1/agent/search", "/v1/agent/image"
@@ -303,3 +306,45 @@ async def test_a_tool_purchase_verified_twice_concurrently_credits_once(
     assert await refused.json() == {"detail": "Purchase not valid: state=1"}
     for body, status in (({**purchase, "tool_name": "web-search"}, 400), ({"product_id": 5}, 422)):
         assert (await ciris_client.post(f"{TOOLS}/purchase", json=body, headers=auth)).status == status
+
+
+# --- the demo agent and the Python client -----------------------------------------------------------
+
+
+async def test_the_demo_agent_gates_its_tool_route_per_product(tmp_path: Path) -> None:
+    """`serve` (simple): `web_search` with 10 free uses by default, `POST /v1/agent/tools/{product}`."""
+    with serve(["--user", "ann:pw:ann@example.com"], tmp_path) as server:
+        async with aiohttp.ClientSession() as session:
+            token = await login(session, server.url, "ann", "pw")
+            auth = {"Authorization": f"Bearer {token}"}
+            statuses = []
+            for product in ("web_search", "web_search", "image_gen", "9lives"):
+                async with session.post(f"{server.url}/v1/agent/tools/{product}", headers=auth) as resp:
+                    statuses.append(resp.status)
+            assert statuses == [200, 200, 404, 400]
+        async with BillingClient(server.url, token=token) as billing:
+            balance = await billing.get_tool_balance("web_search")
+            assert (balance.free_remaining, balance.total_uses) == (8, 2)
+            assert [b.product_type for b in (await billing.get_tool_balances()).balances] == ["web_search"]
+            assert (await billing.check_tool("web_search")).has_credit is True
+            available = await billing.get_available_tools()
+            assert available.tools[0].description == "Search the web for current information"
+            with pytest.raises(NotFoundError):
+                await billing.get_tool_balance("image_gen")
+            refused = await billing.purchase_tool("web_search_10", "gp-1234567890", "web_search")
+            assert (refused.success, refused.message) == (False, "Billing not enabled for this agent")
+            assert (await billing.get_credits()).total_uses == 0
+
+
+async def test_the_python_client_redeems_a_tool_purchase_once(
+    ciris_client: Any, ciris_tokens: TokenFactory
+) -> None:
+    base = str(ciris_client.make_url(""))
+    async with BillingClient(base, token=ciris_tokens.token("dee")) as billing:
+        first = await billing.purchase_tool("web_search_50", "gp-" + secrets.token_hex(8), "web_search")
+        assert (first.success, first.credits_added, first.new_balance) == (True, 50, 60)
+        token = "gp-" + secrets.token_hex(8)
+        assert (await billing.purchase_tool("web_search_10", token, "web_search")).credits_added == 10
+        with pytest.raises(AlreadyProcessedError):
+            await billing.purchase_tool("web_search_10", token, "web_search")
+        assert (await billing.get_tool_balance("web_search")).paid_credits == 60
