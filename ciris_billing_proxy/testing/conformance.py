@@ -23,6 +23,7 @@ import asyncio
 import inspect
 import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
 
@@ -45,6 +46,7 @@ from .. import (
     StoreVerification,
 )
 from ..models import TransactionPage
+from ..products import Product, ToolBalance
 
 __all__ = ["ProviderContract"]
 
@@ -60,6 +62,12 @@ ASYNC_METHODS = (
     "transactions",
     "verify_google_play",
     "verify_app_store",
+    "product_balance",
+    "product_balances",
+    "product_check",
+    "spend_product",
+    "give_back_product",
+    "verify_product_purchase",
 )
 #: What a provider declares it offers: each must be a bool.
 DECLARATIONS = (
@@ -69,6 +77,7 @@ DECLARATIONS = (
     "apple_storekit_enabled",
     "gate_charges",
     "id_token_required",
+    "product_purchases_enabled",
 )
 #: Store -> (its declaration, its method, the hook that makes a purchase to redeem).
 STORES = {
@@ -190,6 +199,9 @@ class ProviderContract:
     #: skip, and the kit checks instead that spends succeed, change no balance, and that the
     #: provider says so (`gate_charges` false).
     charges_uses: ClassVar[bool] = True
+    #: Whether `give_back_product` returns the product use its spend took. The `ciris` provider sets
+    #: False (its backend cannot give back a tool use): the product give-back check then skips.
+    returns_product_uses: ClassVar[bool] = True
     #: The identity namespaces of the kit's users; isolation is checked across the first two.
     namespaces: ClassVar[tuple[str, str]] = ("local", "google")
     #: The most uses the kit spends to empty one user's balance; checks that would need more skip.
@@ -360,6 +372,90 @@ class ProviderContract:
         after = await self._balance(provider, identity)
         if after != before:
             broken(f"spends and give-backs must change no balance, but {before.change_to(after)}.")
+
+    # -- per-product credits (tool credits); skipped for a provider that declares no product ---------
+    async def test_product_declarations_are_well_formed(self, provider: CreditProvider) -> None:
+        products = self._products(provider)
+        for name, product in products.items():
+            if not isinstance(product, Product) or product.name != name:
+                broken(f"products must map each name to a Product of that name, but {name!r} does not.")
+        identity = self.new_identity()
+        balances = await self._call(provider, "product_balances", identity)
+        if not isinstance(balances, list) or [getattr(b, "product_type", None) for b in balances] != list(
+            products
+        ):
+            broken("product_balances must list one ToolBalance per declared product, in their order.")
+        for name in products:
+            balance = await self._product_balance(provider, identity, name)
+            if balance.product_type != name:
+                broken(f"product_balance must answer for {name!r}, but it answered {balance.product_type!r}.")
+
+    async def test_product_spend_takes_one_use_of_that_product_only(self, provider: CreditProvider) -> None:
+        self._skip_unless_charging()
+        name = next(iter(self._products(provider)))
+        identity = self.new_identity()
+        before = await self._product_balance(provider, identity, name)
+        if not before.total_available:
+            pytest.skip(f"a fresh user has no {name} use to spend")
+        credit_before = await self._balance(provider, identity)
+        others_before = await self._other_products(provider, identity, name)
+        key = new_key()
+        for _ in range(2):
+            if not await self._spend_product(provider, identity, name, key):
+                broken(
+                    f"spend_product with a use of {name} left must succeed, but it raised InsufficientCredit."
+                )
+        after = await self._product_balance(provider, identity, name)
+        if before.total_available - after.total_available != 1:
+            broken(
+                f"spend_product twice with one key must take one use of {name}, but"
+                f" {before.total_available - after.total_available} were taken."
+            )
+        if await self._balance(provider, identity) != credit_before:
+            broken("spend_product must not touch the interaction credit, but credit_status changed.")
+        if await self._other_products(provider, identity, name) != others_before:
+            broken("spend_product must not touch another product's balance, but one changed.")
+
+    async def test_product_concurrent_spends_never_take_more_than_there_was(
+        self, provider: CreditProvider
+    ) -> None:
+        self._skip_unless_charging()
+        name = next(iter(self._products(provider)))
+        identity = self.new_identity()
+        before = await self._product_balance(provider, identity, name)
+        if before.total_available > self.max_spends:
+            pytest.skip(f"a fresh user has more {name} uses than max_spends ({self.max_spends})")
+        attempts = before.total_available + 3
+        results = await asyncio.gather(
+            *(self._spend_product(provider, identity, name, new_key()) for _ in range(attempts))
+        )
+        after = await self._product_balance(provider, identity, name)
+        if sum(results) != before.total_available or after.total_available != 0:
+            broken(
+                f"{attempts} concurrent spends of {name} must take exactly the {before.total_available} uses"
+                f" there were, but {sum(results)} succeeded and {after.total_available} remain."
+            )
+
+    async def test_product_give_back_returns_the_use_once(self, provider: CreditProvider) -> None:
+        self._skip_unless_charging()
+        if not self.returns_product_uses:
+            pytest.skip("this provider cannot give back a product use (returns_product_uses is false)")
+        name = next(iter(self._products(provider)))
+        identity = self.new_identity()
+        before = await self._product_balance(provider, identity, name)
+        if not before.total_available:
+            pytest.skip(f"a fresh user has no {name} use to spend")
+        key = new_key()
+        await self._spend_product(provider, identity, name, key)
+        for _ in range(2):
+            await self._call(provider, "give_back_product", identity, name, key)
+        await self._call(provider, "give_back_product", identity, name, new_key())
+        after = await self._product_balance(provider, identity, name)
+        if after.total_available != before.total_available:
+            broken(
+                f"give_back_product (twice, and once for a key never spent) must return exactly the one use"
+                f" taken, but {name} went from {before.total_available} to {after.total_available}."
+            )
 
     async def test_give_back_for_a_key_never_spent_changes_nothing(self, provider: CreditProvider) -> None:
         identity, before = await self._user_with(provider, 1)
@@ -825,6 +921,37 @@ class ProviderContract:
         while balance.free:
             await self._must_spend(provider, identity, new_key(), balance)
             balance = await self._must_take_one(provider, identity, balance)
+
+    def _products(self, provider: CreditProvider) -> Mapping[str, Product]:
+        products = provider.products
+        if not isinstance(products, Mapping):
+            broken(f"products must be a mapping, but it was {type(products).__name__}.")
+        if not products:
+            pytest.skip("this provider sells no product per use (products is empty)")
+        return products
+
+    async def _product_balance(self, provider: CreditProvider, identity: Identity, name: str) -> ToolBalance:
+        balance: ToolBalance = await self._typed(provider, "product_balance", ToolBalance, identity, name)
+        return balance
+
+    async def _other_products(
+        self, provider: CreditProvider, identity: Identity, name: str
+    ) -> list[ToolBalance]:
+        return [
+            await self._product_balance(provider, identity, other)
+            for other in provider.products
+            if other != name
+        ]
+
+    async def _spend_product(self, provider: CreditProvider, identity: Identity, name: str, key: str) -> bool:
+        try:
+            result = await self._call(provider, "spend_product", identity, name, key)
+        except InsufficientCredit:
+            return False
+        except BillingError as exc:
+            broken(f"spend_product may raise only InsufficientCredit, but it raised {type(exc).__name__}.")
+        returns_none("spend_product", result)
+        return True
 
     def _skip_unless_charging(self) -> None:
         if not self.charges_uses:
