@@ -1,6 +1,7 @@
 // TypeScript declarations for billing.js, the ciris-billing-proxy billing UI kit.
 
 export declare const DEFAULT_PREFIX: "/v1/api/billing";
+export declare const DEFAULT_TOOLS_PREFIX: "/v1/api/tools";
 export declare const DEFAULT_STRIPE_JS: string;
 export type BillingState =
   | "loading" | "ready" | "no-credit" | "disabled" | "paying" | "processing" | "succeeded" | "failed" | "error";
@@ -32,6 +33,40 @@ export interface Capabilities {
   apple_storekit: boolean;
   /** False when the agent's gate only checks credit and something else charges (ID-token mode). */
   charges: boolean;
+  /** Products sold per use (tool credits); absent from agents that sell none. */
+  products?: string[];
+}
+/** Tool credits: `GET {toolsPrefix}/balance/{tool}` and each item of `GET {toolsPrefix}/balance`. */
+export interface ToolBalance {
+  product_type: string;
+  free_remaining: number;
+  paid_credits: number;
+  total_available: number;
+  price_minor: number;
+  total_uses: number;
+}
+export interface ToolBalances { balances: ToolBalance[]; }
+export interface ToolCheck {
+  has_credit: boolean;
+  product_type: string;
+  free_remaining: number;
+  paid_credits: number;
+  total_available: number;
+}
+export interface ToolInfo {
+  name: string;
+  description: string;
+  cost: number;
+  available: boolean;
+  platform_requirements: string[];
+}
+export interface AvailableTools { tools: ToolInfo[]; platform: string; has_google_auth: boolean; }
+export interface ToolPurchase {
+  success: boolean;
+  product_type: string;
+  credits_added: number;
+  new_balance: number;
+  message: string;
 }
 export interface PurchaseInitiated {
   payment_id: string;
@@ -70,6 +105,8 @@ export interface BillingClientOptions {
   /** A bearer token, or a (possibly async) function asked before each call. */
   token?: TokenSource;
   fetch?: typeof fetch;
+  /** Where the tool routes live; default /v1/api/tools. */
+  toolsPrefix?: string;
 }
 
 export interface WaitOptions {
@@ -91,7 +128,18 @@ export declare class BillingClient {
   getPurchaseStatus(paymentId: string): Promise<PurchaseStatus>;
   waitForPurchase(paymentId: string, options?: WaitOptions): Promise<PurchaseStatus>;
   getTransactions(options?: { limit?: number; offset?: number }): Promise<TransactionPage>;
-  request(method: string, path: string, options?: { body?: unknown; headers?: Record<string, string> }): Promise<Record<string, unknown>>;
+  toolsPrefix: string;
+  getToolBalance(tool: string): Promise<ToolBalance>;
+  getToolBalances(): Promise<ToolBalances>;
+  checkTool(tool: string): Promise<ToolCheck>;
+  getAvailableTools(): Promise<AvailableTools>;
+  /** A repeated purchase is a `BillingAPIError` with status 409. */
+  purchaseTool(purchase: { productId: string; purchaseToken: string; toolName: string }): Promise<ToolPurchase>;
+  request(
+    method: string,
+    path: string,
+    options?: { body?: unknown; headers?: Record<string, string>; prefix?: string },
+  ): Promise<Record<string, unknown>>;
 }
 
 export declare class BillingClientError extends Error {}
@@ -138,6 +186,10 @@ export interface PurchaseFailedDetail {
   code: string | null;
 }
 
+/**
+ * `<ciris-billing>`; attributes: `api-base`, `prefix`, `tools-prefix`, and `product` (a product sold
+ * per use, e.g. `web_search`: the element then shows that product's uses instead of the credits).
+ */
 export declare class CirisBillingElement extends HTMLElement {
   /** The bearer token; setting it (re)loads the element. */
   token: string | null;
