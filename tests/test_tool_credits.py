@@ -249,10 +249,13 @@ async def test_ciris_reads_and_charges_through_the_backends_tool_routes(
     assert charges[0]["idempotency_key"].startswith("test-agent-tool-web_search-")
     # The interaction credits are untouched.
     assert fake.account(*who("ann"))["total_uses"] == 0
-    # Out of uses (and no main-pool credit): 402.
+    # Paid tool credits after the free ones, then the main pool, then 402.
     with fake.ledger.lock:
         fake.tools.inventories[(who("ann"), "web_search")].free_remaining = 0
-    assert (await ciris_client.post(SEARCH, headers=auth)).status == 402
+    fake.grant_tool_credits(*who("ann"), "web_search", 1)
+    fake.grant(*who("ann"), 1)
+    assert [(await ciris_client.post(SEARCH, headers=auth)).status for _ in range(3)] == [200, 200, 402]
+    assert fake.account(*who("ann"))["credits_remaining"] == 0  # the main pool paid the second
     assert (await ciris_client.get(f"{TOOLS}/balance/image_gen", headers=auth)).status == 404
 
 

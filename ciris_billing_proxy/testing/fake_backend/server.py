@@ -222,7 +222,8 @@ class FakeBillingBackend:
     ) -> None:
         """Add a fault (see `faults.FaultKind`) for `endpoint` (all when None), `times` calls (or
         until `clear_faults`). Endpoints: credits/check, charges, credits, accounts, purchases,
-        purchase_status, transactions."""
+        purchase_status, transactions, google-play/verify, apple-storekit/verify, tools/balance,
+        tools/check, tools/charge, tools/purchase/verify."""
         self.faults.add(Fault(kind, endpoint, times, seconds))
 
     def clear_faults(self) -> None:
@@ -503,6 +504,11 @@ class FakeBillingBackend:
     def tool_inventory(self, oauth_provider: str, external_id: str, product: str) -> dict[str, Any]:
         """A product's balance of an account (as `GET /v1/tools/balance/{product}` answers it)."""
         return self.tools.balance((oauth_provider, external_id), product)
+
+    def grant_tool_credits(self, oauth_provider: str, external_id: str, product: str, credits: int) -> None:
+        """Add paid credits of a product to an account, as a redeemed pack would."""
+        with self.ledger.lock:
+            self.tools._inventory((oauth_provider, external_id), product).paid_credits += credits
 
     async def _health(self, request: web.Request) -> web.Response:
         return _json(200, {"status": "healthy", "database": "connected", "timestamp": "now"})
