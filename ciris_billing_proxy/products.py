@@ -114,7 +114,10 @@ class ToolPurchaseRequest(_Wire):
     product_id: str = Field(min_length=1, max_length=255)
     #: Not in the repr: the token redeems the purchase.
     purchase_token: str = Field(min_length=1, max_length=4096, repr=False)
-    tool_name: str = Field(min_length=1, max_length=64)
+    #: The rule is stated in the schema, but checked by the route: a name breaking it is CIRIS's 400.
+    tool_name: str = Field(
+        min_length=1, max_length=64, json_schema_extra={"pattern": f"^{TOOL_NAME.pattern}$"}
+    )
 
 
 class ToolPurchase(_Wire):

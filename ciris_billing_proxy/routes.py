@@ -226,7 +226,7 @@ def json_reply(model: BaseModel, status: int = 200) -> web.Response:
 
 
 #: A store the provider does not redeem: a 200 the apps read (they show any non-2xx as a raw "API
-#: error"), as CIRIS answers; `/capabilities` says the store is off. Answered before the body is read.
+#: error"), as CIRIS answers; `/capabilities` says the store is off. A malformed body is still its 4xx.
 STORE_OFF_BODY: Final = StoreVerification(
     success=False, credits_added=0, new_balance=0, already_processed=False, error=BILLING_DISABLED
 )
@@ -282,15 +282,15 @@ class BillingRoutes:
             return json_reply(await self.service.transactions(request[VERIFIED_KEY][1], limit, offset))
 
     async def verify_google_play(self, request: web.Request) -> web.Response:
+        purchase = await self._read(request, GooglePlayPurchase)
         if not self.service.provider.google_play_enabled:
             return _store_off()
-        purchase = await self._read(request, GooglePlayPurchase)
         return await self._verify(request, lambda who: self.service.verify_google_play(who, purchase))
 
     async def verify_app_store(self, request: web.Request) -> web.Response:
+        purchase = await self._read(request, AppStorePurchase)
         if not self.service.provider.apple_storekit_enabled:
             return _store_off()
-        purchase = await self._read(request, AppStorePurchase)
         return await self._verify(request, lambda who: self.service.verify_app_store(who, purchase))
 
     async def _read(self, request: web.Request, model: type[M]) -> M:

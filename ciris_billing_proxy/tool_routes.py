@@ -98,8 +98,8 @@ TOOL_PURCHASE: Final = Operation(
     {
         **AS_USER_ERRORS,
         **BODY_ERRORS,
-        400: "the body is not JSON, the tool name breaks the rule or names no product, or the store "
-        "refused the purchase",
+        400: "the body is not JSON, the tool name breaks the rule, or the store refused the purchase",
+        404: UNKNOWN,
         409: "the purchase was redeemed before (`Purchase already processed`): nothing added",
         503: PROVIDER_FAILED,
     },
@@ -154,7 +154,7 @@ class ToolRoutes(BillingRoutes):
         if not valid_tool_name(body.tool_name):
             raise http_error(400, INVALID_NAME)
         if body.tool_name not in provider.products:
-            raise http_error(400, NOT_FOUND.format(name=body.tool_name))
+            raise http_error(404, NOT_FOUND.format(name=body.tool_name))
         if not provider.product_purchases_enabled:
             return json_reply(
                 ToolPurchase(
