@@ -12,7 +12,7 @@ It is never stored anywhere else: not on the request, not in the credit cache, n
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Final
@@ -58,15 +58,22 @@ def user_id_token(request: web.Request, agent: Callable[[], IdToken | None]) -> 
     return id_token_of(request) or agent()
 
 
-def id_token_scope(request: web.Request) -> AbstractContextManager[IdToken | None]:
-    """Make the request's ID token current until the block ends."""
-    return id_token_as(id_token_of(request))
+@contextmanager
+def id_token_scope(request: web.Request) -> Iterator[IdToken | None]:
+    """Make the request's ID token current until the block ends. aiohttp serves the requests of
+    one keep-alive connection in one task, so the token is reset afterwards, not left for the next.
+    (The cached `/credits` read goes through here: one context manager, not two.)"""
+    token = id_token_of(request)
+    reset = _current.set(token)
+    try:
+        yield token
+    finally:
+        _current.reset(reset)
 
 
 @contextmanager
 def id_token_as(token: IdToken | None) -> Iterator[IdToken | None]:
-    """Make `token` current until the block ends. aiohttp serves the requests of one keep-alive
-    connection in one task, so the token is reset afterwards, not left for the next."""
+    """Make `token` current until the block ends, as `id_token_scope` does for the request's."""
     reset = _current.set(token)
     try:
         yield token
