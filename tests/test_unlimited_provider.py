@@ -63,7 +63,8 @@ async def test_every_user_has_credit_that_never_goes_down(tmp_path: Path, make_c
         "charges": False,
     } | {k: v for k, v in capabilities.items() if k == "products"}
     assert (await client.post(INITIATE, json={}, headers=auth)).status == 403
-    store = await (await client.post(GOOGLE_PLAY, json={}, headers=auth)).json()
+    purchase = {"purchase_token": "gp-1234567890", "product_id": "credits_100", "package_name": "a.b"}
+    store = await (await client.post(GOOGLE_PLAY, json=purchase, headers=auth)).json()
     assert store["success"] is False
 
 
