@@ -9,6 +9,7 @@ from .auth import get_identity
 from .bodies import expect_continue
 from .config import BillingConfig, ConfigError, JWTConfig
 from .errors import (
+    AlreadyProcessed,
     BillingDisabled,
     BillingError,
     IdTokenRequired,
@@ -44,6 +45,7 @@ from .store import DatabaseUnavailable
 from .version import __version__
 
 __all__ = [
+    "AlreadyProcessed",
     "AppStorePurchase",
     "AuthenticatedUser",
     "Authenticator",

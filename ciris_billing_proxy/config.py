@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from .database_budget import DatabaseBudget
 from .database_url import parse_database_url
-from .paths import DEFAULT_PREFIX
+from .paths import DEFAULT_PREFIX, DEFAULT_TOOLS_PREFIX
 
 #: A serialized web origin as browsers send it in `Origin` (RFC 6454 section 6.1).
 ORIGIN: Final = re.compile(r"https?://(\[[0-9a-f:.]+\]|[a-z0-9.\-]+)(:[0-9]{1,5})?")
@@ -146,14 +146,23 @@ class BillingConfig(BaseModel):
     #: Web origins (`https://shop.example`, `http://localhost:5173`) whose pages may call the billing
     #: routes from the browser (CORS); `*` allows every origin. None by default: same origin only.
     cors_origins: tuple[str, ...] = ()
+    #: Where the tool routes (per-product credits) live, as the CIRIS agent serves them.
+    tools_prefix: str = DEFAULT_TOOLS_PREFIX
 
-    @field_validator("prefix")
+    @field_validator("prefix", "tools_prefix")
     @classmethod
     def _clean_prefix(cls, value: str) -> str:
         value = value.rstrip("/")
         if not value.startswith("/") or "//" in value or " " in value:
-            raise ValueError("prefix must be an absolute URL path such as /v1/api/billing")
+            raise ValueError("must be an absolute URL path such as /v1/api/billing")
         return value
+
+    @model_validator(mode="after")
+    def _apart(self) -> Self:
+        inner, outer = sorted((self.prefix, self.tools_prefix), key=len, reverse=True)
+        if inner == outer or inner.startswith(outer + "/"):
+            raise ValueError("prefix and tools_prefix must not be the same or one inside the other")
+        return self
 
     @field_validator("database_url")
     @classmethod
@@ -287,6 +296,7 @@ ENV_VARS: Final[dict[str, tuple[str, str, str]]] = {
     "CIRIS_TRUSTED_PROXIES": ("top", "trusted_proxies", "list"),
     "CIRIS_BILLING_SERVE_UI": ("top", "serve_ui", "bool"),
     "CIRIS_BILLING_CORS_ORIGINS": ("top", "cors_origins", "list"),
+    "CIRIS_TOOLS_PREFIX": ("top", "tools_prefix", "str"),
 }
 
 

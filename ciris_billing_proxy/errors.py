@@ -70,6 +70,15 @@ class IdTokenRequired(BillingError):
         self.detail = detail
 
 
+class AlreadyProcessed(BillingError):
+    """A store purchase that was redeemed before (a tool purchase verified again): nothing added.
+    Answered 409, as the CIRIS agent answers it on its tool route."""
+
+    def __init__(self, detail: str = "Purchase already processed") -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
 class InsufficientCredit(BillingError):
     """The user has no credit left for this use."""
 
@@ -125,6 +134,8 @@ def to_http(exc: BillingError, *, gate: bool = False) -> HTTPJSONError:
         return http_error(401, exc.detail)
     if isinstance(exc, TooManyRequests):
         return http_error(429, exc.detail, {"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
+    if isinstance(exc, AlreadyProcessed):
+        return http_error(409, exc.detail)
     return http_error(503, CREDIT_PROVIDER_UNAVAILABLE if gate else BILLING_UNAVAILABLE)
 
 

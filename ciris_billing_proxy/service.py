@@ -12,7 +12,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -37,6 +37,7 @@ from .models import (
 from .ops.health import Health, readiness
 from .ops.metrics import Counts, MultiprocessWriter
 from .ops.outbox import GiveBackOutbox
+from .products import ToolBalance, ToolCheck, ToolPurchase, ToolPurchaseRequest
 from .providers.base import CreditProvider
 from .retries import GiveBackRetries
 from .store.changes import FEED_DOWN_MAX_AGE_SECONDS, ChangeFeed, IdentityKey
@@ -250,7 +251,12 @@ class BillingService:
                     type(value).__name__,
                 )
                 raise ProviderUnavailable(maybe_applied=False)
+        products = self.provider.products
+        if not isinstance(products, Mapping):
+            logger.error("Credit provider %r declared products that are no mapping", self.provider.name)
+            raise ProviderUnavailable(maybe_applied=False)
         return Capabilities(
+            products=list(products),
             provider=self.provider.name,
             purchases=declared["purchases_enabled"],
             transactions=declared["keeps_transactions"],
@@ -477,6 +483,69 @@ class BillingService:
         return await self._guard(
             self.provider.transactions(identity, limit, offset), "transactions", TransactionPage
         )
+
+    # -- per-product credits (docs/tool-credits.md): not cached; each read asks the provider ----------
+    async def product_balance(self, identity: Identity, product: str) -> ToolBalance:
+        return await self._guard(
+            self.provider.product_balance(identity, product), "product_balance", ToolBalance
+        )
+
+    async def product_balances(self, identity: Identity) -> list[ToolBalance]:
+        balances = await self._guard(self.provider.product_balances(identity), "product_balances", list)
+        if not all(isinstance(item, ToolBalance) for item in balances):
+            logger.error("Credit provider %r returned a balance that is no ToolBalance", self.provider.name)
+            raise ProviderUnavailable(maybe_applied=False)
+        return balances
+
+    async def product_check(self, identity: Identity, product: str) -> ToolCheck:
+        return await self._guard(self.provider.product_check(identity, product), "product_check", ToolCheck)
+
+    async def spend_product(self, identity: Identity, product: str, idempotency_key: str) -> None:
+        """Take one use of `product`, as `spend` takes an interaction use: run to its end even if the
+        caller goes away, and given back in the background when its outcome was ambiguous."""
+        call = self._guard(
+            self.provider.spend_product(identity, product, idempotency_key), "spend_product", object
+        )
+        task = self._track(call)
+        try:
+            await asyncio.shield(task)
+        except (asyncio.CancelledError, ProviderUnavailable):
+            self._track(self._give_back_product_after(task, identity, product, idempotency_key))
+            raise
+
+    async def give_back_product(self, identity: Identity, product: str, idempotency_key: str) -> None:
+        """Give back the use of `product` spent under this key; a failure is logged with the key (the
+        product's give-backs are not retried in the background)."""
+        await asyncio.shield(self._track(self._give_back_product_once(identity, product, idempotency_key)))
+
+    async def _give_back_product_once(self, identity: Identity, product: str, key: str) -> None:
+        try:
+            await self._guard(
+                self.provider.give_back_product(identity, product, key), "give_back_product", object
+            )
+        except BillingError:
+            logger.warning("Could not give back the %s use spent under request key %s", product, key)
+
+    async def _give_back_product_after(
+        self, spend: asyncio.Task[Any], identity: Identity, product: str, key: str
+    ) -> None:
+        try:
+            await spend
+        except ProviderUnavailable as exc:
+            if not exc.maybe_applied:
+                return
+        except BillingError:
+            return
+        await self._give_back_product_once(identity, product, key)
+
+    async def verify_product_purchase(
+        self, identity: Identity, purchase: ToolPurchaseRequest
+    ) -> ToolPurchase:
+        """A tool purchase, run to its end even if the app goes away (it adds credit)."""
+        call = self._guard(
+            self.provider.verify_product_purchase(identity, purchase), "verify_product_purchase", ToolPurchase
+        )
+        return await asyncio.shield(self._track(call))
 
     async def _change_credit(self, call: Awaitable[None], identity: Identity, what: str) -> None:
         """Run a provider call that changes the user's credit (a spend or a give-back) and forget

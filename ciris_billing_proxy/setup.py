@@ -25,6 +25,7 @@ from .routes import add_routes
 from .service import BillingService
 from .store.choose import change_feed_for
 from .throttle import LoginThrottle, StoreLoginThrottle
+from .tool_routes import add_tool_routes
 
 
 def setup_billing(
@@ -116,7 +117,9 @@ def setup_billing(
     public: set[Handler] = set()  # routes that need no token; add_routes fills it
     check = token_check(verifier, public)
     login = None if authenticate is None else login_path
-    describe = APIDescription(config.prefix, login, ui=config.serve_ui).handle
+    describe = APIDescription(
+        config.prefix, login, ui=config.serve_ui, tools_prefix=config.tools_prefix
+    ).handle
     api: set[web.AbstractResource] = set()  # the JSON routes, which `cors_origins` opens
     if subapp:
         requests = service.counts.requests
@@ -127,11 +130,15 @@ def setup_billing(
         )
         allow_preflights(billing, api, config.cors_origins)
         app.add_subapp(config.prefix, billing)
+        tools = web.Application(middlewares=[error_middleware(before=check, requests=requests)])
+        add_tool_routes(tools.router, service, own_router=True)
+        app.add_subapp(config.tools_prefix, tools)
     else:
-        scopes.append(PathScope((config.prefix,)))
+        scopes.append(PathScope((config.prefix, config.tools_prefix)))
         errors = error_middleware(scopes[-1], before=check, requests=service.counts.requests)
         app.middlewares.append(cors_middleware(errors, api, config.cors_origins))
         anchor = add_routes(app.router, service, config.prefix, public=public, api=api, describe=describe)
+        add_tool_routes(app.router, service, config.tools_prefix)
         allow_preflights(app, api, config.cors_origins)
     if scopes:
         app.on_startup.append(_rebase_on_mount(anchor, scopes))

@@ -299,6 +299,7 @@ def test_the_js_client_throws_typed_errors(page: Any, free: Server) -> None:
         "google_play": False,
         "apple_storekit": False,
         "charges": True,
+        "products": ["web_search"],
     }
     assert result["unauthorized"] == {
         "name": "AuthenticationError",
@@ -312,6 +313,55 @@ def test_the_js_client_throws_typed_errors(page: Any, free: Server) -> None:
     assert result["badPage"]["name"] == "InvalidRequestError"
     assert result["badPage"]["status"] == 422
     assert result["unreachable"]["name"] == "BillingConnectionError"
+
+
+def test_tool_credits_in_the_js_client_and_the_product_attribute(page: Any, free: Server) -> None:
+    """The demo sells `web_search` per use (10 free): the JS client reads and gates it, and
+    `<ciris-billing product="web_search">` shows that product's uses instead of the credits."""
+    page.goto(free.url)
+    token = jwt.encode({"sub": "ivy", "exp": 4_000_000_000}, SECRET)
+    result = page.evaluate(
+        """async (token) => {
+          const kit = await import('/v1/api/billing/ui/billing.js');
+          const client = new kit.BillingClient({ token });
+          const used = await fetch('/v1/agent/tools/web_search', {
+            method: 'POST', headers: { Authorization: `Bearer ${token}` } });
+          let missing = null;
+          try { await client.getToolBalance('image_gen'); } catch (e) { missing = e.name; }
+          const element = document.createElement('ciris-billing');
+          element.setAttribute('product', 'web_search');
+          element.token = token;
+          document.body.append(element);
+          for (let i = 0; i < 100 && element.state !== 'ready'; i += 1) {
+            await new Promise((r) => setTimeout(r, 50));
+          }
+          return {
+            used: used.status,
+            balance: await client.getToolBalance('web_search'),
+            all: await client.getToolBalances(),
+            check: await client.checkTool('web_search'),
+            available: await client.getAvailableTools(),
+            purchase: await client.purchaseTool(
+              { productId: 'web_search_10', purchaseToken: 'gp-0123456789', toolName: 'web_search' }),
+            missing,
+            shown: element.shadowRoot.querySelector('.number').textContent,
+            buyHidden: element.shadowRoot.querySelector('.buy').hidden,
+          };
+        }""",
+        token,
+    )
+    assert result["used"] == 200
+    assert (result["balance"]["free_remaining"], result["balance"]["total_uses"]) == (9, 1)
+    assert [b["product_type"] for b in result["all"]["balances"]] == ["web_search"]
+    assert result["check"]["has_credit"] is True
+    assert result["available"]["tools"][0]["name"] == "web_search"
+    assert (result["purchase"]["success"], result["purchase"]["message"]) == (
+        False,
+        "Billing not enabled for this agent",
+    )
+    assert result["missing"] == "NotFoundError"
+    assert result["shown"] == "9"
+    assert result["buyHidden"] is True
 
 
 def test_a_403_on_buying_hides_the_buy_button(page: Any, free: Server) -> None:

@@ -32,7 +32,7 @@ async def test_the_whole_paid_flow(
     auth = ciris_tokens.headers("alice", email="alice@example.com")
     first = await (await ciris_client.get(CREDITS, headers=auth)).json()
     assert (first["free_uses_remaining"], first["credits_remaining"], first["has_credit"]) == (12, 0, True)
-    assert first["daily_free_uses_remaining"] == 2  # daily uses are counted into free_uses_remaining
+    assert first["daily_free_uses_included"] == 2  # daily uses are counted into free_uses_remaining
 
     statuses = [(await ciris_client.post(INTERACT, json={}, headers=auth)).status for _ in range(13)]
     assert statuses == [200] * 12 + [402]
@@ -47,8 +47,8 @@ async def test_the_whole_paid_flow(
         "purchase_required": True,
         "purchase_options": {"price_minor": 500, "uses": 20, "currency": "USD"},
         "reason": "No free uses or credits remaining",
-        "daily_free_uses_remaining": 0,
         "daily_free_uses_limit": 2,
+        "daily_free_uses_included": 0,
     }
 
     resp = await ciris_client.post(INITIATE, json={"return_url": "https://ui.example/done"}, headers=auth)

@@ -23,6 +23,7 @@ from ..config import ConfigError, describe_validation_error
 from ..database_budget import DEFAULT_BUDGET, DatabaseBudget
 from ..database_url import parse_database_url
 from ..errors import BillingDisabled
+from ..id_token import IdToken
 from ..identity import Identity
 from ..models import (
     AppStorePurchase,
@@ -33,6 +34,7 @@ from ..models import (
     StoreVerification,
     TransactionPage,
 )
+from ..products import Product, ToolBalance, ToolCheck, ToolPurchase, ToolPurchaseRequest
 from ..store import Engine, SQLiteDatabase
 from ..store.choose import engine_for
 
@@ -140,6 +142,13 @@ class CreditProvider(abc.ABC):
         The provider reads the token with `ciris_billing_proxy.current_id_token()`."""
         return False
 
+    def agent_id_token(self) -> IdToken | None:
+        """The ID token configured for this agent, used (with `id_token_required`) for a request that
+        carries none: an agent on the user's own device, whose app writes the user's token into the
+        agent's environment. None by default: each request must bring its own. Called per request
+        that lacks the header, so it must be cheap (no I/O on every call)."""
+        return None
+
     async def start(self) -> None:
         """Open connections, files and sessions. Called once at app startup."""
 
@@ -206,3 +215,45 @@ class CreditProvider(abc.ABC):
         """The user's transactions, newest first (`limit` 1-100, `offset` >= 0, already checked).
         A provider that keeps no history answers an empty page."""
         return TransactionPage(transactions=[], total_count=0, has_more=False)
+
+    # -- per-product credits (tool credits): docs/tool-credits.md ------------------------------------
+    @property
+    def products(self) -> Mapping[str, Product]:
+        """The products this provider sells per use, by name (`Product.name`); none by default. The
+        tool routes and `@credit_gate(product=...)` serve only these: another name is a 404."""
+        return {}
+
+    @property
+    def product_purchases_enabled(self) -> bool:
+        """Whether `verify_product_purchase` redeems store purchases of product packs. When false,
+        `POST {tools}/purchase` answers 200 `success: false` without calling it."""
+        return False
+
+    async def product_balance(self, identity: Identity, product: str) -> ToolBalance:
+        """The user's balance of one declared product (the name is checked before)."""
+        raise BillingDisabled
+
+    async def product_balances(self, identity: Identity) -> list[ToolBalance]:
+        """Every declared product's balance, in declaration order; by default one
+        `product_balance` per product."""
+        return [await self.product_balance(identity, name) for name in self.products]
+
+    async def product_check(self, identity: Identity, product: str) -> ToolCheck:
+        """Whether a gated call of the product would pass now; by default from `product_balance`."""
+        return ToolCheck.of(await self.product_balance(identity, product))
+
+    async def spend_product(self, identity: Identity, product: str, idempotency_key: str) -> None:
+        """Take one use of the product, atomically (as `spend`); `InsufficientCredit` without one."""
+        raise BillingDisabled
+
+    async def give_back_product(self, identity: Identity, product: str, idempotency_key: str) -> None:
+        """Return the use `spend_product` took under this key (as `give_back`)."""
+        raise BillingDisabled
+
+    async def verify_product_purchase(
+        self, identity: Identity, purchase: ToolPurchaseRequest
+    ) -> ToolPurchase:
+        """Redeem a store purchase of a pack of `purchase.tool_name` (a declared product), once per
+        purchase token: a repeat raises `AlreadyProcessed`, a purchase the store refuses
+        `InvalidRequest`. Only called when `product_purchases_enabled`."""
+        raise BillingDisabled

@@ -3,6 +3,7 @@
 // {prefix}/ui/billing.js, with TypeScript declarations beside it at {prefix}/ui/billing.d.ts.
 
 export const DEFAULT_PREFIX = "/v1/api/billing";
+export const DEFAULT_TOOLS_PREFIX = "/v1/api/tools";
 export const DEFAULT_STRIPE_JS = "https://js.stripe.com/v3/";
 export const STATES = Object.freeze([
   "loading", "ready", "no-credit", "disabled", "paying", "processing", "succeeded", "failed", "error",
@@ -99,6 +100,11 @@ const REPLY_FIELDS = {
   initiated: { payment_id: "string", client_secret: "string", amount_minor: "number", currency: "string", uses_purchased: "number" },
   status: { status: "string" },
   transactions: { transactions: "object", total_count: "number", has_more: "boolean" },
+  toolBalance: { product_type: "string", free_remaining: "number", paid_credits: "number", total_available: "number", total_uses: "number" },
+  toolBalances: { balances: "object" },
+  toolCheck: { has_credit: "boolean", product_type: "string", total_available: "number" },
+  availableTools: { tools: "object", platform: "string", has_google_auth: "boolean" },
+  toolPurchase: { success: "boolean", product_type: "string", credits_added: "number", new_balance: "number", message: "string" },
 };
 
 function checked(kind, body, what) {
@@ -116,10 +122,12 @@ export class BillingClient {
    * @param {string} [options.apiBase] the agent's base URL (default: this page's origin)
    * @param {string} [options.prefix] where the billing routes live (default /v1/api/billing)
    * @param {string|(() => string|Promise<string>)} [options.token] a token, or a function giving one
+   * @param {string} [options.toolsPrefix] where the tool routes live (default /v1/api/tools)
    */
-  constructor({ apiBase, prefix = DEFAULT_PREFIX, token = null, fetch: fetcher } = {}) {
+  constructor({ apiBase, prefix = DEFAULT_PREFIX, token = null, fetch: fetcher, toolsPrefix = DEFAULT_TOOLS_PREFIX } = {}) {
     this.apiBase = (apiBase || globalThis.location?.origin || "").replace(/\/+$/, "");
     this.prefix = prefix.replace(/\/+$/, "");
+    this.toolsPrefix = toolsPrefix.replace(/\/+$/, "");
     this.token = token;
     this._fetch = fetcher || globalThis.fetch.bind(globalThis);
   }
@@ -203,8 +211,35 @@ export class BillingClient {
     }
   }
 
-  /** One call under the prefix: the JSON object of a 2xx reply, or a typed error. */
-  async request(method, path, { body, headers = {} } = {}) {
+  // -- tool credits (per-product balances, docs/tool-credits.md), under `toolsPrefix` --------------
+  async getToolBalance(tool) {
+    return checked("toolBalance", await this.#tools("GET", `/balance/${encodeURIComponent(tool)}`), "tools/balance");
+  }
+
+  async getToolBalances() {
+    return checked("toolBalances", await this.#tools("GET", "/balance"), "tools/balance");
+  }
+
+  async checkTool(tool) {
+    return checked("toolCheck", await this.#tools("GET", `/check/${encodeURIComponent(tool)}`), "tools/check");
+  }
+
+  async getAvailableTools() {
+    return checked("availableTools", await this.#tools("GET", "/available"), "tools/available");
+  }
+
+  /** Redeem a store purchase of a tool pack; a repeat is a `BillingAPIError` with status 409. */
+  async purchaseTool({ productId, purchaseToken, toolName }) {
+    const body = { product_id: productId, purchase_token: purchaseToken, tool_name: toolName };
+    return checked("toolPurchase", await this.#tools("POST", "/purchase", { body }), "tools/purchase");
+  }
+
+  #tools(method, path, options = {}) {
+    return this.request(method, path, { ...options, prefix: this.toolsPrefix });
+  }
+
+  /** One call under the prefix (or another given as `prefix`): the JSON object of a 2xx reply, or a typed error. */
+  async request(method, path, { body, headers = {}, prefix = this.prefix } = {}) {
     const all = { ...headers };
     const token = typeof this.token === "function" ? await this.token() : this.token;
     if (token) all.Authorization = `Bearer ${token}`;
@@ -212,7 +247,7 @@ export class BillingClient {
     let response;
     let text;
     try {
-      response = await this._fetch(`${this.apiBase}${this.prefix}${path}`, {
+      response = await this._fetch(`${this.apiBase}${prefix}${path}`, {
         method, headers: all, body: body === undefined ? undefined : JSON.stringify(body),
       });
       text = await response.text();
@@ -435,7 +470,7 @@ const CARD_NEEDED = "Enter your card details.";
 const RETRY_SECONDS = [2, 4, 8, 15, 30];
 
 export class CirisBillingElement extends HTMLElement {
-  static get observedAttributes() { return ["api-base", "prefix"]; }
+  static get observedAttributes() { return ["api-base", "prefix", "product", "tools-prefix"]; }
 
   #token = null;
   #tokenProvider = null;
@@ -531,6 +566,7 @@ export class CirisBillingElement extends HTMLElement {
     this.#client = new BillingClient({
       apiBase: this.getAttribute("api-base") || undefined,
       prefix: this.getAttribute("prefix") || DEFAULT_PREFIX,
+      toolsPrefix: this.getAttribute("tools-prefix") || DEFAULT_TOOLS_PREFIX,
       token: tokenProvider || (() => this.#token),
     });
     const run = this.#run;
@@ -550,7 +586,10 @@ export class CirisBillingElement extends HTMLElement {
     this.#setState("loading", "Loading your balance…");
     this.#renderBalance();
     try {
-      const [capabilities, credits] = await Promise.all([this.#readCapabilities(), this.#client.getCredits()]);
+      const product = this.getAttribute("product");
+      const [capabilities, credits] = product
+        ? await this.#productView(product)
+        : await Promise.all([this.#readCapabilities(), this.#client.getCredits()]);
       if (run !== this.#run) return;
       this.#capabilities = capabilities;
       this.#credits = credits;
@@ -641,7 +680,7 @@ export class CirisBillingElement extends HTMLElement {
       const total = credits.credits_remaining + credits.free_uses_remaining;
       number.textContent = String(total);
       unit.textContent = total === 1 ? "use" : "uses";
-      const daily = credits.daily_free_uses_remaining;
+      const daily = credits.daily_free_uses_included;
       const free = typeof daily === "number" && daily > 0 ? `free (${daily} of them daily)` : "free";
       // Where nothing can be bought, a "0 paid" line would only raise a question.
       const pools = [[credits.free_uses_remaining, free]];
@@ -666,7 +705,8 @@ export class CirisBillingElement extends HTMLElement {
     if (!this.#client) return;
     const run = this.#run;
     try {
-      const credits = await this.#client.getCredits();
+      const product = this.getAttribute("product");
+      const credits = product ? (await this.#productView(product))[1] : await this.#client.getCredits();
       if (run !== this.#run) return;
       this.#credits = credits;
       if (["ready", "no-credit", "disabled"].includes(this.state)) this.#backToBalance();
@@ -675,6 +715,25 @@ export class CirisBillingElement extends HTMLElement {
     } catch (error) {
       if (run === this.#run && !this.#unauthorized(error) && !["paying", "processing"].includes(this.state)) this.#failLoading(error, run);
     }
+  }
+
+  /**
+   * The `product` attribute (tool credits): that product's uses, free and paid, shown as the balance
+   * in place of the interaction credits; nothing is bought or listed there (tool packs are bought
+   * in the apps' stores).
+   */
+  async #productView(product) {
+    const balance = await this.#client.getToolBalance(product);
+    const credits = {
+      has_credit: balance.total_available > 0,
+      credits_remaining: balance.paid_credits,
+      free_uses_remaining: balance.free_remaining,
+      total_uses: balance.total_uses,
+      plan_name: balance.product_type,
+      purchase_required: false,
+      purchase_options: null,
+    };
+    return [{ provider: "unknown", purchases: false, transactions: false, product: balance.product_type }, credits];
   }
 
   async #loadHistory(offset) {

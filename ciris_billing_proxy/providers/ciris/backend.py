@@ -49,6 +49,8 @@ class BillingBackend:
         self.transport = Transport(settings)
         #: Set once a backend from before the transactions listing existed (Nov 2025) is seen.
         self.listing_missing = False
+        #: Told when the backend refuses the agent's own ID token (not one a request sent).
+        self.on_agent_token_refused: Callable[[], None] | None = None
 
     async def start(self) -> None:
         await self.transport.start()
@@ -88,6 +90,9 @@ class BillingBackend:
         except BackendUnavailable as exc:
             raise ProviderUnavailable(exc.reason, maybe_applied=exc.maybe_applied) from None
         except IdTokenRefused:
+            token = current_id_token()
+            if token is not None and token.from_agent and self.on_agent_token_refused is not None:
+                self.on_agent_token_refused()
             raise IdTokenRequired(REFUSED) from None
 
     def _id_token(self) -> str:
@@ -181,6 +186,50 @@ class BillingBackend:
             endpoint=f"{store}/verify",
             idempotent=True,
             json_body={**self.accounts.of(identity), **purchase},
+            deadline=self.deadline(self.settings.purchase_timeout_seconds),
+        )
+
+    # -- tool credits (3.9; docs/tool-credits.md) ----------------------------------------------------
+    async def tool_read(self, path: str, identity: Identity, endpoint: str) -> Reply:
+        """`GET /v1/tools/...`: as the user (their ID token) in `id_token` mode; with the API key,
+        the identity goes in the query (a guess: the public source does not show that form)."""
+        params = None
+        if not self.settings.id_token_mode:
+            who = self.accounts.of(identity)
+            params = {"oauth_provider": who["oauth_provider"], "external_id": who["external_id"]}
+        return await self._call("GET", path, as_user=True, endpoint=endpoint, idempotent=True, params=params)
+
+    async def tool_charge(self, identity: Identity, product: str, request_key: str) -> Reply:
+        """One use of `product`; a repeated idempotency key answers the first charge again."""
+        who = self.accounts.of(identity)
+        return await self._call(
+            "POST",
+            "/v1/tools/charge",
+            endpoint="tools/charge",
+            idempotent=True,
+            json_body={
+                "product_type": product,
+                "oauth_provider": who["oauth_provider"],
+                "external_id": who["external_id"],
+                "idempotency_key": self.accounts.key(f"tool-{product}", identity, request_key),
+                "request_id": request_key,
+            },
+        )
+
+    async def tool_purchase(self, identity: Identity, purchase: dict[str, str]) -> Reply:
+        """`POST /v1/tools/purchase/verify`, as the CIRIS agent sends it (with the API key, the
+        identity in the body). Retried like a store verification: a repeat is a 409, nothing added."""
+        body: dict[str, Any] = dict(purchase)
+        if not self.settings.id_token_mode:
+            who = self.accounts.of(identity)
+            body |= {"oauth_provider": who["oauth_provider"], "external_id": who["external_id"]}
+        return await self._call(
+            "POST",
+            "/v1/tools/purchase/verify",
+            as_user=True,
+            endpoint="tools/purchase/verify",
+            idempotent=True,
+            json_body=body,
             deadline=self.deadline(self.settings.purchase_timeout_seconds),
         )
 

@@ -40,6 +40,9 @@ ENV_VARS: Final = {
     "CIRIS_BILLING_AUTH_MODE": "auth_mode",
     "CIRIS_BILLING_REPLAY_SECRET": "replay_secret",
     "CIRIS_BILLING_ACCEPTED_REPLAY_SECRETS": "accepted_replay_secrets",
+    "CIRIS_BILLING_ID_TOKEN_FROM_ENV": "id_token_from_env",
+    "CIRIS_BILLING_ENV_FILE": "env_file",
+    "CIRIS_BILLING_REFRESH_SIGNAL_FILE": "refresh_signal_file",
 }
 
 #: The shortest replay secret taken: it keys AES-256-GCM (through HKDF), so about 256 bits of it.
@@ -106,6 +109,16 @@ class CirisSettings(BaseModel):
     #: More secrets whose sealed replies still open, never used to seal: the secret (or API key)
     #: replies were sealed with before, or the one some replicas seal with already, mid-rotation.
     accepted_replay_secrets: tuple[SecretStr, ...] = ()
+    #: Opt-in: a request without an ID-token header uses the token in the agent's environment
+    #: (`CIRIS_BILLING_GOOGLE_ID_TOKEN` / `CIRIS_BILLING_APPLE_ID_TOKEN`), as the CIRIS apps set it
+    #: for an agent on the user's own device. On a server with many users it would bill every one
+    #: of them to that one account.
+    id_token_from_env: bool = False
+    #: The agent's `.env` file the app rewrites with a fresh token (default `$CIRIS_HOME/.env`).
+    env_file: str | None = Field(default=None, min_length=1)
+    #: Written when the backend refuses the agent's token (default `.token_refresh_needed` in
+    #: `$CIRIS_HOME`, else beside `env_file`, else in the data directory).
+    refresh_signal_file: str | None = Field(default=None, min_length=1)
 
     @field_validator("api_key")
     @classmethod
