@@ -47,6 +47,9 @@ class CreditCache(Generic[V]):
         self._entries: LRU[tuple[str, str], tuple[float, V]] = LRU(maxsize)
         self._loads: SingleFlight[tuple[str, str], V] = SingleFlight()
         self._max_lifetime: float | None = None
+        #: Lookups answered from the cache, and lookups that loaded (the metrics read them).
+        self.hits = 0
+        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -60,6 +63,7 @@ class CreditCache(Generic[V]):
             return None
         if entry[0] > self._timer():
             self._entries.move_to_end(key)
+            self.hits += 1
             return entry[1]
         del self._entries[key]
         return None
@@ -69,6 +73,7 @@ class CreditCache(Generic[V]):
         if value is not None:
             return value
         key = identity.key
+        self.misses += 1
         return await asyncio.shield(self._loads.run(key, lambda: self._fill(identity)))
 
     def invalidate(self, identity: Identity) -> None:

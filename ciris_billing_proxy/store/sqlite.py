@@ -4,6 +4,11 @@ sqlite3 calls block (a commit waits for the disk), so they run off the event loo
 thread owns the connection, which serialises this process's writes, and `BEGIN IMMEDIATE` makes each
 read-check-write atomic against other processes sharing the file. WAL with `synchronous=NORMAL` keeps
 every committed transaction across a process crash or restart.
+
+Every use waits at most `timeout` seconds in all (`BillingConfig.database_timeout_seconds`): in the
+worker's queue, then on another process's lock (SQLite's busy timeout, lowered to what is left).
+A use that cannot start in time, or finds the file locked or unusable, is `ProviderUnavailable`
+(503), logged as one line, never a traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -22,14 +28,18 @@ from pathlib import Path
 from queue import SimpleQueue
 from typing import Any, TypeVar
 
-from .engine import Engine, Migrated, Schema, newer_schema
+from ..database_budget import DEFAULT_BUDGET
+from ..errors import ProviderUnavailable
+from .engine import DatabaseUnavailable, Engine, Migrated, Schema, newer_schema
 
 T = TypeVar("T")
 
 logger = logging.getLogger("ciris_billing_proxy")
 
 MEMORY = ":memory:"
+#: How long opening a file waits for another process switching it to WAL.
 BUSY_TIMEOUT_MS = 5000
+DATABASE_UNAVAILABLE = "database unavailable"
 
 
 @contextmanager
@@ -59,25 +69,34 @@ def _enter_wal(conn: sqlite3.Connection) -> str:
             time.sleep(0.01)
 
 
-#: A call for the worker thread: what to run with its connection (None before it connects), and the
-#: future to settle with the outcome.
-_Call = tuple[Callable[[sqlite3.Connection | None], Any], asyncio.Future[Any]]
+#: A call for the worker thread: what to run with its connection (None before it connects), the
+#: future to settle with the outcome, and the `time.monotonic()` past which it must not start.
+_Call = tuple[Callable[[sqlite3.Connection | None], Any], asyncio.Future[Any], float]
+
+
+class _Late(Exception):
+    """A use whose budget was spent before the worker could start it: it was not run."""
 
 
 class SQLiteDatabase(Engine):
     """One SQLite file (or `:memory:`), on a worker thread of its own.
 
-    The thread takes `(fn, future)` pairs from a queue and settles each future on the loop with
-    one `call_soon_threadsafe`: a round trip costs a queue put, a thread wake-up and one callback,
-    where `run_in_executor` added a `concurrent.futures` future chained to an asyncio one, executor
-    locks and a `shield`. Every call handed over runs to its end, in order, even if its caller is
-    cancelled meanwhile, so the caller's view and the file never disagree.
+    The thread takes `(fn, future, deadline)` calls from a queue and settles each future on the
+    loop with one `call_soon_threadsafe`: a round trip costs a queue put, a thread wake-up and one
+    callback, where `run_in_executor` added a `concurrent.futures` future chained to an asyncio one,
+    executor locks and a `shield`. Every call handed over runs to its end, in order, even if its
+    caller is cancelled meanwhile, so the caller's view and the file never disagree; only one whose
+    budget was spent before its turn came is not started at all (`_Late`: nothing applied).
     """
 
     dialect = "sqlite"
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, timeout: float = DEFAULT_BUDGET.timeout_seconds) -> None:
         self.path = str(path)
+        self.timeout = timeout
+        self._busy_ms = round(timeout * 1000)
+        #: A use with less than this left (seconds) has its busy timeout lowered to what is left.
+        self._lower_below = timeout * 0.9
         self._calls: SimpleQueue[_Call | None] = SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -91,8 +110,13 @@ class SQLiteDatabase(Engine):
         if self.path != MEMORY:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             # Create it owner-only before SQLite does (its journal files inherit this mode): the
-            # ledger names users and, for paid providers, their payments.
-            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+            # ledger names users and, for paid providers, their payments. Only when it does not
+            # exist: closing a descriptor of a file drops every POSIX lock this process holds on
+            # it, those of SQLite connections already open on it too (another engine on the same
+            # `database_url`), after which another process may delete the WAL under them and each
+            # side goes on writing a database the other never sees.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._work, name="ciris-billing-db", daemon=True)
         self._thread.start()
@@ -105,7 +129,7 @@ class SQLiteDatabase(Engine):
 
     def _connect(self, _unused: sqlite3.Connection | None) -> None:
         self._conn = conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
         if self.path != MEMORY:
             mode = _enter_wal(conn)
             if str(mode).lower() != "wal":
@@ -121,14 +145,30 @@ class SQLiteDatabase(Engine):
         loop = self._loop
         assert loop is not None
         while (item := self._calls.get()) is not None:
-            fn, future = item
+            fn, future, deadline = item
             settle: Callable[[Any, asyncio.Future[Any]], None] = _settle
             try:
-                value: Any = fn(self._conn)
+                value: Any = self._within(fn, deadline)
             except BaseException as exc:
                 settle, value = _fail, exc
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is left to tell
                 loop.call_soon_threadsafe(settle, value, future)
+
+    def _within(self, fn: Callable[[sqlite3.Connection | None], T], deadline: float) -> T:
+        """`fn` on the worker, within what is left of its budget: not started once it is spent, and
+        waiting on locks no longer than the rest. (Busy timeouts change only for uses that queued:
+        on an idle worker this costs one clock read.)"""
+        conn = self._conn
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Late
+        if left < self._lower_below and conn is not None:
+            conn.execute(f"PRAGMA busy_timeout = {max(round(left * 1000), 1)}")
+            try:
+                return fn(conn)
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+        return fn(conn)
 
     async def migrate(self, schema: Schema) -> Migrated:
         def write(conn: sqlite3.Connection) -> Migrated:
@@ -152,17 +192,30 @@ class SQLiteDatabase(Engine):
                     )
                 return Migrated(schema.name, schema.version, schema.version - found)
 
-        return await self.run(write)
+        try:
+            return await self.run(write)
+        except ProviderUnavailable:
+            raise DatabaseUnavailable(f"cannot use {self.describe()}: it stayed locked") from None
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if not self._open:
             raise RuntimeError("database is not open")
-        return await self._call(fn)  # type: ignore[arg-type]  # the worker's connection, once open
+        try:
+            return await self._call(fn, time.monotonic() + self.timeout)  # type: ignore[arg-type]
+        except sqlite3.OperationalError as exc:  # locked past the budget, a full disk, a lost file
+            logger.warning("SQLite unavailable: %s", exc)
+            raise ProviderUnavailable(DATABASE_UNAVAILABLE) from None
+        except _Late:
+            logger.warning("SQLite unavailable: no turn within %g s", self.timeout)
+            raise ProviderUnavailable(DATABASE_UNAVAILABLE, maybe_applied=False) from None
 
-    def _call(self, fn: Callable[[sqlite3.Connection | None], T]) -> asyncio.Future[T]:
+    def _call(
+        self, fn: Callable[[sqlite3.Connection | None], T], deadline: float = math.inf
+    ) -> asyncio.Future[T]:
+        """Hand `fn` to the worker (`deadline`: a budgeted use's; none for opening and closing)."""
         assert self._loop is not None
         future: asyncio.Future[T] = self._loop.create_future()
-        self._calls.put((fn, future))
+        self._calls.put((fn, future, deadline))
         return future
 
     async def close(self) -> None:
