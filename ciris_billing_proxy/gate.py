@@ -26,10 +26,20 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .auth import identity_of_request
-from .errors import BillingError, IdTokenRequired, InsufficientCredit, client_gone, client_left, to_http
+from .errors import (
+    BillingError,
+    HTTPJSONError,
+    IdTokenRequired,
+    InsufficientCredit,
+    client_gone,
+    client_left,
+    to_http,
+)
 from .id_token import MISSING, id_token_of, id_token_scope
 from .identity import Identity
 from .keys import SPEND_KEY, billing_service
+from .ops.request_id import HEADER as REQUEST_ID_HEADER
+from .ops.request_id import assign_request_id
 from .service import BillingService
 
 logger = logging.getLogger("ciris_billing_proxy")
@@ -49,51 +59,68 @@ def credit_gate(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def gated(request: web.Request) -> web.StreamResponse:
-        service = billing_service(request)
-        identity = identity_of_request(request, service.verifier)
-        if identity.role in service.config.gate_bypass_roles:
-            return await handler(request)
-        if service.provider.id_token_required and id_token_of(request) is None:
-            raise to_http(IdTokenRequired(MISSING), gate=True)
-        if not service.provider.gate_charges:
-            await _check_credit(service, request, identity)
-            return await handler(request)
-        # Server-made, never client-supplied: a reusable client key would let a user replay it for
-        # free interactions.
-        key = uuid.uuid4().hex
-        try:
-            with id_token_scope(request):
-                await service.spend(identity, key)
-        except BillingError as exc:
-            raise to_http(exc, gate=True) from None
-        request[SPEND_KEY] = key
-        try:
-            response = await handler(request)
-        except web.HTTPException as exc:
-            if exc.status >= 400:
-                await _give_back(service, identity, key)
-            raise
-        except BaseException as exc:
-            await _give_back(service, identity, key)
-            if client_left(request, exc):
-                raise client_gone(request) from None
-            raise
-        if response.status >= 400:
-            await _give_back(service, identity, key)
+        rid = assign_request_id(request)
+        response = await _gated(handler, request)
+        if not response.prepared:
+            response.headers[REQUEST_ID_HEADER] = rid
         return response
 
     return gated
 
 
-async def _check_credit(service: BillingService, request: web.Request, identity: Identity) -> None:
-    """The informational gate: a 402 without credit, nothing taken with it."""
+async def _gated(handler: Handler, request: web.Request) -> web.StreamResponse:
+    """The gate's own refusals (401, 402, 503) are returned, never raised: the gate runs inside the
+    host's middlewares, and one that rewrites every `HTTPException` would drop their bodies and
+    `WWW-Authenticate`. What the host's handler raises is the host's, and passes on as it is."""
+    service = billing_service(request)
+    try:
+        identity = identity_of_request(request, service.verifier)
+    except HTTPJSONError as exc:
+        return exc.reply()
+    if identity.role in service.config.gate_bypass_roles:
+        return await handler(request)
+    if service.provider.id_token_required and id_token_of(request) is None:
+        return to_http(IdTokenRequired(MISSING), gate=True).reply()
+    if not service.provider.gate_charges:
+        refused = await _check_credit(service, request, identity)
+        return refused if refused is not None else await handler(request)
+    # Server-made, never client-supplied: a reusable client key would let a user replay it for
+    # free interactions.
+    key = uuid.uuid4().hex
+    try:
+        with id_token_scope(request):
+            await service.spend(identity, key)
+    except BillingError as exc:
+        return to_http(exc, gate=True).reply()
+    request[SPEND_KEY] = key
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            await _give_back(service, identity, key)
+        raise
+    except BaseException as exc:
+        await _give_back(service, identity, key)
+        if client_left(request, exc):
+            return client_gone(request).reply()
+        raise
+    if response.status >= 400:
+        await _give_back(service, identity, key)
+    return response
+
+
+async def _check_credit(
+    service: BillingService, request: web.Request, identity: Identity
+) -> web.Response | None:
+    """The informational gate: a 402 without credit (returned), nothing taken with it."""
     try:
         with id_token_scope(request):
             status = await service.credit_status(identity)
         if not status.has_credit:
             raise InsufficientCredit(status.reason or "No free uses or credits remaining")
     except BillingError as exc:
-        raise to_http(exc, gate=True) from None
+        return to_http(exc, gate=True).reply()
+    return None
 
 
 async def _give_back(service: BillingService, identity: Identity, key: str) -> None:
