@@ -6,6 +6,7 @@ Each needs a valid bearer token (401 JSON otherwise) and answers a bare JSON obj
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -17,7 +18,7 @@ from aiohttp import web
 from .auth import AuthError, TokenVerifier, bearer_token
 from .bodies import expect_continue, read_model
 from .config import BillingConfig
-from .errors import http_error
+from .errors import BillingError, http_error
 from .identity import Identity
 from .login import (
     CREATED_AT_CLAIM,
@@ -30,9 +31,13 @@ from .login import (
 )
 from .models import LoginReply, LoginRequest, LogoutReply, RefreshRequest, UserInfoReply
 from .operations import BEARER_ERRORS, BODY_ERRORS, EXPECT_FAILED, Operation
+from .ops.audit import AuditKind, AuditTrail, user_of
+from .ops.logs import FaultLog
 from .paths import DEFAULT_LOGIN_PATH, DEFAULT_LOGOUT_PATH, DEFAULT_ME_PATH, DEFAULT_REFRESH_PATH
 from .routes import json_reply
 from .throttle import LoginThrottle, MemoryLoginThrottle
+
+faults = FaultLog(logging.getLogger("ciris_billing_proxy"))
 
 #: What every signed-in user may do through this package; its own routes check nothing finer.
 USER_PERMISSIONS: Final = ("view_billing", "purchase_credits")
@@ -107,7 +112,10 @@ Revoke = Callable[[str], Awaitable[None]]
 
 
 class SessionRoutes:
-    def __init__(self, verifier: TokenVerifier, config: BillingConfig, revoke: Revoke) -> None:
+    def __init__(
+        self, verifier: TokenVerifier, config: BillingConfig, revoke: Revoke, audit: AuditTrail
+    ) -> None:
+        self._audit = audit
         self._verifier = verifier
         self._revoke = revoke
         self._bypass_roles = config.gate_bypass_roles
@@ -118,8 +126,14 @@ class SessionRoutes:
         database cannot record it). 200 with a JSON object rather than 204: older CIRIS SDKs parse
         every success reply as JSON."""
         require_method(request, LOGOUT.method)
-        token, _identity = self._caller(request)
-        await self._revoke(token)
+        token, identity = self._caller(request)
+        try:
+            await self._revoke(token)
+        except BillingError:
+            self._audit.record(AuditKind.LOGOUT, user_of(identity), "failed")
+            raise
+        faults.log(logging.INFO, "Logout of %s", identity.user_id)
+        self._audit.record(AuditKind.LOGOUT, user_of(identity), "ok")
         return json_reply(LogoutReply())
 
     async def refresh(self, request: web.Request) -> web.Response:
@@ -133,7 +147,12 @@ class SessionRoutes:
         claims = _claims(token)
         extra: dict[str, Any] = {name: claims[name] for name in CARRIED_CLAIMS if name in claims}
         reply = token_reply(self._verifier, identity.user_id, identity.role, identity.email, extra)
-        await self._revoke(token)
+        try:
+            await self._revoke(token)
+        except BillingError:
+            self._audit.record(AuditKind.REFRESH, user_of(identity), "failed")
+            raise
+        self._audit.record(AuditKind.REFRESH, user_of(identity), "ok")
         return reply
 
     async def me(self, request: web.Request) -> web.Response:
@@ -188,9 +207,11 @@ def add_auth_routes(
     login_path: str,
     throttle: LoginThrottle | None,
     revoke: Revoke,
+    audit: AuditTrail,
 ) -> None:
     """Login at `login_path`; logout, refresh and me beside it (`auth_paths`). Each is registered
-    for every method, so that a wrong one is a JSON 405 too. `revoke` revokes a token everywhere."""
+    for every method, so that a wrong one is a JSON 405 too. `revoke` revokes a token everywhere;
+    logins, logouts and refreshes are recorded in `audit`."""
     paths = auth_paths(login_path)
     login = LoginRoute(
         authenticate,
@@ -198,8 +219,10 @@ def add_auth_routes(
         throttle or MemoryLoginThrottle.from_config(config),
         config.trusted_proxies,
         config.body_timeout_seconds,
+        audit,
+        config.identity_namespace,
     )
-    sessions = SessionRoutes(verifier, config, revoke)
+    sessions = SessionRoutes(verifier, config, revoke, audit)
     authenticated = sessions.expect_authenticated
     router.add_route("*", paths[LOGIN], json_errors(login.login), expect_handler=expect_continue)
     router.add_route("*", paths[LOGOUT], json_errors(sessions.logout), expect_handler=authenticated)

@@ -8,6 +8,7 @@ answered 429 before any password is checked, the same way whether the username e
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,11 +23,17 @@ from .bodies import read_model
 from .client_address import Network, client_address
 from .errors import error_middleware, http_error
 from .models import LoginReply, LoginRequest
+from .ops.audit import AuditKind, AuditTrail
+from .ops.logs import FaultLog
 from .routes import json_reply
 from .throttle import LoginAttempt, LoginThrottle
 
 MAX_LOGIN_BODY: Final = 8 * 1024
+#: Characters of a tried username kept in the audit trail.
+MAX_LOGGED_NAME: Final = 64
 TOO_MANY_LOGIN_ATTEMPTS: Final = "Too many login attempts"
+faults = FaultLog(logging.getLogger("ciris_billing_proxy"))
+
 #: The claim carrying the user's creation time (seconds since the epoch), for `GET /v1/auth/me`.
 CREATED_AT_CLAIM: Final = "created_at"
 
@@ -82,7 +89,11 @@ class LoginRoute:
         throttle: LoginThrottle,
         trusted_proxies: Sequence[Network],
         body_timeout: float,
+        audit: AuditTrail,
+        namespace: str,
     ) -> None:
+        self._audit = audit
+        self._namespace = namespace
         self._authenticate = authenticate
         self._verifier = verifier
         self._throttle = throttle
@@ -92,16 +103,25 @@ class LoginRoute:
     async def login(self, request: web.Request) -> web.Response:
         require_method(request, "POST")
         body = await read_model(request, LoginRequest, MAX_LOGIN_BODY, time_limit=self._body_timeout)
-        attempt = LoginAttempt(body.username, client_address(request, self._trusted_proxies))
+        address = client_address(request, self._trusted_proxies)
+        attempt = LoginAttempt(body.username, address)
+        # The name as typed, bounded: it is logged, and a password typed into it by mistake should
+        # not be kept whole.
+        tried = f"{self._namespace}:{body.username[:MAX_LOGGED_NAME]}"
         wait = await self._throttle.admit(attempt)
         if wait is not None:
+            faults.warning("Login refused: too many failed attempts for a username or from %s", address)
+            self._audit.record(AuditKind.LOGIN_LOCKED, tried, "refused", reference=address)
             raise http_error(429, TOO_MANY_LOGIN_ATTEMPTS, {"Retry-After": str(max(1, math.ceil(wait)))})
         # From here the attempt counts as a failure unless the password proves right, also when the
         # authenticator raises (a 500): an error is no licence for unlimited guesses.
         user = await self._authenticate(body.username, body.password)
         if user is None:
+            faults.log(logging.INFO, "Failed login from %s", address)
+            self._audit.record(AuditKind.LOGIN_FAILED, tried, "refused", reference=address)
             raise http_error(401, "Invalid credentials")
         await self._throttle.succeeded(attempt)
+        self._audit.record(AuditKind.LOGIN_OK, f"{self._namespace}:{user.user_id}", "ok", reference=address)
         extra = {CREATED_AT_CLAIM: _epoch_seconds(user.created_at)} if user.created_at else None
         return token_reply(self._verifier, user.user_id, user.role.upper(), user.email, extra)
 

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from aiohttp import web
 from cachetools import LRUCache
@@ -20,7 +20,7 @@ from cachetools import LRUCache
 from .auth import TokenVerifier
 from .cache import CreditCache
 from .config import BillingConfig
-from .errors import BillingError, ProviderUnavailable
+from .errors import BillingError, InsufficientCredit, ProviderUnavailable
 from .identity import Identity
 from .models import (
     AppStorePurchase,
@@ -32,11 +32,15 @@ from .models import (
     StoreVerification,
     TransactionPage,
 )
+from .ops.audit import AuditKind, AuditTrail, user_of
 from .providers.base import CreditProvider
 from .retries import GiveBackRetries
 from .store.changes import FEED_DOWN_MAX_AGE_SECONDS, ChangeFeed, IdentityKey
 
 T = TypeVar("T")
+
+#: Purchase states that end a purchase: audited once each.
+ENDED: Final = frozenset({"succeeded", "failed", "canceled"})
 
 logger = logging.getLogger("ciris_billing_proxy")
 
@@ -85,8 +89,14 @@ class BillingService:
         provider: CreditProvider,
         verifier: TokenVerifier,
         feed: ChangeFeed | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.config = config
+        #: Where money and auth events go (`ops.audit`); `setup_billing` runs its lifespan.
+        self.audit = audit or AuditTrail()
+        # Payments whose end (settled, failed) was audited: a status is polled until it ends and
+        # then may be asked again, but the fact is one event.
+        self._audited_payments: LRUCache[str, None] = LRUCache(maxsize=4096)
         self.provider = provider
         self.verifier = verifier
         self.feed = feed
@@ -224,7 +234,9 @@ class BillingService:
 
     async def spend(self, identity: Identity, idempotency_key: str) -> None:
         task = self._track(
-            self._change_credit(self.provider.spend(identity, idempotency_key), identity, "spend")
+            self._change_credit(
+                self.provider.spend(identity, idempotency_key), identity, "spend", idempotency_key
+            )
         )
         try:
             await asyncio.shield(task)
@@ -252,7 +264,9 @@ class BillingService:
             logger.warning("Could not give back the use spent under request key %s", key)
 
     async def _give_back_once(self, identity: Identity, key: str) -> None:
-        task = self._track(self._change_credit(self.provider.give_back(identity, key), identity, "give_back"))
+        task = self._track(
+            self._change_credit(self.provider.give_back(identity, key), identity, "give_back", key)
+        )
         await asyncio.shield(task)
 
     def _retry_later(self, identity: Identity, key: str) -> None:
@@ -266,7 +280,22 @@ class BillingService:
         self, identity: Identity, return_url: str | None, idempotency_key: str | None
     ) -> PurchaseInitiated:
         call = self.provider.initiate_purchase(identity, return_url, idempotency_key)
-        return await asyncio.shield(self._track(self._guard(call, "initiate_purchase", PurchaseInitiated)))
+        return await asyncio.shield(self._track(self._initiated(identity, call)))
+
+    async def _initiated(self, identity: Identity, call: Awaitable[PurchaseInitiated]) -> PurchaseInitiated:
+        try:
+            initiated = await self._guard(call, "initiate_purchase", PurchaseInitiated)
+        except BillingError as exc:
+            self.audit.record(AuditKind.PURCHASE_INITIATED, user_of(identity), _outcome(exc))
+            raise
+        self.audit.record(
+            AuditKind.PURCHASE_INITIATED,
+            user_of(identity),
+            "ok",
+            amount=initiated.uses_purchased,
+            reference=initiated.payment_id,
+        )
+        return initiated
 
     async def purchase_status(self, identity: Identity, payment_id: str) -> PurchaseStatus:
         status = await self._guard(
@@ -274,6 +303,13 @@ class BillingService:
         )
         if status.status == "succeeded":
             self._forget(identity)
+        if status.status in ENDED and payment_id not in self._audited_payments:
+            self._audited_payments[payment_id] = None
+            kind = AuditKind.PURCHASE_SETTLED if status.status == "succeeded" else AuditKind.PURCHASE_FAILED
+            outcome = "ok" if status.status == "succeeded" else status.status
+            self.audit.record(
+                kind, user_of(identity), outcome, amount=status.credits_added, reference=payment_id
+            )
         return status
 
     async def verify_google_play(self, identity: Identity, purchase: GooglePlayPurchase) -> StoreVerification:
@@ -292,9 +328,25 @@ class BillingService:
         process sharing the database), inside that run: a caller's cancellation cannot skip it."""
 
         async def verify_then_forget() -> StoreVerification:
-            result = await self._guard(call, what, StoreVerification)
+            try:
+                result = await self._guard(call, what, StoreVerification)
+            except BillingError as exc:
+                self.audit.record(
+                    AuditKind.STORE_VERIFICATION, user_of(identity), _outcome(exc), reference=what
+                )
+                raise
             if result.success:
                 self._forget(identity)
+            outcome = (
+                "already_processed" if result.already_processed else "ok" if result.success else "refused"
+            )
+            self.audit.record(
+                AuditKind.STORE_VERIFICATION,
+                user_of(identity),
+                outcome,
+                amount=result.credits_added,
+                reference=what,
+            )
             return result
 
         return await asyncio.shield(self._track(verify_then_forget()))
@@ -312,16 +364,28 @@ class BillingService:
             self.provider.transactions(identity, limit, offset), "transactions", TransactionPage
         )
 
-    async def _change_credit(self, call: Awaitable[None], identity: Identity, what: str) -> None:
-        """Run a provider call that changes the user's credit (a spend or a give-back) and forget
-        the user's cached credit once it is done, whatever its outcome."""
+    async def _change_credit(self, call: Awaitable[None], identity: Identity, what: str, key: str) -> None:
+        """Run a provider call that changes the user's credit (a spend or a give-back), forget
+        the user's cached credit once it is done, whatever its outcome, and audit it."""
         # The cache is dropped inside the tracked task, after the provider call: a caller's
         # cancellation cannot make it happen before the change and let a stale load be cached.
+        outcome = "failed"
         try:
             # What spend and give_back return is never used: only their effect and errors count.
             await self._guard(call, what, object)
+            outcome = "ok"
+        except InsufficientCredit:
+            outcome = "refused"
+            raise
         finally:
             self._forget(identity)
+            self.audit.record(self._audit_kind(what), user_of(identity), outcome, amount=1, reference=key)
+
+    def _audit_kind(self, what: str) -> AuditKind:
+        if what == "spend":
+            return AuditKind.SPEND
+        # A provider that sells credits gives a use back by refunding what was charged for it.
+        return AuditKind.REFUND if self.provider.purchases_enabled is True else AuditKind.GIVE_BACK
 
     async def _give_back_after(self, spend: asyncio.Task[None], identity: Identity, key: str) -> None:
         """Give back what `spend` took, if it may have taken anything. `give_back` is a no-op for a
@@ -363,3 +427,8 @@ class BillingService:
         self._money_tasks.add(task)
         task.add_done_callback(self._money_tasks.discard)
         return task
+
+
+def _outcome(exc: BillingError) -> str:
+    """`refused` when the provider said no by its rules, `failed` when it could not answer."""
+    return "failed" if isinstance(exc, ProviderUnavailable) else "refused"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -15,11 +16,13 @@ from .errors import error_middleware
 from .keys import SERVICE_KEY
 from .login import Authenticator
 from .openapi import APIDescription
+from .ops.audit import AuditTrail
 from .paths import DEFAULT_LOGIN_PATH, PathScope, mount_point
 from .providers.base import CreditProvider, ProviderContext
 from .providers.registry import check_provider_class, create_provider
 from .routes import add_routes
 from .service import BillingService
+from .store.audit import audit_store
 from .store.choose import change_feed_for
 from .throttle import LoginThrottle, StoreLoginThrottle
 
@@ -46,6 +49,8 @@ def setup_billing(
       logout, refresh and me beside it. Failed logins are throttled by the config's limits: in
       the database when `database_url` is set (shared by every process on it), else in memory;
       or by `login_throttle`.
+    * Money and auth events go to the `ciris_billing_proxy.audit` logger and, with a
+      `database_url`, to the store (`ops.audit`).
 
     Paths are relative to `app`: mounted with `outer.add_subapp("/agent", app)`, the routes are
     served at `/agent{prefix}` and `/agent{protected path}` needs a token. Call this before `app` is
@@ -81,9 +86,14 @@ def setup_billing(
     else:
         check_provider_class(type(provider), provider.name)
     database_url = config.database_url.get_secret_value() if config.database_url else None
-    service = BillingService(config, provider, verifier, change_feed_for(database_url, config.data_dir))
+    audit = AuditTrail(None if database_url is None else functools.partial(audit_store, database_url))
+    service = BillingService(
+        config, provider, verifier, change_feed_for(database_url, config.data_dir), audit
+    )
 
     app[SERVICE_KEY] = service
+    # Before the service: torn down after it, so the events of its last money-moving work are kept.
+    app.cleanup_ctx.append(audit.lifespan)
     app.cleanup_ctx.append(service.lifespan)
     scopes: list[PathScope] = []
     if config.protected_paths:
@@ -95,7 +105,14 @@ def setup_billing(
             app.cleanup_ctx.append(shared.lifespan)
             login_throttle = shared
         add_auth_routes(
-            app.router, config, verifier, authenticate, login_path, login_throttle, service.revoke_everywhere
+            app.router,
+            config,
+            verifier,
+            authenticate,
+            login_path,
+            login_throttle,
+            service.revoke_everywhere,
+            audit,
         )
 
     public: set[Handler] = set()  # routes that need no token; add_routes fills it

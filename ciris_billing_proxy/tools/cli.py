@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import multiprocessing.connection
 import os
 import signal
@@ -21,6 +22,7 @@ from .. import __version__
 from ..config import BillingConfig, ConfigError, default_data_dir
 from ..database_url import parse_database_url
 from ..openapi import openapi_document
+from ..ops.logs import ACCESS_LOGGER, LOG_FORMATS, LOG_LEVELS, AccessLogger, LogFormat, configure_logging
 from ..paths import DEFAULT_LOGIN_PATH, DEFAULT_PREFIX
 from ..store.migrate import migrate
 from .demo import (
@@ -89,6 +91,26 @@ def _port(value: str) -> int:
     return port
 
 
+def _log_level(value: str) -> str:
+    if value.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return value.upper()
+
+
+def _log_format(value: str) -> LogFormat:
+    for name in LOG_FORMATS:
+        if value.lower() == name:
+            return name
+    raise argparse.ArgumentTypeError(f"expected text or json, got {value!r}")
+
+
+def _env_flag(name: str, *, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    return raw not in ("0", "false", "no", "off")
+
+
 def _url_path(value: str) -> str:
     if not value.startswith("/") or "//" in value or " " in value:
         raise argparse.ArgumentTypeError(
@@ -142,6 +164,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="close a connection that has not sent a complete request head this long after it opened "
         f"or after its last response (default {DEFAULT_IDLE_TIMEOUT:g})",
+    )
+    serve.add_argument(
+        "--log-level",
+        type=_log_level,
+        default=os.environ.get("CIRIS_BILLING_LOG_LEVEL") or "INFO",
+        metavar="LEVEL",
+        help="DEBUG, INFO, WARNING or ERROR (default: CIRIS_BILLING_LOG_LEVEL, else INFO)",
+    )
+    serve.add_argument(
+        "--log-format",
+        type=_log_format,
+        default=os.environ.get("CIRIS_BILLING_LOG_FORMAT") or "text",
+        metavar="FORMAT",
+        help="text or json, one line per record on stderr (default: CIRIS_BILLING_LOG_FORMAT, else text)",
+    )
+    serve.add_argument(
+        "--no-access-log",
+        dest="access_log",
+        action="store_false",
+        default=_env_flag("CIRIS_BILLING_ACCESS_LOG", default=True),
+        help="no INFO line per request (CIRIS_BILLING_ACCESS_LOG=0 does the same)",
     )
     serve.add_argument(
         "--workers",
@@ -253,6 +296,7 @@ def _qa(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level, args.log_format)
     data_dir = args.data_dir or Path(os.environ.get("CIRIS_BILLING_DATA_DIR") or default_data_dir())
     overrides: dict[str, object] = {"data_dir": data_dir}
     if args.fake_backend:
@@ -362,7 +406,7 @@ async def _start(
                 f"  app store purchases: any purchase token of 10+ characters succeeds once, one starting "
                 f"'invalid' is refused (README: Fake store tokens)"
             )
-        runner = make_runner(app, idle_timeout=args.idle_timeout)
+        runner = make_runner(app, idle_timeout=args.idle_timeout, access_log=args.access_log)
         return await _run(runner, args.host, args.port if port is None else port, config, ready)
     finally:
         if fake is not None:
@@ -388,11 +432,14 @@ def _announce_users(
         )
 
 
-def make_runner(app: web.Application, *, idle_timeout: float) -> web.AppRunner:
-    """The runner `serve` uses (tests serve their apps with the same one)."""
+def make_runner(app: web.Application, *, idle_timeout: float, access_log: bool = False) -> web.AppRunner:
+    """The runner `serve` uses (tests serve their apps with the same one); `access_log` writes one
+    line per request on `ciris_billing_proxy.access` (`ops.logs.AccessLogger`)."""
     return web.AppRunner(
         app,
         handle_signals=False,
+        access_log=logging.getLogger(ACCESS_LOGGER) if access_log else None,
+        access_log_class=AccessLogger,
         # A client that hangs up after sending its request still gets its interaction run, and pays
         # for it. Cancelling instead would give the use back for work that was done (a hang-up just
         # before the reply would make interactions with side effects free) and would interrupt

@@ -1,0 +1,169 @@
+"""Logging for operators: what `serve` configures, the access log, and fault lines that stay
+readable during an outage.
+
+As a library the package configures no logging: it writes to its loggers (`ciris_billing_proxy`,
+`ciris_billing_proxy.audit`) and the host decides where they go. `serve` calls `configure_logging`:
+one handler on stderr, every line with time, level, logger, pid and request id, as text or JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from typing import Any, Final, Literal
+
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
+
+from .request_id import RequestIdFilter, current_request_id
+
+LogFormat = Literal["text", "json"]
+LOG_FORMATS: Final = ("text", "json")
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s [%(process)d] [%(request_id)s] %(message)s"
+ACCESS_LOGGER: Final = "ciris_billing_proxy.access"
+#: How long a repeated fault is summed up before its count is logged.
+FAULT_WINDOW_SECONDS: Final = 10.0
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, pid, request_id, message, and
+    the traceback as `exc` when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "request_id": getattr(record, "request_id", None) or current_request_id.get() or "-",
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{seconds}.{int(record.msecs):03d}Z"
+
+
+def _utc(seconds: float | None) -> time.struct_time:
+    return time.gmtime(seconds)
+
+
+class TextFormatter(logging.Formatter):
+    """`TEXT_FORMAT`, times in UTC with milliseconds."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT, "%Y-%m-%dT%H:%M:%S")
+        self.converter = _utc
+        self.default_msec_format = "%s.%03dZ"
+
+
+def configure_logging(level: str = "INFO", fmt: LogFormat = "text") -> None:
+    """What `serve` does (never the library): every record of the process to stderr at `level`."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    # Neither is shown: skipping them saves work on every record (the access log writes one per
+    # request).
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One INFO line per request on `ciris_billing_proxy.access`: client address, method, path,
+    status, body size and milliseconds. Never a header or the query string (tokens travel there).
+
+    Made as cheaply as logging allows: one preformatted message, the record built directly (no
+    caller lookup), nothing at all when the logger is off (`enabled`)."""
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        logger = self.logger
+        record = logger.makeRecord(
+            logger.name,
+            logging.INFO,
+            "",
+            0,
+            '%s "%s %s" %d %d %.1fms',
+            (
+                request.remote,
+                request.method,
+                request.path,
+                response.status,
+                response.body_length,
+                time * 1000,
+            ),
+            None,
+        )
+        logger.handle(record)
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
+class FaultLog:
+    """A fault log line that an outage cannot turn into a flood: the first occurrence of a message
+    is logged, repeats within `FAULT_WINDOW_SECONDS` are counted, and the count is logged once the
+    window is over ("… 3,961 more in the last 10 s"), at the next occurrence or by a timer.
+
+    Repeats are recognised by the message template (its arguments may differ), so a site names
+    what failed in the template and passes only details as arguments."""
+
+    def __init__(self, logger: logging.Logger, window: float = FAULT_WINDOW_SECONDS) -> None:
+        self.logger = logger
+        self.window = window
+        self._open: dict[tuple[int, str], list[float]] = {}  # (level, template) -> [start, repeats]
+
+    def warning(self, msg: str, *args: object) -> None:
+        self.log(logging.WARNING, msg, *args)
+
+    def error(self, msg: str, *args: object) -> None:
+        self.log(logging.ERROR, msg, *args)
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        if not self.logger.isEnabledFor(level):
+            return
+        key = (level, msg)
+        now = time.monotonic()
+        window = self._open.get(key)
+        if window is not None:
+            if now - window[0] < self.window:
+                if window[1] == 0:
+                    self._flush_later(key, window[0] + self.window - now)
+                window[1] += 1
+                return
+            self._summarise(key)
+        self._open[key] = [now, 0]
+        self.logger.log(level, msg, *args)
+
+    def _summarise(self, key: tuple[int, str]) -> None:
+        window = self._open.pop(key, None)
+        if window is None or not window[1]:
+            return
+        level, msg = key
+        self.logger.log(
+            level,
+            "%s … %s more in the last %g s",
+            msg.split("%", 1)[0].rstrip(": ") or msg,
+            f"{int(window[1]):,}",
+            self.window,
+        )
+
+    def _flush_later(self, key: tuple[int, str], delay: float) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop: the count is logged with the next occurrence
+        loop.call_later(max(delay, 0.0), self._summarise, key)
