@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import Final
 
 from ..errors import ProviderUnavailable
+from ..ops.logs import FaultLog
 from .changes import ChangeFeed, ChangeListener, deliver, encode_revocation
 from .engine import Schema
 from .sqlite import SQLiteDatabase, transaction
 
 logger = logging.getLogger("ciris_billing_proxy")
+#: Fault lines an outage repeats: once, then a count (`ops.logs.FaultLog`).
+faults = FaultLog(logger)
 
 POLL_SECONDS: Final = 0.05
 #: Far longer than any poll takes, so no process misses a row by its pruning.
@@ -144,5 +147,5 @@ class SQLiteChangeFeed(ChangeFeed):
         try:
             await self.db.run(write)
         except sqlite3.Error as exc:
-            logger.warning("Change feed unavailable (SQLite: %s)", type(exc).__name__)
+            faults.warning("Change feed unavailable (SQLite: %s)", type(exc).__name__)
             raise ProviderUnavailable from None

@@ -16,12 +16,15 @@ from typing import TYPE_CHECKING, Final
 
 from ..database_url import INSTALL_POSTGRES, DatabaseURL
 from ..errors import ProviderUnavailable
+from ..ops.logs import FaultLog
 from .engine import DatabaseUnavailable, Engine, Migrated, Schema, newer_schema
 
 if TYPE_CHECKING:
     import asyncpg
 
 logger = logging.getLogger("ciris_billing_proxy")
+#: Fault lines an outage repeats: once, then a count (`ops.logs.FaultLog`).
+faults = FaultLog(logger)
 
 #: Connections per process: enough to keep a gate busy (a spend is one round trip), few enough that
 #: many processes fit in PostgreSQL's default of 100 connections.
@@ -94,7 +97,7 @@ class PostgresDatabase(Engine):
             asyncpg.OperatorInterventionError,
             asyncpg.InsufficientResourcesError,  # too many connections, out of disk or memory
         ) as exc:
-            logger.warning("PostgreSQL unavailable: %s", type(exc).__name__)
+            faults.warning("PostgreSQL unavailable: %s", type(exc).__name__)
             raise ProviderUnavailable(DATABASE_UNAVAILABLE) from None
 
     async def migrate(self, schema: Schema) -> Migrated:
