@@ -5,8 +5,10 @@ configures no logging of its own."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
+import random
 import re
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from ciris_billing_proxy import setup_billing
-from ciris_billing_proxy.ops.logs import FaultLog
+from ciris_billing_proxy.ops.logs import FaultLog, quiet_lost_connections
 from ciris_billing_proxy.ops.request_id import RequestIdFilter, request_id_middleware
 
 from .conftest import ClientFactory, make_config
@@ -133,3 +135,38 @@ async def test_a_repeated_fault_is_one_line_then_a_count(caplog: pytest.LogCaptu
     faults.warning("PostgreSQL unavailable: %s", "again")
     assert caplog.records[-1].getMessage() == "PostgreSQL unavailable: again"
     assert len(caplog.records) == 4
+
+
+async def _abandoned_connects(attempts: int) -> None:
+    """asyncpg connection attempts, each cancelled while connecting, to a database that is gone
+    behind a proxy (which accepts, then drops, each connection)."""
+    import asyncpg
+
+    async def gone(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(random.random() * 0.002)
+        writer.transport.abort()
+
+    server = await asyncio.start_server(gone, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    for _ in range(attempts):
+        attempt = asyncio.ensure_future(asyncpg.connect(f"postgresql://postgres@127.0.0.1:{port}/test"))
+        await asyncio.sleep(random.random() * 0.003)
+        attempt.cancel()
+        await asyncio.gather(attempt, return_exceptions=True)
+    server.close()
+    await server.wait_closed()
+    gc.collect()
+    await asyncio.sleep(0.05)
+
+
+async def test_connections_lost_during_an_outage_are_no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(quiet_lost_connections)
+    try:
+        await _abandoned_connects(300)
+    finally:
+        loop.set_exception_handler(None)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    other = {"message": "something else", "exception": ValueError("not ours")}
+    quiet_lost_connections(loop, other)  # anything else still goes to the default handler
+    assert caplog.records[-1].levelno == logging.ERROR

@@ -180,3 +180,22 @@ class FaultLog:
         except RuntimeError:
             return  # no loop: the count is logged with the next occurrence
         loop.call_later(max(delay, 0.0), self._summarise, key)
+
+
+def quiet_lost_connections(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """An event loop exception handler: a lost connection that nobody was waiting for any more is one
+    DEBUG line, not an ERROR with a traceback; everything else goes to the loop's default handler.
+
+    During a database outage asyncpg's connection attempts (sslmode `prefer`, its default) that are
+    cancelled or time out while connecting leave a future that later fails with "unexpected
+    connection_lost() call" and is never awaited: asyncio reports each one as "Future exception
+    was never retrieved" with a traceback, a flood at shutdown (SIGTERM cancels them all). `serve`
+    installs this handler; a host may too: `loop.set_exception_handler(quiet_lost_connections)`.
+    """
+    exc = context.get("exception")
+    if isinstance(exc, ConnectionError) and context.get("message") == "Future exception was never retrieved":
+        logging.getLogger("ciris_billing_proxy").debug(
+            "A connection attempt ended after its caller left: %s", exc
+        )
+        return
+    loop.default_exception_handler(context)

@@ -22,7 +22,15 @@ from .. import __version__
 from ..config import BillingConfig, ConfigError, default_data_dir
 from ..database_url import parse_database_url
 from ..openapi import openapi_document
-from ..ops.logs import ACCESS_LOGGER, LOG_FORMATS, LOG_LEVELS, AccessLogger, LogFormat, configure_logging
+from ..ops.logs import (
+    ACCESS_LOGGER,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    AccessLogger,
+    LogFormat,
+    configure_logging,
+    quiet_lost_connections,
+)
 from ..paths import DEFAULT_LOGIN_PATH, DEFAULT_PREFIX
 from ..store.migrate import migrate
 from .demo import (
@@ -377,6 +385,7 @@ async def _start(
 ) -> int:
     """Serve one process; as a worker (`ready` given), on the reserved `port`, reporting on `ready`
     once it listens, and announcing nothing (the parent does)."""
+    asyncio.get_running_loop().set_exception_handler(quiet_lost_connections)
     fake: FakeBillingBackend | None = None
     environ: dict[str, str] | None = None
     if args.fake_backend:
