@@ -344,8 +344,7 @@ def auth_middleware(verifier: TokenVerifier, path_prefixes: tuple[str, ...] | Pa
                 if not client_left(request, exc):
                     raise
                 response = client_gone(request).reply()
-        if not response.prepared:
-            response.headers[REQUEST_ID_HEADER] = rid
+        response.headers[REQUEST_ID_HEADER] = rid  # no effect on a response already sent
         return response
 
     return middleware

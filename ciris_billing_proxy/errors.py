@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from .ops.request_id import HEADER as REQUEST_ID_HEADER
-from .ops.request_id import assign_request_id
+from .ops.request_id import assign_request_id, current_request_id
 from .paths import PathScope, as_scope
 
 logger = logging.getLogger("ciris_billing_proxy")
@@ -166,7 +166,7 @@ def error_middleware(
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if scope is not None and not scope.covers(request.path):
             return await handler(request)
-        rid = assign_request_id(request)
+        rid = current_request_id.get() or assign_request_id(request)
         try:
             if before is not None:
                 before(request)
@@ -186,8 +186,7 @@ def error_middleware(
             else:
                 logger.exception("Unhandled error in %s %s", request.method, request.path)
                 response = http_error(500, INTERNAL_ERROR).reply()
-        if not response.prepared:
-            response.headers[REQUEST_ID_HEADER] = rid
+        response.headers[REQUEST_ID_HEADER] = rid  # no effect on a response already sent
         return response
 
     return middleware

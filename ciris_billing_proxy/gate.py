@@ -61,8 +61,7 @@ def credit_gate(handler: Handler) -> Handler:
     async def gated(request: web.Request) -> web.StreamResponse:
         rid = assign_request_id(request)
         response = await _gated(handler, request)
-        if not response.prepared:
-            response.headers[REQUEST_ID_HEADER] = rid
+        response.headers[REQUEST_ID_HEADER] = rid  # no effect on a response already sent
         return response
 
     return gated
