@@ -97,8 +97,12 @@ class HTTPJSONError(web.HTTPException):
 
     def reply(self) -> web.Response:
         """The same status, body and headers (`WWW-Authenticate`, `Retry-After`, `Allow`) as a
-        response to return: a host's middleware sees it as a reply and passes it on unchanged."""
-        return web.Response(status=self.status, body=self.body, headers=self.headers)
+        response to return: a host's middleware sees it as a reply and passes it on unchanged.
+        An error that closes its connection (`force_close()`, the 408) still does."""
+        response = web.Response(status=self.status, body=self.body, headers=self.headers)
+        if self.keep_alive is False:
+            response.force_close()
+        return response
 
 
 def http_error(status: int, detail: Any, headers: Mapping[str, str] | None = None) -> HTTPJSONError:
