@@ -10,6 +10,8 @@ that goes away while the handler still reads its body gets the package's usual "
 handling (one DEBUG line, a 400 nobody reads), with or without `error_middleware()` on the host.
 The gate uses the same identity and the same credit cache as `GET /credits`, so the UI shows
 exactly what the gate spends.
+Its own refusals (401, 402, 503) are returned as JSON responses, never raised, so a host middleware
+that formats `HTTPException`s passes them on unchanged (docs/operations.md).
 
 A provider that declares `gate_charges` false (the `ciris` provider in `id_token` mode, whose
 backend takes charges only with an API key) is "informational": the gate checks that the user has
