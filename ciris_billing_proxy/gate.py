@@ -3,6 +3,9 @@
     @credit_gate
     async def interact(request: web.Request) -> web.Response: ...
 
+    @credit_gate(product="web_search")
+    async def search(request: web.Request) -> web.Response: ...
+
 The use is taken atomically *before* the handler runs, under a key unique to this request, so
 concurrent calls can never overspend; it is given back when the handler raises or answers with an
 error status (4xx or 5xx), so a user never pays for an interaction that did not happen. A client
@@ -22,7 +25,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import uuid
+import os
+from collections.abc import Callable
+from typing import overload
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -35,62 +40,166 @@ from .errors import (
     InsufficientCredit,
     client_gone,
     client_left,
+    http_error,
     to_http,
 )
-from .id_token import MISSING, id_token_of, id_token_scope
+from .id_token import MISSING, IdToken, id_token_as, id_token_of, user_id_token
 from .identity import Identity
-from .keys import SPEND_KEY, billing_service
+from .keys import SPEND_KEY, SPENT_STATUS_KEY, billing_service
 from .ops.request_id import HEADER as REQUEST_ID_HEADER
-from .ops.request_id import assign_request_id
+from .ops.request_id import assign_request_id, current_request_id
+from .products import TOOL_NAME, valid_tool_name
 from .service import BillingService
 
 logger = logging.getLogger("ciris_billing_proxy")
 
 
-def credit_gate(handler: Handler) -> Handler:
+@overload
+def credit_gate(handler: Handler, /) -> Handler: ...
+
+
+@overload
+def credit_gate(*, product: str | None = None) -> Callable[[Handler], Handler]: ...
+
+
+def credit_gate(
+    handler: Handler | None = None, /, *, product: str | None = None
+) -> Handler | Callable[[Handler], Handler]:
+    """`@credit_gate` (one interaction use per successful call) or `@credit_gate(product="web_search")`
+    (one use of that product: see `docs/tool-credits.md`). Options are keywords, so more can come."""
+    if product is not None and not valid_tool_name(product):
+        raise ValueError(f"credit_gate(product=...) must match {TOOL_NAME.pattern!r}")
+    if handler is None:
+        return functools.partial(_gate, product=product)
+    return _gate(handler, product=product)
+
+
+def _gate(handler: Handler, *, product: str | None) -> Handler:
+    return _interaction_gate(handler) if product is None else _product_gate(handler, product)
+
+
+def _interaction_gate(handler: Handler) -> Handler:
     """Decorate an aiohttp handler so each successful call costs the caller one use.
 
     The caller's token is checked as `get_identity` does. Without credit the handler does not run
     and the client gets 402 (`insufficient_credit`), or 503 when the provider cannot answer. The use
     is taken before the handler runs and given back when it raises or answers with a 4xx/5xx. Roles
     in `gate_bypass_roles` pass free.
-    The key spent under is `request[SPEND_KEY]` (`ciris_billing_proxy.keys`). Needs
+    The key spent under is `request[SPEND_KEY]` (`ciris_billing_proxy.keys`), and the credit left
+    right after the spend `request[SPENT_STATUS_KEY]` when the provider tells it. Needs
     `setup_billing()` on the handler's application or one it is mounted in (`RuntimeError`
     otherwise).
     """
 
     @functools.wraps(handler)
     async def gated(request: web.Request) -> web.StreamResponse:
-        rid = assign_request_id(request)
-        response = await _gated(handler, request)
+        service = billing_service(request)
+        rid = current_request_id.get() or assign_request_id(request)
+        # Counted for the metrics by route and status (one dict entry bumped), also what the host's
+        # handler raises.
+        try:
+            response = await _interaction(handler, request, service)
+        except web.HTTPException as exc:
+            service.counts.request(request.match_info.route, exc.status)
+            raise
+        service.counts.request(request.match_info.route, response.status)
         response.headers[REQUEST_ID_HEADER] = rid  # no effect on a response already sent
         return response
 
     return gated
 
 
-async def _gated(handler: Handler, request: web.Request) -> web.StreamResponse:
+async def _interaction(handler: Handler, request: web.Request, service: BillingService) -> web.StreamResponse:
     """The gate's own refusals (401, 402, 503) are returned, never raised: the gate runs inside the
     host's middlewares, and one that rewrites every `HTTPException` would drop their bodies and
     `WWW-Authenticate`. What the host's handler raises is the host's, and passes on as it is."""
-    service = billing_service(request)
     try:
         identity = identity_of_request(request, service.verifier)
     except HTTPJSONError as exc:
         return exc.reply()
     if identity.role in service.config.gate_bypass_roles:
         return await handler(request)
-    if service.provider.id_token_required and id_token_of(request) is None:
-        return to_http(IdTokenRequired(MISSING), gate=True).reply()
+    if service.provider.id_token_required:
+        token = user_id_token(request, service.provider.agent_id_token)
+        if token is None:
+            return to_http(IdTokenRequired(MISSING), gate=True).reply()
+    else:
+        token = id_token_of(request)
     if not service.provider.gate_charges:
-        refused = await _check_credit(service, request, identity)
+        refused = await _check_credit(service, token, identity)
         return refused if refused is not None else await handler(request)
     # Server-made, never client-supplied: a reusable client key would let a user replay it for
     # free interactions.
-    key = uuid.uuid4().hex
+    key = os.urandom(16).hex()
     try:
-        with id_token_scope(request):
-            await service.spend(identity, key)
+        with id_token_as(token):
+            status = await service.spend(identity, key)
+    except BillingError as exc:
+        return to_http(exc, gate=True).reply()
+    request[SPEND_KEY] = key
+    if status is not None:
+        request[SPENT_STATUS_KEY] = status
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            await _give_back(service, identity, key, f"the interaction failed (HTTP {exc.status})")
+        raise
+    except BaseException as exc:
+        gone = client_left(request, exc)
+        why = "the client left" if gone else f"the interaction failed ({type(exc).__name__})"
+        await _give_back(service, identity, key, why)
+        if gone:
+            return client_gone(request).reply()
+        raise
+    if response.status >= 400:
+        await _give_back(service, identity, key, f"the interaction failed (HTTP {response.status})")
+    return response
+
+
+def _product_gate(handler: Handler, product: str) -> Handler:
+    """As the interaction gate, but each successful call costs one use of `product` (a product the
+    provider declares; another is a 404 `Tool not found`, returned like the gate's other refusals)."""
+
+    @functools.wraps(handler)
+    async def gated(request: web.Request) -> web.StreamResponse:
+        service = billing_service(request)
+        rid = current_request_id.get() or assign_request_id(request)
+        response = await _product_use(handler, request, service, product)
+        response.headers[REQUEST_ID_HEADER] = rid  # no effect on a response already sent
+        return response
+
+    return gated
+
+
+async def _product_use(
+    handler: Handler, request: web.Request, service: BillingService, product: str
+) -> web.StreamResponse:
+    try:
+        identity = identity_of_request(request, service.verifier)
+    except HTTPJSONError as exc:
+        return exc.reply()
+    if identity.role in service.config.gate_bypass_roles:
+        return await handler(request)
+    provider = service.provider
+    if product not in provider.products:
+        return http_error(404, f"Tool not found: {product}").reply()
+    token = user_id_token(request, provider.agent_id_token)
+    if provider.id_token_required and token is None:
+        return to_http(IdTokenRequired(MISSING), gate=True).reply()
+    if not provider.gate_charges:
+        try:
+            with id_token_as(token):
+                check = await service.product_check(identity, product)
+                if not check.has_credit:
+                    raise InsufficientCredit(f"No {product} uses remaining")
+                return await handler(request)
+        except BillingError as exc:
+            return to_http(exc, gate=True).reply()
+    key = os.urandom(16).hex()
+    try:
+        with id_token_as(token):
+            await service.spend_product(identity, product, key)
     except BillingError as exc:
         return to_http(exc, gate=True).reply()
     request[SPEND_KEY] = key
@@ -98,24 +207,24 @@ async def _gated(handler: Handler, request: web.Request) -> web.StreamResponse:
         response = await handler(request)
     except web.HTTPException as exc:
         if exc.status >= 400:
-            await _give_back(service, identity, key)
+            await service.give_back_product(identity, product, key)
         raise
     except BaseException as exc:
-        await _give_back(service, identity, key)
+        await service.give_back_product(identity, product, key)
         if client_left(request, exc):
             return client_gone(request).reply()
         raise
     if response.status >= 400:
-        await _give_back(service, identity, key)
+        await service.give_back_product(identity, product, key)
     return response
 
 
 async def _check_credit(
-    service: BillingService, request: web.Request, identity: Identity
+    service: BillingService, token: IdToken | None, identity: Identity
 ) -> web.Response | None:
     """The informational gate: a 402 without credit (returned), nothing taken with it."""
     try:
-        with id_token_scope(request):
+        with id_token_as(token):
             status = await service.credit_status(identity)
         if not status.has_credit:
             raise InsufficientCredit(status.reason or "No free uses or credits remaining")
@@ -124,9 +233,9 @@ async def _check_credit(
     return None
 
 
-async def _give_back(service: BillingService, identity: Identity, key: str) -> None:
+async def _give_back(service: BillingService, identity: Identity, key: str, why: str) -> None:
     try:
-        await service.give_back(identity, key)
+        await service.give_back(identity, key, why)
     except BillingError:
         # The interaction already failed; a failed refund must not replace that error. The log line
         # names the request key, so an operator can reconcile it.

@@ -13,7 +13,7 @@ import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -21,12 +21,14 @@ from aiohttp.typedefs import Handler
 from .auth import TokenVerifier
 from .bodies import read_model
 from .client_address import Network, client_address
-from .errors import error_middleware, http_error
+from .config import BillingConfig
+from .errors import HTTPJSONError, error_middleware, http_error
 from .models import LoginReply, LoginRequest
 from .ops.audit import AuditKind, AuditTrail
 from .ops.logs import FaultLog
 from .routes import json_reply
 from .throttle import LoginAttempt, LoginThrottle
+from .token_limit import TOO_MANY_TOKENS, TokenIssueLimit
 
 MAX_LOGIN_BODY: Final = 8 * 1024
 #: Characters of a tried username kept in the audit trail.
@@ -36,6 +38,9 @@ faults = FaultLog(logging.getLogger("ciris_billing_proxy"))
 
 #: The claim carrying the user's creation time (seconds since the epoch), for `GET /v1/auth/me`.
 CREATED_AT_CLAIM: Final = "created_at"
+
+if TYPE_CHECKING:
+    from .ops.metrics import Counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +56,10 @@ class AuthenticatedUser:
 Authenticator = Callable[[str, str], Awaitable[AuthenticatedUser | None]]
 
 
-def json_errors(handler: Handler) -> Handler:
+def json_errors(handler: Handler, requests: dict[tuple[object, int], int] | None = None) -> Handler:
     """`handler` with every error as JSON `{"detail": ...}`: these routes live on the host's app,
-    which may have no JSON error middleware of its own."""
-    middleware = error_middleware()
+    which may have no JSON error middleware of its own. `requests` counts answers for the metrics."""
+    middleware = error_middleware(requests=requests)
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
         return await middleware(request, handler)
@@ -68,13 +73,23 @@ def require_method(request: web.Request, method: str) -> None:
         raise http_error(405, "Method Not Allowed", {"Allow": method})
 
 
+def retry_after(wait: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(wait)))}
+
+
 def token_reply(
     verifier: TokenVerifier,
-    user_id: str,
+    limit: TokenIssueLimit,
+    user: tuple[str, str],
     role: str,
     email: str | None,
     extra: Mapping[str, Any] | None = None,
 ) -> web.Response:
+    """A new token for `user` (namespace, user id), or 429 when they had their share (`token_limit`)."""
+    wait = limit.take(user)
+    if wait is not None:
+        raise http_error(429, TOO_MANY_TOKENS, retry_after(wait))
+    user_id = user[1]
     token = verifier.issue(user_id, role=role, email=email, extra=extra)
     return json_reply(
         LoginReply(access_token=token, expires_in=verifier.token_ttl_seconds, user_id=user_id, role=role)
@@ -87,18 +102,20 @@ class LoginRoute:
         authenticate: Authenticator,
         verifier: TokenVerifier,
         throttle: LoginThrottle,
-        trusted_proxies: Sequence[Network],
-        body_timeout: float,
+        limit: TokenIssueLimit,
+        config: BillingConfig,
+        counts: Counts,
         audit: AuditTrail,
-        namespace: str,
     ) -> None:
+        self._counts = counts
         self._audit = audit
-        self._namespace = namespace
         self._authenticate = authenticate
         self._verifier = verifier
+        self._limit = limit
+        self._namespace = config.identity_namespace
         self._throttle = throttle
-        self._trusted_proxies = trusted_proxies
-        self._body_timeout = body_timeout
+        self._trusted_proxies: Sequence[Network] = config.trusted_proxies
+        self._body_timeout = config.body_timeout_seconds
 
     async def login(self, request: web.Request) -> web.Response:
         require_method(request, "POST")
@@ -110,20 +127,29 @@ class LoginRoute:
         tried = f"{self._namespace}:{body.username[:MAX_LOGGED_NAME]}"
         wait = await self._throttle.admit(attempt)
         if wait is not None:
+            self._counts.login_lockouts += 1
             faults.warning("Login refused: too many failed attempts for a username or from %s", address)
             self._audit.record(AuditKind.LOGIN_LOCKED, tried, "refused", reference=address)
-            raise http_error(429, TOO_MANY_LOGIN_ATTEMPTS, {"Retry-After": str(max(1, math.ceil(wait)))})
+            raise http_error(429, TOO_MANY_LOGIN_ATTEMPTS, retry_after(wait))
         # From here the attempt counts as a failure unless the password proves right, also when the
         # authenticator raises (a 500): an error is no licence for unlimited guesses.
         user = await self._authenticate(body.username, body.password)
         if user is None:
+            self._counts.login_failures += 1
             faults.log(logging.INFO, "Failed login from %s", address)
             self._audit.record(AuditKind.LOGIN_FAILED, tried, "refused", reference=address)
             raise http_error(401, "Invalid credentials")
         await self._throttle.succeeded(attempt)
-        self._audit.record(AuditKind.LOGIN_OK, f"{self._namespace}:{user.user_id}", "ok", reference=address)
         extra = {CREATED_AT_CLAIM: _epoch_seconds(user.created_at)} if user.created_at else None
-        return token_reply(self._verifier, user.user_id, user.role.upper(), user.email, extra)
+        user_key = (self._namespace, user.user_id)
+        audited = f"{self._namespace}:{user.user_id}"
+        try:
+            reply = token_reply(self._verifier, self._limit, user_key, user.role.upper(), user.email, extra)
+        except HTTPJSONError:  # the user had their share of new tokens (429)
+            self._audit.record(AuditKind.LOGIN_LIMITED, audited, "refused", reference=address)
+            raise
+        self._audit.record(AuditKind.LOGIN_OK, audited, "ok", reference=address)
+        return reply
 
 
 def _epoch_seconds(moment: datetime) -> int:

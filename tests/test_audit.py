@@ -23,6 +23,7 @@ from .default_paths import APP_STORE, CREDITS, GOOGLE_PLAY, INITIATE, LOGIN, LOG
 from .providers import MobileShopProvider
 
 INTERACT = "/v1/agent/interact"
+SEARCH = "/v1/agent/search"
 PURCHASE_TOKEN = "purchase-token-0123456789"
 FIELDS = ["time", "event", "user", "request_id", "outcome", "amount", "reference"]
 
@@ -130,7 +131,13 @@ async def test_every_kind_is_logged_and_kept(
     ]
     assert [e["request_id"] for e in events[2:4]] == ["req-spend-1", "req-refused-1"]
     assert all(list(e) == FIELDS and e["request_id"] for e in events)
-    assert {e["event"] for e in events} | {"give_back", "refund"} == set(AuditKind)
+    # The others: test_a_use_given_back_is_a_refund..., test_token_limits_logouts_everywhere_and_tools.
+    assert {e["event"] for e in events} | {
+        "give_back",
+        "refund",
+        "login_limited",
+        "logout_everywhere",
+    } == set(AuditKind)
     rows = await _rows(url)
     assert rows == [tuple(e.values()) for e in events]
     for secret in secrets:
@@ -155,6 +162,56 @@ async def test_a_use_given_back_is_a_refund_when_the_provider_sells_credits(
     assert [e["reference"] for e in _events(caplog) if e["event"] != "spend"] == [
         s["reference"] for s in spends
     ]
+
+
+async def test_token_limits_logouts_everywhere_and_tools(
+    make_client: ClientFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The facts the sessions and tool credits brought: a login or refresh refused for too many new
+    tokens, a logout of every session, and a tool's uses (the product in the reference)."""
+    caplog.set_level(logging.INFO, logger=AUDIT_LOGGER)
+    options = {"database": ":memory:", "products": {"web_search": {"free_uses": 2}}}
+    config = make_config(tmp_path, provider_options=options, token_issue_max_per_user=2)
+
+    def host(app: web.Application) -> None:
+        @credit_gate(product="web_search")
+        async def search(request: web.Request) -> web.Response:
+            if request.query.get("fail"):
+                return web.json_response({"detail": "search engine down"}, status=502)
+            return web.json_response({"ok": True})
+
+        app.router.add_post(SEARCH, search)
+
+    client = await make_client(config, host=host, authenticate=CountingAuthenticator())
+    tokens = [(await (await _login(client, "correct horse")).json())["access_token"] for _ in range(2)]
+    limited = await _login(client, "correct horse")
+    assert limited.status == 429
+    assert "Retry-After" in limited.headers
+    headers = {"Authorization": f"Bearer {tokens[0]}"}
+    assert (await client.post(REFRESH, headers=headers)).status == 429
+    assert (await client.post(SEARCH + "?fail=1", headers=headers)).status == 502
+    assert (await client.post(SEARCH, headers=headers)).status == 200
+    assert (await client.post(LOGOUT, json={"everywhere": True}, headers=headers)).status == 200
+    assert (await client.post(SEARCH, headers={"Authorization": f"Bearer {tokens[1]}"})).status == 401
+
+    events = _events(caplog)
+    user = "local:ann"
+    got = [(e["event"], e["user"], e["outcome"], e["amount"]) for e in events]
+    assert got == [
+        ("login_ok", user, "ok", None),
+        ("login_ok", user, "ok", None),
+        ("login_limited", user, "refused", None),
+        ("refresh", user, "refused", None),
+        ("spend", user, "ok", 1),
+        ("give_back", user, "ok", 1),
+        ("spend", user, "ok", 1),
+        ("logout_everywhere", user, "ok", None),
+    ]
+    uses = [e["reference"] for e in events[4:7]]
+    assert all(reference.startswith("web_search:") for reference in uses)
+    assert uses[0] == uses[1] != uses[2]
+    for token in tokens:
+        assert token not in caplog.text
 
 
 async def test_kept_in_postgresql(make_client: ClientFactory, tmp_path: Path, pg_url: str) -> None:
@@ -186,5 +243,9 @@ async def test_a_store_that_fails_never_fails_the_request(
     assert (await client.post(INTERACT, json={}, headers=headers)).status == 200
     await client.close()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings[0] == "Could not keep audit events in the store: OperationalError"
+    # The store's own line (the SQLite engine turns the error into ProviderUnavailable), then the trail's.
+    assert warnings[:2] == [
+        "SQLite unavailable: no such table: audit_events",
+        "Could not keep audit events in the store: ProviderUnavailable",
+    ]
     assert not [r for r in caplog.records if r.exc_info]

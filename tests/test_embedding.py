@@ -1,6 +1,7 @@
 """Billing's error replies reach the client unchanged through a host middleware that formats every
 `HTTPException` it catches: with the sub-app, with `subapp=False`, and from the credit gate on the
-host's own routes (bodies, `WWW-Authenticate`, `Retry-After`)."""
+host's own routes (bodies, `WWW-Authenticate`, `Retry-After`, the CORS labels), the tool routes and
+the tool gate included."""
 
 from __future__ import annotations
 
@@ -15,13 +16,17 @@ from aiohttp.typedefs import Handler
 from ciris_billing_proxy import credit_gate, setup_billing
 from ciris_billing_proxy.providers.base import CreditProvider
 from ciris_billing_proxy.testing import TokenFactory
+from ciris_billing_proxy.token_limit import TOO_MANY_TOKENS
 
 from .conftest import CountingAuthenticator, make_config
-from .default_paths import CREDITS, LOGIN
+from .default_paths import CREDITS, LOGIN, REFRESH
 from .providers import BrokenProvider
 
 INTERACT = "/v1/agent/interact"
 PROTECTED = "/v1/agent/history"
+SEARCH, UNSOLD = "/v1/agent/search", "/v1/agent/image"
+TOOLS = "/v1/api/tools"
+ORIGIN = "https://app.example"
 MOUNTS = ("subapp", "flat", "mounted")
 
 
@@ -40,19 +45,39 @@ async def interact(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
+@credit_gate(product="web_search")
+async def search(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+@credit_gate(product="image_gen")
+async def unsold(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
 async def history(request: web.Request) -> web.Response:
     return web.json_response([])
 
 
 async def serve(
-    aiohttp_client: Any, tmp_path: Path, mount: str, provider: CreditProvider | None = None
+    aiohttp_client: Any,
+    tmp_path: Path,
+    mount: str,
+    provider: CreditProvider | None = None,
+    **overrides: Any,
 ) -> tuple[TestClient[web.Request, web.Application], str]:
     """The host app with its formatting middleware first, billing set up in one of three ways, and a
-    gated and a protected host route; returns the client and the path prefix of billing's app."""
+    gated, a tool-gated and a protected host route; returns the client and the path prefix of
+    billing's app."""
     config = make_config(
         tmp_path,
-        provider_options={"database": ":memory:", "free_uses": 1},
+        provider_options={
+            "database": ":memory:",
+            "free_uses": 1,
+            "products": {"web_search": {"free_uses": 1}},
+        },
         protected_paths=(PROTECTED,),
+        **overrides,
     )
     host = web.Application(middlewares=[formats_http_errors])
     billed = host if mount != "mounted" else web.Application()
@@ -65,6 +90,8 @@ async def serve(
         environ={},
     )
     billed.router.add_post(INTERACT, interact)
+    billed.router.add_post(SEARCH, search)
+    billed.router.add_post(UNSOLD, unsold)
     billed.router.add_get(PROTECTED, history)
     base = ""
     if mount == "mounted":
@@ -136,3 +163,40 @@ async def test_locked_login_keeps_retry_after(aiohttp_client: Any, tmp_path: Pat
     await expect(sixth, 429, "Too many login attempts", Retry_After="900")
     malformed = await client.post(base + LOGIN, json=["ann"])
     assert (malformed.status, list(await malformed.json())) == (422, ["detail"])
+
+
+@pytest.mark.parametrize("mount", MOUNTS)
+async def test_too_many_new_tokens_keeps_retry_after(aiohttp_client: Any, tmp_path: Path, mount: str) -> None:
+    client, base = await serve(aiohttp_client, tmp_path, mount, token_issue_max_per_user=1)
+    login = {"username": "ann", "password": "correct horse"}
+    token = (await (await client.post(base + LOGIN, json=login)).json())["access_token"]
+    await expect(await client.post(base + LOGIN, json=login), 429, TOO_MANY_TOKENS, Retry_After="3600")
+    refreshed = await client.post(base + REFRESH, headers={"Authorization": f"Bearer {token}"})
+    await expect(refreshed, 429, TOO_MANY_TOKENS, Retry_After="3600")
+
+
+@pytest.mark.parametrize("mount", MOUNTS)
+async def test_tool_routes_and_tool_gate(aiohttp_client: Any, tmp_path: Path, mount: str) -> None:
+    client, base = await serve(aiohttp_client, tmp_path, mount)
+    headers = TokenFactory(make_config(tmp_path)).headers("ann")
+    await expect(await client.post(base + SEARCH), 401, "Not authenticated", WWW_Authenticate="Bearer")
+    await expect(
+        await client.get(base + TOOLS + "/balance/nope", headers=headers), 404, "Tool not found: nope"
+    )
+    await expect(await client.post(base + UNSOLD, headers=headers), 404, "Tool not found: image_gen")
+    assert (await client.post(base + SEARCH, headers=headers)).status == 200
+    no_credit = {
+        "error": "insufficient_credit",
+        "message": "You have no credit left for this request.",
+        "reason": "No web_search uses remaining",
+    }
+    await expect(await client.post(base + SEARCH, headers=headers), 402, no_credit)
+
+
+@pytest.mark.parametrize("mount", MOUNTS)
+async def test_cors_labels_survive(aiohttp_client: Any, tmp_path: Path, mount: str) -> None:
+    client, base = await serve(aiohttp_client, tmp_path, mount, cors_origins=(ORIGIN,))
+    refused = await client.get(base + CREDITS, headers={"Origin": ORIGIN})
+    await expect(refused, 401, "Not authenticated", WWW_Authenticate="Bearer", Vary="Origin")
+    assert refused.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert refused.headers["Access-Control-Expose-Headers"] == "Retry-After"

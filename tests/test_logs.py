@@ -81,7 +81,7 @@ async def test_serve_text_lines_level_and_no_access_log(tmp_path: Path) -> None:
     assert "[trace-42] 127.0.0.1" in "".join(logged)
     for args, env in (
         (["--no-access-log"], clean_env()),
-        ([], clean_env(CIRIS_BILLING_ACCESS_LOG="0")),
+        ([], clean_env(CIRIS_BILLING_NO_ACCESS_LOG="1")),
         (["--log-level", "warning"], clean_env()),
     ):
         with serve(["--user", "ann:pw-of-ann-123", *args], tmp_path, env) as server:

@@ -52,8 +52,10 @@ async def test_five_processes_migrating_one_new_database_at_once_apply_each_step
     assert sorted(parts) == [
         "audit at version 1 (1 step(s) applied)",
         *["audit at version 1 (up to date)"] * 4,
-        "change_feed at version 1 (1 step(s) applied)",
-        *["change_feed at version 1 (up to date)"] * 4,
+        "change_feed at version 2 (2 step(s) applied)",
+        *["change_feed at version 2 (up to date)"] * 4,
+        "give_backs at version 1 (1 step(s) applied)",
+        *["give_backs at version 1 (up to date)"] * 4,
         "login_failures at version 1 (1 step(s) applied)",
         *["login_failures at version 1 (up to date)"] * 4,
         "payments at version 1 (1 step(s) applied)",
@@ -66,6 +68,8 @@ async def test_five_processes_migrating_one_new_database_at_once_apply_each_step
     assert await fetch(pg_url, "SELECT component, version FROM schema_version ORDER BY 1") == [
         ("audit", 1),
         ("change_feed", 1),
+        ("change_feed", 2),
+        ("give_backs", 1),
         ("login_failures", 1),
         ("payments", 1),
         ("purchase_replays", 1),

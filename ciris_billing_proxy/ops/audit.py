@@ -46,7 +46,12 @@ class AuditKind(StrEnum):
     LOGIN_OK = "login_ok"
     LOGIN_FAILED = "login_failed"
     LOGIN_LOCKED = "login_locked"
+    #: The password was right, but the user had their share of new tokens (429, `token_limit`).
+    LOGIN_LIMITED = "login_limited"
     LOGOUT = "logout"
+    #: Every token of the user ended: asked for (`{"everywhere": true}`), or past the count of
+    #: revocations (`auth_routes.SessionRoutes`).
+    LOGOUT_EVERYWHERE = "logout_everywhere"
     REFRESH = "refresh"
     SPEND = "spend"
     GIVE_BACK = "give_back"

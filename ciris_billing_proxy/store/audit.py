@@ -12,6 +12,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any, Final
 
+from ..database_budget import DEFAULT_BUDGET, DatabaseBudget
 from ..database_url import parse_database_url
 from .choose import for_engine
 from .engine import Engine, Migrated, Schema
@@ -88,11 +89,15 @@ class AuditStore(abc.ABC):
         """The newest events, oldest first."""
 
 
-def audit_store(database_url: str) -> AuditStore:
-    """The audit records on the database `database_url` names, on a connection of their own."""
+def audit_store(database_url: str, budget: DatabaseBudget = DEFAULT_BUDGET) -> AuditStore:
+    """The audit records on the database `database_url` names, on a connection of their own, each
+    write within the budget's time."""
     url = parse_database_url(database_url)
+    timeout = budget.timeout_seconds
     engine: Engine = (
-        PostgresDatabase(url, max_size=1) if url.dialect == "postgresql" else SQLiteDatabase(url.target)
+        PostgresDatabase(url, max_size=1, timeout=timeout)
+        if url.dialect == "postgresql"
+        else SQLiteDatabase(url.target, timeout=timeout)
     )
     return for_engine(engine, "audit store", sqlite=SQLiteAuditStore, postgres=PostgresAuditStore)
 

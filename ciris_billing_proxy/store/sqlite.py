@@ -4,30 +4,45 @@ sqlite3 calls block (a commit waits for the disk), so they run off the event loo
 thread owns the connection, which serialises this process's writes, and `BEGIN IMMEDIATE` makes each
 read-check-write atomic against other processes sharing the file. WAL with `synchronous=NORMAL` keeps
 every committed transaction across a process crash or restart.
+
+Every use waits at most `timeout` seconds in all (`BillingConfig.database_timeout_seconds`): in the
+worker's queue, then on another process's lock (SQLite's busy timeout, lowered to what is left).
+A use that cannot start in time, or finds the file locked or unusable, is `ProviderUnavailable`
+(503), logged as one line, never a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from queue import SimpleQueue
+from typing import Any, TypeVar
 
-from .engine import Engine, Migrated, Schema, newer_schema
+from ..database_budget import DEFAULT_BUDGET
+from ..errors import ProviderUnavailable
+from ..ops.logs import FaultLog
+from .engine import DatabaseUnavailable, Engine, Migrated, Schema, newer_schema
 
 T = TypeVar("T")
 
 logger = logging.getLogger("ciris_billing_proxy")
+#: Fault lines an outage repeats: once, then a count (`ops.logs.FaultLog`).
+faults = FaultLog(logger)
 
 MEMORY = ":memory:"
+#: How long opening a file waits for another process switching it to WAL.
 BUSY_TIMEOUT_MS = 5000
+DATABASE_UNAVAILABLE = "database unavailable"
 
 
 @contextmanager
@@ -57,15 +72,39 @@ def _enter_wal(conn: sqlite3.Connection) -> str:
             time.sleep(0.01)
 
 
+#: A call for the worker thread: what to run with its connection (None before it connects), the
+#: future to settle with the outcome, and the `time.monotonic()` past which it must not start.
+_Call = tuple[Callable[[sqlite3.Connection | None], Any], asyncio.Future[Any], float]
+
+
+class _Late(Exception):
+    """A use whose budget was spent before the worker could start it: it was not run."""
+
+
 class SQLiteDatabase(Engine):
-    """One SQLite file (or `:memory:`)."""
+    """One SQLite file (or `:memory:`), on a worker thread of its own.
+
+    The thread takes `(fn, future, deadline)` calls from a queue and settles each future on the
+    loop with one `call_soon_threadsafe`: a round trip costs a queue put, a thread wake-up and one
+    callback, where `run_in_executor` added a `concurrent.futures` future chained to an asyncio one,
+    executor locks and a `shield`. Every call handed over runs to its end, in order, even if its
+    caller is cancelled meanwhile, so the caller's view and the file never disagree; only one whose
+    budget was spent before its turn came is not started at all (`_Late`: nothing applied).
+    """
 
     dialect = "sqlite"
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, timeout: float = DEFAULT_BUDGET.timeout_seconds) -> None:
         self.path = str(path)
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
+        self.timeout = timeout
+        self._busy_ms = round(timeout * 1000)
+        #: A use with less than this left (seconds) has its busy timeout lowered to what is left.
+        self._lower_below = timeout * 0.9
+        self._calls: SimpleQueue[_Call | None] = SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._open = False
+        self._conn: sqlite3.Connection | None = None  # the worker thread's only
 
     def describe(self) -> str:
         return f"SQLite file {self.path}"
@@ -74,15 +113,26 @@ class SQLiteDatabase(Engine):
         if self.path != MEMORY:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             # Create it owner-only before SQLite does (its journal files inherit this mode): the
-            # ledger names users and, for paid providers, their payments.
-            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ciris-billing-db")
-        loop = asyncio.get_running_loop()
-        self._conn = await loop.run_in_executor(self._executor, self._connect)
+            # ledger names users and, for paid providers, their payments. Only when it does not
+            # exist: closing a descriptor of a file drops every POSIX lock this process holds on
+            # it, those of SQLite connections already open on it too (another engine on the same
+            # `database_url`), after which another process may delete the WAL under them and each
+            # side goes on writing a database the other never sees.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._work, name="ciris-billing-db", daemon=True)
+        self._thread.start()
+        try:
+            await self._call(self._connect)
+        except BaseException:
+            self._stop_thread()
+            raise
+        self._open = True
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    def _connect(self, _unused: sqlite3.Connection | None) -> None:
+        self._conn = conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
         if self.path != MEMORY:
             mode = _enter_wal(conn)
             if str(mode).lower() != "wal":
@@ -92,7 +142,36 @@ class SQLiteDatabase(Engine):
                     mode,
                 )
             conn.execute("PRAGMA synchronous = NORMAL")
-        return conn
+
+    def _work(self) -> None:
+        """The worker thread: run each call with the connection, settle its future on the loop."""
+        loop = self._loop
+        assert loop is not None
+        while (item := self._calls.get()) is not None:
+            fn, future, deadline = item
+            settle: Callable[[Any, asyncio.Future[Any]], None] = _settle
+            try:
+                value: Any = self._within(fn, deadline)
+            except BaseException as exc:
+                settle, value = _fail, exc
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is left to tell
+                loop.call_soon_threadsafe(settle, value, future)
+
+    def _within(self, fn: Callable[[sqlite3.Connection | None], T], deadline: float) -> T:
+        """`fn` on the worker, within what is left of its budget: not started once it is spent, and
+        waiting on locks no longer than the rest. (Busy timeouts change only for uses that queued:
+        on an idle worker this costs one clock read.)"""
+        conn = self._conn
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Late
+        if left < self._lower_below and conn is not None:
+            conn.execute(f"PRAGMA busy_timeout = {max(round(left * 1000), 1)}")
+            try:
+                return fn(conn)
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+        return fn(conn)
 
     async def migrate(self, schema: Schema) -> Migrated:
         def write(conn: sqlite3.Connection) -> Migrated:
@@ -116,22 +195,59 @@ class SQLiteDatabase(Engine):
                     )
                 return Migrated(schema.name, schema.version, schema.version - found)
 
-        return await self.run(write)
+        try:
+            return await self.run(write)
+        except ProviderUnavailable:
+            raise DatabaseUnavailable(f"cannot use {self.describe()}: it stayed locked") from None
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._executor is None or self._conn is None:
+        if not self._open:
             raise RuntimeError("database is not open")
-        conn = self._conn
-        # Shielded: once a write is handed to the worker it completes, even if the request that
-        # asked for it is cancelled, so the caller's view and the file never disagree.
-        future = asyncio.get_running_loop().run_in_executor(self._executor, fn, conn)
-        return await asyncio.shield(future)
+        try:
+            return await self._call(fn, time.monotonic() + self.timeout)  # type: ignore[arg-type]
+        except sqlite3.OperationalError as exc:  # locked past the budget, a full disk, a lost file
+            faults.warning("SQLite unavailable: %s", exc)
+            raise ProviderUnavailable(DATABASE_UNAVAILABLE) from None
+        except _Late:
+            faults.warning("SQLite unavailable: no turn within %g s", self.timeout)
+            raise ProviderUnavailable(DATABASE_UNAVAILABLE, maybe_applied=False) from None
+
+    def _call(
+        self, fn: Callable[[sqlite3.Connection | None], T], deadline: float = math.inf
+    ) -> asyncio.Future[T]:
+        """Hand `fn` to the worker (`deadline`: a budgeted use's; none for opening and closing)."""
+        assert self._loop is not None
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._calls.put((fn, future, deadline))
+        return future
 
     async def close(self) -> None:
-        executor, conn = self._executor, self._conn
-        self._executor = self._conn = None
-        if executor is None:
+        if self._thread is None:
             return
+        if self._open:
+            self._open = False
+            await self._call(self._disconnect)  # after every call handed over before it
+        self._stop_thread()
+
+    def _disconnect(self, conn: sqlite3.Connection | None) -> None:
+        self._conn = None
         if conn is not None:
-            await asyncio.get_running_loop().run_in_executor(executor, conn.close)
-        executor.shutdown(wait=True)
+            conn.close()
+
+    def _stop_thread(self) -> None:
+        """End the worker; it is idle by now (every call handed over has been answered), so the
+        join returns at once."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._calls.put(None)
+            thread.join()
+
+
+def _settle(result: Any, future: asyncio.Future[Any]) -> None:
+    if not future.done():  # a cancelled caller: the call ran all the same, nobody waits for it
+        future.set_result(result)
+
+
+def _fail(exc: BaseException, future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -30,12 +30,19 @@ from pydantic import ValidationError
 from ...errors import IdTokenRequired, ProviderUnavailable
 from ...id_token import MISSING, REFUSED, current_id_token
 from ...identity import Identity
+from ...ops.logs import FaultLog
 from .accounts import BackendAccounts
 from .settings import CirisSettings
 from .transport import BackendUnavailable, IdTokenRefused, Reply, Transport
 from .wire import BackendCredit
 
 logger = logging.getLogger("ciris_billing_proxy.ciris")
+#: Fault lines an outage repeats: once, then a count (`ops.logs.FaultLog`).
+faults = FaultLog(logger)
+
+#: What the readiness check reads with the API key: an account no agent creates (the backend answers
+#: 404 when the key is good).
+HEALTH_PROBE_PATH = "/v1/billing/accounts/ciris-billing-proxy-health/probe"
 
 
 class BillingBackend:
@@ -45,6 +52,8 @@ class BillingBackend:
         self.transport = Transport(settings)
         #: Set once a backend from before the transactions listing existed (Nov 2025) is seen.
         self.listing_missing = False
+        #: Told when the backend refuses the agent's own ID token (not one a request sent).
+        self.on_agent_token_refused: Callable[[], None] | None = None
 
     async def start(self) -> None:
         await self.transport.start()
@@ -52,12 +61,27 @@ class BillingBackend:
     async def stop(self) -> None:
         await self.transport.stop()
 
+    async def health(self, seconds: float) -> str | None:
+        """None when the backend answers and, with an API key, accepts it; else why not. With the
+        key: a read of an account that does not exist (404 with a good key, 401/403 with a bad
+        one, nothing written); in `id_token` mode, which has no key: `GET /health`."""
+        path = "/health" if self.settings.id_token_mode else HEALTH_PROBE_PATH
+        try:
+            status = await self.transport.probe(path, seconds)
+        except BackendUnavailable as exc:
+            return f"backend unavailable: {exc.reason}"
+        if status in (401, 403):
+            return f"backend refused the API key (HTTP {status})"
+        if status >= 400 and not (status == 404 and path == HEALTH_PROBE_PATH):
+            return f"backend answered HTTP {status}"
+        return None
+
     def deadline(self, seconds: float) -> float:
         """One budget for a whole operation: every call it makes shares what is left of it."""
         return asyncio.get_running_loop().time() + seconds
 
     def unexpected(self, endpoint: str, reply: Reply) -> ProviderUnavailable:
-        logger.error("Billing backend %s answered HTTP %d unexpectedly", endpoint, reply.status)
+        faults.error("Billing backend %s answered HTTP %d unexpectedly", endpoint, reply.status)
         # A definite answer (not a timeout): whatever it was, the backend did not apply the call.
         return ProviderUnavailable(f"unexpected HTTP {reply.status} from {endpoint}", maybe_applied=False)
 
@@ -69,6 +93,9 @@ class BillingBackend:
         except BackendUnavailable as exc:
             raise ProviderUnavailable(exc.reason, maybe_applied=exc.maybe_applied) from None
         except IdTokenRefused:
+            token = current_id_token()
+            if token is not None and token.from_agent and self.on_agent_token_refused is not None:
+                self.on_agent_token_refused()
             raise IdTokenRequired(REFUSED) from None
 
     def _id_token(self) -> str:
@@ -93,7 +120,7 @@ class BillingBackend:
         try:
             return BackendCredit.model_validate(reply.body)
         except ValidationError:
-            logger.error("Billing backend credits/check answered a body that does not fit the contract")
+            faults.error("Billing backend credits/check answered a body that does not fit the contract")
             raise ProviderUnavailable("malformed credit check") from None
 
     async def charge(self, identity: Identity, request_key: str, deadline: float) -> Reply:
@@ -162,6 +189,50 @@ class BillingBackend:
             endpoint=f"{store}/verify",
             idempotent=True,
             json_body={**self.accounts.of(identity), **purchase},
+            deadline=self.deadline(self.settings.purchase_timeout_seconds),
+        )
+
+    # -- tool credits (3.9; docs/tool-credits.md) ----------------------------------------------------
+    async def tool_read(self, path: str, identity: Identity, endpoint: str) -> Reply:
+        """`GET /v1/tools/...`: as the user (their ID token) in `id_token` mode; with the API key,
+        the identity goes in the query (a guess: the public source does not show that form)."""
+        params = None
+        if not self.settings.id_token_mode:
+            who = self.accounts.of(identity)
+            params = {"oauth_provider": who["oauth_provider"], "external_id": who["external_id"]}
+        return await self._call("GET", path, as_user=True, endpoint=endpoint, idempotent=True, params=params)
+
+    async def tool_charge(self, identity: Identity, product: str, request_key: str) -> Reply:
+        """One use of `product`; a repeated idempotency key answers the first charge again."""
+        who = self.accounts.of(identity)
+        return await self._call(
+            "POST",
+            "/v1/tools/charge",
+            endpoint="tools/charge",
+            idempotent=True,
+            json_body={
+                "product_type": product,
+                "oauth_provider": who["oauth_provider"],
+                "external_id": who["external_id"],
+                "idempotency_key": self.accounts.key(f"tool-{product}", identity, request_key),
+                "request_id": request_key,
+            },
+        )
+
+    async def tool_purchase(self, identity: Identity, purchase: dict[str, str]) -> Reply:
+        """`POST /v1/tools/purchase/verify`, as the CIRIS agent sends it (with the API key, the
+        identity in the body). Retried like a store verification: a repeat is a 409, nothing added."""
+        body: dict[str, Any] = dict(purchase)
+        if not self.settings.id_token_mode:
+            who = self.accounts.of(identity)
+            body |= {"oauth_provider": who["oauth_provider"], "external_id": who["external_id"]}
+        return await self._call(
+            "POST",
+            "/v1/tools/purchase/verify",
+            as_user=True,
+            endpoint="tools/purchase/verify",
+            idempotent=True,
+            json_body=body,
             deadline=self.deadline(self.settings.purchase_timeout_seconds),
         )
 
