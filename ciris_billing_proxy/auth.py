@@ -17,10 +17,12 @@ from aiohttp.typedefs import Handler, Middleware
 from jwt.algorithms import get_default_algorithms
 
 from .config import BillingConfig, ConfigError, JWTConfig
-from .errors import NOT_AUTHENTICATED, client_gone, client_left, http_error
+from .errors import NOT_AUTHENTICATED, HTTPJSONError, client_gone, client_left, http_error
 from .identity import Identity
 from .keys import VERIFIED_KEY, billing_service
 from .lru import LRU
+from .ops.request_id import HEADER as REQUEST_ID_HEADER
+from .ops.request_id import assign_request_id
 from .paths import PathScope, as_scope
 
 _BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*)$")
@@ -391,7 +393,8 @@ def auth_middleware(verifier: TokenVerifier, path_prefixes: tuple[str, ...] | Pa
     """Require a valid token on the host's own paths under the given prefixes (see `error_middleware`).
 
     A client that goes away while the handler reads its body is the usual 400 nobody reads
-    (`errors.client_gone`), not a 500, whether or not the host has `error_middleware()`.
+    (`errors.client_gone`), not a 500, whether or not the host has `error_middleware()`. Its 401
+    is returned, not raised, so a host middleware that formats `HTTPException`s leaves it as it is.
     """
     check = token_check(verifier)
     scope = as_scope(path_prefixes)
@@ -400,12 +403,19 @@ def auth_middleware(verifier: TokenVerifier, path_prefixes: tuple[str, ...] | Pa
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not scope.covers(request.path):
             return await handler(request)
-        check(request)
+        rid = assign_request_id(request)
         try:
-            return await handler(request)
-        except ConnectionError as exc:
-            if client_left(request, exc):
-                raise client_gone(request) from None
-            raise
+            check(request)
+        except HTTPJSONError as exc:
+            response: web.StreamResponse = exc.reply()  # returned: a host middleware must not rewrite it
+        else:
+            try:
+                response = await handler(request)
+            except ConnectionError as exc:
+                if not client_left(request, exc):
+                    raise
+                response = client_gone(request).reply()
+        response.headers[REQUEST_ID_HEADER] = rid  # no effect on a response already sent
+        return response
 
     return middleware

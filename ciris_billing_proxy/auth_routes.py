@@ -6,6 +6,7 @@ Each needs a valid bearer token (401 JSON otherwise) and answers a bare JSON obj
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -17,7 +18,7 @@ from aiohttp import web
 from .auth import AuthError, TokenVerifier, bearer_token
 from .bodies import expect_continue, read_model
 from .config import BillingConfig
-from .errors import http_error
+from .errors import BillingError, HTTPJSONError, http_error
 from .identity import Identity
 from .login import (
     CREATED_AT_CLAIM,
@@ -30,6 +31,8 @@ from .login import (
 )
 from .models import LoginReply, LoginRequest, LogoutReply, LogoutRequest, RefreshRequest, UserInfoReply
 from .operations import BEARER_ERRORS, BODY_ERRORS, EXPECT_FAILED, Operation
+from .ops.audit import AuditKind, AuditTrail, user_of
+from .ops.logs import FaultLog
 from .paths import DEFAULT_LOGIN_PATH, DEFAULT_LOGOUT_PATH, DEFAULT_ME_PATH, DEFAULT_REFRESH_PATH
 from .routes import json_reply
 from .throttle import LoginThrottle, MemoryLoginThrottle
@@ -37,6 +40,8 @@ from .token_limit import TokenIssueLimit
 
 if TYPE_CHECKING:
     from .ops.metrics import Counts
+
+faults = FaultLog(logging.getLogger("ciris_billing_proxy"))
 
 #: What every signed-in user may do through this package; its own routes check nothing finer.
 USER_PERMISSIONS: Final = ("view_billing", "purchase_credits")
@@ -129,7 +134,9 @@ class SessionRoutes:
         revoke: Revoke,
         end_sessions: EndSessions,
         limit: TokenIssueLimit,
+        audit: AuditTrail,
     ) -> None:
+        self._audit = audit
         self._verifier = verifier
         self._revoke = revoke
         self._end_sessions = end_sessions
@@ -156,10 +163,19 @@ class SessionRoutes:
         )
         # Checked again: another logout may have landed while the body was read.
         token, identity = self._caller(request)
-        if body.everywhere or self._revocations.take(identity.key) is not None:
-            await self._end_sessions(identity.key)
-        else:
-            await self._revoke(token)
+        # Past the count of revocations a logout ends every session too: audited as what it did.
+        everywhere = body.everywhere or self._revocations.take(identity.key) is not None
+        kind = AuditKind.LOGOUT_EVERYWHERE if everywhere else AuditKind.LOGOUT
+        try:
+            if everywhere:
+                await self._end_sessions(identity.key)
+            else:
+                await self._revoke(token)
+        except BillingError:
+            self._audit.record(kind, user_of(identity), "failed")
+            raise
+        faults.log(logging.INFO, "Logout of %s", identity.user_id)
+        self._audit.record(kind, user_of(identity), "ok")
         return json_reply(LogoutReply())
 
     async def refresh(self, request: web.Request) -> web.Response:
@@ -172,8 +188,19 @@ class SessionRoutes:
         token, identity = self._caller(request)
         claims = _claims(token)
         extra: dict[str, Any] = {name: claims[name] for name in CARRIED_CLAIMS if name in claims}
-        reply = token_reply(self._verifier, self._limit, identity.key, identity.role, identity.email, extra)
-        await self._revoke(token)
+        try:
+            reply = token_reply(
+                self._verifier, self._limit, identity.key, identity.role, identity.email, extra
+            )
+        except HTTPJSONError:  # the user had their share of new tokens (429)
+            self._audit.record(AuditKind.REFRESH, user_of(identity), "refused")
+            raise
+        try:
+            await self._revoke(token)
+        except BillingError:
+            self._audit.record(AuditKind.REFRESH, user_of(identity), "failed")
+            raise
+        self._audit.record(AuditKind.REFRESH, user_of(identity), "ok")
         return reply
 
     async def me(self, request: web.Request) -> web.Response:
@@ -230,18 +257,25 @@ def add_auth_routes(
     revoke: Revoke,
     end_sessions: EndSessions,
     counts: Counts,
+    audit: AuditTrail,
 ) -> None:
     """Login at `login_path`; logout, refresh and me beside it (`auth_paths`). Each is registered
     for every method, so that a wrong one is a JSON 405 too. `revoke` revokes a token everywhere,
     `end_sessions` every token of a user; `counts` is where the metrics count their requests and
-    failed logins."""
+    failed logins; logins, logouts and refreshes are recorded in `audit`."""
     paths = auth_paths(login_path)
     # One count for both: login and refresh are the two ways to a new token.
     limit = TokenIssueLimit.from_config(config)
     login = LoginRoute(
-        authenticate, verifier, throttle or MemoryLoginThrottle.from_config(config), limit, config, counts
+        authenticate,
+        verifier,
+        throttle or MemoryLoginThrottle.from_config(config),
+        limit,
+        config,
+        counts,
+        audit,
     )
-    sessions = SessionRoutes(verifier, config, revoke, end_sessions, limit)
+    sessions = SessionRoutes(verifier, config, revoke, end_sessions, limit, audit)
     authenticated = sessions.expect_authenticated
     requests = counts.requests
     router.add_route("*", paths[LOGIN], json_errors(login.login, requests), expect_handler=expect_continue)

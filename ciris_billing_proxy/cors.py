@@ -58,7 +58,7 @@ def cors_middleware(
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             reply = await inner(request, handler)
-        except web.HTTPException as exc:  # the error replies, JSON by now
+        except web.HTTPException as exc:  # a redirect (`inner` returns the error replies)
             label(request, exc)
             raise
         label(request, reply)

@@ -15,6 +15,8 @@ from typing import Any, Final
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from .ops.request_id import HEADER as REQUEST_ID_HEADER
+from .ops.request_id import assign_request_id, current_request_id
 from .paths import PathScope, as_scope
 
 logger = logging.getLogger("ciris_billing_proxy")
@@ -97,7 +99,11 @@ class TooManyRequests(BillingError):
 
 
 class HTTPJSONError(web.HTTPException):
-    """An HTTP error whose body is `{"detail": ...}`; the status is chosen per instance."""
+    """An HTTP error whose body is `{"detail": ...}`; the status is chosen per instance.
+
+    Raised inside the package, but never out of it: `error_middleware` and the credit gate
+    *return* it as a plain response (`reply()`), so a host middleware that rewrites every
+    `HTTPException` it catches never sees ours (see `reply`)."""
 
     def __init__(self, status: int, detail: Any, *, headers: Mapping[str, str] | None = None) -> None:
         self.status_code = status
@@ -107,6 +113,15 @@ class HTTPJSONError(web.HTTPException):
             headers=headers,
         )
         self.detail = detail
+
+    def reply(self) -> web.Response:
+        """The same status, body and headers (`WWW-Authenticate`, `Retry-After`, `Allow`) as a
+        response to return: a host's middleware sees it as a reply and passes it on unchanged.
+        An error that closes its connection (`force_close()`, the 408) still does."""
+        response = web.Response(status=self.status, body=self.body, headers=self.headers)
+        if self.keep_alive is False:
+            response.force_close()
+        return response
 
 
 def http_error(status: int, detail: Any, headers: Mapping[str, str] | None = None) -> HTTPJSONError:
@@ -140,7 +155,7 @@ def to_http(exc: BillingError, *, gate: bool = False) -> HTTPJSONError:
 
 
 def client_gone(request: web.Request) -> HTTPJSONError:
-    """The reply to a request whose client has gone away: nobody reads it, but the access log shows
+    """The error for a request whose client has gone away: nobody reads it, but the access log shows
     a 400, not a 500. Clients close connections all the time, so this is one DEBUG line, no traceback."""
     logger.debug("The client closed the connection during %s %s", request.method, request.path)
     return http_error(400, CLIENT_GONE)
@@ -159,7 +174,9 @@ def error_middleware(
     before: Callable[[web.Request], None] | None = None,
     requests: dict[tuple[object, int], int] | None = None,
 ) -> Middleware:
-    """Turn every error under the given paths (all paths when None) into JSON `{"detail": ...}`.
+    """Turn every error under the given paths (all paths when None) into JSON `{"detail": ...}`,
+    returned as a response (never raised: a host middleware outside this one passes it on as it
+    is), and give each request its id (`ops.request_id`), echoed in `X-Request-ID`.
 
     A `BillingError` becomes its reply (`to_http`); aiohttp's own 404/405/413 become JSON with the
     same status; any other exception becomes a 500 "Internal server error" whose body reveals
@@ -178,30 +195,30 @@ def error_middleware(
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if scope is not None and not scope.covers(request.path):
             return await handler(request)
+        rid = current_request_id.get() or assign_request_id(request)
         try:
-            try:
-                if before is not None:
-                    before(request)
-                response = await handler(request)
-            except HTTPJSONError:
-                raise
-            except BillingError as exc:
-                raise to_http(exc) from None
-            except web.HTTPException as exc:
-                if exc.status < 400:
-                    raise
-                headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-                raise http_error(exc.status, exc.reason, headers) from None
-            except Exception as exc:
-                if client_left(request, exc):
-                    raise client_gone(request) from None
-                logger.exception("Unhandled error in %s %s", request.method, request.path)
-                raise http_error(500, INTERNAL_ERROR) from None
+            if before is not None:
+                before(request)
+            response = await handler(request)
+        except HTTPJSONError as exc:
+            response = exc.reply()
+        except BillingError as exc:
+            response = to_http(exc).reply()
         except web.HTTPException as exc:
-            if requests is not None:
-                key = (request.match_info.route, exc.status)
-                requests[key] = requests.get(key, 0) + 1
-            raise
+            if exc.status < 400:
+                if requests is not None:
+                    key = (request.match_info.route, exc.status)
+                    requests[key] = requests.get(key, 0) + 1
+                raise
+            headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            response = http_error(exc.status, exc.reason, headers).reply()
+        except Exception as exc:
+            if client_left(request, exc):
+                response = client_gone(request).reply()
+            else:
+                logger.exception("Unhandled error in %s %s", request.method, request.path)
+                response = http_error(500, INTERNAL_ERROR).reply()
+        response.headers[REQUEST_ID_HEADER] = rid  # no effect on a response already sent
         if requests is not None:
             key = (request.match_info.route, response.status)
             try:  # cheaper than .get() on the hot path, where the key is nearly always there

@@ -13,6 +13,8 @@ that goes away while the handler still reads its body gets the package's usual "
 handling (one DEBUG line, a 400 nobody reads), with or without `error_middleware()` on the host.
 The gate uses the same identity and the same credit cache as `GET /credits`, so the UI shows
 exactly what the gate spends.
+Its own refusals (401, 402, 503) are returned as JSON responses, never raised, so a host middleware
+that formats `HTTPException`s passes them on unchanged (docs/operations.md).
 
 A provider that declares `gate_charges` false (the `ciris` provider in `id_token` mode, whose
 backend takes charges only with an API key) is "informational": the gate checks that the user has
@@ -33,6 +35,7 @@ from aiohttp.typedefs import Handler
 from .auth import identity_of_request
 from .errors import (
     BillingError,
+    HTTPJSONError,
     IdTokenRequired,
     InsufficientCredit,
     client_gone,
@@ -43,6 +46,8 @@ from .errors import (
 from .id_token import MISSING, IdToken, id_token_as, id_token_of, user_id_token
 from .identity import Identity
 from .keys import SPEND_KEY, SPENT_STATUS_KEY, billing_service
+from .ops.request_id import HEADER as REQUEST_ID_HEADER
+from .ops.request_id import assign_request_id, current_request_id
 from .products import TOOL_NAME, valid_tool_name
 from .service import BillingService
 
@@ -89,115 +94,143 @@ def _interaction_gate(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def gated(request: web.Request) -> web.StreamResponse:
         service = billing_service(request)
-        identity = identity_of_request(request, service.verifier)
-        if identity.role in service.config.gate_bypass_roles:
-            return await handler(request)
-        if service.provider.id_token_required:
-            token = user_id_token(request, service.provider.agent_id_token)
-            if token is None:
-                raise to_http(IdTokenRequired(MISSING), gate=True)
-        else:
-            token = id_token_of(request)
-        if not service.provider.gate_charges:
-            await _check_credit(service, token, identity)
-            return await handler(request)
-        # Server-made, never client-supplied: a reusable client key would let a user replay it for
-        # free interactions.
-        key = os.urandom(16).hex()
+        rid = current_request_id.get() or assign_request_id(request)
+        # Counted for the metrics by route and status (one dict entry bumped), also what the host's
+        # handler raises.
         try:
-            with id_token_as(token):
-                status = await service.spend(identity, key)
-        except BillingError as exc:
-            raise to_http(exc, gate=True) from None
-        request[SPEND_KEY] = key
-        if status is not None:
-            request[SPENT_STATUS_KEY] = status
-        try:
-            response = await handler(request)
+            response = await _interaction(handler, request, service)
         except web.HTTPException as exc:
-            if exc.status >= 400:
-                await _give_back(service, identity, key, f"the interaction failed (HTTP {exc.status})")
+            service.counts.request(request.match_info.route, exc.status)
             raise
-        except BaseException as exc:
-            gone = client_left(request, exc)
-            why = "the client left" if gone else f"the interaction failed ({type(exc).__name__})"
-            await _give_back(service, identity, key, why)
-            if gone:
-                raise client_gone(request) from None
-            raise
-        if response.status >= 400:
-            await _give_back(service, identity, key, f"the interaction failed (HTTP {response.status})")
-        return response
-
-    @functools.wraps(handler)
-    async def counted(request: web.Request) -> web.StreamResponse:
-        # For the metrics, by route and status: one dict entry bumped.
-        try:
-            response = await gated(request)
-        except web.HTTPException as exc:
-            billing_service(request).counts.request(request.match_info.route, exc.status)
-            raise
-        billing_service(request).counts.request(request.match_info.route, response.status)
-        return response
-
-    return counted
-
-
-def _product_gate(handler: Handler, product: str) -> Handler:
-    """As the interaction gate, but each successful call costs one use of `product` (a product the
-    provider declares; another is a 404 `Tool not found`)."""
-
-    @functools.wraps(handler)
-    async def gated(request: web.Request) -> web.StreamResponse:
-        service = billing_service(request)
-        identity = identity_of_request(request, service.verifier)
-        if identity.role in service.config.gate_bypass_roles:
-            return await handler(request)
-        provider = service.provider
-        if product not in provider.products:
-            raise http_error(404, f"Tool not found: {product}")
-        token = user_id_token(request, provider.agent_id_token)
-        if provider.id_token_required and token is None:
-            raise to_http(IdTokenRequired(MISSING), gate=True)
-        try:
-            with id_token_as(token):
-                if not provider.gate_charges:
-                    check = await service.product_check(identity, product)
-                    if not check.has_credit:
-                        raise InsufficientCredit(f"No {product} uses remaining")
-                    return await handler(request)
-                key = os.urandom(16).hex()
-                await service.spend_product(identity, product, key)
-        except BillingError as exc:
-            raise to_http(exc, gate=True) from None
-        request[SPEND_KEY] = key
-        try:
-            response = await handler(request)
-        except web.HTTPException as exc:
-            if exc.status >= 400:
-                await service.give_back_product(identity, product, key)
-            raise
-        except BaseException as exc:
-            await service.give_back_product(identity, product, key)
-            if client_left(request, exc):
-                raise client_gone(request) from None
-            raise
-        if response.status >= 400:
-            await service.give_back_product(identity, product, key)
+        service.counts.request(request.match_info.route, response.status)
+        response.headers[REQUEST_ID_HEADER] = rid  # no effect on a response already sent
         return response
 
     return gated
 
 
-async def _check_credit(service: BillingService, token: IdToken | None, identity: Identity) -> None:
-    """The informational gate: a 402 without credit, nothing taken with it."""
+async def _interaction(handler: Handler, request: web.Request, service: BillingService) -> web.StreamResponse:
+    """The gate's own refusals (401, 402, 503) are returned, never raised: the gate runs inside the
+    host's middlewares, and one that rewrites every `HTTPException` would drop their bodies and
+    `WWW-Authenticate`. What the host's handler raises is the host's, and passes on as it is."""
+    try:
+        identity = identity_of_request(request, service.verifier)
+    except HTTPJSONError as exc:
+        return exc.reply()
+    if identity.role in service.config.gate_bypass_roles:
+        return await handler(request)
+    if service.provider.id_token_required:
+        token = user_id_token(request, service.provider.agent_id_token)
+        if token is None:
+            return to_http(IdTokenRequired(MISSING), gate=True).reply()
+    else:
+        token = id_token_of(request)
+    if not service.provider.gate_charges:
+        refused = await _check_credit(service, token, identity)
+        return refused if refused is not None else await handler(request)
+    # Server-made, never client-supplied: a reusable client key would let a user replay it for
+    # free interactions.
+    key = os.urandom(16).hex()
+    try:
+        with id_token_as(token):
+            status = await service.spend(identity, key)
+    except BillingError as exc:
+        return to_http(exc, gate=True).reply()
+    request[SPEND_KEY] = key
+    if status is not None:
+        request[SPENT_STATUS_KEY] = status
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            await _give_back(service, identity, key, f"the interaction failed (HTTP {exc.status})")
+        raise
+    except BaseException as exc:
+        gone = client_left(request, exc)
+        why = "the client left" if gone else f"the interaction failed ({type(exc).__name__})"
+        await _give_back(service, identity, key, why)
+        if gone:
+            return client_gone(request).reply()
+        raise
+    if response.status >= 400:
+        await _give_back(service, identity, key, f"the interaction failed (HTTP {response.status})")
+    return response
+
+
+def _product_gate(handler: Handler, product: str) -> Handler:
+    """As the interaction gate, but each successful call costs one use of `product` (a product the
+    provider declares; another is a 404 `Tool not found`, returned like the gate's other refusals)."""
+
+    @functools.wraps(handler)
+    async def gated(request: web.Request) -> web.StreamResponse:
+        service = billing_service(request)
+        rid = current_request_id.get() or assign_request_id(request)
+        response = await _product_use(handler, request, service, product)
+        response.headers[REQUEST_ID_HEADER] = rid  # no effect on a response already sent
+        return response
+
+    return gated
+
+
+async def _product_use(
+    handler: Handler, request: web.Request, service: BillingService, product: str
+) -> web.StreamResponse:
+    try:
+        identity = identity_of_request(request, service.verifier)
+    except HTTPJSONError as exc:
+        return exc.reply()
+    if identity.role in service.config.gate_bypass_roles:
+        return await handler(request)
+    provider = service.provider
+    if product not in provider.products:
+        return http_error(404, f"Tool not found: {product}").reply()
+    token = user_id_token(request, provider.agent_id_token)
+    if provider.id_token_required and token is None:
+        return to_http(IdTokenRequired(MISSING), gate=True).reply()
+    if not provider.gate_charges:
+        try:
+            with id_token_as(token):
+                check = await service.product_check(identity, product)
+                if not check.has_credit:
+                    raise InsufficientCredit(f"No {product} uses remaining")
+                return await handler(request)
+        except BillingError as exc:
+            return to_http(exc, gate=True).reply()
+    key = os.urandom(16).hex()
+    try:
+        with id_token_as(token):
+            await service.spend_product(identity, product, key)
+    except BillingError as exc:
+        return to_http(exc, gate=True).reply()
+    request[SPEND_KEY] = key
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            await service.give_back_product(identity, product, key)
+        raise
+    except BaseException as exc:
+        await service.give_back_product(identity, product, key)
+        if client_left(request, exc):
+            return client_gone(request).reply()
+        raise
+    if response.status >= 400:
+        await service.give_back_product(identity, product, key)
+    return response
+
+
+async def _check_credit(
+    service: BillingService, token: IdToken | None, identity: Identity
+) -> web.Response | None:
+    """The informational gate: a 402 without credit (returned), nothing taken with it."""
     try:
         with id_token_as(token):
             status = await service.credit_status(identity)
         if not status.has_credit:
             raise InsufficientCredit(status.reason or "No free uses or credits remaining")
     except BillingError as exc:
-        raise to_http(exc, gate=True) from None
+        return to_http(exc, gate=True).reply()
+    return None
 
 
 async def _give_back(service: BillingService, identity: Identity, key: str, why: str) -> None:

@@ -8,6 +8,7 @@ answered 429 before any password is checked, the same way whether the username e
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,14 +22,20 @@ from .auth import TokenVerifier
 from .bodies import read_model
 from .client_address import Network, client_address
 from .config import BillingConfig
-from .errors import error_middleware, http_error
+from .errors import HTTPJSONError, error_middleware, http_error
 from .models import LoginReply, LoginRequest
+from .ops.audit import AuditKind, AuditTrail
+from .ops.logs import FaultLog
 from .routes import json_reply
 from .throttle import LoginAttempt, LoginThrottle
 from .token_limit import TOO_MANY_TOKENS, TokenIssueLimit
 
 MAX_LOGIN_BODY: Final = 8 * 1024
+#: Characters of a tried username kept in the audit trail.
+MAX_LOGGED_NAME: Final = 64
 TOO_MANY_LOGIN_ATTEMPTS: Final = "Too many login attempts"
+faults = FaultLog(logging.getLogger("ciris_billing_proxy"))
+
 #: The claim carrying the user's creation time (seconds since the epoch), for `GET /v1/auth/me`.
 CREATED_AT_CLAIM: Final = "created_at"
 
@@ -98,8 +105,10 @@ class LoginRoute:
         limit: TokenIssueLimit,
         config: BillingConfig,
         counts: Counts,
+        audit: AuditTrail,
     ) -> None:
         self._counts = counts
+        self._audit = audit
         self._authenticate = authenticate
         self._verifier = verifier
         self._limit = limit
@@ -111,21 +120,36 @@ class LoginRoute:
     async def login(self, request: web.Request) -> web.Response:
         require_method(request, "POST")
         body = await read_model(request, LoginRequest, MAX_LOGIN_BODY, time_limit=self._body_timeout)
-        attempt = LoginAttempt(body.username, client_address(request, self._trusted_proxies))
+        address = client_address(request, self._trusted_proxies)
+        attempt = LoginAttempt(body.username, address)
+        # The name as typed, bounded: it is logged, and a password typed into it by mistake should
+        # not be kept whole.
+        tried = f"{self._namespace}:{body.username[:MAX_LOGGED_NAME]}"
         wait = await self._throttle.admit(attempt)
         if wait is not None:
             self._counts.login_lockouts += 1
+            faults.warning("Login refused: too many failed attempts for a username or from %s", address)
+            self._audit.record(AuditKind.LOGIN_LOCKED, tried, "refused", reference=address)
             raise http_error(429, TOO_MANY_LOGIN_ATTEMPTS, retry_after(wait))
         # From here the attempt counts as a failure unless the password proves right, also when the
         # authenticator raises (a 500): an error is no licence for unlimited guesses.
         user = await self._authenticate(body.username, body.password)
         if user is None:
             self._counts.login_failures += 1
+            faults.log(logging.INFO, "Failed login from %s", address)
+            self._audit.record(AuditKind.LOGIN_FAILED, tried, "refused", reference=address)
             raise http_error(401, "Invalid credentials")
         await self._throttle.succeeded(attempt)
         extra = {CREATED_AT_CLAIM: _epoch_seconds(user.created_at)} if user.created_at else None
         user_key = (self._namespace, user.user_id)
-        return token_reply(self._verifier, self._limit, user_key, user.role.upper(), user.email, extra)
+        audited = f"{self._namespace}:{user.user_id}"
+        try:
+            reply = token_reply(self._verifier, self._limit, user_key, user.role.upper(), user.email, extra)
+        except HTTPJSONError:  # the user had their share of new tokens (429)
+            self._audit.record(AuditKind.LOGIN_LIMITED, audited, "refused", reference=address)
+            raise
+        self._audit.record(AuditKind.LOGIN_OK, audited, "ok", reference=address)
+        return reply
 
 
 def _epoch_seconds(moment: datetime) -> int:

@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from aiohttp import web
 from cachetools import LRUCache
@@ -34,6 +34,7 @@ from .models import (
     StoreVerification,
     TransactionPage,
 )
+from .ops.audit import AuditKind, AuditTrail, user_of
 from .ops.health import Health, readiness
 from .ops.metrics import Counts, MultiprocessWriter
 from .ops.outbox import GiveBackOutbox
@@ -44,6 +45,9 @@ from .store.changes import FEED_DOWN_MAX_AGE_SECONDS, ChangeFeed, IdentityKey
 from .store.give_backs import Owed
 
 T = TypeVar("T")
+
+#: Purchase states that end a purchase: audited once each.
+ENDED: Final = frozenset({"succeeded", "failed", "canceled"})
 
 logger = logging.getLogger("ciris_billing_proxy")
 
@@ -102,6 +106,7 @@ class BillingService:
       (a logout everywhere, a new password), in every process;
     * `await health()`: whether billing can serve now, check by check (what `GET /readyz` answers);
     * `counts`: what the metrics count (`ops.metrics`), `give_backs_owed()`;
+    * `audit`: where money and auth events go (`ops.audit`; `audit.record(...)` for the host's own);
     * `provider`, `config`: what it was built with; `stripe_js`: a stand-in Stripe.js to announce.
 
     With a change feed (`setup_billing` gives it one on the configured database), every change
@@ -118,8 +123,14 @@ class BillingService:
         verifier: TokenVerifier,
         feed: ChangeFeed | None = None,
         outbox: GiveBackOutbox | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.config = config
+        #: Where money and auth events go (`ops.audit`); `setup_billing` runs its lifespan.
+        self.audit = audit or AuditTrail()
+        # Payments whose end (settled, failed) was audited: a status is polled until it ends and
+        # then may be asked again, but the fact is one event.
+        self._audited_payments: LRUCache[str, None] = LRUCache(maxsize=4096)
         self.provider = provider
         self.verifier = verifier
         self.feed = feed
@@ -349,7 +360,9 @@ class BillingService:
         """Take one use; returns the user's status right after it when the provider tells it
         (see `CreditProvider.spend`), else None."""
         task = self._track(
-            self._change_credit(self.provider.spend(identity, idempotency_key), identity, "spend")
+            self._change_credit(
+                self.provider.spend(identity, idempotency_key), identity, "spend", idempotency_key
+            )
         )
         try:
             status = await asyncio.shield(task)
@@ -381,7 +394,9 @@ class BillingService:
             logger.warning("Could not give back the use spent under request key %s", key)
 
     async def _give_back_once(self, identity: Identity, key: str) -> None:
-        task = self._track(self._change_credit(self.provider.give_back(identity, key), identity, "give_back"))
+        task = self._track(
+            self._change_credit(self.provider.give_back(identity, key), identity, "give_back", key)
+        )
         await asyncio.shield(task)
 
     async def _owe(self, identity: Identity, key: str, why: str) -> None:
@@ -418,7 +433,7 @@ class BillingService:
             else self.provider.give_back_owed(identity, key, owed.owed_since)
         )
         try:
-            await self._change_credit(call, identity, "give_back")
+            await self._change_credit(call, identity, "give_back", key)
         except ProviderUnavailable:
             raise
         except BillingError as exc:
@@ -433,7 +448,22 @@ class BillingService:
         self, identity: Identity, return_url: str | None, idempotency_key: str | None
     ) -> PurchaseInitiated:
         call = self.provider.initiate_purchase(identity, return_url, idempotency_key)
-        return await asyncio.shield(self._track(self._guard(call, "initiate_purchase", PurchaseInitiated)))
+        return await asyncio.shield(self._track(self._initiated(identity, call)))
+
+    async def _initiated(self, identity: Identity, call: Awaitable[PurchaseInitiated]) -> PurchaseInitiated:
+        try:
+            initiated = await self._guard(call, "initiate_purchase", PurchaseInitiated)
+        except BillingError as exc:
+            self.audit.record(AuditKind.PURCHASE_INITIATED, user_of(identity), _outcome(exc))
+            raise
+        self.audit.record(
+            AuditKind.PURCHASE_INITIATED,
+            user_of(identity),
+            "ok",
+            amount=initiated.uses_purchased,
+            reference=initiated.payment_id,
+        )
+        return initiated
 
     async def purchase_status(self, identity: Identity, payment_id: str) -> PurchaseStatus:
         status = await self._guard(
@@ -441,6 +471,13 @@ class BillingService:
         )
         if status.status == "succeeded":
             self._forget(identity)
+        if status.status in ENDED and payment_id not in self._audited_payments:
+            self._audited_payments[payment_id] = None
+            kind = AuditKind.PURCHASE_SETTLED if status.status == "succeeded" else AuditKind.PURCHASE_FAILED
+            outcome = "ok" if status.status == "succeeded" else status.status
+            self.audit.record(
+                kind, user_of(identity), outcome, amount=status.credits_added, reference=payment_id
+            )
         return status
 
     async def verify_google_play(self, identity: Identity, purchase: GooglePlayPurchase) -> StoreVerification:
@@ -463,6 +500,9 @@ class BillingService:
                 result = await self._guard(call, what, StoreVerification)
             except BillingError as exc:
                 self._count_verification(what, outcome_of(exc))
+                self.audit.record(
+                    AuditKind.STORE_VERIFICATION, user_of(identity), _outcome(exc), reference=what
+                )
                 raise
             if result.success:
                 self._forget(identity)
@@ -471,6 +511,16 @@ class BillingService:
                 ("already_processed" if result.already_processed else "credited")
                 if result.success
                 else "refused",
+            )
+            outcome = (
+                "already_processed" if result.already_processed else "ok" if result.success else "refused"
+            )
+            self.audit.record(
+                AuditKind.STORE_VERIFICATION,
+                user_of(identity),
+                outcome,
+                amount=result.credits_added,
+                reference=what,
             )
             return result
 
@@ -512,8 +562,11 @@ class BillingService:
     async def spend_product(self, identity: Identity, product: str, idempotency_key: str) -> None:
         """Take one use of `product`, as `spend` takes an interaction use: run to its end even if the
         caller goes away, and given back in the background when its outcome was ambiguous."""
-        call = self._guard(
-            self.provider.spend_product(identity, product, idempotency_key), "spend_product", object
+        call = self._product_change(
+            self.provider.spend_product(identity, product, idempotency_key),
+            identity,
+            "spend_product",
+            f"{product}:{idempotency_key}",
         )
         task = self._track(call)
         try:
@@ -529,8 +582,11 @@ class BillingService:
 
     async def _give_back_product_once(self, identity: Identity, product: str, key: str) -> None:
         try:
-            await self._guard(
-                self.provider.give_back_product(identity, product, key), "give_back_product", object
+            await self._product_change(
+                self.provider.give_back_product(identity, product, key),
+                identity,
+                "give_back_product",
+                f"{product}:{key}",
             )
         except BillingError:
             logger.warning("Could not give back the %s use spent under request key %s", product, key)
@@ -550,21 +606,72 @@ class BillingService:
     async def verify_product_purchase(
         self, identity: Identity, purchase: ToolPurchaseRequest
     ) -> ToolPurchase:
-        """A tool purchase, run to its end even if the app goes away (it adds credit)."""
-        call = self._guard(
-            self.provider.verify_product_purchase(identity, purchase), "verify_product_purchase", ToolPurchase
-        )
-        return await asyncio.shield(self._track(call))
+        """A tool purchase, run to its end even if the app goes away (it adds credit); audited as a
+        store verification with the tool in its reference (never the purchase token)."""
+        call = self.provider.verify_product_purchase(identity, purchase)
+        return await asyncio.shield(self._track(self._product_purchased(identity, purchase.tool_name, call)))
 
-    async def _change_credit(self, call: Awaitable[object], identity: Identity, what: str) -> object:
-        """Run a provider call that changes the user's credit (a spend or a give-back) and forget
-        the user's cached credit once it is done, whatever its outcome; returns what it returned."""
+    async def _product_purchased(
+        self, identity: Identity, tool: str, call: Awaitable[ToolPurchase]
+    ) -> ToolPurchase:
+        reference = f"verify_product_purchase:{tool}"
+        try:
+            result = await self._guard(call, "verify_product_purchase", ToolPurchase)
+        except BillingError as exc:
+            self.audit.record(
+                AuditKind.STORE_VERIFICATION, user_of(identity), _outcome(exc), reference=reference
+            )
+            raise
+        self.audit.record(
+            AuditKind.STORE_VERIFICATION,
+            user_of(identity),
+            "ok" if result.success else "refused",
+            amount=result.credits_added,
+            reference=reference,
+        )
+        return result
+
+    async def _product_change(
+        self, call: Awaitable[object], identity: Identity, what: str, reference: str
+    ) -> None:
+        """A product's spend or give-back, audited as `spend` or `give_back` with `product:key` as
+        its reference (products are not cached: nothing to forget)."""
+        outcome = "failed"
+        try:
+            await self._guard(call, what, object)
+            outcome = "ok"
+        except InsufficientCredit:
+            outcome = "refused"
+            raise
+        finally:
+            kind = AuditKind.SPEND if what == "spend_product" else AuditKind.GIVE_BACK
+            self.audit.record(kind, user_of(identity), outcome, amount=1, reference=reference)
+
+    async def _change_credit(
+        self, call: Awaitable[object], identity: Identity, what: str, key: str
+    ) -> object:
+        """Run a provider call that changes the user's credit (a spend or a give-back), forget
+        the user's cached credit once it is done, whatever its outcome, and audit it; returns what
+        it returned."""
         # The cache is dropped inside the tracked task, after the provider call: a caller's
         # cancellation cannot make it happen before the change and let a stale load be cached.
+        outcome = "failed"
         try:
-            return await self._guard(call, what, object)
+            result = await self._guard(call, what, object)
+            outcome = "ok"
+            return result
+        except InsufficientCredit:
+            outcome = "refused"
+            raise
         finally:
             self._forget(identity)
+            self.audit.record(self._audit_kind(what), user_of(identity), outcome, amount=1, reference=key)
+
+    def _audit_kind(self, what: str) -> AuditKind:
+        if what == "spend":
+            return AuditKind.SPEND
+        # A provider that sells credits gives a use back by refunding what was charged for it.
+        return AuditKind.REFUND if self.provider.purchases_enabled is True else AuditKind.GIVE_BACK
 
     async def _give_back_after(self, spend: asyncio.Task[object], identity: Identity, key: str) -> None:
         """Give back what `spend` took, if it may have taken anything. `give_back` is a no-op for a
@@ -612,3 +719,8 @@ class BillingService:
         self._money_tasks.add(task)
         task.add_done_callback(self._money_tasks.discard)
         return task
+
+
+def _outcome(exc: BillingError) -> str:
+    """`refused` when the provider said no by its rules, `failed` when it could not answer."""
+    return "failed" if isinstance(exc, ProviderUnavailable) else "refused"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -16,6 +17,7 @@ from .errors import error_middleware
 from .keys import SERVICE_KEY
 from .login import Authenticator
 from .openapi import APIDescription
+from .ops.audit import AuditTrail
 from .ops.metrics import metrics_publisher
 from .ops.outbox import outbox_for
 from .paths import DEFAULT_LOGIN_PATH, PathScope, mount_point
@@ -23,6 +25,7 @@ from .providers.base import CreditProvider, ProviderContext
 from .providers.registry import check_provider_class, create_provider
 from .routes import add_routes
 from .service import BillingService
+from .store.audit import audit_store
 from .store.choose import change_feed_for
 from .throttle import LoginThrottle, StoreLoginThrottle
 from .tool_routes import add_tool_routes
@@ -51,6 +54,8 @@ def setup_billing(
       logout, refresh and me beside it. Failed logins are throttled by the config's limits: in
       the database when `database_url` is set (shared by every process on it), else in memory;
       or by `login_throttle`.
+    * Money and auth events go to the `ciris_billing_proxy.audit` logger and, with a
+      `database_url`, to the store (`ops.audit`).
 
     Paths are relative to `app`: mounted with `outer.add_subapp("/agent", app)`, the routes are
     served at `/agent{prefix}` and `/agent{protected path}` needs a token. Call this before `app` is
@@ -79,6 +84,9 @@ def setup_billing(
     else:
         check_provider_class(type(provider), provider.name)
     database_url = config.database_url.get_secret_value() if config.database_url else None
+    audit = AuditTrail(
+        None if database_url is None else functools.partial(audit_store, database_url, config.database_budget)
+    )
     service = BillingService(
         config,
         provider,
@@ -87,10 +95,13 @@ def setup_billing(
         outbox_for(
             database_url, config.data_dir, config.database_budget, period=config.give_back_retry_max_seconds
         ),
+        audit,
     )
 
     app[SERVICE_KEY] = service
-    # Before the service's own entry, so its last write at shutdown comes after the service stopped.
+    # Before the service's own entry, so its last write at shutdown comes after the service stopped;
+    # the audit trail before both, so the events of the service's last money-moving work are kept.
+    app.cleanup_ctx.append(audit.lifespan)
     app.cleanup_ctx.append(metrics_publisher(service))
     app.cleanup_ctx.append(service.lifespan)
     scopes: list[PathScope] = []
@@ -112,6 +123,7 @@ def setup_billing(
             service.revoke_everywhere,
             service.end_sessions,
             service.counts,
+            audit,
         )
 
     public: set[Handler] = set()  # routes that need no token; add_routes fills it

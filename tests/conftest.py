@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from ciris_billing_proxy import AuthenticatedUser, BillingConfig, JWTConfig, setup_billing
+from ciris_billing_proxy.ops.logs import FaultLog
 from ciris_billing_proxy.providers.base import CreditProvider
 from ciris_billing_proxy.testing import TokenFactory
 
@@ -29,6 +30,12 @@ def make_config(tmp_path: Path, **overrides: Any) -> BillingConfig:
     jwt = overrides.pop("jwt", {"secret": SECRET})
     options = overrides.pop("provider_options", {"database": ":memory:"})
     return BillingConfig(jwt=JWTConfig(**jwt), data_dir=tmp_path, provider_options=options, **overrides)
+
+
+@pytest.fixture(autouse=True)
+def fresh_fault_logs() -> None:
+    """Each test sees every fault line's first occurrence (`ops.logs.FaultLog`)."""
+    FaultLog.forget_all()
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -70,6 +71,9 @@ def serve(args: Sequence[str], data_dir: Path, env: dict[str, str] | None = None
             raise AssertionError("server did not start within 30 s")
     output.append(process.stdout.readline())  # the provider line
     server = Server(url, process, output)
+    # Read on while it serves: `serve` logs a line per request, and a full pipe would stall it.
+    reader = threading.Thread(target=lambda: output.extend(process.stdout or ()), daemon=True)
+    reader.start()
     try:
         yield server
     finally:
@@ -80,7 +84,7 @@ def serve(args: Sequence[str], data_dir: Path, env: dict[str, str] | None = None
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        server.output.extend(process.stdout.readlines())
+        reader.join(15)
         process.stdout.close()
 
 

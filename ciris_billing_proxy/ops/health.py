@@ -21,11 +21,14 @@ from pydantic import BaseModel
 
 from ..errors import ProviderUnavailable
 from ..keys import billing_service
+from .logs import FaultLog
 
 if TYPE_CHECKING:
     from ..service import BillingService
 
 logger = logging.getLogger("ciris_billing_proxy")
+#: Fault lines an outage repeats: once, then a count (`ops.logs.FaultLog`).
+faults = FaultLog(logger)
 
 #: The most one check may take; a check still running then counts as failed. Probes should allow a
 #: little more than this (e.g. Kubernetes `timeoutSeconds: 5`).
@@ -96,13 +99,13 @@ async def _bounded(check: Awaitable[object], what: str) -> str:
         return f"unavailable ({exc})"
     except Exception as exc:
         # A bug in a check must not take the readiness route down with a 500.
-        logger.warning("The %s health check failed: %s", what, type(exc).__name__)
+        faults.warning("The %s health check failed: %s", what, type(exc).__name__)
         return f"check failed ({type(exc).__name__})"
     if result is None:
         return OK
     if isinstance(result, str) and result:
         return result
-    logger.warning("The %s health check returned %s; expected None or text", what, type(result).__name__)
+    faults.warning("The %s health check returned %s; expected None or text", what, type(result).__name__)
     return "check failed (bad answer)"
 
 

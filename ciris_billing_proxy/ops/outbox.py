@@ -26,9 +26,12 @@ from ..store.choose import engine_for
 from ..store.engine import Engine
 from ..store.give_backs import GiveBackStore, Owed, give_back_store
 from ..store.sqlite import SQLiteDatabase
+from .logs import FaultLog
 from .spool import SPOOL_FILE, Slot, Spool, Taken
 
 logger = logging.getLogger("ciris_billing_proxy")
+#: Fault lines an outage repeats: once, then a count (`ops.logs.FaultLog`).
+faults = FaultLog(logger)
 
 #: Rows claimed at a time; more wait for the next round (the retries make a few at once anyway).
 CLAIM_BATCH: Final = 100
@@ -158,8 +161,8 @@ class GiveBackOutbox:
                     make(owed)
             except ProviderUnavailable:
                 pass  # the store is away; the next round tries again
-            except Exception:
-                logger.exception("Could not look for owed give-backs")
+            except Exception as exc:
+                faults.error("Could not look for owed give-backs: %s", type(exc).__name__)
             await asyncio.sleep(self.period)
 
 

@@ -30,8 +30,11 @@ from collections.abc import Iterable, Mapping
 from typing import Final, Protocol
 
 from ..errors import ProviderUnavailable
+from ..ops.logs import FaultLog
 
 logger = logging.getLogger("ciris_billing_proxy")
+#: Fault lines an outage repeats: once, then a count (`ops.logs.FaultLog`).
+faults = FaultLog(logger)
 
 #: Longest a cached entry may be served while the feed is down.
 FEED_DOWN_MAX_AGE_SECONDS: Final = 5.0
@@ -220,8 +223,8 @@ class ChangeFeed(abc.ABC):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF_SECONDS)
                 continue
-            except Exception:
-                logger.exception("Publishing credit changes failed")
+            except Exception as exc:
+                faults.error("Publishing credit changes failed: %s", type(exc).__name__)
                 await asyncio.sleep(MAX_BACKOFF_SECONDS)
                 continue
             delay = 0.05

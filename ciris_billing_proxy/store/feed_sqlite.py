@@ -22,11 +22,14 @@ from typing import Final
 
 from ..database_budget import DEFAULT_BUDGET, DatabaseBudget
 from ..errors import ProviderUnavailable
+from ..ops.logs import FaultLog
 from .changes import ChangeFeed, ChangeListener, IdentityKey, deliver, encode_epoch, encode_revocation
 from .engine import Schema
 from .sqlite import SQLiteDatabase, transaction
 
 logger = logging.getLogger("ciris_billing_proxy")
+#: Fault lines an outage repeats: once, then a count (`ops.logs.FaultLog`).
+faults = FaultLog(logger)
 
 POLL_SECONDS: Final = 0.05
 #: Far longer than any poll takes, so no process misses a row by its pruning.
@@ -233,7 +236,7 @@ class SQLiteChangeFeed(ChangeFeed):
         try:
             return await self.db.run(read)
         except sqlite3.Error as exc:
-            logger.warning("Change feed unavailable (SQLite: %s)", type(exc).__name__)
+            faults.warning("Change feed unavailable (SQLite: %s)", type(exc).__name__)
             raise ProviderUnavailable from None
 
     async def record_passwords(self, hashes: Mapping[str, str]) -> None:
@@ -250,7 +253,7 @@ class SQLiteChangeFeed(ChangeFeed):
         try:
             await self.db.run(write)
         except (sqlite3.Error, ProviderUnavailable) as exc:
-            logger.warning("Change feed unavailable (SQLite: %s)", type(exc).__name__)
+            faults.warning("Change feed unavailable (SQLite: %s)", type(exc).__name__)
             raise ProviderUnavailable from None
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..config import ConfigError
 from ..database_url import parse_database_url
-from . import feed_postgres, feed_sqlite, give_backs, login_failures, payments, replays, usage
+from . import audit, feed_postgres, feed_sqlite, give_backs, login_failures, payments, replays, usage
 from .choose import engine_for
 from .engine import Migrated
 
@@ -20,6 +20,7 @@ SCHEMAS = {
         login_failures.SQLITE_SCHEMA,
         feed_sqlite.SCHEMA,
         give_backs.SQLITE_SCHEMA,
+        audit.SQLITE_SCHEMA,
     ),
     "postgresql": (
         usage.POSTGRES_SCHEMA,
@@ -28,6 +29,7 @@ SCHEMAS = {
         login_failures.POSTGRES_SCHEMA,
         feed_postgres.SCHEMA,
         give_backs.POSTGRES_SCHEMA,
+        audit.POSTGRES_SCHEMA,
     ),
 }
 

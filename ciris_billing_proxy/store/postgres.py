@@ -23,12 +23,15 @@ from typing import TYPE_CHECKING, Final
 from ..database_budget import DEFAULT_BUDGET
 from ..database_url import INSTALL_POSTGRES, DatabaseURL
 from ..errors import ProviderUnavailable
+from ..ops.logs import FaultLog
 from .engine import DatabaseUnavailable, Engine, Migrated, Schema, newer_schema
 
 if TYPE_CHECKING:
     import asyncpg
 
 logger = logging.getLogger("ciris_billing_proxy")
+#: Fault lines an outage repeats: once, then a count (`ops.logs.FaultLog`).
+faults = FaultLog(logger)
 
 #: Connections per process (default of `database_pool_size`): enough to keep a gate busy (a spend is
 #: one round trip), few enough that many processes fit in PostgreSQL's default of 100 connections.
@@ -123,7 +126,7 @@ class PostgresDatabase(Engine):
             asyncpg.InvalidCatalogNameError,
             asyncpg.InvalidAuthorizationSpecificationError,
         ) as exc:
-            logger.warning("PostgreSQL unavailable: %s", type(exc).__name__)
+            faults.warning("PostgreSQL unavailable: %s", type(exc).__name__)
             raise ProviderUnavailable(DATABASE_UNAVAILABLE) from None
 
     async def migrate(self, schema: Schema) -> Migrated:

@@ -30,11 +30,14 @@ from typing import Any, TypeVar
 
 from ..database_budget import DEFAULT_BUDGET
 from ..errors import ProviderUnavailable
+from ..ops.logs import FaultLog
 from .engine import DatabaseUnavailable, Engine, Migrated, Schema, newer_schema
 
 T = TypeVar("T")
 
 logger = logging.getLogger("ciris_billing_proxy")
+#: Fault lines an outage repeats: once, then a count (`ops.logs.FaultLog`).
+faults = FaultLog(logger)
 
 MEMORY = ":memory:"
 #: How long opening a file waits for another process switching it to WAL.
@@ -203,10 +206,10 @@ class SQLiteDatabase(Engine):
         try:
             return await self._call(fn, time.monotonic() + self.timeout)  # type: ignore[arg-type]
         except sqlite3.OperationalError as exc:  # locked past the budget, a full disk, a lost file
-            logger.warning("SQLite unavailable: %s", exc)
+            faults.warning("SQLite unavailable: %s", exc)
             raise ProviderUnavailable(DATABASE_UNAVAILABLE) from None
         except _Late:
-            logger.warning("SQLite unavailable: no turn within %g s", self.timeout)
+            faults.warning("SQLite unavailable: no turn within %g s", self.timeout)
             raise ProviderUnavailable(DATABASE_UNAVAILABLE, maybe_applied=False) from None
 
     def _call(

@@ -10,8 +10,11 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from ..errors import ProviderUnavailable
+from ..ops.logs import FaultLog
 
 logger = logging.getLogger("ciris_billing_proxy")
+#: Fault lines an outage repeats: once, then a count (`ops.logs.FaultLog`).
+faults = FaultLog(logger)
 
 SWEEP_EVERY_SECONDS: Final = 60.0
 
@@ -38,6 +41,6 @@ class Sweeper:
                 await self._sweep()
             except ProviderUnavailable:
                 pass  # the database is away; the next round tries again
-            except Exception:
-                logger.exception("Could not delete expired %s", self._what)
+            except Exception as exc:
+                faults.error("Could not delete expired records: %s (%s)", self._what, type(exc).__name__)
             await asyncio.sleep(every)

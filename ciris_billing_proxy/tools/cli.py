@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import math
 import multiprocessing.connection
 import os
@@ -32,6 +33,15 @@ from ..config import BillingConfig, ConfigError, default_data_dir
 from ..database_url import parse_database_url
 from ..errors import ProviderUnavailable
 from ..openapi import openapi_document
+from ..ops.logs import (
+    ACCESS_LOGGER,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    AccessLogger,
+    LogFormat,
+    configure_logging,
+    quiet_lost_connections,
+)
 from ..ops.metrics import MULTIPROC_DIR_VAR
 from ..paths import DEFAULT_LOGIN_PATH, DEFAULT_PREFIX
 from ..store.choose import change_feed_for
@@ -112,6 +122,19 @@ def _port(value: str) -> int:
     return port
 
 
+def _log_level(value: str) -> str:
+    if value.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return value.upper()
+
+
+def _log_format(value: str) -> LogFormat:
+    for name in LOG_FORMATS:
+        if value.lower() == name:
+            return name
+    raise argparse.ArgumentTypeError(f"expected text or json, got {value!r}")
+
+
 def _url_path(value: str) -> str:
     if not value.startswith("/") or "//" in value or " " in value:
         raise argparse.ArgumentTypeError(
@@ -173,11 +196,12 @@ def _defaults_from_env(serve: argparse.ArgumentParser, environ: Mapping[str, str
 
 
 def _from_env(action: argparse.Action, raw: str) -> object:
-    if action.nargs == 0:  # a switch such as --fake-backend
+    if action.nargs == 0:  # a switch such as --fake-backend or --no-access-log
         word = raw.strip().lower()
         if word not in _TRUE | _FALSE:
             raise argparse.ArgumentTypeError("expected 1/true/yes/on or 0/false/no/off")
-        return word in _TRUE
+        # True means as if the switch were given (`const`: False for --no-access-log's store_false).
+        return action.const if word in _TRUE else action.default
     convert: Callable[[str], object] = action.type if callable(action.type) else str
     if isinstance(action, argparse._AppendAction):
         return [convert(line.strip()) for line in raw.splitlines() if line.strip()]
@@ -232,6 +256,27 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         metavar="SECONDS",
         help="close a connection that has not sent a complete request head this long after it opened "
         f"or after its last response (default {DEFAULT_IDLE_TIMEOUT:g})",
+    )
+    serve.add_argument(
+        "--log-level",
+        type=_log_level,
+        default="INFO",
+        metavar="LEVEL",
+        help="DEBUG, INFO, WARNING or ERROR (default INFO)",
+    )
+    serve.add_argument(
+        "--log-format",
+        type=_log_format,
+        default="text",
+        metavar="FORMAT",
+        help="text or json, one line per record on stderr (default text)",
+    )
+    serve.add_argument(
+        "--no-access-log",
+        dest="access_log",
+        action="store_false",
+        default=True,
+        help="no INFO line per request",
     )
     serve.add_argument(
         "--workers",
@@ -456,6 +501,7 @@ def _store_settings(args: argparse.Namespace, data_dir: Path) -> dict[str, objec
 
 
 def _serve(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level, args.log_format)
     data_dir = _data_dir(args)
     overrides = _store_settings(args, data_dir)
     if args.fake_backend:
@@ -577,6 +623,7 @@ async def _start(
 ) -> int:
     """Serve one process; as a worker (`ready` given), on the reserved `port`, reporting on `ready`
     once it listens, and announcing nothing (the parent does)."""
+    asyncio.get_running_loop().set_exception_handler(quiet_lost_connections)
     fake: FakeBillingBackend | None = None
     environ: dict[str, str] | None = None
     if args.fake_backend:
@@ -606,7 +653,7 @@ async def _start(
                 f"  app store purchases: any purchase token of 10+ characters succeeds once, one starting "
                 f"'invalid' is refused (README: Fake store tokens)"
             )
-        runner = make_runner(app, idle_timeout=args.idle_timeout)
+        runner = make_runner(app, idle_timeout=args.idle_timeout, access_log=args.access_log)
         return await _run(runner, args.host, args.port if port is None else port, config, ready)
     finally:
         if fake is not None:
@@ -632,12 +679,15 @@ def _announce_users(
         )
 
 
-def make_runner(app: web.Application, *, idle_timeout: float) -> web.AppRunner:
+def make_runner(app: web.Application, *, idle_timeout: float, access_log: bool = False) -> web.AppRunner:
     """The runner `serve` uses (tests serve their apps with the same one): requests aiohttp's parser
-    refuses get a JSON 400 and one log line without their bytes (`bad_requests`)."""
+    refuses get a JSON 400 and one log line without their bytes (`bad_requests`); `access_log`
+    writes one line per request on `ciris_billing_proxy.access` (`ops.logs.AccessLogger`)."""
     return ServeRunner(
         app,
         handle_signals=False,
+        access_log=logging.getLogger(ACCESS_LOGGER) if access_log else None,
+        access_log_class=AccessLogger,
         # A client that hangs up after sending its request still gets its interaction run, and pays
         # for it. Cancelling instead would give the use back for work that was done (a hang-up just
         # before the reply would make interactions with side effects free) and would interrupt

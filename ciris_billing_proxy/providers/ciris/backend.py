@@ -30,12 +30,15 @@ from pydantic import ValidationError
 from ...errors import IdTokenRequired, ProviderUnavailable
 from ...id_token import MISSING, REFUSED, current_id_token
 from ...identity import Identity
+from ...ops.logs import FaultLog
 from .accounts import BackendAccounts
 from .settings import CirisSettings
 from .transport import BackendUnavailable, IdTokenRefused, Reply, Transport
 from .wire import BackendCredit
 
 logger = logging.getLogger("ciris_billing_proxy.ciris")
+#: Fault lines an outage repeats: once, then a count (`ops.logs.FaultLog`).
+faults = FaultLog(logger)
 
 #: What the readiness check reads with the API key: an account no agent creates (the backend answers
 #: 404 when the key is good).
@@ -78,7 +81,7 @@ class BillingBackend:
         return asyncio.get_running_loop().time() + seconds
 
     def unexpected(self, endpoint: str, reply: Reply) -> ProviderUnavailable:
-        logger.error("Billing backend %s answered HTTP %d unexpectedly", endpoint, reply.status)
+        faults.error("Billing backend %s answered HTTP %d unexpectedly", endpoint, reply.status)
         # A definite answer (not a timeout): whatever it was, the backend did not apply the call.
         return ProviderUnavailable(f"unexpected HTTP {reply.status} from {endpoint}", maybe_applied=False)
 
@@ -117,7 +120,7 @@ class BillingBackend:
         try:
             return BackendCredit.model_validate(reply.body)
         except ValidationError:
-            logger.error("Billing backend credits/check answered a body that does not fit the contract")
+            faults.error("Billing backend credits/check answered a body that does not fit the contract")
             raise ProviderUnavailable("malformed credit check") from None
 
     async def charge(self, identity: Identity, request_key: str, deadline: float) -> Reply:

@@ -17,11 +17,14 @@ from pydantic import ValidationError
 
 from ...errors import AlreadyProcessed, InsufficientCredit, InvalidRequest, ProviderUnavailable
 from ...identity import Identity
+from ...ops.logs import FaultLog
 from ...products import Product, ToolBalance, ToolCheck, ToolPurchase, ToolPurchaseRequest
 from .backend import BillingBackend
 from .transport import Reply
 
 logger = logging.getLogger("ciris_billing_proxy.ciris")
+#: Fault lines an outage repeats: once, then a count (`ops.logs.FaultLog`).
+faults = FaultLog(logger)
 
 #: What the backend sells per use today (its `PRODUCT_CONFIGS`), with its defaults.
 WEB_SEARCH: Final = Product(
@@ -102,5 +105,5 @@ def _parse(model: type[M], body: object) -> M:
     try:
         return model.model_validate(body, strict=False)
     except ValidationError:
-        logger.error("Billing backend tool route answered a body that does not fit the contract")
+        faults.error("Billing backend tool route answered a body that does not fit the contract")
         raise ProviderUnavailable("malformed tool reply", maybe_applied=False) from None

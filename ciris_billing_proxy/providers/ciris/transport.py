@@ -23,9 +23,12 @@ from typing import Any
 
 import aiohttp
 
+from ...ops.logs import FaultLog
 from .settings import CirisSettings
 
 logger = logging.getLogger("ciris_billing_proxy.ciris")
+#: Fault lines an outage repeats: once, then a count (`ops.logs.FaultLog`).
+faults = FaultLog(logger)
 
 USER_AGENT = "ciris-billing-proxy"
 
@@ -142,14 +145,14 @@ class Transport:
                 logger.info("Billing backend refused the user's ID token on %s", endpoint)
                 raise IdTokenRefused
             if reply.status == 401 or (reply.status == 403 and reply.detail.startswith("Missing required")):
-                logger.error(
+                faults.error(
                     "CIRIS Billing rejected the API key (HTTP %d on %s); check CIRIS_BILLING_API_KEY",
                     reply.status,
                     endpoint,
                 )
                 raise KeyRejected(f"API key rejected (HTTP {reply.status})")
             return reply
-        logger.warning("Billing backend %s unavailable: %s", endpoint, reason)
+        faults.warning("Billing backend %s unavailable: %s", endpoint, reason)
         raise BackendUnavailable(reason, maybe_applied=maybe_applied)
 
     async def probe(self, path: str, seconds: float) -> int:

@@ -1,0 +1,184 @@
+"""The audit trail: one event per money or auth fact, as a JSON line on the logger
+`ciris_billing_proxy.audit` and, when a `database_url` is set, a row in the store.
+
+An event has its time, kind, user (`namespace:user_id`, or the username a login was tried with),
+the request id, the outcome, an amount (uses or credits) and a reference (the request key a use was
+spent under, a payment id, the client address of a login): never a token, password, secret or
+purchase token. Adding a kind of event is one line in `AuditKind`.
+
+Rows are kept off the request path: `record` appends to a bounded queue that a background task
+writes every `FLUSH_SECONDS` in one batch, and once more at shutdown. A failed write is retried
+while the queue has room and never fails the request; what it cannot keep is counted in one
+rate-limited WARNING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final
+
+from aiohttp import web
+
+from ..identity import Identity
+from ..store.audit import AuditStore, Row
+from .logs import FaultLog
+from .request_id import current_request_id
+
+AUDIT_LOGGER: Final = "ciris_billing_proxy.audit"
+FLUSH_SECONDS: Final = 0.1
+#: Seconds between attempts while the store refuses the batch.
+RETRY_SECONDS: Final = 1.0
+MAX_PENDING: Final = 10_000
+BATCH: Final = 500
+
+logger = logging.getLogger("ciris_billing_proxy")
+faults = FaultLog(logger)
+
+
+class AuditKind(StrEnum):
+    LOGIN_OK = "login_ok"
+    LOGIN_FAILED = "login_failed"
+    LOGIN_LOCKED = "login_locked"
+    #: The password was right, but the user had their share of new tokens (429, `token_limit`).
+    LOGIN_LIMITED = "login_limited"
+    LOGOUT = "logout"
+    #: Every token of the user ended: asked for (`{"everywhere": true}`), or past the count of
+    #: revocations (`auth_routes.SessionRoutes`).
+    LOGOUT_EVERYWHERE = "logout_everywhere"
+    REFRESH = "refresh"
+    SPEND = "spend"
+    GIVE_BACK = "give_back"
+    REFUND = "refund"
+    PURCHASE_INITIATED = "purchase_initiated"
+    PURCHASE_SETTLED = "purchase_settled"
+    PURCHASE_FAILED = "purchase_failed"
+    STORE_VERIFICATION = "store_verification"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    at: float
+    kind: AuditKind
+    user: str | None
+    request_id: str | None
+    #: `ok`, `refused` (by the rules: no credit, wrong password, locked), `failed` (could not be
+    #: done: backend or database down), or a kind's own word (`already_processed`, `canceled`).
+    outcome: str
+    amount: int | None = None
+    reference: str | None = None
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "time": _iso(self.at),
+            "event": str(self.kind),
+            "user": self.user,
+            "request_id": self.request_id,
+            "outcome": self.outcome,
+            "amount": self.amount,
+            "reference": self.reference,
+        }
+
+    def row(self) -> Row:
+        return (
+            _iso(self.at),
+            str(self.kind),
+            self.user,
+            self.request_id,
+            self.outcome,
+            self.amount,
+            self.reference,
+        )
+
+
+def _iso(at: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z"
+
+
+def user_of(identity: Identity) -> str:
+    return f"{identity.namespace}:{identity.user_id}"
+
+
+class AuditTrail:
+    """Where events go: `record()` from anywhere in the service; `lifespan` (a `cleanup_ctx` entry)
+    opens the store, if there is one, and writes what is pending at shutdown."""
+
+    def __init__(self, store: Callable[[], AuditStore] | None = None) -> None:
+        self._make_store = store
+        self._store: AuditStore | None = None
+        self._log = logging.getLogger(AUDIT_LOGGER)
+        self._pending: deque[Row] = deque()
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+
+    def record(
+        self,
+        kind: AuditKind,
+        user: str | None,
+        outcome: str,
+        *,
+        amount: int | None = None,
+        reference: str | None = None,
+    ) -> None:
+        event = AuditEvent(time.time(), kind, user, current_request_id.get(), outcome, amount, reference)
+        if self._log.isEnabledFor(logging.INFO):
+            fields = event.fields()
+            self._log.info("%s", json.dumps(fields), extra={"audit": fields})
+        if self._store is None:
+            return
+        if len(self._pending) >= MAX_PENDING:
+            faults.warning("Audit events not kept in the store: %d are waiting for it", MAX_PENDING)
+            return
+        self._pending.append(event.row())
+        if not self._wake.is_set():
+            self._wake.set()
+
+    async def lifespan(self, _app: web.Application) -> AsyncIterator[None]:
+        if self._make_store is None:
+            yield
+            return
+        store = self._make_store()
+        await store.open()
+        self._store = store
+        self._writer = asyncio.create_task(self._write_forever(store))
+        try:
+            yield
+        finally:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+            self._store = None
+            if not await self._write(store) and self._pending:
+                faults.warning("Audit events not kept in the store at shutdown: %d", len(self._pending))
+            self._pending.clear()
+            await store.close()
+
+    async def _write_forever(self, store: AuditStore) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(FLUSH_SECONDS)
+            self._wake.clear()
+            if not await self._write(store):
+                self._wake.set()
+                await asyncio.sleep(RETRY_SECONDS)
+
+    async def _write(self, store: AuditStore) -> bool:
+        """Write what is pending, in batches; False when the store refused (the batch is kept)."""
+        pending = self._pending
+        while pending:
+            batch = [pending.popleft() for _ in range(min(BATCH, len(pending)))]
+            try:
+                await asyncio.shield(store.add(batch))
+            except asyncio.CancelledError:
+                pending.extendleft(reversed(batch))
+                raise
+            except Exception as exc:
+                pending.extendleft(reversed(batch))
+                faults.warning("Could not keep audit events in the store: %s", type(exc).__name__)
+                return False
+        return True
