@@ -246,3 +246,50 @@ def test_users_logout_with_an_unreachable_store_exits_2(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[""], ["x" * 256], ["alice", "--namespace", ""], ["alice", "--namespace", "n" * 65]],
+    ids=["empty name", "name longer than a token's sub", "empty namespace", "namespace too long"],
+)
+def test_users_logout_of_a_user_no_token_can_name_exits_2_and_changes_nothing(
+    tmp_path: Path, args: list[str]
+) -> None:
+    """An operator's typo (`users logout "$NAME"` with NAME unset) must not report that it ended
+    sessions: no token can carry that user, so nothing would ever be refused."""
+    done = subprocess.run(
+        [*COMMAND, "users", "logout", *args, "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "Ended every session" not in done.stdout
+    assert "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no store created, no epoch recorded
+
+
+async def test_users_logout_with_the_oauth_prefix_ends_the_sessions_of_that_namespace(tmp_path: Path) -> None:
+    """Tokens name their namespace as `oauth_provider` `oauth:google` or `google`, and both are the
+    namespace `google`: `--namespace oauth:google` is that user too, not a namespace nobody is in."""
+    with serve(["--user", "alice:pw-a"], tmp_path, clean_env(CIRIS_JWT_SECRET=SECRET)) as server:
+        factory = TokenFactory(make_config(tmp_path))
+        token = factory.token("gabe", oauth_provider="oauth:google", iat=int(time.time()) - 5)
+        assert (await credits_and_interact(server, token))[0] == 200
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [*COMMAND, "users", "logout", "gabe", "--namespace", "oauth:google", "--data-dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "Ended every session of gabe (google)" in done.stdout
+        for _ in range(int(FRESHNESS / 0.05)):
+            if (await credits_and_interact(server, token))[0] == 401:
+                break
+            await asyncio.sleep(0.05)
+        assert await credits_and_interact(server, token) == (401, 401)

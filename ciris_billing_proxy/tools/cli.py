@@ -28,6 +28,7 @@ from aiohttp import web
 from prometheus_client.multiprocess import mark_process_dead
 
 from .. import __version__
+from ..auth import _MAX_CLAIM, _MAX_NAMESPACE
 from ..bad_requests import ServeRunner
 from ..config import BillingConfig, ConfigError, default_data_dir
 from ..database_url import parse_database_url
@@ -90,6 +91,22 @@ def _option(value: str) -> tuple[str, str]:
             "expected KEY=VALUE, e.g. free_uses=5"
         )  # never echoed: may be a secret
     return key.strip(), setting
+
+
+def _user_id(value: str) -> str:
+    # What the token verifier accepts as `sub`: any other name is no user's, and ending its
+    # sessions would report success while refusing nothing.
+    if not 0 < len(value) <= _MAX_CLAIM:
+        raise argparse.ArgumentTypeError(f"a user id is 1-{_MAX_CLAIM} characters, got {len(value)}")
+    return value
+
+
+def _namespace(value: str) -> str:
+    # The verifier reads a token's `oauth_provider` `oauth:google` as the namespace `google`.
+    namespace = value.removeprefix("oauth:")
+    if not 0 < len(namespace) <= _MAX_NAMESPACE:
+        raise argparse.ArgumentTypeError(f"a namespace is 1-{_MAX_NAMESPACE} characters, got {value!r}")
+    return namespace
 
 
 def _seconds(value: str) -> float:
@@ -340,9 +357,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "every process on the store within a second; the user signs in again. Exits 0 once recorded, "
         "2 when the store cannot be used.",
     )
-    logout.add_argument("name", metavar="NAME", help="the user id (a token's `sub`)")
+    logout.add_argument("name", metavar="NAME", type=_user_id, help="the user id (a token's `sub`)")
     logout.add_argument(
         "--namespace",
+        type=_namespace,
         default=os.environ.get("CIRIS_IDENTITY_NAMESPACE") or "local",
         help="the user's identity namespace (default: CIRIS_IDENTITY_NAMESPACE, else local)",
     )
