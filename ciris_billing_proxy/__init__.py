@@ -9,6 +9,7 @@ from .auth import get_identity
 from .bodies import expect_continue
 from .config import BillingConfig, ConfigError, JWTConfig
 from .errors import (
+    AlreadyProcessed,
     BillingDisabled,
     BillingError,
     IdTokenRequired,
@@ -16,6 +17,7 @@ from .errors import (
     InvalidRequest,
     PaymentNotFound,
     ProviderUnavailable,
+    TooManyRequests,
     error_middleware,
 )
 from .gate import credit_gate
@@ -34,6 +36,8 @@ from .models import (
     Transaction,
     TransactionPage,
 )
+from .ops.health import Health, add_health_routes
+from .ops.metrics import BillingCollector, add_metrics_route, metrics_text
 from .providers.base import CreditProvider, ProviderContext
 from .service import BillingService
 from .setup import setup_billing
@@ -41,9 +45,11 @@ from .store import DatabaseUnavailable
 from .version import __version__
 
 __all__ = [
+    "AlreadyProcessed",
     "AppStorePurchase",
     "AuthenticatedUser",
     "Authenticator",
+    "BillingCollector",
     "BillingConfig",
     "BillingDisabled",
     "BillingError",
@@ -54,6 +60,7 @@ __all__ = [
     "CreditStatus",
     "DatabaseUnavailable",
     "GooglePlayPurchase",
+    "Health",
     "IdToken",
     "IdTokenRequired",
     "Identity",
@@ -67,13 +74,17 @@ __all__ = [
     "PurchaseOptions",
     "PurchaseStatus",
     "StoreVerification",
+    "TooManyRequests",
     "Transaction",
     "TransactionPage",
     "__version__",
+    "add_health_routes",
+    "add_metrics_route",
     "credit_gate",
     "current_id_token",
     "error_middleware",
     "expect_continue",
     "get_identity",
+    "metrics_text",
     "setup_billing",
 ]

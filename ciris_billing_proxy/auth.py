@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import heapq
 import logging
+import math
 import re
 import secrets
 import time
@@ -27,7 +27,9 @@ _BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9_\-]+\.[A-Za-z0-9_\
 _MAX_CLAIM = 255
 _MAX_NAMESPACE = 64
 _MAX_EXP = 2**53  # beyond this a number is no timestamp (and may not even fit a float)
-MAX_REVOKED: Final = 1_000_000
+#: Revocations are forgotten in batches: each at the first sweep after its token's expiry (plus the
+#: leeway) rounded up to this many seconds. Sweeps happen as revocations are added, at most once per batch.
+REVOCATION_BATCH_SECONDS: Final = 60
 
 logger = logging.getLogger("ciris_billing_proxy")
 
@@ -66,10 +68,18 @@ class TokenVerifier:
             LRUCache(maxsize=config.token_cache_max_entries) if config.token_cache_max_entries else None
         )
         # Revoked token digests. A plain set: the hot path only asks "is anything revoked at all?"
-        # and, rarely, "is this one?", both without Python frames. The heap holds (until, digest),
-        # soonest first, so forgetting the revocations of expired tokens costs only those.
+        # and, rarely, "is this one?", both without Python frames. Every revocation is kept until
+        # its token has expired, however many there are: dropping one early would let its token
+        # back in (memory is bounded by how many tokens a user can get, `TokenIssueLimit`). They
+        # are filed by expiry batch (`REVOCATION_BATCH_SECONDS`), so forgetting those of expired
+        # tokens costs only those, and each costs a digest and two slots (see docs/security.md).
         self._revoked: set[bytes] = set()
-        self._revocations: list[tuple[float, bytes]] = []
+        self._expiring: dict[int, list[bytes]] = {}
+        self._next_sweep = math.inf
+        # Per-user token epochs: a token of the user issued (`iat`) before it is refused. Checked
+        # only when a token is decoded: moving an epoch drops the user's verified tokens, so a
+        # cached one is never older than its user's epoch.
+        self._epochs: dict[tuple[str, str], float] = {}
 
     @property
     def token_ttl_seconds(self) -> int:
@@ -99,10 +109,10 @@ class TokenVerifier:
         until when the revocation is kept, for sharing it (`revoke_digest` elsewhere).
 
         The revocation is kept only while the token would otherwise be accepted: until its `exp`
-        plus the leeway, after which `verify` refuses it as expired anyway. A token this verifier
-        refuses already (bad signature, expired, revoked) needs no revocation and takes no memory
-        (`None`). At most `MAX_REVOKED` are kept; beyond that the one whose token expires soonest
-        goes first.
+        plus the leeway, after which `verify` refuses it as expired anyway (it is forgotten within
+        `REVOCATION_BATCH_SECONDS` after that). A token this verifier refuses already (bad
+        signature, expired, revoked) needs no revocation and takes no memory (`None`). No
+        revocation is ever forgotten before its token has expired, however many there are.
         """
         try:
             identity = self.verify(token)
@@ -115,18 +125,40 @@ class TokenVerifier:
 
     def revoke_digest(self, digest: bytes, until: float) -> None:
         """Refuse the token with this digest until `until` (a revocation made by another process)."""
-        revocations = self._revocations
         now = self._clock()
         if until <= now or digest in self._revoked:
             return
-        while revocations and revocations[0][0] <= now:
-            self._revoked.discard(heapq.heappop(revocations)[1])
-        if len(revocations) >= MAX_REVOKED:
-            self._revoked.discard(heapq.heappop(revocations)[1])
-        heapq.heappush(revocations, (until, digest))
+        if now >= self._next_sweep:
+            self._forget_expired(now)
+        batch = math.ceil(until / REVOCATION_BATCH_SECONDS)
+        self._expiring.setdefault(batch, []).append(digest)
+        self._next_sweep = min(self._next_sweep, batch * REVOCATION_BATCH_SECONDS)
         self._revoked.add(digest)
         if self._verified is not None:
             self._verified.pop(digest, None)
+
+    def _forget_expired(self, now: float) -> None:
+        for batch in [b for b in self._expiring if b * REVOCATION_BATCH_SECONDS <= now]:
+            self._revoked.difference_update(self._expiring.pop(batch))
+        self._next_sweep = min(self._expiring, default=math.inf) * REVOCATION_BATCH_SECONDS
+
+    def move_epoch(self, user: tuple[str, str], epoch: float) -> None:
+        """Refuse every token of `user` (namespace, user id) issued before `epoch` (seconds since
+        the epoch), and any without an `iat`. An epoch never moves back."""
+        if epoch <= self._epochs.get(user, -math.inf):
+            return
+        self._epochs[user] = epoch
+        if self._verified is not None:
+            # A scan, but a rare one: each move needs a password change, an operator, or a
+            # logout everywhere with a fresh token (whose number `TokenIssueLimit` bounds).
+            stale = [digest for digest, identity in self._verified.items() if identity.key == user]
+            for digest in stale:
+                del self._verified[digest]
+
+    @property
+    def revocations_kept(self) -> int:
+        """How many revoked tokens this verifier refuses (for operators and tests)."""
+        return len(self._revoked)
 
     def _decode(self, token: str) -> Identity:
         try:
@@ -162,6 +194,13 @@ class TokenVerifier:
         exp = claims["exp"]
         if isinstance(exp, bool) or not isinstance(exp, int | float) or not abs(exp) < _MAX_EXP:
             raise AuthError("Invalid token")
+        if self._epochs:
+            epoch = self._epochs.get((namespace, sub))
+            if epoch is not None:
+                iat = claims.get("iat")
+                # No `iat`: nothing says the token is newer than the epoch, so it is not.
+                if isinstance(iat, bool) or not isinstance(iat, int | float) or iat < epoch:
+                    raise AuthError("Invalid token")
         return Identity(
             user_id=sub,
             namespace=namespace,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import jwt
 from aiohttp import web
@@ -28,11 +28,15 @@ from .login import (
     require_method,
     token_reply,
 )
-from .models import LoginReply, LoginRequest, LogoutReply, RefreshRequest, UserInfoReply
+from .models import LoginReply, LoginRequest, LogoutReply, LogoutRequest, RefreshRequest, UserInfoReply
 from .operations import BEARER_ERRORS, BODY_ERRORS, EXPECT_FAILED, Operation
 from .paths import DEFAULT_LOGIN_PATH, DEFAULT_LOGOUT_PATH, DEFAULT_ME_PATH, DEFAULT_REFRESH_PATH
 from .routes import json_reply
 from .throttle import LoginThrottle, MemoryLoginThrottle
+from .token_limit import TokenIssueLimit
+
+if TYPE_CHECKING:
+    from .ops.metrics import Counts
 
 #: What every signed-in user may do through this package; its own routes check nothing finer.
 USER_PERMISSIONS: Final = ("view_billing", "purchase_credits")
@@ -55,7 +59,8 @@ LOGIN: Final = Operation(
         400: "the body is empty or not JSON",
         401: "wrong username or password",
         417: EXPECT_FAILED,
-        429: "too many failed logins for this username or from this address; see `Retry-After`",
+        429: "too many failed logins for this username or from this address, or the user was given "
+        "`token_issue_max_per_user` new tokens within the window; see `Retry-After`",
         500: "the host's authenticator failed",
         503: "the database keeping the failed-login counters (`database_url`) is unavailable",
     },
@@ -72,10 +77,12 @@ LOGOUT: Final = Operation(
     "logout",
     "POST",
     DEFAULT_LOGOUT_PATH,
-    "Revoke the presented token, in every process sharing the store.",
+    'Revoke the presented token, in every process sharing the store; with `{"everywhere": true}`, '
+    "every token of its user issued until now (their other devices and sessions too).",
     LogoutReply,
-    {**BEARER_ERRORS, **REVOCATION_UNAVAILABLE},
+    {**BEARER_ERRORS, **BODY_ERRORS, **REVOCATION_UNAVAILABLE},
     "auth",
+    body=LogoutRequest,
 )
 REFRESH: Final = Operation(
     "refresh",
@@ -83,7 +90,13 @@ REFRESH: Final = Operation(
     DEFAULT_REFRESH_PATH,
     "A new token for the presented one, which is revoked.",
     LoginReply,
-    {**BEARER_ERRORS, **BODY_ERRORS, **REVOCATION_UNAVAILABLE},
+    {
+        **BEARER_ERRORS,
+        **BODY_ERRORS,
+        **REVOCATION_UNAVAILABLE,
+        429: "the user was given `token_issue_max_per_user` new tokens within the window; see "
+        "`Retry-After` (the presented token stays valid)",
+    },
     "auth",
     body=RefreshRequest,
 )
@@ -104,22 +117,49 @@ def auth_paths(login_path: str) -> dict[Operation, str]:
 
 #: Revokes a token in every process before returning (`BillingService.revoke_everywhere`).
 Revoke = Callable[[str], Awaitable[None]]
+#: Ends every session of a user in every process before returning (`BillingService.end_sessions`).
+EndSessions = Callable[[tuple[str, str]], Awaitable[None]]
 
 
 class SessionRoutes:
-    def __init__(self, verifier: TokenVerifier, config: BillingConfig, revoke: Revoke) -> None:
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        config: BillingConfig,
+        revoke: Revoke,
+        end_sessions: EndSessions,
+        limit: TokenIssueLimit,
+    ) -> None:
         self._verifier = verifier
         self._revoke = revoke
+        self._end_sessions = end_sessions
+        # Logouts are counted like new tokens: tokens issued elsewhere (another login, an identity
+        # provider) escape the count of `limit`, and each revocation is kept until its token
+        # expires. Past the count, a logout ends every session of the user instead: the same for
+        # the token logged out, one entry for the user.
+        self._revocations = TokenIssueLimit(
+            config.token_issue_max_per_user, config.token_issue_window_seconds
+        )
+        self._limit = limit
         self._bypass_roles = config.gate_bypass_roles
         self._body_timeout = config.body_timeout_seconds
 
     async def logout(self, request: web.Request) -> web.Response:
-        """Revoke exactly the presented token, in every process before answering (503 when the
-        database cannot record it). 200 with a JSON object rather than 204: older CIRIS SDKs parse
-        every success reply as JSON."""
+        """Revoke exactly the presented token, or with `{"everywhere": true}` every token of its
+        user issued until now, in every process before answering (503 when the database cannot
+        record it). 200 with a JSON object rather than 204: older CIRIS SDKs parse every success
+        reply as JSON."""
         require_method(request, LOGOUT.method)
-        token, _identity = self._caller(request)
-        await self._revoke(token)
+        self._caller(request)
+        body = await read_model(
+            request, LogoutRequest, MAX_LOGIN_BODY, time_limit=self._body_timeout, empty_ok=True
+        )
+        # Checked again: another logout may have landed while the body was read.
+        token, identity = self._caller(request)
+        if body.everywhere or self._revocations.take(identity.key) is not None:
+            await self._end_sessions(identity.key)
+        else:
+            await self._revoke(token)
         return json_reply(LogoutReply())
 
     async def refresh(self, request: web.Request) -> web.Response:
@@ -132,7 +172,7 @@ class SessionRoutes:
         token, identity = self._caller(request)
         claims = _claims(token)
         extra: dict[str, Any] = {name: claims[name] for name in CARRIED_CLAIMS if name in claims}
-        reply = token_reply(self._verifier, identity.user_id, identity.role, identity.email, extra)
+        reply = token_reply(self._verifier, self._limit, identity.key, identity.role, identity.email, extra)
         await self._revoke(token)
         return reply
 
@@ -188,20 +228,25 @@ def add_auth_routes(
     login_path: str,
     throttle: LoginThrottle | None,
     revoke: Revoke,
+    end_sessions: EndSessions,
+    counts: Counts,
 ) -> None:
     """Login at `login_path`; logout, refresh and me beside it (`auth_paths`). Each is registered
-    for every method, so that a wrong one is a JSON 405 too. `revoke` revokes a token everywhere."""
+    for every method, so that a wrong one is a JSON 405 too. `revoke` revokes a token everywhere,
+    `end_sessions` every token of a user; `counts` is where the metrics count their requests and
+    failed logins."""
     paths = auth_paths(login_path)
+    # One count for both: login and refresh are the two ways to a new token.
+    limit = TokenIssueLimit.from_config(config)
     login = LoginRoute(
-        authenticate,
-        verifier,
-        throttle or MemoryLoginThrottle.from_config(config),
-        config.trusted_proxies,
-        config.body_timeout_seconds,
+        authenticate, verifier, throttle or MemoryLoginThrottle.from_config(config), limit, config, counts
     )
-    sessions = SessionRoutes(verifier, config, revoke)
+    sessions = SessionRoutes(verifier, config, revoke, end_sessions, limit)
     authenticated = sessions.expect_authenticated
-    router.add_route("*", paths[LOGIN], json_errors(login.login), expect_handler=expect_continue)
-    router.add_route("*", paths[LOGOUT], json_errors(sessions.logout), expect_handler=authenticated)
-    router.add_route("*", paths[REFRESH], json_errors(sessions.refresh), expect_handler=authenticated)
-    router.add_route("*", paths[ME], json_errors(sessions.me), expect_handler=authenticated)
+    requests = counts.requests
+    router.add_route("*", paths[LOGIN], json_errors(login.login, requests), expect_handler=expect_continue)
+    router.add_route("*", paths[LOGOUT], json_errors(sessions.logout, requests), expect_handler=authenticated)
+    router.add_route(
+        "*", paths[REFRESH], json_errors(sessions.refresh, requests), expect_handler=authenticated
+    )
+    router.add_route("*", paths[ME], json_errors(sessions.me, requests), expect_handler=authenticated)

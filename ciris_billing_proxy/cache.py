@@ -49,6 +49,9 @@ class CreditCache(Generic[V]):
         self._entries: LRUCache[tuple[str, str], tuple[float, V]] = LRUCache(maxsize=maxsize)
         self._loads: SingleFlight[tuple[str, str], V] = SingleFlight()
         self._max_lifetime: float | None = None
+        #: Lookups answered from the cache, and lookups that loaded (the metrics read them).
+        self.hits = 0
+        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -61,8 +64,10 @@ class CreditCache(Generic[V]):
             pass
         else:
             if expires_at > self._timer():
+                self.hits += 1
                 return value
             del self._entries[key]
+        self.misses += 1
         return await asyncio.shield(self._loads.run(key, lambda: self._fill(identity)))
 
     def invalidate(self, identity: Identity) -> None:

@@ -44,11 +44,13 @@ from .paths import (
     DEFAULT_ME_PATH,
     DEFAULT_PREFIX,
     DEFAULT_REFRESH_PATH,
+    DEFAULT_TOOLS_PREFIX,
     GOOGLE_PLAY_ROUTE,
     INITIATE_ROUTE,
     STATUS_ROUTE,
     TRANSACTIONS_ROUTE,
 )
+from .products import AvailableTools, ToolBalance, ToolBalances, ToolCheck, ToolPurchase
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -79,6 +81,10 @@ class InvalidRequestError(BillingAPIError):
 
 class RateLimitedError(BillingAPIError):
     """429: too many requests; try again later."""
+
+
+class AlreadyProcessedError(BillingAPIError):
+    """409: a store purchase redeemed before (`purchase_tool`): nothing was added."""
 
 
 class AuthenticationError(BillingAPIError):
@@ -141,6 +147,8 @@ def error_for(status: int, detail: Any) -> BillingAPIError:
         return ForbiddenError(status, detail)
     if status == 404:
         return NotFoundError(status, detail)
+    if status == 409:
+        return AlreadyProcessedError(status, detail)
     if status == 429:
         return RateLimitedError(status, detail)
     if status >= 500:
@@ -160,8 +168,10 @@ class BillingClient:
     `login(username, password)` keeps the token it gets (or pass `token=`); then `get_credits()`,
     `initiate_purchase(return_url=None, *, idempotency_key=None)`, `get_purchase_status(payment_id)`,
     `wait_for_purchase(payment_id)`, `get_transactions(limit, offset)`, `capabilities()`,
-    `verify_google_play(...)`, `verify_app_store(...)`, and `me()`, `refresh()`, `logout()` for the
-    auth routes. `id_token` (sent in `id_token_header`, `X-Google-ID-Token` by default) is the
+    `verify_google_play(...)`, `verify_app_store(...)`, the tool credits under `tools_prefix`
+    (`get_tool_balance(tool)`, `get_tool_balances()`, `check_tool(tool)`, `get_available_tools()`,
+    `purchase_tool(...)`), and `me()`, `refresh()`, `logout()` for the auth routes. `id_token` (sent in
+    `id_token_header`, `X-Google-ID-Token` by default) is the
     user's own ID token, for an agent whose provider calls its backend as the user. Replies are the
     wire-contract models of `ciris_billing_proxy.models` (`CreditStatusReply`, ...). Every failure is
     a `BillingClientError`: `BillingAPIError` (with `status` and `detail`; a subclass per status,
@@ -179,6 +189,7 @@ class BillingClient:
         on_unauthorized: Callable[[BillingClient], Awaitable[None]] | None = None,
         id_token: str | None = None,
         id_token_header: str = GOOGLE_HEADER,
+        tools_prefix: str = DEFAULT_TOOLS_PREFIX,
     ) -> None:
         """`on_unauthorized(client)`, if given, is awaited once when a call gets a 401 (typically
         to `login` again); the call is then retried once with the new token."""
@@ -191,6 +202,7 @@ class BillingClient:
         # What messages show: never the password of a URL that carries one.
         self._shown_url = str(url.with_user(None).with_password(None)).rstrip("/")
         self.prefix = prefix.rstrip("/")
+        self.tools_prefix = tools_prefix.rstrip("/")
         self.token = token
         self.id_token = id_token
         self.id_token_header = id_token_header
@@ -221,9 +233,12 @@ class BillingClient:
         self.token = reply.access_token
         return reply
 
-    async def logout(self) -> None:
-        """Revoke the current token on the agent, and forget it."""
-        await self.request("POST", DEFAULT_LOGOUT_PATH)
+    async def logout(self, *, everywhere: bool = False) -> None:
+        """Revoke the current token on the agent, and forget it; with `everywhere=True`, every
+        token of the user issued until now (their other sessions and devices too)."""
+        await self.request(
+            "POST", DEFAULT_LOGOUT_PATH, json_body={"everywhere": True} if everywhere else None
+        )
         self.token = None
 
     async def refresh(self) -> LoginReply:
@@ -253,9 +268,13 @@ class BillingClient:
         reply = await self.request("POST", self.prefix + GOOGLE_PLAY_ROUTE, json_body=body)
         return _parse(StoreVerificationReply, reply)
 
-    async def verify_app_store(self, transaction_id: str, product_id: str) -> StoreVerificationReply:
-        """Redeem an App Store transaction, as `verify_google_play`."""
-        body = {"transaction_id": transaction_id, "product_id": product_id}
+    async def verify_app_store(
+        self, transaction_id: str, product_id: str | None = None
+    ) -> StoreVerificationReply:
+        """Redeem an App Store transaction, as `verify_google_play` (the iOS app sends no product)."""
+        body = {"transaction_id": transaction_id}
+        if product_id is not None:
+            body["product_id"] = product_id
         reply = await self.request("POST", self.prefix + APP_STORE_ROUTE, json_body=body)
         return _parse(StoreVerificationReply, reply)
 
@@ -310,6 +329,29 @@ class BillingClient:
         params = {"limit": str(limit), "offset": str(offset)}
         reply = await self.request("GET", self.prefix + TRANSACTIONS_ROUTE, params=params)
         return _parse(TransactionPageReply, reply)
+
+    # -- tool credits (docs/tool-credits.md), under `tools_prefix` ------------------------------------
+    async def get_tool_balance(self, tool: str) -> ToolBalance:
+        """One product's balance; `NotFoundError` for a product the agent does not sell."""
+        reply = await self.request("GET", f"{self.tools_prefix}/balance/{quote(tool, safe='')}")
+        return _parse(ToolBalance, reply)
+
+    async def get_tool_balances(self) -> ToolBalances:
+        return _parse(ToolBalances, await self.request("GET", f"{self.tools_prefix}/balance"))
+
+    async def check_tool(self, tool: str) -> ToolCheck:
+        reply = await self.request("GET", f"{self.tools_prefix}/check/{quote(tool, safe='')}")
+        return _parse(ToolCheck, reply)
+
+    async def get_available_tools(self) -> AvailableTools:
+        return _parse(AvailableTools, await self.request("GET", f"{self.tools_prefix}/available"))
+
+    async def purchase_tool(self, product_id: str, purchase_token: str, tool_name: str) -> ToolPurchase:
+        """Redeem a store purchase of a tool pack; a repeat raises `AlreadyProcessedError` (409)."""
+        body = {"product_id": product_id, "purchase_token": purchase_token, "tool_name": tool_name}
+        return _parse(
+            ToolPurchase, await self.request("POST", f"{self.tools_prefix}/purchase", json_body=body)
+        )
 
     # -- the transport --------------------------------------------------------------------------
     async def request(

@@ -8,6 +8,7 @@ mercy of whatever variables the machine happens to have set.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
@@ -15,9 +16,12 @@ from typing import Any, Final, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from .database_budget import DatabaseBudget
 from .database_url import parse_database_url
-from .paths import DEFAULT_PREFIX
+from .paths import DEFAULT_PREFIX, DEFAULT_TOOLS_PREFIX
 
+#: A serialized web origin as browsers send it in `Origin` (RFC 6454 section 6.1).
+ORIGIN: Final = re.compile(r"https?://(\[[0-9a-f:.]+\]|[a-z0-9.\-]+)(:[0-9]{1,5})?")
 HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC_ALGORITHMS: Final = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
@@ -100,6 +104,12 @@ class BillingConfig(BaseModel):
     #: for one SQLite file, `postgresql://user@host:port/dbname` for PostgreSQL (shared by every
     #: process and host pointed at it). Secret: it may carry a password.
     database_url: SecretStr | None = None
+    #: Connections each pool of this process may hold on PostgreSQL (the records, the change feed's
+    #: up to 2, the login throttle's and the give-back outbox's pools each take at most this many).
+    database_pool_size: int = Field(default=10, ge=1, le=100)
+    #: Longest one use of the database may take in all (waiting for a connection or a lock, and every
+    #: statement of it); past that the request is answered 503. See docs/operations.md.
+    database_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     agent_id: str = Field(default="agent", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     identity_namespace: str = Field(default="local", min_length=1, max_length=64)
     default_role: str = Field(default="OBSERVER", min_length=1, max_length=50)
@@ -124,18 +134,35 @@ class BillingConfig(BaseModel):
     login_max_failures_per_user: int = Field(default=5, ge=0, le=1_000_000)
     login_max_failures_per_address: int = Field(default=20, ge=0, le=1_000_000)
     login_failure_window_seconds: int = Field(default=900, ge=1, le=7 * 24 * 3600)
+    #: New tokens one user may get (login and refresh together) per window, in each process (0: no
+    #: limit); beyond it 429 with `Retry-After`. It bounds the revoked tokens kept (see
+    #: `token_limit`).
+    token_issue_max_per_user: int = Field(default=120, ge=0, le=1_000_000)
+    token_issue_window_seconds: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
     #: Reverse proxies whose `X-Forwarded-For` is believed (addresses or CIDR networks); none by default.
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
     #: Serve the billing UI kit (`{prefix}/ui/billing.js`, `billing.d.ts`) without a token.
     serve_ui: bool = True
+    #: Web origins (`https://shop.example`, `http://localhost:5173`) whose pages may call the billing
+    #: routes from the browser (CORS); `*` allows every origin. None by default: same origin only.
+    cors_origins: tuple[str, ...] = ()
+    #: Where the tool routes (per-product credits) live, as the CIRIS agent serves them.
+    tools_prefix: str = DEFAULT_TOOLS_PREFIX
 
-    @field_validator("prefix")
+    @field_validator("prefix", "tools_prefix")
     @classmethod
     def _clean_prefix(cls, value: str) -> str:
         value = value.rstrip("/")
         if not value.startswith("/") or "//" in value or " " in value:
-            raise ValueError("prefix must be an absolute URL path such as /v1/api/billing")
+            raise ValueError("must be an absolute URL path such as /v1/api/billing")
         return value
+
+    @model_validator(mode="after")
+    def _apart(self) -> Self:
+        inner, outer = sorted((self.prefix, self.tools_prefix), key=len, reverse=True)
+        if inner == outer or inner.startswith(outer + "/"):
+            raise ValueError("prefix and tools_prefix must not be the same or one inside the other")
+        return self
 
     @field_validator("database_url")
     @classmethod
@@ -143,6 +170,10 @@ class BillingConfig(BaseModel):
         if value is not None:
             parse_database_url(value.get_secret_value())
         return value
+
+    @property
+    def database_budget(self) -> DatabaseBudget:
+        return DatabaseBudget(self.database_pool_size, self.database_timeout_seconds)
 
     @field_validator("gate_bypass_roles")
     @classmethod
@@ -157,6 +188,19 @@ class BillingConfig(BaseModel):
         for path in value:
             if not path.startswith("/"):
                 raise ValueError(f"protected path {path!r} must start with '/'")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # Browsers send `Origin` as scheme://host[:port], lower-case, without a path or a trailing
+        # slash, and CORS compares it as a string: anything else would never match.
+        for origin in value:
+            if origin != "*" and not ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"{origin!r} is not a web origin: write scheme://host[:port] in lower case, without a "
+                    "path or trailing slash (e.g. https://shop.example), or * for any origin"
+                )
         return value
 
     @field_validator("trusted_proxies", mode="before")
@@ -230,6 +274,8 @@ ENV_VARS: Final[dict[str, tuple[str, str, str]]] = {
     "CIRIS_CREDIT_PROVIDER": ("top", "provider", "str"),
     "CIRIS_BILLING_DATA_DIR": ("top", "data_dir", "path"),
     "CIRIS_BILLING_DATABASE_URL": ("top", "database_url", "str"),
+    "CIRIS_BILLING_DATABASE_POOL_SIZE": ("top", "database_pool_size", "int"),
+    "CIRIS_BILLING_DATABASE_TIMEOUT_SECONDS": ("top", "database_timeout_seconds", "float"),
     "CIRIS_AGENT_ID": ("top", "agent_id", "str"),
     "CIRIS_IDENTITY_NAMESPACE": ("top", "identity_namespace", "str"),
     "CIRIS_DEFAULT_ROLE": ("top", "default_role", "str"),
@@ -245,8 +291,12 @@ ENV_VARS: Final[dict[str, tuple[str, str, str]]] = {
     "CIRIS_LOGIN_MAX_FAILURES_PER_USER": ("top", "login_max_failures_per_user", "int"),
     "CIRIS_LOGIN_MAX_FAILURES_PER_ADDRESS": ("top", "login_max_failures_per_address", "int"),
     "CIRIS_LOGIN_FAILURE_WINDOW_SECONDS": ("top", "login_failure_window_seconds", "int"),
+    "CIRIS_TOKEN_ISSUE_MAX_PER_USER": ("top", "token_issue_max_per_user", "int"),
+    "CIRIS_TOKEN_ISSUE_WINDOW_SECONDS": ("top", "token_issue_window_seconds", "int"),
     "CIRIS_TRUSTED_PROXIES": ("top", "trusted_proxies", "list"),
     "CIRIS_BILLING_SERVE_UI": ("top", "serve_ui", "bool"),
+    "CIRIS_BILLING_CORS_ORIGINS": ("top", "cors_origins", "list"),
+    "CIRIS_TOOLS_PREFIX": ("top", "tools_prefix", "str"),
 }
 
 

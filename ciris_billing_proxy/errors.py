@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -69,12 +70,30 @@ class IdTokenRequired(BillingError):
         self.detail = detail
 
 
+class AlreadyProcessed(BillingError):
+    """A store purchase that was redeemed before (a tool purchase verified again): nothing added.
+    Answered 409, as the CIRIS agent answers it on its tool route."""
+
+    def __init__(self, detail: str = "Purchase already processed") -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
 class InsufficientCredit(BillingError):
     """The user has no credit left for this use."""
 
     def __init__(self, reason: str = "No free uses or credits remaining") -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class TooManyRequests(BillingError):
+    """The user asked for this too often; `retry_after` seconds until they may again (a 429)."""
+
+    def __init__(self, detail: str, retry_after: float) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after = retry_after
 
 
 class HTTPJSONError(web.HTTPException):
@@ -113,6 +132,10 @@ def to_http(exc: BillingError, *, gate: bool = False) -> HTTPJSONError:
         return http_error(400, exc.detail)
     if isinstance(exc, IdTokenRequired):
         return http_error(401, exc.detail)
+    if isinstance(exc, TooManyRequests):
+        return http_error(429, exc.detail, {"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
+    if isinstance(exc, AlreadyProcessed):
+        return http_error(409, exc.detail)
     return http_error(503, CREDIT_PROVIDER_UNAVAILABLE if gate else BILLING_UNAVAILABLE)
 
 
@@ -134,6 +157,7 @@ def error_middleware(
     path_prefixes: tuple[str, ...] | PathScope | None = None,
     *,
     before: Callable[[web.Request], None] | None = None,
+    requests: dict[tuple[object, int], int] | None = None,
 ) -> Middleware:
     """Turn every error under the given paths (all paths when None) into JSON `{"detail": ...}`.
 
@@ -142,7 +166,8 @@ def error_middleware(
     nothing (the traceback goes to the log only), unless it is the client's connection failing
     because the client went away (`client_gone`). `before(request)`, if given, runs first inside
     the same handling: the billing prefix passes its auth check here, so every billing request goes
-    through one middleware layer instead of two.
+    through one middleware layer instead of two. `requests`, if given, counts the answers by
+    (route, status) for the metrics: one dict entry bumped per request.
 
     A tuple of prefixes is matched against the full request path; `setup_billing` passes a
     `PathScope` it rebases onto the application's mount point at startup.
@@ -154,22 +179,35 @@ def error_middleware(
         if scope is not None and not scope.covers(request.path):
             return await handler(request)
         try:
-            if before is not None:
-                before(request)
-            return await handler(request)
-        except HTTPJSONError:
-            raise
-        except BillingError as exc:
-            raise to_http(exc) from None
-        except web.HTTPException as exc:
-            if exc.status < 400:
+            try:
+                if before is not None:
+                    before(request)
+                response = await handler(request)
+            except HTTPJSONError:
                 raise
-            headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-            raise http_error(exc.status, exc.reason, headers) from None
-        except Exception as exc:
-            if client_left(request, exc):
-                raise client_gone(request) from None
-            logger.exception("Unhandled error in %s %s", request.method, request.path)
-            raise http_error(500, INTERNAL_ERROR) from None
+            except BillingError as exc:
+                raise to_http(exc) from None
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+                raise http_error(exc.status, exc.reason, headers) from None
+            except Exception as exc:
+                if client_left(request, exc):
+                    raise client_gone(request) from None
+                logger.exception("Unhandled error in %s %s", request.method, request.path)
+                raise http_error(500, INTERNAL_ERROR) from None
+        except web.HTTPException as exc:
+            if requests is not None:
+                key = (request.match_info.route, exc.status)
+                requests[key] = requests.get(key, 0) + 1
+            raise
+        if requests is not None:
+            key = (request.match_info.route, response.status)
+            try:  # cheaper than .get() on the hot path, where the key is nearly always there
+                requests[key] += 1
+            except KeyError:
+                requests[key] = 1
+        return response
 
     return middleware

@@ -1,6 +1,8 @@
 """The user's own Google/Apple ID token, for providers that speak to their backend as the user.
 
-Native apps send it in `X-Google-ID-Token` or `X-Apple-ID-Token` beside the agent's bearer token.
+Native apps send it in `X-Google-ID-Token` or `X-Apple-ID-Token` beside the agent's bearer token, or
+(the CIRIS apps) write it into the agent's environment: a provider that offers that token
+(`CreditProvider.agent_id_token`) has it used for requests that carry none.
 The billing routes and the credit gate put it in a context variable for the duration of one request
 (`id_token_scope`), and a provider reads it with `current_id_token()`: provider method signatures stay
 as they are, and tasks the request starts (a credit load shared by concurrent requests) see it too.
@@ -9,7 +11,7 @@ It is never stored anywhere else: not on the request, not in the credit cache, n
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -31,6 +33,8 @@ class IdToken:
 
     header: str
     value: str = field(repr=False)
+    #: True for the token configured for the agent (its environment), not sent with the request.
+    from_agent: bool = False
 
 
 _current: ContextVar[IdToken | None] = ContextVar("ciris_billing_proxy_id_token", default=None)
@@ -49,11 +53,27 @@ def id_token_of(request: web.Request) -> IdToken | None:
     return None
 
 
+def user_id_token(request: web.Request, agent: Callable[[], IdToken | None]) -> IdToken | None:
+    """The request's ID token, else the agent's (`agent`: `CreditProvider.agent_id_token`)."""
+    return id_token_of(request) or agent()
+
+
 @contextmanager
 def id_token_scope(request: web.Request) -> Iterator[IdToken | None]:
     """Make the request's ID token current until the block ends. aiohttp serves the requests of
-    one keep-alive connection in one task, so the token is reset afterwards, not left for the next."""
+    one keep-alive connection in one task, so the token is reset afterwards, not left for the next.
+    (The cached `/credits` read goes through here: one context manager, not two.)"""
     token = id_token_of(request)
+    reset = _current.set(token)
+    try:
+        yield token
+    finally:
+        _current.reset(reset)
+
+
+@contextmanager
+def id_token_as(token: IdToken | None) -> Iterator[IdToken | None]:
+    """Make `token` current until the block ends, as `id_token_scope` does for the request's."""
     reset = _current.set(token)
     try:
         yield token

@@ -12,7 +12,7 @@ import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -20,15 +20,20 @@ from aiohttp.typedefs import Handler
 from .auth import TokenVerifier
 from .bodies import read_model
 from .client_address import Network, client_address
+from .config import BillingConfig
 from .errors import error_middleware, http_error
 from .models import LoginReply, LoginRequest
 from .routes import json_reply
 from .throttle import LoginAttempt, LoginThrottle
+from .token_limit import TOO_MANY_TOKENS, TokenIssueLimit
 
 MAX_LOGIN_BODY: Final = 8 * 1024
 TOO_MANY_LOGIN_ATTEMPTS: Final = "Too many login attempts"
 #: The claim carrying the user's creation time (seconds since the epoch), for `GET /v1/auth/me`.
 CREATED_AT_CLAIM: Final = "created_at"
+
+if TYPE_CHECKING:
+    from .ops.metrics import Counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,10 +49,10 @@ class AuthenticatedUser:
 Authenticator = Callable[[str, str], Awaitable[AuthenticatedUser | None]]
 
 
-def json_errors(handler: Handler) -> Handler:
+def json_errors(handler: Handler, requests: dict[tuple[object, int], int] | None = None) -> Handler:
     """`handler` with every error as JSON `{"detail": ...}`: these routes live on the host's app,
-    which may have no JSON error middleware of its own."""
-    middleware = error_middleware()
+    which may have no JSON error middleware of its own. `requests` counts answers for the metrics."""
+    middleware = error_middleware(requests=requests)
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
         return await middleware(request, handler)
@@ -61,13 +66,23 @@ def require_method(request: web.Request, method: str) -> None:
         raise http_error(405, "Method Not Allowed", {"Allow": method})
 
 
+def retry_after(wait: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(wait)))}
+
+
 def token_reply(
     verifier: TokenVerifier,
-    user_id: str,
+    limit: TokenIssueLimit,
+    user: tuple[str, str],
     role: str,
     email: str | None,
     extra: Mapping[str, Any] | None = None,
 ) -> web.Response:
+    """A new token for `user` (namespace, user id), or 429 when they had their share (`token_limit`)."""
+    wait = limit.take(user)
+    if wait is not None:
+        raise http_error(429, TOO_MANY_TOKENS, retry_after(wait))
+    user_id = user[1]
     token = verifier.issue(user_id, role=role, email=email, extra=extra)
     return json_reply(
         LoginReply(access_token=token, expires_in=verifier.token_ttl_seconds, user_id=user_id, role=role)
@@ -80,14 +95,18 @@ class LoginRoute:
         authenticate: Authenticator,
         verifier: TokenVerifier,
         throttle: LoginThrottle,
-        trusted_proxies: Sequence[Network],
-        body_timeout: float,
+        limit: TokenIssueLimit,
+        config: BillingConfig,
+        counts: Counts,
     ) -> None:
+        self._counts = counts
         self._authenticate = authenticate
         self._verifier = verifier
+        self._limit = limit
+        self._namespace = config.identity_namespace
         self._throttle = throttle
-        self._trusted_proxies = trusted_proxies
-        self._body_timeout = body_timeout
+        self._trusted_proxies: Sequence[Network] = config.trusted_proxies
+        self._body_timeout = config.body_timeout_seconds
 
     async def login(self, request: web.Request) -> web.Response:
         require_method(request, "POST")
@@ -95,15 +114,18 @@ class LoginRoute:
         attempt = LoginAttempt(body.username, client_address(request, self._trusted_proxies))
         wait = await self._throttle.admit(attempt)
         if wait is not None:
-            raise http_error(429, TOO_MANY_LOGIN_ATTEMPTS, {"Retry-After": str(max(1, math.ceil(wait)))})
+            self._counts.login_lockouts += 1
+            raise http_error(429, TOO_MANY_LOGIN_ATTEMPTS, retry_after(wait))
         # From here the attempt counts as a failure unless the password proves right, also when the
         # authenticator raises (a 500): an error is no licence for unlimited guesses.
         user = await self._authenticate(body.username, body.password)
         if user is None:
+            self._counts.login_failures += 1
             raise http_error(401, "Invalid credentials")
         await self._throttle.succeeded(attempt)
         extra = {CREATED_AT_CLAIM: _epoch_seconds(user.created_at)} if user.created_at else None
-        return token_reply(self._verifier, user.user_id, user.role.upper(), user.email, extra)
+        user_key = (self._namespace, user.user_id)
+        return token_reply(self._verifier, self._limit, user_key, user.role.upper(), user.email, extra)
 
 
 def _epoch_seconds(moment: datetime) -> int:

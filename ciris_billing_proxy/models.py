@@ -75,17 +75,38 @@ class CreditStatusReply(_Reply):
 
 
 class CreditStatus(CreditStatusReply):
-    """`GET /credits`. The last three fields are additive extras, left out of the JSON when unset."""
+    """`GET /credits`. The last fields are additive extras, left out of the JSON when unset.
+
+    Daily free uses are counted into `free_uses_remaining` (the seed's UI adds only
+    `credits_remaining + free_uses_remaining`), and how many of those are daily is said as
+    `daily_free_uses_included`, never as `daily_free_uses_remaining`: the CIRIS apps add that one
+    on top (`credits + free + daily`), so both sums show the true uses left only when it is absent.
+    A provider that still sets `daily_free_uses_remaining` (counted into the free uses, as this
+    model always required) has it moved to `daily_free_uses_included`.
+    """
 
     credits_remaining: int = Field(ge=0)
     free_uses_remaining: int = Field(ge=0)
     total_uses: int = Field(ge=0)
     purchase_options: PurchaseOptions | None
-    daily_free_uses_remaining: int | None = Field(default=None, ge=0)
+    daily_free_uses_remaining: None = None
     daily_free_uses_limit: int | None = Field(default=None, ge=0)
+    #: How many of `free_uses_remaining` are daily uses (they come back at the next reset).
+    daily_free_uses_included: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _daily_is_included(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("daily_free_uses_remaining") is not None:
+            data = dict(data)
+            daily = data.pop("daily_free_uses_remaining")
+            data.setdefault("daily_free_uses_included", daily)
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
+        if (self.daily_free_uses_included or 0) > self.free_uses_remaining:
+            raise ValueError("daily_free_uses_included counts more uses than free_uses_remaining")
         available = self.credits_remaining + self.free_uses_remaining
         if self.has_credit and available <= 0:
             raise ValueError("has_credit is true but no credits or free uses remain")
@@ -100,7 +121,12 @@ class CreditStatus(CreditStatusReply):
     @model_serializer(mode="wrap")
     def _drop_unset_extras(self, handler: Any) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        for name in ("reason", "daily_free_uses_remaining", "daily_free_uses_limit"):
+        for name in (
+            "reason",
+            "daily_free_uses_remaining",
+            "daily_free_uses_limit",
+            "daily_free_uses_included",
+        ):
             if data.get(name) is None:
                 data.pop(name, None)
         return data
@@ -148,13 +174,33 @@ class TransactionReply(_Reply):
     description: str
     created_at: str
     balance_after: int | None = None
+    #: CIRIS passes these on from its backend (`purchase`, `grant`, `refund`, ... for credits; the
+    #: store's or Stripe's id; the charge's `{message_id, agent_id, channel_id, request_id}`).
+    transaction_type: str | None = None
+    external_transaction_id: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+#: The fields of a transaction sent only when the provider has them.
+TRANSACTION_EXTRAS: Final = ("transaction_type", "external_transaction_id", "metadata")
 
 
 class Transaction(TransactionReply):
-    """One entry of `GET /transactions`: a charge (negative `amount_minor`) or a credit."""
+    """One entry of `GET /transactions`: a charge (negative `amount_minor`) or a credit, with the
+    extras a provider has (left out of the JSON when it has none)."""
 
     type: Literal["charge", "credit"]
     balance_after: int
+    transaction_type: str | None = Field(default=None, min_length=1, max_length=64)
+    external_transaction_id: str | None = Field(default=None, min_length=1, max_length=255)
+
+    @model_serializer(mode="wrap")
+    def _drop_missing_extras(self, handler: Any) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for name in TRANSACTION_EXTRAS:
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
 
 
 class TransactionPageReply(_Reply):
@@ -180,10 +226,24 @@ class CapabilitiesReply(_Reply):
     apple_storekit: bool = False
     #: False when the gate only checks credit and someone else (CIRIS's LLM proxy) charges.
     charges: bool = True
+    #: The products sold per use beside the interaction credits (tool credits), by name; their
+    #: balances are at the tool routes (`docs/tool-credits.md`). Older agents leave it out: none.
+    products: list[str] = Field(default_factory=list)
 
 
 class Capabilities(CapabilitiesReply):
     provider: str = Field(min_length=1)
+    #: Only with a stand-in for Stripe.js (`serve --fake-backend`): its path on the agent, which
+    #: `<ciris-billing>` loads instead of Stripe's. Left out of the JSON otherwise, so a real
+    #: deployment's reply never names one.
+    stripe_js: str | None = Field(default=None, pattern=r"^/[^/\\]")
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_stripe_js(self, handler: Any) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("stripe_js") is None:
+            data.pop("stripe_js", None)
+        return data
 
 
 class GooglePlayPurchase(_Request):
@@ -196,10 +256,11 @@ class GooglePlayPurchase(_Request):
 
 
 class AppStorePurchase(_Request):
-    """`POST /apple-storekit/verify` body: the StoreKit transaction to redeem."""
+    """`POST /apple-storekit/verify` body: the StoreKit transaction to redeem. The iOS app sends
+    only `transaction_id` (the store's record of the transaction names the product)."""
 
     transaction_id: str = Field(min_length=1, max_length=4096, repr=False)
-    product_id: str = Field(min_length=1, max_length=255)
+    product_id: str | None = Field(default=None, min_length=1, max_length=255)
 
 
 class StoreVerificationReply(_Reply):
@@ -244,6 +305,13 @@ class RefreshRequest(_Request):
     value is not used: the bearer token is what gets refreshed."""
 
     refresh_token: str | None = Field(default=None, max_length=4096)
+
+
+class LogoutRequest(_Request):
+    """`POST /v1/auth/logout` body: empty or `{}` to revoke the presented token; `{"everywhere":
+    true}` to end every session of its user (all their tokens issued until now)."""
+
+    everywhere: bool = False
 
 
 class LogoutReply(_Reply):

@@ -18,7 +18,9 @@ from pydantic.json_schema import models_json_schema
 from .auth_routes import auth_paths
 from .models import ErrorReply
 from .operations import Operation, TextParam
+from .paths import DEFAULT_TOOLS_PREFIX
 from .routes import BILLING_OPERATIONS, OPENAPI, UI_FILE
+from .tool_routes import TOOL_OPERATIONS
 from .version import __version__
 
 OPENAPI_VERSION: Final = "3.1.0"
@@ -50,11 +52,18 @@ _ERROR_HEADERS: Final[dict[int, dict[str, Any]]] = {
 }
 
 
-def openapi_document(prefix: str, login_path: str | None = None, *, ui: bool = True) -> dict[str, Any]:
-    """The document for billing routes under `prefix` (the UI kit's files with `ui`) and, when
-    `login_path` is given, the auth routes (login there, logout, refresh and me beside it). Paths
-    are full paths from the root."""
+def openapi_document(
+    prefix: str,
+    login_path: str | None = None,
+    *,
+    ui: bool = True,
+    tools_prefix: str = DEFAULT_TOOLS_PREFIX,
+) -> dict[str, Any]:
+    """The document for billing routes under `prefix` (the UI kit's files with `ui`), the tool
+    routes under `tools_prefix` and, when `login_path` is given, the auth routes (login there,
+    logout, refresh and me beside it). Paths are full paths from the root."""
     placed = [(op, prefix + op.path) for op in BILLING_OPERATIONS if ui or op is not UI_FILE]
+    placed += [(op, tools_prefix + op.path) for op in TOOL_OPERATIONS]
     if login_path is not None:
         placed += [(op, path) for op, path in auth_paths(login_path).items()]
     refs, defs = _schemas(op for op, _ in placed)
@@ -161,10 +170,13 @@ class APIDescription:
     """The `{prefix}/openapi.json` handler. The document is built on the first request, when the
     application's mount point is final, and then served as the same bytes."""
 
-    def __init__(self, prefix: str, login_path: str | None, *, ui: bool) -> None:
+    def __init__(
+        self, prefix: str, login_path: str | None, *, ui: bool, tools_prefix: str = DEFAULT_TOOLS_PREFIX
+    ) -> None:
         self._prefix = prefix
         self._login_path = login_path
         self._ui = ui
+        self._tools_prefix = tools_prefix
         self._body: bytes | None = None
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -174,7 +186,9 @@ class APIDescription:
             # aiohttp prefixes a mounted application's resources: what precedes ours is the mount point.
             mount = resource.canonical.removesuffix(self._prefix + OPENAPI.path)
             login_path = None if self._login_path is None else mount + self._login_path
-            document = openapi_document(mount + self._prefix, login_path, ui=self._ui)
+            document = openapi_document(
+                mount + self._prefix, login_path, ui=self._ui, tools_prefix=mount + self._tools_prefix
+            )
             self._body = json.dumps(document, indent=2).encode()
         return web.Response(
             body=self._body, content_type="application/json", headers={"Cache-Control": CACHE_CONTROL}

@@ -14,6 +14,9 @@ from aiohttp import web
 
 #: Where the billing routes are unless `BillingConfig.prefix` says otherwise.
 DEFAULT_PREFIX: Final = "/v1/api/billing"
+#: Where the tool routes (per-product credits) are unless `BillingConfig.tools_prefix` says otherwise,
+#: as the CIRIS agent serves them.
+DEFAULT_TOOLS_PREFIX: Final = "/v1/api/tools"
 #: The billing routes, below the prefix. `STATUS_ROUTE` is followed by the payment id.
 CAPABILITIES_ROUTE: Final = "/capabilities"
 CREDITS_ROUTE: Final = "/credits"

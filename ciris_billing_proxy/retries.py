@@ -5,6 +5,9 @@ now (its backend is down, or cannot yet say what the charge took), dropping the 
 a user's credit for an interaction that never happened. So it is retried, with backoff capped at
 `max_interval` seconds: once the backend is back, the use is back within that interval. The
 provider's `give_back` is idempotent per key, which makes every retry safe.
+
+These retries live as long as the process; the give-back outbox (`ops/outbox.py`) is their durable
+backing, from which the next process takes over whatever is still owed at shutdown.
 """
 
 from __future__ import annotations
@@ -38,9 +41,9 @@ class GiveBackRetries:
 
     def schedule(self, identity: Identity, key: str) -> bool:
         """Retry `give_back(identity, key)` until it succeeds (once per key, however often asked).
-        After `aclose` nothing is retried any more: the key is logged as owed and False returned."""
+        After `aclose` nothing is retried any more: False."""
         if self._closed:
-            _log_abandoned(key)
+            logger.debug("Shutting down: the give-back for request key %s is not retried here", key)
             return False
         slot = (identity.key, key)
         if slot in self._pending:
@@ -50,14 +53,15 @@ class GiveBackRetries:
         task.add_done_callback(lambda _: self._pending.pop(slot, None))
         return True
 
-    async def aclose(self) -> None:
-        """Stop retrying (at shutdown), naming every give-back that is still owed."""
+    async def aclose(self) -> int:
+        """Stop retrying (at shutdown); how many give-backs were still owed (each key at DEBUG)."""
         self._closed = True
         tasks = list(self._pending.items())
         for (_, key), task in tasks:
             task.cancel()
-            _log_abandoned(key)
+            logger.debug("Shutting down: the give-back for request key %s is not retried here", key)
         await asyncio.gather(*(task for _, task in tasks), return_exceptions=True)
+        return len(tasks)
 
     async def _retry(self, identity: Identity, key: str) -> None:
         interval = min(FIRST_INTERVAL, self._max_interval)
@@ -80,11 +84,3 @@ class GiveBackRetries:
                 return
             logger.info("Gave back the use spent under request key %s after %d retries", key, attempts)
             return
-
-
-def _log_abandoned(key: str) -> None:
-    logger.warning(
-        "Shutting down: the give-back for request key %s is not retried again; "
-        "its use may not have been given back",
-        key,
-    )

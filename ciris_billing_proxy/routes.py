@@ -18,8 +18,16 @@ from pydantic import BaseModel
 
 from .auth import identity_of_request
 from .bodies import expect_continue, read_model
-from .errors import BillingDisabled, IdTokenRequired, PaymentNotFound, http_error
-from .id_token import APPLE_HEADER, GOOGLE_HEADER, MISSING, IdToken, id_token_of, id_token_scope
+from .errors import BILLING_DISABLED, BillingDisabled, IdTokenRequired, PaymentNotFound, http_error
+from .id_token import (
+    APPLE_HEADER,
+    GOOGLE_HEADER,
+    MISSING,
+    IdToken,
+    id_token_as,
+    id_token_scope,
+    user_id_token,
+)
 from .identity import Identity
 from .keys import VERIFIED_KEY
 from .models import (
@@ -81,8 +89,9 @@ NO_ID_TOKEN: Final = (
 AS_USER_ERRORS: Final = {**BEARER_ERRORS, 401: NO_ID_TOKEN}
 STORE_REFUSED: Final = (
     "A purchase the store or backend refuses (invalid, unknown product) is still a 200, with "
-    "`success: false` and a readable `error`: the mobile apps read those fields. A repeated purchase "
-    "answers `already_processed: true` and adds nothing."
+    "`success: false` and a readable `error`: the mobile apps read those fields. So is a store the "
+    "provider does not redeem (`error`: `Billing not enabled for this agent`; `/capabilities` says it "
+    "is off). A repeated purchase answers `already_processed: true` and adds nothing."
 )
 
 CREDITS: Final = Operation(
@@ -116,6 +125,8 @@ INITIATE: Final = Operation(
         400: "the body is not JSON, a bad `Idempotency-Key`, or the provider refused the purchase "
         "(e.g. no email address on the account)",
         403: SELLING,
+        429: "the user started the provider's limit of new purchases within its window (`ciris`: "
+        "`purchase_max_per_user`); see `Retry-After`",
         503: PROVIDER_FAILED,
     },
     "billing",
@@ -152,7 +163,6 @@ GOOGLE_PLAY: Final = Operation(
     {
         **AS_USER_ERRORS,
         **BODY_ERRORS,
-        403: "the provider does not redeem Google Play purchases (`Billing not enabled for this agent`)",
         503: PROVIDER_FAILED,
     },
     "billing",
@@ -169,7 +179,6 @@ APP_STORE: Final = Operation(
     {
         **AS_USER_ERRORS,
         **BODY_ERRORS,
-        403: "the provider does not redeem App Store purchases (`Billing not enabled for this agent`)",
         503: PROVIDER_FAILED,
     },
     "billing",
@@ -218,6 +227,17 @@ def json_reply(model: BaseModel, status: int = 200) -> web.Response:
     return web.Response(body=model.model_dump_json().encode(), status=status, content_type="application/json")
 
 
+#: A store the provider does not redeem: a 200 the apps read (they show any non-2xx as a raw "API
+#: error"), as CIRIS answers; `/capabilities` says the store is off. A malformed body is still its 4xx.
+STORE_OFF_BODY: Final = StoreVerification(
+    success=False, credits_added=0, new_balance=0, already_processed=False, error=BILLING_DISABLED
+)
+
+
+def _store_off() -> web.Response:
+    return json_reply(STORE_OFF_BODY)
+
+
 class BillingRoutes:
     """The handlers, bound to their service (no per-request lookup through the app chain)."""
 
@@ -264,15 +284,15 @@ class BillingRoutes:
             return json_reply(await self.service.transactions(request[VERIFIED_KEY][1], limit, offset))
 
     async def verify_google_play(self, request: web.Request) -> web.Response:
-        if not self.service.provider.google_play_enabled:
-            raise BillingDisabled
         purchase = await self._read(request, GooglePlayPurchase)
+        if not self.service.provider.google_play_enabled:
+            return _store_off()
         return await self._verify(request, lambda who: self.service.verify_google_play(who, purchase))
 
     async def verify_app_store(self, request: web.Request) -> web.Response:
-        if not self.service.provider.apple_storekit_enabled:
-            raise BillingDisabled
         purchase = await self._read(request, AppStorePurchase)
+        if not self.service.provider.apple_storekit_enabled:
+            return _store_off()
         return await self._verify(request, lambda who: self.service.verify_app_store(who, purchase))
 
     async def _read(self, request: web.Request, model: type[M]) -> M:
@@ -287,9 +307,14 @@ class BillingRoutes:
 
     def _as_user(self, request: web.Request) -> AbstractContextManager[IdToken | None]:
         """The request's ID token made current for the provider (see `id_token`); a 401 first if the
-        provider needs one and none was sent, before any cached credit could answer."""
-        if self.service.provider.id_token_required and id_token_of(request) is None:
-            raise IdTokenRequired(MISSING)
+        provider needs one and neither the request nor the agent has one, before any cached credit
+        could answer."""
+        provider = self.service.provider
+        if provider.id_token_required:
+            token = user_id_token(request, provider.agent_id_token)
+            if token is None:
+                raise IdTokenRequired(MISSING)
+            return id_token_as(token)
         return id_token_scope(request)
 
     async def expect_authenticated(self, request: web.Request) -> None:
@@ -332,12 +357,14 @@ def add_routes(
     prefix: str = "",
     *,
     public: set[Handler],
+    api: set[web.AbstractResource],
     describe: Handler,
     own_router: bool = False,
 ) -> web.AbstractResource:
     """Add the billing routes to `router`, each path under `prefix` (empty inside the sub-app), and
     `describe` (the API description) at `OPENAPI`'s path. The handlers of routes that need no token
-    are added to `public`, which the token check skips.
+    are added to `public`, which the token check skips, and the resources of the JSON API to `api`
+    (what `cors_origins` opens to other origins; the UI kit's files are readable from any origin).
 
     Every route checks `Expect:` (the token first, where one is needed) before granting
     `100-continue`. With `own_router` (the billing sub-app's router, which serves nothing else)
@@ -348,15 +375,19 @@ def add_routes(
     """
     routes = BillingRoutes(service)
     expect = routes.expect_authenticated
-    credits = router.add_get(prefix + CREDITS.path, routes.get_credits, expect_handler=expect).resource
-    router.add_get(prefix + CAPABILITIES.path, routes.capabilities, expect_handler=expect)
-    router.add_post(prefix + INITIATE.path, routes.initiate_purchase, expect_handler=expect)
-    router.add_get(prefix + STATUS.path, routes.purchase_status, expect_handler=expect)
-    router.add_get(prefix + TRANSACTIONS.path, routes.transactions, expect_handler=expect)
-    router.add_post(prefix + GOOGLE_PLAY.path, routes.verify_google_play, expect_handler=expect)
-    router.add_post(prefix + APP_STORE.path, routes.verify_app_store, expect_handler=expect)
-    router.add_get(prefix + OPENAPI.path, describe, expect_handler=expect_continue)
+    added = [
+        router.add_get(prefix + CREDITS.path, routes.get_credits, expect_handler=expect),
+        router.add_get(prefix + CAPABILITIES.path, routes.capabilities, expect_handler=expect),
+        router.add_post(prefix + INITIATE.path, routes.initiate_purchase, expect_handler=expect),
+        router.add_get(prefix + STATUS.path, routes.purchase_status, expect_handler=expect),
+        router.add_get(prefix + TRANSACTIONS.path, routes.transactions, expect_handler=expect),
+        router.add_post(prefix + GOOGLE_PLAY.path, routes.verify_google_play, expect_handler=expect),
+        router.add_post(prefix + APP_STORE.path, routes.verify_app_store, expect_handler=expect),
+        router.add_get(prefix + OPENAPI.path, describe, expect_handler=expect_continue),
+    ]
     public.add(describe)
+    api.update(route.resource for route in added if route.resource is not None)
+    credits = added[0].resource
     if service.config.serve_ui:
         # Every path below /ui/ goes to the files' handler, so an unknown one is a 404 without a token.
         ui = UIFiles().serve

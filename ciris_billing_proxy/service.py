@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -19,8 +21,8 @@ from cachetools import LRUCache
 
 from .auth import TokenVerifier
 from .cache import CreditCache
-from .config import BillingConfig
-from .errors import BillingError, ProviderUnavailable
+from .config import BillingConfig, ConfigError
+from .errors import BillingError, InsufficientCredit, ProviderUnavailable
 from .identity import Identity
 from .models import (
     AppStorePurchase,
@@ -32,9 +34,14 @@ from .models import (
     StoreVerification,
     TransactionPage,
 )
+from .ops.health import Health, readiness
+from .ops.metrics import Counts, MultiprocessWriter
+from .ops.outbox import GiveBackOutbox
+from .products import ToolBalance, ToolCheck, ToolPurchase, ToolPurchaseRequest
 from .providers.base import CreditProvider
 from .retries import GiveBackRetries
 from .store.changes import FEED_DOWN_MAX_AGE_SECONDS, ChangeFeed, IdentityKey
+from .store.give_backs import Owed
 
 T = TypeVar("T")
 
@@ -56,6 +63,26 @@ class CachedCredit:
         return CreditStatus.model_validate_json(self.body)
 
 
+def outcome_of(exc: BillingError) -> str:
+    """The metrics' outcome of a provider call that raised `exc`."""
+    if isinstance(exc, ProviderUnavailable):
+        return "unavailable"
+    return "insufficient_credit" if isinstance(exc, InsufficientCredit) else "refused"
+
+
+class ProviderStartError(ConfigError):
+    """The provider's `start()` failed: one line naming the provider and why, safe to print
+    (the cause, with its traceback, is chained for a host that logs it)."""
+
+    def __init__(self, provider: str, cause: Exception) -> None:
+        if isinstance(cause, ProviderUnavailable):
+            why = f"its backend or database is unavailable ({cause})"
+        else:
+            # Only the type: the message of an arbitrary exception may carry a URL or a key.
+            why = f"{type(cause).__name__} in start()"
+        super().__init__(f"credit provider {provider!r} could not start: {why}")
+
+
 class BillingService:
     """The handle `setup_billing` returns: one provider, its credit cache and the token verifier.
 
@@ -63,14 +90,19 @@ class BillingService:
 
     * `await credit_status(identity)`: the user's `CreditStatus` (cached for `cache_ttl_seconds`);
     * `await spend(identity, key)` / `await give_back(identity, key)`: take one use, or return it
-      (a give-back the provider cannot make now is retried in the background, never dropped);
+      (a give-back the provider cannot make now is kept in the outbox and retried in the
+      background, by this process or any other sharing the store, until it is made);
     * `capabilities()`: what the provider offers (purchases, transactions);
     * `await initiate_purchase(...)`, `await purchase_status(...)`, `await transactions(...)`;
     * `invalidate(identity)`: forget the cached credit after it changed elsewhere (`invalidate()`:
       everyone's), in every process sharing the database;
     * `revoke_token(token)`: refuse a bearer token from now on, here at once and in every other
       process in the background; `await revoke_everywhere(token)` returns once every process will;
-    * `provider`, `config`: what it was built with.
+    * `await end_sessions((namespace, user_id))`: refuse every token of that user issued until now
+      (a logout everywhere, a new password), in every process;
+    * `await health()`: whether billing can serve now, check by check (what `GET /readyz` answers);
+    * `counts`: what the metrics count (`ops.metrics`), `give_backs_owed()`;
+    * `provider`, `config`: what it was built with; `stripe_js`: a stand-in Stripe.js to announce.
 
     With a change feed (`setup_billing` gives it one on the configured database), every change
     made here reaches the other processes sharing that database, and theirs reach this one: it is
@@ -85,11 +117,16 @@ class BillingService:
         provider: CreditProvider,
         verifier: TokenVerifier,
         feed: ChangeFeed | None = None,
+        outbox: GiveBackOutbox | None = None,
     ) -> None:
         self.config = config
         self.provider = provider
         self.verifier = verifier
         self.feed = feed
+        self.outbox = outbox
+        #: Where pages load Stripe.js from when it is not Stripe's own: a stand-in such as the fake
+        #: Stripe of `serve --fake-backend`, said in `capabilities()`. A real deployment leaves it None.
+        self.stripe_js: str | None = None
         negative_ttl = min(config.negative_cache_ttl_seconds, config.cache_ttl_seconds)
         self.cache: CreditCache[CachedCredit] = CreditCache(
             self._load_status,
@@ -98,34 +135,88 @@ class BillingService:
             ttl_of=lambda entry: config.cache_ttl_seconds if entry.has_credit else negative_ttl,
         )
         self._money_tasks: set[asyncio.Task[Any]] = set()
-        self.retries = GiveBackRetries(self._give_back_once, max_interval=config.give_back_retry_max_seconds)
+        self.retries = GiveBackRetries(self._retry_give_back, max_interval=config.give_back_retry_max_seconds)
+        #: Give-backs this process took over from the outbox (owed by a process that stopped).
+        self._taken_over: dict[tuple[tuple[str, str], str], Owed] = {}
         self._interned: LRUCache[bytes, CachedCredit] = LRUCache(maxsize=4096)
+        #: What the metrics count, as plain numbers (`ops.metrics`); its writer in a multiprocess group.
+        self.counts = Counts()
+        self.metrics_writer: MultiprocessWriter | None = None
+        #: "ok" while serving; otherwise why not (the readiness check's "service").
+        self.lifecycle = "not started"
+        #: Whether the change feed hears the other processes now (see `feed_down`).
+        self.feed_listening = False
+        self._startup_check: asyncio.Task[None] | None = None
 
     async def lifespan(self, _app: web.Application) -> AsyncIterator[None]:
-        """`cleanup_ctx` entry: start the feed and the provider, and on shutdown finish money-moving
-        work first."""
+        """`cleanup_ctx` entry: start the feed, the outbox and the provider, and on shutdown finish
+        money-moving work first."""
         if self.feed is not None:
             await self.feed.start(self)
+            self.feed_listening = True
         try:
+            if self.outbox is not None:
+                await self.outbox.open()
             await self.provider.start()
-        except BaseException:
+        except BaseException as exc:
             await self.provider.stop()
+            if self.outbox is not None:
+                await self.outbox.close()
             if self.feed is not None:
                 await self.feed.stop()
+            if isinstance(exc, Exception) and not isinstance(exc, ConfigError):
+                raise ProviderStartError(self.provider.name, exc) from exc
             raise
+        self.lifecycle = "ok"
+        self._startup_check = asyncio.create_task(self._check_at_startup())
+        if self.outbox is not None:
+            self.outbox.start(self._take_over)
         try:
             yield
         finally:
+            self.lifecycle = "stopping"
+            self._startup_check.cancel()
+            await asyncio.gather(self._startup_check, return_exceptions=True)
             await self.cache.aclose()
-            # A finishing task may start another (a give-back after a spend): drain until none is
-            # left, stop the retries (one stopped mid-call leaves that call to drain), drain again.
-            # A give-back that fails after the retries stopped is logged with its key, not retried.
+            # Retries first: while the provider fails, each would start another attempt and a
+            # drain would never end. One stopped mid-call leaves that call to the drain, and a
+            # finishing task may start another (a give-back after a spend): drain until none is
+            # left. Every give-back still owed is kept in the outbox, for the next process.
+            if self.outbox is not None:
+                await self.outbox.stop()
+            owed = await self.retries.aclose()
+            if self.outbox is None:
+                self.counts.give_backs_abandoned += owed
             await self._drain()
-            await self.retries.aclose()
-            await self._drain()
+            if owed:
+                logger.warning(
+                    "Shutting down with %d give-back(s) still owed: %s",
+                    owed,
+                    "kept in the give-back outbox for the next process (or ciris-billing-proxy reconcile)"
+                    if self.outbox is not None
+                    else "not retried again, so their uses may not be given back",
+                )
+            if self.outbox is not None:
+                await self.outbox.close()
             await self.provider.stop()
             if self.feed is not None:
                 await self.feed.stop()
+
+    async def health(self) -> Health:
+        """Whether billing can serve now: each check (`service`, `store`, `change_feed`,
+        `provider`) as "ok" or why not. What `GET /readyz` answers (see `ops.health`)."""
+        return await readiness(self)
+
+    async def _check_at_startup(self) -> None:
+        # In the background, so a slow backend does not hold up startup; one line, not a
+        # surprise on the first request (a rejected API key, a backend down).
+        health = await readiness(self)
+        if not health.ready:
+            logger.warning("Billing is not ready at startup: %s", health.detail)
+
+    def give_backs_owed(self) -> int:
+        """Give-backs owed and not yet made (the `ciris_billing_give_backs_owed` gauge)."""
+        return len(self.retries)
 
     async def _drain(self) -> None:
         while self._money_tasks:
@@ -160,13 +251,19 @@ class BillingService:
                     type(value).__name__,
                 )
                 raise ProviderUnavailable(maybe_applied=False)
+        products = self.provider.products
+        if not isinstance(products, Mapping):
+            logger.error("Credit provider %r declared products that are no mapping", self.provider.name)
+            raise ProviderUnavailable(maybe_applied=False)
         return Capabilities(
+            products=list(products),
             provider=self.provider.name,
             purchases=declared["purchases_enabled"],
             transactions=declared["keeps_transactions"],
             google_play=declared["google_play_enabled"],
             apple_storekit=declared["apple_storekit_enabled"],
             charges=declared["gate_charges"],
+            stripe_js=self.stripe_js,
         )
 
     def revoke_token(self, token: str) -> None:
@@ -184,6 +281,21 @@ class BillingService:
         revoked = self.verifier.revoke(token)
         if revoked is not None and self.feed is not None:
             await asyncio.shield(self._track(self.feed.revoke(*revoked)))
+
+    async def end_sessions(self, user: IdentityKey) -> None:
+        """Refuse every token of `user` (namespace, user id) issued until now, and any without an
+        `iat`: here at once, and returns once it is recorded for every process
+        (`ProviderUnavailable` when the database cannot be reached: refused here only).
+
+        The epoch is the next whole second, and this returns once it has come: `iat` counts whole
+        seconds, so a token issued in this second is void too, and one issued after this returns
+        is not."""
+        epoch = float(math.floor(time.time()) + 1)
+        self.verifier.move_epoch(user, epoch)
+        logger.info("Ended every session of user %s (identity namespace %s)", user[1], user[0])
+        if self.feed is not None:
+            await asyncio.shield(self._track(self.feed.move_epoch(user, epoch)))
+        await asyncio.sleep(max(epoch - time.time(), 0.0))
 
     async def _share_revocation(self, digest: bytes, until: float) -> None:
         assert self.feed is not None
@@ -216,10 +328,15 @@ class BillingService:
     def token_revoked(self, digest: bytes, until: float) -> None:
         self.verifier.revoke_digest(digest, until)
 
+    def epoch_moved(self, key: IdentityKey, epoch: float) -> None:
+        self.verifier.move_epoch(key, epoch)
+
     def feed_down(self) -> None:
+        self.feed_listening = False
         self.cache.limit_lifetime(min(FEED_DOWN_MAX_AGE_SECONDS, self.config.cache_ttl_seconds))
 
     def feed_up(self) -> None:
+        self.feed_listening = True
         self.cache.limit_lifetime(None)
 
     async def spend(self, identity: Identity, idempotency_key: str) -> None:
@@ -235,19 +352,22 @@ class BillingService:
             self._track(self._give_back_after(task, identity, idempotency_key))
             raise
 
-    async def give_back(self, identity: Identity, idempotency_key: str) -> None:
+    async def give_back(
+        self, identity: Identity, idempotency_key: str, why: str = "asked by the host"
+    ) -> None:
         """Give back the use spent under this key. When the provider cannot do it now
-        (`ProviderUnavailable`), it is retried in the background until it can: never dropped.
+        (`ProviderUnavailable`), it is kept in the outbox and retried in the background until it
+        can: never dropped. `why` is what `ciris-billing-proxy reconcile` shows for it meanwhile.
 
         The give-back and the decision to retry it run as one tracked task: a caller cancelled
         while it waits (a client gone, a host's timeout) cannot leave a failure unhandled."""
-        await asyncio.shield(self._track(self._give_back_or_retry(identity, idempotency_key)))
+        await asyncio.shield(self._track(self._give_back_or_retry(identity, idempotency_key, why)))
 
-    async def _give_back_or_retry(self, identity: Identity, key: str) -> None:
+    async def _give_back_or_retry(self, identity: Identity, key: str, why: str) -> None:
         try:
             await self._give_back_once(identity, key)
         except ProviderUnavailable:
-            self._retry_later(identity, key)
+            await self._owe(identity, key, why)
         except BillingError:
             logger.warning("Could not give back the use spent under request key %s", key)
 
@@ -255,12 +375,50 @@ class BillingService:
         task = self._track(self._change_credit(self.provider.give_back(identity, key), identity, "give_back"))
         await asyncio.shield(task)
 
-    def _retry_later(self, identity: Identity, key: str) -> None:
+    async def _owe(self, identity: Identity, key: str, why: str) -> None:
+        """Keep the give-back durably first (a SIGTERM from now on cannot lose it), then retry it."""
+        if self.outbox is not None:
+            await self.outbox.owe(Owed(identity, key, why, time.time()))
         if self.retries.schedule(identity, key):
             logger.warning(
                 "Could not give back the use spent under request key %s yet; retrying in the background",
                 key,
             )
+        elif self.outbox is not None:
+            logger.info("Shutting down: the give-back for request key %s is left to the next process", key)
+        else:
+            self.counts.give_backs_abandoned += 1
+
+    def _take_over(self, owed: Owed) -> None:
+        """A give-back the outbox claimed for this process (its own process stopped, or it was
+        owed while none ran): made with the retries' backoff like any other."""
+        self._taken_over[owed.slot] = owed
+        self.retries.schedule(owed.identity, owed.request_key)
+
+    async def _retry_give_back(self, identity: Identity, key: str) -> None:
+        # Tracked as a whole: a retry stopped at shutdown mid-call still tells the outbox.
+        await asyncio.shield(self._track(self._retry_once(identity, key)))
+
+    async def _retry_once(self, identity: Identity, key: str) -> None:
+        """One retry, and the outbox told once it is made (or never can be)."""
+        slot = (identity.key, key)
+        owed = self._taken_over.get(slot)
+        call = (
+            self.provider.give_back(identity, key)
+            if owed is None
+            else self.provider.give_back_owed(identity, key, owed.owed_since)
+        )
+        try:
+            await self._change_credit(call, identity, "give_back")
+        except ProviderUnavailable:
+            raise
+        except BillingError as exc:
+            logger.warning(
+                "Gave up giving back the use spent under request key %s: %s", key, type(exc).__name__
+            )
+        self._taken_over.pop(slot, None)
+        if self.outbox is not None:
+            await self.outbox.made(slot)
 
     async def initiate_purchase(
         self, identity: Identity, return_url: str | None, idempotency_key: str | None
@@ -292,12 +450,26 @@ class BillingService:
         process sharing the database), inside that run: a caller's cancellation cannot skip it."""
 
         async def verify_then_forget() -> StoreVerification:
-            result = await self._guard(call, what, StoreVerification)
+            try:
+                result = await self._guard(call, what, StoreVerification)
+            except BillingError as exc:
+                self._count_verification(what, outcome_of(exc))
+                raise
             if result.success:
                 self._forget(identity)
+            self._count_verification(
+                what,
+                ("already_processed" if result.already_processed else "credited")
+                if result.success
+                else "refused",
+            )
             return result
 
         return await asyncio.shield(self._track(verify_then_forget()))
+
+    def _count_verification(self, what: str, outcome: str) -> None:
+        key = (what.removeprefix("verify_"), outcome)
+        self.counts.verifications[key] = self.counts.verifications.get(key, 0) + 1
 
     async def _load_status(self, identity: Identity) -> CachedCredit:
         status = await self._guard(self.provider.credit_status(identity), "credit_status", CreditStatus)
@@ -311,6 +483,69 @@ class BillingService:
         return await self._guard(
             self.provider.transactions(identity, limit, offset), "transactions", TransactionPage
         )
+
+    # -- per-product credits (docs/tool-credits.md): not cached; each read asks the provider ----------
+    async def product_balance(self, identity: Identity, product: str) -> ToolBalance:
+        return await self._guard(
+            self.provider.product_balance(identity, product), "product_balance", ToolBalance
+        )
+
+    async def product_balances(self, identity: Identity) -> list[ToolBalance]:
+        balances = await self._guard(self.provider.product_balances(identity), "product_balances", list)
+        if not all(isinstance(item, ToolBalance) for item in balances):
+            logger.error("Credit provider %r returned a balance that is no ToolBalance", self.provider.name)
+            raise ProviderUnavailable(maybe_applied=False)
+        return balances
+
+    async def product_check(self, identity: Identity, product: str) -> ToolCheck:
+        return await self._guard(self.provider.product_check(identity, product), "product_check", ToolCheck)
+
+    async def spend_product(self, identity: Identity, product: str, idempotency_key: str) -> None:
+        """Take one use of `product`, as `spend` takes an interaction use: run to its end even if the
+        caller goes away, and given back in the background when its outcome was ambiguous."""
+        call = self._guard(
+            self.provider.spend_product(identity, product, idempotency_key), "spend_product", object
+        )
+        task = self._track(call)
+        try:
+            await asyncio.shield(task)
+        except (asyncio.CancelledError, ProviderUnavailable):
+            self._track(self._give_back_product_after(task, identity, product, idempotency_key))
+            raise
+
+    async def give_back_product(self, identity: Identity, product: str, idempotency_key: str) -> None:
+        """Give back the use of `product` spent under this key; a failure is logged with the key (the
+        product's give-backs are not retried in the background)."""
+        await asyncio.shield(self._track(self._give_back_product_once(identity, product, idempotency_key)))
+
+    async def _give_back_product_once(self, identity: Identity, product: str, key: str) -> None:
+        try:
+            await self._guard(
+                self.provider.give_back_product(identity, product, key), "give_back_product", object
+            )
+        except BillingError:
+            logger.warning("Could not give back the %s use spent under request key %s", product, key)
+
+    async def _give_back_product_after(
+        self, spend: asyncio.Task[Any], identity: Identity, product: str, key: str
+    ) -> None:
+        try:
+            await spend
+        except ProviderUnavailable as exc:
+            if not exc.maybe_applied:
+                return
+        except BillingError:
+            return
+        await self._give_back_product_once(identity, product, key)
+
+    async def verify_product_purchase(
+        self, identity: Identity, purchase: ToolPurchaseRequest
+    ) -> ToolPurchase:
+        """A tool purchase, run to its end even if the app goes away (it adds credit)."""
+        call = self._guard(
+            self.provider.verify_product_purchase(identity, purchase), "verify_product_purchase", ToolPurchase
+        )
+        return await asyncio.shield(self._track(call))
 
     async def _change_credit(self, call: Awaitable[None], identity: Identity, what: str) -> None:
         """Run a provider call that changes the user's credit (a spend or a give-back) and forget
@@ -333,18 +568,24 @@ class BillingService:
                 return
         except BillingError:
             return  # refused outright (no credit): nothing was taken
-        await self._give_back_or_retry(identity, key)
+        await self._give_back_or_retry(identity, key, "the spend failed, and may have taken effect")
 
     async def _guard(self, call: Awaitable[Any], what: str, expected: type[T]) -> T:
         """The provider's answer, if it is what the interface declares; every failure other than
         a `BillingError` (a bug, a wrong return type) is logged and becomes `ProviderUnavailable`."""
+        started = time.perf_counter()
         try:
             result = await call
-        except BillingError:
+        except BillingError as exc:
+            self.counts.latencies.observe(what, outcome_of(exc), time.perf_counter() - started)
             raise
         except Exception:
+            self.counts.latencies.observe(what, "error", time.perf_counter() - started)
             logger.exception("Credit provider %r failed in %s", self.provider.name, what)
             raise ProviderUnavailable from None
+        self.counts.latencies.observe(
+            what, "ok" if isinstance(result, expected) else "error", time.perf_counter() - started
+        )
         if not isinstance(result, expected):
             logger.error(
                 "Credit provider %r returned %s from %s; expected %s",

@@ -11,10 +11,13 @@ from aiohttp.typedefs import Handler
 from .auth import TokenVerifier, auth_middleware, token_check
 from .auth_routes import add_auth_routes
 from .config import BillingConfig, ConfigError
+from .cors import allow_preflights, cors_middleware
 from .errors import error_middleware
 from .keys import SERVICE_KEY
 from .login import Authenticator
 from .openapi import APIDescription
+from .ops.metrics import metrics_publisher
+from .ops.outbox import outbox_for
 from .paths import DEFAULT_LOGIN_PATH, PathScope, mount_point
 from .providers.base import CreditProvider, ProviderContext
 from .providers.registry import check_provider_class, create_provider
@@ -22,6 +25,7 @@ from .routes import add_routes
 from .service import BillingService
 from .store.choose import change_feed_for
 from .throttle import LoginThrottle, StoreLoginThrottle
+from .tool_routes import add_tool_routes
 
 
 def setup_billing(
@@ -41,6 +45,7 @@ def setup_billing(
       middlewares cover only that prefix. With `subapp=False` they are added to `app` itself and the
       middlewares are appended to `app`, scoped to the prefix by path.
     * `config.protected_paths` also require a valid token on the host's own routes.
+    * `config.cors_origins` lets pages on those origins call the billing routes (`cors`).
     * `provider` overrides the entry-point lookup of `config.provider`.
     * `authenticate` enables `POST {login_path}`, issuing tokens signed with the configured key, and
       logout, refresh and me beside it. Failed logins are throttled by the config's limits: in
@@ -64,14 +69,7 @@ def setup_billing(
     if authenticate is not None and not config.jwt.can_issue:
         raise ConfigError("the login route needs a JWT secret (HS*) or a private key to sign with")
     if provider is None:
-        context = ProviderContext(
-            options=config.provider_options,
-            environ=os.environ if environ is None else environ,
-            data_dir=config.data_dir,
-            agent_id=config.agent_id,
-            database_url=config.database_url.get_secret_value() if config.database_url else None,
-        )
-        provider = create_provider(config.provider, context)
+        provider = create_provider(config.provider, provider_context(config, environ))
     elif not isinstance(provider, CreditProvider):
         what = f"the class {provider.__qualname__}" if isinstance(provider, type) else type(provider).__name__
         raise TypeError(
@@ -81,9 +79,19 @@ def setup_billing(
     else:
         check_provider_class(type(provider), provider.name)
     database_url = config.database_url.get_secret_value() if config.database_url else None
-    service = BillingService(config, provider, verifier, change_feed_for(database_url, config.data_dir))
+    service = BillingService(
+        config,
+        provider,
+        verifier,
+        change_feed_for(database_url, config.data_dir, config.database_budget),
+        outbox_for(
+            database_url, config.data_dir, config.database_budget, period=config.give_back_retry_max_seconds
+        ),
+    )
 
     app[SERVICE_KEY] = service
+    # Before the service's own entry, so its last write at shutdown comes after the service stopped.
+    app.cleanup_ctx.append(metrics_publisher(service))
     app.cleanup_ctx.append(service.lifespan)
     scopes: list[PathScope] = []
     if config.protected_paths:
@@ -95,24 +103,58 @@ def setup_billing(
             app.cleanup_ctx.append(shared.lifespan)
             login_throttle = shared
         add_auth_routes(
-            app.router, config, verifier, authenticate, login_path, login_throttle, service.revoke_everywhere
+            app.router,
+            config,
+            verifier,
+            authenticate,
+            login_path,
+            login_throttle,
+            service.revoke_everywhere,
+            service.end_sessions,
+            service.counts,
         )
 
     public: set[Handler] = set()  # routes that need no token; add_routes fills it
     check = token_check(verifier, public)
     login = None if authenticate is None else login_path
-    describe = APIDescription(config.prefix, login, ui=config.serve_ui).handle
+    describe = APIDescription(
+        config.prefix, login, ui=config.serve_ui, tools_prefix=config.tools_prefix
+    ).handle
+    api: set[web.AbstractResource] = set()  # the JSON routes, which `cors_origins` opens
     if subapp:
-        billing = web.Application(middlewares=[error_middleware(before=check)])
-        anchor = add_routes(billing.router, service, public=public, describe=describe, own_router=True)
+        requests = service.counts.requests
+        errors = cors_middleware(error_middleware(before=check, requests=requests), api, config.cors_origins)
+        billing = web.Application(middlewares=[errors])
+        anchor = add_routes(
+            billing.router, service, public=public, api=api, describe=describe, own_router=True
+        )
+        allow_preflights(billing, api, config.cors_origins)
         app.add_subapp(config.prefix, billing)
+        tools = web.Application(middlewares=[error_middleware(before=check, requests=requests)])
+        add_tool_routes(tools.router, service, own_router=True)
+        app.add_subapp(config.tools_prefix, tools)
     else:
-        scopes.append(PathScope((config.prefix,)))
-        app.middlewares.append(error_middleware(scopes[-1], before=check))
-        anchor = add_routes(app.router, service, config.prefix, public=public, describe=describe)
+        scopes.append(PathScope((config.prefix, config.tools_prefix)))
+        errors = error_middleware(scopes[-1], before=check, requests=service.counts.requests)
+        app.middlewares.append(cors_middleware(errors, api, config.cors_origins))
+        anchor = add_routes(app.router, service, config.prefix, public=public, api=api, describe=describe)
+        add_tool_routes(app.router, service, config.tools_prefix)
+        allow_preflights(app, api, config.cors_origins)
     if scopes:
         app.on_startup.append(_rebase_on_mount(anchor, scopes))
     return service
+
+
+def provider_context(config: BillingConfig, environ: Mapping[str, str] | None = None) -> ProviderContext:
+    """What the provider `config.provider` is built from (`environ`: the process environment)."""
+    return ProviderContext(
+        options=config.provider_options,
+        environ=os.environ if environ is None else environ,
+        data_dir=config.data_dir,
+        agent_id=config.agent_id,
+        database_url=config.database_url.get_secret_value() if config.database_url else None,
+        database_budget=config.database_budget,
+    )
 
 
 def _rebase_on_mount(

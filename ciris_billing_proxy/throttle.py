@@ -176,7 +176,9 @@ class StoreLoginThrottle:
         """On the database of `config.database_url`, which must be set."""
         if config.database_url is None:
             raise ConfigError("a login throttle in the store needs database_url")
-        engine = engine_for(parse_database_url(config.database_url.get_secret_value()))
+        engine = engine_for(
+            parse_database_url(config.database_url.get_secret_value()), config.database_budget
+        )
         return cls(
             login_failures(engine),
             max_failures_per_user=config.login_max_failures_per_user,

@@ -15,7 +15,12 @@ async def main(url: str, username: str, password: str, *, interval: float = 2.0)
     async with BillingClient(url) as client:
         await client.login(username, password)
         credits = await client.get_credits()
-        print(f"{credits.credits_remaining + credits.free_uses_remaining} uses left ({credits.plan_name})")
+        # The account's plan is a name, not a pool: a "free" plan can hold paid credits.
+        total = credits.credits_remaining + credits.free_uses_remaining
+        print(
+            f"{total} uses left: {credits.free_uses_remaining} free, {credits.credits_remaining} paid "
+            f"(plan: {credits.plan_name})"
+        )
         if not credits.purchase_required:
             return "no purchase needed"
         try:
@@ -31,7 +36,8 @@ async def main(url: str, username: str, password: str, *, interval: float = 2.0)
             done = await client.wait_for_purchase(purchase.payment_id, interval=interval)
         except (PurchaseFailed, PurchaseTimeout) as exc:
             return f"purchase did not complete: {exc}"
-        return f"{done.credits_added} credits added, balance {done.balance_after}"
+        # balance_after counts the paid credits only (1 credit = 1 use), not the free uses.
+        return f"{done.credits_added} uses added; {done.balance_after} paid uses left"
 
 
 if __name__ == "__main__":

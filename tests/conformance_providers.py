@@ -241,6 +241,15 @@ class IgnoresLimit(Reference):
         return await super().transactions(identity, 100, offset)
 
 
+class UnsendableMetadata(Reference):
+    """Lists transactions whose metadata is no JSON (a set)."""
+
+    async def transactions(self, identity: Identity, limit: int, offset: int) -> TransactionPage:
+        page = await super().transactions(identity, limit, offset)
+        items = [item.model_copy(update={"metadata": {"tags": {"a"}}}) for item in page.transactions]
+        return page.model_copy(update={"transactions": items})
+
+
 class LeaksTask(Reference):
     """Starts a background task that `stop` never ends."""
 

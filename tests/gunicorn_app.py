@@ -6,7 +6,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ciris_billing_proxy import AuthenticatedUser, BillingConfig, credit_gate, get_identity, setup_billing
+from ciris_billing_proxy import (
+    AuthenticatedUser,
+    BillingConfig,
+    add_metrics_route,
+    credit_gate,
+    get_identity,
+    setup_billing,
+)
 
 
 async def authenticate(username: str, password: str) -> AuthenticatedUser | None:
@@ -21,3 +28,5 @@ async def interact(request: web.Request) -> web.Response:
 app = web.Application()
 setup_billing(app, BillingConfig.from_env(), authenticate=authenticate)
 app.router.add_post("/v1/agent/interact", interact)
+# One scrape reports every worker when PROMETHEUS_MULTIPROC_DIR is set (tests/test_metrics.py).
+add_metrics_route(app)

@@ -65,13 +65,23 @@ async def fetch(url: str, query: str, *args: object) -> list[tuple[object, ...]]
 
 class TcpProxy:
     """Forwards a local port to the database; `cut()` drops every connection and refuses new ones
-    (the server gone), `restore()` listens again on the same port."""
+    (the server gone), `restore()` listens again on the same port. `stall()` keeps every connection
+    open and accepts new ones but forwards nothing (a server or network that stops answering
+    without closing anything), `resume()` forwards again what was held."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+
+    def stall(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
@@ -100,16 +110,19 @@ class TcpProxy:
             return
         self._writers |= {client_writer, server_writer}
         await asyncio.gather(
-            _pipe(client_reader, server_writer), _pipe(server_reader, client_writer), return_exceptions=True
+            _pipe(client_reader, server_writer, self._flowing),
+            _pipe(server_reader, client_writer, self._flowing),
+            return_exceptions=True,
         )
         for writer in (client_writer, server_writer):
             self._writers.discard(writer)
             writer.transport.abort()
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event) -> None:
     try:
         while data := await reader.read(65536):
+            await flowing.wait()
             writer.write(data)
             await writer.drain()
     finally:

@@ -1,7 +1,8 @@
 """Regenerate the README's pictures of `<ciris-billing>`: `python -m tests.screenshots [DIR]`.
 
 Runs the demo (`serve --fake-backend`, and `serve` with the `simple` provider), drives the element
-through its main states in Chromium and saves one PNG per state into DIR (default docs/images).
+through its main states in Chromium and saves one PNG per state into DIR (default docs/images), and
+two at a phone's width (paying, and succeeded with the history).
 """
 
 from __future__ import annotations
@@ -9,17 +10,29 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
+from typing import Final
 
 from .ui_driver import CHROMIUM, DemoPage, demo_server, missing_browser
 
 ROOT = Path(__file__).resolve().parents[1]
 FREE_USES = 12
+DESKTOP: Final = {"width": 640, "height": 900}
+PHONE: Final = {"width": 390, "height": 900}
 
 
 def shoot(demo: DemoPage, out: Path, name: str) -> Path:
     path = out / f"billing-{name}.png"
     demo.element.screenshot(path=str(path), animations="disabled")
     return path
+
+
+def shoot_phone(demo: DemoPage, out: Path, name: str) -> Path:
+    """The element as a 390 px wide phone shows it (the narrow layout), then back to the desktop."""
+    demo.page.set_viewport_size(PHONE)
+    try:
+        return shoot(demo, out, name)
+    finally:
+        demo.page.set_viewport_size(DESKTOP)
 
 
 def main(argv: list[str]) -> int:
@@ -34,7 +47,7 @@ def main(argv: list[str]) -> int:
     saved: list[Path] = []
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM))
-        context = browser.new_context(viewport={"width": 640, "height": 900}, device_scale_factor=2)
+        context = browser.new_context(viewport=DESKTOP, device_scale_factor=2)
         context.set_default_timeout(15_000)
         page = context.new_page()
         with demo_server(Path(tmp) / "paid", "--fake-backend") as paid:
@@ -49,6 +62,7 @@ def main(argv: list[str]) -> int:
             demo.start_purchase()
             demo.fill_card("4000 0000 0000 0002")
             saved.append(shoot(demo, out, "paying"))
+            saved.append(shoot_phone(demo, out, "phone-paying"))
             demo.part("pay").click()
             demo.wait_for_state("failed")
             saved.append(shoot(demo, out, "failed"))
@@ -61,6 +75,7 @@ def main(argv: list[str]) -> int:
             demo.wait_for_state("succeeded")
             demo.part("history").locator("tbody tr[data-type=credit]").wait_for()
             saved.append(shoot(demo, out, "succeeded"))
+            saved.append(shoot_phone(demo, out, "phone"))
         with demo_server(Path(tmp) / "free", "--provider-option", "free_uses=3") as free:
             demo = DemoPage(page, free.url)
             demo.login("ann")

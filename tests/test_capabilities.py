@@ -15,7 +15,7 @@ from .conftest import ClientFactory
 from .default_paths import CAPABILITIES
 from .providers import ShopProvider
 
-NO_STORES = {"google_play": False, "apple_storekit": False, "charges": True}
+NO_STORES = {"google_play": False, "apple_storekit": False, "charges": True, "products": []}
 SIMPLE = {"provider": "simple", "purchases": False, "transactions": True, **NO_STORES}
 
 
@@ -37,6 +37,7 @@ async def test_ciris_offers_purchases_and_history(
         "google_play": True,
         "apple_storekit": True,
         "charges": True,
+        "products": ["web_search"],
     }
 
 

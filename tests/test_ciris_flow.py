@@ -32,7 +32,7 @@ async def test_the_whole_paid_flow(
     auth = ciris_tokens.headers("alice", email="alice@example.com")
     first = await (await ciris_client.get(CREDITS, headers=auth)).json()
     assert (first["free_uses_remaining"], first["credits_remaining"], first["has_credit"]) == (12, 0, True)
-    assert first["daily_free_uses_remaining"] == 2  # daily uses are counted into free_uses_remaining
+    assert first["daily_free_uses_included"] == 2  # daily uses are counted into free_uses_remaining
 
     statuses = [(await ciris_client.post(INTERACT, json={}, headers=auth)).status for _ in range(13)]
     assert statuses == [200] * 12 + [402]
@@ -47,8 +47,8 @@ async def test_the_whole_paid_flow(
         "purchase_required": True,
         "purchase_options": {"price_minor": 500, "uses": 20, "currency": "USD"},
         "reason": "No free uses or credits remaining",
-        "daily_free_uses_remaining": 0,
         "daily_free_uses_limit": 2,
+        "daily_free_uses_included": 0,
     }
 
     resp = await ciris_client.post(INITIATE, json={"return_url": "https://ui.example/done"}, headers=auth)
@@ -439,8 +439,13 @@ async def test_failed_interactions_never_turn_free_uses_into_paid_credits(
 
 
 async def test_succeeded_waits_for_this_payments_own_credit(
-    ciris_client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
+    make_client: ClientFactory,
+    ciris_billing_config: BillingConfig,
+    ciris_fake_backend: FakeBillingBackend,
+    ciris_tokens: TokenFactory,
 ) -> None:
+    # Without the double-click window, so that the second key starts a second payment.
+    ciris_client = await make_client(with_options(ciris_billing_config, purchase_reuse_seconds=0))
     auth = ciris_tokens.headers("two", email="two@example.com")
     first = await (
         await ciris_client.post(INITIATE, json={}, headers={**auth, "Idempotency-Key": "a"})

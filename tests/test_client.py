@@ -243,7 +243,7 @@ async def test_replies_of_real_ciris_agents_are_accepted(aiohttp_server: Any) ->
     [
         (403, "ForbiddenError"),
         (405, "BillingAPIError"),
-        (409, "BillingAPIError"),
+        (409, "AlreadyProcessedError"),
         (429, "RateLimitedError"),
         (413, "InvalidRequestError"),
         (502, "ServiceUnavailableError"),

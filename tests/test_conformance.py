@@ -16,7 +16,7 @@ from ciris_billing_proxy import (
     ProviderContext,
 )
 from ciris_billing_proxy.providers.ciris import CirisProvider
-from ciris_billing_proxy.providers.simple import SimpleProvider
+from ciris_billing_proxy.providers.simple import ProductSettings, SimpleProvider, SimpleSettings
 from ciris_billing_proxy.testing import FakeBillingBackend
 from ciris_billing_proxy.testing.conformance import ProviderContract
 
@@ -32,9 +32,21 @@ class TestSimpleConforms(ProviderContract):
         await provider.stop()
 
 
+class TestSimpleWithProductsConforms(ProviderContract):
+    @pytest.fixture
+    async def provider(self) -> AsyncIterator[SimpleProvider]:
+        products = {"web_search": ProductSettings(free_uses=6), "image_gen": ProductSettings(free_uses=2)}
+        provider = SimpleProvider(SimpleSettings(products=products), database=":memory:")
+        await provider.start()
+        yield provider
+        await provider.stop()
+
+
 class TestCirisConforms(ProviderContract):
     # The backend cannot give back a free use: give-backs are checked on paid credit.
     returns_free_uses = False
+    # Nor a tool use at all.
+    returns_product_uses = False
 
     @pytest.fixture
     async def provider(
@@ -72,6 +84,8 @@ class TestCirisConforms(ProviderContract):
 
 ROOT = Path(__file__).resolve().parents[1]
 KIT_CHECKS = sorted(name for name in dir(ProviderContract) if name.startswith("test_"))
+#: The checks of per-product credits: they skip for a provider that sells no product.
+PRODUCT_CHECKS = [name for name in KIT_CHECKS if name.startswith("test_product_")]
 INI = """[pytest]
 asyncio_mode = auto
 asyncio_default_fixture_loop_scope = function
@@ -119,17 +133,18 @@ def run_kit(pytester: pytest.Pytester, name: str) -> pytest.RunResult:
 
 def test_a_correct_provider_that_sells_passes_every_check(pytester: pytest.Pytester) -> None:
     result = run_kit(pytester, "Reference")
-    # Skipped: the check for providers that do not sell, and the two of providers that redeem
-    # app store purchases.
-    result.assert_outcomes(passed=len(KIT_CHECKS) - 3, skipped=3)
+    # Skipped: the check for providers that do not sell, the two of providers that redeem app store
+    # purchases, the one of providers that charge nothing, and the product checks.
+    result.assert_outcomes(passed=len(KIT_CHECKS) - 4 - len(PRODUCT_CHECKS), skipped=4 + len(PRODUCT_CHECKS))
 
 
 def test_a_correct_provider_that_redeems_store_purchases_passes_every_check(
     pytester: pytest.Pytester,
 ) -> None:
     result = run_kit(pytester, "StoreReference")
-    # Skipped: the checks of providers that do not sell, and of stores a provider does not declare.
-    result.assert_outcomes(passed=len(KIT_CHECKS) - 2, skipped=2)
+    # Skipped: the checks of providers that do not sell, of stores a provider does not declare, and
+    # of providers that charge nothing, and the product checks.
+    result.assert_outcomes(passed=len(KIT_CHECKS) - 3 - len(PRODUCT_CHECKS), skipped=3 + len(PRODUCT_CHECKS))
 
 
 @pytest.mark.parametrize(
@@ -150,6 +165,7 @@ def test_a_correct_provider_that_redeems_store_purchases_passes_every_check(
         ("PaymentsVisibleToAll", "a payment must be visible to its owner only"),
         ("CreditsOnEveryStatus", "a completed payment must add exactly its uses (10) once, but"),
         ("IgnoresLimit", "transactions must return at most limit (1) items, but it returned"),
+        ("UnsendableMetadata", "metadata must be plain JSON"),
         ("LeaksTask", "stop after a restart must leave no task of the provider running, but 1 started"),
         ("StoreCreditsEveryTime", "verify_google_play must redeem one purchase exactly once: of 6 identical"),
         ("StoreCreditsEveryTime", "verify_app_store must redeem one purchase exactly once"),
@@ -177,8 +193,9 @@ def test_the_example_distribution_passes_the_kit_with_its_pytest_config(pytester
     pytester.makepyfile(test_conformance=EXAMPLE_TEST.read_text(encoding="utf-8"))
     result = pytester.runpytest("-p", "no:cacheprovider", "-W", "error")
     # Skipped: paid give-backs (no add_paid_credit hook), the three checks of providers that sell and
-    # the two of providers that redeem app store purchases.
-    result.assert_outcomes(passed=len(KIT_CHECKS) - 6, skipped=6)
+    # the two of providers that redeem app store purchases, the one of providers that charge nothing,
+    # and the product checks.
+    result.assert_outcomes(passed=len(KIT_CHECKS) - 7 - len(PRODUCT_CHECKS), skipped=7 + len(PRODUCT_CHECKS))
 
 
 def test_the_readme_shows_the_example_distributions_test_and_this_repositorys_ciris_test() -> None:

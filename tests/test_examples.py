@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from ciris_billing_proxy import BillingConfig, Identity
 from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.tools.demo import create_demo_app
@@ -26,7 +28,10 @@ async def test_example_agent(aiohttp_client: Any, config: BillingConfig) -> None
 
 
 async def test_example_client_buys_credits(
-    aiohttp_client: Any, ciris_billing_config: BillingConfig, ciris_fake_backend: Any
+    aiohttp_client: Any,
+    ciris_billing_config: BillingConfig,
+    ciris_fake_backend: Any,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     users = UserStore()
     users.add("ann", "pw", email="ann@example.com")
@@ -43,5 +48,8 @@ async def test_example_client_buys_credits(
         ciris_fake_backend.confirm_payment(next(iter(ciris_fake_backend.ledger.payments)))
 
     paying = asyncio.ensure_future(pay())
-    assert await example.main(url, "ann", "pw", interval=0.05) == "20 credits added, balance 20"
+    assert await example.main(url, "ann", "pw", interval=0.05) == "20 uses added; 20 paid uses left"
     await paying
+    assert "0 uses left: 0 free, 0 paid (plan: free)" in capsys.readouterr().out
+    assert await example.main(url, "ann", "pw") == "no purchase needed"
+    assert "20 uses left: 0 free, 20 paid (plan: free)" in capsys.readouterr().out

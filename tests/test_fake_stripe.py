@@ -13,7 +13,7 @@ from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 from ciris_billing_proxy.tools.demo import create_demo_app
 from ciris_billing_proxy.tools.users import UserStore
 
-from .default_paths import INITIATE, STATUS
+from .default_paths import CAPABILITIES, INITIATE, STATUS
 
 CARD = {"exp_month": 12, "exp_year": 2099, "cvc": "123"}
 
@@ -41,13 +41,18 @@ async def confirm(demo: Any, client_secret: str, number: str) -> Any:
     )
 
 
-async def test_the_script_is_served_beside_the_demo_page(demo: Any) -> None:
+async def test_the_script_is_served_and_named_in_the_capabilities(
+    demo: Any, ciris_tokens: TokenFactory
+) -> None:
     script = await demo.get("/_fake_stripe/stripe.js")
     assert script.status == 200
     assert script.content_type == "text/javascript"
     assert "window.Stripe = Stripe" in await script.text()
+    # Any page's <ciris-billing> learns it here, without a stripe-js attribute.
+    capabilities = await (await demo.get(CAPABILITIES, headers=ciris_tokens.headers("ann"))).json()
+    assert capabilities["stripe_js"] == "/_fake_stripe/stripe.js"
     page = await (await demo.get("/")).text()
-    assert 'data-stripe-js="/_fake_stripe/stripe.js"' in page
+    assert "stripe" not in page.lower()
     assert "ciris (fake backend)" in page
 
 
@@ -140,5 +145,7 @@ async def test_without_the_fake_backend_there_is_no_fake_stripe(
 ) -> None:
     client = await aiohttp_client(create_demo_app(ciris_billing_config, UserStore()))
     assert (await client.get("/_fake_stripe/stripe.js")).status == 404
-    page = await (await client.get("/")).text()
-    assert 'data-stripe-js="https://js.stripe.com/v3/"' in page
+    capabilities = await (
+        await client.get(CAPABILITIES, headers=TokenFactory(ciris_billing_config).headers("ann"))
+    ).json()
+    assert "stripe_js" not in capabilities  # the element loads Stripe's own

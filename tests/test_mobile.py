@@ -25,7 +25,13 @@ from .providers import MobileShopProvider, ShopProvider
 from .serving import clean_env, login, serve
 
 PACKAGE = "ai.ciris.mobile"
-NOT_ENABLED = {"detail": "Billing not enabled for this agent"}
+NOT_ENABLED_REPLY = {
+    "success": False,
+    "credits_added": 0,
+    "new_balance": 0,
+    "already_processed": False,
+    "error": "Billing not enabled for this agent",
+}
 MISSING = {"detail": "Missing X-Google-ID-Token or X-Apple-ID-Token header"}
 
 
@@ -183,16 +189,33 @@ async def test_verification_needs_the_agents_token(ciris_client: Any) -> None:
 
 
 @pytest.mark.parametrize("path", [GOOGLE_PLAY, APP_STORE])
-async def test_simple_and_a_provider_without_the_capability_answer_403(
+async def test_simple_and_a_provider_without_the_capability_answer_200_success_false(
     billing_client: Any, make_client: ClientFactory, config: BillingConfig, tokens: TokenFactory, path: str
 ) -> None:
+    """As CIRIS answers: the apps show any non-2xx as a raw "API error: HTTP n"."""
     shop = ShopProvider()
     body = play(new_token()) | {"transaction_id": "2000000000000002"}
     for client in (billing_client, await make_client(config, provider=shop)):
         resp = await client.post(path, json=body, headers=tokens.headers())
-        assert resp.status == 403
-        assert await resp.json() == NOT_ENABLED
+        assert resp.status == 200
+        assert await resp.json() == NOT_ENABLED_REPLY
+        assert (await client.post(path, json={}, headers=tokens.headers())).status == 422  # still checked
+        capabilities = await (await client.get(CAPABILITIES, headers=tokens.headers())).json()
+        assert (capabilities["google_play"], capabilities["apple_storekit"]) == (False, False)
     assert not shop.calls  # refused before the provider is asked
+
+
+async def test_an_app_store_purchase_without_a_product_id_is_redeemed(
+    ciris_client: Any, ciris_fake_backend: FakeBillingBackend, ciris_tokens: TokenFactory
+) -> None:
+    """The iOS app sends only `transaction_id`; the store's record names the product."""
+    auth = ciris_tokens.headers("ivy")
+    resp = await ciris_client.post(APP_STORE, json={"transaction_id": "2000000000000077"}, headers=auth)
+    assert resp.status == 200
+    assert (await resp.json())["credits_added"] == 99
+    sent = [b for e, b, _ in ciris_fake_backend.received if e == "apple-storekit/verify"]
+    assert sent
+    assert "product_id" not in sent[-1]
 
 
 async def test_a_third_party_provider_that_declares_the_stores_serves_them(
@@ -242,6 +265,7 @@ async def test_id_token_mode_end_to_end(
             "google_play": True,
             "apple_storekit": True,
             "charges": False,
+            "products": ["web_search"],
         }
         for path in (CREDITS, INTERACT):
             missing = await native_client.request(

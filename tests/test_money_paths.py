@@ -104,7 +104,8 @@ async def test_a_failed_commit_does_not_wedge_the_ledger(tmp_path: Path) -> None
         reader = sqlite3.connect(path, isolation_level=None)
         reader.execute("BEGIN")
         reader.execute("SELECT * FROM usage").fetchall()
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
+        # A locked file is an outage (503), not a provider bug.
+        with pytest.raises(ProviderUnavailable, match="database unavailable"):
             await ledger.spend("local", "u", "k2", 10)
         reader.execute("ROLLBACK")
         reader.close()

@@ -8,7 +8,7 @@ import asyncio
 import json
 import re
 import shlex
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,15 +20,18 @@ from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
 
 from ciris_billing_proxy import (
+    AlreadyProcessed,
     AuthenticatedUser,
     Identity,
     InvalidRequest,
     ProviderUnavailable,
+    TooManyRequests,
     TransactionPage,
     setup_billing,
 )
 from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.openapi import openapi_document
+from ciris_billing_proxy.products import Product, ToolBalance, ToolPurchase, ToolPurchaseRequest
 from ciris_billing_proxy.store.feed_sqlite import SQLiteChangeFeed
 from ciris_billing_proxy.testing import TokenFactory
 from ciris_billing_proxy.throttle import LoginAttempt
@@ -58,7 +61,53 @@ class Shop(MobileShopProvider):
         return await super().transactions(identity, limit, offset)
 
 
-class ConfusedProvider(Shop):
+class ToolShop(Shop):
+    """Sells `web_search` per use too (in memory); store packs of it are redeemed once per token,
+    a token starting with "bad" is refused."""
+
+    SEARCH = Product(name="web_search", free_uses=2, price_minor=1, packs={"web_search_10": 10})
+
+    def __init__(self, credits: int = 0) -> None:
+        super().__init__(credits)
+        self.tool_uses: dict[tuple[str, str], set[str]] = {}
+        self.redeemed: set[str] = set()
+
+    @property
+    def products(self) -> Mapping[str, Product]:
+        return {"web_search": self.SEARCH}
+
+    @property
+    def product_purchases_enabled(self) -> bool:
+        return True
+
+    async def product_balance(self, identity: Identity, product: str) -> ToolBalance:
+        await self._enter("product_balance")
+        used = len(self.tool_uses.get((identity.user_id, product), set()))
+        left = max(self.SEARCH.free_uses - used, 0)
+        return ToolBalance(
+            product_type=product,
+            free_remaining=left,
+            paid_credits=0,
+            total_available=left,
+            price_minor=1,
+            total_uses=used,
+        )
+
+    async def verify_product_purchase(
+        self, identity: Identity, purchase: ToolPurchaseRequest
+    ) -> ToolPurchase:
+        await self._enter("verify_product_purchase")
+        if purchase.purchase_token.startswith("bad"):
+            raise InvalidRequest("Purchase not valid: state=1")
+        if purchase.purchase_token in self.redeemed:
+            raise AlreadyProcessed
+        self.redeemed.add(purchase.purchase_token)
+        return ToolPurchase(
+            success=True, product_type=purchase.tool_name, credits_added=10, new_balance=12, message="ok"
+        )
+
+
+class ConfusedProvider(ToolShop):
     """Declares its capabilities wrongly: a provider bug `/capabilities` answers with 503."""
 
     @property
@@ -166,7 +215,7 @@ async def test_other_methods_are_a_json_405_listing_the_documented_one(
     headers = TokenFactory(config).headers()
     for path, item in document["paths"].items():
         allowed = {m.upper() for m in item}
-        url = path.replace("{payment_id}", "pi_1")
+        url = path.replace("{payment_id}", "pi_1").replace("{tool}", "web_search")
         for method in set(METHODS) - allowed:
             resp = await client.request(method, url, headers=headers)
             assert resp.status == 405, (method, path)
@@ -288,6 +337,11 @@ scenario("initiatePurchase", 422)(
 scenario("initiatePurchase", 503)(
     lambda ctx: failing(ctx, ProviderUnavailable()).send("POST", INITIATE, headers=ctx.auth)
 )
+scenario("initiatePurchase", 429)(
+    lambda ctx: failing(ctx, TooManyRequests("Too many purchases started; try again later", 60)).send(
+        "POST", INITIATE, headers=ctx.auth
+    )
+)
 
 
 @scenario("initiatePurchase", 400)
@@ -373,6 +427,10 @@ async def locked_out(ctx: Ctx) -> Reply:
 
 
 scenario("logout", 200)(lambda ctx: ctx.send("POST", LOGOUT, headers=ctx.auth))
+scenario("logout", 400)(lambda ctx: ctx.send("POST", LOGOUT, headers=ctx.auth, data=b"nope"))
+scenario("logout", 408)(lambda ctx: ctx.late_body(LOGOUT, ctx.bearer()))
+scenario("logout", 413)(lambda ctx: ctx.send("POST", LOGOUT, headers=ctx.auth, json={"pad": "x" * 9000}))
+scenario("logout", 422)(lambda ctx: ctx.send("POST", LOGOUT, headers=ctx.auth, json={"everywhere": "all"}))
 scenario("me", 200)(lambda ctx: ctx.send("GET", ME, headers=ctx.auth))
 scenario("refresh", 200)(lambda ctx: ctx.send("POST", REFRESH, headers=ctx.auth))
 scenario("refresh", 400)(lambda ctx: ctx.send("POST", REFRESH, headers=ctx.auth, data=b"nope"))
@@ -381,6 +439,19 @@ scenario("refresh", 413)(
     lambda ctx: ctx.send("POST", REFRESH, headers=ctx.auth, json={"refresh_token": "x" * 9000})
 )
 scenario("refresh", 422)(lambda ctx: ctx.send("POST", REFRESH, headers=ctx.auth, json={"refresh_token": 5}))
+
+
+@scenario("refresh", 429)
+async def refreshed_too_often(ctx: Ctx) -> Reply:
+    headers = ctx.auth
+    for _ in range(200):  # the default limit is 120 new tokens per user and hour
+        reply = await ctx.send("POST", REFRESH, headers=headers)
+        if reply.status != 200:
+            return reply
+        headers = {"Authorization": f"Bearer {reply.body['access_token']}"}
+    raise AssertionError("refresh was never limited")
+
+
 scenario("logout", 503, "revocations down")(lambda ctx: ctx.send("POST", LOGOUT, headers=ctx.auth))
 scenario("refresh", 503, "revocations down")(lambda ctx: ctx.send("POST", REFRESH, headers=ctx.auth))
 
@@ -394,7 +465,6 @@ for _id, _path, _body in (
     no_token(_id, "POST", _path)
     scenario(_id, 200)(lambda ctx, p=_path, b=_body: ctx.send("POST", p, headers=ctx.auth, json=b))
     scenario(_id, 400)(lambda ctx, p=_path: ctx.send("POST", p, headers=ctx.auth, data=b"{"))
-    scenario(_id, 403, "simple")(lambda ctx, p=_path, b=_body: ctx.send("POST", p, headers=ctx.auth, json=b))
     scenario(_id, 408)(lambda ctx, p=_path: ctx.late_body(p, ctx.bearer()))
     scenario(_id, 413)(
         lambda ctx, p=_path, b=_body: ctx.send("POST", p, headers=ctx.auth, json={**b, "pad": "x" * 2000})
@@ -407,6 +477,66 @@ for _id, _path, _body in (
             "POST", p, headers=ctx.auth, json=b
         )
     )
+
+TOOLS = "/v1/api/tools"
+TOOL_PURCHASE = {"product_id": "web_search_10", "purchase_token": "gp-tok-1", "tool_name": "web_search"}
+for _id, _method, _path in (
+    ("getToolBalance", "GET", f"{TOOLS}/balance/web_search"),
+    ("getToolBalances", "GET", f"{TOOLS}/balance"),
+    ("checkTool", "GET", f"{TOOLS}/check/web_search"),
+    ("getAvailableTools", "GET", f"{TOOLS}/available"),
+    ("purchaseTool", "POST", f"{TOOLS}/purchase"),
+):
+    no_token(_id, _method, _path)
+    if _method == "GET":
+        scenario(_id, 200)(lambda ctx, p=_path: ctx.send("GET", p, headers=ctx.auth))
+    if _id != "getAvailableTools":
+        scenario(_id, 503)(
+            lambda ctx, m=_method, p=_path: failing(ctx, ProviderUnavailable()).send(
+                m, p, headers=ctx.auth, json=TOOL_PURCHASE
+            )
+        )
+for _id, _kind in (("getToolBalance", "balance"), ("checkTool", "check")):
+    scenario(_id, 400)(lambda ctx, k=_kind: ctx.send("GET", f"{TOOLS}/{k}/9lives", headers=ctx.auth))
+    scenario(_id, 404)(lambda ctx, k=_kind: ctx.send("GET", f"{TOOLS}/{k}/image_gen", headers=ctx.auth))
+scenario("purchaseTool", 200)(
+    lambda ctx: ctx.send("POST", f"{TOOLS}/purchase", headers=ctx.auth, json=TOOL_PURCHASE)
+)
+scenario("purchaseTool", 408)(lambda ctx: ctx.late_body(f"{TOOLS}/purchase", ctx.bearer()))
+scenario("purchaseTool", 413)(
+    lambda ctx: ctx.send(
+        "POST", f"{TOOLS}/purchase", headers=ctx.auth, json={**TOOL_PURCHASE, "pad": "x" * 2000}
+    )
+)
+scenario("purchaseTool", 422)(
+    lambda ctx: ctx.send(
+        "POST", f"{TOOLS}/purchase", headers=ctx.auth, json={**TOOL_PURCHASE, "tool_name": 5}
+    )
+)
+
+
+@scenario("purchaseTool", 400)
+async def refused_tool_purchases(ctx: Ctx) -> Reply:
+    """Not JSON, a bad tool name, an unknown tool, and a purchase the store refuses."""
+    path = f"{TOOLS}/purchase"
+    assert (await ctx.send("POST", path, headers=ctx.auth, data=b"{")).status == 400
+    bad_name = {**TOOL_PURCHASE, "tool_name": "9lives"}
+    assert (await ctx.send("POST", path, headers=ctx.auth, json=bad_name)).status == 400
+    return await ctx.send("POST", path, headers=ctx.auth, json={**TOOL_PURCHASE, "purchase_token": "bad-1"})
+
+
+scenario("purchaseTool", 404)(
+    lambda ctx: ctx.send(
+        "POST", f"{TOOLS}/purchase", headers=ctx.auth, json={**TOOL_PURCHASE, "tool_name": "image_gen"}
+    )
+)
+
+
+@scenario("purchaseTool", 409)
+async def repeated_tool_purchase(ctx: Ctx) -> Reply:
+    assert (await ctx.send("POST", f"{TOOLS}/purchase", headers=ctx.auth, json=TOOL_PURCHASE)).status == 200
+    return await ctx.send("POST", f"{TOOLS}/purchase", headers=ctx.auth, json=TOOL_PURCHASE)
+
 
 DOCUMENT = openapi_document(PREFIX, LOGIN)
 OPERATIONS = {op["operationId"]: op for item in DOCUMENT["paths"].values() for op in item.values()}
@@ -422,7 +552,7 @@ async def ctx(aiohttp_client: Any, tmp_path: Path, request: pytest.FixtureReques
     config = make_config(
         tmp_path, max_body_bytes=1024, body_timeout_seconds=0.5, login_max_failures_per_user=1
     )
-    provider = ConfusedProvider() if request.param == "confused" else Shop(credits=3)
+    provider = ConfusedProvider() if request.param == "confused" else ToolShop(credits=3)
     app = web.Application()
     setup_billing(
         app,

@@ -50,8 +50,10 @@ async def test_five_processes_migrating_one_new_database_at_once_apply_each_step
     # Each kind of record is migrated in a transaction of its own: which process applies which is luck.
     parts = [part for out, _ in results for part in out.decode().strip().split(": ", 1)[1].split(", ")]
     assert sorted(parts) == [
-        "change_feed at version 1 (1 step(s) applied)",
-        *["change_feed at version 1 (up to date)"] * 4,
+        "change_feed at version 2 (2 step(s) applied)",
+        *["change_feed at version 2 (up to date)"] * 4,
+        "give_backs at version 1 (1 step(s) applied)",
+        *["give_backs at version 1 (up to date)"] * 4,
         "login_failures at version 1 (1 step(s) applied)",
         *["login_failures at version 1 (up to date)"] * 4,
         "payments at version 1 (1 step(s) applied)",
@@ -63,6 +65,8 @@ async def test_five_processes_migrating_one_new_database_at_once_apply_each_step
     ]
     assert await fetch(pg_url, "SELECT component, version FROM schema_version ORDER BY 1") == [
         ("change_feed", 1),
+        ("change_feed", 2),
+        ("give_backs", 1),
         ("login_failures", 1),
         ("payments", 1),
         ("purchase_replays", 1),

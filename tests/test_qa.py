@@ -53,7 +53,9 @@ async def test_simple_demo_passes_with_purchase_skipped(tmp_path: Path) -> None:
         "Check Purchase Status": "SKIP",
         "Get Transaction History": "PASS",
         "Verify Store Purchase": "SKIP",
+        "Get Tool Balances": "PASS",
     }
+    assert "web_search (10 uses left)" in out
     assert "billing not enabled" in out
     assert "app store purchases not enabled for this agent" in out
     assert "... Get Credit Status" in err  # progress goes to stderr
@@ -75,8 +77,9 @@ async def test_ciris_demo_passes_every_step_and_reports_json(tmp_path: Path) -> 
         assert code == 0, out
         report = json.loads(out)
         assert report["passed"] is True
-        assert [s["result"] for s in report["steps"]] == ["PASS"] * 7
-        assert report["steps"][-1]["reason"].startswith("a made-up purchase is refused with success: false")
+        assert [s["result"] for s in report["steps"]] == ["PASS"] * 8
+        assert report["steps"][-2]["reason"].startswith("a made-up purchase is refused with success: false")
+        assert report["steps"][-1]["reason"] == "web_search (10 uses left)"
         assert "_secret_" not in out  # the client secret is never printed
         code, out, _ = await qa("--url", server.url, "--username", "ann", "--password", "pw", "--no-purchase")
         assert code == 0
@@ -121,6 +124,7 @@ async def test_a_server_that_breaks_the_contract_fails(aiohttp_server: Any) -> N
     assert "credits_remaining is null, not int" in out
     assert steps["Get Transaction History"] == "FAIL"  # 404: newer clients call it
     assert steps["Verify Store Purchase"] == "SKIP"  # 404: an agent from before the mobile routes
+    assert steps["Get Tool Balances"] == "SKIP"  # 404: an agent without tool credits
     assert "QA FAILED" in out
 
 
@@ -150,6 +154,28 @@ GOOD_CREDITS = {
 }
 GOOD_TX = {"transactions": [], "total_count": 0, "has_more": False}
 REFUSED = {"success": False, "credits_added": 0, "new_balance": 0, "already_processed": False, "error": "No"}
+GOOD_TOOLS = {
+    "balances": [
+        {
+            "product_type": "web_search",
+            "free_remaining": 3,
+            "paid_credits": 2,
+            "total_available": 5,
+            "price_minor": 1,
+            "total_uses": 7,
+        }
+    ]
+}
+BAD_TOOL_NAME: dict[str, Any] = {}
+TX = {
+    "transaction_id": "t",
+    "type": "credit",
+    "amount_minor": 1,
+    "currency": "USD",
+    "description": "",
+    "created_at": "x",
+    "balance_after": 0,
+}
 GOOD_INITIATE = {
     "payment_id": "pi_1",
     "client_secret": "pi_1_secret_x",
@@ -168,6 +194,8 @@ def agent(**routes: Any) -> web.Application:
         "status": f"{STATUS}pi_1",
         "transactions": TRANSACTIONS,
         "verify": GOOGLE_PLAY,
+        "tools": "/v1/api/tools/balance",
+        "tool": "/v1/api/tools/balance/{name}",
     }
     bodies = {
         "login": LOGIN_OK,
@@ -176,6 +204,8 @@ def agent(**routes: Any) -> web.Application:
         "status": {"status": "processing", "credits_added": 0, "balance_after": 0},
         "transactions": GOOD_TX,
         "verify": REFUSED,
+        "tools": GOOD_TOOLS,
+        "tool": BAD_TOOL_NAME,
         **routes,
     }
 
@@ -183,6 +213,8 @@ def agent(**routes: Any) -> web.Application:
         async def answer(request: web.Request) -> web.Response:
             if isinstance(body, bytes):
                 return web.Response(status=404, body=body, content_type="text/html")
+            if body is BAD_TOOL_NAME:
+                return web.json_response({"detail": "Invalid tool name"}, status=400)
             return web.Response(
                 text=body if isinstance(body, str) else json.dumps(body), content_type="application/json"
             )
@@ -275,6 +307,18 @@ async def test_options_without_a_required_purchase_are_not_a_failure(aiohttp_ser
             "Get Transaction History",
             "has_more true",
         ),
+        (
+            {"transactions": {**GOOD_TX, "transactions": [{**TX, "metadata": "x"}], "total_count": 1}},
+            "Get Transaction History",
+            "metadata is a string, not dict or null",
+        ),
+        (
+            {"tools": {"balances": [{**GOOD_TOOLS["balances"][0], "total_available": 4}]}},
+            "Get Tool Balances",
+            "total_available is not free_remaining + paid_credits",
+        ),
+        ({"tools": {"balances": [{"product_type": "x"}]}}, "Get Tool Balances", "free_remaining is missing"),
+        ({"tool": GOOD_TOOLS}, "Get Tool Balances", "breaking the rule was answered 200"),
     ],
 )
 async def test_contract_breaks_fail_with_a_reason(

@@ -100,7 +100,9 @@ def test_a_revocation_is_forgotten_once_its_token_has_expired(tmp_path: Path) ->
     for token in (short, long):
         with pytest.raises(auth_module.AuthError, match="Invalid token"):
             verifier.verify(token)
-    now[0] += 600 + 10 + 5  # past `short`'s exp and leeway: refused as expired, revoked or not
+    # Past `short`'s exp, the leeway and its batch (`REVOCATION_BATCH_SECONDS`): refused as expired,
+    # revoked or not.
+    now[0] += 600 + 10 + auth_module.REVOCATION_BATCH_SECONDS + 5
     verifier.revoke(factory.token("cy", ttl=600))
     assert len(verifier._revoked) == 2  # bob's and cy's; ann's went with her token's expiry
     with pytest.raises(auth_module.AuthError, match="Invalid token"):
@@ -115,19 +117,17 @@ def test_a_token_the_verifier_refuses_takes_no_revocation(tmp_path: Path) -> Non
     assert len(verifier._revoked) == 0
 
 
-def test_when_full_the_revocation_closest_to_its_expiry_goes_first(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(auth_module, "MAX_REVOKED", 3)
+def test_no_revocation_is_dropped_to_make_room(tmp_path: Path) -> None:
+    """There is no cap that pushes out the revocation expiring soonest (issue #17): what bounds their
+    number is the per-user limit on new tokens."""
     verifier, factory = _verifier(tmp_path, [time.time()])
     tokens = {ttl: factory.token(f"user-{ttl}", ttl=ttl) for ttl in (3000, 1000, 4000, 2000)}
     for token in tokens.values():
         verifier.revoke(token)
-    assert len(verifier._revoked) == 3
-    assert verifier.verify(tokens[1000]).user_id == "user-1000"  # the soonest to expire was dropped
-    for ttl in (2000, 3000, 4000):
+    assert verifier.revocations_kept == 4
+    for token in tokens.values():
         with pytest.raises(auth_module.AuthError, match="Invalid token"):
-            verifier.verify(tokens[ttl])
+            verifier.verify(token)
 
 
 # -- 4. `Expect:` on every billing route -------------------------------------------------------

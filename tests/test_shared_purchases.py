@@ -174,12 +174,14 @@ async def _expire_and_sweep(engine: Engine) -> None:
     slot = Slot("local", "ann", "k")
     assert isinstance(await store.claim(slot, "t1", 30, None), Taken)
     assert await store.fill(slot, "t1", "pi_1", b"sealed", 0.0)  # a window that has already closed
-    await store.remember_latest(slot, "pi_1", b"sealed", 3600)
+    latest = Slot("local", "ann", None)
+    assert isinstance(await store.claim(latest, "tl", 30, None), Taken)
+    assert await store.fill(latest, "tl", "pi_1", b"sealed", 3600)
     assert await store.sweep() == 1
     # The expired reply is gone: a new purchase may start.
     assert isinstance(await store.claim(slot, "t2", 30, None), Taken)
     assert isinstance(await store.claim(slot, "t3", 30, None), Pending)
-    assert type(await store.claim(slot.latest(), "t4", 30, None)).__name__ == "Found"
+    assert type(await store.claim(latest, "t4", 30, None)).__name__ == "Found"
     # A lease that ran out (its process died) is taken over; the late holder cannot fill any more.
     await store.release(slot, "t2")
     assert isinstance(await store.claim(slot, "t5", 0.0, None), Taken)

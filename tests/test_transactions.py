@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from ciris_billing_proxy import BillingConfig, Identity
+from ciris_billing_proxy.client import BillingClient
 from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 
@@ -142,6 +143,29 @@ async def test_ciris_listing_with_credits_paging_and_clean_descriptions(
     assert [(t["type"], t["amount_minor"], t["description"]) for t in charges] == [
         ("charge", -1, "Agent interaction")
     ] * 2  # the request key the proxy adds for itself is not shown
+
+
+async def test_ciris_passes_on_the_backends_transaction_extras(
+    ciris_billing_config: BillingConfig,
+    make_client: ClientFactory,
+    ciris_fake_backend: FakeBillingBackend,
+    ciris_tokens: TokenFactory,
+) -> None:
+    """As CIRIS does: `transaction_type`, `external_transaction_id` and `metadata` (the apps show them)."""
+    client = await make_client(ciris_billing_config, host=agent_routes)
+    ann = ciris_tokens.headers("ann", email="ann@example.com")
+    assert (await client.post("/v1/agent/interact", json={}, headers=ann)).status == 200
+    purchase = await (await client.post(INITIATE, json={}, headers=ann)).json()
+    ciris_fake_backend.confirm_payment(purchase["payment_id"])
+    base = str(client.make_url("/"))
+    async with BillingClient(base, token=ann["Authorization"].removeprefix("Bearer ")) as billing:
+        credit, charge = (await billing.get_transactions()).transactions
+    assert (credit.transaction_type, credit.external_transaction_id) == ("purchase", purchase["payment_id"])
+    assert charge.metadata is not None
+    assert charge.metadata["agent_id"] == "test-agent"
+    assert charge.transaction_type is None  # the backend has none for charges: left out, not null
+    raw = await (await client.get(TRANSACTIONS, headers=ann)).json()
+    assert "transaction_type" not in raw["transactions"][1]
 
 
 async def test_ciris_backend_without_a_listing_is_an_empty_history(

@@ -25,7 +25,7 @@ SECRET = "browser-test-secret-" + "b" * 40
 PASSWORD = "browser-password-1"
 ELEMENT = "ciris-billing"
 #: Users of the paid demo; each test takes its own, so tests never share a balance.
-USERS = ("ann", "ben", "cat", "dan", "eve", "fay", "gus", "hal")
+USERS = ("ann", "ben", "cat", "dan", "eve", "fay", "gus", "hal", "ivy", "jay", "kim", "lee")
 
 
 def missing_browser() -> str | None:
@@ -71,11 +71,13 @@ class DemoPage:
         self.page.click("button[type=submit]")
 
     def record(self) -> None:
-        """Keep every state the element passes through, its size while processing, and its events,
-        in `window.seen` (set up before the element exists: it records from its first state)."""
+        """Keep every state the element passes through, its size while processing, its events and
+        where focus went (`focused`: the local names of the elements focus entered), in
+        `window.seen` (set up before the element exists: it records from its first state)."""
         self.page.evaluate(
             """() => {
-              window.seen = { states: [], events: [], processingHeights: [] };
+              window.seen = { states: [], events: [], processingHeights: [], focused: [] };
+              document.addEventListener('focusin', (e) => window.seen.focused.push(e.target.localName));
               const watch = (el) => {
                 new MutationObserver(() => window.seen.states.push(el.getAttribute('state')))
                   .observe(el, { attributes: true, attributeFilter: ['state'] });

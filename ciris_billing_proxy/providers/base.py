@@ -20,8 +20,10 @@ from typing import Any, ClassVar, Self, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from ..config import ConfigError, describe_validation_error
+from ..database_budget import DEFAULT_BUDGET, DatabaseBudget
 from ..database_url import parse_database_url
 from ..errors import BillingDisabled
+from ..id_token import IdToken
 from ..identity import Identity
 from ..models import (
     AppStorePurchase,
@@ -32,6 +34,7 @@ from ..models import (
     StoreVerification,
     TransactionPage,
 )
+from ..products import Product, ToolBalance, ToolCheck, ToolPurchase, ToolPurchaseRequest
 from ..store import Engine, SQLiteDatabase
 from ..store.choose import engine_for
 
@@ -46,7 +49,8 @@ class ProviderContext:
     its own environment variables (the process environment unless a test passes another mapping);
     `data_dir` is where it may keep files; `agent_id` namespaces anything it sends to a shared backend;
     `provider` is the name it was chosen by (for messages); `database_url` is the host's
-    `BillingConfig.database_url`, which `database()` turns into an engine.
+    `BillingConfig.database_url`, which `database()` turns into an engine within `database_budget`
+    (`BillingConfig.database_pool_size` and `database_timeout_seconds`).
     """
 
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -55,20 +59,22 @@ class ProviderContext:
     agent_id: str = "agent"
     provider: str = "custom"
     database_url: str | None = field(default=None, repr=False)  # may carry a password
+    database_budget: DatabaseBudget = DEFAULT_BUDGET
 
     def database(self, sqlite_file: str, path: str | Path | None = None) -> Engine:
         """The engine for the provider's records, not yet opened: PostgreSQL or a SQLite file as
         `database_url` says, and without one the file `sqlite_file` in `data_dir`. `path`, the
         provider's own SQLite file setting (a path or ":memory:"), wins over both unless empty."""
+        timeout = self.database_budget.timeout_seconds
         if path:
-            return SQLiteDatabase(path)
+            return SQLiteDatabase(path, timeout=timeout)
         if self.database_url is None:
-            return SQLiteDatabase(self.data_dir / sqlite_file)
+            return SQLiteDatabase(self.data_dir / sqlite_file, timeout=timeout)
         try:
             url = parse_database_url(self.database_url)
         except ValueError as exc:
             raise ConfigError(f"Invalid configuration: database_url: {exc}") from None
-        return engine_for(url)
+        return engine_for(url, self.database_budget)
 
     def settings(self, model: type[S], env: Mapping[str, str] | None = None) -> S:
         """The provider's settings as `model`: environment variables named in `env` (variable ->
@@ -136,11 +142,27 @@ class CreditProvider(abc.ABC):
         The provider reads the token with `ciris_billing_proxy.current_id_token()`."""
         return False
 
+    def agent_id_token(self) -> IdToken | None:
+        """The ID token configured for this agent, used (with `id_token_required`) for a request that
+        carries none: an agent on the user's own device, whose app writes the user's token into the
+        agent's environment. None by default: each request must bring its own. Called per request
+        that lacks the header, so it must be cheap (no I/O on every call)."""
+        return None
+
     async def start(self) -> None:
         """Open connections, files and sessions. Called once at app startup."""
 
     async def stop(self) -> None:
         """Release what `start` opened. Called once at app cleanup, also after a failed start."""
+
+    async def health(self) -> str | None:
+        """None when the provider can serve; otherwise why not, in a few words an operator reads
+        (never a URL, key or other secret), e.g. "backend refused the API key (HTTP 401)".
+
+        Called by the readiness check (`GET /readyz`, `BillingService.health()`), once at startup
+        and whenever it is asked, with a time limit of a few seconds: make it one cheap call that
+        changes nothing (a failure raised here counts as not ready too). The default says ready."""
+        return None
 
     @abc.abstractmethod
     async def credit_status(self, identity: Identity) -> CreditStatus:
@@ -153,6 +175,13 @@ class CreditProvider(abc.ABC):
     @abc.abstractmethod
     async def give_back(self, identity: Identity, idempotency_key: str) -> None:
         """Return the use taken by `spend(identity, idempotency_key)`; no-op if it was never taken."""
+
+    async def give_back_owed(self, identity: Identity, idempotency_key: str, owed_since: float) -> None:
+        """`give_back`, for a give-back owed since `owed_since` (Unix time) by a process that may
+        have stopped since (the give-back outbox makes those): a provider that keeps what a give-back
+        needs in memory only must find it again here. `identity` has the user's id, namespace,
+        role, email and tenant, not the token's expiry. By default, `give_back`."""
+        await self.give_back(identity, idempotency_key)
 
     async def initiate_purchase(
         self, identity: Identity, return_url: str | None, idempotency_key: str | None
@@ -186,3 +215,45 @@ class CreditProvider(abc.ABC):
         """The user's transactions, newest first (`limit` 1-100, `offset` >= 0, already checked).
         A provider that keeps no history answers an empty page."""
         return TransactionPage(transactions=[], total_count=0, has_more=False)
+
+    # -- per-product credits (tool credits): docs/tool-credits.md ------------------------------------
+    @property
+    def products(self) -> Mapping[str, Product]:
+        """The products this provider sells per use, by name (`Product.name`); none by default. The
+        tool routes and `@credit_gate(product=...)` serve only these: another name is a 404."""
+        return {}
+
+    @property
+    def product_purchases_enabled(self) -> bool:
+        """Whether `verify_product_purchase` redeems store purchases of product packs. When false,
+        `POST {tools}/purchase` answers 200 `success: false` without calling it."""
+        return False
+
+    async def product_balance(self, identity: Identity, product: str) -> ToolBalance:
+        """The user's balance of one declared product (the name is checked before)."""
+        raise BillingDisabled
+
+    async def product_balances(self, identity: Identity) -> list[ToolBalance]:
+        """Every declared product's balance, in declaration order; by default one
+        `product_balance` per product."""
+        return [await self.product_balance(identity, name) for name in self.products]
+
+    async def product_check(self, identity: Identity, product: str) -> ToolCheck:
+        """Whether a gated call of the product would pass now; by default from `product_balance`."""
+        return ToolCheck.of(await self.product_balance(identity, product))
+
+    async def spend_product(self, identity: Identity, product: str, idempotency_key: str) -> None:
+        """Take one use of the product, atomically (as `spend`); `InsufficientCredit` without one."""
+        raise BillingDisabled
+
+    async def give_back_product(self, identity: Identity, product: str, idempotency_key: str) -> None:
+        """Return the use `spend_product` took under this key (as `give_back`)."""
+        raise BillingDisabled
+
+    async def verify_product_purchase(
+        self, identity: Identity, purchase: ToolPurchaseRequest
+    ) -> ToolPurchase:
+        """Redeem a store purchase of a pack of `purchase.tool_name` (a declared product), once per
+        purchase token: a repeat raises `AlreadyProcessed`, a purchase the store refuses
+        `InvalidRequest`. Only called when `product_purchases_enabled`."""
+        raise BillingDisabled

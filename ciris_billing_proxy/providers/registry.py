@@ -20,6 +20,7 @@ ASYNC_METHODS: Final = (
     "credit_status",
     "spend",
     "give_back",
+    "give_back_owed",
     "initiate_purchase",
     "purchase_status",
     "transactions",

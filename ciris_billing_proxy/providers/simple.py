@@ -1,20 +1,37 @@
-"""The `simple` provider: N free uses per user, nothing to buy, a SQLite ledger that survives restarts."""
+"""The `simple` provider: N free uses per user, nothing to buy, a SQLite ledger that survives restarts.
+
+Products (tool credits, `docs/tool-credits.md`) come from `CIRIS_SIMPLE_PRODUCTS`: each its own free
+uses per user, kept in the same usage ledger under a product-qualified namespace, so a product's spends
+have the ledger's guarantees (atomic, idempotent per key, exact across processes on PostgreSQL) and
+never touch the interaction uses.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Self
+from typing import Any, Final, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import InsufficientCredit
 from ..identity import Identity
 from ..models import CreditStatus, Transaction, TransactionPage
+from ..products import TOOL_NAME, Product, ToolBalance, valid_tool_name
 from ..store import Engine, SQLiteDatabase, usage_ledger
 from .base import CreditProvider, ProviderContext
 
 NO_FREE_USES = "No free uses remaining"
 LEDGER_FILE = "simple-usage.sqlite3"
+
+
+class ProductSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    free_uses: int = Field(default=0, ge=0, le=1_000_000)
+    price_minor: int = Field(default=0, ge=0, le=10_000_000)
+    description: str = Field(default="", max_length=500)
 
 
 class SimpleSettings(BaseModel):
@@ -27,6 +44,27 @@ class SimpleSettings(BaseModel):
     #: A SQLite file path, or ":memory:". Default: where `BillingConfig.database_url` says, and without
     #: one `simple-usage.sqlite3` in the data directory.
     database: str | None = None
+    #: Products sold per use (free uses only here): name -> `{"free_uses", "price_minor"}`, as JSON in
+    #: `CIRIS_SIMPLE_PRODUCTS`. None by default (the demo agent offers `web_search`).
+    products: dict[str, ProductSettings] = Field(default_factory=dict)
+
+    @field_validator("products", mode="before")
+    @classmethod
+    def _json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError("must be a JSON object: name -> {free_uses, price_minor}") from None
+        return value
+
+    @field_validator("products")
+    @classmethod
+    def _names(cls, value: dict[str, ProductSettings]) -> dict[str, ProductSettings]:
+        for name in value:
+            if not valid_tool_name(name):
+                raise ValueError(f"product names must match {TOOL_NAME.pattern}")
+        return value
 
 
 #: Environment variable -> option name.
@@ -34,7 +72,11 @@ ENV_VARS = {
     "CIRIS_SIMPLE_FREE_USES": "free_uses",
     "CIRIS_SIMPLE_PLAN_NAME": "plan_name",
     "CIRIS_SIMPLE_DATABASE": "database",
+    "CIRIS_SIMPLE_PRODUCTS": "products",
 }
+#: Between a product's name and the identity namespace in the ledger's namespace column: identity
+#: namespaces never hold it (they come from token claims), so no user's uses can collide with it.
+PRODUCT_SEPARATOR: Final = "\x1f"
 
 
 class SimpleProvider(CreditProvider):
@@ -43,6 +85,12 @@ class SimpleProvider(CreditProvider):
     def __init__(self, settings: SimpleSettings | None = None, *, database: str | Path | Engine) -> None:
         self.settings = settings or SimpleSettings()
         self.ledger = usage_ledger(database if isinstance(database, Engine) else SQLiteDatabase(database))
+        self._products = {
+            name: Product(
+                name=name, free_uses=p.free_uses, price_minor=p.price_minor, description=p.description
+            )
+            for name, p in self.settings.products.items()
+        }
 
     @classmethod
     def from_context(cls, context: ProviderContext) -> Self:
@@ -86,6 +134,31 @@ class SimpleProvider(CreditProvider):
     async def give_back(self, identity: Identity, idempotency_key: str) -> None:
         await self.ledger.give_back(identity.namespace, identity.user_id, idempotency_key)
 
+    @property
+    def products(self) -> Mapping[str, Product]:
+        return self._products
+
+    async def product_balance(self, identity: Identity, product: str) -> ToolBalance:
+        used = await self.ledger.used(_product_namespace(identity, product), identity.user_id)
+        free = max(self._products[product].free_uses - used, 0)
+        return ToolBalance(
+            product_type=product,
+            free_remaining=free,
+            paid_credits=0,
+            total_available=free,
+            price_minor=self._products[product].price_minor,
+            total_uses=used,
+        )
+
+    async def spend_product(self, identity: Identity, product: str, idempotency_key: str) -> None:
+        limit = self._products[product].free_uses
+        namespace = _product_namespace(identity, product)
+        if not await self.ledger.spend(namespace, identity.user_id, idempotency_key, limit):
+            raise InsufficientCredit(f"No {product} uses remaining")
+
+    async def give_back_product(self, identity: Identity, product: str, idempotency_key: str) -> None:
+        await self.ledger.give_back(_product_namespace(identity, product), identity.user_id, idempotency_key)
+
     async def transactions(self, identity: Identity, limit: int, offset: int) -> TransactionPage:
         """Each use is a charge of 1 and each give-back a credit of 1; `balance_after` is the free
         uses left after it."""
@@ -105,3 +178,7 @@ class SimpleProvider(CreditProvider):
             for event_id, kind, used_after, created_at in events
         ]
         return TransactionPage(transactions=items, total_count=total, has_more=offset + len(items) < total)
+
+
+def _product_namespace(identity: Identity, product: str) -> str:
+    return f"{product}{PRODUCT_SEPARATOR}{identity.namespace}"

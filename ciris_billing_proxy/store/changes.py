@@ -1,10 +1,14 @@
 """The change feed: how every process sharing one database learns what changed elsewhere.
 
-A process publishes "this user's credit changed", "everyone's changed" and "this token is revoked";
-every other process on the database hears it and drops its cached entry, or refuses the token.
+A process publishes "this user's credit changed", "everyone's changed", "this token is revoked" and
+"this user's tokens issued before this moment are void" (a token epoch); every other process on the
+database hears it and drops its cached entry, or refuses the tokens.
 PostgreSQL carries it with `LISTEN/NOTIFY` (`feed_postgres`), a SQLite file with a polled table
 (`feed_sqlite`). Revocations are also kept in a `revoked_tokens` table (a digest of the token, never
-the token, until its expiry), which a process loads when it starts and after its feed reconnects.
+the token, until its expiry), and epochs in a `token_epochs` table (one row per user whose sessions
+were ended), which a process loads when it starts and after its feed reconnects. The same database
+keeps the password hash each local user last started with (`user_passwords`), so a restart with a
+new password can end the sessions of the old one (`tools.users`).
 
 Credit changes are published in the background, batched: a burst of spends costs one database
 round trip, not one each, and never delays the reply. A revocation is written before the logout is
@@ -22,7 +26,7 @@ import asyncio
 import json
 import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Final, Protocol
 
 from ..errors import ProviderUnavailable
@@ -52,6 +56,9 @@ class ChangeListener(Protocol):
     def all_changed(self) -> None: ...
 
     def token_revoked(self, digest: bytes, until: float) -> None: ...
+
+    def epoch_moved(self, key: IdentityKey, epoch: float) -> None:
+        """Tokens of this user issued (`iat`) before `epoch` are void."""
 
     def feed_down(self) -> None:
         """The feed lost its connection: changes made elsewhere may go unheard until `feed_up`."""
@@ -85,6 +92,10 @@ def encode_revocation(sender: str, digest: bytes, until: float) -> str:
     return sender + json.dumps({"r": [digest.hex(), until]})
 
 
+def encode_epoch(sender: str, key: IdentityKey, epoch: float) -> str:
+    return sender + json.dumps({"e": [key[0], key[1], epoch]})
+
+
 def deliver(payload: str, me: str, listener: ChangeListener) -> None:
     """Hand one payload to the listener; its own, and anything malformed, are ignored."""
     if payload.startswith(me):
@@ -98,6 +109,9 @@ def deliver(payload: str, me: str, listener: ChangeListener) -> None:
         if "r" in message:
             digest, until = message["r"]
             listener.token_revoked(bytes.fromhex(digest), float(until))
+        if "e" in message:
+            namespace, user_id, epoch = message["e"]
+            listener.epoch_moved((str(namespace), str(user_id)), float(epoch))
     except (ValueError, TypeError, AttributeError):
         logger.warning("Ignored a malformed change notification")
 
@@ -112,10 +126,14 @@ class ChangeFeed(abc.ABC):
         self._wake = asyncio.Event()
         self._publisher: asyncio.Task[None] | None = None
         self._listener: ChangeListener | None = None
+        #: `time.monotonic()` at which the feed last confirmed it hears the other processes (0: never); how
+        #: long ago that was is the most a change made elsewhere can have gone unheard.
+        self.heard_at = 0.0
 
     async def start(self, listener: ChangeListener) -> None:
-        """Open, bring the schema up to date, load unexpired revocations into `listener`, and start
-        hearing changes. `DatabaseUnavailable` when the database cannot be used."""
+        """Open, bring the schema up to date, load unexpired revocations and the epochs into
+        `listener`, and start hearing changes. `DatabaseUnavailable` when the database cannot be
+        used."""
         self._listener = listener
         await self._open(listener)
         self._publisher = asyncio.create_task(self._publish_forever())
@@ -147,9 +165,37 @@ class ChangeFeed(abc.ABC):
         self._wake.set()
 
     @abc.abstractmethod
+    async def ping(self) -> None:
+        """One round trip to the database; `ProviderUnavailable` when it does not answer."""
+
+    def connections_in_use(self) -> int:
+        """Connections of the feed's pool lent out now (for the metrics)."""
+        return 0
+
+    @abc.abstractmethod
     async def revoke(self, digest: bytes, until: float) -> None:
         """Record a revoked token (its digest, kept until `until`) and tell every process;
         `ProviderUnavailable` when the database cannot be reached."""
+
+    @abc.abstractmethod
+    async def move_epoch(self, key: IdentityKey, epoch: float) -> None:
+        """Void the user's tokens issued before `epoch` (an epoch never moves back) and tell every
+        process; `ProviderUnavailable` when the database cannot be reached."""
+
+    @abc.abstractmethod
+    async def recorded_passwords(self) -> dict[str, str]:
+        """Local username -> the password hash it last started with (`record_passwords`)."""
+
+    @abc.abstractmethod
+    async def record_passwords(self, hashes: Mapping[str, str]) -> None: ...
+
+    @abc.abstractmethod
+    async def open_store(self) -> None:
+        """Open the database and bring the schema up to date, without hearing changes (for tools
+        that only write: `move_epoch`, the passwords); `close_store` closes it."""
+
+    @abc.abstractmethod
+    async def close_store(self) -> None: ...
 
     @abc.abstractmethod
     async def _open(self, listener: ChangeListener) -> None: ...

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from ..database_budget import DEFAULT_BUDGET, DatabaseBudget
 from ..database_url import DatabaseURL, parse_database_url
 from .changes import ChangeFeed
 from .engine import Engine
@@ -32,10 +33,10 @@ def for_engine(
     raise TypeError(f"no {what} for the {engine.dialect} engine")
 
 
-def engine_for(url: DatabaseURL) -> Engine:
+def engine_for(url: DatabaseURL, budget: DatabaseBudget = DEFAULT_BUDGET) -> Engine:
     if url.dialect == "postgresql":
-        return PostgresDatabase(url)
-    return SQLiteDatabase(url.target)
+        return PostgresDatabase(url, max_size=budget.pool_size, timeout=budget.timeout_seconds)
+    return SQLiteDatabase(url.target, timeout=budget.timeout_seconds)
 
 
 #: The change feed's file in the data directory when no `database_url` is set: every process of one
@@ -43,12 +44,14 @@ def engine_for(url: DatabaseURL) -> Engine:
 CHANGES_FILE = "changes.sqlite3"
 
 
-def change_feed_for(database_url: str | None, data_dir: Path) -> ChangeFeed:
+def change_feed_for(
+    database_url: str | None, data_dir: Path, budget: DatabaseBudget = DEFAULT_BUDGET
+) -> ChangeFeed:
     """The feed on the database every process of the agent shares (`database_url`, validated by
     `BillingConfig`), else on a file of the data directory."""
     if database_url is None:
-        return SQLiteChangeFeed(data_dir / CHANGES_FILE)
+        return SQLiteChangeFeed(data_dir / CHANGES_FILE, budget)
     url = parse_database_url(database_url)
     if url.dialect == "postgresql":
-        return PostgresChangeFeed(url)
-    return SQLiteChangeFeed(url.target)
+        return PostgresChangeFeed(url, budget)
+    return SQLiteChangeFeed(url.target, budget)

@@ -12,10 +12,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
+from ..database_budget import DEFAULT_BUDGET, DatabaseBudget
 from ..database_url import DatabaseURL
-from .changes import MAX_BACKOFF_SECONDS, ChangeFeed, ChangeListener, deliver, encode_revocation
+from .changes import (
+    MAX_BACKOFF_SECONDS,
+    ChangeFeed,
+    ChangeListener,
+    IdentityKey,
+    deliver,
+    encode_epoch,
+    encode_revocation,
+)
 from .engine import DatabaseUnavailable, Schema
 from .postgres import CONNECT_TIMEOUT_SECONDS, PostgresDatabase
 
@@ -37,15 +47,22 @@ SCHEMA = Schema(
             "CREATE TABLE revoked_tokens (digest BYTEA PRIMARY KEY, expires_at DOUBLE PRECISION NOT NULL)",
             "CREATE INDEX revoked_tokens_expiry ON revoked_tokens (expires_at)",
         ),
+        (
+            "CREATE TABLE token_epochs (namespace TEXT NOT NULL, user_id TEXT NOT NULL,"
+            " epoch DOUBLE PRECISION NOT NULL, PRIMARY KEY (namespace, user_id))",
+            "CREATE TABLE user_passwords (username TEXT PRIMARY KEY, password_hash TEXT NOT NULL)",
+        ),
     ),
 )
 
 
 class PostgresChangeFeed(ChangeFeed):
-    def __init__(self, url: DatabaseURL) -> None:
+    def __init__(self, url: DatabaseURL, budget: DatabaseBudget = DEFAULT_BUDGET) -> None:
         super().__init__()
         self.url = url
-        self.db = PostgresDatabase(url, max_size=POOL_SIZE)
+        self.db = PostgresDatabase(
+            url, max_size=min(POOL_SIZE, budget.pool_size), timeout=budget.timeout_seconds
+        )
         self._conn: asyncpg.Connection | None = None
         self._lost = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
@@ -55,10 +72,20 @@ class PostgresChangeFeed(ChangeFeed):
         """Whether the feed hears the other processes now (false while it reconnects)."""
         return self._conn is not None
 
-    async def _open(self, listener: ChangeListener) -> None:
+    async def open_store(self) -> None:
         await self.db.open()
         try:
             await self.db.migrate(SCHEMA)
+        except BaseException:
+            await self.db.close()
+            raise
+
+    async def close_store(self) -> None:
+        await self.db.close()
+
+    async def _open(self, listener: ChangeListener) -> None:
+        await self.open_store()
+        try:
             await self._listen(listener)
         except BaseException as exc:
             await self.db.close()
@@ -78,8 +105,8 @@ class PostgresChangeFeed(ChangeFeed):
         await self.db.close()
 
     async def _listen(self, listener: ChangeListener) -> None:
-        """Connect, listen, then (re)load the revocations: one made before the LISTEN is in the
-        table, one made after it arrives as a notification, so none falls between."""
+        """Connect, listen, then (re)load the revocations and epochs: one made before the LISTEN is
+        in the table, one made after it arrives as a notification, so none falls between."""
         import asyncpg
 
         conn = await asyncpg.connect(
@@ -94,13 +121,17 @@ class PostgresChangeFeed(ChangeFeed):
             rows = await conn.fetch(
                 "SELECT digest, expires_at FROM revoked_tokens WHERE expires_at > $1", time.time()
             )
+            epochs = await conn.fetch("SELECT namespace, user_id, epoch FROM token_epochs")
         except BaseException:
             conn.terminate()
             raise
         for digest, until in rows:
             listener.token_revoked(bytes(digest), float(until))
+        for namespace, user_id, epoch in epochs:
+            listener.epoch_moved((str(namespace), str(user_id)), float(epoch))
         self._lost.clear()
         self._conn = conn
+        self.heard_at = time.monotonic()
 
     async def _watch_forever(self, listener: ChangeListener) -> None:
         while True:
@@ -136,10 +167,18 @@ class PostgresChangeFeed(ChangeFeed):
                 await asyncio.wait_for(conn.fetchval("SELECT 1"), PING_SECONDS)
             except Exception:
                 return
+            self.heard_at = time.monotonic()
 
     async def _publish(self, payloads: list[str]) -> None:
         async with self.db.connection() as conn:
             await conn.execute("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", CHANNEL, payloads)
+
+    async def ping(self) -> None:
+        async with self.db.connection() as conn:
+            await conn.fetchval("SELECT 1")
+
+    def connections_in_use(self) -> int:
+        return self.db.connections_in_use()
 
     async def revoke(self, digest: bytes, until: float) -> None:
         # One statement: the row and the notification commit together, and expired rows go.
@@ -154,4 +193,32 @@ class PostgresChangeFeed(ChangeFeed):
                 time.time(),
                 CHANNEL,
                 encode_revocation(self.sender, digest, until),
+            )
+
+    async def move_epoch(self, key: IdentityKey, epoch: float) -> None:
+        # One statement: the row and the notification commit together.
+        async with self.db.connection() as conn:
+            await conn.execute(
+                "WITH moved AS (INSERT INTO token_epochs (namespace, user_id, epoch) VALUES ($1, $2, $3)"
+                " ON CONFLICT (namespace, user_id) DO UPDATE"
+                " SET epoch = GREATEST(token_epochs.epoch, EXCLUDED.epoch))"
+                " SELECT pg_notify($4, $5)",
+                key[0],
+                key[1],
+                epoch,
+                CHANNEL,
+                encode_epoch(self.sender, key, epoch),
+            )
+
+    async def recorded_passwords(self) -> dict[str, str]:
+        async with self.db.connection() as conn:
+            rows = await conn.fetch("SELECT username, password_hash FROM user_passwords")
+        return {str(name): str(hashed) for name, hashed in rows}
+
+    async def record_passwords(self, hashes: Mapping[str, str]) -> None:
+        async with self.db.connection() as conn:
+            await conn.executemany(
+                "INSERT INTO user_passwords (username, password_hash) VALUES ($1, $2)"
+                " ON CONFLICT (username) DO UPDATE SET password_hash = EXCLUDED.password_hash",
+                list(hashes.items()),
             )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..config import ConfigError
 from ..database_url import parse_database_url
-from . import feed_postgres, feed_sqlite, login_failures, payments, replays, usage
+from . import feed_postgres, feed_sqlite, give_backs, login_failures, payments, replays, usage
 from .choose import engine_for
 from .engine import Migrated
 
@@ -19,6 +19,7 @@ SCHEMAS = {
         replays.SQLITE_SCHEMA,
         login_failures.SQLITE_SCHEMA,
         feed_sqlite.SCHEMA,
+        give_backs.SQLITE_SCHEMA,
     ),
     "postgresql": (
         usage.POSTGRES_SCHEMA,
@@ -26,6 +27,7 @@ SCHEMAS = {
         replays.POSTGRES_SCHEMA,
         login_failures.POSTGRES_SCHEMA,
         feed_postgres.SCHEMA,
+        give_backs.POSTGRES_SCHEMA,
     ),
 }
 

@@ -109,6 +109,11 @@ class PaymentStore(abc.ABC):
     async def get(self, payment_id: str) -> Payment | None: ...
 
     @abc.abstractmethod
+    async def started_since(self, owner: Identity, since: float) -> list[float]:
+        """When each payment of `owner` recorded at `since` (seconds since the epoch) or later was
+        started, oldest first."""
+
+    @abc.abstractmethod
     async def seen_succeeded(self, payment_id: str) -> float:
         """When Stripe was first seen reporting success for this payment (recorded now if never)."""
 
@@ -123,6 +128,15 @@ def payment_store(engine: Engine) -> PaymentStore:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
+
+
+def _iso(moment: float) -> str:
+    # The same shape as `_now`: ISO 8601 texts of one shape in UTC order as the times they name.
+    return datetime.fromtimestamp(moment, UTC).isoformat()
+
+
+def _seconds(rows: list[str]) -> list[float]:
+    return [datetime.fromisoformat(created).timestamp() for created in rows]
 
 
 class SQLitePaymentStore(PaymentStore):
@@ -167,6 +181,17 @@ class SQLitePaymentStore(PaymentStore):
             return Payment(*row) if row else None
 
         return await self.engine.run(read)
+
+    async def started_since(self, owner: Identity, since: float) -> list[float]:
+        def read(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT created_at FROM payments WHERE namespace = ? AND user_id = ? AND created_at >= ?"
+                " ORDER BY created_at",
+                (owner.namespace, owner.user_id, _iso(since)),
+            ).fetchall()
+            return [str(created) for (created,) in rows]
+
+        return _seconds(await self.engine.run(read))
 
     async def seen_succeeded(self, payment_id: str) -> float:
         def write(conn: sqlite3.Connection) -> float:
@@ -237,6 +262,17 @@ class PostgresPaymentStore(PaymentStore):
         return Payment(*row) if row else None
 
     # COALESCE keeps the first value: one statement, so concurrent callers in any process agree.
+    async def started_since(self, owner: Identity, since: float) -> list[float]:
+        async with self.engine.connection() as conn:
+            rows = await conn.fetch(
+                "SELECT created_at FROM payments WHERE namespace = $1 AND user_id = $2 AND created_at >= $3"
+                " ORDER BY created_at",
+                owner.namespace,
+                owner.user_id,
+                _iso(since),
+            )
+        return _seconds([str(row["created_at"]) for row in rows])
+
     async def seen_succeeded(self, payment_id: str) -> float:
         async with self.engine.connection() as conn:
             seen = await conn.fetchval(

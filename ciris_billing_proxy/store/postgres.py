@@ -4,6 +4,12 @@ asyncpg is an optional dependency (`pip install 'ciris-billing-proxy[postgres]'`
 engine opens. A connection lost while serving (the server restarted, a network cut) is a
 `ProviderUnavailable`, answered 503; the pool replaces dead connections on the next request, so
 service resumes by itself once the server is back.
+
+One use of a connection (`connection()`: waiting for it, and every statement run on it) takes at
+most `timeout` seconds in all (`BillingConfig.database_timeout_seconds`): a server that stops
+answering without closing the connection costs a request that budget, not one per statement. The
+pool holds at most `max_size` connections (`database_pool_size`), and closing it is bounded too,
+so a stalled server cannot hold up a shutdown.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Final
 
+from ..database_budget import DEFAULT_BUDGET
 from ..database_url import INSTALL_POSTGRES, DatabaseURL
 from ..errors import ProviderUnavailable
 from .engine import DatabaseUnavailable, Engine, Migrated, Schema, newer_schema
@@ -23,14 +30,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ciris_billing_proxy")
 
-#: Connections per process: enough to keep a gate busy (a spend is one round trip), few enough that
-#: many processes fit in PostgreSQL's default of 100 connections.
-POOL_MAX_SIZE: Final = 10
+#: Connections per process (default of `database_pool_size`): enough to keep a gate busy (a spend is
+#: one round trip), few enough that many processes fit in PostgreSQL's default of 100 connections.
+POOL_MAX_SIZE: Final = DEFAULT_BUDGET.pool_size
 CONNECT_TIMEOUT_SECONDS: Final = 5.0
-#: Longest a request waits for a free connection of the pool.
-ACQUIRE_TIMEOUT_SECONDS: Final = 5.0
-#: Longest one statement may take: a server that stops answering without closing the connection.
-COMMAND_TIMEOUT_SECONDS: Final = 10.0
+#: Longest a pool's close waits for its connections to close politely before it cuts them.
+CLOSE_TIMEOUT_SECONDS: Final = 2.0
 #: Serialises schema changes between processes (`pg_advisory_xact_lock`); any fixed 64-bit number.
 MIGRATION_LOCK: Final = 0x43495249_5342494C
 DATABASE_UNAVAILABLE: Final = "database unavailable"
@@ -39,9 +44,16 @@ DATABASE_UNAVAILABLE: Final = "database unavailable"
 class PostgresDatabase(Engine):
     dialect = "postgresql"
 
-    def __init__(self, url: DatabaseURL, *, max_size: int = POOL_MAX_SIZE) -> None:
+    def __init__(
+        self,
+        url: DatabaseURL,
+        *,
+        max_size: int = POOL_MAX_SIZE,
+        timeout: float = DEFAULT_BUDGET.timeout_seconds,
+    ) -> None:
         self.url = url
         self.max_size = max_size
+        self.timeout = timeout
         self._pool: asyncpg.Pool | None = None
 
     def describe(self) -> str:
@@ -58,8 +70,8 @@ class PostgresDatabase(Engine):
             # during an outage and logs every failed attempt with a traceback.
             min_size=0,
             max_size=self.max_size,
-            timeout=CONNECT_TIMEOUT_SECONDS,
-            command_timeout=COMMAND_TIMEOUT_SECONDS,
+            timeout=min(CONNECT_TIMEOUT_SECONDS, self.timeout),
+            command_timeout=self.timeout,
             reset=_keep_session,
         )
         try:
@@ -71,10 +83,21 @@ class PostgresDatabase(Engine):
             raise DatabaseUnavailable(f"cannot use {self.describe()}: {_reason(exc)}") from None
         self._pool = pool
 
+    def connections_in_use(self) -> int:
+        """Connections of the pool lent out now."""
+        pool = self._pool
+        return 0 if pool is None else pool.get_size() - pool.get_idle_size()
+
     async def close(self) -> None:
         pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.close()
+        if pool is None:
+            return
+        try:
+            # Polite first: each connection says goodbye to the server. A stalled server never
+            # answers, and a shutdown must not wait for it.
+            await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_SECONDS)
+        except TimeoutError:
+            pool.terminate()
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
@@ -83,8 +106,9 @@ class PostgresDatabase(Engine):
 
         if self._pool is None:
             raise RuntimeError("database is not open")
+        pool = self._pool
         try:
-            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+            async with asyncio.timeout(self.timeout), pool.acquire() as conn:
                 yield conn
         except (
             OSError,

@@ -70,9 +70,6 @@ class Slot:
     def key(self) -> str:
         return self.idempotency_key or ""
 
-    def latest(self) -> Slot:
-        return Slot(self.namespace, self.user_id, None)
-
     def binding(self) -> bytes:
         """What a sealed reply is bound to: a reply moved to another row does not open."""
         parts = (self.namespace, self.user_id, self.kind, self.key)
@@ -117,10 +114,6 @@ class ReplayStore(abc.ABC):
     @abc.abstractmethod
     async def fill(self, slot: Slot, token: str, payment_id: str, sealed: bytes, ttl_seconds: float) -> bool:
         """Turn `token`'s claim into the reply; False when the claim was lost (its lease ran out)."""
-
-    @abc.abstractmethod
-    async def remember_latest(self, slot: Slot, payment_id: str, sealed: bytes, ttl_seconds: float) -> None:
-        """Make this the user's latest purchase, unless a live claim holds that slot."""
 
     @abc.abstractmethod
     async def release(self, slot: Slot, token: str) -> None:
@@ -181,27 +174,6 @@ class SQLiteReplayStore(ReplayStore):
 
         return await self.engine.run(write)
 
-    async def remember_latest(self, slot: Slot, payment_id: str, sealed: bytes, ttl_seconds: float) -> None:
-        latest = slot.latest()
-
-        def write(conn: sqlite3.Connection) -> None:
-            with transaction(conn):
-                now = time.time()
-                row = conn.execute(
-                    "SELECT sealed, expires_at FROM purchase_replays"
-                    " WHERE namespace = ? AND user_id = ? AND kind = ? AND idempotency_key = ?",
-                    _slot_args(latest),
-                ).fetchone()
-                if row is not None and row[0] is None and row[1] > now:
-                    return
-                conn.execute(
-                    "INSERT OR REPLACE INTO purchase_replays (namespace, user_id, kind, idempotency_key,"
-                    " claim, payment_id, sealed, expires_at) VALUES (?, ?, ?, ?, NULL, ?, ?, ?)",
-                    (*_slot_args(latest), payment_id, sealed, now + ttl_seconds),
-                )
-
-        await self.engine.run(write)
-
     async def release(self, slot: Slot, token: str) -> None:
         def write(conn: sqlite3.Connection) -> None:
             with transaction(conn):
@@ -250,16 +222,6 @@ SET claim = NULL, payment_id = $6, sealed = $7, expires_at = EXTRACT(EPOCH FROM 
 WHERE namespace = $1 AND user_id = $2 AND kind = $3 AND idempotency_key = $4 AND claim = $5
 """
 
-PG_REMEMBER_LATEST = """
-INSERT INTO purchase_replays AS r
-    (namespace, user_id, kind, idempotency_key, claim, payment_id, sealed, expires_at)
-VALUES ($1, $2, $3, $4, NULL, $5, $6, EXTRACT(EPOCH FROM now())::float8 + $7)
-ON CONFLICT (namespace, user_id, kind, idempotency_key) DO UPDATE
-SET claim = NULL, payment_id = EXCLUDED.payment_id, sealed = EXCLUDED.sealed,
-    expires_at = EXCLUDED.expires_at
-WHERE r.sealed IS NOT NULL OR r.expires_at <= EXTRACT(EPOCH FROM now())::float8
-"""
-
 PG_RELEASE = """
 DELETE FROM purchase_replays
 WHERE namespace = $1 AND user_id = $2 AND kind = $3 AND idempotency_key = $4 AND claim = $5
@@ -288,12 +250,6 @@ class PostgresReplayStore(ReplayStore):
         async with self.engine.connection() as conn:
             done = await conn.execute(PG_FILL, *_slot_args(slot), token, payment_id, sealed, ttl_seconds)
         return bool(done == "UPDATE 1")
-
-    async def remember_latest(self, slot: Slot, payment_id: str, sealed: bytes, ttl_seconds: float) -> None:
-        async with self.engine.connection() as conn:
-            await conn.execute(
-                PG_REMEMBER_LATEST, *_slot_args(slot.latest()), payment_id, sealed, ttl_seconds
-            )
 
     async def release(self, slot: Slot, token: str) -> None:
         async with self.engine.connection() as conn:

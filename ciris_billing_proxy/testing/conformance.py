@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
 
@@ -44,6 +46,7 @@ from .. import (
     StoreVerification,
 )
 from ..models import TransactionPage
+from ..products import Product, ToolBalance
 
 __all__ = ["ProviderContract"]
 
@@ -59,6 +62,13 @@ ASYNC_METHODS = (
     "transactions",
     "verify_google_play",
     "verify_app_store",
+    "health",
+    "product_balance",
+    "product_balances",
+    "product_check",
+    "spend_product",
+    "give_back_product",
+    "verify_product_purchase",
 )
 #: What a provider declares it offers: each must be a bool.
 DECLARATIONS = (
@@ -68,6 +78,7 @@ DECLARATIONS = (
     "apple_storekit_enabled",
     "gate_charges",
     "id_token_required",
+    "product_purchases_enabled",
 )
 #: Store -> (its declaration, its method, the hook that makes a purchase to redeem).
 STORES = {
@@ -184,6 +195,14 @@ class ProviderContract:
     #: give-backs are then checked on paid credit (which needs `add_paid_credit`), and a give-back
     #: of a free use is checked to add nothing, to neither count.
     returns_free_uses: ClassVar[bool] = True
+    #: Whether `spend` takes a use. A provider under which every user has credit and nothing is
+    #: charged (`unlimited`) sets False: the checks of what a spend takes or a give-back returns
+    #: skip, and the kit checks instead that spends succeed, change no balance, and that the
+    #: provider says so (`gate_charges` false).
+    charges_uses: ClassVar[bool] = True
+    #: Whether `give_back_product` returns the product use its spend took. The `ciris` provider sets
+    #: False (its backend cannot give back a tool use): the product give-back check then skips.
+    returns_product_uses: ClassVar[bool] = True
     #: The identity namespaces of the kit's users; isolation is checked across the first two.
     namespaces: ClassVar[tuple[str, str]] = ("local", "google")
     #: The most uses the kit spends to empty one user's balance; checks that would need more skip.
@@ -237,6 +256,7 @@ class ProviderContract:
             await self._exhausted(provider, identity)
 
     async def test_spend_twice_with_one_key_takes_one_use(self, provider: CreditProvider) -> None:
+        self._skip_unless_charging()
         identity, before = await self._user_with(provider, 2)
         key = new_key()
         await self._must_spend(provider, identity, key, before)
@@ -252,6 +272,7 @@ class ProviderContract:
     async def test_concurrent_spends_never_take_more_than_the_user_had(
         self, provider: CreditProvider
     ) -> None:
+        self._skip_unless_charging()
         identity, before = await self._user_with(provider, 2)
         self._skip_if_too_many(before, "spend concurrently past the end of a fresh user's credit")
         attempts = before.available + 3
@@ -273,6 +294,7 @@ class ProviderContract:
     async def test_spend_without_credit_raises_insufficient_credit_and_changes_nothing(
         self, provider: CreditProvider
     ) -> None:
+        self._skip_unless_charging()
         identity = self.new_identity()
         empty = await self._exhausted(provider, identity)
         key = new_key()
@@ -289,6 +311,7 @@ class ProviderContract:
             )
 
     async def test_give_back_of_a_free_use(self, provider: CreditProvider) -> None:
+        self._skip_unless_charging()
         identity = self.new_identity()
         before = await self._balance(provider, identity)
         if before.free == 0:
@@ -312,6 +335,7 @@ class ProviderContract:
         await self._give_back_again_changes_nothing(provider, identity, key, back)
 
     async def test_give_back_restores_paid_credit_once(self, provider: CreditProvider) -> None:
+        self._skip_unless_charging()
         identity = self.new_identity()
         await self._use_up_free_uses(provider, identity)
         before = await self._add_paid(provider, identity, 3, "check give_back on paid credit")
@@ -331,6 +355,109 @@ class ProviderContract:
             )
         await self._give_back_again_changes_nothing(provider, identity, key, back)
 
+    async def test_a_provider_that_charges_nothing_changes_no_balance(self, provider: CreditProvider) -> None:
+        if self.charges_uses:
+            pytest.skip("this provider charges uses (charges_uses is true)")
+        if provider.gate_charges:
+            broken("a provider that takes no use must declare gate_charges false, but it declares true.")
+        identity = self.new_identity()
+        before = await self._balance(provider, identity)
+        if not before.available:
+            broken("a provider that charges nothing must give every user credit, but a fresh user has none.")
+        keys = [new_key() for _ in range(3)]
+        results = await asyncio.gather(*(self._spend(provider, identity, key) for key in keys * 2))
+        if not all(results):
+            broken("spends under a provider that charges nothing must all succeed, but one raised.")
+        for key in keys:
+            await self._give_back(provider, identity, key)
+        after = await self._balance(provider, identity)
+        if after != before:
+            broken(f"spends and give-backs must change no balance, but {before.change_to(after)}.")
+
+    # -- per-product credits (tool credits); skipped for a provider that declares no product ---------
+    async def test_product_declarations_are_well_formed(self, provider: CreditProvider) -> None:
+        products = self._products(provider)
+        for name, product in products.items():
+            if not isinstance(product, Product) or product.name != name:
+                broken(f"products must map each name to a Product of that name, but {name!r} does not.")
+        identity = self.new_identity()
+        balances = await self._call(provider, "product_balances", identity)
+        if not isinstance(balances, list) or [getattr(b, "product_type", None) for b in balances] != list(
+            products
+        ):
+            broken("product_balances must list one ToolBalance per declared product, in their order.")
+        for name in products:
+            balance = await self._product_balance(provider, identity, name)
+            if balance.product_type != name:
+                broken(f"product_balance must answer for {name!r}, but it answered {balance.product_type!r}.")
+
+    async def test_product_spend_takes_one_use_of_that_product_only(self, provider: CreditProvider) -> None:
+        self._skip_unless_charging()
+        name = next(iter(self._products(provider)))
+        identity = self.new_identity()
+        before = await self._product_balance(provider, identity, name)
+        if not before.total_available:
+            pytest.skip(f"a fresh user has no {name} use to spend")
+        credit_before = await self._balance(provider, identity)
+        others_before = await self._other_products(provider, identity, name)
+        key = new_key()
+        for _ in range(2):
+            if not await self._spend_product(provider, identity, name, key):
+                broken(
+                    f"spend_product with a use of {name} left must succeed, but it raised InsufficientCredit."
+                )
+        after = await self._product_balance(provider, identity, name)
+        if before.total_available - after.total_available != 1:
+            broken(
+                f"spend_product twice with one key must take one use of {name}, but"
+                f" {before.total_available - after.total_available} were taken."
+            )
+        if await self._balance(provider, identity) != credit_before:
+            broken("spend_product must not touch the interaction credit, but credit_status changed.")
+        if await self._other_products(provider, identity, name) != others_before:
+            broken("spend_product must not touch another product's balance, but one changed.")
+
+    async def test_product_concurrent_spends_never_take_more_than_there_was(
+        self, provider: CreditProvider
+    ) -> None:
+        self._skip_unless_charging()
+        name = next(iter(self._products(provider)))
+        identity = self.new_identity()
+        before = await self._product_balance(provider, identity, name)
+        if before.total_available > self.max_spends:
+            pytest.skip(f"a fresh user has more {name} uses than max_spends ({self.max_spends})")
+        attempts = before.total_available + 3
+        results = await asyncio.gather(
+            *(self._spend_product(provider, identity, name, new_key()) for _ in range(attempts))
+        )
+        after = await self._product_balance(provider, identity, name)
+        if sum(results) != before.total_available or after.total_available != 0:
+            broken(
+                f"{attempts} concurrent spends of {name} must take exactly the {before.total_available} uses"
+                f" there were, but {sum(results)} succeeded and {after.total_available} remain."
+            )
+
+    async def test_product_give_back_returns_the_use_once(self, provider: CreditProvider) -> None:
+        self._skip_unless_charging()
+        if not self.returns_product_uses:
+            pytest.skip("this provider cannot give back a product use (returns_product_uses is false)")
+        name = next(iter(self._products(provider)))
+        identity = self.new_identity()
+        before = await self._product_balance(provider, identity, name)
+        if not before.total_available:
+            pytest.skip(f"a fresh user has no {name} use to spend")
+        key = new_key()
+        await self._spend_product(provider, identity, name, key)
+        for _ in range(2):
+            await self._call(provider, "give_back_product", identity, name, key)
+        await self._call(provider, "give_back_product", identity, name, new_key())
+        after = await self._product_balance(provider, identity, name)
+        if after.total_available != before.total_available:
+            broken(
+                f"give_back_product (twice, and once for a key never spent) must return exactly the one use"
+                f" taken, but {name} went from {before.total_available} to {after.total_available}."
+            )
+
     async def test_give_back_for_a_key_never_spent_changes_nothing(self, provider: CreditProvider) -> None:
         identity, before = await self._user_with(provider, 1)
         await self._must_spend(provider, identity, new_key(), before)
@@ -343,6 +470,7 @@ class ProviderContract:
             )
 
     async def test_users_are_isolated_also_across_namespaces(self, provider: CreditProvider) -> None:
+        self._skip_unless_charging()
         first, second = self.namespaces
         alice, alice_before = await self._user_with(provider, 1, self.new_identity(first))
         bob = self.new_identity(first)
@@ -364,6 +492,7 @@ class ProviderContract:
             )
 
     async def test_idempotency_keys_are_per_user(self, provider: CreditProvider) -> None:
+        self._skip_unless_charging()
         first, second = self.namespaces
         alice, alice_before = await self._user_with(provider, 1, self.new_identity(first))
         key = new_key()
@@ -601,6 +730,16 @@ class ProviderContract:
         if set(ids) & {item.transaction_id for item in theirs.transactions}:
             broken("transactions must list the user's own only, but another user's page held theirs.")
 
+    async def test_health_says_ready_while_its_backend_is_up(self, provider: CreditProvider) -> None:
+        result = await self._call(provider, "health")
+        if result is not None:
+            broken(
+                "health must return None while the provider can serve (its backend up, its key"
+                f" accepted), but it returned {result!r}."
+                if isinstance(result, str)
+                else f"health must return None or a short reason, but it returned {type(result).__name__}."
+            )
+
     async def test_stop_leaves_no_task_running_and_start_works_again(self, provider: CreditProvider) -> None:
         baseline = asyncio.all_tasks()
         for phase in ("stop", "stop after a restart"):
@@ -794,6 +933,41 @@ class ProviderContract:
             await self._must_spend(provider, identity, new_key(), balance)
             balance = await self._must_take_one(provider, identity, balance)
 
+    def _products(self, provider: CreditProvider) -> Mapping[str, Product]:
+        products = provider.products
+        if not isinstance(products, Mapping):
+            broken(f"products must be a mapping, but it was {type(products).__name__}.")
+        if not products:
+            pytest.skip("this provider sells no product per use (products is empty)")
+        return products
+
+    async def _product_balance(self, provider: CreditProvider, identity: Identity, name: str) -> ToolBalance:
+        balance: ToolBalance = await self._typed(provider, "product_balance", ToolBalance, identity, name)
+        return balance
+
+    async def _other_products(
+        self, provider: CreditProvider, identity: Identity, name: str
+    ) -> list[ToolBalance]:
+        return [
+            await self._product_balance(provider, identity, other)
+            for other in provider.products
+            if other != name
+        ]
+
+    async def _spend_product(self, provider: CreditProvider, identity: Identity, name: str, key: str) -> bool:
+        try:
+            result = await self._call(provider, "spend_product", identity, name, key)
+        except InsufficientCredit:
+            return False
+        except BillingError as exc:
+            broken(f"spend_product may raise only InsufficientCredit, but it raised {type(exc).__name__}.")
+        returns_none("spend_product", result)
+        return True
+
+    def _skip_unless_charging(self) -> None:
+        if not self.charges_uses:
+            pytest.skip("this provider takes no use (charges_uses is false)")
+
     def _skip_unless_selling(self, provider: CreditProvider) -> None:
         if not provider.purchases_enabled:
             pytest.skip("this provider does not sell credit (purchases_enabled is false)")
@@ -867,6 +1041,16 @@ class ProviderContract:
                 f"transactions total_count must count every item, but it was {page.total_count} with"
                 f" {count} returned from offset {offset}."
             )
+        for item in page.transactions:
+            # The extras are passed on as they are: a metadata the route cannot send as JSON would
+            # fail every listing of this user.
+            try:
+                json.dumps(item.metadata, allow_nan=False)
+            except (TypeError, ValueError):
+                broken(
+                    f"transaction {item.transaction_id!r} metadata must be plain JSON (strings, numbers,"
+                    " bools, null, lists and objects), but it is not."
+                )
         return page
 
     async def _pending_after(self, baseline: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:

@@ -1,27 +1,40 @@
 """`ciris-billing-proxy serve` runs the demo agent; `ciris-billing-proxy qa` checks any agent;
-`ciris-billing-proxy migrate` brings a database's schemas up to date; `ciris-billing-proxy openapi`
-prints the API description."""
+`ciris-billing-proxy migrate` brings a database's schemas up to date; `ciris-billing-proxy reconcile`
+makes the give-backs still owed; `ciris-billing-proxy users logout NAME` ends every session of a user;
+`ciris-billing-proxy openapi` prints the API description."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import math
 import multiprocessing.connection
 import os
+import secrets
+import shutil
 import signal
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from prometheus_client.multiprocess import mark_process_dead
 
 from .. import __version__
+from ..bad_requests import ServeRunner
 from ..config import BillingConfig, ConfigError, default_data_dir
 from ..database_url import parse_database_url
+from ..errors import ProviderUnavailable
 from ..openapi import openapi_document
+from ..ops.metrics import MULTIPROC_DIR_VAR
 from ..paths import DEFAULT_LOGIN_PATH, DEFAULT_PREFIX
+from ..store.choose import change_feed_for
 from ..store.migrate import migrate
 from .demo import (
     CreatedUser,
@@ -33,7 +46,8 @@ from .demo import (
     saved_usernames,
 )
 from .qa import QAError, print_report, run_qa
-from .users import UserStore
+from .reconcile import reconcile
+from .users import UserStore, end_sessions_of_new_passwords
 from .workers import Supervisor, reserve_port
 
 if TYPE_CHECKING:
@@ -41,12 +55,21 @@ if TYPE_CHECKING:
 
 #: Seconds `serve` gives a connection to send a complete request head (see `make_runner`).
 DEFAULT_IDLE_TIMEOUT = 30.0
+#: Every `serve` flag not given reads `CIRIS_BILLING_` + its name (`--idle-timeout`:
+#: `CIRIS_BILLING_IDLE_TIMEOUT`); a repeatable flag's variable is plural and holds one value a line
+#: (`--user`: `CIRIS_BILLING_USERS`). A flag given wins over its variable.
+SERVE_ENV_PREFIX = "CIRIS_BILLING_"
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
 
 
 def _user(value: str) -> tuple[str, str, str | None]:
     parts = value.split(":")
     if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
-        raise argparse.ArgumentTypeError(f"expected NAME:PASSWORD[:EMAIL], got {value.split(':')[0]!r}:…")
+        # Only the name is shown, and only when there is a colon: without one, the whole value may
+        # be a password.
+        got = f", got {parts[0]!r}:…" if len(parts) > 1 else ""
+        raise argparse.ArgumentTypeError(f"expected NAME:PASSWORD[:EMAIL]{got}")
     return parts[0], parts[1], parts[2] if len(parts) == 3 and parts[2] else None
 
 
@@ -97,7 +120,73 @@ def _url_path(value: str) -> str:
     return value.rstrip("/") or "/"
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Repeatable(argparse._AppendAction):
+    """A repeatable flag whose first use replaces the default (its environment variable's
+    values) instead of adding to it: a flag given wins over its variable."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if getattr(namespace, self.dest, None) is self.default:
+            setattr(namespace, self.dest, [])
+        super().__call__(parser, namespace, values, option_string)
+
+
+def serve_env_var(action: argparse.Action) -> str:
+    """The environment variable of one `serve` flag (see `SERVE_ENV_PREFIX`)."""
+    name = next(o for o in action.option_strings if o.startswith("--")).removeprefix("--")
+    plural = "S" if isinstance(action, argparse._AppendAction) else ""
+    return SERVE_ENV_PREFIX + name.upper().replace("-", "_") + plural
+
+
+def serve_flags(serve: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The flags of `serve` that take settings (all but --help)."""
+    return [a for a in serve._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+
+
+@dataclass(frozen=True)
+class _BadVariable:
+    """The default of a flag whose variable holds a bad value: an error once `serve` runs (other
+    commands do not read the variables)."""
+
+    message: str
+
+
+def _defaults_from_env(serve: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """Make each flag's variable its default, converted and checked as the flag would be, and
+    name the variable in the flag's help. A bad value names the variable, never its value (it may
+    hold a password)."""
+    for action in serve_flags(serve):
+        var = serve_env_var(action)
+        action.help = f"{action.help}; env {var}" if action.help else f"env {var}"
+        raw = environ.get(var)
+        if not raw:  # unset or empty: the flag's own default
+            continue
+        try:
+            action.default = _from_env(action, raw)
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            action.default = _BadVariable(f"{var}: {exc}")
+
+
+def _from_env(action: argparse.Action, raw: str) -> object:
+    if action.nargs == 0:  # a switch such as --fake-backend
+        word = raw.strip().lower()
+        if word not in _TRUE | _FALSE:
+            raise argparse.ArgumentTypeError("expected 1/true/yes/on or 0/false/no/off")
+        return word in _TRUE
+    convert: Callable[[str], object] = action.type if callable(action.type) else str
+    if isinstance(action, argparse._AppendAction):
+        return [convert(line.strip()) for line in raw.splitlines() if line.strip()]
+    return convert(raw)
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The command line; `serve`'s flags default to their environment variables in `environ`
+    (the process environment when None)."""
     parser = argparse.ArgumentParser(
         prog="ciris-billing-proxy", description="Agent billing proxy for aiohttp applications."
     )
@@ -110,30 +199,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=_port, default=8000, help="port to bind (default 8000)")
-    serve.add_argument("--provider", default=None, help="credit provider name (default simple)")
-    serve.add_argument(
-        "--provider-option",
-        type=_option,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a provider setting (repeatable); wins over the provider's environment variables",
-    )
+    _store_options(serve)
     serve.add_argument(
         "--user",
         type=_user,
-        action="append",
+        action=_Repeatable,
         default=[],
         metavar="NAME:PASSWORD[:EMAIL]",
-        help="a login for this run (repeatable); without it a demo user is created once",
+        help="a login for this run (repeatable; the password shows in ps: prefer --users-file or the "
+        "variable); without any user given a demo user is created once",
     )
-    serve.add_argument("--data-dir", type=Path, default=None, help="where state is kept")
     serve.add_argument(
-        "--database-url",
+        "--cors-origin",
+        action=_Repeatable,
+        default=[],
+        metavar="ORIGIN",
+        help="a web origin (e.g. http://localhost:5173; * for any) whose pages may call the billing "
+        "routes (repeatable; each value may also list several, comma-separated)",
+    )
+    serve.add_argument(
+        "--users-file",
+        type=Path,
         default=None,
-        metavar="URL",
-        help="where the providers keep their records: postgresql://user@host:port/dbname, or "
-        "sqlite:///path (default: CIRIS_BILLING_DATABASE_URL, else SQLite files in the data directory)",
+        metavar="PATH",
+        help="logins for this run, one NAME:PASSWORD[:EMAIL] a line (# comments and blank lines "
+        "ignored), added to those of --user",
     )
     serve.add_argument(
         "--idle-timeout",
@@ -151,6 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes sharing the port and the store (default 1); a worker that dies is "
         "replaced, Ctrl-C or SIGTERM stops them all",
     )
+    reconcile_cmd = commands.add_parser(
+        "reconcile",
+        help="list the give-backs still owed, and make them",
+        description="List every give-back still owed (request key, user, age, attempts, why), kept in "
+        "the store or in the data directory's spool, and make those no running process holds. "
+        "Exits 0 when nothing is owed (any more), 1 when give-backs are still owed (with --dry-run: "
+        "when any are), 2 when the configuration is invalid or the store cannot be reached.",
+    )
+    reconcile_cmd.add_argument("--dry-run", action="store_true", help="only list them; change nothing")
+    _store_options(reconcile_cmd)
     migrate_cmd = commands.add_parser(
         "migrate",
         help="create or upgrade the store's tables, then exit",
@@ -182,6 +282,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     qa.add_argument("--json", action="store_true", help="print a machine-readable report")
     qa.add_argument("--timeout", type=_seconds, default=30.0, help="seconds per request (default 30)")
+    users_cmd = commands.add_parser(
+        "users",
+        help="manage the sessions of users",
+        description="Act on users' sessions in the store every process of the agent shares.",
+    )
+    users_actions = users_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    logout = users_actions.add_parser(
+        "logout",
+        help="end every session of a user",
+        description="Refuse every token of NAME issued until now (and any without an `iat` claim), in "
+        "every process on the store within a second; the user signs in again. Exits 0 once recorded, "
+        "2 when the store cannot be used.",
+    )
+    logout.add_argument("name", metavar="NAME", help="the user id (a token's `sub`)")
+    logout.add_argument(
+        "--namespace",
+        default=os.environ.get("CIRIS_IDENTITY_NAMESPACE") or "local",
+        help="the user's identity namespace (default: CIRIS_IDENTITY_NAMESPACE, else local)",
+    )
+    logout.add_argument("--data-dir", type=Path, default=None, help="the agent's data directory")
+    logout.add_argument(
+        "--database-url",
+        default=None,
+        metavar="URL",
+        help="the agent's store (default: CIRIS_BILLING_DATABASE_URL, else the data directory's files)",
+    )
     openapi = commands.add_parser(
         "openapi",
         help="print the API's OpenAPI 3.1 document (what {prefix}/openapi.json serves)",
@@ -199,7 +325,29 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run a fake CIRIS Billing backend in-process and use the ciris provider against it",
     )
+    _defaults_from_env(serve, os.environ if environ is None else environ)
     return parser
+
+
+def _store_options(command: argparse.ArgumentParser) -> None:
+    """The options `serve` and `reconcile` share: which provider, and where state is kept."""
+    command.add_argument("--provider", default=None, help="credit provider name (default simple)")
+    command.add_argument(
+        "--provider-option",
+        type=_option,
+        action=_Repeatable,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a provider setting (repeatable); wins over the provider's environment variables",
+    )
+    command.add_argument("--data-dir", type=Path, default=None, help="where state is kept")
+    command.add_argument(
+        "--database-url",
+        default=None,
+        metavar="URL",
+        help="where the providers keep their records: postgresql://user@host:port/dbname, or "
+        "sqlite:///path (default: CIRIS_BILLING_DATABASE_URL, else SQLite files in the data directory)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -211,10 +359,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         login_path = None if args.no_auth_routes else args.login_path
         print(json.dumps(openapi_document(args.prefix, login_path, ui=not args.no_ui), indent=2))
         return 0
+    if args.command == "serve":
+        for value in vars(args).values():
+            if isinstance(value, _BadVariable):
+                print(f"ciris-billing-proxy serve: error: {value.message}", file=sys.stderr)
+                return 2
     try:
         if args.command == "migrate":
             print(asyncio.run(migrate(args.database_url)))
             return 0
+        if args.command == "users":
+            return asyncio.run(_logout_user(args))
+        if args.command == "reconcile":
+            return _reconcile(args)
         return _serve(args)
     except ConfigError as exc:
         print(f"ciris-billing-proxy: {exc}", file=sys.stderr)
@@ -252,25 +409,73 @@ def _qa(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
-def _serve(args: argparse.Namespace) -> int:
+async def _logout_user(args: argparse.Namespace) -> int:
+    database_url = args.database_url or os.environ.get("CIRIS_BILLING_DATABASE_URL") or None
+    if database_url is not None:
+        parse_database_url(database_url)  # a ConfigError naming what is wrong, never the password
     data_dir = args.data_dir or Path(os.environ.get("CIRIS_BILLING_DATA_DIR") or default_data_dir())
+    feed = change_feed_for(database_url, data_dir)
+    user = (args.namespace, args.name)
+    await feed.open_store()
+    try:
+        epoch = float(math.floor(time.time()) + 1)
+        await feed.move_epoch(user, epoch)
+    except ProviderUnavailable:
+        raise ConfigError("the store cannot be reached; nothing was changed") from None
+    finally:
+        await feed.close_store()
+    await asyncio.sleep(max(epoch - time.time(), 0.0))
+    shown = datetime.fromtimestamp(epoch, UTC).isoformat()
+    print(f"Ended every session of {args.name} ({args.namespace}): tokens issued before {shown} are refused")
+    return 0
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    overrides = _store_settings(args, _data_dir(args))
+    jwt: dict[str, object] = {}
+    if not (os.environ.get("CIRIS_JWT_SECRET") or os.environ.get("CIRIS_JWT_PUBLIC_KEY")):
+        jwt["secret"] = secrets.token_urlsafe(48)  # never used: reconcile verifies and issues no token
+    config = BillingConfig.from_env(**overrides, jwt=jwt)
+    return asyncio.run(reconcile(config, dry_run=args.dry_run, out=sys.stdout))
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    return Path(args.data_dir or os.environ.get("CIRIS_BILLING_DATA_DIR") or default_data_dir())
+
+
+def _store_settings(args: argparse.Namespace, data_dir: Path) -> dict[str, object]:
+    """The config overrides of `_store_options`."""
     overrides: dict[str, object] = {"data_dir": data_dir}
-    if args.fake_backend:
-        if args.provider not in (None, "ciris"):
-            raise ConfigError("--fake-backend works with the ciris provider only")
-        overrides["provider"] = "ciris"
-    elif args.provider:
+    if args.provider:
         overrides["provider"] = args.provider
     if args.provider_option:
         overrides["provider_options"] = dict(args.provider_option)
     if args.database_url:
         overrides["database_url"] = args.database_url
+    return overrides
+
+
+def _serve(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    overrides = _store_settings(args, data_dir)
+    if args.fake_backend:
+        if args.provider not in (None, "ciris"):
+            raise ConfigError("--fake-backend works with the ciris provider only")
+        overrides["provider"] = "ciris"
+    if args.cors_origin:
+        # A value may list several (CIRIS_BILLING_CORS_ORIGINS is comma-separated, as in the config).
+        overrides["cors_origins"] = tuple(
+            origin.strip() for value in args.cors_origin for origin in value.split(",") if origin.strip()
+        )
     jwt: dict[str, object] = {}
     if not (os.environ.get("CIRIS_JWT_SECRET") or os.environ.get("CIRIS_JWT_PUBLIC_KEY")):
         # No key configured: keep a generated one in the data directory so tokens survive restarts.
         jwt["secret"] = load_or_create_secret(data_dir)
     config = BillingConfig.from_env(**overrides, jwt=jwt)
     created = None
+    if args.users_file is not None:
+        # Through the same list as --user: one way users are added, whichever way they came.
+        args.user = [*args.user, *read_users_file(args.users_file)]
     if args.user:
         users = UserStore()
         for name, password, email in args.user:
@@ -280,9 +485,35 @@ def _serve(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--user: {exc}") from None
     else:
         users, created = load_or_create_users(config.data_dir)
+    _end_sessions_of_new_passwords(config, users)
     if args.workers > 1:
         return _serve_workers(config, users, created, args)
     return asyncio.run(_start(config, users, created, args))
+
+
+def _end_sessions_of_new_passwords(config: BillingConfig, users: UserStore) -> None:
+    """Every source of users goes through here once, before any process serves: a user whose
+    password changed since the last start loses the sessions of the old one (`tools.users`)."""
+    database_url = config.database_url.get_secret_value() if config.database_url else None
+    feed = change_feed_for(database_url, config.data_dir)
+    try:
+        asyncio.run(end_sessions_of_new_passwords(users, feed, config.identity_namespace))
+    except ProviderUnavailable:
+        raise ConfigError("the store keeping sessions cannot be reached") from None
+
+
+def read_users_file(path: Path) -> list[tuple[str, str, str | None]]:
+    """The logins of a users file: one NAME:PASSWORD[:EMAIL] a line; blank lines and lines
+    starting with # are skipped. A bad line is a `ConfigError` naming its number, never its text."""
+    users = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            users.append(_user(line.strip()))
+        except argparse.ArgumentTypeError:
+            raise ConfigError(f"{path}, line {number}: expected NAME:PASSWORD[:EMAIL]") from None
+    return users
 
 
 def _serve_workers(
@@ -308,7 +539,20 @@ def _serve_workers(
         def listening() -> None:
             _print_listening(config, [reserved.getsockname()], f"; {args.workers} worker processes")
 
-        return Supervisor(args.workers, worker).run(listening)
+        # One scrape of any worker reports them all: prometheus-client's multiprocess mode, in a
+        # directory of this run's own (set before the workers fork, removed when they are gone).
+        metrics_dir = tempfile.mkdtemp(prefix="ciris-billing-metrics-")
+        os.environ[MULTIPROC_DIR_VAR] = metrics_dir
+        try:
+            # A dead worker's counts stay (counters only grow); its live gauges go with it.
+            return Supervisor(
+                args.workers,
+                worker,
+                on_exit=lambda pid: mark_process_dead(pid, metrics_dir),  # type: ignore[no-untyped-call]
+            ).run(listening)
+        finally:
+            del os.environ[MULTIPROC_DIR_VAR]
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _guarded(run: Callable[[], int]) -> int:
@@ -389,8 +633,9 @@ def _announce_users(
 
 
 def make_runner(app: web.Application, *, idle_timeout: float) -> web.AppRunner:
-    """The runner `serve` uses (tests serve their apps with the same one)."""
-    return web.AppRunner(
+    """The runner `serve` uses (tests serve their apps with the same one): requests aiohttp's parser
+    refuses get a JSON 400 and one log line without their bytes (`bad_requests`)."""
+    return ServeRunner(
         app,
         handle_signals=False,
         # A client that hangs up after sending its request still gets its interaction run, and pays

@@ -1,4 +1,5 @@
-"""The demo agent: login, the billing routes, and one gated endpoint, `POST /v1/agent/interact`.
+"""The demo agent: login, the billing and tool routes, and its gated endpoints: `POST /v1/agent/interact`
+(one interaction use) and `POST /v1/agent/tools/{product}` (one use of that product).
 
 It is what `ciris-billing-proxy serve` runs; `examples/agent.py` is the same idea in a few lines.
 State lives in the data directory: the usage ledger, a generated JWT secret (so tokens stay valid
@@ -17,17 +18,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from ..auth import get_identity
 from ..bodies import expect_continue, read_model
 from ..config import BillingConfig, ConfigError
-from ..errors import error_middleware
+from ..cors import allow_preflights, cors_middleware
+from ..errors import error_middleware, http_error
 from ..gate import credit_gate
 from ..keys import billing_service
 from ..models import InteractReply, InteractRequest
+from ..ops.health import add_health_routes, ready
+from ..ops.metrics import add_metrics_route
+from ..products import valid_tool_name
 from ..routes import json_reply
 from ..setup import setup_billing
-from ..ui.demo_page import STRIPE_JS, add_demo_page, demo_page
+from ..tool_routes import INVALID_NAME
+from ..ui.demo_page import add_demo_page, demo_page
 from .users import UserStore
 
 if TYPE_CHECKING:
@@ -35,8 +42,14 @@ if TYPE_CHECKING:
 
 SECRET_FILE = "jwt-secret"  # noqa: S105 - a file name
 USERS_FILE = "demo-users.json"
-#: The demo's one gated endpoint.
+#: The demo's gated endpoints.
 INTERACT_PATH = "/v1/agent/interact"
+TOOL_PATH = "/v1/agent/tools/{product}"
+#: What the `simple` provider sells per use in the demo unless `CIRIS_SIMPLE_PRODUCTS` (or the
+#: `products` option) says otherwise.
+DEMO_PRODUCTS = {
+    "web_search": {"free_uses": 10, "price_minor": 0, "description": "Search the web for current information"}
+}
 # Letters and digits only: a password starting with "-" reads as an option on a command line.
 _PASSWORD_ALPHABET = string.ascii_letters + string.digits
 
@@ -60,8 +73,29 @@ async def interact(request: web.Request) -> web.Response:
     )
 
 
-async def health(_request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+async def _use_tool(request: web.Request) -> web.Response:
+    product = request.match_info["product"]
+    return web.json_response({"tool": product, "result": f"The demo's {product} ran."})
+
+
+class ToolGates:
+    """`POST /v1/agent/tools/{product}`: the demo tool, gated per product with
+    `credit_gate(product=...)`, one gated handler per product name asked for (an undeclared one
+    answers 404 from its gate)."""
+
+    def __init__(self) -> None:
+        self._gated: dict[str, Handler] = {}
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        product = request.match_info["product"]
+        if not valid_tool_name(product):
+            raise http_error(400, INVALID_NAME)
+        gated = self._gated.get(product)
+        if gated is None:
+            gated = credit_gate(product=product)(_use_tool)
+            if product in billing_service(request).provider.products:
+                self._gated[product] = gated  # bounded by the declared products
+        return await gated(request)
 
 
 def create_demo_app(
@@ -72,19 +106,39 @@ def create_demo_app(
     fake_backend: FakeBillingBackend | None = None,
 ) -> web.Application:
     """The demo agent; with `fake_backend`, the page's payment form is the fake Stripe that drives it."""
-    app = web.Application(middlewares=[error_middleware()])
-    setup_billing(app, config, authenticate=users.verify_login, environ=environ)
+    # With the fake backend, a page on an allowed origin pays with the fake Stripe too: its confirm
+    # call is cross-origin there, so its routes are opened like the billing routes.
+    fake_stripe: set[web.AbstractResource] = set()
+    errors = error_middleware()
+    if fake_backend is not None:
+        errors = cors_middleware(errors, fake_stripe, config.cors_origins)
+    app = web.Application(middlewares=[errors])
+    env = os.environ if environ is None else environ
+    wants_demo_products = config.provider == "simple" and not env.get("CIRIS_SIMPLE_PRODUCTS")
+    if wants_demo_products and "products" not in config.provider_options:
+        options = {**config.provider_options, "products": DEMO_PRODUCTS}
+        config = config.model_copy(update={"provider_options": options})
+    service = setup_billing(app, config, authenticate=users.verify_login, environ=environ)
     # JSON 417 for an unknown `Expect:`; aiohttp's default answers before any middleware, in text.
     app.router.add_post(INTERACT_PATH, interact, expect_handler=expect_continue)
-    app.router.add_get("/health", health)
-    stripe_js, label = STRIPE_JS, config.provider
+    app.router.add_post(TOOL_PATH, ToolGates().handle, expect_handler=expect_continue)
+    add_health_routes(app)
+    add_metrics_route(app)
+    # What serve answered at /health before /readyz existed: kept for probes pointed at it, and
+    # now as true as /readyz (it used to say ok while billing answered 503).
+    app.router.add_get("/health", ready)
+    label = config.provider
     if fake_backend is not None:
         # Only with the fake: an agent serving the real thing never loads the testing kit.
+        from ..testing.fake_stripe import DEFAULT_BASE as FAKE_STRIPE
         from ..testing.fake_stripe import FakeStripe
 
-        stripe_js = FakeStripe(fake_backend).add_routes(app.router)
+        # Said in the capabilities, so <ciris-billing> on any page of this agent pays with it.
+        service.stripe_js = FakeStripe(fake_backend).add_routes(app.router, FAKE_STRIPE)
+        fake_stripe.update(r for r in app.router.resources() if r.canonical.startswith(FAKE_STRIPE + "/"))
+        allow_preflights(app, fake_stripe, config.cors_origins)
         label = f"{config.provider} (fake backend)"
-    add_demo_page(app.router, demo_page(config, stripe_js=stripe_js, provider=label))
+    add_demo_page(app.router, demo_page(config, provider=label))
     return app
 
 

@@ -26,6 +26,7 @@ from ..client import (
 )
 from ..models import (
     PAYMENT_STATES,
+    TRANSACTION_EXTRAS,
     CreditStatusReply,
     PurchaseInitiated,
     PurchaseOptionsReply,
@@ -43,6 +44,7 @@ from ..paths import (
     STATUS_ROUTE,
     TRANSACTIONS_ROUTE,
 )
+from ..products import ToolBalance
 
 Result = Literal["PASS", "SKIP", "FAIL"]
 #: The Python types `json.loads` may give for a field: what a check accepts.
@@ -84,8 +86,12 @@ PURCHASE_OPTIONS_FIELDS: Final = wire_fields(PurchaseOptionsReply)
 #: Every field, also those a client may default: the contract says they are sent.
 PURCHASE_STATUS_FIELDS: Final = wire_fields(PurchaseStatusReply)
 TRANSACTION_PAGE_FIELDS: Final = wire_fields(TransactionPageReply)
-TRANSACTION_FIELDS: Final = wire_fields(TransactionReply)
+_ALL_TRANSACTION_FIELDS: Final = wire_fields(TransactionReply)
+TRANSACTION_FIELDS: Final = {k: v for k, v in _ALL_TRANSACTION_FIELDS.items() if k not in TRANSACTION_EXTRAS}
+#: Sent only when the provider has them (CIRIS's backend does): checked when present.
+TRANSACTION_EXTRA_FIELDS: Final = {k: _ALL_TRANSACTION_FIELDS[k] for k in TRANSACTION_EXTRAS}
 STORE_VERIFICATION_FIELDS: Final = wire_fields(StoreVerificationReply)
+TOOL_BALANCE_FIELDS: Final = wire_fields(ToolBalance)
 #: A purchase no store issued: every store refuses it (the fake backend refuses tokens starting
 #: "invalid"), so the check adds no credit anywhere.
 MADE_UP_PURCHASE: Final = {
@@ -180,6 +186,7 @@ class Checklist:
             ("Check Purchase Status", self.check_purchase_status),
             ("Get Transaction History", self.get_transactions),
             ("Verify Store Purchase", self.verify_store_purchase),
+            ("Get Tool Balances", self.get_tool_balances),
         ]
         for name, check in steps:
             if self.progress is not None:
@@ -304,7 +311,10 @@ class Checklist:
         if total < len(items) or reply["has_more"] != (len(items) < total):
             return "FAIL", f"{len(items)} listed, total_count {total}, has_more {_shown(reply['has_more'])}"
         for index, item in enumerate(items):
-            item_problems = _type_problems(item, TRANSACTION_FIELDS)
+            present = {
+                k: v for k, v in TRANSACTION_EXTRA_FIELDS.items() if isinstance(item, dict) and k in item
+            }
+            item_problems = _type_problems(item, {**TRANSACTION_FIELDS, **present})
             if not item_problems:
                 if item["type"] not in TRANSACTION_TYPES:
                     wanted = " or ".join(TRANSACTION_TYPES)
@@ -322,15 +332,44 @@ class Checklist:
                 "POST", self.client.prefix + GOOGLE_PLAY_ROUTE, json_body=MADE_UP_PURCHASE, unwrap=False
             )
         except BillingNotEnabled as exc:
+            # An agent from before the stores answered 200 `success: false` when off.
             return "SKIP", f"app store purchases not enabled for this agent (403: {_brief(exc.detail)})"
         except NotFoundError:
             return "SKIP", "no google-play/verify route (404): the CIRIS mobile apps cannot buy through it"
         problems = _type_problems(reply, STORE_VERIFICATION_FIELDS)
         if problems:
             return "FAIL", "; ".join(problems)
+        if not reply["success"] and "Billing not enabled" in str(reply["error"]):
+            return "SKIP", f"app store purchases not enabled for this agent ({_brief(reply['error'])})"
         if reply["success"] or reply["credits_added"]:
             return "FAIL", "a made-up purchase token was accepted"
         return "PASS", f"a made-up purchase is refused with success: false ({_brief(reply['error'])})"
+
+    async def get_tool_balances(self) -> tuple[Result, str]:
+        """The tool credits (CIRIS's `/v1/api/tools`): every balance well-formed, the name rule kept."""
+        tools = self.client.tools_prefix
+        try:
+            reply = await self.client.request("GET", f"{tools}/balance", unwrap=False)
+        except NotFoundError:
+            return "SKIP", f"no {tools}/balance route (404): the agent sells no tool credits"
+        items = reply.get("balances")
+        if not isinstance(items, list):
+            return "FAIL", "balance: no balances list"
+        for index, item in enumerate(items):
+            problems = _type_problems(item, TOOL_BALANCE_FIELDS)
+            if not problems and item["total_available"] != item["free_remaining"] + item["paid_credits"]:
+                problems = ["total_available is not free_remaining + paid_credits"]
+            if problems:
+                return "FAIL", f"balance {index}: " + "; ".join(problems)
+        try:
+            await self.client.request("GET", f"{tools}/balance/9-not-a-tool", unwrap=False)
+        except BillingAPIError as exc:
+            if exc.status != 400:
+                return "FAIL", f"a tool name breaking the rule answered HTTP {exc.status}, not 400"
+        else:
+            return "FAIL", "a tool name breaking the rule was answered 200, not 400"
+        shown = ", ".join(f"{item['product_type']} ({_uses(item['total_available'])} left)" for item in items)
+        return "PASS", shown or "no products sold per use"
 
 
 async def run_qa(

@@ -58,9 +58,11 @@ class _Worker:
 
 
 class Supervisor:
-    def __init__(self, count: int, main: WorkerMain) -> None:
+    def __init__(self, count: int, main: WorkerMain, on_exit: Callable[[int], None] | None = None) -> None:
+        """`on_exit(pid)` is called for each worker once it has exited (died, or stopped)."""
         self.count = count
         self.main = main
+        self.on_exit = on_exit
         self._context = multiprocessing.get_context("fork")
         self._stop = threading.Event()
 
@@ -84,6 +86,7 @@ class Supervisor:
                     index = sentinels.index(sentinel)  # type: ignore[arg-type]
                     dead = workers[index]
                     dead.process.join()
+                    self._exited(dead)
                     # Ctrl-C in a terminal reaches every worker and this process at once: a worker
                     # that stopped cleanly because of it is the start of a shutdown, not a death to
                     # repair. A crash or a kill is repaired at once.
@@ -137,6 +140,11 @@ class Supervisor:
                 worker.process.kill()
                 worker.process.join()
             worker.ready.close()
+            self._exited(worker)
+
+    def _exited(self, worker: _Worker) -> None:
+        if self.on_exit is not None and worker.process.pid is not None:
+            self.on_exit(worker.process.pid)
 
 
 def _child(main: WorkerMain, ready: multiprocessing.connection.Connection) -> None:

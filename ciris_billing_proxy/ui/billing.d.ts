@@ -1,6 +1,7 @@
 // TypeScript declarations for billing.js, the ciris-billing-proxy billing UI kit.
 
 export declare const DEFAULT_PREFIX: "/v1/api/billing";
+export declare const DEFAULT_TOOLS_PREFIX: "/v1/api/tools";
 export declare const DEFAULT_STRIPE_JS: string;
 export type BillingState =
   | "loading" | "ready" | "no-credit" | "disabled" | "paying" | "processing" | "succeeded" | "failed" | "error";
@@ -16,8 +17,11 @@ export interface CreditStatus {
   purchase_required: boolean;
   purchase_options: PurchaseOptions | null;
   reason?: string | null;
+  /** Sent by CIRIS agents beside (not inside) `free_uses_remaining`; never by this package. */
   daily_free_uses_remaining?: number | null;
   daily_free_uses_limit?: number | null;
+  /** How many of `free_uses_remaining` are daily free uses. */
+  daily_free_uses_included?: number | null;
 }
 export interface Capabilities {
   provider: string;
@@ -29,6 +33,42 @@ export interface Capabilities {
   apple_storekit: boolean;
   /** False when the agent's gate only checks credit and something else charges (ID-token mode). */
   charges: boolean;
+  /** Only from `serve --fake-backend`: the path of its stand-in Stripe.js, which the element loads. */
+  stripe_js?: string;
+  /** Products sold per use (tool credits); absent from agents that sell none. */
+  products?: string[];
+}
+/** Tool credits: `GET {toolsPrefix}/balance/{tool}` and each item of `GET {toolsPrefix}/balance`. */
+export interface ToolBalance {
+  product_type: string;
+  free_remaining: number;
+  paid_credits: number;
+  total_available: number;
+  price_minor: number;
+  total_uses: number;
+}
+export interface ToolBalances { balances: ToolBalance[]; }
+export interface ToolCheck {
+  has_credit: boolean;
+  product_type: string;
+  free_remaining: number;
+  paid_credits: number;
+  total_available: number;
+}
+export interface ToolInfo {
+  name: string;
+  description: string;
+  cost: number;
+  available: boolean;
+  platform_requirements: string[];
+}
+export interface AvailableTools { tools: ToolInfo[]; platform: string; has_google_auth: boolean; }
+export interface ToolPurchase {
+  success: boolean;
+  product_type: string;
+  credits_added: number;
+  new_balance: number;
+  message: string;
 }
 export interface PurchaseInitiated {
   payment_id: string;
@@ -45,11 +85,17 @@ export interface PurchaseStatus { status: PaymentState | string; credits_added: 
 export interface Transaction {
   transaction_id: string;
   type: "charge" | "credit" | string;
+  /** In uses (credits), not money, whatever `currency` says: negative for a charge. */
   amount_minor: number;
   currency: string;
   description: string;
   created_at: string;
+  /** After this entry: the paid credits left where the agent sells credits, else the uses left. */
   balance_after?: number | null;
+  /** Passed on when the provider has them (CIRIS's backend does). */
+  transaction_type?: string | null;
+  external_transaction_id?: string | null;
+  metadata?: Record<string, unknown> | null;
 }
 export interface TransactionPage { transactions: Transaction[]; total_count: number; has_more: boolean; }
 
@@ -63,6 +109,8 @@ export interface BillingClientOptions {
   /** A bearer token, or a (possibly async) function asked before each call. */
   token?: TokenSource;
   fetch?: typeof fetch;
+  /** Where the tool routes live; default /v1/api/tools. */
+  toolsPrefix?: string;
 }
 
 export interface WaitOptions {
@@ -84,11 +132,27 @@ export declare class BillingClient {
   getPurchaseStatus(paymentId: string): Promise<PurchaseStatus>;
   waitForPurchase(paymentId: string, options?: WaitOptions): Promise<PurchaseStatus>;
   getTransactions(options?: { limit?: number; offset?: number }): Promise<TransactionPage>;
-  request(method: string, path: string, options?: { body?: unknown; headers?: Record<string, string> }): Promise<Record<string, unknown>>;
+  toolsPrefix: string;
+  getToolBalance(tool: string): Promise<ToolBalance>;
+  getToolBalances(): Promise<ToolBalances>;
+  checkTool(tool: string): Promise<ToolCheck>;
+  getAvailableTools(): Promise<AvailableTools>;
+  /** A repeated purchase is a `BillingAPIError` with status 409. */
+  purchaseTool(purchase: { productId: string; purchaseToken: string; toolName: string }): Promise<ToolPurchase>;
+  request(
+    method: string,
+    path: string,
+    options?: { body?: unknown; headers?: Record<string, string>; prefix?: string },
+  ): Promise<Record<string, unknown>>;
 }
 
 export declare class BillingClientError extends Error {}
 export declare class BillingConnectionError extends BillingClientError {}
+/** The agent answers, but its CORS settings (`cors_origins`) leave this page's origin out. Not transient. */
+export declare class OriginNotAllowedError extends BillingClientError {
+  constructor(origin: string);
+  origin: string;
+}
 export declare class InvalidReplyError extends BillingClientError {}
 export declare class BillingAPIError extends BillingClientError {
   constructor(status: number, detail: unknown);
@@ -131,6 +195,10 @@ export interface PurchaseFailedDetail {
   code: string | null;
 }
 
+/**
+ * `<ciris-billing>`; attributes: `api-base`, `prefix`, `tools-prefix`, and `product` (a product sold
+ * per use, e.g. `web_search`: the element then shows that product's uses instead of the credits).
+ */
 export declare class CirisBillingElement extends HTMLElement {
   /** The bearer token; setting it (re)loads the element. */
   token: string | null;

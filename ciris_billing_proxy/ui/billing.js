@@ -3,6 +3,7 @@
 // {prefix}/ui/billing.js, with TypeScript declarations beside it at {prefix}/ui/billing.d.ts.
 
 export const DEFAULT_PREFIX = "/v1/api/billing";
+export const DEFAULT_TOOLS_PREFIX = "/v1/api/tools";
 export const DEFAULT_STRIPE_JS = "https://js.stripe.com/v3/";
 export const STATES = Object.freeze([
   "loading", "ready", "no-credit", "disabled", "paying", "processing", "succeeded", "failed", "error",
@@ -19,6 +20,14 @@ export class BillingClientError extends Error {
 
 /** The agent could not be reached. */
 export class BillingConnectionError extends BillingClientError {}
+
+/** The agent answers, but not to this page: its CORS settings (`cors_origins`) leave this origin out. */
+export class OriginNotAllowedError extends BillingClientError {
+  constructor(origin) {
+    super(`the agent does not allow this page's origin (${origin})`);
+    this.origin = origin;
+  }
+}
 
 /** A success reply that does not fit the billing contract. */
 export class InvalidReplyError extends BillingClientError {}
@@ -91,6 +100,11 @@ const REPLY_FIELDS = {
   initiated: { payment_id: "string", client_secret: "string", amount_minor: "number", currency: "string", uses_purchased: "number" },
   status: { status: "string" },
   transactions: { transactions: "object", total_count: "number", has_more: "boolean" },
+  toolBalance: { product_type: "string", free_remaining: "number", paid_credits: "number", total_available: "number", total_uses: "number" },
+  toolBalances: { balances: "object" },
+  toolCheck: { has_credit: "boolean", product_type: "string", total_available: "number" },
+  availableTools: { tools: "object", platform: "string", has_google_auth: "boolean" },
+  toolPurchase: { success: "boolean", product_type: "string", credits_added: "number", new_balance: "number", message: "string" },
 };
 
 function checked(kind, body, what) {
@@ -108,10 +122,12 @@ export class BillingClient {
    * @param {string} [options.apiBase] the agent's base URL (default: this page's origin)
    * @param {string} [options.prefix] where the billing routes live (default /v1/api/billing)
    * @param {string|(() => string|Promise<string>)} [options.token] a token, or a function giving one
+   * @param {string} [options.toolsPrefix] where the tool routes live (default /v1/api/tools)
    */
-  constructor({ apiBase, prefix = DEFAULT_PREFIX, token = null, fetch: fetcher } = {}) {
+  constructor({ apiBase, prefix = DEFAULT_PREFIX, token = null, fetch: fetcher, toolsPrefix = DEFAULT_TOOLS_PREFIX } = {}) {
     this.apiBase = (apiBase || globalThis.location?.origin || "").replace(/\/+$/, "");
     this.prefix = prefix.replace(/\/+$/, "");
+    this.toolsPrefix = toolsPrefix.replace(/\/+$/, "");
     this.token = token;
     this._fetch = fetcher || globalThis.fetch.bind(globalThis);
   }
@@ -173,8 +189,57 @@ export class BillingClient {
     return checked("transactions", await this.request("GET", `/transactions?${query}`), "transactions");
   }
 
-  /** One call under the prefix: the JSON object of a 2xx reply, or a typed error. */
-  async request(method, path, { body, headers = {} } = {}) {
+  /**
+   * After a failed call from another origin: whether the agent is up and only CORS kept its reply from
+   * this page. A browser hides the difference from `fetch`, but a `no-cors` request, whose reply the
+   * page cannot read, still fails only when nothing answers.
+   */
+  async #refusedOrigin() {
+    const here = globalThis.location?.origin;
+    let target;
+    try {
+      target = new URL(this.apiBase || here).origin;
+    } catch {
+      return false;
+    }
+    if (!here || here === "null" || target === here) return false;
+    try {
+      await this._fetch(`${this.apiBase}${this.prefix}/capabilities`, { mode: "no-cors", cache: "no-store" });
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  // -- tool credits (per-product balances, docs/tool-credits.md), under `toolsPrefix` --------------
+  async getToolBalance(tool) {
+    return checked("toolBalance", await this.#tools("GET", `/balance/${encodeURIComponent(tool)}`), "tools/balance");
+  }
+
+  async getToolBalances() {
+    return checked("toolBalances", await this.#tools("GET", "/balance"), "tools/balance");
+  }
+
+  async checkTool(tool) {
+    return checked("toolCheck", await this.#tools("GET", `/check/${encodeURIComponent(tool)}`), "tools/check");
+  }
+
+  async getAvailableTools() {
+    return checked("availableTools", await this.#tools("GET", "/available"), "tools/available");
+  }
+
+  /** Redeem a store purchase of a tool pack; a repeat is a `BillingAPIError` with status 409. */
+  async purchaseTool({ productId, purchaseToken, toolName }) {
+    const body = { product_id: productId, purchase_token: purchaseToken, tool_name: toolName };
+    return checked("toolPurchase", await this.#tools("POST", "/purchase", { body }), "tools/purchase");
+  }
+
+  #tools(method, path, options = {}) {
+    return this.request(method, path, { ...options, prefix: this.toolsPrefix });
+  }
+
+  /** One call under the prefix (or another given as `prefix`): the JSON object of a 2xx reply, or a typed error. */
+  async request(method, path, { body, headers = {}, prefix = this.prefix } = {}) {
     const all = { ...headers };
     const token = typeof this.token === "function" ? await this.token() : this.token;
     if (token) all.Authorization = `Bearer ${token}`;
@@ -182,11 +247,12 @@ export class BillingClient {
     let response;
     let text;
     try {
-      response = await this._fetch(`${this.apiBase}${this.prefix}${path}`, {
+      response = await this._fetch(`${this.apiBase}${prefix}${path}`, {
         method, headers: all, body: body === undefined ? undefined : JSON.stringify(body),
       });
       text = await response.text();
     } catch (exc) {
+      if (await this.#refusedOrigin()) throw new OriginNotAllowedError(globalThis.location.origin);
       throw new BillingConnectionError(`cannot reach the agent: ${exc?.message || exc}`);
     }
     let parsed;
@@ -267,7 +333,13 @@ const STYLE = `
   --_error: var(--ciris-billing-error, #b42318);
   --_radius: var(--ciris-billing-radius, 10px);
   display: block;
+  /* Its width comes from the page, never from its content: as wide as there is room, up to 32rem
+     (a flex or grid item too, which the container below would otherwise shrink to nothing). */
+  width: 100%;
   max-width: 32rem;
+  min-width: 0;
+  /* The history reflows by the element's own width (a sidebar is narrow on any screen). */
+  container-type: inline-size;
   font-family: var(--_font);
   color: var(--_text);
   line-height: 1.45;
@@ -347,6 +419,20 @@ td.amount.credit { color: var(--_success); font-weight: 600; }
 td.when { white-space: nowrap; color: var(--_muted); }
 .pager { justify-content: space-between; font-size: 0.85rem; color: var(--_muted); }
 .empty { color: var(--_muted); font-size: 0.9rem; margin: 0; }
+button, .message, td.what { overflow-wrap: anywhere; }
+/* Narrow: each entry is two lines, date and description on the left, uses and balance on the right. */
+@container (max-width: 28rem) {
+  .card { padding: 1rem; }
+  table, tbody { display: block; }
+  thead { display: none; }
+  tr { display: grid; grid-template-columns: minmax(0, 1fr) auto; column-gap: 0.75rem; padding: 0.45rem 0; border-bottom: 1px solid var(--_surface); }
+  td { padding: 0; border: none; }
+  td.when { grid-area: 1 / 1; white-space: normal; font-size: 0.8rem; }
+  td.what { grid-area: 2 / 1; }
+  td.amount { grid-area: 1 / 2; }
+  td.balance { grid-area: 2 / 2; color: var(--_muted); font-size: 0.8rem; }
+  td.amount::after, td.balance::before { content: attr(data-label); color: var(--_muted); font-weight: 400; }
+}
 `;
 
 const TEMPLATE = `
@@ -371,7 +457,7 @@ const TEMPLATE = `
   <section part="history" class="history" aria-label="History" hidden>
     <h3>History</h3>
     <table>
-      <thead><tr><th scope="col">Date</th><th scope="col">Description</th><th scope="col" class="amount">Uses</th><th scope="col" class="balance">Balance</th></tr></thead>
+      <thead><tr><th scope="col">Date</th><th scope="col">Description</th><th scope="col" class="amount">Uses</th><th scope="col" class="balance">Uses left</th></tr></thead>
       <tbody></tbody>
     </table>
     <p class="empty" hidden>No transactions yet.</p>
@@ -380,10 +466,11 @@ const TEMPLATE = `
 </div>`;
 
 const HISTORY_PAGE = 5;
+const CARD_NEEDED = "Enter your card details.";
 const RETRY_SECONDS = [2, 4, 8, 15, 30];
 
 export class CirisBillingElement extends HTMLElement {
-  static get observedAttributes() { return ["api-base", "prefix"]; }
+  static get observedAttributes() { return ["api-base", "prefix", "product", "tools-prefix"]; }
 
   #token = null;
   #tokenProvider = null;
@@ -400,6 +487,7 @@ export class CirisBillingElement extends HTMLElement {
   #followup = null;
   #run = 0;
   #abort = null;
+  #hadFocus = false;
 
   constructor() {
     super();
@@ -478,6 +566,7 @@ export class CirisBillingElement extends HTMLElement {
     this.#client = new BillingClient({
       apiBase: this.getAttribute("api-base") || undefined,
       prefix: this.getAttribute("prefix") || DEFAULT_PREFIX,
+      toolsPrefix: this.getAttribute("tools-prefix") || DEFAULT_TOOLS_PREFIX,
       token: tokenProvider || (() => this.#token),
     });
     const run = this.#run;
@@ -497,7 +586,10 @@ export class CirisBillingElement extends HTMLElement {
     this.#setState("loading", "Loading your balance…");
     this.#renderBalance();
     try {
-      const [capabilities, credits] = await Promise.all([this.#readCapabilities(), this.#client.getCredits()]);
+      const product = this.getAttribute("product");
+      const [capabilities, credits] = product
+        ? await this.#productView(product)
+        : await Promise.all([this.#readCapabilities(), this.#client.getCredits()]);
       if (run !== this.#run) return;
       this.#capabilities = capabilities;
       this.#credits = credits;
@@ -521,6 +613,13 @@ export class CirisBillingElement extends HTMLElement {
 
   #failLoading(error, run) {
     if (this.#unauthorized(error)) return;
+    if (error instanceof OriginNotAllowedError) {
+      // Not an outage: asking again changes nothing until the agent's operator allows this origin.
+      this.#setState("error", `The agent does not allow this page's origin (${error.origin}) to use billing. `
+        + "Its operator can add it to the agent's cors_origins.");
+      this.#offer("Try again", () => this.#restart());
+      return;
+    }
     if (isTransient(error)) {
       const seconds = RETRY_SECONDS[Math.min(this.#retries, RETRY_SECONDS.length - 1)];
       this.#retries += 1;
@@ -581,7 +680,7 @@ export class CirisBillingElement extends HTMLElement {
       const total = credits.credits_remaining + credits.free_uses_remaining;
       number.textContent = String(total);
       unit.textContent = total === 1 ? "use" : "uses";
-      const daily = credits.daily_free_uses_remaining;
+      const daily = credits.daily_free_uses_included;
       const free = typeof daily === "number" && daily > 0 ? `free (${daily} of them daily)` : "free";
       // Where nothing can be bought, a "0 paid" line would only raise a question.
       const pools = [[credits.free_uses_remaining, free]];
@@ -606,7 +705,8 @@ export class CirisBillingElement extends HTMLElement {
     if (!this.#client) return;
     const run = this.#run;
     try {
-      const credits = await this.#client.getCredits();
+      const product = this.getAttribute("product");
+      const credits = product ? (await this.#productView(product))[1] : await this.#client.getCredits();
       if (run !== this.#run) return;
       this.#credits = credits;
       if (["ready", "no-credit", "disabled"].includes(this.state)) this.#backToBalance();
@@ -615,6 +715,25 @@ export class CirisBillingElement extends HTMLElement {
     } catch (error) {
       if (run === this.#run && !this.#unauthorized(error) && !["paying", "processing"].includes(this.state)) this.#failLoading(error, run);
     }
+  }
+
+  /**
+   * The `product` attribute (tool credits): that product's uses, free and paid, shown as the balance
+   * in place of the interaction credits; nothing is bought or listed there (tool packs are bought
+   * in the apps' stores).
+   */
+  async #productView(product) {
+    const balance = await this.#client.getToolBalance(product);
+    const credits = {
+      has_credit: balance.total_available > 0,
+      credits_remaining: balance.paid_credits,
+      free_uses_remaining: balance.free_remaining,
+      total_uses: balance.total_uses,
+      plan_name: balance.product_type,
+      purchase_required: false,
+      purchase_options: null,
+    };
+    return [{ provider: "unknown", purchases: false, transactions: false, product: balance.product_type }, credits];
   }
 
   async #loadHistory(offset) {
@@ -628,6 +747,10 @@ export class CirisBillingElement extends HTMLElement {
     }
     if (run !== this.#run) return;
     this.#historyOffset = offset;
+    // What `balance_after` counts: a provider that sells credits (the CIRIS backend) reports the paid
+    // credits left, its free uses being a separate allowance; one that does not, the uses left.
+    const balance = this.#capabilities?.purchases ? "Paid left" : "Uses left";
+    this.#q("th.balance").textContent = balance;
     const rows = page.transactions.map((txn) => {
       const row = document.createElement("tr");
       const when = new Date(txn.created_at);
@@ -638,10 +761,14 @@ export class CirisBillingElement extends HTMLElement {
         [`amount ${txn.type}`, amount > 0 ? `+${amount}` : `−${Math.abs(amount)}`],
         ["balance", txn.balance_after ?? ""],
       ];
+      // Shown beside the numbers where the header row is hidden (narrow layout).
+      const labels = { amount: Math.abs(amount) === 1 ? " use" : " uses", balance: `${balance}: ` };
       for (const [name, text] of cells) {
         const cell = document.createElement("td");
         cell.className = name;
         cell.textContent = String(text);
+        const label = labels[name.split(" ")[0]];
+        if (label) cell.dataset.label = label;
         row.append(cell);
       }
       row.dataset.type = txn.type;
@@ -668,7 +795,7 @@ export class CirisBillingElement extends HTMLElement {
     try {
       const returnUrl = this.getAttribute("return-url") || undefined;
       const purchase = await this.#client.initiatePurchase({ returnUrl });
-      const Stripe = await loadStripe(this.getAttribute("stripe-js") || DEFAULT_STRIPE_JS);
+      const Stripe = await loadStripe(this.#stripeJs());
       if (run !== this.#run) return;
       this.#purchase = purchase;
       this.#stripe = Stripe(purchase.publishable_key);
@@ -678,7 +805,7 @@ export class CirisBillingElement extends HTMLElement {
       this.#q(".pay").textContent = `Pay ${price}`;
       this.#q(".pay").disabled = false;
       this.#q(".card-error").textContent = "";
-      this.#setState("paying", "Waiting for your card details.");
+      this.#setState("paying", CARD_NEEDED);
       this.#card.focus?.();
     } catch (error) {
       if (run !== this.#run || this.#unauthorized(error)) return;
@@ -697,6 +824,14 @@ export class CirisBillingElement extends HTMLElement {
     }
   }
 
+  /** The `stripe-js` attribute, else the stand-in the agent names (only `serve --fake-backend` does), else Stripe's. */
+  #stripeJs() {
+    const named = this.#capabilities?.stripe_js;
+    // A path on the agent only: a reply never sends the page to another site's script.
+    const own = typeof named === "string" && /^\/[^/\\]/.test(named) ? new URL(named, `${this.#client.apiBase}/`).href : null;
+    return this.getAttribute("stripe-js") || own || DEFAULT_STRIPE_JS;
+  }
+
   #mountCard() {
     this.#destroyCard();
     this.#cardHost = document.createElement("div");
@@ -710,7 +845,13 @@ export class CirisBillingElement extends HTMLElement {
     this.#card = this.#stripe.elements().create("card", {
       style: { base: { fontFamily: computed.fontFamily, fontSize: "16px", color: computed.color } },
     });
-    this.#card.on?.("change", (event) => { this.#q(".card-error").textContent = event.error?.message || ""; });
+    this.#card.on?.("change", (event) => {
+      this.#q(".card-error").textContent = event.error?.message || "";
+      // The status says what is next, not what was true before the card was filled in.
+      if (this.state === "paying" && !this.#q(".pay").disabled) {
+        this.#setState("paying", event.complete ? `Card details complete: press ${this.#q(".pay").textContent} to finish.` : CARD_NEEDED);
+      }
+    });
     this.#card.mount(this.#cardHost);
   }
 
@@ -802,6 +943,7 @@ export class CirisBillingElement extends HTMLElement {
   // -- rendering -------------------------------------------------------------------------------------
 
   #setState(state, message, { busy = false } = {}) {
+    this.#hadFocus = this.#focusIsHere();
     this.setAttribute("state", state);
     const status = this.#q(".status");
     status.classList.toggle("busy", busy);
@@ -817,9 +959,13 @@ export class CirisBillingElement extends HTMLElement {
     this.#q(".followup").hidden = !label;
     this.#q(".again").textContent = label || "";
     this.#q(".dismiss").hidden = !dismiss;
-    // Keyboard users keep their place: focus follows when it was here, or was lost with a hidden button.
-    const focusHere = this.matches(":focus-within") || document.activeElement === document.body;
-    if (label && focusHere) this.#q(".again").focus();
+    // Keyboard users keep their place: focus follows when it was here, or was lost with a hidden
+    // button of ours. It never moves in from elsewhere, nor from nowhere (e.g. on a load error).
+    if (label && this.#focusIsHere()) this.#q(".again").focus();
+  }
+
+  #focusIsHere() {
+    return this.matches(":focus-within") || (this.#hadFocus && document.activeElement === document.body);
   }
 }
 

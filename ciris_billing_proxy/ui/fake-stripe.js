@@ -39,8 +39,10 @@
     return { card: { number, exp_month: month, exp_year: year, cvc } };
   }
 
-  const BOX = "display:flex;gap:.5rem;align-items:center;padding:.55rem .75rem;border:1px solid #c3cfd9;"
-    + "border-radius:6px;background:#fff;";
+  // On a phone the number takes the first line and the date and CVC the second, each wide enough
+  // for its placeholder, rather than all three squeezed into one.
+  const BOX = "display:flex;flex-wrap:wrap;gap:.35rem 1rem;align-items:center;padding:.55rem .75rem;"
+    + "border:1px solid #c3cfd9;border-radius:6px;background:#fff;";
   const INPUT = "border:none;outline:none;font:inherit;font-size:16px;color:inherit;background:transparent;"
     + "min-width:0;padding:.15rem 0;";
 
@@ -61,14 +63,14 @@
       root.style.cssText = "font-family:" + (base.fontFamily || "system-ui, sans-serif") + ";color:" + (base.color || "#1f2933") + ";";
       const box = document.createElement("div");
       box.style.cssText = BOX;
-      const make = (name, placeholder, label, autocomplete, width) => {
+      const make = (name, placeholder, label, autocomplete, flex) => {
         const input = document.createElement("input");
         input.name = name;
         input.placeholder = placeholder;
         input.setAttribute("aria-label", label);
         input.autocomplete = autocomplete;
         input.inputMode = "numeric";
-        input.style.cssText = INPUT + "width:" + width + ";";
+        input.style.cssText = INPUT + "flex:" + flex + ";";
         input.addEventListener("input", () => this._changed(input));
         input.addEventListener("focus", () => { box.style.borderColor = "#3949ab"; this._emit("focus", {}); });
         input.addEventListener("blur", () => { box.style.borderColor = "#c3cfd9"; this._emit("blur", {}); });
@@ -76,9 +78,9 @@
         return input;
       };
       this._fields = {
-        number: make("cardnumber", "Card number", "Card number", "cc-number", "100%"),
-        exp: make("exp-date", "MM / YY", "Expiration date", "cc-exp", "5.5em"),
-        cvc: make("cvc", "CVC", "CVC", "cc-csc", "3.5em"),
+        number: make("cardnumber", "Card number", "Card number", "cc-number", "1 1 14em"),
+        exp: make("exp-date", "MM / YY", "Expiration date", "cc-exp", "0 0 5.5em"),
+        cvc: make("cvc", "CVC", "CVC", "cc-csc", "0 0 3.5em"),
       };
       const note = document.createElement("p");
       note.style.cssText = "margin:.4rem 0 0;font-size:12px;color:#616e7c;";

@@ -37,6 +37,10 @@ from .wire import BackendCredit
 
 logger = logging.getLogger("ciris_billing_proxy.ciris")
 
+#: What the readiness check reads with the API key: an account no agent creates (the backend answers
+#: 404 when the key is good).
+HEALTH_PROBE_PATH = "/v1/billing/accounts/ciris-billing-proxy-health/probe"
+
 
 class BillingBackend:
     def __init__(self, settings: CirisSettings, accounts: BackendAccounts) -> None:
@@ -45,12 +49,29 @@ class BillingBackend:
         self.transport = Transport(settings)
         #: Set once a backend from before the transactions listing existed (Nov 2025) is seen.
         self.listing_missing = False
+        #: Told when the backend refuses the agent's own ID token (not one a request sent).
+        self.on_agent_token_refused: Callable[[], None] | None = None
 
     async def start(self) -> None:
         await self.transport.start()
 
     async def stop(self) -> None:
         await self.transport.stop()
+
+    async def health(self, seconds: float) -> str | None:
+        """None when the backend answers and, with an API key, accepts it; else why not. With the
+        key: a read of an account that does not exist (404 with a good key, 401/403 with a bad
+        one, nothing written); in `id_token` mode, which has no key: `GET /health`."""
+        path = "/health" if self.settings.id_token_mode else HEALTH_PROBE_PATH
+        try:
+            status = await self.transport.probe(path, seconds)
+        except BackendUnavailable as exc:
+            return f"backend unavailable: {exc.reason}"
+        if status in (401, 403):
+            return f"backend refused the API key (HTTP {status})"
+        if status >= 400 and not (status == 404 and path == HEALTH_PROBE_PATH):
+            return f"backend answered HTTP {status}"
+        return None
 
     def deadline(self, seconds: float) -> float:
         """One budget for a whole operation: every call it makes shares what is left of it."""
@@ -69,6 +90,9 @@ class BillingBackend:
         except BackendUnavailable as exc:
             raise ProviderUnavailable(exc.reason, maybe_applied=exc.maybe_applied) from None
         except IdTokenRefused:
+            token = current_id_token()
+            if token is not None and token.from_agent and self.on_agent_token_refused is not None:
+                self.on_agent_token_refused()
             raise IdTokenRequired(REFUSED) from None
 
     def _id_token(self) -> str:
@@ -162,6 +186,50 @@ class BillingBackend:
             endpoint=f"{store}/verify",
             idempotent=True,
             json_body={**self.accounts.of(identity), **purchase},
+            deadline=self.deadline(self.settings.purchase_timeout_seconds),
+        )
+
+    # -- tool credits (3.9; docs/tool-credits.md) ----------------------------------------------------
+    async def tool_read(self, path: str, identity: Identity, endpoint: str) -> Reply:
+        """`GET /v1/tools/...`: as the user (their ID token) in `id_token` mode; with the API key,
+        the identity goes in the query (a guess: the public source does not show that form)."""
+        params = None
+        if not self.settings.id_token_mode:
+            who = self.accounts.of(identity)
+            params = {"oauth_provider": who["oauth_provider"], "external_id": who["external_id"]}
+        return await self._call("GET", path, as_user=True, endpoint=endpoint, idempotent=True, params=params)
+
+    async def tool_charge(self, identity: Identity, product: str, request_key: str) -> Reply:
+        """One use of `product`; a repeated idempotency key answers the first charge again."""
+        who = self.accounts.of(identity)
+        return await self._call(
+            "POST",
+            "/v1/tools/charge",
+            endpoint="tools/charge",
+            idempotent=True,
+            json_body={
+                "product_type": product,
+                "oauth_provider": who["oauth_provider"],
+                "external_id": who["external_id"],
+                "idempotency_key": self.accounts.key(f"tool-{product}", identity, request_key),
+                "request_id": request_key,
+            },
+        )
+
+    async def tool_purchase(self, identity: Identity, purchase: dict[str, str]) -> Reply:
+        """`POST /v1/tools/purchase/verify`, as the CIRIS agent sends it (with the API key, the
+        identity in the body). Retried like a store verification: a repeat is a 409, nothing added."""
+        body: dict[str, Any] = dict(purchase)
+        if not self.settings.id_token_mode:
+            who = self.accounts.of(identity)
+            body |= {"oauth_provider": who["oauth_provider"], "external_id": who["external_id"]}
+        return await self._call(
+            "POST",
+            "/v1/tools/purchase/verify",
+            as_user=True,
+            endpoint="tools/purchase/verify",
+            idempotent=True,
+            json_body=body,
             deadline=self.deadline(self.settings.purchase_timeout_seconds),
         )
 

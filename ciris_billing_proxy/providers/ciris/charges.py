@@ -163,7 +163,24 @@ class ChargeBook:
         slot = (identity.key, request_key)
         record = self._owed.get(slot) or self._sent.pop(slot, None)
         if record is None:
-            return  # not charged by this process (or forgotten after a restart): nothing known to return
+            return  # not charged by this process: nothing known to return
+        await self._refund(identity, request_key, slot, record)
+
+    async def give_back_owed(self, identity: Identity, request_key: str, owed_since: float) -> None:
+        """`give_back` for a give-back that was owed before this process knew of it (another
+        process, or this one before a restart, charged). Only charges that were sent are ever owed,
+        so one is looked for in the listing by its request key; it was sent before `owed_since`,
+        which is when its reconcile window is counted from."""
+        slot = (identity.key, request_key)
+        record = self._owed.get(slot) or self._sent.pop(slot, None)
+        if record is None:
+            age = max(time.time() - owed_since, 0.0)
+            record = ChargeRecord(sent_at=time.monotonic() - age)
+        await self._refund(identity, request_key, slot, record)
+
+    async def _refund(
+        self, identity: Identity, request_key: str, slot: tuple[tuple[str, str], str], record: ChargeRecord
+    ) -> None:
         self._owed[slot] = record
         try:
             charge = await self._listed(identity, request_key, record)

@@ -2,12 +2,14 @@
 
 * Ownership: each payment started is recorded with its owner in the `PaymentStore`, because the
   backend does not check who asks about a payment.
-* Starting: an `Idempotency-Key` replays the same user's reply for a day; without one, a click
-  within `purchase_reuse_seconds` gets the user's latest payment back, but only while it still
-  awaits payment. Both replies are kept in the `ReplayStore`, sealed (they carry the Stripe client
-  secret), so every process sharing the database replays them; and a purchase is started only under
-  the store's claim on its slot, so simultaneous initiates of one user on any number of processes
-  (same key, or both without one) make one PaymentIntent. Within a process they share one task.
+* Starting: an `Idempotency-Key` replays the same user's reply for a day. A new key, or none, gets
+  the user's latest payment back within `purchase_reuse_seconds`, but only while it still awaits
+  payment; else a new one. Replies are kept in the `ReplayStore`, sealed (they carry the Stripe
+  client secret), so every process sharing the database replays them. Every new PaymentIntent of a
+  user is made under the store's one claim on the user's latest slot (a key's answer under the key's
+  claim first), so simultaneous initiates of one user on any number of processes, with any keys,
+  make one PaymentIntent at a time, and at most `purchase_max_per_user` per window. Within a process
+  initiates with the same key (or none) share one task.
 * Status: Stripe's `succeeded` is `processing` until the webhook's credit for *this* payment shows.
 """
 
@@ -22,7 +24,7 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from ...errors import InvalidRequest, PaymentNotFound, ProviderUnavailable
+from ...errors import InvalidRequest, PaymentNotFound, ProviderUnavailable, TooManyRequests
 from ...identity import Identity
 from ...models import PAYMENT_STATES, PurchaseInitiated, PurchaseStatus
 from ...singleflight import SingleFlight
@@ -36,6 +38,7 @@ from .wire import AWAITING_PAYMENT, BLOCKED, BackendPurchase, to_credit_status
 logger = logging.getLogger("ciris_billing_proxy.ciris")
 
 EMAIL_REQUIRED: Final = "Email address required for purchase"
+TOO_MANY_PURCHASES: Final = "Too many purchases started; try again later"
 INVALID_PURCHASE: Final = "Invalid purchase request"
 #: How long an `Idempotency-Key` replays its reply.
 KEY_REPLAY_SECONDS: Final = 86_400.0
@@ -79,9 +82,48 @@ class PurchaseDesk:
     async def _once(
         self, identity: Identity, return_url: str | None, idempotency_key: str | None
     ) -> PurchaseInitiated:
-        """The slot's reply if it may be handed back, else a new purchase made under its claim; a
-        claim held elsewhere is waited for (it ends with a reply, or with its lease)."""
+        """Without a key, the user's latest purchase (`_latest_or_new`). With one, the key's reply if
+        it has one, else what `_latest_or_new` gives, kept as the key's reply: made under the key's
+        claim, so one key is one answer however many processes are asked at once."""
+        if idempotency_key is None:
+            return await self._latest_or_new(identity, return_url)
         slot = Slot(identity.namespace, identity.user_id, idempotency_key)
+        token = secrets.token_hex(16)
+        give_up = time.monotonic() + self._lease + 1.0
+        unreadable: str | None = None
+        while True:
+            claim = await self.replays.claim(slot, token, self._lease, unreadable)
+            if isinstance(claim, Taken):
+                return await self._answer_key(identity, return_url, slot, token)
+            if isinstance(claim, Found):
+                purchase = self._open(slot, claim)
+                if purchase is not None:
+                    return purchase
+                unreadable = claim.payment_id  # a reply that no longer opens is replaced
+                continue
+            await self._wait(give_up)
+
+    async def _answer_key(
+        self, identity: Identity, return_url: str | None, slot: Slot, token: str
+    ) -> PurchaseInitiated:
+        try:
+            purchase = await self._latest_or_new(identity, return_url)
+            body = self._seal_for(slot, purchase.model_dump_json().encode())
+            if not await self.replays.fill(slot, token, purchase.payment_id, body, KEY_REPLAY_SECONDS):
+                logger.warning("Payment %s took longer than its claim to start", purchase.payment_id)
+        except BaseException:
+            with suppress(ProviderUnavailable):
+                await self.replays.release(slot, token)
+            raise
+        return purchase
+
+    async def _latest_or_new(self, identity: Identity, return_url: str | None) -> PurchaseInitiated:
+        """The user's latest purchase while it awaits payment and is within `purchase_reuse_seconds`,
+        else a new one, made under the claim on the user's latest slot. Every new PaymentIntent of a
+        user is made under that one claim, with or without a key, in every process: one at a time,
+        so the backend (whose Stripe idempotency key is the account and the second) never hands
+        two of them one PaymentIntent, and the per-user limit counts exactly."""
+        slot = Slot(identity.namespace, identity.user_id, None)
         token = secrets.token_hex(16)
         give_up = time.monotonic() + self._lease + 1.0
         superseding: str | None = None
@@ -91,20 +133,27 @@ class PurchaseDesk:
                 return await self._start_claimed(identity, return_url, slot, token)
             if isinstance(claim, Found):
                 purchase = self._open(slot, claim)
-                if purchase is not None and (
-                    idempotency_key is not None or await self._awaits_payment(purchase.payment_id)
-                ):
+                if purchase is not None and await self._awaits_payment(purchase.payment_id):
                     return purchase
                 superseding = claim.payment_id
                 continue
-            if time.monotonic() > give_up:
-                raise ProviderUnavailable("another process is still starting it", maybe_applied=False)
-            await asyncio.sleep(CLAIM_POLL_SECONDS)
+            await self._wait(give_up)
+
+    @staticmethod
+    async def _wait(give_up: float) -> None:
+        """Wait a poll for a claim held elsewhere; past `give_up` (its holder died, and its lease has
+        not run out yet), a 503 that made nothing."""
+        if time.monotonic() > give_up:
+            raise ProviderUnavailable("another process is still starting it", maybe_applied=False)
+        await asyncio.sleep(CLAIM_POLL_SECONDS)
 
     def _open(self, slot: Slot, found: Found) -> PurchaseInitiated | None:
         plain = self._seal.open(found.sealed, slot.binding())
         if plain is None:
-            logger.warning("A kept purchase reply does not open (was the API key changed?); starting anew")
+            logger.warning(
+                "A kept purchase reply does not open (sealed with another API key or replay secret: "
+                "see docs/operations.md, Rotating the backend API key); starting anew"
+            )
             return None
         return PurchaseInitiated.model_validate_json(plain)
 
@@ -112,22 +161,31 @@ class PurchaseDesk:
         self, identity: Identity, return_url: str | None, slot: Slot, token: str
     ) -> PurchaseInitiated:
         try:
+            await self._within_limit(identity)
             purchase = await self._start(identity, return_url)
-            body = purchase.model_dump_json().encode()
-            ttl = KEY_REPLAY_SECONDS if slot.idempotency_key is not None else self._reuse_seconds
-            if not await self.replays.fill(slot, token, purchase.payment_id, self._seal_for(slot, body), ttl):
+            body = self._seal_for(slot, purchase.model_dump_json().encode())
+            if not await self.replays.fill(slot, token, purchase.payment_id, body, self._reuse_seconds):
                 logger.warning("Payment %s took longer than its claim to start", purchase.payment_id)
-            if slot.idempotency_key is not None and self._reuse_seconds > 0:
-                latest = slot.latest()
-                await self.replays.remember_latest(
-                    slot, purchase.payment_id, self._seal_for(latest, body), self._reuse_seconds
-                )
         except BaseException:
             # Others waiting on the claim then try themselves instead of waiting out its lease.
             with suppress(ProviderUnavailable):
                 await self.replays.release(slot, token)
             raise
         return purchase
+
+    async def _within_limit(self, identity: Identity) -> None:
+        """At most `purchase_max_per_user` new PaymentIntents per user per `purchase_window_seconds`
+        (counted in the payment records, shared by every process): beyond it, a 429 whose
+        `Retry-After` is when the oldest of them leaves the window. Called under the user's latest
+        claim, so the count cannot race with another start of the user's."""
+        settings = self.backend.settings
+        if not settings.purchase_max_per_user:
+            return
+        now = time.time()
+        started = await self.payments.started_since(identity, now - settings.purchase_window_seconds)
+        if len(started) >= settings.purchase_max_per_user:
+            oldest = started[len(started) - settings.purchase_max_per_user]
+            raise TooManyRequests(TOO_MANY_PURCHASES, oldest + settings.purchase_window_seconds - now)
 
     def _seal_for(self, slot: Slot, body: bytes) -> bytes:
         return self._seal.seal(body, slot.binding())
@@ -171,7 +229,10 @@ class PurchaseDesk:
             await asyncio.sleep(1.0)
             bought = await self._new_payment_intent(body, deadline)
             if await self._replayed(bought):
-                logger.error("Billing backend purchases answered a PaymentIntent that cannot be paid")
+                # Our own starts are one at a time per user (`_latest_or_new`): this is another
+                # client of the same backend account, or a backend clock far off. WARNING: a user
+                # cannot make it happen at will, but it is no fault of this process either.
+                logger.warning("Billing backend purchases answered a PaymentIntent that cannot be paid")
                 raise ProviderUnavailable("purchase replayed an ended payment", maybe_applied=False)
         publishable_key = bought.publishable_key or backend.settings.stripe_publishable_key
         if not publishable_key:

@@ -34,9 +34,19 @@ ENV_VARS: Final = {
     "CIRIS_BILLING_MAX_RETRIES": "max_retries",
     "CIRIS_BILLING_CREDIT_WAIT_SECONDS": "credit_wait_seconds",
     "CIRIS_BILLING_PURCHASE_REUSE_SECONDS": "purchase_reuse_seconds",
+    "CIRIS_BILLING_PURCHASE_MAX_PER_USER": "purchase_max_per_user",
+    "CIRIS_BILLING_PURCHASE_WINDOW_SECONDS": "purchase_window_seconds",
     "CIRIS_BILLING_DATABASE": "database",
     "CIRIS_BILLING_AUTH_MODE": "auth_mode",
+    "CIRIS_BILLING_REPLAY_SECRET": "replay_secret",
+    "CIRIS_BILLING_ACCEPTED_REPLAY_SECRETS": "accepted_replay_secrets",
+    "CIRIS_BILLING_ID_TOKEN_FROM_ENV": "id_token_from_env",
+    "CIRIS_BILLING_ENV_FILE": "env_file",
+    "CIRIS_BILLING_REFRESH_SIGNAL_FILE": "refresh_signal_file",
 }
+
+#: The shortest replay secret taken: it keys AES-256-GCM (through HKDF), so about 256 bits of it.
+MIN_REPLAY_SECRET: Final = 32
 
 
 def _is_loopback(host: str) -> bool:
@@ -83,11 +93,32 @@ class CirisSettings(BaseModel):
     credit_wait_seconds: float = Field(default=120.0, gt=0, le=86_400)
     #: A purchase started by the same user this recently is returned again instead of a new one.
     purchase_reuse_seconds: float = Field(default=10.0, ge=0, le=3600)
+    #: New PaymentIntents one user may start per `purchase_window_seconds` (0: no limit); beyond it
+    #: initiate answers 429 with `Retry-After`. Replays (a key's, a double click's) do not count.
+    purchase_max_per_user: int = Field(default=10, ge=0, le=100_000)
+    purchase_window_seconds: float = Field(default=3600.0, gt=0, le=7 * 86_400)
     #: How long after it was sent a charge is waited for in the backend's listing before a failed
     #: interaction's refund concludes it never landed: the backend finishes requests whose client
     #: went away (behind a proxy timeout of 60 s), so a charge whose reply was lost can land late.
     reconcile_window_seconds: float = Field(default=120.0, gt=0, le=3600)
     database: str | None = None
+    #: What purchase replies are sealed with at rest (docs/operations.md, "Rotating the backend API
+    #: key"). Unset: the API key, so every replica needs the same one. Set (the same on every
+    #: replica), the API key can change without a replay failing to open.
+    replay_secret: SecretStr | None = Field(default=None, min_length=MIN_REPLAY_SECRET)
+    #: More secrets whose sealed replies still open, never used to seal: the secret (or API key)
+    #: replies were sealed with before, or the one some replicas seal with already, mid-rotation.
+    accepted_replay_secrets: tuple[SecretStr, ...] = ()
+    #: Opt-in: a request without an ID-token header uses the token in the agent's environment
+    #: (`CIRIS_BILLING_GOOGLE_ID_TOKEN` / `CIRIS_BILLING_APPLE_ID_TOKEN`), as the CIRIS apps set it
+    #: for an agent on the user's own device. On a server with many users it would bill every one
+    #: of them to that one account.
+    id_token_from_env: bool = False
+    #: The agent's `.env` file the app rewrites with a fresh token (default `$CIRIS_HOME/.env`).
+    env_file: str | None = Field(default=None, min_length=1)
+    #: Written when the backend refuses the agent's token (default `.token_refresh_needed` in
+    #: `$CIRIS_HOME`, else beside `env_file`, else in the data directory).
+    refresh_signal_file: str | None = Field(default=None, min_length=1)
 
     @field_validator("api_key")
     @classmethod
@@ -105,7 +136,7 @@ class CirisSettings(BaseModel):
     def _api_url(cls, value: str) -> str:
         return check_base_url(value)
 
-    @field_validator("fallback_urls", mode="before")
+    @field_validator("fallback_urls", "accepted_replay_secrets", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -128,6 +159,17 @@ class CirisSettings(BaseModel):
     @property
     def id_token_mode(self) -> bool:
         return self.auth_mode == "id_token"
+
+    @property
+    def replay_secrets(self) -> tuple[str, ...]:
+        """The secrets of purchase replies: the first seals, each opens (tried in order). Without a
+        replay secret or an API key (ID-token mode sells nothing), none."""
+        sealing = self.replay_secret or self.api_key
+        if sealing is None:
+            return ()
+        found = [sealing, self.api_key, *self.accepted_replay_secrets]
+        secrets = [s.get_secret_value() for s in found if s is not None]
+        return tuple(dict.fromkeys(secrets))
 
     @property
     def base_urls(self) -> tuple[str, ...]:

@@ -152,6 +152,18 @@ class Transport:
         logger.warning("Billing backend %s unavailable: %s", endpoint, reason)
         raise BackendUnavailable(reason, maybe_applied=maybe_applied)
 
+    async def probe(self, path: str, seconds: float) -> int:
+        """The status of one GET of `path` (API key auth) on the first backend URL within `seconds`:
+        never retried, never logged (the readiness check runs it as often as it is asked).
+        `BackendUnavailable` without a usable answer."""
+        if self._session is None:
+            raise BackendUnavailable("provider not started", maybe_applied=False)
+        try:
+            reply = await self._once("GET", self._urls[0] + path, None, None, seconds, None)
+        except _Transient as exc:
+            raise BackendUnavailable(exc.reason, maybe_applied=False) from None
+        return reply.status
+
     async def _once(
         self,
         method: str,

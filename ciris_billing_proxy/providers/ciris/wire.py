@@ -112,8 +112,9 @@ def public_transaction(item: Any) -> Any:
 def to_credit_status(backend: BackendCredit) -> CreditStatus:
     """Map the backend's check onto the UI contract, keeping its consistency rules.
 
-    Daily free uses are counted into `free_uses_remaining`; when the backend says there is no credit
-    (including suspended or closed accounts, which may still hold uses) both counts are 0.
+    Daily free uses are counted into `free_uses_remaining` and said as `daily_free_uses_included`
+    (see `CreditStatus`); when the backend says there is no credit (including suspended or closed
+    accounts, which may still hold uses) both counts are 0.
     """
     free = max(backend.free_uses_remaining, 0) + max(backend.daily_free_uses_remaining, 0)
     paid = max(backend.credits_remaining, 0)
@@ -134,6 +135,6 @@ def to_credit_status(backend: BackendCredit) -> CreditStatus:
         purchase_required=backend.purchase_required and not has_credit,
         purchase_options=options if not has_credit else None,
         reason=backend.reason if not has_credit else None,
-        daily_free_uses_remaining=max(backend.daily_free_uses_remaining, 0),
         daily_free_uses_limit=max(backend.daily_free_uses_limit, 0),
+        daily_free_uses_included=max(backend.daily_free_uses_remaining, 0) if has_credit else 0,
     )

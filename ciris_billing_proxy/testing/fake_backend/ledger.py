@@ -99,6 +99,8 @@ APP_STORE_PRODUCTS: Final = {
     f"ai.ciris.mobile.credits_{size}_v1": credits
     for size, credits in (("100", 99), ("250", 249), ("600", 599))
 }
+#: What the fake App Store says a transaction bought when the app names no product (iOS sends none).
+APP_STORE_DEFAULT_PRODUCT: Final = "ai.ciris.mobile.credits_100_v1"
 #: A store token starting with this is one the store calls not valid (a refunded or cancelled purchase).
 INVALID_PURCHASE_PREFIX: Final = "invalid"
 
@@ -439,7 +441,8 @@ class Ledger:
     def verify_store(self, store: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
         """`google-play/verify` or `apple-storekit/verify`: add the product's credits once per token."""
         products = GOOGLE_PLAY_PRODUCTS if store == "google-play" else APP_STORE_PRODUCTS
-        product_id = body["product_id"]
+        # Without a product id, the fake App Store's record of every transaction is the smallest pack.
+        product_id = body.get("product_id") or APP_STORE_DEFAULT_PRODUCT
         if product_id not in products:
             raise BackendError(400, f"Unknown product ID: {product_id}")
         if token.startswith(INVALID_PURCHASE_PREFIX):

@@ -105,6 +105,31 @@ class GooglePlayVerifyBody(_StorePurchase):
 
 class AppStoreVerifyBody(_StorePurchase):
     transaction_id: str = Field(min_length=10, max_length=4096)
+    #: The App Store's record of a transaction names its product: the iOS app sends none.
+    product_id: str | None = Field(default=None, min_length=1, max_length=255)  # type: ignore[assignment]
+
+
+class ToolChargeBody(_Body):
+    """`POST /v1/tools/charge` (3.9): no `oauth:` validator here, unlike the billing bodies."""
+
+    product_type: str = Field(min_length=1, max_length=64)
+    oauth_provider: str = Field(min_length=1, max_length=255)
+    external_id: str = Field(min_length=1, max_length=255)
+    wa_id: str | None = Field(default=None, max_length=255)
+    tenant_id: str | None = Field(default=None, max_length=255)
+    idempotency_key: str | None = Field(default=None, max_length=255)
+    request_id: str | None = Field(default=None, max_length=255)
+
+
+class ToolPurchaseBody(_Body):
+    """`POST /v1/tools/purchase/verify`, shaped after what the CIRIS agent sends (the backend's
+    public source does not show it yet); with an API key the identity comes in the body too."""
+
+    product_id: str = Field(min_length=1, max_length=255)
+    purchase_token: str = Field(min_length=10, max_length=4096)
+    tool_name: str = Field(min_length=1, max_length=64)
+    oauth_provider: str | None = Field(default=None, min_length=1, max_length=255)
+    external_id: str | None = Field(default=None, min_length=1, max_length=255)
 
 
 class InvalidBody(Exception):

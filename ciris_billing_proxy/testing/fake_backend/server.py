@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from ...providers.ciris.backend import HEALTH_PROBE_PATH
 from .faults import Fault, FaultPlan
 from .ledger import BackendError, Ledger, Pricing
 from .schemas import (
@@ -32,9 +33,12 @@ from .schemas import (
     CreditRequest,
     GooglePlayVerifyBody,
     InvalidBody,
+    ToolChargeBody,
+    ToolPurchaseBody,
     _Body,
     parse,
 )
+from .tools import ToolBook
 
 READ = "billing:read"
 WRITE = "billing:write"
@@ -48,6 +52,11 @@ ENDPOINTS = {
     "accounts_upsert": "accounts",
     "google_play_verify": "google-play/verify",
     "apple_storekit_verify": "apple-storekit/verify",
+    "tools_balance_one": "tools/balance",
+    "tools_balance_all": "tools/balance",
+    "tools_check": "tools/check",
+    "tools_charge": "tools/charge",
+    "tools_purchase": "tools/purchase/verify",
 }
 #: Bearer ID tokens the fake accepts: `fake-id-token.google.<sub>` or `fake-id-token.apple.<sub>`,
 #: for the identity `oauth:google`/`oauth:apple` + `<sub>`; the sub `expired` is an expired token.
@@ -104,6 +113,7 @@ class FakeBillingBackend:
         self._initial_pricing = pricing or Pricing()
         self.ledger = Ledger(replace(self._initial_pricing))
         self.pricing = self.ledger.pricing
+        self.tools = ToolBook(self.ledger)
         self.faults = FaultPlan()
         self.calls: Counter[str] = Counter()
         self.received: deque[tuple[str, dict[str, Any] | None, dict[str, str]]] = deque(maxlen=max_received)
@@ -180,6 +190,7 @@ class FakeBillingBackend:
         if new: pricing goes back to what the constructor was given."""
         self.ledger = Ledger(replace(self._initial_pricing))
         self.pricing = self.ledger.pricing
+        self.tools = ToolBook(self.ledger)
         self.api_keys = {self.api_key: {READ, WRITE}}
         self.faults.clear()
         self.calls.clear()
@@ -212,7 +223,8 @@ class FakeBillingBackend:
     ) -> None:
         """Add a fault (see `faults.FaultKind`) for `endpoint` (all when None), `times` calls (or
         until `clear_faults`). Endpoints: credits/check, charges, credits, accounts, purchases,
-        purchase_status, transactions."""
+        purchase_status, transactions, google-play/verify, apple-storekit/verify, tools/balance,
+        tools/check, tools/charge, tools/purchase/verify."""
         self.faults.add(Fault(kind, endpoint, times, seconds))
 
     def clear_faults(self) -> None:
@@ -253,6 +265,10 @@ class FakeBillingBackend:
         r.add_post("/v1/billing/charges", self._charge, name="charges")
         r.add_post("/v1/billing/credits", self._add_credits, name="credits")
         r.add_post("/v1/billing/accounts", self._upsert_account, name="accounts_upsert")
+        # The proxy's readiness probes, unnamed: answered (the key checked) but neither counted,
+        # recorded nor faulted, so a test sees only the calls of the flows it drives.
+        r.add_get(HEALTH_PROBE_PATH, self._health_probe)
+        r.add_get("/health", self._health)
         r.add_get("/v1/billing/accounts/{oauth_provider}/{external_id}", self._get_account, name="accounts")
         r.add_post("/v1/billing/purchases", self._purchase, name="purchases")
         r.add_get("/v1/billing/purchases/{payment_id}", self._payment, name="purchase_status")
@@ -260,7 +276,11 @@ class FakeBillingBackend:
         r.add_get("/v1/billing/transactions", self._transactions, name="transactions")
         r.add_post("/v1/billing/google-play/verify", self._google_play, name="google_play_verify")
         r.add_post("/v1/billing/apple-storekit/verify", self._app_store, name="apple_storekit_verify")
-        r.add_get("/health", self._health, name="health")
+        r.add_get("/v1/tools/balance/{product_type}", self._tool_balance, name="tools_balance_one")
+        r.add_get("/v1/tools/balance", self._tool_balances, name="tools_balance_all")
+        r.add_get("/v1/tools/check/{product_type}", self._tool_check, name="tools_check")
+        r.add_post("/v1/tools/charge", self._tool_charge, name="tools_charge")
+        r.add_post("/v1/tools/purchase/verify", self._tool_purchase, name="tools_purchase")
         r.add_post("/_fake/payments/{payment_id}/{action}", self._control_payment)
         r.add_get("/_fake/calls", self._control_calls)
         return app
@@ -442,6 +462,64 @@ class FakeBillingBackend:
                 422, [{"type": "missing", "loc": ["query"], "msg": "Field required", "input": None}]
             ) from None
         return _json(200, self.ledger.list_transactions(key, limit, offset))
+
+    async def _health_probe(self, request: web.Request) -> web.Response:
+        try:
+            await self._authorized_body(request, None, READ)
+        except BackendError as exc:
+            return _json(exc.status, {"detail": exc.detail}, exc.headers)
+        return _json(404, {"detail": "Account not found"})
+
+    # -- tool credits (3.9): reads with the user's Bearer ID token; with an API key (a guess: the
+    # public source authenticates them as `get_validated_identity`) the identity is in the query.
+    def _tool_reader(self, request: web.Request) -> tuple[str, str]:
+        if key_missing_but_bearer(request):
+            who = _bearer_identity(request.headers["Authorization"])
+            if isinstance(who, BackendError):
+                raise who
+            return who
+        error = self._key_error(request, READ, either=True)
+        if error is not None:
+            raise error
+        try:
+            return request.query["oauth_provider"], request.query["external_id"]
+        except KeyError:
+            raise BackendError(
+                422, [{"type": "missing", "loc": ["query"], "msg": "Field required", "input": None}]
+            ) from None
+
+    async def _tool_balance(self, request: web.Request) -> web.Response:
+        who = self._tool_reader(request)
+        return _json(200, self.tools.balance(who, request.match_info["product_type"]))
+
+    async def _tool_balances(self, request: web.Request) -> web.Response:
+        return _json(200, self.tools.balances(self._tool_reader(request)))
+
+    async def _tool_check(self, request: web.Request) -> web.Response:
+        who = self._tool_reader(request)
+        return _json(200, self.tools.check(who, request.match_info["product_type"]))
+
+    async def _tool_charge(self, request: web.Request) -> web.Response:
+        body = await self._authorized_body(request, ToolChargeBody, WRITE)
+        return _json(200, self.tools.charge(body))
+
+    async def _tool_purchase(self, request: web.Request) -> web.Response:
+        body = await self._authorized_body(request, ToolPurchaseBody, WRITE, either=True)
+        if body.get("oauth_provider") is None or body.get("external_id") is None:
+            raise BackendError(
+                422,
+                [{"type": "missing", "loc": ["body", "external_id"], "msg": "Field required", "input": None}],
+            )
+        return _json(200, self.tools.verify_purchase((body["oauth_provider"], body["external_id"]), body))
+
+    def tool_inventory(self, oauth_provider: str, external_id: str, product: str) -> dict[str, Any]:
+        """A product's balance of an account (as `GET /v1/tools/balance/{product}` answers it)."""
+        return self.tools.balance((oauth_provider, external_id), product)
+
+    def grant_tool_credits(self, oauth_provider: str, external_id: str, product: str, credits: int) -> None:
+        """Add paid credits of a product to an account, as a redeemed pack would."""
+        with self.ledger.lock:
+            self.tools._inventory((oauth_provider, external_id), product).paid_credits += credits
 
     async def _health(self, request: web.Request) -> web.Response:
         return _json(200, {"status": "healthy", "database": "connected", "timestamp": "now"})

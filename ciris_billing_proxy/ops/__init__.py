@@ -1,0 +1,1 @@
+"""What operators see: health, metrics, logs, audit events, the give-back outbox."""
