@@ -33,7 +33,7 @@ def test_every_setting_is_in_the_configuration_reference_with_its_meaning() -> N
     page = pages()["configuration.md"]
     for var in ENV_VARS:
         assert f"| `{var}` |" in page, var
-    for _, model, env in PROVIDER_SETTINGS:
+    for _, _model, env in PROVIDER_SETTINGS:
         for var in env:
             assert f"| `{var}` |" in page, var
     # A field that an operator can set must say what it does: the reference shows the `#:` comment.

@@ -218,9 +218,8 @@ def http_page() -> str:
                 parts += ["", "; ".join(details) + "."]
             parts += ["", "| Status | Body | When |", "|---|---|---|"]
             for status, response in op["responses"].items():
-                parts.append(
-                    f"| {status} | {_model_name(response.get('content'))} | {_cell(response['description'])} |"
-                )
+                body = _model_name(response.get("content"))
+                parts.append(f"| {status} | {body} | {_cell(response['description'])} |")
     return "\n".join(parts) + "\n"
 
 
