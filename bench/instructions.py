@@ -1,88 +1,265 @@
-"""CPU work per request as instruction counts: `python -m bench.instructions [N]`.
+"""CPU work per request as instruction counts: `python -m bench.instructions [N] [--access-log on|off|auto]`.
 
-Each of A, A0 and B runs under valgrind's callgrind with instrumentation off; after a warm-up it is
-switched on for N sequential requests (one at a time, so no batching effects), dumped, and switched
-off. Instructions per request are repeatable whatever else the machine does, unlike CPU seconds.
-Prints one JSON line {scenario: instructions per request}; needs valgrind (callgrind_control).
+Every server runs under valgrind's callgrind with instrumentation off, started as a user starts it:
+  A   a bare aiohttp handler answering the same `/credits` JSON, encoded per request (`bench.bare`,
+      `web.run_app` with its defaults)
+  A0  the same, the JSON encoded once at startup
+  B   `ciris-billing-proxy serve` (its defaults: `simple` provider, SQLite in a fresh data
+      directory), an authenticated, cached `GET /v1/api/billing/credits` with a token from its login
+  D   the same server's credit-gated `POST /v1/agent/interact`, one use spent per request
+  DP  D with `--database-url` on a fresh PostgreSQL database (dropped after), when a server answers
+      at 127.0.0.1:5432
+For each, 200 warm-up requests, then instrumentation on for N sequential requests on one
+keep-alive connection (each sent once the previous reply is in), dumped and switched off.
+Instructions per request are repeatable within about 1 % whatever else the machine does.
+
+When `serve` has an access log (it has a `--no-access-log` flag), A logs too (`--access-log auto`,
+the default: aiohttp's access logger at INFO, one line per request), so A and B do like work; B and
+A are then also measured without (B_quiet against A_quiet).
+
+Prints one JSON line: instructions per request per scenario, and the ratios `B_vs_A` (A's count over
+B's: 1.0 means B costs what A does, more is cheaper), `B_vs_A0`, `D_vs_A`, `DP_vs_A`.
+`--only B,D` measures some of them; `--keep DIR` keeps the dumps for `callgrind_annotate`.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import re
+import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
-from .common import CREDITS_PATH, token
+from ciris_billing_proxy.paths import DEFAULT_LOGIN_PATH
+from ciris_billing_proxy.tools.demo import INTERACT_PATH
 
-SCENARIOS = ("A", "A0", "B")
+from .common import CREDITS_PATH
+from .store import DEFAULT_SERVER, admin
+
 ROOT = Path(__file__).resolve().parent.parent
+WARMUP = 200
+FREE_USES = "1000000"
+USER, PASSWORD = "bench", "bench-" + "p" * 20
+
+Send = Callable[[aiohttp.ClientSession, str], Awaitable[None]]
 
 
-async def requests(port: int, n: int) -> None:
-    headers = {"Authorization": f"Bearer {token('user-0')}"}
-    async with aiohttp.ClientSession() as session:
+async def _get_credits(session: aiohttp.ClientSession, base: str) -> None:
+    async with session.get(base + CREDITS_PATH) as r:
+        await r.read()
+        if r.status != 200:
+            raise RuntimeError(f"GET /credits: HTTP {r.status}")
+
+
+async def _interact(session: aiohttp.ClientSession, base: str) -> None:
+    async with session.post(base + INTERACT_PATH, json={"message": "hello"}) as r:
+        await r.read()
+        if r.status != 200:
+            raise RuntimeError(f"POST interact: HTTP {r.status}")
+
+
+async def _run(base: str, send: Send, n: int, token: str | None) -> None:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    connector = aiohttp.TCPConnector(limit=1)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
         for _ in range(n):
-            async with session.get(f"http://127.0.0.1:{port}{CREDITS_PATH}", headers=headers) as r:
-                await r.read()
-                if r.status != 200:
-                    raise RuntimeError(f"HTTP {r.status}")
+            await send(session, base)
 
 
-def control(pid: int, *args: str) -> None:
+async def _login(base: str) -> str:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(base + DEFAULT_LOGIN_PATH, json={"username": USER, "password": PASSWORD}) as r,
+    ):
+        if r.status != 200:
+            raise RuntimeError(f"login: HTTP {r.status}")
+        return str((await r.json())["access_token"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _control(pid: int, *args: str) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
 
 
-def measure(scenario: str, n: int, out_dir: Path) -> float:
-    proc = subprocess.Popen(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            "--instr-atstart=no",
-            f"--callgrind-out-file={out_dir}/{scenario}.%p",
-            sys.executable,
-            "-m",
-            "bench.servers",
-            scenario,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+class Measured:
+    """One server under callgrind; `measure` counts the instructions of N requests."""
+
+    def __init__(self, name: str, argv: list[str], out_dir: Path) -> None:
+        self.name = name
+        self.out_dir = out_dir
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--instr-atstart=no",
+                f"--callgrind-out-file={out_dir}/{name}.%p",
+                sys.executable,
+                *[a.replace("{port}", str(self.port)) for a in argv],
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=ROOT,
+        )
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(("READY", "Listening on")):
+                break
+        else:
+            raise RuntimeError(f"{name} did not start under valgrind")
+        self.token: str | None = None
+
+    def measure(self, send: Send, n: int) -> float:
+        asyncio.run(_run(self.base, send, WARMUP, self.token))
+        _control(self.proc.pid, "-i", "on")
+        asyncio.run(_run(self.base, send, n, self.token))
+        _control(self.proc.pid, "-d")
+        _control(self.proc.pid, "-i", "off")
+        dump = max(self.out_dir.glob(f"{self.name}.{self.proc.pid}.*"), key=lambda p: p.stat().st_mtime)
+        match = re.search(r"^summary:\s+(\d+)", dump.read_text(errors="replace"), re.M)
+        if match is None:
+            raise RuntimeError(f"no summary in {dump.name}")
+        dump.rename(dump.with_name(f"{dump.name}.{send.__name__}"))  # kept apart for callgrind_annotate
+        return int(match.group(1)) / n
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(120)
+
+
+@contextmanager
+def server(name: str, argv: list[str], out_dir: Path) -> Iterator[Measured]:
+    measured = Measured(name, argv, out_dir)
+    try:
+        yield measured
+    finally:
+        measured.stop()
+
+
+def serve_argv(data_dir: Path, *extra: str) -> list[str]:
+    return [
+        "-m",
+        "ciris_billing_proxy",
+        "serve",
+        "--port",
+        "{port}",
+        "--data-dir",
+        str(data_dir),
+        "--user",
+        f"{USER}:{PASSWORD}",
+        "--provider-option",
+        f"free_uses={FREE_USES}",
+        *extra,
+    ]
+
+
+def serve_has(flag: str) -> bool:
+    out = subprocess.run(
+        [sys.executable, "-m", "ciris_billing_proxy", "serve", "--help"],
+        capture_output=True,
         text=True,
+        check=True,
         cwd=ROOT,
     )
+    return flag in out.stdout
+
+
+@contextmanager
+def postgres_database() -> Iterator[str | None]:
+    """A fresh database on the local server, dropped after; None when no server answers."""
+    name = f"ciris_bench_{secrets.token_hex(6)}"
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().split()
-        if not line or line[0] != "READY":
-            raise RuntimeError(f"{scenario} did not start under valgrind")
-        port = int(line[1])
-        asyncio.run(requests(port, 50))  # warm-up: imports, caches, connections
-        control(proc.pid, "-i", "on")
-        asyncio.run(requests(port, n))
-        control(proc.pid, "-d")
-        control(proc.pid, "-i", "off")
+        asyncio.run(admin(DEFAULT_SERVER, f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # no server, no asyncpg: measured without PostgreSQL
+        print(f"DP not measured: {type(exc).__name__}", file=sys.stderr)
+        yield None
+        return
+    try:
+        yield DEFAULT_SERVER.rsplit("/", 1)[0] + "/" + name
     finally:
-        proc.terminate()
-        proc.wait(60)
-    dump = max(out_dir.glob(f"{scenario}.{proc.pid}.*"), key=lambda p: p.stat().st_mtime)
-    match = re.search(r"^summary:\s+(\d+)", dump.read_text(errors="replace"), re.M)
-    if match is None:
-        raise RuntimeError(f"no summary in {dump.name}")
-    return int(match.group(1)) / n
+        asyncio.run(admin(DEFAULT_SERVER, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-def main(n: int) -> dict[str, float]:
+def run(n: int, access_log: str, keep: Path | None, only: set[str]) -> dict[str, Any]:
+    quiet_flag = serve_has("--no-access-log")
+    log_a = access_log == "on" or (access_log == "auto" and quiet_flag)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="ciris-bench-") as tmp:
+        out_dir = keep or Path(tmp)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("A", "A0"):
+            if name not in only:
+                continue
+            argv = ["-m", "bench.bare", name, "{port}", *(["--access-log"] if log_a else [])]
+            with server(name, argv, out_dir) as bare:
+                results[name] = bare.measure(_get_credits, n)
+        if only & {"B", "D"}:
+            with server("serve", serve_argv(Path(tmp) / "sqlite"), out_dir) as serve:
+                serve.token = asyncio.run(_login(serve.base))
+                if "B" in only:
+                    results["B"] = serve.measure(_get_credits, n)
+                if "D" in only:
+                    results["D"] = serve.measure(_interact, n)
+        if quiet_flag and only >= {"A", "B"}:
+            with server("A_quiet", ["-m", "bench.bare", "A", "{port}"], out_dir) as bare:
+                results["A_quiet"] = bare.measure(_get_credits, n)
+            with server("serve_quiet", serve_argv(Path(tmp) / "quiet", "--no-access-log"), out_dir) as quiet:
+                quiet.token = asyncio.run(_login(quiet.base))
+                results["B_quiet"] = quiet.measure(_get_credits, n)
+        with postgres_database() if "DP" in only else nullcontext() as url:
+            if url is not None:
+                argv = serve_argv(Path(tmp) / "postgres", "--database-url", url)
+                with server("serve_pg", argv, out_dir) as pg:
+                    pg.token = asyncio.run(_login(pg.base))
+                    results["DP"] = pg.measure(_interact, n)
+    counts: dict[str, Any] = {k: round(v) for k, v in results.items()}
+    counts["access_log_in_A"] = log_a
+    for over, under in (("A", "B"), ("A0", "B"), ("A", "D"), ("A", "DP"), ("A_quiet", "B_quiet")):
+        if over in counts and under in counts:
+            counts[f"{under}_vs_{over}"] = round(counts[over] / counts[under], 3)
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.instructions")
+    parser.add_argument("n", nargs="?", type=int, default=500, help="requests counted per scenario")
+    parser.add_argument(
+        "--access-log",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="A writes aiohttp's access log at INFO (auto: when serve has one, i.e. --no-access-log)",
+    )
+    parser.add_argument(
+        "--only",
+        default="A,A0,B,D,DP",
+        help="comma-separated scenarios to measure (default all: A,A0,B,D,DP)",
+    )
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="keep the callgrind dumps here (for callgrind_annotate)"
+    )
+    args = parser.parse_args()
     if shutil.which("callgrind_control") is None:
         raise SystemExit("valgrind is not installed")
-    with tempfile.TemporaryDirectory() as tmp:
-        return {scenario: measure(scenario, n, Path(tmp)) for scenario in SCENARIOS}
+    print(json.dumps(run(args.n, args.access_log, args.keep, set(args.only.split(",")))), flush=True)
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(int(sys.argv[1]) if len(sys.argv) > 1 else 500)), flush=True)
+    main()

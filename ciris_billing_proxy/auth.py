@@ -14,13 +14,13 @@ from typing import Any, Final
 import jwt
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
-from cachetools import LRUCache
 from jwt.algorithms import get_default_algorithms
 
 from .config import BillingConfig, ConfigError, JWTConfig
 from .errors import NOT_AUTHENTICATED, client_gone, client_left, http_error
 from .identity import Identity
 from .keys import VERIFIED_KEY, billing_service
+from .lru import LRU
 from .paths import PathScope, as_scope
 
 _BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*)$")
@@ -64,8 +64,8 @@ class TokenVerifier:
         # An HMAC secret signs as it verifies; only a private key needs preparing apart.
         self._signing_key: Any = self._verify_key if jwt_config.uses_hmac else _signing_key(jwt_config)
         self._options: dict[str, Any] = {"require": ["exp", "sub"]}
-        self._verified: LRUCache[bytes, Identity] | None = (
-            LRUCache(maxsize=config.token_cache_max_entries) if config.token_cache_max_entries else None
+        self._verified: LRU[bytes, Identity] | None = (
+            LRU(config.token_cache_max_entries) if config.token_cache_max_entries else None
         )
         # Revoked token digests. A plain set: the hot path only asks "is anything revoked at all?"
         # and, rarely, "is this one?", both without Python frames. Every revocation is kept until
@@ -90,12 +90,10 @@ class TokenVerifier:
         if self._revoked and digest in self._revoked:
             raise AuthError("Invalid token")
         if self._verified is not None:
-            try:  # a hit without LRUCache.get's extra lookups: this runs on every request
-                cached: Identity | None = self._verified[digest]
-            except KeyError:
-                cached = None
+            cached = self._verified.get(digest)  # runs on every request: C calls only on a hit
             if cached is not None:
                 if self._clock() - self._jwt.leeway_seconds < cached.expires_at:
+                    self._verified.move_to_end(digest)
                     return cached
                 del self._verified[digest]
                 raise AuthError("Token expired")

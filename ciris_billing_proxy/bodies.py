@@ -43,6 +43,14 @@ async def read_body(request: web.Request, max_bytes: int, *, time_limit: float) 
     chunks: list[bytes] = []
     size = 0
     try:
+        content = request.content
+        if content.is_eof():
+            # All of it has arrived already (nearly always, for a small body sent with its head):
+            # nothing to wait for, so no timer is armed.
+            raw = content.read_nowait()
+            if len(raw) > max_bytes:
+                raise http_error(413, f"Request body too large (limit {max_bytes} bytes)")
+            return raw
         async with asyncio.timeout(time_limit):
             async for chunk in request.content.iter_chunked(64 * 1024):
                 size += len(chunk)

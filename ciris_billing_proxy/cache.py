@@ -1,9 +1,8 @@
 """Short-lived credit-status cache: per-value TTL + LRU bound, single-flight loads, race-free invalidation.
 
-Entries live in a `cachetools.LRUCache` as `(expires_at, value)`: the lifetime is chosen once, when
-the value is stored, so a hit is one dict lookup and one comparison (about 0.2 us, against 1.2 us
-for `TLRUCache`, which also keeps a heap node per entry). Expired entries are dropped when met and
-count against the bound until then.
+Entries live in an `LRU` map as `(expires_at, value)`: the lifetime is chosen once, when the value
+is stored, so a hit (`peek`) is one lookup in C and one comparison, with no coroutine. Expired
+entries are dropped when met and count against the bound until then.
 
 `cachetools` is not async-aware (its decorators would cache coroutine objects, and its locks block the
 loop), so loads go through `SingleFlight` on top of it:
@@ -23,9 +22,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
-from cachetools import LRUCache
-
 from .identity import Identity
+from .lru import LRU
 from .singleflight import SingleFlight
 
 V = TypeVar("V")
@@ -46,7 +44,7 @@ class CreditCache(Generic[V]):
         self._ttl = ttl
         self._ttl_of = ttl_of
         self._timer = timer
-        self._entries: LRUCache[tuple[str, str], tuple[float, V]] = LRUCache(maxsize=maxsize)
+        self._entries: LRU[tuple[str, str], tuple[float, V]] = LRU(maxsize)
         self._loads: SingleFlight[tuple[str, str], V] = SingleFlight()
         self._max_lifetime: float | None = None
         #: Lookups answered from the cache, and lookups that loaded (the metrics read them).
@@ -56,17 +54,25 @@ class CreditCache(Generic[V]):
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def get(self, identity: Identity) -> V:
+    def peek(self, identity: Identity) -> V | None:
+        """The fresh cached value, or None (values are never None): the hit path, run on every
+        cached request, so plain calls only (no coroutine, nothing scheduled)."""
         key = identity.key
-        try:  # the hit path, inline: it runs on every cached request
-            expires_at, value = self._entries[key]
-        except KeyError:
-            pass
-        else:
-            if expires_at > self._timer():
-                self.hits += 1
-                return value
-            del self._entries[key]
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] > self._timer():
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[1]
+        del self._entries[key]
+        return None
+
+    async def get(self, identity: Identity) -> V:
+        value = self.peek(identity)
+        if value is not None:
+            return value
+        key = identity.key
         self.misses += 1
         return await asyncio.shield(self._loads.run(key, lambda: self._fill(identity)))
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import uuid
+import os
 from collections.abc import Callable
 from typing import overload
 
@@ -42,7 +42,7 @@ from .errors import (
 )
 from .id_token import MISSING, IdToken, id_token_as, id_token_of, user_id_token
 from .identity import Identity
-from .keys import SPEND_KEY, billing_service
+from .keys import SPEND_KEY, SPENT_STATUS_KEY, billing_service
 from .products import TOOL_NAME, valid_tool_name
 from .service import BillingService
 
@@ -80,7 +80,8 @@ def _interaction_gate(handler: Handler) -> Handler:
     and the client gets 402 (`insufficient_credit`), or 503 when the provider cannot answer. The use
     is taken before the handler runs and given back when it raises or answers with a 4xx/5xx. Roles
     in `gate_bypass_roles` pass free.
-    The key spent under is `request[SPEND_KEY]` (`ciris_billing_proxy.keys`). Needs
+    The key spent under is `request[SPEND_KEY]` (`ciris_billing_proxy.keys`), and the credit left
+    right after the spend `request[SPENT_STATUS_KEY]` when the provider tells it. Needs
     `setup_billing()` on the handler's application or one it is mounted in (`RuntimeError`
     otherwise).
     """
@@ -102,13 +103,15 @@ def _interaction_gate(handler: Handler) -> Handler:
             return await handler(request)
         # Server-made, never client-supplied: a reusable client key would let a user replay it for
         # free interactions.
-        key = uuid.uuid4().hex
+        key = os.urandom(16).hex()
         try:
             with id_token_as(token):
-                await service.spend(identity, key)
+                status = await service.spend(identity, key)
         except BillingError as exc:
             raise to_http(exc, gate=True) from None
         request[SPEND_KEY] = key
+        if status is not None:
+            request[SPENT_STATUS_KEY] = status
         try:
             response = await handler(request)
         except web.HTTPException as exc:
@@ -163,7 +166,7 @@ def _product_gate(handler: Handler, product: str) -> Handler:
                     if not check.has_credit:
                         raise InsufficientCredit(f"No {product} uses remaining")
                     return await handler(request)
-                key = uuid.uuid4().hex
+                key = os.urandom(16).hex()
                 await service.spend_product(identity, product, key)
         except BillingError as exc:
             raise to_http(exc, gate=True) from None

@@ -11,9 +11,8 @@ It is never stored anywhere else: not on the request, not in the credit cache, n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -58,24 +57,32 @@ def user_id_token(request: web.Request, agent: Callable[[], IdToken | None]) -> 
     return id_token_of(request) or agent()
 
 
-@contextmanager
-def id_token_scope(request: web.Request) -> Iterator[IdToken | None]:
+def id_token_scope(request: web.Request) -> IdTokenScope:
     """Make the request's ID token current until the block ends. aiohttp serves the requests of
-    one keep-alive connection in one task, so the token is reset afterwards, not left for the next.
-    (The cached `/credits` read goes through here: one context manager, not two.)"""
-    token = id_token_of(request)
-    reset = _current.set(token)
-    try:
-        yield token
-    finally:
-        _current.reset(reset)
+    one keep-alive connection in one task, so the token is reset afterwards, not left for the next."""
+    return IdTokenScope(id_token_of(request))
 
 
-@contextmanager
-def id_token_as(token: IdToken | None) -> Iterator[IdToken | None]:
+def id_token_as(token: IdToken | None) -> IdTokenScope:
     """Make `token` current until the block ends, as `id_token_scope` does for the request's."""
-    reset = _current.set(token)
-    try:
-        yield token
-    finally:
-        _current.reset(reset)
+    return IdTokenScope(token)
+
+
+class IdTokenScope:
+    """`with id_token_scope(request) as token:` or `with id_token_as(token):`. A plain class rather
+    than a generator-based context manager: the gate enters one per request, and this costs two
+    method calls."""
+
+    __slots__ = ("_reset", "_token")
+
+    def __init__(self, token: IdToken | None) -> None:
+        self._token = token
+        self._reset: Token[IdToken | None] | None = None
+
+    def __enter__(self) -> IdToken | None:
+        self._reset = _current.set(self._token)
+        return self._token
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._reset is not None:
+            _current.reset(self._reset)

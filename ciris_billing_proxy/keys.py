@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
+from .models import CreditStatus
+
 if TYPE_CHECKING:
     from .auth import TokenVerifier
     from .identity import Identity
@@ -24,6 +26,10 @@ SERVICE_KEY: Final[web.AppKey[BillingService]] = web.AppKey("service")
 VERIFIED_KEY: Final[web.RequestKey[tuple[TokenVerifier, Identity]]] = web.RequestKey("verified")
 #: The idempotency key the credit gate spent under, for handlers that want to correlate it.
 SPEND_KEY: Final = web.RequestKey("spend_key", str)
+#: The caller's credit right after the gate's spend, when the provider's spend tells it (the
+#: `simple` provider does): a gated handler that reports the credit left answers with it instead of
+#: reading it again. Absent when the provider does not tell, or the gate took nothing.
+SPENT_STATUS_KEY: Final = web.RequestKey("spent_status", CreditStatus)
 
 
 def billing_service(request: web.Request) -> BillingService:

@@ -246,8 +246,16 @@ class BillingRoutes:
         self._catch_all: list[web.AbstractResource] = []
 
     async def get_credits(self, request: web.Request) -> web.Response:
-        with self._as_user(request):
-            body = await self.service.credit_reply(request[VERIFIED_KEY][1])
+        identity = request[VERIFIED_KEY][1]
+        provider = self.service.provider
+        # The 401 of `_as_user`, before any cached credit could answer.
+        if provider.id_token_required and user_id_token(request, provider.agent_id_token) is None:
+            raise IdTokenRequired(MISSING)
+        # A hit calls no provider, so only a load needs the ID token made current.
+        body = self.service.cached_reply(identity)
+        if body is None:
+            with self._as_user(request):
+                body = await self.service.credit_reply(identity)
         return web.Response(body=body, content_type="application/json")
 
     async def capabilities(self, request: web.Request) -> web.Response:

@@ -229,6 +229,12 @@ class BillingService:
         """The `/credits` JSON body, from the cache when fresh."""
         return (await self.cache.get(identity)).body
 
+    def cached_reply(self, identity: Identity) -> bytes | None:
+        """The `/credits` JSON body if the cache holds a fresh one, else None (then `credit_reply`
+        loads it): the hit, answered without a coroutine."""
+        entry = self.cache.peek(identity)
+        return None if entry is None else entry.body
+
     def capabilities(self) -> Capabilities:
         """What the provider declares it offers. Read on every call (a provider may change what it
         offers while running); a declaration that is not a bool is a provider bug, answered 503."""
@@ -339,18 +345,21 @@ class BillingService:
         self.feed_listening = True
         self.cache.limit_lifetime(None)
 
-    async def spend(self, identity: Identity, idempotency_key: str) -> None:
+    async def spend(self, identity: Identity, idempotency_key: str) -> CreditStatus | None:
+        """Take one use; returns the user's status right after it when the provider tells it
+        (see `CreditProvider.spend`), else None."""
         task = self._track(
             self._change_credit(self.provider.spend(identity, idempotency_key), identity, "spend")
         )
         try:
-            await asyncio.shield(task)
+            status = await asyncio.shield(task)
         except (asyncio.CancelledError, ProviderUnavailable):
             # The caller went away while the use was being taken, or the spend failed in a way that
             # may have taken effect (a timeout after the backend committed): settle it in the
             # background once the spend's outcome is known.
             self._track(self._give_back_after(task, identity, idempotency_key))
             raise
+        return status if isinstance(status, CreditStatus) else None
 
     async def give_back(
         self, identity: Identity, idempotency_key: str, why: str = "asked by the host"
@@ -547,18 +556,17 @@ class BillingService:
         )
         return await asyncio.shield(self._track(call))
 
-    async def _change_credit(self, call: Awaitable[None], identity: Identity, what: str) -> None:
+    async def _change_credit(self, call: Awaitable[object], identity: Identity, what: str) -> object:
         """Run a provider call that changes the user's credit (a spend or a give-back) and forget
-        the user's cached credit once it is done, whatever its outcome."""
+        the user's cached credit once it is done, whatever its outcome; returns what it returned."""
         # The cache is dropped inside the tracked task, after the provider call: a caller's
         # cancellation cannot make it happen before the change and let a stale load be cached.
         try:
-            # What spend and give_back return is never used: only their effect and errors count.
-            await self._guard(call, what, object)
+            return await self._guard(call, what, object)
         finally:
             self._forget(identity)
 
-    async def _give_back_after(self, spend: asyncio.Task[None], identity: Identity, key: str) -> None:
+    async def _give_back_after(self, spend: asyncio.Task[object], identity: Identity, key: str) -> None:
         """Give back what `spend` took, if it may have taken anything. `give_back` is a no-op for a
         use never taken, so an ambiguous failure is reconciled with it too."""
         try:

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from ciris_billing_proxy import BillingConfig, credit_gate
-from ciris_billing_proxy.keys import SPEND_KEY
+from ciris_billing_proxy.keys import SPEND_KEY, SPENT_STATUS_KEY
 from ciris_billing_proxy.testing import TokenFactory
 
 from .conftest import ClientFactory, make_config
@@ -30,7 +30,9 @@ def _agent(app: web.Application) -> None:
             return web.json_response({"detail": "model down"}, status=500)
         if body.get("slow"):
             await asyncio.sleep(0.05)
-        return web.json_response({"ok": True, "key": request.get(SPEND_KEY)})
+        spent = request.get(SPENT_STATUS_KEY)
+        left = None if spent is None else spent.free_uses_remaining
+        return web.json_response({"ok": True, "key": request.get(SPEND_KEY), "left": left})
 
     app.router.add_post("/v1/agent/interact", interact)
 
@@ -63,6 +65,19 @@ async def test_fifty_concurrent_calls_with_ten_free_uses(
     assert credits["purchase_required"] is False
     assert credits["purchase_options"] is None
     assert credits["reason"] == "No free uses remaining"
+
+
+async def test_each_gated_call_sees_the_credit_its_own_spend_left(
+    make_client: ClientFactory, config: BillingConfig, tokens: TokenFactory
+) -> None:
+    client = await make_client(config, host=_agent)
+    headers = tokens.headers("alice")
+    results = await asyncio.gather(
+        *(client.post("/v1/agent/interact", json={"slow": True}, headers=headers) for _ in range(12))
+    )
+    left = sorted([(await r.json())["left"] for r in results if r.status == 200])
+    assert left == list(range(10))  # ten spends, each told what its own transaction left
+    assert sorted(r.status for r in results).count(402) == 2
 
 
 async def test_the_ui_sees_what_the_gate_spends_at_once(

@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from ciris_billing_proxy import ConfigError, Identity, InsufficientCredit, setup_billing
+from ciris_billing_proxy import ConfigError, CreditStatus, Identity, InsufficientCredit, setup_billing
 from ciris_billing_proxy.providers import ProviderContext
 from ciris_billing_proxy.providers.registry import create_provider
 from ciris_billing_proxy.providers.simple import SimpleProvider
@@ -48,8 +48,10 @@ async def test_spends_are_atomic_and_never_go_negative() -> None:
         results = await asyncio.gather(
             *(provider.spend(ALICE, f"k{i}") for i in range(25)), return_exceptions=True
         )
-        assert sum(r is None for r in results) == 10
-        assert all(isinstance(r, InsufficientCredit) for r in results if r is not None)
+        spent = [r for r in results if isinstance(r, CreditStatus)]
+        # Each spend tells the status its own transaction left: every count from 1 to 10 once.
+        assert sorted(r.total_uses for r in spent) == list(range(1, 11))
+        assert all(isinstance(r, InsufficientCredit) for r in results if not isinstance(r, CreditStatus))
         status = await provider.credit_status(ALICE)
         assert (status.free_uses_remaining, status.total_uses, status.has_credit) == (0, 10, False)
         # Give-backs are once per key, and only for keys that were spent.
@@ -96,7 +98,8 @@ async def test_two_processes_sharing_a_file_never_overspend(tmp_path: Path) -> N
             *(p.spend(ALICE, f"{n}-{i}") for i in range(15) for n, p in (("a", a), ("b", b))),
             return_exceptions=True,
         )
-        assert sum(r is None for r in results) == 10
+        spent = [r.total_uses for r in results if isinstance(r, CreditStatus)]
+        assert sorted(spent) == list(range(1, 11))  # across both ledgers, each count once
         assert (await a.credit_status(ALICE)).total_uses == 10
     finally:
         await a.stop()

@@ -169,8 +169,12 @@ class CreditProvider(abc.ABC):
         """The user's current credit. May create the account on first sight."""
 
     @abc.abstractmethod
-    async def spend(self, identity: Identity, idempotency_key: str) -> None:
-        """Take one use, atomically. Raise `InsufficientCredit` when there is none."""
+    async def spend(self, identity: Identity, idempotency_key: str) -> CreditStatus | None:
+        """Take one use, atomically. Raise `InsufficientCredit` when there is none.
+
+        May return the user's `CreditStatus` as of right after the spend, when the spend's own
+        transaction tells it (the gated handler can then answer with it instead of reading the
+        status again: `keys.SPENT_STATUS_KEY`); None when it does not know."""
 
     @abc.abstractmethod
     async def give_back(self, identity: Identity, idempotency_key: str) -> None:

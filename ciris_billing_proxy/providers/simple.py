@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import InsufficientCredit
 from ..identity import Identity
+from ..lru import LRU
 from ..models import CreditStatus, Transaction, TransactionPage
 from ..products import TOOL_NAME, Product, ToolBalance, valid_tool_name
 from ..store import Engine, SQLiteDatabase, usage_ledger
@@ -24,6 +25,8 @@ from .base import CreditProvider, ProviderContext
 
 NO_FREE_USES = "No free uses remaining"
 LEDGER_FILE = "simple-usage.sqlite3"
+#: Distinct use counts whose status is kept built.
+STATUSES_KEPT = 1024
 
 
 class ProductSettings(BaseModel):
@@ -88,6 +91,9 @@ class SimpleProvider(CreditProvider):
     def __init__(self, settings: SimpleSettings | None = None, *, database: str | Path | Engine) -> None:
         self.settings = settings or SimpleSettings()
         self.ledger = usage_ledger(database if isinstance(database, Engine) else SQLiteDatabase(database))
+        # A status depends on the use count alone, and the models are frozen: built (and validated)
+        # once per count, then shared.
+        self._statuses: LRU[int, CreditStatus] = LRU(STATUSES_KEPT)
         self._products = {
             name: Product(
                 name=name, free_uses=p.free_uses, price_minor=p.price_minor, description=p.description
@@ -115,6 +121,12 @@ class SimpleProvider(CreditProvider):
         return self._status(used)
 
     def _status(self, used: int) -> CreditStatus:
+        status = self._statuses.get(used)
+        if status is None:
+            status = self._statuses[used] = self._new_status(used)
+        return status
+
+    def _new_status(self, used: int) -> CreditStatus:
         remaining = max(self.settings.free_uses - used, 0)
         return CreditStatus(
             has_credit=remaining > 0,
@@ -127,12 +139,13 @@ class SimpleProvider(CreditProvider):
             reason=None if remaining else NO_FREE_USES,
         )
 
-    async def spend(self, identity: Identity, idempotency_key: str) -> None:
-        spent = await self.ledger.spend(
+    async def spend(self, identity: Identity, idempotency_key: str) -> CreditStatus:
+        used = await self.ledger.spend_counted(
             identity.namespace, identity.user_id, idempotency_key, self.settings.free_uses
         )
-        if not spent:
+        if used is None:
             raise InsufficientCredit(NO_FREE_USES)
+        return self._status(used)
 
     async def give_back(self, identity: Identity, idempotency_key: str) -> None:
         await self.ledger.give_back(identity.namespace, identity.user_id, idempotency_key)

@@ -1,10 +1,13 @@
 """The change feed on one SQLite file, for processes sharing a host (see `changes`).
 
 A change is a row of the `changes` table; each process polls for rows newer than the last it read.
-The poll is cheap when nothing changed, which is nearly always: every `POLL_SECONDS` the event loop
-asks a connection of its own for `PRAGMA data_version` (a counter SQLite bumps when another
-connection commits; it reads shared memory, no disk, no table), and only when that moved does the
-database thread read the new rows. Rows older than `KEEP_SECONDS` are pruned by the publishers.
+The poll is cheap when nothing changed, which is nearly always: every `POLL_SECONDS` a timer
+callback on the event loop (no task, nothing awaited) asks a connection of its own for
+`PRAGMA data_version` (a counter SQLite bumps when another connection commits; it reads shared
+memory, no disk, no table), and only when that moved does it read the new rows, on the same
+connection: a WAL reader never waits for writers, and the few new rows of a small, hot table cost
+less than a round trip through the database thread. Rows older than `KEEP_SECONDS` are pruned by
+the publishers.
 """
 
 from __future__ import annotations
@@ -56,7 +59,9 @@ class SQLiteChangeFeed(ChangeFeed):
         self._last_id = 0
         self._pruned_at = 0.0
         self._probe: sqlite3.Connection | None = None
-        self._poller: asyncio.Task[None] | None = None
+        self._poller: asyncio.TimerHandle | None = None
+        self._seen: object = None
+        self._down = False
 
     async def open_store(self) -> None:
         await self.db.open()
@@ -88,42 +93,51 @@ class SQLiteChangeFeed(ChangeFeed):
             listener.token_revoked(digest, until)
         for namespace, user_id, epoch in epochs:
             listener.epoch_moved((str(namespace), str(user_id)), float(epoch))
-        self._probe = sqlite3.connect(self.db.path, isolation_level=None, check_same_thread=False)
-        self._poller = asyncio.create_task(self._poll_forever(listener, self._probe))
+        # No busy timeout: on the loop it never waits for a lock (see `_look`, `_insert_here`).
+        self._probe = sqlite3.connect(self.db.path, isolation_level=None, timeout=0)
+        self._probe.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoints stay on the database thread
+        self._poller = asyncio.get_running_loop().call_later(POLL_SECONDS, self._poll, listener, self._probe)
 
     async def _close(self) -> None:
         poller, self._poller = self._poller, None
         if poller is not None:
             poller.cancel()
-            await asyncio.gather(poller, return_exceptions=True)
         probe, self._probe = self._probe, None
         if probe is not None:
             probe.close()
         await self.db.close()
 
-    async def _poll_forever(self, listener: ChangeListener, probe: sqlite3.Connection) -> None:
-        seen: object = None
-        down = False
-        while True:
-            await asyncio.sleep(POLL_SECONDS)
-            try:
-                version = probe.execute("PRAGMA data_version").fetchone()[0]
-                self.heard_at = time.monotonic()
-                if version == seen:
-                    continue
-                payloads = await self.db.run(self._read_new)
-            except (sqlite3.Error, ProviderUnavailable) as exc:
-                if not down:
-                    logger.warning("Change feed unavailable (SQLite: %s)", type(exc).__name__)
-                    listener.feed_down()
-                    down = True
-                continue
-            if down:
-                listener.feed_up()
-                down = False
-            seen = version
-            for payload in payloads:
-                deliver(payload, self.sender, listener)
+    def _poll(self, listener: ChangeListener, probe: sqlite3.Connection) -> None:
+        """One look for changes, then the next one scheduled (until `_close` cancels it)."""
+        try:
+            self._look(listener, probe)
+        finally:
+            if self._poller is not None:
+                self._poller = asyncio.get_running_loop().call_later(
+                    POLL_SECONDS, self._poll, listener, probe
+                )
+
+    def _look(self, listener: ChangeListener, probe: sqlite3.Connection) -> None:
+        try:
+            version = probe.execute("PRAGMA data_version").fetchone()[0]
+            self.heard_at = time.monotonic()
+            if version == self._seen:
+                return
+            payloads = self._read_new(probe)
+        except sqlite3.Error as exc:
+            if _busy(exc):
+                return  # a lock held for an instant (a WAL reset, a recovery): look again next time
+            if not self._down:
+                logger.warning("Change feed unavailable (SQLite: %s)", type(exc).__name__)
+                listener.feed_down()
+                self._down = True
+            return
+        if self._down:
+            listener.feed_up()
+            self._down = False
+        self._seen = version
+        for payload in payloads:
+            deliver(payload, self.sender, listener)
 
     def _read_new(self, conn: sqlite3.Connection) -> list[str]:
         rows = conn.execute(
@@ -136,6 +150,8 @@ class SQLiteChangeFeed(ChangeFeed):
     async def _publish(self, payloads: list[str]) -> None:
         now = time.time()
         prune = now - self._pruned_at > PRUNE_EVERY_SECONDS
+        if not prune and self._insert_here(payloads, now):
+            return
 
         def write(conn: sqlite3.Connection) -> None:
             with transaction(conn):
@@ -149,6 +165,29 @@ class SQLiteChangeFeed(ChangeFeed):
         await self._write(write)
         if prune:
             self._pruned_at = now
+
+    def _insert_here(self, payloads: list[str], now: float) -> bool:
+        """Insert the rows with the probe, on the loop, if the write lock is free at once: a WAL
+        append, no round trip through the database thread, and (the probe's own commits leave its
+        `data_version` as it is) no poll reading them back. False, with nothing written, when
+        another connection holds the lock (the probe never waits: no busy timeout) or anything
+        fails; the database thread then writes them, and prunes and checkpoints every
+        `PRUNE_EVERY_SECONDS` (the probe never checkpoints)."""
+        probe = self._probe
+        if probe is None:
+            return False
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            return False
+        try:
+            probe.executemany("INSERT INTO changes (payload, at) VALUES (?, ?)", [(p, now) for p in payloads])
+            probe.execute("COMMIT")
+        except sqlite3.Error:
+            if probe.in_transaction:
+                probe.execute("ROLLBACK")
+            return False
+        return True
 
     async def ping(self) -> None:
         def probe(conn: sqlite3.Connection) -> None:
@@ -213,3 +252,7 @@ class SQLiteChangeFeed(ChangeFeed):
         except (sqlite3.Error, ProviderUnavailable) as exc:
             logger.warning("Change feed unavailable (SQLite: %s)", type(exc).__name__)
             raise ProviderUnavailable from None
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)

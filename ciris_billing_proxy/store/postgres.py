@@ -117,6 +117,11 @@ class PostgresDatabase(Engine):
             asyncpg.InterfaceError,
             asyncpg.OperatorInterventionError,
             asyncpg.InsufficientResourcesError,  # too many connections, out of disk or memory
+            # Refused when a new connection logs in: the database is gone or renamed, or the
+            # role's password changed. Nothing a retry of this request can mend, but a 503 all the
+            # same (and a shutdown that releases claims goes on), never a traceback.
+            asyncpg.InvalidCatalogNameError,
+            asyncpg.InvalidAuthorizationSpecificationError,
         ) as exc:
             logger.warning("PostgreSQL unavailable: %s", type(exc).__name__)
             raise ProviderUnavailable(DATABASE_UNAVAILABLE) from None

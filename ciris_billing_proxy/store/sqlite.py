@@ -16,15 +16,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from queue import SimpleQueue
+from typing import Any, TypeVar
 
 from ..database_budget import DEFAULT_BUDGET
 from ..errors import ProviderUnavailable
@@ -67,12 +69,25 @@ def _enter_wal(conn: sqlite3.Connection) -> str:
             time.sleep(0.01)
 
 
+#: A call for the worker thread: what to run with its connection (None before it connects), the
+#: future to settle with the outcome, and the `time.monotonic()` past which it must not start.
+_Call = tuple[Callable[[sqlite3.Connection | None], Any], asyncio.Future[Any], float]
+
+
 class _Late(Exception):
     """A use whose budget was spent before the worker could start it: it was not run."""
 
 
 class SQLiteDatabase(Engine):
-    """One SQLite file (or `:memory:`)."""
+    """One SQLite file (or `:memory:`), on a worker thread of its own.
+
+    The thread takes `(fn, future, deadline)` calls from a queue and settles each future on the
+    loop with one `call_soon_threadsafe`: a round trip costs a queue put, a thread wake-up and one
+    callback, where `run_in_executor` added a `concurrent.futures` future chained to an asyncio one,
+    executor locks and a `shield`. Every call handed over runs to its end, in order, even if its
+    caller is cancelled meanwhile, so the caller's view and the file never disagree; only one whose
+    budget was spent before its turn came is not started at all (`_Late`: nothing applied).
+    """
 
     dialect = "sqlite"
 
@@ -80,8 +95,13 @@ class SQLiteDatabase(Engine):
         self.path = str(path)
         self.timeout = timeout
         self._busy_ms = round(timeout * 1000)
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
+        #: A use with less than this left (seconds) has its busy timeout lowered to what is left.
+        self._lower_below = timeout * 0.9
+        self._calls: SimpleQueue[_Call | None] = SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._open = False
+        self._conn: sqlite3.Connection | None = None  # the worker thread's only
 
     def describe(self) -> str:
         return f"SQLite file {self.path}"
@@ -97,12 +117,18 @@ class SQLiteDatabase(Engine):
             # side goes on writing a database the other never sees.
             with contextlib.suppress(FileExistsError):
                 os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ciris-billing-db")
-        loop = asyncio.get_running_loop()
-        self._conn = await loop.run_in_executor(self._executor, self._connect)
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._work, name="ciris-billing-db", daemon=True)
+        self._thread.start()
+        try:
+            await self._call(self._connect)
+        except BaseException:
+            self._stop_thread()
+            raise
+        self._open = True
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+    def _connect(self, _unused: sqlite3.Connection | None) -> None:
+        self._conn = conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
         if self.path != MEMORY:
             mode = _enter_wal(conn)
@@ -113,7 +139,36 @@ class SQLiteDatabase(Engine):
                     mode,
                 )
             conn.execute("PRAGMA synchronous = NORMAL")
-        return conn
+
+    def _work(self) -> None:
+        """The worker thread: run each call with the connection, settle its future on the loop."""
+        loop = self._loop
+        assert loop is not None
+        while (item := self._calls.get()) is not None:
+            fn, future, deadline = item
+            settle: Callable[[Any, asyncio.Future[Any]], None] = _settle
+            try:
+                value: Any = self._within(fn, deadline)
+            except BaseException as exc:
+                settle, value = _fail, exc
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is left to tell
+                loop.call_soon_threadsafe(settle, value, future)
+
+    def _within(self, fn: Callable[[sqlite3.Connection | None], T], deadline: float) -> T:
+        """`fn` on the worker, within what is left of its budget: not started once it is spent, and
+        waiting on locks no longer than the rest. (Busy timeouts change only for uses that queued:
+        on an idle worker this costs one clock read.)"""
+        conn = self._conn
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Late
+        if left < self._lower_below and conn is not None:
+            conn.execute(f"PRAGMA busy_timeout = {max(round(left * 1000), 1)}")
+            try:
+                return fn(conn)
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+        return fn(conn)
 
     async def migrate(self, schema: Schema) -> Migrated:
         def write(conn: sqlite3.Connection) -> Migrated:
@@ -143,15 +198,10 @@ class SQLiteDatabase(Engine):
             raise DatabaseUnavailable(f"cannot use {self.describe()}: it stayed locked") from None
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._executor is None or self._conn is None:
+        if not self._open:
             raise RuntimeError("database is not open")
-        conn = self._conn
-        deadline = time.monotonic() + self.timeout
-        # Shielded: once a write is handed to the worker it completes, even if the request that
-        # asked for it is cancelled, so the caller's view and the file never disagree.
-        future = asyncio.get_running_loop().run_in_executor(self._executor, self._within, fn, conn, deadline)
         try:
-            return await asyncio.shield(future)
+            return await self._call(fn, time.monotonic() + self.timeout)  # type: ignore[arg-type]
         except sqlite3.OperationalError as exc:  # locked past the budget, a full disk, a lost file
             logger.warning("SQLite unavailable: %s", exc)
             raise ProviderUnavailable(DATABASE_UNAVAILABLE) from None
@@ -159,27 +209,42 @@ class SQLiteDatabase(Engine):
             logger.warning("SQLite unavailable: no turn within %g s", self.timeout)
             raise ProviderUnavailable(DATABASE_UNAVAILABLE, maybe_applied=False) from None
 
-    def _within(self, fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection, deadline: float) -> T:
-        """`fn` on the worker, within what is left of the budget: not started once it is spent,
-        and waiting on locks no longer than the rest. (Busy timeouts change only for uses that
-        queued: on an idle worker this costs one clock read.)"""
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise _Late
-        busy = max(round(left * 1000), 1)
-        if busy < self._busy_ms * 0.9:
-            conn.execute(f"PRAGMA busy_timeout = {busy}")
-            try:
-                return fn(conn)
-            finally:
-                conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
-        return fn(conn)
+    def _call(
+        self, fn: Callable[[sqlite3.Connection | None], T], deadline: float = math.inf
+    ) -> asyncio.Future[T]:
+        """Hand `fn` to the worker (`deadline`: a budgeted use's; none for opening and closing)."""
+        assert self._loop is not None
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._calls.put((fn, future, deadline))
+        return future
 
     async def close(self) -> None:
-        executor, conn = self._executor, self._conn
-        self._executor = self._conn = None
-        if executor is None:
+        if self._thread is None:
             return
+        if self._open:
+            self._open = False
+            await self._call(self._disconnect)  # after every call handed over before it
+        self._stop_thread()
+
+    def _disconnect(self, conn: sqlite3.Connection | None) -> None:
+        self._conn = None
         if conn is not None:
-            await asyncio.get_running_loop().run_in_executor(executor, conn.close)
-        executor.shutdown(wait=True)
+            conn.close()
+
+    def _stop_thread(self) -> None:
+        """End the worker; it is idle by now (every call handed over has been answered), so the
+        join returns at once."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._calls.put(None)
+            thread.join()
+
+
+def _settle(result: Any, future: asyncio.Future[Any]) -> None:
+    if not future.done():  # a cancelled caller: the call ran all the same, nobody waits for it
+        future.set_result(result)
+
+
+def _fail(exc: BaseException, future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(exc)

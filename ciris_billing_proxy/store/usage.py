@@ -91,12 +91,17 @@ class UsageLedger(abc.ABC):
     async def events(self, namespace: str, user_id: str, limit: int, offset: int) -> tuple[list[Event], int]:
         """Newest first, and how many there are in all."""
 
-    @abc.abstractmethod
     async def spend(self, namespace: str, user_id: str, key: str, limit: int) -> bool:
         """Take one use if fewer than `limit` are used. False when none is left.
 
         A key already spent counts as spent again without taking another use.
         """
+        return await self.spend_counted(namespace, user_id, key, limit) is not None
+
+    @abc.abstractmethod
+    async def spend_counted(self, namespace: str, user_id: str, key: str, limit: int) -> int | None:
+        """`spend`, answering the uses counted right after it (None when none is left): what the
+        user's status is then, without another round trip."""
 
     @abc.abstractmethod
     async def give_back(self, namespace: str, user_id: str, key: str) -> None:
@@ -119,13 +124,7 @@ class SQLiteUsageLedger(UsageLedger):
         return await self.engine.migrate(SQLITE_SCHEMA)
 
     async def used(self, namespace: str, user_id: str) -> int:
-        def read(conn: sqlite3.Connection) -> int:
-            row = conn.execute(
-                "SELECT used FROM usage WHERE namespace = ? AND user_id = ?", (namespace, user_id)
-            ).fetchone()
-            return int(row[0]) if row else 0
-
-        return await self.engine.run(read)
+        return await self.engine.run(lambda conn: _used(conn, namespace, user_id))
 
     async def events(self, namespace: str, user_id: str, limit: int, offset: int) -> tuple[list[Event], int]:
         def read(conn: sqlite3.Connection) -> tuple[list[Event], int]:
@@ -141,11 +140,11 @@ class SQLiteUsageLedger(UsageLedger):
 
         return await self.engine.run(read)
 
-    async def spend(self, namespace: str, user_id: str, key: str, limit: int) -> bool:
-        def write(conn: sqlite3.Connection) -> bool:
+    async def spend_counted(self, namespace: str, user_id: str, key: str, limit: int) -> int | None:
+        def write(conn: sqlite3.Connection) -> int | None:
             with transaction(conn):
                 if _has_event(conn, namespace, user_id, key, "use"):
-                    return True
+                    return _used(conn, namespace, user_id)
                 conn.execute(
                     "INSERT OR IGNORE INTO usage (namespace, user_id, used) VALUES (?, ?, 0)",
                     (namespace, user_id),
@@ -156,9 +155,10 @@ class SQLiteUsageLedger(UsageLedger):
                     (namespace, user_id, limit),
                 ).fetchone()
                 if row is None:
-                    return False
-                _record(conn, namespace, user_id, key, "use", int(row[0]))
-                return True
+                    return None
+                used = int(row[0])
+                _record(conn, namespace, user_id, key, "use", used)
+                return used
 
         return await self.engine.run(write)
 
@@ -178,6 +178,13 @@ class SQLiteUsageLedger(UsageLedger):
                     _record(conn, namespace, user_id, key, "give_back", int(row[0]))
 
         await self.engine.run(write)
+
+
+def _used(conn: sqlite3.Connection, namespace: str, user_id: str) -> int:
+    row = conn.execute(
+        "SELECT used FROM usage WHERE namespace = ? AND user_id = ?", (namespace, user_id)
+    ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def _has_event(conn: sqlite3.Connection, namespace: str, user_id: str, key: str, kind: str) -> bool:
@@ -275,17 +282,23 @@ class PostgresUsageLedger(UsageLedger):
             )
         return [(int(r[0]), str(r[1]), int(r[2]), str(r[3])) for r in rows], int(total)
 
-    async def spend(self, namespace: str, user_id: str, key: str, limit: int) -> bool:
+    async def spend_counted(self, namespace: str, user_id: str, key: str, limit: int) -> int | None:
         import asyncpg
 
         async with self.engine.connection() as conn:
             try:
                 taken = await conn.fetchval(PG_SPEND, namespace, user_id, key, limit, _now())
             except asyncpg.UniqueViolationError:
-                return True  # a concurrent request with this key took the use
-            if taken is not None:
-                return True
-            return bool(await _has_use(conn, namespace, user_id, key))
+                pass  # a concurrent request with this key took the use: counted below
+            else:
+                if taken is not None:
+                    return int(taken)
+                if not await _has_use(conn, namespace, user_id, key):
+                    return None
+            used = await conn.fetchval(
+                "SELECT used FROM usage WHERE namespace = $1 AND user_id = $2", namespace, user_id
+            )
+            return int(used or 0)
 
     async def give_back(self, namespace: str, user_id: str, key: str) -> None:
         import asyncpg

@@ -811,22 +811,37 @@ class ProviderContract:
 
     async def _spend(self, provider: CreditProvider, identity: Identity, key: str) -> bool:
         """True when the spend went through, False when it raised `InsufficientCredit`."""
+        return (await self._spend_told(provider, identity, key))[0]
+
+    async def _spend_told(
+        self, provider: CreditProvider, identity: Identity, key: str
+    ) -> tuple[bool, CreditStatus | None]:
+        """`_spend`, and the `CreditStatus` the spend returned, if any (it may return None)."""
         try:
             result = await self._call(provider, "spend", identity, key)
         except InsufficientCredit:
-            return False
+            return False, None
         except BillingError as exc:
             broken(f"spend may raise only InsufficientCredit for a user, but it raised {type(exc).__name__}.")
-        returns_none("spend", result)
-        return True
+        if result is not None:
+            if not isinstance(result, CreditStatus):
+                broken(f"spend must return None or a CreditStatus, but it returned {type(result).__name__}.")
+            check_credit_status(result)
+        return True, result
 
     async def _must_spend(
         self, provider: CreditProvider, identity: Identity, key: str, before: Balance
     ) -> None:
-        if not await self._spend(provider, identity, key):
+        spent, told = await self._spend_told(provider, identity, key)
+        if not spent:
             broken(
                 "spend must succeed while credit_status shows credit and no other spend runs, but it"
                 f" raised InsufficientCredit with {before.available} available."
+            )
+        if told is not None and check_credit_status(told).available != before.available - 1:
+            broken(
+                "the CreditStatus spend returns must show the credit left right after it, but it shows "
+                f"{check_credit_status(told).available} available after a spend from {before.available}."
             )
 
     async def _must_take_one(self, provider: CreditProvider, identity: Identity, before: Balance) -> Balance:

@@ -26,7 +26,7 @@ from ..config import BillingConfig, ConfigError
 from ..cors import allow_preflights, cors_middleware
 from ..errors import error_middleware, http_error
 from ..gate import credit_gate
-from ..keys import billing_service
+from ..keys import SPENT_STATUS_KEY, billing_service
 from ..models import InteractReply, InteractRequest
 from ..ops.health import add_health_routes, ready
 from ..ops.metrics import add_metrics_route
@@ -62,7 +62,10 @@ async def interact(request: web.Request) -> web.Response:
         request, InteractRequest, config.max_body_bytes, time_limit=config.body_timeout_seconds
     )
     identity = get_identity(request)
-    status = await service.credit_status(identity)
+    # What the gate's spend left, straight from its transaction; read only if the provider did not say.
+    status = request.get(SPENT_STATUS_KEY)
+    if status is None:
+        status = await service.credit_status(identity)
     return json_reply(
         InteractReply(
             reply=f"You said: {body.message}",

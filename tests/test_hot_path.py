@@ -1,0 +1,145 @@
+"""The hot paths stay cheap, counted on the demo agent `serve` runs, over real HTTP.
+
+A cached `GET /credits` makes no database round trip and schedules no task of its own; a gated
+`POST /v1/agent/interact` makes one round trip to the ledger (its spend, which also tells the
+credit left). Counted, never timed: the engine's `run` and the loop's task factory are wrapped.
+The give-back outbox's rounds (one at startup, then every `period` seconds, whatever the requests)
+are background work, not the requests': its store's round trips are left out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from aiohttp import web
+
+from ciris_billing_proxy import BillingConfig
+from ciris_billing_proxy.keys import SERVICE_KEY
+from ciris_billing_proxy.providers.simple import SimpleProvider
+from ciris_billing_proxy.store import SQLiteDatabase
+from ciris_billing_proxy.testing import TokenFactory
+from ciris_billing_proxy.tools.cli import make_runner
+from ciris_billing_proxy.tools.demo import INTERACT_PATH, create_demo_app
+from ciris_billing_proxy.tools.users import UserStore
+
+from .conftest import make_config
+from .default_paths import CREDITS
+
+T = TypeVar("T")
+N = 40
+#: The tasks asyncio and aiohttp start themselves: per connection (accept, the connection's loop) and
+#: per request (Python 3.11; later versions start that one eagerly, outside the task factory).
+SERVER_TASKS = frozenset(
+    {"BaseSelectorEventLoop._accept_connection2", "RequestHandler.start", "RequestHandler._handle_request"}
+)
+
+
+class Counted:
+    """Database round trips by engine, and tasks created by coroutine name, from `start()` on."""
+
+    def __init__(self) -> None:
+        self.round_trips: list[SQLiteDatabase] = []
+        self.tasks: list[str] = []
+
+    def start(self) -> None:
+        self.round_trips.clear()
+        self.tasks.clear()
+
+    def ours(self) -> list[str]:
+        return [name for name in self.tasks if name not in SERVER_TASKS]
+
+    def requests_round_trips(self, app: web.Application) -> list[SQLiteDatabase]:
+        """The round trips but the outbox's (see the module docstring)."""
+        outbox = app[SERVICE_KEY].outbox
+        background = None if outbox is None else outbox.store.engine
+        return [engine for engine in self.round_trips if engine is not background]
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counted]:
+    counts = Counted()
+    run = SQLiteDatabase.run
+
+    async def counting_run(self: SQLiteDatabase, fn: Callable[..., T]) -> T:
+        counts.round_trips.append(self)
+        return await run(self, fn)
+
+    monkeypatch.setattr(SQLiteDatabase, "run", counting_run)
+    loop = asyncio.get_event_loop()
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kwargs: Any) -> Any:
+        counts.tasks.append(getattr(coro, "__qualname__", type(coro).__name__))
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    loop.set_task_factory(factory)  # type: ignore[arg-type]
+    yield counts
+    loop.set_task_factory(None)
+
+
+@pytest.fixture
+async def agent(tmp_path: Path) -> AsyncIterator[tuple[int, web.Application, BillingConfig]]:
+    """The demo agent as `serve` runs it (its runner, SQLite files in the data directory)."""
+    config = make_config(tmp_path, provider_options={"free_uses": 1000})
+    app = create_demo_app(config, UserStore(), environ={})
+    runner = make_runner(app, idle_timeout=30)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield runner.addresses[0][1], app, config
+    finally:
+        await runner.cleanup()
+
+
+def _requests(port: int, n: int, method: str, path: str, headers: dict[str, str], body: bytes | None) -> None:
+    """N requests on one keep-alive connection, from a thread: the client adds no task to the loop."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        for _ in range(n):
+            conn.request(method, path, body=body, headers=headers)
+            reply = conn.getresponse()
+            reply.read()
+            assert reply.status == 200, reply.status
+    finally:
+        conn.close()
+
+
+async def send(port: int, n: int, method: str, path: str, headers: dict[str, str], body: Any = None) -> None:
+    raw = None if body is None else json.dumps(body).encode()
+    sent = {**headers, "Content-Type": "application/json"} if raw is not None else headers
+    await asyncio.get_running_loop().run_in_executor(None, _requests, port, n, method, path, sent, raw)
+
+
+async def test_a_cached_credit_read_makes_no_round_trip_and_schedules_no_task(
+    agent: tuple[int, web.Application, BillingConfig], counted: Counted
+) -> None:
+    port, app, config = agent
+    headers = TokenFactory(config).headers("alice")
+    counted.start()
+    await send(port, 1, "GET", CREDITS, headers)  # the miss: loaded once
+    assert len(counted.requests_round_trips(app)) == 1
+    assert counted.ours()  # the load's task: the counting sees the package's tasks
+    counted.start()
+    await send(port, N, "GET", CREDITS, headers)
+    assert counted.requests_round_trips(app) == []
+    assert counted.ours() == []
+
+
+async def test_a_gated_interaction_makes_one_round_trip_to_the_ledger(
+    agent: tuple[int, web.Application, BillingConfig], counted: Counted
+) -> None:
+    port, app, config = agent
+    provider = app[SERVICE_KEY].provider
+    assert isinstance(provider, SimpleProvider)
+    headers = TokenFactory(config).headers("alice")
+    await send(port, 1, "POST", INTERACT_PATH, headers, {"message": "hi"})
+    counted.start()
+    await send(port, N, "POST", INTERACT_PATH, headers, {"message": "hi"})
+    ledger = provider.ledger.engine
+    assert sum(engine is ledger for engine in counted.round_trips) == N  # the spend, and nothing more
