@@ -284,8 +284,8 @@ def _split(raw: str) -> list[str]:
 
 _LIST_PARSERS = {"list": _split}
 
-#: Environment variable -> (section, field, kind). The README's configuration table lists these;
-#: a test keeps the two in step.
+#: Environment variable -> (section, field, kind). The configuration reference of the docs site is
+#: generated from these and the fields' `#:` comments (tests/test_docs_site.py).
 ENV_VARS: Final[dict[str, tuple[str, str, str]]] = {
     "CIRIS_JWT_SECRET": ("jwt", "secret", "str"),
     "CIRIS_JWT_PUBLIC_KEY": ("jwt", "public_key", "str"),

@@ -22,7 +22,7 @@ from ..base import ProviderContext
 DEFAULT_API_URL: Final = "https://billing.ciris.ai"
 API_KEY_SHAPE: Final = re.compile(r"cbk_[A-Za-z0-9_\-]{1,200}")
 
-#: Environment variable -> option name. The README's configuration table lists these.
+#: Environment variable -> option name; the configuration reference (docs site) is generated from these.
 ENV_VARS: Final = {
     "CIRIS_BILLING_API_URL": "api_url",
     "CIRIS_BILLING_API_KEY": "api_key",
