@@ -110,6 +110,7 @@ class BillingConfig(BaseModel):
     #: Credit provider name in the `ciris_billing_proxy.providers` entry-point group (`simple`,
     #: `ciris`, `unlimited`, or a third party's).
     provider: str = "simple"
+    #: The provider's own settings, given in code; they win over its environment variables.
     provider_options: dict[str, Any] = Field(default_factory=dict)
     #: Where providers (and the demo) keep state: SQLite files, the demo's users and JWT secret.
     data_dir: Path = Field(default_factory=default_data_dir)

@@ -32,10 +32,10 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
 def test_every_setting_is_in_the_configuration_reference_with_its_meaning() -> None:
     page = pages()["configuration.md"]
     for var in ENV_VARS:
-        assert f"| `{var}` |" in page, var
+        assert f"| `{var}`<br>" in page, var
     for _, _model, env in PROVIDER_SETTINGS:
         for var in env:
-            assert f"| `{var}` |" in page, var
+            assert f"| `{var}`<br>" in page, var
     # A field that an operator can set must say what it does: the reference shows the `#:` comment.
     described = {**field_notes(BillingConfig), **{f"jwt.{k}": v for k, v in field_notes(JWTConfig).items()}}
     for _, (section, field, _) in ENV_VARS.items():

@@ -82,18 +82,19 @@ def _cell(text: str) -> str:
 def settings_table(
     model: type[BaseModel], env_for: Mapping[str, str], prefix: str = "", skip: Iterable[str] = ()
 ) -> str:
-    """A Markdown table of `model`'s fields: variable, field, type, default, meaning."""
+    """A Markdown table of `model`'s fields: the variable with the field and its type, the default,
+    the meaning."""
     notes = field_notes(model)
-    rows = ["| Variable | Field | Type | Default | Meaning |", "|---|---|---|---|---|"]
+    rows = ["| Setting | Default | Meaning |", "|---|---|---|"]
     skipped = set(skip)
     for name, info in model.model_fields.items():
         if name in skipped:
             continue
         var = env_for.get(name)
-        rows.append(
-            f"| {f'`{var}`' if var else '(code only)'} | `{prefix}{name}` | `{_cell(_type_name(info))}` | "
-            f"{_cell(_default(info))} | {_cell(notes.get(name, info.description or ''))} |"
-        )
+        setting = f"`{var}`<br>" if var else "(in code only)<br>"
+        setting += f"field `{prefix}{name}`: {_type_name(info).replace('|', 'or')}"
+        meaning = _cell(notes.get(name, info.description or ""))
+        rows.append(f"| {setting} | {_cell(_default(info))} | {meaning} |")
     return "\n".join(rows)
 
 
