@@ -47,10 +47,14 @@ class TokenVerifier:
 
     A full verification (signature and claims) costs about as much as a whole bare aiohttp request,
     and clients send the same token on every call, so verified tokens are kept in a bounded LRU map,
-    keyed by a 128-bit BLAKE2b digest of the token (a collision would need a second token with the
-    same digest: infeasible). A hit re-checks `exp` against the clock, with the same leeway as a
-    full verification, and the revocation list; nothing else about a token can change while it is
-    cached, because the key and the rules belong to this verifier.
+    keyed by a 128-bit BLAKE2b digest of the `Authorization` header they came in (`Bearer <token>`
+    for a token verified without a request; a collision would need a second header with the same
+    digest: infeasible). A request whose header is cached skips even the bearer pattern: the very
+    same header matched it before. Each entry keeps the token's own digest (what revocations name)
+    beside the identity. A hit re-checks `exp` against the clock, with the same leeway as a full
+    verification, and the revocation list; nothing else about a token can change while it is
+    cached, because the key and the rules belong to this verifier (and moving a user's epoch drops
+    the user's entries).
     """
 
     def __init__(self, config: BillingConfig, *, clock: Callable[[], float] = time.time) -> None:
@@ -64,7 +68,7 @@ class TokenVerifier:
         # An HMAC secret signs as it verifies; only a private key needs preparing apart.
         self._signing_key: Any = self._verify_key if jwt_config.uses_hmac else _signing_key(jwt_config)
         self._options: dict[str, Any] = {"require": ["exp", "sub"]}
-        self._verified: LRU[bytes, Identity] | None = (
+        self._verified: LRU[bytes, tuple[bytes, Identity]] | None = (
             LRU(config.token_cache_max_entries) if config.token_cache_max_entries else None
         )
         # Revoked token digests. A plain set: the hot path only asks "is anything revoked at all?"
@@ -86,20 +90,44 @@ class TokenVerifier:
         return self._jwt.token_ttl_seconds
 
     def verify(self, token: str) -> Identity:
-        digest = blake2b(token.encode(), digest_size=16).digest()
+        key = _digest("Bearer " + token)
+        return self._cached(key) or self._verify(token, key)
+
+    def verify_header(self, header: str) -> Identity | None:
+        """The identity of an `Authorization` header's bearer token (`AuthError` when the token is
+        refused), or None when the header holds no bearer token. Looked up by the whole header
+        first: a cached one costs a digest and a lookup, and no pattern is run."""
+        key = _digest(header)
+        cached = self._cached(key)
+        if cached is not None:
+            return cached
+        match = _BEARER.match(header.strip())
+        return None if match is None else self._verify(match.group(1), key)
+
+    def _cached(self, key: bytes) -> Identity | None:
+        """The hit path, run on every request: C calls only, and the checks that always apply."""
+        if self._verified is None:
+            return None
+        entry = self._verified.get(key)
+        if entry is None:
+            return None
+        digest, identity = entry
         if self._revoked and digest in self._revoked:
             raise AuthError("Invalid token")
-        if self._verified is not None:
-            cached = self._verified.get(digest)  # runs on every request: C calls only on a hit
-            if cached is not None:
-                if self._clock() - self._jwt.leeway_seconds < cached.expires_at:
-                    self._verified.move_to_end(digest)
-                    return cached
-                del self._verified[digest]
-                raise AuthError("Token expired")
+        if self._clock() - self._jwt.leeway_seconds < identity.expires_at:
+            self._verified.move_to_end(key)
+            return identity
+        del self._verified[key]
+        raise AuthError("Token expired")
+
+    def _verify(self, token: str, key: bytes) -> Identity:
+        """A token not cached under `key`: checked in full, then cached under it."""
+        digest = _digest(token)
+        if self._revoked and digest in self._revoked:
+            raise AuthError("Invalid token")
         identity = self._decode(token)
         if self._verified is not None:
-            self._verified[digest] = identity
+            self._verified[key] = (digest, identity)
         return identity
 
     def revoke(self, token: str) -> tuple[bytes, float] | None:
@@ -116,7 +144,7 @@ class TokenVerifier:
             identity = self.verify(token)
         except AuthError:
             return None
-        digest = blake2b(token.encode(), digest_size=16).digest()
+        digest = _digest(token)
         until = identity.expires_at + self._jwt.leeway_seconds
         self.revoke_digest(digest, until)
         return digest, until
@@ -131,9 +159,8 @@ class TokenVerifier:
         batch = math.ceil(until / REVOCATION_BATCH_SECONDS)
         self._expiring.setdefault(batch, []).append(digest)
         self._next_sweep = min(self._next_sweep, batch * REVOCATION_BATCH_SECONDS)
+        # A cached entry of the token stays: every hit checks this set (with the token's digest).
         self._revoked.add(digest)
-        if self._verified is not None:
-            self._verified.pop(digest, None)
 
     def _forget_expired(self, now: float) -> None:
         for batch in [b for b in self._expiring if b * REVOCATION_BATCH_SECONDS <= now]:
@@ -149,9 +176,9 @@ class TokenVerifier:
         if self._verified is not None:
             # A scan, but a rare one: each move needs a password change, an operator, or a
             # logout everywhere with a fresh token (whose number `TokenIssueLimit` bounds).
-            stale = [digest for digest, identity in self._verified.items() if identity.key == user]
-            for digest in stale:
-                del self._verified[digest]
+            stale = [key for key, (_, identity) in self._verified.items() if identity.key == user]
+            for key in stale:
+                del self._verified[key]
 
     @property
     def revocations_kept(self) -> int:
@@ -239,6 +266,10 @@ class TokenVerifier:
         return jwt.encode(claims, self._signing_key, algorithm=self._algorithms[0])
 
 
+def _digest(text: str) -> bytes:
+    return blake2b(text.encode(), digest_size=16).digest()
+
+
 def _optional_str(value: object) -> str | None:
     if isinstance(value, str) and 0 < len(value) <= _MAX_CLAIM:
         return value
@@ -306,11 +337,14 @@ def identity_of_request(request: web.Request, verifier: TokenVerifier) -> Identi
 
 
 def _verify_request(request: web.Request, verifier: TokenVerifier) -> Identity:
-    token = bearer_token(request)
+    headers = request.headers.getall("Authorization", [])
     try:
-        identity = verifier.verify(token)
+        # Two Authorization headers are ambiguous, as in `bearer_token`.
+        identity = verifier.verify_header(headers[0]) if len(headers) == 1 else None
     except AuthError as exc:
         raise http_error(401, exc.detail, {"WWW-Authenticate": 'Bearer error="invalid_token"'}) from None
+    if identity is None:
+        raise http_error(401, NOT_AUTHENTICATED, {"WWW-Authenticate": "Bearer"})
     request[VERIFIED_KEY] = (verifier, identity)
     return identity
 

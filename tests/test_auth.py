@@ -324,6 +324,49 @@ def test_the_token_cache_checks_expiry_and_revocation_on_every_hit(tmp_path: Pat
         verifier.verify(other)
 
 
+def test_a_cached_header_skips_the_bearer_pattern_but_not_revocations_or_epochs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request's header is looked up whole before the pattern runs; every hit still checks the
+    revocations (made here or, by digest, in another process) and epochs drop its entry."""
+    from hashlib import blake2b
+
+    from ciris_billing_proxy import auth
+
+    matched: list[str] = []
+    pattern = auth._BEARER
+
+    class Counting:
+        def match(self, text: str) -> Any:
+            matched.append(text)
+            return pattern.match(text)
+
+    monkeypatch.setattr(auth, "_BEARER", Counting())
+    config = make_config(tmp_path)
+    verifier = auth.TokenVerifier(config)
+    factory = TokenFactory(config)
+    token, other, third = factory.token("ann"), factory.token("bob"), factory.token("cat", iat=1)
+    header = f"bearer   {token}"  # any spelling the pattern accepts is cached as it came
+    assert verifier.verify_header(header) == verifier.verify_header(header) == verifier.verify(token)
+    assert len(matched) == 1
+    assert verifier.verify_header("Basic Zm9vOmJhcg==") is None
+    assert verifier.verify_header("Basic Zm9vOmJhcg==") is None  # refused, never cached
+    assert len(matched) == 3
+    verifier.revoke_digest(blake2b(token.encode(), digest_size=16).digest(), time.time() + 60)
+    with pytest.raises(auth.AuthError, match="Invalid token"):
+        verifier.verify_header(header)
+    with pytest.raises(auth.AuthError, match="Invalid token"):
+        verifier.verify(token)
+    assert verifier.verify_header(f"Bearer {other}").user_id == "bob"
+    verifier.revoke(other)
+    with pytest.raises(auth.AuthError, match="Invalid token"):
+        verifier.verify_header(f"Bearer {other}")
+    assert verifier.verify_header(f"Bearer {third}").user_id == "cat"
+    verifier.move_epoch(verifier.verify(third).key, time.time())
+    with pytest.raises(auth.AuthError, match="Invalid token"):
+        verifier.verify_header(f"Bearer {third}")
+
+
 def test_the_token_cache_can_be_turned_off(tmp_path: Path) -> None:
     from ciris_billing_proxy.auth import TokenVerifier
 
