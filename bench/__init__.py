@@ -1,1 +1,1 @@
-"""The benchmark suite: `python -m bench` (see README, "Performance")."""
+"""The benchmark suite: `python -m bench` (see docs/performance.md)."""

@@ -278,8 +278,8 @@ def table(data: dict[str, Any]) -> str:
 
 
 def embed(text: str) -> None:
-    """Put the table into the README's Performance section, between its bench markers."""
-    readme = ROOT.parent / "README.md"
+    """Put the table into docs/performance.md, between its bench markers."""
+    readme = ROOT.parent / "docs" / "performance.md"
     start, end = "<!-- bench:start -->\n", "<!-- bench:end -->"
     content = readme.read_text(encoding="utf-8")
     before, _, rest = content.partition(start)
@@ -296,7 +296,7 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=6000, help="offered req/s of the paced A, A0, B runs")
     parser.add_argument("--identities", type=int, default=100_000, help="cached identities for memory")
     parser.add_argument("--out", type=Path, default=ROOT / "RESULTS.md")
-    parser.add_argument("--no-readme", action="store_true", help="do not update README.md")
+    parser.add_argument("--no-embed", action="store_true", help="do not update docs/performance.md")
     parser.add_argument("--no-instructions", action="store_true", help="skip the callgrind measure")
     parser.add_argument("--no-shared", action="store_true", help="skip two servers on PostgreSQL")
     parser.add_argument("--changes", type=int, default=200, help="changes timed for freshness")
@@ -308,7 +308,7 @@ def main() -> None:
     print()
     print(text)
     args.out.write_text(text + "\n", encoding="utf-8")
-    if not args.no_readme:
+    if not args.no_embed:
         embed(text)
     args.out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
     print(f"\nwrote {args.out} in {time.monotonic() - started:.0f} s")

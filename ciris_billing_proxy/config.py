@@ -41,13 +41,22 @@ class JWTConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    #: HMAC secret: at least 32 bytes for HS256 (48 for HS384, 64 for HS512).
     secret: SecretStr | None = None
+    #: PEM text, or a path to a PEM file, for RS*/PS*/ES*/EdDSA.
     public_key: str | None = None
+    #: PEM text or path; only to let the login route sign RS*/ES* tokens.
     private_key: SecretStr | None = None
+    #: Allow-list (comma-separated in the environment): all HMAC or all public-key, never mixed,
+    #: never `none`; the key must fit (and be long enough for) every one, checked at startup.
     algorithms: tuple[str, ...] = ("HS256",)
+    #: The `iss` every token must carry, when set.
     issuer: str | None = None
+    #: The `aud` every token must carry, when set.
     audience: str | None = None
+    #: Clock-skew allowance for `exp`, `nbf` and `iat`.
     leeway_seconds: float = Field(default=10.0, ge=0, le=300)
+    #: Lifetime of the tokens the login route issues.
     token_ttl_seconds: int = Field(default=3600, ge=60, le=30 * 24 * 3600)
 
     @field_validator("algorithms")
@@ -96,9 +105,14 @@ class BillingConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     jwt: JWTConfig
+    #: Where the billing routes live.
     prefix: str = DEFAULT_PREFIX
+    #: Credit provider name in the `ciris_billing_proxy.providers` entry-point group (`simple`,
+    #: `ciris`, `unlimited`, or a third party's).
     provider: str = "simple"
+    #: The provider's own settings, given in code; they win over its environment variables.
     provider_options: dict[str, Any] = Field(default_factory=dict)
+    #: Where providers (and the demo) keep state: SQLite files, the demo's users and JWT secret.
     data_dir: Path = Field(default_factory=default_data_dir)
     #: Where the providers keep their records: unset for SQLite files in `data_dir`, `sqlite:///path`
     #: for one SQLite file, `postgresql://user@host:port/dbname` for PostgreSQL (shared by every
@@ -110,16 +124,23 @@ class BillingConfig(BaseModel):
     #: Longest one use of the database may take in all (waiting for a connection or a lock, and every
     #: statement of it); past that the request is answered 503. See docs/operations.md.
     database_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    #: This agent's name; namespaces the keys it sends to a shared billing backend. Set it once and
+    #: keep it.
     agent_id: str = Field(default="agent", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    #: Identity namespace of tokens without an `oauth_provider` claim.
     identity_namespace: str = Field(default="local", min_length=1, max_length=64)
+    #: Role of tokens without a `role` claim.
     default_role: str = Field(default="OBSERVER", min_length=1, max_length=50)
+    #: How long a user's credit status is cached.
     cache_ttl_seconds: float = Field(default=15.0, gt=0, le=3600)
     #: Cache lifetime of a "no credit" status: shorter, so credit that arrives by another path (an
     #: app-store purchase, a grant) shows sooner.
     negative_cache_ttl_seconds: float = Field(default=5.0, gt=0, le=3600)
+    #: Bound of the credit cache (least recently used go first).
     cache_max_entries: int = Field(default=100_000, ge=1)
     #: Verified tokens kept (0 turns the cache off); see `auth.TokenVerifier`.
     token_cache_max_entries: int = Field(default=100_000, ge=0)
+    #: Largest request body accepted by the routes of this package.
     max_body_bytes: int = Field(default=16 * 1024, ge=256, le=1024 * 1024)
     #: Seconds a request body may take to arrive in full, on every route of this package that
     #: reads one; a slower body is answered 408 and its connection closed.
@@ -127,17 +148,22 @@ class BillingConfig(BaseModel):
     #: Longest wait between retries of a give-back the provider could not do (its backend was
     #: down): once it is back, a failed interaction's use is back within this many seconds.
     give_back_retry_max_seconds: float = Field(default=10.0, gt=0, le=300)
+    #: Roles the credit gate does not charge (case-insensitive).
     gate_bypass_roles: frozenset[str] = frozenset()
+    #: Host path prefixes that also require a token (each covers itself and everything below it).
     protected_paths: tuple[str, ...] = ()
     #: Failed logins that lock a username, and a client address, for the rest of the window (0: no
     #: limit); see `throttle.MemoryLoginThrottle`.
     login_max_failures_per_user: int = Field(default=5, ge=0, le=1_000_000)
+    #: Failed logins that lock a client address (IPv6: a /64) until its window closes; 0: no limit.
     login_max_failures_per_address: int = Field(default=20, ge=0, le=1_000_000)
+    #: How long a window of failed logins lasts, from its first failure.
     login_failure_window_seconds: int = Field(default=900, ge=1, le=7 * 24 * 3600)
     #: New tokens one user may get (login and refresh together) per window, in each process (0: no
     #: limit); beyond it 429 with `Retry-After`. It bounds the revoked tokens kept (see
     #: `token_limit`).
     token_issue_max_per_user: int = Field(default=120, ge=0, le=1_000_000)
+    #: The window of `token_issue_max_per_user`, in seconds.
     token_issue_window_seconds: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
     #: Reverse proxies whose `X-Forwarded-For` is believed (addresses or CIDR networks); none by default.
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
@@ -259,8 +285,8 @@ def _split(raw: str) -> list[str]:
 
 _LIST_PARSERS = {"list": _split}
 
-#: Environment variable -> (section, field, kind). The README's configuration table lists these;
-#: a test keeps the two in step.
+#: Environment variable -> (section, field, kind). The configuration reference of the docs site is
+#: generated from these and the fields' `#:` comments (tests/test_docs_site.py).
 ENV_VARS: Final[dict[str, tuple[str, str, str]]] = {
     "CIRIS_JWT_SECRET": ("jwt", "secret", "str"),
     "CIRIS_JWT_PUBLIC_KEY": ("jwt", "public_key", "str"),

@@ -24,7 +24,7 @@ def test_bench_runs_and_writes_its_table(tmp_path: Path) -> None:
             "2000",
             "--out",
             str(out),
-            "--no-readme",
+            "--no-embed",
             "--no-instructions",
             "--changes",
             "20",

@@ -39,7 +39,7 @@ from ciris_billing_proxy.tools.cli import main
 
 from .conftest import make_config
 from .providers import MobileShopProvider
-from .repo_files import README
+from .repo_files import doc
 
 PREFIX = "/v1/api/billing"
 DOC = f"{PREFIX}/openapi.json"
@@ -594,8 +594,8 @@ async def test_each_documented_status_is_produced_as_documented(
             assert jsonschema_rs.is_valid(header["schema"], reply.headers[name]), (name, reply.headers)
 
 
-def test_the_readme_commands_print_the_document(capsys: pytest.CaptureFixture[str]) -> None:
-    section = README.split("\n## OpenAPI\n", 1)[1].split("\n## ", 1)[0]
+def test_the_documented_commands_print_the_document(capsys: pytest.CaptureFixture[str]) -> None:
+    section = doc("http-api.md").split("\n## OpenAPI\n", 1)[1].split("\n## ", 1)[0]
     commands = re.search(r"```bash\n(.*?)```", section, re.S)
     assert commands
     for line in commands.group(1).splitlines():
@@ -605,8 +605,8 @@ def test_the_readme_commands_print_the_document(capsys: pytest.CaptureFixture[st
         assert json.loads(capsys.readouterr().out)["openapi"] == "3.1.0"
 
 
-def test_every_documented_status_is_in_the_readme_errors_table() -> None:
-    table = README.split("\n### Errors\n", 1)[1].split("\n## ", 1)[0]
+def test_every_documented_status_is_in_the_docs_errors_table() -> None:
+    table = doc("http-api.md").split("\n### Errors\n", 1)[1].split("\n## ", 1)[0]
     listed = {int(status) for status in re.findall(r"^\| (\d{3})\b", table, re.M)}
     listed |= {int(status) for status in re.findall(r"^\| \d{3} / (\d{3})\b", table, re.M)}
     assert {status for _, status in SCENARIOS if status >= 400} <= listed

@@ -32,6 +32,7 @@ STATUSES_KEPT = 1024
 class ProductSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    #: Free uses of this product per user.
     free_uses: int = Field(default=0, ge=0, le=1_000_000)
     price_minor: int = Field(default=0, ge=0, le=10_000_000)
     description: str = Field(default="", max_length=500)
@@ -42,7 +43,9 @@ class SimpleSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    #: Free uses per user.
     free_uses: int = Field(default=10, ge=0, le=1_000_000)
+    #: The `plan_name` shown.
     plan_name: str = Field(default="free", min_length=1, max_length=100)
     #: A SQLite file path, or ":memory:". Default: where `BillingConfig.database_url` says, and without
     #: one `simple-usage.sqlite3` in the data directory.

@@ -669,7 +669,7 @@ async def _start(
                 f"  confirm a payment: curl -X POST {fake.url}/_fake/payments/PAYMENT_ID/confirm\n"
                 f"  fail or cancel one: .../PAYMENT_ID/fail, .../PAYMENT_ID/cancel\n"
                 f"  app store purchases: any purchase token of 10+ characters succeeds once, one starting "
-                f"'invalid' is refused (README: Fake store tokens)"
+                f"'invalid' is refused (docs/ciris-provider.md: Fake store tokens)"
             )
         runner = make_runner(app, idle_timeout=args.idle_timeout, access_log=args.access_log)
         return await _run(runner, args.host, args.port if port is None else port, config, ready)

@@ -22,7 +22,7 @@ from ..base import ProviderContext
 DEFAULT_API_URL: Final = "https://billing.ciris.ai"
 API_KEY_SHAPE: Final = re.compile(r"cbk_[A-Za-z0-9_\-]{1,200}")
 
-#: Environment variable -> option name. The README's configuration table lists these.
+#: Environment variable -> option name; the configuration reference (docs site) is generated from these.
 ENV_VARS: Final = {
     "CIRIS_BILLING_API_URL": "api_url",
     "CIRIS_BILLING_API_KEY": "api_key",
@@ -78,14 +78,19 @@ class CirisSettings(BaseModel):
     #: set), or the user's own Google/Apple ID token from the request (`id_token`, native apps), in
     #: which the backend takes no charges, sells no Stripe purchases and lists no transactions.
     auth_mode: Literal["api_key", "id_token"] = "api_key"
+    #: Backend base URL; `https` unless it is a loopback address.
     api_url: str = DEFAULT_API_URL
+    #: Base URLs tried in turn when one fails (comma-separated in the environment).
     fallback_urls: tuple[str, ...] = ()
+    #: Used when the backend's purchase reply has no `publishable_key`.
     stripe_publishable_key: str | None = None
     #: Whole budget of one credit check, charge, refund or status read, retries included.
     timeout_seconds: float = Field(default=10.0, gt=0, le=120)
     #: Budget of one purchase call (the backend calls Stripe synchronously); never retried blindly.
     purchase_timeout_seconds: float = Field(default=30.0, gt=0, le=300)
+    #: TCP/TLS connect timeout per attempt.
     connect_timeout_seconds: float = Field(default=3.0, gt=0, le=60)
+    #: Retries of idempotent calls (backoff 0.2 s, 0.4 s, ..., within the budget).
     max_retries: int = Field(default=2, ge=0, le=10)
     backoff_seconds: float = Field(default=0.2, ge=0, le=10)
     #: How long after Stripe reports success the proxy waits for the webhook's credits before it
@@ -96,11 +101,14 @@ class CirisSettings(BaseModel):
     #: New PaymentIntents one user may start per `purchase_window_seconds` (0: no limit); beyond it
     #: initiate answers 429 with `Retry-After`. Replays (a key's, a double click's) do not count.
     purchase_max_per_user: int = Field(default=10, ge=0, le=100_000)
+    #: The window of `purchase_max_per_user`, in seconds.
     purchase_window_seconds: float = Field(default=3600.0, gt=0, le=7 * 86_400)
     #: How long after it was sent a charge is waited for in the backend's listing before a failed
     #: interaction's refund concludes it never landed: the backend finishes requests whose client
     #: went away (behind a proxy timeout of 60 s), so a charge whose reply was lost can land late.
     reconcile_window_seconds: float = Field(default=120.0, gt=0, le=3600)
+    #: A SQLite payment-ownership file, or `:memory:`; when set it wins over `database_url`
+    #: (default: `database_url`, else `ciris-payments.sqlite3` in the data directory).
     database: str | None = None
     #: What purchase replies are sealed with at rest (docs/operations.md, "Rotating the backend API
     #: key"). Unset: the API key, so every replica needs the same one. Set (the same on every
