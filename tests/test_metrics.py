@@ -25,6 +25,7 @@ from ciris_billing_proxy.tools.users import UserStore
 from .ciris_helpers import INTERACT, agent_routes
 from .conftest import SECRET, ClientFactory, make_config
 from .default_paths import CREDITS, GOOGLE_PLAY, INITIATE, LOGIN
+from .postgres import fresh_database
 from .serving import clean_env, serve
 from .test_workers import gunicorn, until_workers_listen, workers_of
 
@@ -274,3 +275,22 @@ async def test_one_scrape_of_gunicorn_reports_every_worker(tmp_path: Path) -> No
         assert len(list(metrics_dir.glob("counter_*.db"))) == 2
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
+
+
+async def test_connections_in_use_count_every_pool_of_the_process_the_providers_included(
+    tmp_path: Path, tokens: TokenFactory
+) -> None:
+    async with fresh_database() as url:
+        config = make_config(tmp_path, database_url=url, provider_options={}, database_pool_size=2)
+        app = web.Application()
+        billing = setup_billing(app, config, environ={})
+        async with TestClient(TestServer(app)) as served:
+            assert (await served.get(CREDITS, headers=tokens.headers("zoe"))).status == 200
+            before = value(parse(metrics_text(billing).decode()), "ciris_billing_database_connections_in_use")
+            ledger = billing.provider.ledger  # type: ignore[attr-defined]
+            async with ledger.engine.connection():
+                held = parse(metrics_text(billing).decode())
+            after = parse(metrics_text(billing).decode())
+        # The simple provider's own pool, which the change feed's does not include.
+        assert value(held, "ciris_billing_database_connections_in_use") == before + 1
+        assert value(after, "ciris_billing_database_connections_in_use") == before

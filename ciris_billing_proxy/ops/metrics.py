@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.values import MultiProcessValue
 
 from ..keys import billing_service
+from ..store.postgres import PostgresDatabase
 
 if TYPE_CHECKING:
     from ..service import BillingService
@@ -235,8 +236,9 @@ def families(service: BillingService) -> list[Family]:
         Family(
             "ciris_billing_database_connections_in_use",
             "gauge",
-            "Connections of the change feed's database pool lent out (PostgreSQL; over processes: the sum).",
-            [("", {}, 0 if feed is None else feed.connections_in_use())],
+            "Connections lent out by the process's PostgreSQL pools (records, change feed, give-back "
+            "outbox, login throttle, audit; over processes: the sum).",
+            [("", {}, PostgresDatabase.connections_in_use_by_process())],
         ),
     ]
 

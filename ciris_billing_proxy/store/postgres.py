@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, ClassVar, Final
 
 from ..database_budget import DEFAULT_BUDGET
 from ..database_url import INSTALL_POSTGRES, DatabaseURL
@@ -46,6 +47,9 @@ DATABASE_UNAVAILABLE: Final = "database unavailable"
 
 class PostgresDatabase(Engine):
     dialect = "postgresql"
+    #: The open pools of this process, for the pool metric only (weakly held: a pool that is
+    #: dropped without `close` is not kept alive by it).
+    _open: ClassVar[weakref.WeakSet[PostgresDatabase]] = weakref.WeakSet()
 
     def __init__(
         self,
@@ -85,14 +89,23 @@ class PostgresDatabase(Engine):
             await pool.close()
             raise DatabaseUnavailable(f"cannot use {self.describe()}: {_reason(exc)}") from None
         self._pool = pool
+        PostgresDatabase._open.add(self)
 
     def connections_in_use(self) -> int:
         """Connections of the pool lent out now."""
         pool = self._pool
         return 0 if pool is None else pool.get_size() - pool.get_idle_size()
 
+    @classmethod
+    def connections_in_use_by_process(cls) -> int:
+        """Connections lent out now by every open pool of this process: the provider's records, the
+        change feed, the give-back outbox, the login throttle and the audit trail each keep one,
+        and the metric says what the process holds of the server's connections."""
+        return sum(db.connections_in_use() for db in cls._open)
+
     async def close(self) -> None:
         pool, self._pool = self._pool, None
+        PostgresDatabase._open.discard(self)
         if pool is None:
             return
         try:
