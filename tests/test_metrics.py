@@ -286,11 +286,12 @@ async def test_connections_in_use_count_every_pool_of_the_process_the_providers_
         billing = setup_billing(app, config, environ={})
         async with TestClient(TestServer(app)) as served:
             assert (await served.get(CREDITS, headers=tokens.headers("zoe"))).status == 200
-            before = value(parse(metrics_text(billing).decode()), "ciris_billing_database_connections_in_use")
-            ledger = billing.provider.ledger  # type: ignore[attr-defined]
-            async with ledger.engine.connection():
+            engine = billing.provider.ledger.engine  # type: ignore[attr-defined]
+            # Both connections of the simple provider's own pool, which the change feed's pool (all
+            # the gauge used to count) does not include. Other pools (the feed, the outbox, the
+            # audit trail) may lend one out in the background meanwhile: at least, not exactly.
+            async with engine.connection(), engine.connection():
                 held = parse(metrics_text(billing).decode())
-            after = parse(metrics_text(billing).decode())
-        # The simple provider's own pool, which the change feed's does not include.
-        assert value(held, "ciris_billing_database_connections_in_use") == before + 1
-        assert value(after, "ciris_billing_database_connections_in_use") == before
+                assert engine.connections_in_use() == 2
+            assert engine.connections_in_use() == 0
+        assert value(held, "ciris_billing_database_connections_in_use") >= 2
