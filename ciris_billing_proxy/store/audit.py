@@ -15,7 +15,7 @@ from typing import Any, Final
 from ..database_budget import DEFAULT_BUDGET, DatabaseBudget
 from ..database_url import parse_database_url
 from .choose import for_engine
-from .engine import Engine, Migrated, Schema
+from .engine import Engine, RecordStore, Schema
 from .postgres import PostgresDatabase
 from .sqlite import SQLiteDatabase, transaction
 
@@ -70,16 +70,7 @@ _RECENT: Final = (
 )
 
 
-class AuditStore(abc.ABC):
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    @abc.abstractmethod
-    async def open(self) -> Migrated: ...
-
-    async def close(self) -> None:
-        await self.engine.close()
-
+class AuditStore(RecordStore, abc.ABC):
     @abc.abstractmethod
     async def add(self, rows: Sequence[Row]) -> None:
         """Keep these events, all or none."""
@@ -110,9 +101,7 @@ def _row(found: Sequence[Any]) -> Row:
 class SQLiteAuditStore(AuditStore):
     engine: SQLiteDatabase
 
-    async def open(self) -> Migrated:
-        await self.engine.open()
-        return await self.engine.migrate(SQLITE_SCHEMA)
+    schema = SQLITE_SCHEMA
 
     async def add(self, rows: Sequence[Row]) -> None:
         def write(conn: sqlite3.Connection) -> None:
@@ -132,9 +121,7 @@ class SQLiteAuditStore(AuditStore):
 class PostgresAuditStore(AuditStore):
     engine: PostgresDatabase
 
-    async def open(self) -> Migrated:
-        await self.engine.open()
-        return await self.engine.migrate(POSTGRES_SCHEMA)
+    schema = POSTGRES_SCHEMA
 
     async def add(self, rows: Sequence[Row]) -> None:
         async with self.engine.connection() as conn, conn.transaction():

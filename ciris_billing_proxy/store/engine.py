@@ -63,3 +63,21 @@ def newer_schema(schema: Schema, found: int, where: str) -> DatabaseUnavailable:
         f"{where} holds {schema.name} records at schema version {found}, newer than this version of "
         f"ciris-billing-proxy knows ({schema.version}): upgrade the package"
     )
+
+
+class RecordStore:
+    """One kind of record kept on one engine. Each engine's implementation of a kind names its own
+    `schema`; `open` connects and brings it up to date (any number of processes may at once), and
+    `close` lets go of the engine."""
+
+    schema: ClassVar[Schema]
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def open(self) -> Migrated:
+        await self.engine.open()
+        return await self.engine.migrate(self.schema)
+
+    async def close(self) -> None:
+        await self.engine.close()

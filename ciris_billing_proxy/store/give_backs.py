@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from ..identity import Identity
 from .choose import for_engine
-from .engine import Engine, Migrated, Schema
+from .engine import Engine, RecordStore, Schema
 from .postgres import PostgresDatabase
 from .sqlite import SQLiteDatabase, transaction
 
@@ -97,17 +97,8 @@ class Owed:
         )
 
 
-class GiveBackStore(abc.ABC):
+class GiveBackStore(RecordStore, abc.ABC):
     """Opened and closed with the outbox that owns it; `open` brings the schema up to date."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    @abc.abstractmethod
-    async def open(self) -> Migrated: ...
-
-    async def close(self) -> None:
-        await self.engine.close()
 
     @abc.abstractmethod
     async def add(self, owed: Iterable[Owed], claim: str | None, lease_seconds: float) -> None:
@@ -176,9 +167,7 @@ def _values(owed: Owed, claim: str | None, expires: float) -> tuple[object, ...]
 class SQLiteGiveBackStore(GiveBackStore):
     engine: SQLiteDatabase
 
-    async def open(self) -> Migrated:
-        await self.engine.open()
-        return await self.engine.migrate(SQLITE_SCHEMA)
+    schema = SQLITE_SCHEMA
 
     async def add(self, owed: Iterable[Owed], claim: str | None, lease_seconds: float) -> None:
         rows = list(owed)
@@ -288,9 +277,7 @@ PG_REMOVE = "DELETE FROM give_backs WHERE namespace = $1 AND user_id = $2 AND re
 class PostgresGiveBackStore(GiveBackStore):
     engine: PostgresDatabase
 
-    async def open(self) -> Migrated:
-        await self.engine.open()
-        return await self.engine.migrate(POSTGRES_SCHEMA)
+    schema = POSTGRES_SCHEMA
 
     async def add(self, owed: Iterable[Owed], claim: str | None, lease_seconds: float) -> None:
         rows = [(*_values(row, claim, 0.0)[:-1], lease_seconds) for row in owed]

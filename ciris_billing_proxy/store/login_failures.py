@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from .choose import for_engine
-from .engine import Engine, Migrated, Schema
+from .engine import Engine, RecordStore, Schema
 from .postgres import PostgresDatabase
 from .sqlite import SQLiteDatabase, transaction
 
@@ -63,17 +63,7 @@ class Counter:
     limit: int
 
 
-class LoginFailures(abc.ABC):
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    @abc.abstractmethod
-    async def open(self) -> Migrated:
-        """Open the engine and bring the schema up to date."""
-
-    async def close(self) -> None:
-        await self.engine.close()
-
+class LoginFailures(RecordStore, abc.ABC):
     @abc.abstractmethod
     async def admit(self, counters: tuple[Counter, ...], window_seconds: float) -> float | None:
         """None, with one failure counted in each counter; or, counting nothing, the seconds until
@@ -121,9 +111,7 @@ def _counted(
 class SQLiteLoginFailures(LoginFailures):
     engine: SQLiteDatabase
 
-    async def open(self) -> Migrated:
-        await self.engine.open()
-        return await self.engine.migrate(SQLITE_SCHEMA)
+    schema = SQLITE_SCHEMA
 
     async def admit(self, counters: tuple[Counter, ...], window_seconds: float) -> float | None:
         def write(conn: sqlite3.Connection) -> float | None:
@@ -194,9 +182,7 @@ PG_SWEEP = "DELETE FROM login_failures WHERE window_end <= EXTRACT(EPOCH FROM no
 class PostgresLoginFailures(LoginFailures):
     engine: PostgresDatabase
 
-    async def open(self) -> Migrated:
-        await self.engine.open()
-        return await self.engine.migrate(POSTGRES_SCHEMA)
+    schema = POSTGRES_SCHEMA
 
     async def admit(self, counters: tuple[Counter, ...], window_seconds: float) -> float | None:
         ordered = sorted(counters, key=lambda c: c.kind)  # 'address' before 'user'

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 from ..identity import Identity
 from .choose import for_engine
-from .engine import Engine, Migrated, Schema
+from .engine import Engine, RecordStore, Schema
 from .postgres import PostgresDatabase
 from .sqlite import SQLiteDatabase, transaction
 
@@ -80,17 +80,8 @@ class Payment:
         return self.balance_after is not None
 
 
-class PaymentStore(abc.ABC):
+class PaymentStore(RecordStore, abc.ABC):
     """Opened and closed with the provider that owns it; `open` brings the schema up to date."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    @abc.abstractmethod
-    async def open(self) -> Migrated: ...
-
-    async def close(self) -> None:
-        await self.engine.close()
 
     @abc.abstractmethod
     async def record(
@@ -142,9 +133,7 @@ def _seconds(rows: list[str]) -> list[float]:
 class SQLitePaymentStore(PaymentStore):
     engine: SQLiteDatabase
 
-    async def open(self) -> Migrated:
-        await self.engine.open()
-        return await self.engine.migrate(SQLITE_SCHEMA)
+    schema = SQLITE_SCHEMA
 
     async def record(
         self,
@@ -227,9 +216,7 @@ class SQLitePaymentStore(PaymentStore):
 class PostgresPaymentStore(PaymentStore):
     engine: PostgresDatabase
 
-    async def open(self) -> Migrated:
-        await self.engine.open()
-        return await self.engine.migrate(POSTGRES_SCHEMA)
+    schema = POSTGRES_SCHEMA
 
     async def record(
         self,

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from .choose import for_engine
-from .engine import Engine, Migrated, Schema
+from .engine import Engine, RecordStore, Schema
 from .postgres import PostgresDatabase
 from .sqlite import SQLiteDatabase, transaction
 
@@ -72,17 +72,8 @@ POSTGRES_SCHEMA = Schema(
 )
 
 
-class UsageLedger(abc.ABC):
+class UsageLedger(RecordStore, abc.ABC):
     """Opened and closed with the provider that owns it; `open` brings the schema up to date."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    @abc.abstractmethod
-    async def open(self) -> Migrated: ...
-
-    async def close(self) -> None:
-        await self.engine.close()
 
     @abc.abstractmethod
     async def used(self, namespace: str, user_id: str) -> int: ...
@@ -119,9 +110,7 @@ def _now() -> str:
 class SQLiteUsageLedger(UsageLedger):
     engine: SQLiteDatabase
 
-    async def open(self) -> Migrated:
-        await self.engine.open()
-        return await self.engine.migrate(SQLITE_SCHEMA)
+    schema = SQLITE_SCHEMA
 
     async def used(self, namespace: str, user_id: str) -> int:
         return await self.engine.run(lambda conn: _used(conn, namespace, user_id))
@@ -256,9 +245,7 @@ SELECT EXISTS (
 class PostgresUsageLedger(UsageLedger):
     engine: PostgresDatabase
 
-    async def open(self) -> Migrated:
-        await self.engine.open()
-        return await self.engine.migrate(POSTGRES_SCHEMA)
+    schema = POSTGRES_SCHEMA
 
     async def used(self, namespace: str, user_id: str) -> int:
         async with self.engine.connection() as conn:
