@@ -8,6 +8,7 @@ answered 429 before any password is checked, the same way whether the username e
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -31,8 +32,6 @@ from .throttle import LoginAttempt, LoginThrottle
 from .token_limit import TOO_MANY_TOKENS, TokenIssueLimit
 
 MAX_LOGIN_BODY: Final = 8 * 1024
-#: Characters of a tried username kept in the audit trail.
-MAX_LOGGED_NAME: Final = 64
 TOO_MANY_LOGIN_ATTEMPTS: Final = "Too many login attempts"
 faults = FaultLog(logging.getLogger("ciris_billing_proxy"))
 
@@ -122,9 +121,10 @@ class LoginRoute:
         body = await read_model(request, LoginRequest, MAX_LOGIN_BODY, time_limit=self._body_timeout)
         address = client_address(request, self._trusted_proxies)
         attempt = LoginAttempt(body.username, address)
-        # The name as typed, bounded: it is logged, and a password typed into it by mistake should
-        # not be kept whole.
-        tried = f"{self._namespace}:{body.username[:MAX_LOGGED_NAME]}"
+        # Not the name as typed: a password typed into the name field by mistake would be kept in
+        # the audit trail. Its digest still tells attempts on one name apart, and an operator finds
+        # a suspected name's with `tried_name_digest`.
+        tried = f"{self._namespace}:{tried_name_digest(body.username)}"
         wait = await self._throttle.admit(attempt)
         if wait is not None:
             self._counts.login_lockouts += 1
@@ -156,3 +156,9 @@ def _epoch_seconds(moment: datetime) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp())
+
+
+def tried_name_digest(username: str) -> str:
+    """What the audit trail records of the name a failed or refused login tried: `name-sha256:`
+    and the first 16 hex digits of the SHA-256 of the name as typed (UTF-8), never the name."""
+    return "name-sha256:" + hashlib.sha256(username.encode()).hexdigest()[:16]

@@ -402,7 +402,10 @@ class BillingService:
     async def _owe(self, identity: Identity, key: str, why: str) -> None:
         """Keep the give-back durably first (a SIGTERM from now on cannot lose it), then retry it."""
         if self.outbox is not None:
-            await self.outbox.owe(Owed(identity, key, why, time.time()))
+            try:
+                await self.outbox.owe(Owed(identity, key, why, time.time()))
+            except Exception as exc:  # the record of a debt must never stop its retry below
+                logger.error("Could not record the give-back for request key %s: %s", key, type(exc).__name__)
         if self.retries.schedule(identity, key):
             logger.warning(
                 "Could not give back the use spent under request key %s yet; retrying in the background",

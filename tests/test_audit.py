@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from ciris_billing_proxy import Identity, PurchaseStatus, credit_gate
+from ciris_billing_proxy.login import tried_name_digest
 from ciris_billing_proxy.ops.audit import AUDIT_LOGGER, AuditKind
 from ciris_billing_proxy.store.audit import Row, audit_store
 from ciris_billing_proxy.testing import TokenFactory
@@ -111,9 +112,11 @@ async def test_every_kind_is_logged_and_kept(
 
     events = _events(caplog)
     user = "local:ann"
+    # A failed or refused login keeps a digest of the name tried, never the name (it may be a password).
+    tried = f"local:{tried_name_digest('ann')}"
     got = [(e["event"], e["user"], e["outcome"], e["amount"], e["reference"]) for e in events]
     assert got == [
-        ("login_failed", user, "refused", None, "127.0.0.1"),
+        ("login_failed", tried, "refused", None, "127.0.0.1"),
         ("login_ok", user, "ok", None, "127.0.0.1"),
         ("spend", user, "ok", 1, got[2][4]),
         ("spend", user, "refused", 1, got[3][4]),
@@ -125,9 +128,9 @@ async def test_every_kind_is_logged_and_kept(
         ("store_verification", user, "refused", 0, "verify_app_store"),
         ("refresh", user, "ok", None, None),
         ("logout", user, "ok", None, None),
-        ("login_failed", user, "refused", None, "127.0.0.1"),
-        ("login_failed", user, "refused", None, "127.0.0.1"),
-        ("login_locked", user, "refused", None, "127.0.0.1"),
+        ("login_failed", tried, "refused", None, "127.0.0.1"),
+        ("login_failed", tried, "refused", None, "127.0.0.1"),
+        ("login_locked", tried, "refused", None, "127.0.0.1"),
     ]
     assert [e["request_id"] for e in events[2:4]] == ["req-spend-1", "req-refused-1"]
     assert all(list(e) == FIELDS and e["request_id"] for e in events)

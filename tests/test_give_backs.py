@@ -4,6 +4,7 @@ would) never both hold, a claim of a stopped process taken over once it expires,
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from ciris_billing_proxy import Identity
 from ciris_billing_proxy.database_url import parse_database_url
+from ciris_billing_proxy.ops.outbox import GiveBackOutbox
 from ciris_billing_proxy.ops.spool import Spool
 from ciris_billing_proxy.store import Engine, PostgresDatabase, SQLiteDatabase
 from ciris_billing_proxy.store.give_backs import GiveBackStore, Owed, give_back_store
@@ -107,3 +109,59 @@ def test_the_spool_keeps_what_is_owed_until_dropped_and_lines_added_meanwhile(tm
     assert again is not None
     assert [row.request_key for row, _ in again.owed.values()] == ["key-003"]
     assert (tmp_path / "spool.jsonl").stat().st_mode & 0o777 == 0o600
+
+
+async def test_two_outboxes_importing_one_spool_at_once_lose_no_line_appended_meanwhile(
+    tmp_path: Path,
+) -> None:
+    # Two processes of one data directory (each its own store connection), the store back after an
+    # outage: while the first moves the spool into the store, the second tries too and a third
+    # give-back is spooled. Before the import lock, the second's `drop` cut that line away.
+    spool_path = tmp_path / "give-backs-owed.jsonl"
+    first = GiveBackOutbox(give_back_store(SQLiteDatabase(tmp_path / "gb.sqlite3")), spool_path, period=1)
+    second = GiveBackOutbox(give_back_store(SQLiteDatabase(tmp_path / "gb.sqlite3")), spool_path, period=1)
+    await first.open()
+    await second.open()
+    try:
+        first.spool.owe(owed(1), "gone")
+        keeping, go_on = asyncio.Event(), asyncio.Event()
+        real_add = first.store.add
+
+        async def slow_add(*args: object, **kwargs: object) -> None:
+            keeping.set()
+            await go_on.wait()
+            await real_add(*args, **kwargs)  # type: ignore[arg-type]
+
+        first.store.add = slow_add  # type: ignore[method-assign]
+        importing = asyncio.create_task(first.import_spool())
+        await keeping.wait()
+        assert await second.import_spool() == 0  # one importer at a time; it tries next round
+        second.spool.owe(owed(2), "gone")  # spooled while the first is still importing
+        go_on.set()
+        assert await importing == 1
+        assert await second.import_spool() == 1  # the line appended meanwhile is still there
+        kept = await second.store.claim("checker", 30.0, 10)
+        assert sorted(row.request_key for row in kept) == ["key-001", "key-002"]
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_store_refusing_an_owed_give_back_in_any_way_leaves_it_in_the_spool(tmp_path: Path) -> None:
+    outbox = GiveBackOutbox(
+        give_back_store(SQLiteDatabase(tmp_path / "gb.sqlite3")), tmp_path / "give-backs-owed.jsonl", period=1
+    )
+    await outbox.open()
+    try:
+
+        async def corrupt(*_args: object, **_kwargs: object) -> None:
+            raise sqlite3.DatabaseError("database disk image is malformed")
+
+        outbox.store.add = corrupt  # type: ignore[method-assign]
+        # Not only ProviderUnavailable: a corrupt file or a read-only replica must not lose it.
+        assert await outbox.owe(owed(7)) is True
+        taken = outbox.spool.take()
+        assert taken is not None
+        assert [row.request_key for row, _ in taken.owed.values()] == ["key-007"]
+    finally:
+        await outbox.close()

@@ -91,6 +91,10 @@ class GiveBackOutbox:
             return True
         except ProviderUnavailable:
             pass
+        except Exception as exc:
+            # Any other refusal of the store (a corrupt file, a read-only replica after a
+            # failover) must not lose the give-back either: the spool keeps it.
+            faults.error("The give-back store refused an owed give-back: %s", type(exc).__name__)
         try:
             await asyncio.to_thread(self.spool.owe, owed, self.token)
             return True
@@ -114,6 +118,8 @@ class GiveBackOutbox:
             return
         except ProviderUnavailable:
             pass
+        except Exception as exc:
+            faults.error("The give-back store refused a made give-back: %s", type(exc).__name__)
         try:
             await asyncio.to_thread(self.spool.made, slot)
         except OSError:
@@ -122,12 +128,15 @@ class GiveBackOutbox:
     async def import_spool(self) -> int:
         """Move the spool's give-backs into the store; how many were owed. `ProviderUnavailable`
         when the store does not answer (the spool is left as it was)."""
-        taken = await asyncio.to_thread(self.spool.take)
-        if taken is None:
-            return 0
-        await self._keep(taken)
-        await asyncio.to_thread(self.spool.drop, taken)
-        return len(taken.owed)
+        with self.spool.importing() as alone:
+            if not alone:
+                return 0  # another process (or round) is moving it; its lines are not lost
+            taken = await asyncio.to_thread(self.spool.take)
+            if taken is None:
+                return 0
+            await self._keep(taken)
+            await asyncio.to_thread(self.spool.drop, taken)
+            return len(taken.owed)
 
     async def _keep(self, taken: Taken) -> None:
         mine = [owed for owed, by in taken.owed.values() if by == self.token]

@@ -50,6 +50,24 @@ class Spool:
         (namespace, user_id), key = slot
         self._append({"made": [namespace, user_id, key]})
 
+    @contextmanager
+    def importing(self) -> Iterator[bool]:
+        """Whether this caller may move the spool into the store now: True for one caller at a
+        time, in every process of the data directory, until the block ends. `take` and `drop` lock
+        the spool each on its own, so two importers between them would drop lines appended after
+        the first one's `drop`; holding this across take, store and drop keeps them one at a time."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path.with_name(self.path.name + ".import"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
     def _append(self, line: dict[str, object]) -> None:
         data = (json.dumps(line, separators=(",", ":")) + "\n").encode()
         with self._locked(os.O_RDWR | os.O_APPEND | os.O_CREAT) as fd:
