@@ -476,8 +476,7 @@ async def _logout_user(args: argparse.Namespace) -> int:
     database_url = args.database_url or os.environ.get("CIRIS_BILLING_DATABASE_URL") or None
     if database_url is not None:
         parse_database_url(database_url)  # a ConfigError naming what is wrong, never the password
-    data_dir = args.data_dir or Path(os.environ.get("CIRIS_BILLING_DATA_DIR") or default_data_dir())
-    feed = change_feed_for(database_url, data_dir)
+    feed = change_feed_for(database_url, _data_dir(args))
     user = (args.namespace, args.name)
     await feed.open_store()
     try:
