@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..config import ConfigError
 from ..database_url import parse_database_url
-from . import audit, feed_postgres, feed_sqlite, give_backs, login_failures, payments, replays, usage
+from . import audit, events, feed_postgres, feed_sqlite, give_backs, login_failures, payments, replays, usage
 from .choose import engine_for
 from .engine import Migrated
 
@@ -21,6 +21,7 @@ SCHEMAS = {
         feed_sqlite.SCHEMA,
         give_backs.SQLITE_SCHEMA,
         audit.SQLITE_SCHEMA,
+        events.SQLITE_SCHEMA,
     ),
     "postgresql": (
         usage.POSTGRES_SCHEMA,
@@ -30,6 +31,7 @@ SCHEMAS = {
         feed_postgres.SCHEMA,
         give_backs.POSTGRES_SCHEMA,
         audit.POSTGRES_SCHEMA,
+        events.POSTGRES_SCHEMA,
     ),
 }
 
