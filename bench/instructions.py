@@ -139,9 +139,11 @@ class Measured:
         _control(self.proc.pid, "-d")
         _control(self.proc.pid, "-i", "off")
         dump = max(self.out_dir.glob(f"{self.name}.{self.proc.pid}.*"), key=lambda p: p.stat().st_mtime)
-        match = re.search(r"^summary:\s+(\d+)", dump.read_text(errors="replace"), re.M)
+        # `totals:`, the sum of the dump's costs: a second dump's `summary:` leaves out part of them
+        # (D measured after B on one server read about 30 % low from it).
+        match = re.search(r"^totals:\s+(\d+)", dump.read_text(errors="replace"), re.M)
         if match is None:
-            raise RuntimeError(f"no summary in {dump.name}")
+            raise RuntimeError(f"no totals in {dump.name}")
         dump.rename(dump.with_name(f"{dump.name}.{send.__name__}"))  # kept apart for callgrind_annotate
         return int(match.group(1)) / n
 
