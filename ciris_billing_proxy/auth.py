@@ -365,20 +365,26 @@ def get_identity(request: web.Request) -> Identity:
 
 
 def token_check(
-    verifier: TokenVerifier, public: Container[Handler] = frozenset()
+    verifier: TokenVerifier, public: Container[Handler] | None = None
 ) -> Callable[[web.Request], None]:
     """The check every protected request passes: a valid token (401 JSON otherwise). Requests
     matched to a handler in `public` (static files a `<script>` tag fetches without a token, the
-    API description) pass without one."""
+    API description) pass without one; without `public`, the check is only bound to the routes
+    that need it (`errors.RouteGuards`) and asks nothing of the route."""
 
     def check(request: web.Request) -> None:
-        if request.match_info.handler in public:
-            return
         # Verified even when an identity is on the request already: it may be another verifier's.
         if request.method != "OPTIONS" or not is_preflight(request):
             _verify_request(request, verifier)
 
-    return check
+    if public is None:
+        return check
+
+    def check_unless_public(request: web.Request) -> None:
+        if request.match_info.handler not in public:
+            check(request)
+
+    return check_unless_public
 
 
 def is_preflight(request: web.Request) -> bool:

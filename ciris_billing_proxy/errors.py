@@ -6,6 +6,7 @@ strings because existing clients match on words inside them ("Billing not enable
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -228,3 +229,32 @@ def error_middleware(
         return response
 
     return middleware
+
+
+def guarded(handler: Handler, middleware: Middleware) -> Handler:
+    """`handler` answered through `middleware` (an `error_middleware`), bound to the route instead
+    of installed on the application. aiohttp runs no middleware machinery at all for a request
+    when no application on its way has a middleware: the billing routes, their sub-apps and
+    `serve` bind theirs this way, which saves a cached GET /credits about a sixth of its
+    instructions (`bench.instructions`)."""
+    return functools.partial(middleware, handler=handler)
+
+
+def unguarded(handler: Handler) -> Handler:
+    """`handler` as it is: for an application whose installed middleware answers its errors."""
+    return handler
+
+
+class RouteGuards:
+    """The billing error middleware bound per route (`guarded`): `protected(handler)` passes the
+    token check first, `public(handler)` (the API description, the UI files) does not."""
+
+    def __init__(self, protected: Middleware, public: Middleware) -> None:
+        self._protected = protected
+        self._public = public
+
+    def protected(self, handler: Handler) -> Handler:
+        return guarded(handler, self._protected)
+
+    def public(self, handler: Handler) -> Handler:
+        return guarded(handler, self._public)

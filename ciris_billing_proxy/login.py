@@ -23,7 +23,7 @@ from .auth import TokenVerifier
 from .bodies import read_model
 from .client_address import Network, client_address
 from .config import BillingConfig
-from .errors import HTTPJSONError, error_middleware, http_error
+from .errors import HTTPJSONError, error_middleware, guarded, http_error
 from .models import LoginReply, LoginRequest
 from .ops.audit import AuditKind, AuditTrail
 from .ops.logs import FaultLog
@@ -58,12 +58,7 @@ Authenticator = Callable[[str, str], Awaitable[AuthenticatedUser | None]]
 def json_errors(handler: Handler, requests: dict[tuple[object, int], int] | None = None) -> Handler:
     """`handler` with every error as JSON `{"detail": ...}`: these routes live on the host's app,
     which may have no JSON error middleware of its own. `requests` counts answers for the metrics."""
-    middleware = error_middleware(requests=requests)
-
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        return await middleware(request, handler)
-
-    return wrapped
+    return guarded(handler, error_middleware(requests=requests))
 
 
 def require_method(request: web.Request, method: str) -> None:

@@ -18,7 +18,15 @@ from pydantic import BaseModel
 
 from .auth import identity_of_request
 from .bodies import expect_continue, read_model
-from .errors import BILLING_DISABLED, BillingDisabled, IdTokenRequired, PaymentNotFound, http_error
+from .errors import (
+    BILLING_DISABLED,
+    BillingDisabled,
+    IdTokenRequired,
+    PaymentNotFound,
+    RouteGuards,
+    http_error,
+    unguarded,
+)
 from .id_token import (
     APPLE_HEADER,
     GOOGLE_HEADER,
@@ -330,12 +338,14 @@ class BillingRoutes:
         identity_of_request(request, self.service.verifier)  # a 401 here is sent instead of 100
         await expect_continue(request)
 
-    def answer_unmatched(self, router: web.UrlDispatcher, prefix: str) -> None:
+    def answer_unmatched(
+        self, router: web.UrlDispatcher, prefix: str, guard: Callable[[Handler], Handler]
+    ) -> None:
         """Route the prefix itself and every path below it that no billing route serves to
         `unmatched`. aiohttp tries the most specific path first, so the billing routes still win."""
         for path in (prefix, f"{prefix}/{{tail:.*}}"):
             resource = router.add_route(
-                "*", path, self.unmatched, expect_handler=self.expect_authenticated
+                "*", path, guard(self.unmatched), expect_handler=self.expect_authenticated
             ).resource
             assert resource is not None
             self._catch_all.append(resource)
@@ -368,6 +378,7 @@ def add_routes(
     api: set[web.AbstractResource],
     describe: Handler,
     own_router: bool = False,
+    guards: RouteGuards | None = None,
 ) -> web.AbstractResource:
     """Add the billing routes to `router`, each path under `prefix` (empty inside the sub-app), and
     `describe` (the API description) at `OPENAPI`'s path. The handlers of routes that need no token
@@ -378,20 +389,28 @@ def add_routes(
     `100-continue`. With `own_router` (the billing sub-app's router, which serves nothing else)
     every other path and method is answered too, with the same `Expect:` handling and a JSON 404/405.
 
+    With `guards`, each handler is bound to the error middleware itself (`errors.RouteGuards`),
+    for an application that has none installed.
+
     Returns the `/credits` resource: mounting the application prefixes it like every other one,
     which is how `setup_billing` learns where the routes ended up.
     """
     routes = BillingRoutes(service)
     expect = routes.expect_authenticated
+    guard = unguarded if guards is None else guards.protected
     added = [
-        router.add_get(prefix + CREDITS.path, routes.get_credits, expect_handler=expect),
-        router.add_get(prefix + CAPABILITIES.path, routes.capabilities, expect_handler=expect),
-        router.add_post(prefix + INITIATE.path, routes.initiate_purchase, expect_handler=expect),
-        router.add_get(prefix + STATUS.path, routes.purchase_status, expect_handler=expect),
-        router.add_get(prefix + TRANSACTIONS.path, routes.transactions, expect_handler=expect),
-        router.add_post(prefix + GOOGLE_PLAY.path, routes.verify_google_play, expect_handler=expect),
-        router.add_post(prefix + APP_STORE.path, routes.verify_app_store, expect_handler=expect),
-        router.add_get(prefix + OPENAPI.path, describe, expect_handler=expect_continue),
+        router.add_get(prefix + CREDITS.path, guard(routes.get_credits), expect_handler=expect),
+        router.add_get(prefix + CAPABILITIES.path, guard(routes.capabilities), expect_handler=expect),
+        router.add_post(prefix + INITIATE.path, guard(routes.initiate_purchase), expect_handler=expect),
+        router.add_get(prefix + STATUS.path, guard(routes.purchase_status), expect_handler=expect),
+        router.add_get(prefix + TRANSACTIONS.path, guard(routes.transactions), expect_handler=expect),
+        router.add_post(prefix + GOOGLE_PLAY.path, guard(routes.verify_google_play), expect_handler=expect),
+        router.add_post(prefix + APP_STORE.path, guard(routes.verify_app_store), expect_handler=expect),
+        router.add_get(
+            prefix + OPENAPI.path,
+            describe if guards is None else guards.public(describe),
+            expect_handler=expect_continue,
+        ),
     ]
     public.add(describe)
     api.update(route.resource for route in added if route.resource is not None)
@@ -400,10 +419,12 @@ def add_routes(
         # Every path below /ui/ goes to the files' handler, so an unknown one is a 404 without a token.
         ui = UIFiles().serve
         router.add_get(
-            prefix + UI_FILE.path.replace("{name}", "{name:.*}"), ui, expect_handler=expect_continue
+            prefix + UI_FILE.path.replace("{name}", "{name:.*}"),
+            ui if guards is None else guards.public(ui),
+            expect_handler=expect_continue,
         )
         public.add(ui)
     if own_router:
-        routes.answer_unmatched(router, prefix)
+        routes.answer_unmatched(router, prefix, guard)
     assert credits is not None  # a route added by path always has its resource
     return credits

@@ -13,7 +13,7 @@ from .auth import TokenVerifier, auth_middleware, token_check
 from .auth_routes import add_auth_routes
 from .config import BillingConfig, ConfigError
 from .cors import allow_preflights, cors_middleware
-from .errors import error_middleware
+from .errors import RouteGuards, error_middleware
 from .keys import SERVICE_KEY
 from .login import Authenticator
 from .openapi import APIDescription
@@ -135,15 +135,28 @@ def setup_billing(
     api: set[web.AbstractResource] = set()  # the JSON routes, which `cors_origins` opens
     if subapp:
         requests = service.counts.requests
-        errors = cors_middleware(error_middleware(before=check, requests=requests), api, config.cors_origins)
-        billing = web.Application(middlewares=[errors])
+        # Without CORS (the default) the error middleware is bound to each route instead of
+        # installed: aiohttp then runs no middleware layer for these requests unless the host has
+        # one, and the token check is bound only to the routes that need one. aiohttp-cors adds
+        # preflight routes of its own, so with origins it stays installed.
+        guards = (
+            None
+            if config.cors_origins
+            else RouteGuards(
+                error_middleware(before=token_check(verifier), requests=requests),
+                error_middleware(requests=requests),
+            )
+        )
+        protected = error_middleware(before=check, requests=requests)
+        errors = cors_middleware(protected, api, config.cors_origins)
+        billing = web.Application(middlewares=[] if guards else [errors])
         anchor = add_routes(
-            billing.router, service, public=public, api=api, describe=describe, own_router=True
+            billing.router, service, public=public, api=api, describe=describe, own_router=True, guards=guards
         )
         allow_preflights(billing, api, config.cors_origins)
         app.add_subapp(config.prefix, billing)
-        tools = web.Application(middlewares=[error_middleware(before=check, requests=requests)])
-        add_tool_routes(tools.router, service, own_router=True)
+        tools = web.Application(middlewares=[] if guards else [protected])
+        add_tool_routes(tools.router, service, own_router=True, guards=guards)
         app.add_subapp(config.tools_prefix, tools)
     else:
         scopes.append(PathScope((config.prefix, config.tools_prefix)))

@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .bodies import read_model
-from .errors import BILLING_DISABLED, http_error
+from .errors import BILLING_DISABLED, RouteGuards, http_error, unguarded
 from .keys import VERIFIED_KEY
 from .operations import BEARER_ERRORS, BODY_ERRORS, PROVIDER_FAILED, Operation, TextParam
 from .products import (
@@ -170,12 +170,19 @@ class ToolRoutes(BillingRoutes):
 
 
 def add_tool_routes(
-    router: web.UrlDispatcher, service: BillingService, prefix: str = "", *, own_router: bool = False
+    router: web.UrlDispatcher,
+    service: BillingService,
+    prefix: str = "",
+    *,
+    own_router: bool = False,
+    guards: RouteGuards | None = None,
 ) -> list[Handler]:
     """Add the tool routes to `router` under `prefix` (empty inside their sub-app); with
-    `own_router`, every other path and method below it is a JSON 404/405. Returns the handlers."""
+    `own_router`, every other path and method below it is a JSON 404/405; with `guards`, each
+    handler bound to the error middleware (as `routes.add_routes`). Returns the handlers."""
     routes = ToolRoutes(service)
     expect = routes.expect_authenticated
+    guard = unguarded if guards is None else guards.protected
     handlers: dict[Operation, Handler] = {
         TOOL_BALANCE: routes.balance,
         TOOL_BALANCES: routes.balances,
@@ -184,7 +191,7 @@ def add_tool_routes(
         TOOL_PURCHASE: routes.purchase,
     }
     for op, handler in handlers.items():
-        router.add_route(op.method, prefix + op.path, handler, expect_handler=expect)
+        router.add_route(op.method, prefix + op.path, guard(handler), expect_handler=expect)
     if own_router:
-        routes.answer_unmatched(router, prefix)
+        routes.answer_unmatched(router, prefix, guard)
     return list(handlers.values())

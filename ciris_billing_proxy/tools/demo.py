@@ -8,11 +8,12 @@ across restarts) and the generated demo user's password hash.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
 import string
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,12 +25,12 @@ from ..auth import get_identity
 from ..bodies import expect_continue, read_model
 from ..config import BillingConfig, ConfigError
 from ..cors import allow_preflights, cors_middleware
-from ..errors import error_middleware, http_error
+from ..errors import error_middleware, guarded, http_error, unguarded
 from ..gate import credit_gate
 from ..keys import SPENT_STATUS_KEY, billing_service
 from ..models import InteractReply, InteractRequest
-from ..ops.health import add_health_routes, ready
-from ..ops.metrics import add_metrics_route
+from ..ops.health import ALIVE_PATH, READY_PATH, alive, ready
+from ..ops.metrics import METRICS_PATH, metrics
 from ..products import valid_tool_name
 from ..routes import json_reply
 from ..setup import setup_billing
@@ -113,9 +114,14 @@ def create_demo_app(
     # call is cross-origin there, so its routes are opened like the billing routes.
     fake_stripe: set[web.AbstractResource] = set()
     errors = error_middleware()
+    guard: Callable[[Handler], Handler] = unguarded
     if fake_backend is not None:
-        errors = cors_middleware(errors, fake_stripe, config.cors_origins)
-    app = web.Application(middlewares=[errors])
+        app = web.Application(middlewares=[cors_middleware(errors, fake_stripe, config.cors_origins)])
+    else:
+        # The JSON errors bound to each route, not installed (`errors.guarded`): with no middleware
+        # on the way, aiohttp runs none for a request. Unknown paths get theirs from `Unmatched`.
+        app = web.Application()
+        guard = functools.partial(guarded, middleware=errors)
     env = os.environ if environ is None else environ
     wants_demo_products = config.provider == "simple" and not env.get("CIRIS_SIMPLE_PRODUCTS")
     if wants_demo_products and "products" not in config.provider_options:
@@ -123,13 +129,14 @@ def create_demo_app(
         config = config.model_copy(update={"provider_options": options})
     service = setup_billing(app, config, authenticate=users.verify_login, environ=environ)
     # JSON 417 for an unknown `Expect:`; aiohttp's default answers before any middleware, in text.
-    app.router.add_post(INTERACT_PATH, interact, expect_handler=expect_continue)
-    app.router.add_post(TOOL_PATH, ToolGates().handle, expect_handler=expect_continue)
-    add_health_routes(app)
-    add_metrics_route(app)
+    app.router.add_post(INTERACT_PATH, guard(interact), expect_handler=expect_continue)
+    app.router.add_post(TOOL_PATH, guard(ToolGates().handle), expect_handler=expect_continue)
+    app.router.add_get(ALIVE_PATH, guard(alive))
+    app.router.add_get(READY_PATH, guard(ready))
+    app.router.add_get(METRICS_PATH, guard(metrics))
     # What serve answered at /health before /readyz existed: kept for probes pointed at it, and
     # now as true as /readyz (it used to say ok while billing answered 503).
-    app.router.add_get("/health", ready)
+    app.router.add_get("/health", guard(ready))
     label = config.provider
     if fake_backend is not None:
         # Only with the fake: an agent serving the real thing never loads the testing kit.
@@ -141,8 +148,31 @@ def create_demo_app(
         fake_stripe.update(r for r in app.router.resources() if r.canonical.startswith(FAKE_STRIPE + "/"))
         allow_preflights(app, fake_stripe, config.cors_origins)
         label = f"{config.provider} (fake backend)"
-    add_demo_page(app.router, demo_page(config, provider=label))
+    add_demo_page(app.router, demo_page(config, provider=label), guard)
+    if fake_backend is None:
+        Unmatched().add(app.router, guard)
     return app
+
+
+class Unmatched:
+    """The JSON 404 or 405 for every path or method no route of the application serves, as a
+    route of its own (last, at `/{tail:.*}`: aiohttp tries every more specific path first), for an
+    application without an error middleware installed."""
+
+    def __init__(self) -> None:
+        self._resource: web.AbstractResource | None = None
+
+    def add(self, router: web.UrlDispatcher, guard: Callable[[Handler], Handler]) -> None:
+        self._resource = router.add_route("*", "/{tail:.*}", guard(self.answer)).resource
+
+    async def answer(self, request: web.Request) -> web.Response:
+        allowed: set[str] = set()
+        for resource in request.app.router.resources():
+            if resource is not self._resource:
+                allowed |= (await resource.resolve(request))[1]
+        if allowed:
+            raise http_error(405, "Method Not Allowed", {"Allow": ",".join(sorted(allowed))})
+        raise http_error(404, "Not Found")
 
 
 def load_or_create_secret(data_dir: Path) -> str:

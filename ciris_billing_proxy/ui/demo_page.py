@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from ..config import BillingConfig
+from ..errors import unguarded
 from . import read_file
 
 
@@ -21,10 +24,12 @@ def demo_page(config: BillingConfig, *, provider: str | None = None) -> bytes:
     return page.encode()
 
 
-def add_demo_page(router: web.UrlDispatcher, page: bytes) -> None:
+def add_demo_page(
+    router: web.UrlDispatcher, page: bytes, guard: Callable[[Handler], Handler] = unguarded
+) -> None:
     async def serve(_request: web.Request) -> web.Response:
         return web.Response(
             body=page, content_type="text/html", charset="utf-8", headers={"Cache-Control": "no-cache"}
         )
 
-    router.add_get("/", serve)
+    router.add_get("/", guard(serve))
