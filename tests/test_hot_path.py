@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
 from ciris_billing_proxy import BillingConfig
 from ciris_billing_proxy.keys import SERVICE_KEY
@@ -143,3 +144,16 @@ async def test_a_gated_interaction_makes_one_round_trip_to_the_ledger(
     await send(port, N, "POST", INTERACT_PATH, headers, {"message": "hi"})
     ledger = provider.ledger.engine
     assert sum(engine is ledger for engine in counted.round_trips) == N  # the spend, and nothing more
+
+
+async def test_no_middleware_layer_runs_for_a_credit_read_or_a_gated_interaction(
+    agent: tuple[int, web.Application, BillingConfig],
+) -> None:
+    """aiohttp runs its middleware machinery (a layer per middleware and one per application on
+    the way) unless no application on a request's way has a middleware: `serve`'s errors are
+    bound to its routes, so none runs (a sixth of a cached read's instructions)."""
+    _port, app, _config = agent
+    for method, path in (("GET", CREDITS), ("POST", INTERACT_PATH)):
+        match = await app.router.resolve(make_mocked_request(method, path, app=app))
+        assert match.http_exception is None
+        assert [a.middlewares for a in (app, *match.apps)] == [[] for _ in range(1 + len(match.apps))]
