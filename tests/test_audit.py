@@ -15,7 +15,7 @@ from aiohttp import web
 
 from ciris_billing_proxy import Identity, PurchaseStatus, credit_gate
 from ciris_billing_proxy.login import tried_name_digest
-from ciris_billing_proxy.ops.audit import AUDIT_LOGGER, AuditKind
+from ciris_billing_proxy.ops.audit import AUDIT_LOGGER, AuditKind, AuditTrail
 from ciris_billing_proxy.store.audit import Row, audit_store
 from ciris_billing_proxy.testing import TokenFactory
 
@@ -252,3 +252,35 @@ async def test_a_store_that_fails_never_fails_the_request(
         "Could not keep audit events in the store: ProviderUnavailable",
     ]
     assert not [r for r in caplog.records if r.exc_info]
+
+
+@pytest.mark.parametrize(
+    ("user", "reference", "amount"),
+    [
+        ('local:a"b\\c', None, 1),
+        ("local:zoë ✓", "ref\n\tline", None),
+        (None, "web_search:5f0c", 0),
+    ],
+)
+async def test_an_event_line_is_what_json_dumps_makes_of_its_fields(
+    caplog: pytest.LogCaptureFixture, user: str | None, reference: str | None, amount: int | None
+) -> None:
+    """The line is filled in from a template on the hot path: byte for byte the JSON of the
+    fields, whatever the names and references hold (quotes, backslashes, control characters,
+    non-ASCII)."""
+    caplog.set_level(logging.INFO, logger=AUDIT_LOGGER)
+    AuditTrail().record(AuditKind.SPEND, user, "ok", amount=amount, reference=reference)
+    (record,) = [r for r in caplog.records if r.name == AUDIT_LOGGER]
+    line = record.getMessage()
+    fields = json.loads(line)
+    assert list(fields) == FIELDS
+    expected = {
+        "time": fields["time"],
+        "event": "spend",
+        "user": user,
+        "request_id": None,
+        "outcome": "ok",
+        "amount": amount,
+        "reference": reference,
+    }
+    assert line == json.dumps(expected)

@@ -32,9 +32,10 @@ ACCESS_LOGGER: Final = "ciris_billing_proxy.access"
 FAULT_WINDOW_SECONDS: Final = 10.0
 
 
-class _UTCTimes:
-    """`2026-12-06T12:57:33.230Z` for a record; the part up to the second is made once per second
-    (strftime is most of a line's cost otherwise: the access log writes one per request)."""
+class UTCTimes:
+    """`2026-12-06T12:57:33.230Z` for a record or a moment; the part up to the second is made once
+    per second (strftime is most of a line's cost otherwise: the access log writes one per request,
+    the audit trail one per spend)."""
 
     __slots__ = ("_second", "_text")
 
@@ -49,6 +50,14 @@ class _UTCTimes:
             self._second = second
         return f"{self._text}.{int(record.msecs):03d}Z"
 
+    def iso(self, at: float) -> str:
+        """`at` (seconds since the epoch) as the same text."""
+        second = int(at)
+        if second != self._second:
+            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._text}.{int(at % 1 * 1000):03d}Z"
+
 
 class JSONFormatter(logging.Formatter):
     """One JSON object per line: time (UTC, ISO 8601), level, logger, pid, request_id, message, and
@@ -56,7 +65,7 @@ class JSONFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._times = _UTCTimes()
+        self._times = UTCTimes()
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -78,7 +87,7 @@ class TextFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
-        self._times = _UTCTimes()
+        self._times = UTCTimes()
 
     def format(self, record: logging.LogRecord) -> str:
         rid = getattr(record, "request_id", None) or current_request_id.get() or "-"

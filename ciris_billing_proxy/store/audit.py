@@ -19,7 +19,7 @@ from .engine import Engine, RecordStore, Schema
 from .postgres import PostgresDatabase
 from .sqlite import SQLiteDatabase, transaction
 
-#: (time ISO 8601, kind, user, request id, outcome, amount, reference); see `ops.audit.AuditEvent`.
+#: (time ISO 8601, kind, user, request id, outcome, amount, reference); see `ops.audit.AuditTrail.record`.
 Row = tuple[str, str, str | None, str | None, str, int | None, str | None]
 
 #: The kind is plain text, unchecked: a new kind of event needs no schema step.
