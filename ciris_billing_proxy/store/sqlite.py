@@ -1,9 +1,17 @@
-"""SQLite on one dedicated worker thread.
+"""SQLite on the event loop when that costs no wait, else on one dedicated worker thread.
 
-sqlite3 calls block (a commit waits for the disk), so they run off the event loop; a single worker
-thread owns the connection, which serialises this process's writes, and `BEGIN IMMEDIATE` makes each
-read-check-write atomic against other processes sharing the file. WAL with `synchronous=NORMAL` keeps
-every committed transaction across a process crash or restart.
+A use runs on the loop itself when nothing is handed to the worker and the write lock is free at
+once: the connection's busy timeout is 0 there, so a use finding another process's lock fails at
+its first statement, having written nothing, and is handed to the worker, which waits for the lock
+within the budget. With WAL and `synchronous=NORMAL` a commit is an append to the WAL, no fsync;
+the checkpoints, which do sync, are run by the worker (`CHECKPOINT_USES`), never on the loop. A
+use on the loop skips the hand-off (a queue put, a thread wake-up, a callback back to the loop):
+about an eighth of a gated interaction's instructions (`bench.instructions`).
+
+The worker thread owns the connection whenever a use is handed to it, which serialises this
+process's uses, and `BEGIN IMMEDIATE` makes each read-check-write atomic against other processes
+sharing the file. WAL with `synchronous=NORMAL` keeps every committed transaction across a process
+crash or restart.
 
 Every use waits at most `timeout` seconds in all (`BillingConfig.database_timeout_seconds`): in the
 worker's queue, then on another process's lock (SQLite's busy timeout, lowered to what is left).
@@ -43,6 +51,11 @@ MEMORY = ":memory:"
 #: How long opening a file waits for another process switching it to WAL.
 BUSY_TIMEOUT_MS = 5000
 DATABASE_UNAVAILABLE = "database unavailable"
+#: A checkpoint of the WAL every this many uses, or at the first use this many seconds after the
+#: last one, each run by the worker thread (SQLite's automatic checkpoint is off: it would sync the
+#: file on whichever thread committed, the loop included).
+CHECKPOINT_USES = 1000
+CHECKPOINT_SECONDS = 10.0
 
 
 @contextmanager
@@ -104,7 +117,12 @@ class SQLiteDatabase(Engine):
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._open = False
-        self._conn: sqlite3.Connection | None = None  # the worker thread's only
+        self._conn: sqlite3.Connection | None = None
+        #: Calls handed to the worker and not yet settled on the loop: the loop uses the
+        #: connection itself only while there are none.
+        self._handed = 0
+        self._uses = 0
+        self._checkpoint_at = 0.0
 
     def describe(self) -> str:
         return f"SQLite file {self.path}"
@@ -142,6 +160,8 @@ class SQLiteDatabase(Engine):
                     mode,
                 )
             conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+        conn.execute("PRAGMA busy_timeout = 0")  # on the loop, never wait; the worker sets its own
 
     def _work(self) -> None:
         """The worker thread: run each call with the connection, settle its future on the loop."""
@@ -159,19 +179,19 @@ class SQLiteDatabase(Engine):
 
     def _within(self, fn: Callable[[sqlite3.Connection | None], T], deadline: float) -> T:
         """`fn` on the worker, within what is left of its budget: not started once it is spent, and
-        waiting on locks no longer than the rest. (Busy timeouts change only for uses that queued:
-        on an idle worker this costs one clock read.)"""
+        waiting on locks no longer than the rest."""
         conn = self._conn
         left = deadline - time.monotonic()
         if left <= 0:
             raise _Late
-        if left < self._lower_below and conn is not None:
-            conn.execute(f"PRAGMA busy_timeout = {max(round(left * 1000), 1)}")
-            try:
-                return fn(conn)
-            finally:
-                conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
-        return fn(conn)
+        if conn is None or left == math.inf:
+            return fn(conn)
+        wait_ms = self._busy_ms if left >= self._lower_below else max(round(left * 1000), 1)
+        conn.execute(f"PRAGMA busy_timeout = {wait_ms}")
+        try:
+            return fn(conn)
+        finally:
+            conn.execute("PRAGMA busy_timeout = 0")
 
     async def migrate(self, schema: Schema) -> Migrated:
         def write(conn: sqlite3.Connection) -> Migrated:
@@ -203,7 +223,23 @@ class SQLiteDatabase(Engine):
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if not self._open:
             raise RuntimeError("database is not open")
+        self._uses += 1
+        if self._uses >= CHECKPOINT_USES or time.monotonic() >= self._checkpoint_at:
+            self._checkpoint()
+        conn = self._conn
         try:
+            if self._handed == 0 and conn is not None:
+                changes = conn.total_changes
+                try:
+                    return fn(conn)
+                except sqlite3.OperationalError:
+                    if conn.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
+                    if conn.total_changes != changes:
+                        raise  # written in part (statements outside a transaction): never run twice
+                    # Locked by another process (or unusable): the worker waits for the lock
+                    # within the budget, or meets the fault again and reports it.
             return await self._call(fn, time.monotonic() + self.timeout)  # type: ignore[arg-type]
         except sqlite3.OperationalError as exc:  # locked past the budget, a full disk, a lost file
             faults.warning("SQLite unavailable: %s", exc)
@@ -218,8 +254,25 @@ class SQLiteDatabase(Engine):
         """Hand `fn` to the worker (`deadline`: a budgeted use's; none for opening and closing)."""
         assert self._loop is not None
         future: asyncio.Future[T] = self._loop.create_future()
+        self._handed += 1
+        future.add_done_callback(self._settled)
         self._calls.put((fn, future, deadline))
         return future
+
+    def _settled(self, _future: asyncio.Future[Any]) -> None:
+        self._handed -= 1
+
+    def _checkpoint(self) -> None:
+        """Hand a passive checkpoint of the WAL to the worker (never waiting for readers or
+        writers: what it cannot copy now, a later one does)."""
+        self._uses = 0
+        self._checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
+
+        def checkpoint(conn: sqlite3.Connection | None) -> None:
+            if conn is not None and self.path != MEMORY:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+
+        self._call(checkpoint).add_done_callback(_checkpointed)
 
     async def close(self) -> None:
         if self._thread is None:
@@ -241,6 +294,11 @@ class SQLiteDatabase(Engine):
         if thread is not None:
             self._calls.put(None)
             thread.join()
+
+
+def _checkpointed(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        faults.warning("SQLite checkpoint failed: %s", type(future.exception()).__name__)
 
 
 def _settle(result: Any, future: asyncio.Future[Any]) -> None:
