@@ -237,7 +237,8 @@ def guarded(handler: Handler, middleware: Middleware) -> Handler:
     when no application on its way has a middleware: the billing routes, their sub-apps and
     `serve` bind theirs this way, which saves a cached GET /credits about a sixth of its
     instructions (`bench.instructions`)."""
-    return functools.partial(middleware, handler=handler)
+    # Named as `handler` (`__name__`, `__doc__`, `__wrapped__`), as aiohttp names its own layers.
+    return functools.update_wrapper(functools.partial(middleware, handler=handler), handler)
 
 
 def unguarded(handler: Handler) -> Handler:
