@@ -239,9 +239,10 @@ def table(data: dict[str, Any]) -> str:
                 if "DP" in work
                 else ""
             )
-            + ". A and A0 are bare aiohttp apps run with `web.run_app`; B and D the real CLI with its "
-            "defaults (SQLite in a fresh data directory). B is repeatable within about 3 %, D within "
-            "about 15 %: the change feed's timers fall among requests in valgrind's slowed wall time."
+            + ". A and A0 are bare aiohttp apps run with `web.run_app`, which writes no access log; B and "
+            "D the real CLI with its defaults (SQLite in a fresh data directory) and `--no-access-log`. "
+            "B is repeatable within about 2 %, D within about 5 %: the change feed's timers fall among "
+            "requests in valgrind's slowed wall time."
             if work
             else "- Instruction counts not measured (valgrind not installed, or --no-instructions)."
         ),
