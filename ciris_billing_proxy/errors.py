@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import math
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -259,3 +260,20 @@ class RouteGuards:
 
     def public(self, handler: Handler) -> Handler:
         return guarded(handler, self._public)
+
+
+#: The routes that answer every path and method nothing else serves with a JSON 404/405 (the
+#: billing and tool prefixes', `serve`'s own): what they allow is not an `Allow` of any path.
+CATCH_ALLS: weakref.WeakSet[web.AbstractResource] = weakref.WeakSet()
+
+
+async def unmatched_reply(request: web.Request) -> web.Response:
+    """The JSON 404, or 405 naming what the path allows, for a request no route of its router
+    serves but a catch-all: raised, for the error middleware bound to the catch-all to answer."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource not in CATCH_ALLS:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        raise http_error(405, "Method Not Allowed", {"Allow": ",".join(sorted(allowed))})
+    raise http_error(404, "Not Found")

@@ -20,12 +20,14 @@ from .auth import identity_of_request
 from .bodies import expect_continue, read_model
 from .errors import (
     BILLING_DISABLED,
+    CATCH_ALLS,
     BillingDisabled,
     IdTokenRequired,
     PaymentNotFound,
     RouteGuards,
     http_error,
     unguarded,
+    unmatched_reply,
 )
 from .id_token import (
     APPLE_HEADER,
@@ -251,7 +253,6 @@ class BillingRoutes:
 
     def __init__(self, service: BillingService) -> None:
         self.service = service
-        self._catch_all: list[web.AbstractResource] = []
 
     async def get_credits(self, request: web.Request) -> web.Response:
         identity = request[VERIFIED_KEY][1]
@@ -348,19 +349,13 @@ class BillingRoutes:
                 "*", path, guard(self.unmatched), expect_handler=self.expect_authenticated
             ).resource
             assert resource is not None
-            self._catch_all.append(resource)
+            CATCH_ALLS.add(resource)
 
     async def unmatched(self, request: web.Request) -> web.Response:
         """The JSON 404 or 405 for a path or method no billing route serves. Answered by a route
         rather than left to aiohttp, whose own 404/405 get its default `Expect:` handling (a
         `100 Continue` before the token check, a plain-text 417)."""
-        allowed: set[str] = set()
-        for resource in request.app.router.resources():
-            if resource not in self._catch_all:
-                allowed |= (await resource.resolve(request))[1]
-        if allowed:
-            raise http_error(405, "Method Not Allowed", {"Allow": ",".join(sorted(allowed))})
-        raise http_error(404, "Not Found")
+        return await unmatched_reply(request)
 
     def _selling(self) -> BillingService:
         """The service, if its provider sells credits; checked before the body or id is even read."""

@@ -133,20 +133,21 @@ def setup_billing(
         config.prefix, login, ui=config.serve_ui, tools_prefix=config.tools_prefix
     ).handle
     api: set[web.AbstractResource] = set()  # the JSON routes, which `cors_origins` opens
-    if subapp:
-        requests = service.counts.requests
-        # Without CORS (the default) the error middleware is bound to each route instead of
-        # installed: aiohttp then runs no middleware layer for these requests unless the host has
-        # one, and the token check is bound only to the routes that need one. aiohttp-cors adds
-        # preflight routes of its own, so with origins it stays installed.
-        guards = (
-            None
-            if config.cors_origins
-            else RouteGuards(
-                error_middleware(before=token_check(verifier), requests=requests),
-                error_middleware(requests=requests),
-            )
+    requests = service.counts.requests
+    # Without CORS (the default) the error middleware is bound to each route instead of installed:
+    # aiohttp then runs no middleware layer for these requests unless the host has one, and the
+    # token check is bound only to the routes that need one. The prefixes' unknown paths are
+    # answered by catch-all routes. aiohttp-cors adds preflight routes of its own, so with origins
+    # the middleware stays installed.
+    guards = (
+        None
+        if config.cors_origins
+        else RouteGuards(
+            error_middleware(before=token_check(verifier), requests=requests),
+            error_middleware(requests=requests),
         )
+    )
+    if subapp:
         protected = error_middleware(before=check, requests=requests)
         errors = cors_middleware(protected, api, config.cors_origins)
         billing = web.Application(middlewares=[] if guards else [errors])
@@ -158,9 +159,21 @@ def setup_billing(
         tools = web.Application(middlewares=[] if guards else [protected])
         add_tool_routes(tools.router, service, own_router=True, guards=guards)
         app.add_subapp(config.tools_prefix, tools)
+    elif guards is not None:
+        anchor = add_routes(
+            app.router,
+            service,
+            config.prefix,
+            public=public,
+            api=api,
+            describe=describe,
+            own_router=True,
+            guards=guards,
+        )
+        add_tool_routes(app.router, service, config.tools_prefix, own_router=True, guards=guards)
     else:
         scopes.append(PathScope((config.prefix, config.tools_prefix)))
-        errors = error_middleware(scopes[-1], before=check, requests=service.counts.requests)
+        errors = error_middleware(scopes[-1], before=check, requests=requests)
         app.middlewares.append(cors_middleware(errors, api, config.cors_origins))
         anchor = add_routes(app.router, service, config.prefix, public=public, api=api, describe=describe)
         add_tool_routes(app.router, service, config.tools_prefix)

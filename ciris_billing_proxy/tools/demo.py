@@ -25,7 +25,7 @@ from ..auth import get_identity
 from ..bodies import expect_continue, read_model
 from ..config import BillingConfig, ConfigError
 from ..cors import allow_preflights, cors_middleware
-from ..errors import error_middleware, guarded, http_error, unguarded
+from ..errors import CATCH_ALLS, error_middleware, guarded, http_error, unguarded, unmatched_reply
 from ..gate import credit_gate
 from ..keys import SPENT_STATUS_KEY, billing_service
 from ..models import InteractReply, InteractRequest
@@ -119,7 +119,7 @@ def create_demo_app(
         app = web.Application(middlewares=[cors_middleware(errors, fake_stripe, config.cors_origins)])
     else:
         # The JSON errors bound to each route, not installed (`errors.guarded`): with no middleware
-        # on the way, aiohttp runs none for a request. Unknown paths get theirs from `Unmatched`.
+        # on the way, aiohttp runs none for a request. Unknown paths get theirs from `add_unmatched`.
         app = web.Application()
         guard = functools.partial(guarded, middleware=errors)
     env = os.environ if environ is None else environ
@@ -127,7 +127,8 @@ def create_demo_app(
     if wants_demo_products and "products" not in config.provider_options:
         options = {**config.provider_options, "products": DEMO_PRODUCTS}
         config = config.model_copy(update={"provider_options": options})
-    service = setup_billing(app, config, authenticate=users.verify_login, environ=environ)
+    # The billing routes on the app's own router (one router resolve per request, not two).
+    service = setup_billing(app, config, authenticate=users.verify_login, environ=environ, subapp=False)
     # JSON 417 for an unknown `Expect:`; aiohttp's default answers before any middleware, in text.
     app.router.add_post(INTERACT_PATH, guard(interact), expect_handler=expect_continue)
     app.router.add_post(TOOL_PATH, guard(ToolGates().handle), expect_handler=expect_continue)
@@ -150,29 +151,17 @@ def create_demo_app(
         label = f"{config.provider} (fake backend)"
     add_demo_page(app.router, demo_page(config, provider=label), guard)
     if fake_backend is None:
-        Unmatched().add(app.router, guard)
+        add_unmatched(app.router, guard)
     return app
 
 
-class Unmatched:
+def add_unmatched(router: web.UrlDispatcher, guard: Callable[[Handler], Handler]) -> None:
     """The JSON 404 or 405 for every path or method no route of the application serves, as a
-    route of its own (last, at `/{tail:.*}`: aiohttp tries every more specific path first), for an
+    route of its own (`/{tail:.*}`: aiohttp tries every more specific path first), for an
     application without an error middleware installed."""
-
-    def __init__(self) -> None:
-        self._resource: web.AbstractResource | None = None
-
-    def add(self, router: web.UrlDispatcher, guard: Callable[[Handler], Handler]) -> None:
-        self._resource = router.add_route("*", "/{tail:.*}", guard(self.answer)).resource
-
-    async def answer(self, request: web.Request) -> web.Response:
-        allowed: set[str] = set()
-        for resource in request.app.router.resources():
-            if resource is not self._resource:
-                allowed |= (await resource.resolve(request))[1]
-        if allowed:
-            raise http_error(405, "Method Not Allowed", {"Allow": ",".join(sorted(allowed))})
-        raise http_error(404, "Not Found")
+    resource = router.add_route("*", "/{tail:.*}", guard(unmatched_reply)).resource
+    assert resource is not None
+    CATCH_ALLS.add(resource)
 
 
 def load_or_create_secret(data_dir: Path) -> str:
