@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
@@ -157,3 +158,31 @@ async def test_no_middleware_layer_runs_for_a_credit_read_or_a_gated_interaction
         match = await app.router.resolve(make_mocked_request(method, path, app=app))
         assert match.http_exception is None
         assert [a.middlewares for a in (app, *match.apps)] == [[] for _ in range(1 + len(match.apps))]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "allow"),
+    [
+        ("POST", CREDITS, 405, "GET,HEAD"),
+        ("GET", INTERACT_PATH, 405, "POST"),
+        ("GET", "/v1/api/billing/nothing-here", 404, None),
+        ("GET", "/nothing-here", 404, None),
+    ],
+)
+async def test_the_routes_bound_errors_answer_unknown_paths_and_methods_in_json(
+    agent: tuple[int, web.Application, BillingConfig], method: str, path: str, status: int, allow: str | None
+) -> None:
+    """With no middleware, the catch-all routes answer what no route serves: a 405 names what the
+    path allows (never a catch-all's `*`), a 404 otherwise, both JSON with a request id."""
+    port, _app, config = agent
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method, f"http://127.0.0.1:{port}{path}", headers=TokenFactory(config).headers("alice")
+        ) as reply,
+    ):
+        assert reply.status == status
+        assert reply.headers.get("Allow") == allow
+        assert reply.content_type == "application/json"
+        assert "detail" in await reply.json()
+        assert reply.headers["X-Request-ID"]
