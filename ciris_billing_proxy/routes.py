@@ -381,8 +381,9 @@ def add_routes(
     (what `cors_origins` opens to other origins; the UI kit's files are readable from any origin).
 
     Every route checks `Expect:` (the token first, where one is needed) before granting
-    `100-continue`. With `own_router` (the billing sub-app's router, which serves nothing else)
-    every other path and method is answered too, with the same `Expect:` handling and a JSON 404/405.
+    `100-continue`. With `own_router` (a router that serves nothing else under the prefix: the
+    billing sub-app's, or the app's with `setup_billing(claim_prefixes=True)`) every other path and
+    method is answered too, with the same `Expect:` handling and a JSON 404/405.
 
     With `guards`, each handler is bound to the error middleware itself (`errors.RouteGuards`),
     for an application that has none installed.

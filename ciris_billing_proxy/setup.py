@@ -40,13 +40,17 @@ def setup_billing(
     login_path: str = DEFAULT_LOGIN_PATH,
     login_throttle: LoginThrottle | None = None,
     subapp: bool = True,
+    claim_prefixes: bool = False,
     environ: Mapping[str, str] | None = None,
 ) -> BillingService:
     """Add the billing routes, their auth and the provider's lifecycle to `app`; return the handle.
 
     * The routes live under `config.prefix`, by default in a sub-app so the auth and JSON-error
       middlewares cover only that prefix. With `subapp=False` they are added to `app` itself and the
-      middlewares are appended to `app`, scoped to the prefix by path.
+      middlewares are appended to `app`, scoped to the prefix by path; with `claim_prefixes` too
+      (and no `cors_origins`), no middleware is added: each route answers its own errors and
+      catch-all routes answer every other path under the prefixes (JSON 404/405, the token first),
+      for an app that serves nothing else there (`serve`: the cheapest requests).
     * `config.protected_paths` also require a valid token on the host's own routes.
     * `config.cors_origins` lets pages on those origins call the billing routes (`cors`).
     * `provider` overrides the entry-point lookup of `config.provider`.
@@ -159,7 +163,7 @@ def setup_billing(
         tools = web.Application(middlewares=[] if guards else [protected])
         add_tool_routes(tools.router, service, own_router=True, guards=guards)
         app.add_subapp(config.tools_prefix, tools)
-    elif guards is not None:
+    elif guards is not None and claim_prefixes:
         anchor = add_routes(
             app.router,
             service,

@@ -127,8 +127,11 @@ def create_demo_app(
     if wants_demo_products and "products" not in config.provider_options:
         options = {**config.provider_options, "products": DEMO_PRODUCTS}
         config = config.model_copy(update={"provider_options": options})
-    # The billing routes on the app's own router (one router resolve per request, not two).
-    service = setup_billing(app, config, authenticate=users.verify_login, environ=environ, subapp=False)
+    # The billing routes on the app's own router (one router resolve per request, not two), which
+    # serves nothing else under the prefixes.
+    service = setup_billing(
+        app, config, authenticate=users.verify_login, environ=environ, subapp=False, claim_prefixes=True
+    )
     # JSON 417 for an unknown `Expect:`; aiohttp's default answers before any middleware, in text.
     app.router.add_post(INTERACT_PATH, guard(interact), expect_handler=expect_continue)
     app.router.add_post(TOOL_PATH, guard(ToolGates().handle), expect_handler=expect_continue)
