@@ -29,10 +29,12 @@ from .model import (
     balance_of,
     check_amount,
     claw_order,
+    decode_taken,
+    encode_taken,
     entry_of,
     grant_of,
     less,
-    release_order,
+    release,
     spend_events,
 )
 from .schema import POSTGRES_SCHEMA
@@ -53,18 +55,14 @@ _LIVE: Final = (
 _READ_ACCOUNT: Final = f"SELECT used, signed_up FROM credit_accounts WHERE {_ACCOUNT}"
 # Everything a spend or reservation writes once its grants are chosen: one round trip.
 _TAKE: Final = """
-WITH taken AS (
-    SELECT * FROM unnest($5::bigint[], $6::bigint[]) AS t(grant_id, n)
-), grants AS (
-    UPDATE credit_grants g SET remaining = g.remaining - taken.n FROM taken WHERE g.id = taken.grant_id
+WITH grants AS (
+    UPDATE credit_grants g SET remaining = g.remaining - t.n
+    FROM unnest($5::bigint[], $6::bigint[]) AS t(grant_id, n) WHERE g.id = t.grant_id
 ), spend AS (
     INSERT INTO credit_spends (namespace, user_id, product, idempotency_key, state, reserved, cost,
-                               model, input_tokens, output_tokens, tool, metadata, created_at)
-    VALUES ($1, $2, $3, $4, $7, $8, $8, $9, $10, $11, $12, $13, $14)
+                               model, input_tokens, output_tokens, tool, metadata, taken, created_at)
+    VALUES ($1, $2, $3, $4, $7, $8, $8, $9, $10, $11, $12, $13, $18, $14)
     RETURNING id
-), allocations AS (
-    INSERT INTO credit_allocations (spend_id, grant_id, amount)
-    SELECT spend.id, taken.grant_id, taken.n FROM spend, taken
 ), account AS (
     UPDATE credit_accounts SET used = used + $8 WHERE namespace = $1 AND user_id = $2 AND product = $3
 )
@@ -268,6 +266,7 @@ class PostgresLedger(Ledger):
                         "spend" if state == "spent" else "reserve",
                         after.total,
                         after.used,
+                        encode_taken(taken),
                     )
                     await self._announce_spend(conn, a, key, before.total, after.total)
                     return after
@@ -288,7 +287,7 @@ class PostgresLedger(Ledger):
 
     async def _spend_row(self, conn: asyncpg.Connection, a: Account, key: str) -> asyncpg.Record | None:
         return await conn.fetchrow(
-            f"SELECT id, state, cost FROM credit_spends WHERE {_ACCOUNT} AND idempotency_key = $4",
+            f"SELECT id, state, cost, taken FROM credit_spends WHERE {_ACCOUNT} AND idempotency_key = $4",
             *_key(a),
             key,
         )
@@ -306,7 +305,7 @@ class PostgresLedger(Ledger):
             if state != "reserved":
                 return await self._balance(conn, account, now)
             keep = min(cost, reserved)
-            await self._return(conn, account, spend_id, reserved - keep)
+            await self._return(conn, account, spend_id, str(row[3]), reserved - keep)
             u = usage or _NO_USAGE
             await conn.execute(
                 "UPDATE credit_spends SET state = 'settled', cost = $1, model = $2, input_tokens = $3, "
@@ -331,23 +330,24 @@ class PostgresLedger(Ledger):
             if row is None or row[1] == "given_back":
                 return None
             spend_id, cost = int(row[0]), int(row[2])
-            await self._return(conn, account, spend_id, cost)
+            await self._return(conn, account, spend_id, str(row[3]), cost)
             await conn.execute("UPDATE credit_spends SET state = 'given_back' WHERE id = $1", spend_id)
             after = await self._balance(conn, account, now)
             await self._entry(conn, account, "give_back", cost, after, now, spend_id=spend_id)
             return after
 
-    async def _return(self, conn: asyncpg.Connection, a: Account, spend_id: int, amount: int) -> None:
+    async def _return(
+        self, conn: asyncpg.Connection, a: Account, spend_id: int, taken: str, amount: int
+    ) -> None:
         if amount == 0:
             return
-        rows = await conn.fetch(
-            "SELECT g.id, g.kind, al.amount, g.expires_at FROM credit_allocations al "
-            "JOIN credit_grants g ON g.id = al.grant_id WHERE al.spend_id = $1",
-            spend_id,
-        )
-        allocated = [Live(int(r[0]), str(r[1]), int(r[2]), r[3]) for r in rows]
-        if allocated:
-            back = release_order(allocated, amount)
+        took = decode_taken(taken)
+        if took:
+            rows = await conn.fetch(
+                "SELECT id, kind, remaining, expires_at FROM credit_grants WHERE id = ANY($1::bigint[])",
+                [g for g, _ in took],
+            )
+            back, kept = release([Live(int(r[0]), str(r[1]), int(r[2]), r[3]) for r in rows], took, amount)
             await conn.execute(
                 "UPDATE credit_grants g SET remaining = g.remaining + t.n "
                 "FROM unnest($1::bigint[], $2::bigint[]) AS t(grant_id, n) WHERE g.id = t.grant_id",
@@ -355,12 +355,7 @@ class PostgresLedger(Ledger):
                 [n for _, n in back],
             )
             await conn.execute(
-                "UPDATE credit_allocations al SET amount = al.amount - t.n "
-                "FROM unnest($1::bigint[], $2::bigint[]) AS t(grant_id, n) "
-                "WHERE al.spend_id = $3 AND al.grant_id = t.grant_id",
-                [g for g, _ in back],
-                [n for _, n in back],
-                spend_id,
+                "UPDATE credit_spends SET taken = $1 WHERE id = $2", encode_taken(kept), spend_id
             )
         else:
             # Spent before grants existed: the use goes back to the signup grant made since.

@@ -5,7 +5,8 @@
   writes of one account are serialised across processes; SQLite's `BEGIN IMMEDIATE` does the same.
 * `credit_grants`: credit as it arrived (kind, amount, what is left, expiry, source, reason, who).
 * `credit_spends`: one row per idempotency key: a spend or a reservation, its state, what it took
-  and the usage the handler attached; `credit_allocations` says which grants it took from.
+  from which grants (`taken`: `grant_id:amount` pairs, comma-separated: one column rather than a
+  table, so a spend writes one row fewer) and the usage the handler attached.
 * `credit_entries`: the journal, one line per movement, with the balance after it.
 
 Before grants, the `simple` provider kept `usage` (uses spent per user; a product's under
@@ -82,16 +83,10 @@ CREATE TABLE {exists} credit_spends (
     output_tokens   BIGINT,
     tool            TEXT,
     metadata        TEXT,
+    taken           TEXT NOT NULL DEFAULT '',
     created_at      TEXT NOT NULL,
     UNIQUE (namespace, user_id, product, idempotency_key)
 );
-CREATE INDEX {exists} credit_spends_time ON credit_spends (namespace, user_id, created_at);
-CREATE TABLE {exists} credit_allocations (
-    spend_id BIGINT NOT NULL,
-    grant_id BIGINT NOT NULL,
-    amount   BIGINT NOT NULL CHECK (amount >= 0),
-    PRIMARY KEY (spend_id, grant_id)
-){without_rowid};
 CREATE TABLE {exists} credit_entries (
     id              {id},
     namespace       TEXT NOT NULL,
@@ -110,7 +105,6 @@ CREATE TABLE {exists} credit_entries (
     created_at      TEXT NOT NULL
 );
 CREATE INDEX {exists} credit_entries_account ON credit_entries (namespace, user_id, product, id);
-CREATE INDEX {exists} credit_entries_time ON credit_entries (created_at);
 CREATE UNIQUE INDEX {exists} credit_entries_key
     ON credit_entries (namespace, user_id, product, idempotency_key)
     WHERE idempotency_key IS NOT NULL
