@@ -276,7 +276,7 @@ def _take_in(ordered: Sequence[Live], amount: int) -> list[tuple[int, int]]:
 
 
 def encode_taken(taken: Sequence[tuple[int, int]]) -> str:
-    """`credit_spends.taken`: what a spend took from each grant, as `id:amount,id:amount`."""
+    """A spend's `taken`: what it took from each grant, as `id:amount,id:amount`."""
     return ",".join(f"{grant_id}:{n}" for grant_id, n in taken if n)
 
 
@@ -302,12 +302,14 @@ def grant_of(row: Sequence[Any]) -> Grant:
 
 
 GRANT_COLUMNS: Final = "id, kind, source, amount, remaining, expires_at, reason, note, actor, created_at"
+# A give-back's or settlement's line shows the usage of the spend it belongs to.
 ENTRY_COLUMNS: Final = (
     "e.id, e.namespace, e.user_id, e.product, e.kind, e.amount, e.balance_after, e.used_after, "
-    "e.grant_id, e.reason, e.note, e.actor, e.created_at, "
-    "s.model, s.input_tokens, s.output_tokens, s.tool, s.metadata"
+    "e.grant_id, e.reason, e.note, e.actor, e.created_at, COALESCE(s.model, e.model), "
+    "COALESCE(s.input_tokens, e.input_tokens), COALESCE(s.output_tokens, e.output_tokens), "
+    "COALESCE(s.tool, e.tool), COALESCE(s.metadata, e.metadata)"
 )
-ENTRY_FROM: Final = "credit_entries e LEFT JOIN credit_spends s ON s.id = e.spend_id"
+ENTRY_FROM: Final = "credit_entries e LEFT JOIN credit_entries s ON s.id = e.spend_id"
 
 
 def entry_of(row: Sequence[Any]) -> Entry:
