@@ -205,7 +205,12 @@ class CreditRoutes:
         expiry = change.expiry()
         if expiry is not None and expiry <= ledger.clock():
             raise http_error(422, "Invalid request: expires_at must be in the future")
-        reply = await change_credit(ledger, account, change, actor=user_of(caller), key=key)
+        try:
+            reply = await change_credit(ledger, account, change, actor=user_of(caller), key=key)
+        except Overdrawn as exc:
+            raise http_error(409, OVERDRAWN.format(balance=exc.balance)) from None
+        except KeyReused:
+            raise http_error(409, KEY_REUSED) from None
         if not reply.replayed:
             self.service.invalidate(Identity(account.user_id, account.namespace, caller.role))
             self.service.audit.record(
@@ -246,42 +251,37 @@ class CreditRoutes:
 async def change_credit(
     ledger: Ledger, account: Account, change: AdminGrantRequest, *, actor: str, key: str | None
 ) -> AdminGrantReply:
-    """Apply an admin's grant or correction (the HTTP route's and the command line's): 409s for a
-    correction beyond the balance or a key used for another change."""
+    """Apply an admin's grant or correction (the HTTP route's and the command line's): `Overdrawn`
+    for a correction beyond the balance, `KeyReused` for a key used for another change."""
     now = ledger.clock()
-    try:
-        if change.amount > 0:
-            granted = await ledger.grant(
-                account,
-                change.amount,
-                change.kind or "promotional",
-                source="admin",
-                reason=change.reason,
-                note=change.note,
-                actor=actor,
-                expires_at=change.expiry(),
-                key=key,
-            )
-            return AdminGrantReply(
-                amount=granted.grant.amount,
-                grant=GrantInfo.of(granted.grant, now),
-                grant_ids=[granted.grant.id],
-                balance=AdminBalance.of(granted.balance),
-                replayed=granted.replayed,
-            )
-        clawed = await ledger.claw_back(
+    if change.amount > 0:
+        granted = await ledger.grant(
             account,
-            -change.amount,
+            change.amount,
+            change.kind or "promotional",
+            source="admin",
             reason=change.reason,
             note=change.note,
             actor=actor,
-            kind=change.kind,
+            expires_at=change.expiry(),
             key=key,
         )
-    except Overdrawn as exc:
-        raise http_error(409, OVERDRAWN.format(balance=exc.balance)) from None
-    except KeyReused:
-        raise http_error(409, KEY_REUSED) from None
+        return AdminGrantReply(
+            amount=granted.grant.amount,
+            grant=GrantInfo.of(granted.grant, now),
+            grant_ids=[granted.grant.id],
+            balance=AdminBalance.of(granted.balance),
+            replayed=granted.replayed,
+        )
+    clawed = await ledger.claw_back(
+        account,
+        -change.amount,
+        reason=change.reason,
+        note=change.note,
+        actor=actor,
+        kind=change.kind,
+        key=key,
+    )
     return AdminGrantReply(
         amount=-clawed.taken,
         grant=None,
