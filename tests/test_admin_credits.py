@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from ciris_billing_proxy.client import BillingAPIError, BillingClient, ForbiddenError
 from ciris_billing_proxy.testing import TokenFactory
 from ciris_billing_proxy.tools.cli import main
 
@@ -244,3 +245,24 @@ def test_the_credits_command_grants_corrects_shows_and_audits(
     assert main(["credits", "grant", "ann", "-1", "--reason", "goodwill", *store]) == 2
     with pytest.raises(SystemExit):
         main(["credits", "grant", "ann", "1", "--reason", "because", *store])
+
+
+async def test_the_python_client_reads_usage_and_drives_the_admin_routes(
+    setup: tuple[Any, TokenFactory],
+) -> None:
+    client, tokens = setup
+    base = str(client.make_url(""))
+    async with BillingClient(base, token=tokens.token("root", role="admin")) as admin:
+        granted = await admin.admin_grant("ann", 4, "goodwill", kind="paid", idempotency_key="g-1")
+        assert (granted.amount, granted.balance.credits_remaining) == (4, 4)
+        shown = await admin.admin_user_credits("ann")
+        assert [g.kind for g in shown.grants] == ["paid", "free"]
+        audit = await admin.admin_audit(user_id="ann", kind="grant")
+        assert [(e.amount, e.reason) for e in audit.entries] == [(4, "goodwill")]
+        with pytest.raises(BillingAPIError) as refused:
+            await admin.admin_grant("ann", -99, "correction")
+        assert refused.value.status == 409
+    async with BillingClient(base, token=tokens.token("ann")) as ann:
+        assert (await ann.get_usage(group_by="product")).totals == []
+        with pytest.raises(ForbiddenError):
+            await ann.admin_audit()
