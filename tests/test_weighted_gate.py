@@ -6,6 +6,8 @@ demo-only `"cost"`."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -82,13 +84,16 @@ async def test_a_cost_is_taken_whole_or_refused(make_client: ClientFactory, tmp_
 
 
 async def test_a_reservation_keeps_what_the_handler_settles(
-    make_client: ClientFactory, tmp_path: Path
+    make_client: ClientFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="ciris_billing_proxy.audit")
     config = _config(tmp_path, 30)
     client = await make_client(config, host=weighted_routes)
     auth = TokenFactory(config).headers("ann")
     assert (await client.post("/chat", params={"settle": "4"}, headers=auth)).status == 200
     assert await left(client, auth) == (26, 4)
+    audited = [json.loads(r.getMessage()) for r in caplog.records if r.name == "ciris_billing_proxy.audit"]
+    assert [(e["event"], e["amount"]) for e in audited] == [("spend", 10), ("settle", 4)]
     assert (await client.post("/chat", headers=auth)).status == 200  # not settled: all of it kept
     assert await left(client, auth) == (16, 14)
     assert (await client.post("/chat", params={"settle": "2", "fail": "1"}, headers=auth)).status == 500
