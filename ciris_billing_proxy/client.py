@@ -339,8 +339,8 @@ class BillingClient:
     async def get_usage(
         self, *, since: str | None = None, until: str | None = None, group_by: str = "day"
     ) -> UsageReport:
-        """The caller's spends totalled per `day`, `model` or `product` over [since, until) (ISO 8601;
-        by default the last 30 days)."""
+        """The caller's spends totalled per `day`, `model` or `product` over the UTC days
+        [since, until) (`YYYY-MM-DD`; by default the last 30 days)."""
         params = {"group_by": group_by} | _given(("from", since), ("to", until))
         return _parse(UsageReport, await self.request("GET", self.prefix + USAGE_ROUTE, params=params))
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Final
 
 from aiohttp import web
@@ -29,7 +29,6 @@ from .credit_models import (
     JournalLine,
     UsageGroup,
     UsageReport,
-    parse_instant,
 )
 from .errors import http_error
 from .identity import Identity
@@ -48,9 +47,10 @@ KEY_REUSED: Final = "Idempotency-Key was used for another change of this user's 
 #: How far back `GET /usage` looks without a `from`.
 DEFAULT_USAGE_DAYS: Final = 30
 
-_INSTANT: Final = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9:.]{2,15}(Z|[+\-][0-9]{2}:?[0-9]{2})?)?")
-SINCE: Final = TextQuery("from", _INSTANT, "Start (inclusive), ISO 8601; default 30 days before `to`.")
-UNTIL: Final = TextQuery("to", _INSTANT, "End (exclusive), ISO 8601; default now.")
+#: A UTC day, `YYYY-MM-DD`: usage and the journal are read by the day.
+_DAY: Final = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+SINCE: Final = TextQuery("from", _DAY, "First UTC day (YYYY-MM-DD); default 30 days before `to`.", "date")
+UNTIL: Final = TextQuery("to", _DAY, "The UTC day the range ends before (YYYY-MM-DD); default now.", "date")
 GROUP_BY: Final = TextQuery(
     "group_by", re.compile("day|model|product"), "`day` (default), `model` or `product`."
 )
@@ -61,7 +61,7 @@ NAMESPACE: Final = TextQuery(
     "The user's identity namespace (default: the agent's `identity_namespace`, e.g. `local`).",
 )
 AUDIT_USER: Final = TextQuery("user_id", re.compile(r".{1,256}"), "Only this user's lines.")
-AUDIT_SINCE: Final = TextQuery("since", _INSTANT, "Only lines from this moment on (ISO 8601).")
+AUDIT_SINCE: Final = TextQuery("since", _DAY, "Only lines from this UTC day on (YYYY-MM-DD).", "date")
 AUDIT_KIND: Final = TextQuery("kind", re.compile("|".join(ENTRY_KINDS)), "Only lines of this kind.")
 LIMIT: Final = IntQuery("limit", 50, 1, 100, "Lines per page.")
 OFFSET: Final = IntQuery("offset", 0, 0, 1_000_000_000, "Lines to skip, newest first.")
@@ -81,7 +81,7 @@ USAGE: Final = Operation(
     {
         **BEARER_ERRORS,
         404: NO_LEDGER,
-        422: "`from`, `to` or `group_by` not valid, or `from` not before `to`",
+        422: "`from`, `to` or `group_by` not valid (a range that ends before it starts is empty: no totals)",
         503: PROVIDER_FAILED,
     },
     "credits",
@@ -162,8 +162,6 @@ class CreditRoutes:
         identity: Identity = request[VERIFIED_KEY][1]
         until = _instant(UNTIL, request) or datetime.fromtimestamp(ledger.clock(), UTC)
         since = _instant(SINCE, request) or until - timedelta(days=DEFAULT_USAGE_DAYS)
-        if since >= until:
-            raise http_error(422, "Invalid request: from must be before to")
         group_by = GROUP_BY.read(request) or "day"
         low, high = iso(since.timestamp()), iso(until.timestamp())
         totals = await ledger.usage_totals(identity.namespace, identity.user_id, low, high, group_by)
@@ -291,13 +289,15 @@ async def change_credit(
 
 
 def _instant(param: TextQuery, request: web.Request) -> datetime | None:
+    """A day parameter as the moment it starts (UTC)."""
     raw = param.read(request)
     if raw is None:
         return None
     try:
-        return parse_instant(raw)
+        day = date.fromisoformat(raw)
     except ValueError:
-        raise http_error(422, f"Invalid request: {param.name} is not an ISO 8601 date-time") from None
+        raise http_error(422, f"Invalid request: {param.name} is not a date (YYYY-MM-DD)") from None
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
 
 
 def _json(model: CreditModel) -> web.Response:

@@ -162,7 +162,7 @@ def _text(param: TextParam | TextQuery) -> dict[str, Any]:
 
 def _query(param: IntQuery | TextQuery) -> dict[str, Any]:
     if isinstance(param, TextQuery):
-        return _text(param)
+        return _text(param) if param.format is None else {"type": "string", "format": param.format}
     return {"type": "integer", "minimum": param.low, "maximum": param.high, "default": param.default}
 
 

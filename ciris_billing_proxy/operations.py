@@ -44,11 +44,14 @@ class IntQuery:
 
 @dataclass(frozen=True, slots=True)
 class TextQuery:
-    """An optional text query parameter that must match `regex` in full; otherwise a 422."""
+    """An optional text query parameter that must match `regex` in full; otherwise a 422. With a
+    `format` (an OpenAPI string format, e.g. `date`), the document states that instead of the
+    pattern, and the route must accept every value of it."""
 
     name: str
     regex: re.Pattern[str]
     description: str
+    format: str | None = None
 
     def read(self, request: web.Request) -> str | None:
         raw = request.query.get(self.name)

@@ -432,7 +432,7 @@ scenario("getUsage", 200, "simple")(
 )
 scenario("getUsage", 404)(lambda ctx: ctx.send("GET", USAGE, headers=ctx.auth))
 scenario("getUsage", 422, "simple")(
-    lambda ctx: ctx.send("GET", USAGE, headers=ctx.auth, params={"from": "2030-01-01", "to": "2020-01-01"})
+    lambda ctx: ctx.send("GET", USAGE, headers=ctx.auth, params={"from": "2030-02-30"})
 )
 
 

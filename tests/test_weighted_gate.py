@@ -143,6 +143,8 @@ async def test_usage_is_kept_with_its_spend_and_totalled(make_client: ClientFact
     ]
     other = await (await client.get(USAGE, headers=TokenFactory(config).headers("bob"))).json()
     assert other["totals"] == []
+    backwards = await client.get(USAGE, params={"from": "2026-02-01", "to": "2026-01-01"}, headers=auth)
+    assert (await backwards.json())["totals"] == []
 
 
 @pytest.mark.parametrize(
@@ -151,7 +153,6 @@ async def test_usage_is_kept_with_its_spend_and_totalled(make_client: ClientFact
         ({"group_by": "week"}, "group_by"),
         ({"from": "yesterday"}, "from"),
         ({"to": "2026-13-45"}, "to"),
-        ({"from": "2026-02-01", "to": "2026-01-01"}, "from must be before to"),
     ],
 )
 async def test_bad_usage_queries_are_422(
