@@ -16,6 +16,7 @@ from aiohttp import web
 
 from ciris_billing_proxy import BillingConfig, ConfigError, credit_gate, setup_billing
 from ciris_billing_proxy.gate import billing_spend
+from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.testing import TokenFactory
 from ciris_billing_proxy.tools.demo import create_demo_app
 from ciris_billing_proxy.tools.users import UserStore
@@ -204,3 +205,20 @@ async def test_the_demo_charges_the_cost_its_request_asks(aiohttp_client: Any, t
         assert "cost" in (await resp.json())["detail"]
     assert (await client.post(interact, params={"cost": "5"}, data=b"{", headers=auth)).status == 400
     assert await left(client, auth) == (12, 8)
+
+
+async def test_the_configured_threshold_reaches_the_ledger_and_a_crossing_is_one_event(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
+    config = make_config(
+        tmp_path, low_balance_threshold=4, provider_options={"database": ":memory:", "free_uses": 10}
+    )
+    client = await make_client(config, host=weighted_routes)
+    auth = TokenFactory(config).headers("ann")
+    for _ in range(3):
+        assert (await client.post("/three", headers=auth)).status == 200  # 10 -> 7 -> 4 -> 1
+    ledger = client.app[SERVICE_KEY].provider.credit_ledger
+    rows = await ledger.engine.run(
+        lambda conn: conn.execute("SELECT kind, data FROM billing_events").fetchall()
+    )
+    assert [(kind, json.loads(data)["balance_after"]) for kind, data in rows] == [("balance.low", 4)]
