@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from .auth import identity_of_request
 from .bodies import expect_continue, read_model
+from .credit_routes import add_credit_routes
 from .errors import (
     BILLING_DISABLED,
     CATCH_ALLS,
@@ -408,6 +409,7 @@ def add_routes(
             expect_handler=expect_continue,
         ),
     ]
+    added += add_credit_routes(router, service, prefix, expect, guard)
     public.add(describe)
     api.update(route.resource for route in added if route.resource is not None)
     credits = added[0].resource

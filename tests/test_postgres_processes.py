@@ -35,7 +35,7 @@ async def test_two_serve_processes_share_the_free_uses(pg_url: str, tmp_path: Pa
             assert statuses.count(402) == 30
             async with session.get(f"{two.url}/v1/api/billing/credits", headers=auth) as r:
                 assert (await r.json())["total_uses"] == 10
-    assert await fetch(pg_url, "SELECT used FROM usage") == [(10,)]
+    assert await fetch(pg_url, "SELECT used FROM credit_accounts") == [(10,)]
 
 
 async def test_five_processes_migrating_one_new_database_at_once_apply_each_step_once(pg_url: str) -> None:
@@ -54,26 +54,29 @@ async def test_five_processes_migrating_one_new_database_at_once_apply_each_step
         *["audit at version 1 (up to date)"] * 4,
         "change_feed at version 2 (2 step(s) applied)",
         *["change_feed at version 2 (up to date)"] * 4,
+        "events at version 1 (1 step(s) applied)",
+        *["events at version 1 (up to date)"] * 4,
         "give_backs at version 1 (1 step(s) applied)",
         *["give_backs at version 1 (up to date)"] * 4,
+        "ledger at version 1 (1 step(s) applied)",
+        *["ledger at version 1 (up to date)"] * 4,
         "login_failures at version 1 (1 step(s) applied)",
         *["login_failures at version 1 (up to date)"] * 4,
         "payments at version 1 (1 step(s) applied)",
         *["payments at version 1 (up to date)"] * 4,
         "purchase_replays at version 1 (1 step(s) applied)",
         *["purchase_replays at version 1 (up to date)"] * 4,
-        "usage at version 1 (1 step(s) applied)",
-        *["usage at version 1 (up to date)"] * 4,
     ]
     assert await fetch(pg_url, "SELECT component, version FROM schema_version ORDER BY 1") == [
         ("audit", 1),
         ("change_feed", 1),
         ("change_feed", 2),
+        ("events", 1),
         ("give_backs", 1),
+        ("ledger", 1),
         ("login_failures", 1),
         ("payments", 1),
         ("purchase_replays", 1),
-        ("usage", 1),
     ]
 
 
@@ -121,3 +124,47 @@ def test_a_bad_database_url_is_one_line_and_exit_2(
     assert words in result.stderr
     assert result.stderr.count("\n") == 1
     assert "hunter2" not in result.stderr
+
+
+async def test_two_serve_processes_never_take_more_than_200_weighted_spends_may(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """200 interactions costing 1 to 5, sent at once to two processes: the successes together take
+    exactly what the ledger took from the grants (signup, an expiring promotion, paid credit), never
+    more than there was."""
+    env = clean_env(CIRIS_JWT_SECRET=SECRET)
+    users = ["--user", "ann:pw", "--user", "root:pw:root@example.com:admin"]
+    args = ["--database-url", pg_url, "--provider-option", "free_uses=150", *users]
+    with serve(args, tmp_path / "one", env) as one, serve(args, tmp_path / "two", env) as two:
+        async with aiohttp.ClientSession() as session:
+            ann = {"Authorization": f"Bearer {await login(session, one.url, 'ann', 'pw')}"}
+            root = {"Authorization": f"Bearer {await login(session, two.url, 'root', 'pw')}"}
+            grants = f"{one.url}/v1/api/billing/admin/users/ann/grants"
+            for grant in (
+                {"amount": 100, "kind": "promotional", "reason": "promotion", "expires_at": "2099-01-01"},
+                {"amount": 50, "kind": "paid", "reason": "purchase"},
+            ):
+                async with session.post(grants, json=grant, headers=root) as r:
+                    assert r.status == 200, await r.text()
+
+            async def interact(n: int) -> int:
+                cost = 1 + n % 5
+                url = (one, two)[n % 2].url
+                async with session.post(
+                    f"{url}/v1/agent/interact", params={"cost": str(cost)}, json={"message": "x"}, headers=ann
+                ) as r:
+                    assert r.status in (200, 402), await r.text()
+                    return cost if r.status == 200 else 0
+
+            taken = sum(await asyncio.gather(*(interact(n) for n in range(200))))
+            assert 300 - 5 < taken <= 300  # 600 asked: at most a cost of 5 left unspent
+            async with session.get(f"{two.url}/v1/api/billing/credits", headers=ann) as r:
+                credits = await r.json()
+            assert credits["credits_remaining"] + credits["free_uses_remaining"] == 300 - taken
+            assert credits["total_uses"] == taken
+    assert await fetch(pg_url, "SELECT used FROM credit_accounts WHERE user_id = 'ann'") == [(taken,)]
+    assert await fetch(pg_url, "SELECT SUM(remaining) FROM credit_grants WHERE user_id = 'ann'") == [
+        (300 - taken,)
+    ]
+    spent = "SELECT SUM(cost) FROM credit_entries WHERE user_id = 'ann' AND state = 'spent'"
+    assert await fetch(pg_url, spent) == [(taken,)]

@@ -1,9 +1,9 @@
 """Schemathesis against the running demo, `serve` (simple) and `serve --fake-backend`, as real
 subprocesses, logged in through the demo login, with all of its checks: zero failures.
 
-`tests/schemathesis.toml` holds the check configuration. Login lockouts are off in these servers
-(both limits 0): schemathesis sends hundreds of failed logins, with user names it has read in
-replies, which would lock out the run's own user. The 429 they would give is documented and
+`tests/schemathesis.toml` holds the check configuration. Login lockouts and the limit of new tokens
+are off in these servers (limits 0): schemathesis sends hundreds of failed logins, with user names
+it has read in replies, which would lock out the run's own user. The 429 they would give is documented and
 produced in tests/test_openapi.py.
 """
 
@@ -29,7 +29,13 @@ MAX_EXAMPLES = "10"
 
 @pytest.mark.parametrize("args", [[], ["--fake-backend"]], ids=["simple", "fake-backend"])
 def test_schemathesis_finds_nothing(tmp_path: Path, args: list[str]) -> None:
-    env = clean_env(CIRIS_LOGIN_MAX_FAILURES_PER_USER="0", CIRIS_LOGIN_MAX_FAILURES_PER_ADDRESS="0")
+    # No limit of new tokens either: the run logs in again after each of its own logouts, once per
+    # operation it then tries, and refreshes hundreds of times (the 429 is test_openapi.py's too).
+    env = clean_env(
+        CIRIS_LOGIN_MAX_FAILURES_PER_USER="0",
+        CIRIS_LOGIN_MAX_FAILURES_PER_ADDRESS="0",
+        CIRIS_TOKEN_ISSUE_MAX_PER_USER="0",
+    )
     # The email address lets the ciris provider start purchases.
     user = ["--user", f"{USER}:{PASSWORD}:{USER}@example.com"]
     with serve([*args, *user], tmp_path / "data", env) as server:

@@ -1,5 +1,6 @@
 """The demo agent: login, the billing and tool routes, and its gated endpoints: `POST /v1/agent/interact`
-(one interaction use) and `POST /v1/agent/tools/{product}` (one use of that product).
+(one interaction use; on a provider with weighted spends, an optional `?cost=N`, 1-10, a demo-only
+knob) and `POST /v1/agent/tools/{product}` (one use of that product).
 
 It is what `ciris-billing-proxy serve` runs; `examples/agent.py` is the same idea in a few lines.
 State lives in the data directory: the usage ledger, a generated JWT secret (so tokens stay valid
@@ -16,7 +17,7 @@ import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -29,6 +30,7 @@ from ..errors import CATCH_ALLS, error_middleware, guarded, http_error, unguarde
 from ..gate import credit_gate
 from ..keys import SPENT_STATUS_KEY, billing_service
 from ..models import InteractReply, InteractRequest
+from ..operations import IntQuery
 from ..ops.health import ALIVE_PATH, READY_PATH, alive, ready
 from ..ops.metrics import METRICS_PATH, metrics
 from ..products import valid_tool_name
@@ -55,9 +57,24 @@ DEMO_PRODUCTS = {
 _PASSWORD_ALPHABET = string.ascii_letters + string.digits
 
 
-@credit_gate
-async def interact(request: web.Request) -> web.Response:
+#: Demo only: what an interaction costs, from `?cost=N` (1-10) to show weighted spends
+#: (docs/credits.md). A real agent decides a cost from what the interaction did, never from what the
+#: client asks. A query parameter rather than a body field, so the cost is known, and taken, before
+#: the body is read, as a gate takes every use.
+COST_PARAM: Final = IntQuery("cost", 1, 1, 10, "Demo only: what this interaction costs (weighted spends).")
+#: What a `cost` other than 1 gets from a provider that takes one use per interaction.
+ONE_USE_ONLY: Final = "Invalid request: cost: this agent's credit provider takes one use per interaction"
+
+
+def interaction_cost(request: web.Request) -> int:
+    """The demo's cost of an interaction: `?cost=N` (1-10; a 422 otherwise), else 1."""
+    return COST_PARAM.read(request)
+
+
+async def _interact(request: web.Request) -> web.Response:
     service = billing_service(request)
+    if COST_PARAM.read(request) != 1 and not service.provider.weighted_spends:
+        raise http_error(422, ONE_USE_ONLY)
     config = service.config
     body = await read_model(
         request, InteractRequest, config.max_body_bytes, time_limit=config.body_timeout_seconds
@@ -75,6 +92,12 @@ async def interact(request: web.Request) -> web.Response:
             free_uses_remaining=status.free_uses_remaining,
         )
     )
+
+
+#: `POST /v1/agent/interact` on a provider with weighted spends: `?cost=N` is charged.
+weighted_interact = credit_gate(cost=interaction_cost)(_interact)
+#: The same on a provider that takes one use per interaction.
+interact = credit_gate(_interact)
 
 
 async def _use_tool(request: web.Request) -> web.Response:
@@ -133,7 +156,8 @@ def create_demo_app(
         app, config, authenticate=users.verify_login, environ=environ, subapp=False, claim_prefixes=True
     )
     # JSON 417 for an unknown `Expect:`; aiohttp's default answers before any middleware, in text.
-    app.router.add_post(INTERACT_PATH, guard(interact), expect_handler=expect_continue)
+    handler = weighted_interact if service.provider.weighted_spends else interact
+    app.router.add_post(INTERACT_PATH, guard(handler), expect_handler=expect_continue)
     app.router.add_post(TOOL_PATH, guard(ToolGates().handle), expect_handler=expect_continue)
     app.router.add_get(ALIVE_PATH, guard(alive))
     app.router.add_get(READY_PATH, guard(ready))
