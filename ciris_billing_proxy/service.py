@@ -23,6 +23,7 @@ from .auth import TokenVerifier
 from .cache import CreditCache
 from .config import BillingConfig, ConfigError
 from .errors import BillingError, InsufficientCredit, ProviderUnavailable
+from .events.outbox import EventOutbox
 from .identity import Identity
 from .models import (
     AppStorePurchase,
@@ -36,6 +37,7 @@ from .models import (
 )
 from .ops.audit import AuditKind, AuditTrail, user_of
 from .ops.health import Health, readiness
+from .ops.logs import FaultLog
 from .ops.metrics import Counts, MultiprocessWriter
 from .ops.outbox import GiveBackOutbox
 from .products import ToolBalance, ToolCheck, ToolPurchase, ToolPurchaseRequest
@@ -50,6 +52,8 @@ T = TypeVar("T")
 ENDED: Final = frozenset({"succeeded", "failed", "canceled"})
 
 logger = logging.getLogger("ciris_billing_proxy")
+#: Fault lines an outage repeats: once, then a count (`ops.logs.FaultLog`).
+faults = FaultLog(logger)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +111,8 @@ class BillingService:
     * `await health()`: whether billing can serve now, check by check (what `GET /readyz` answers);
     * `counts`: what the metrics count (`ops.metrics`), `give_backs_owed()`;
     * `audit`: where money and auth events go (`ops.audit`; `audit.record(...)` for the host's own);
-    * `provider`, `config`: what it was built with; `stripe_js`: a stand-in Stripe.js to announce.
+    * `provider`, `config`: what it was built with; `stripe_js`: a stand-in Stripe.js to announce;
+    * `events`: the billing event outbox and its delivery (`events.outbox`, docs/events.md).
 
     With a change feed (`setup_billing` gives it one on the configured database), every change
     made here reaches the other processes sharing that database, and theirs reach this one: it is
@@ -124,8 +129,13 @@ class BillingService:
         feed: ChangeFeed | None = None,
         outbox: GiveBackOutbox | None = None,
         audit: AuditTrail | None = None,
+        events: EventOutbox | None = None,
     ) -> None:
         self.config = config
+        #: Billing events: kept until delivered to the host's callback and the webhook.
+        self.events = events
+        # Purchases whose `purchase.succeeded` this process emitted (the store keeps it once for all).
+        self._emitted_payments: LRUCache[str, None] = LRUCache(maxsize=4096)
         #: Where money and auth events go (`ops.audit`); `setup_billing` runs its lifespan.
         self.audit = audit or AuditTrail()
         # Payments whose end (settled, failed) was audited: a status is polled until it ends and
@@ -169,7 +179,11 @@ class BillingService:
             if self.outbox is not None:
                 await self.outbox.open()
             await self.provider.start()
+            if self.events is not None:
+                await self.events.open(self.provider)
         except BaseException as exc:
+            if self.events is not None:
+                await self.events.close()
             await self.provider.stop()
             if self.outbox is not None:
                 await self.outbox.close()
@@ -209,6 +223,10 @@ class BillingService:
                 )
             if self.outbox is not None:
                 await self.outbox.close()
+            # After the drain (the last changes' events are written), before the provider closes
+            # the engine the events may be on; an event not delivered yet stays in the store.
+            if self.events is not None:
+                await self.events.close()
             await self.provider.stop()
             if self.feed is not None:
                 await self.feed.stop()
@@ -474,6 +492,7 @@ class BillingService:
         )
         if status.status == "succeeded":
             self._forget(identity)
+            await self._purchase_succeeded(identity, payment_id, status)
         if status.status in ENDED and payment_id not in self._audited_payments:
             self._audited_payments[payment_id] = None
             kind = AuditKind.PURCHASE_SETTLED if status.status == "succeeded" else AuditKind.PURCHASE_FAILED
@@ -482,6 +501,28 @@ class BillingService:
                 kind, user_of(identity), outcome, amount=status.credits_added, reference=payment_id
             )
         return status
+
+    async def _purchase_succeeded(self, identity: Identity, payment_id: str, status: PurchaseStatus) -> None:
+        """`purchase.succeeded`, for a provider that writes no events of its own: once per payment
+        whichever process sees it first (the outbox keeps one per payment id). A store that does not
+        answer now loses nothing: the next status poll emits it."""
+        events = self.events
+        if events is None or not events.service_emits or payment_id in self._emitted_payments:
+            return
+        data = {
+            "payment_id": payment_id,
+            "credits_added": status.credits_added,
+            "balance_after": status.balance_after,
+        }
+        emit = events.emit("purchase.succeeded", identity, data, once_key=f"purchase.succeeded:{payment_id}")
+        try:
+            await asyncio.shield(self._track(emit))
+        except ProviderUnavailable:
+            faults.warning(
+                "Could not keep the purchase.succeeded event of a payment; the next status poll tries again"
+            )
+            return
+        self._emitted_payments[payment_id] = None
 
     async def verify_google_play(self, identity: Identity, purchase: GooglePlayPurchase) -> StoreVerification:
         call = self.provider.verify_google_play(identity, purchase)
@@ -669,6 +710,8 @@ class BillingService:
         finally:
             self._forget(identity)
             self.audit.record(self._audit_kind(what), user_of(identity), outcome, amount=1, reference=key)
+            if self.events is not None:
+                self.events.delivery.wake()  # the change may have written an event (balance.low)
 
     def _audit_kind(self, what: str) -> AuditKind:
         if what == "spend":

@@ -14,6 +14,11 @@ from .auth_routes import add_auth_routes
 from .config import BillingConfig, ConfigError
 from .cors import allow_preflights, cors_middleware
 from .errors import error_middleware
+from .events.delivery import EventDelivery
+from .events.model import EventHandler
+from .events.outbox import EventOutbox
+from .events.sinks import CallbackSink, Sink
+from .events.webhooks import WebhookSink
 from .keys import SERVICE_KEY
 from .login import Authenticator
 from .openapi import APIDescription
@@ -41,6 +46,7 @@ def setup_billing(
     login_throttle: LoginThrottle | None = None,
     subapp: bool = True,
     environ: Mapping[str, str] | None = None,
+    on_event: EventHandler | None = None,
 ) -> BillingService:
     """Add the billing routes, their auth and the provider's lifecycle to `app`; return the handle.
 
@@ -56,6 +62,10 @@ def setup_billing(
       or by `login_throttle`.
     * Money and auth events go to the `ciris_billing_proxy.audit` logger and, with a
       `database_url`, to the store (`ops.audit`).
+    * `on_event`, an async function, receives every billing event (`events.Event`: `balance.low`,
+      `purchase.succeeded`, ...) at least once, from the delivery loop; one that raises gets the
+      event again later. With `config.events_url` they are also POSTed there, signed
+      (docs/events.md).
 
     Paths are relative to `app`: mounted with `outer.add_subapp("/agent", app)`, the routes are
     served at `/agent{prefix}` and `/agent{protected path}` needs a token. Call this before `app` is
@@ -83,6 +93,8 @@ def setup_billing(
         )
     else:
         check_provider_class(type(provider), provider.name)
+    if on_event is not None and not callable(on_event):
+        raise ConfigError("setup_billing(on_event=...) takes an async function (async def)")
     database_url = config.database_url.get_secret_value() if config.database_url else None
     audit = AuditTrail(
         None if database_url is None else functools.partial(audit_store, database_url, config.database_budget)
@@ -96,6 +108,12 @@ def setup_billing(
             database_url, config.data_dir, config.database_budget, period=config.give_back_retry_max_seconds
         ),
         audit,
+        EventOutbox(
+            EventDelivery(event_sinks(config, on_event), retry_max_seconds=config.events_retry_max_seconds),
+            database_url,
+            config.data_dir,
+            config.database_budget,
+        ),
     )
 
     app[SERVICE_KEY] = service
@@ -155,6 +173,16 @@ def setup_billing(
     if scopes:
         app.on_startup.append(_rebase_on_mount(anchor, scopes))
     return service
+
+
+def event_sinks(config: BillingConfig, on_event: EventHandler | None) -> list[Sink]:
+    """Where billing events go: the host's callback, then the webhook."""
+    sinks: list[Sink] = []
+    if on_event is not None:
+        sinks.append(CallbackSink(on_event))
+    if config.events_url is not None and config.events_secret is not None:
+        sinks.append(WebhookSink(config.events_url, config.events_secret.get_secret_value()))
+    return sinks
 
 
 def provider_context(config: BillingConfig, environ: Mapping[str, str] | None = None) -> ProviderContext:

@@ -110,6 +110,10 @@ class SimpleProvider(CreditProvider):
     def keeps_transactions(self) -> bool:
         return True
 
+    @property
+    def events_engine(self) -> Engine:
+        return self.ledger.engine
+
     async def start(self) -> None:
         await self.ledger.open()
 
