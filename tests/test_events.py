@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -23,9 +24,11 @@ from ciris_billing_proxy.events import Event, SignatureVerificationError, sign, 
 from ciris_billing_proxy.events.delivery import retry_delay
 from ciris_billing_proxy.ops.metrics import metrics_text
 from ciris_billing_proxy.store.events import add_postgres, add_sqlite
+from ciris_billing_proxy.testing import TokenFactory
 
 from .conftest import make_config
 from .event_receiver import Receiver
+from .providers import ShopProvider
 
 HOOK_SECRET = "whsec-test-0123456789abcdef-events"
 LEDGER = "ledger.sqlite3"
@@ -337,3 +340,68 @@ async def test_two_apps_on_postgresql_never_deliver_an_event_twice(tmp_path: Pat
     assert sorted(receiver.ids()) == sorted(written)
     assert sum(by) == len(written)
     assert min(by) > 0, by
+
+
+# -- purchase.succeeded, emitted by the service for a provider that writes no events ----------------
+
+
+@asynccontextmanager
+async def shop_servers(
+    config: BillingConfig, on_event: Callable[[Event], Awaitable[None]]
+) -> AsyncIterator[list[str]]:
+    """Two apps (each its own `ShopProvider` knowing payment pi_1 of ann) served over loopback,
+    sharing the config's store; their base URLs."""
+    runners = []
+    urls = []
+    try:
+        for _ in range(2):
+            provider = ShopProvider()
+            provider.payments["pi_1"] = (("local", "ann"), 20)
+            app = web.Application()
+            service = setup_billing(app, config, provider=provider, environ={}, on_event=on_event)
+            assert service.events is not None
+            service.events.delivery.poll = 0.1
+            runner = web.AppRunner(app)
+            await runner.setup()
+            runners.append(runner)
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            urls.append(f"http://127.0.0.1:{runner.addresses[0][1]}")
+        yield urls
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+async def _purchase_succeeded_once(config: BillingConfig) -> None:
+    seen: list[Event] = []
+
+    async def on_event(event: Event) -> None:
+        seen.append(event)
+
+    headers = TokenFactory(config).headers("ann")
+    async with shop_servers(config, on_event) as urls, aiohttp.ClientSession() as http:
+
+        async def poll(url: str) -> int:
+            async with http.get(f"{url}/v1/api/billing/purchase/status/pi_1", headers=headers) as reply:
+                assert (await reply.json())["status"] == "succeeded"
+                return reply.status
+
+        statuses = await asyncio.gather(*(poll(url) for url in urls * 10))
+        assert set(statuses) == {200}
+        await until(lambda: len(seen) >= 1)
+        await asyncio.sleep(0.5)
+    assert len(seen) == 1
+    (event,) = seen
+    assert (event.kind, event.user_id, event.namespace) == ("purchase.succeeded", "ann", "local")
+    assert event.data == {"payment_id": "pi_1", "credits_added": 20, "balance_after": 0}
+
+
+async def test_purchase_succeeded_is_emitted_once_by_two_processes_on_one_data_dir(tmp_path: Path) -> None:
+    await _purchase_succeeded_once(make_config(tmp_path))
+
+
+async def test_purchase_succeeded_is_emitted_once_by_two_processes_on_postgresql(
+    tmp_path: Path, pg_url: str
+) -> None:
+    await _purchase_succeeded_once(make_config(tmp_path, database_url=pg_url, database_pool_size=2))
