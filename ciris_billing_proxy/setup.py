@@ -194,6 +194,7 @@ def provider_context(config: BillingConfig, environ: Mapping[str, str] | None = 
         agent_id=config.agent_id,
         database_url=config.database_url.get_secret_value() if config.database_url else None,
         database_budget=config.database_budget,
+        low_balance_threshold=config.low_balance_threshold,
     )
 
 
