@@ -186,7 +186,7 @@ class EventDelivery:
                 delay = retry_delay(attempts, self.retry_max_seconds, self.first_retry)
                 self._soonest = min(self._soonest, time.monotonic() + delay)
                 faults.warning(
-                    "Billing event delivery failed (%s); attempt %d, next in %.3g s",
+                    "Billing event delivery failed: %s; attempt %d, next in %.3g s",
                     "; ".join(errors),
                     attempts,
                     delay,
