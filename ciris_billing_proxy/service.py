@@ -299,6 +299,7 @@ class BillingService:
             apple_storekit=declared["apple_storekit_enabled"],
             charges=declared["gate_charges"],
             stripe_js=self.stripe_js,
+            low_balance_threshold=self.config.low_balance_threshold,
         )
 
     def revoke_token(self, token: str) -> None:
