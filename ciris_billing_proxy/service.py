@@ -357,9 +357,17 @@ class BillingService:
 
     def identity_changed(self, key: IdentityKey) -> None:
         self.cache.invalidate_key(key)
+        self._changed_elsewhere()
 
     def all_changed(self) -> None:
         self.cache.clear()
+        self._changed_elsewhere()
+
+    def _changed_elsewhere(self) -> None:
+        # Credit changed in another process (a `credits grant` from the command line, a process
+        # without sinks): any event it wrote is delivered now rather than at the next poll.
+        if self.events is not None:
+            self.events.delivery.wake()
 
     def token_revoked(self, digest: bytes, until: float) -> None:
         self.verifier.revoke_digest(digest, until)
