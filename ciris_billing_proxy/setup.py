@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -93,7 +94,7 @@ def setup_billing(
         )
     else:
         check_provider_class(type(provider), provider.name)
-    if on_event is not None and not callable(on_event):
+    if on_event is not None and not _is_async(on_event):
         raise ConfigError("setup_billing(on_event=...) takes an async function (async def)")
     database_url = config.database_url.get_secret_value() if config.database_url else None
     audit = AuditTrail(
@@ -173,6 +174,15 @@ def setup_billing(
     if scopes:
         app.on_startup.append(_rebase_on_mount(anchor, scopes))
     return service
+
+
+def _is_async(handler: object) -> bool:
+    """An `async def` function, a partial of one, or an object whose `__call__` is one."""
+    if inspect.iscoroutinefunction(handler):
+        return True
+    return callable(handler) and inspect.iscoroutinefunction(
+        inspect.getattr_static(type(handler), "__call__", None)
+    )
 
 
 def event_sinks(config: BillingConfig, on_event: EventHandler | None) -> list[Sink]:

@@ -5,6 +5,7 @@ outages and restarts of the delivering app, never twice at once from two process
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
@@ -405,3 +406,18 @@ async def test_purchase_succeeded_is_emitted_once_by_two_processes_on_postgresql
     tmp_path: Path, pg_url: str
 ) -> None:
     await _purchase_succeeded_once(make_config(tmp_path, database_url=pg_url, database_pool_size=2))
+
+
+def test_on_event_must_be_async(tmp_path: Path) -> None:
+    def plain(event: Event) -> None:
+        return None
+
+    class Handler:
+        async def __call__(self, event: Event) -> None:
+            return None
+
+    with pytest.raises(ConfigError, match="async function"):
+        setup_billing(web.Application(), make_config(tmp_path), environ={}, on_event=plain)  # type: ignore[arg-type]
+    setup_billing(web.Application(), make_config(tmp_path), environ={}, on_event=Handler())
+    partial = functools.partial(Handler().__call__)
+    setup_billing(web.Application(), make_config(tmp_path), environ={}, on_event=partial)

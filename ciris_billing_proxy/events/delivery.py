@@ -136,7 +136,13 @@ class EventDelivery:
                 if self.sinks:
                     batch = await store.claim(self.token, LEASE_SECONDS, CLAIM_BATCH)
                     full = len(batch) == CLAIM_BATCH
-                    await asyncio.gather(*(self._deliver(store, stored, limit) for stored in batch))
+                    outcomes = await asyncio.gather(
+                        *(self._deliver(store, stored, limit) for stored in batch), return_exceptions=True
+                    )
+                    for outcome in outcomes:
+                        if isinstance(outcome, Exception):
+                            # Its claim runs out and it is tried again; the others went on.
+                            faults.error("Could not deliver a billing event: %s", type(outcome).__name__)
                 now = time.monotonic()
                 if now >= stats_due:
                     self.counts.outbox = await store.stats()
