@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from .auth import identity_of_request
 from .bodies import expect_continue, read_model
+from .credit_routes import add_credit_routes
 from .errors import BILLING_DISABLED, BillingDisabled, IdTokenRequired, PaymentNotFound, http_error
 from .id_token import (
     APPLE_HEADER,
@@ -393,6 +394,7 @@ def add_routes(
         router.add_post(prefix + APP_STORE.path, routes.verify_app_store, expect_handler=expect),
         router.add_get(prefix + OPENAPI.path, describe, expect_handler=expect_continue),
     ]
+    added += add_credit_routes(router, service, prefix, expect)
     public.add(describe)
     api.update(route.resource for route in added if route.resource is not None)
     credits = added[0].resource

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -20,6 +20,7 @@ from .events.model import EventHandler
 from .events.outbox import EventOutbox
 from .events.sinks import CallbackSink, Sink
 from .events.webhooks import WebhookSink
+from .gate import check_gates
 from .keys import SERVICE_KEY
 from .login import Authenticator
 from .openapi import APIDescription
@@ -122,6 +123,7 @@ def setup_billing(
     # the audit trail before both, so the events of the service's last money-moving work are kept.
     app.cleanup_ctx.append(audit.lifespan)
     app.cleanup_ctx.append(metrics_publisher(service))
+    app.cleanup_ctx.append(_gates_checked(provider))
     app.cleanup_ctx.append(service.lifespan)
     scopes: list[PathScope] = []
     if config.protected_paths:
@@ -193,6 +195,17 @@ def event_sinks(config: BillingConfig, on_event: EventHandler | None) -> list[Si
     if config.events_url is not None and config.events_secret is not None:
         sinks.append(WebhookSink(config.events_url, config.events_secret.get_secret_value()))
     return sinks
+
+
+def _gates_checked(provider: CreditProvider) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A `cleanup_ctx` entry: before the provider starts (the routes are final by then), every
+    `@credit_gate` of the app must be one the provider can serve (`gate.check_gates`)."""
+
+    async def check(app: web.Application) -> AsyncIterator[None]:
+        check_gates(app, provider)
+        yield
+
+    return check
 
 
 def provider_context(config: BillingConfig, environ: Mapping[str, str] | None = None) -> ProviderContext:

@@ -243,10 +243,18 @@ def less(before: Balance, live: Sequence[Live], taken: Sequence[tuple[int, int]]
     return balance_of([Live(g.id, g.kind, left[g.id], g.expires_at) for g in live], before.used + cost)
 
 
-def release_order(allocated: Sequence[Live], amount: int) -> list[tuple[int, int]]:
-    """(grant id, amount) to give back of `amount`, the grants taken last first (`Live.remaining`
-    holds what each allocation took)."""
-    return _take_in(sorted(allocated, key=spending_order, reverse=True), amount)
+def release(
+    grants: Sequence[Live], taken: Sequence[tuple[int, int]], amount: int
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Give back `amount` of what a spend `taken` from `grants` (each as it is now): the grants
+    taken last first. (grant id, amount) to return, and what the spend keeps taken after it."""
+    took = dict(taken)
+    by_id = {g.id: g for g in grants}
+    ordered = sorted((by_id[g] for g in took if g in by_id), key=spending_order, reverse=True)
+    back = _take_in([Live(g.id, g.kind, took[g.id], g.expires_at) for g in ordered], amount)
+    for grant_id, n in back:
+        took[grant_id] -= n
+    return back, [(g, n) for g, n in took.items() if n]
 
 
 def claw_order(live: Sequence[Live], amount: int, grant_id: int | None) -> list[tuple[int, int]]:
@@ -267,6 +275,16 @@ def _take_in(ordered: Sequence[Live], amount: int) -> list[tuple[int, int]]:
     return taken
 
 
+def encode_taken(taken: Sequence[tuple[int, int]]) -> str:
+    """A spend's `taken`: what it took from each grant, as `id:amount,id:amount`."""
+    return ",".join(f"{grant_id}:{n}" for grant_id, n in taken if n)
+
+
+def decode_taken(text: str) -> list[tuple[int, int]]:
+    pairs = (part.split(":") for part in text.split(",") if part)
+    return [(int(grant_id), int(n)) for grant_id, n in pairs]
+
+
 def grant_of(row: Sequence[Any]) -> Grant:
     """A grant from a row of `GRANT_COLUMNS` (either engine's)."""
     return Grant(
@@ -284,12 +302,14 @@ def grant_of(row: Sequence[Any]) -> Grant:
 
 
 GRANT_COLUMNS: Final = "id, kind, source, amount, remaining, expires_at, reason, note, actor, created_at"
+# A give-back's or settlement's line shows the usage of the spend it belongs to.
 ENTRY_COLUMNS: Final = (
     "e.id, e.namespace, e.user_id, e.product, e.kind, e.amount, e.balance_after, e.used_after, "
-    "e.grant_id, e.reason, e.note, e.actor, e.created_at, "
-    "s.model, s.input_tokens, s.output_tokens, s.tool, s.metadata"
+    "e.grant_id, e.reason, e.note, e.actor, e.created_at, COALESCE(s.model, e.model), "
+    "COALESCE(s.input_tokens, e.input_tokens), COALESCE(s.output_tokens, e.output_tokens), "
+    "COALESCE(s.tool, e.tool), COALESCE(s.metadata, e.metadata)"
 )
-ENTRY_FROM: Final = "credit_entries e LEFT JOIN credit_spends s ON s.id = e.spend_id"
+ENTRY_FROM: Final = "credit_entries e LEFT JOIN credit_entries s ON s.id = e.spend_id"
 
 
 def entry_of(row: Sequence[Any]) -> Entry:

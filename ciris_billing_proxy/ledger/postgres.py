@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ..store import events
 from ..store.postgres import PostgresDatabase
-from .base import Ledger, NoReservation, Overdrawn, event_data, grant_data, iso
+from .base import KeyReused, Ledger, NoReservation, Overdrawn, event_data, grant_data, iso
 from .model import (
     ENTRY_COLUMNS,
     ENTRY_FROM,
@@ -29,10 +29,12 @@ from .model import (
     balance_of,
     check_amount,
     claw_order,
+    decode_taken,
+    encode_taken,
     entry_of,
     grant_of,
     less,
-    release_order,
+    release,
     spend_events,
 )
 from .schema import POSTGRES_SCHEMA
@@ -53,24 +55,16 @@ _LIVE: Final = (
 _READ_ACCOUNT: Final = f"SELECT used, signed_up FROM credit_accounts WHERE {_ACCOUNT}"
 # Everything a spend or reservation writes once its grants are chosen: one round trip.
 _TAKE: Final = """
-WITH taken AS (
-    SELECT * FROM unnest($5::bigint[], $6::bigint[]) AS t(grant_id, n)
-), grants AS (
-    UPDATE credit_grants g SET remaining = g.remaining - taken.n FROM taken WHERE g.id = taken.grant_id
-), spend AS (
-    INSERT INTO credit_spends (namespace, user_id, product, idempotency_key, state, reserved, cost,
-                               model, input_tokens, output_tokens, tool, metadata, created_at)
-    VALUES ($1, $2, $3, $4, $7, $8, $8, $9, $10, $11, $12, $13, $14)
-    RETURNING id
-), allocations AS (
-    INSERT INTO credit_allocations (spend_id, grant_id, amount)
-    SELECT spend.id, taken.grant_id, taken.n FROM spend, taken
+WITH grants AS (
+    UPDATE credit_grants g SET remaining = g.remaining - t.n
+    FROM unnest($5::bigint[], $6::bigint[]) AS t(grant_id, n) WHERE g.id = t.grant_id
 ), account AS (
     UPDATE credit_accounts SET used = used + $8 WHERE namespace = $1 AND user_id = $2 AND product = $3
 )
 INSERT INTO credit_entries (namespace, user_id, product, kind, amount, balance_after, used_after,
-                            spend_id, created_at)
-SELECT $1, $2, $3, $15, -$8, $16, $17, spend.id, $14 FROM spend
+                            idempotency_key, state, cost, taken, model, input_tokens, output_tokens,
+                            tool, metadata, created_at)
+VALUES ($1, $2, $3, $15, -$8, $16, $17, $4, $7, $8, $18, $9, $10, $11, $12, $13, $14)
 """
 _ENTRY: Final = """
 INSERT INTO credit_entries (namespace, user_id, product, kind, amount, balance_after, used_after,
@@ -163,7 +157,7 @@ class PostgresLedger(Ledger):
         async with self.engine.connection() as conn:
             rows = await conn.fetch(
                 f"SELECT {group} AS g, COUNT(*), SUM(cost), SUM(COALESCE(input_tokens, 0)), "
-                "SUM(COALESCE(output_tokens, 0)) FROM credit_spends "
+                "SUM(COALESCE(output_tokens, 0)) FROM credit_entries "
                 "WHERE namespace = $1 AND user_id = $2 AND created_at >= $3 AND created_at < $4 "
                 "AND state IN ('spent', 'settled') GROUP BY g ORDER BY g",
                 namespace,
@@ -268,6 +262,7 @@ class PostgresLedger(Ledger):
                         "spend" if state == "spent" else "reserve",
                         after.total,
                         after.used,
+                        encode_taken(taken),
                     )
                     await self._announce_spend(conn, a, key, before.total, after.total)
                     return after
@@ -288,7 +283,7 @@ class PostgresLedger(Ledger):
 
     async def _spend_row(self, conn: asyncpg.Connection, a: Account, key: str) -> asyncpg.Record | None:
         return await conn.fetchrow(
-            f"SELECT id, state, cost FROM credit_spends WHERE {_ACCOUNT} AND idempotency_key = $4",
+            f"SELECT id, state, cost, taken FROM credit_entries WHERE {_ACCOUNT} AND idempotency_key = $4",
             *_key(a),
             key,
         )
@@ -300,16 +295,16 @@ class PostgresLedger(Ledger):
         async with self.engine.connection() as conn, conn.transaction():
             await self._open_account(conn, account, now)
             row = await self._spend_row(conn, account, key)
-            if row is None:
+            if row is None or row[1] is None:
                 raise NoReservation(key)
             spend_id, state, reserved = int(row[0]), str(row[1]), int(row[2])
             if state != "reserved":
                 return await self._balance(conn, account, now)
             keep = min(cost, reserved)
-            await self._return(conn, account, spend_id, reserved - keep)
+            await self._return(conn, account, spend_id, str(row[3]), reserved - keep)
             u = usage or _NO_USAGE
             await conn.execute(
-                "UPDATE credit_spends SET state = 'settled', cost = $1, model = $2, input_tokens = $3, "
+                "UPDATE credit_entries SET state = 'settled', cost = $1, model = $2, input_tokens = $3, "
                 "output_tokens = $4, tool = $5, metadata = $6 WHERE id = $7",
                 keep,
                 u.model,
@@ -328,26 +323,27 @@ class PostgresLedger(Ledger):
         async with self.engine.connection() as conn, conn.transaction():
             await self._open_account(conn, account, now)
             row = await self._spend_row(conn, account, key)
-            if row is None or row[1] == "given_back":
+            if row is None or row[1] in (None, "given_back"):
                 return None
             spend_id, cost = int(row[0]), int(row[2])
-            await self._return(conn, account, spend_id, cost)
-            await conn.execute("UPDATE credit_spends SET state = 'given_back' WHERE id = $1", spend_id)
+            await self._return(conn, account, spend_id, str(row[3]), cost)
+            await conn.execute("UPDATE credit_entries SET state = 'given_back' WHERE id = $1", spend_id)
             after = await self._balance(conn, account, now)
             await self._entry(conn, account, "give_back", cost, after, now, spend_id=spend_id)
             return after
 
-    async def _return(self, conn: asyncpg.Connection, a: Account, spend_id: int, amount: int) -> None:
+    async def _return(
+        self, conn: asyncpg.Connection, a: Account, spend_id: int, taken: str, amount: int
+    ) -> None:
         if amount == 0:
             return
-        rows = await conn.fetch(
-            "SELECT g.id, g.kind, al.amount, g.expires_at FROM credit_allocations al "
-            "JOIN credit_grants g ON g.id = al.grant_id WHERE al.spend_id = $1",
-            spend_id,
-        )
-        allocated = [Live(int(r[0]), str(r[1]), int(r[2]), r[3]) for r in rows]
-        if allocated:
-            back = release_order(allocated, amount)
+        took = decode_taken(taken)
+        if took:
+            rows = await conn.fetch(
+                "SELECT id, kind, remaining, expires_at FROM credit_grants WHERE id = ANY($1::bigint[])",
+                [g for g, _ in took],
+            )
+            back, kept = release([Live(int(r[0]), str(r[1]), int(r[2]), r[3]) for r in rows], took, amount)
             await conn.execute(
                 "UPDATE credit_grants g SET remaining = g.remaining + t.n "
                 "FROM unnest($1::bigint[], $2::bigint[]) AS t(grant_id, n) WHERE g.id = t.grant_id",
@@ -355,12 +351,7 @@ class PostgresLedger(Ledger):
                 [n for _, n in back],
             )
             await conn.execute(
-                "UPDATE credit_allocations al SET amount = al.amount - t.n "
-                "FROM unnest($1::bigint[], $2::bigint[]) AS t(grant_id, n) "
-                "WHERE al.spend_id = $3 AND al.grant_id = t.grant_id",
-                [g for g, _ in back],
-                [n for _, n in back],
-                spend_id,
+                "UPDATE credit_entries SET taken = $1 WHERE id = $2", encode_taken(kept), spend_id
             )
         else:
             # Spent before grants existed: the use goes back to the signup grant made since.
@@ -377,8 +368,8 @@ class PostgresLedger(Ledger):
     async def attach_usage(self, account: Account, key: str, usage: Usage) -> None:
         async with self.engine.connection() as conn:
             await conn.execute(
-                "UPDATE credit_spends SET model = $5, input_tokens = $6, output_tokens = $7, tool = $8, "
-                f"metadata = $9 WHERE {_ACCOUNT} AND idempotency_key = $4",
+                "UPDATE credit_entries SET model = $5, input_tokens = $6, output_tokens = $7, tool = $8, "
+                f"metadata = $9 WHERE {_ACCOUNT} AND idempotency_key = $4 AND state IS NOT NULL",
                 *_key(account),
                 key,
                 usage.model,
@@ -448,12 +439,12 @@ class PostgresLedger(Ledger):
         self, conn: asyncpg.Connection, a: Account, key: str, kind: str
     ) -> tuple[int | None, int] | None:
         row = await conn.fetchrow(
-            "SELECT grant_id, amount FROM credit_entries "
-            f"WHERE {_ACCOUNT} AND idempotency_key = $4 AND kind = $5",
+            f"SELECT grant_id, amount, kind FROM credit_entries WHERE {_ACCOUNT} AND idempotency_key = $4",
             *_key(a),
             key,
-            kind,
         )
+        if row is not None and row[2] != kind:
+            raise KeyReused(key)
         return None if row is None else (row[0], int(row[1]))
 
     async def _grant(self, conn: asyncpg.Connection, grant_id: int) -> Grant:

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..store import events
 from ..store.sqlite import SQLiteDatabase, transaction
-from .base import Ledger, NoReservation, Overdrawn, event_data, grant_data, iso
+from .base import KeyReused, Ledger, NoReservation, Overdrawn, event_data, grant_data, iso
 from .model import (
     ENTRY_COLUMNS,
     ENTRY_FROM,
@@ -26,15 +26,23 @@ from .model import (
     balance_of,
     check_amount,
     claw_order,
+    decode_taken,
+    encode_taken,
     entry_of,
     grant_of,
     less,
-    release_order,
+    release,
     spend_events,
 )
 from .schema import SQLITE_SCHEMA
 
 _ACCOUNT = "namespace = ? AND user_id = ? AND product = ?"
+_ACCOUNT_AND_LIVE = (
+    "SELECT a.used, a.signed_up, g.id, g.kind, g.remaining, g.expires_at FROM credit_accounts a "
+    "LEFT JOIN credit_grants g ON g.namespace = a.namespace AND g.user_id = a.user_id "
+    "AND g.product = a.product AND g.remaining > 0 AND (g.expires_at IS NULL OR g.expires_at > ?) "
+    "WHERE a.namespace = ? AND a.user_id = ? AND a.product = ?"
+)
 _GROUPS = {"day": "substr(created_at, 1, 10)", "model": "COALESCE(model, '')", "product": "product"}
 
 
@@ -128,7 +136,7 @@ class SQLiteLedger(Ledger):
         def read(conn: sqlite3.Connection) -> list[UsageTotal]:
             rows = conn.execute(
                 f"SELECT {group} AS g, COUNT(*), SUM(cost), SUM(COALESCE(input_tokens, 0)), "
-                "SUM(COALESCE(output_tokens, 0)) FROM credit_spends "
+                "SUM(COALESCE(output_tokens, 0)) FROM credit_entries "
                 "WHERE namespace = ? AND user_id = ? AND created_at >= ? AND created_at < ? "
                 "AND state IN ('spent', 'settled') GROUP BY g ORDER BY g",
                 (namespace, user_id, since, until),
@@ -170,7 +178,7 @@ class SQLiteLedger(Ledger):
         kind: str,
         amount: int,
         after: Balance,
-        now: float,
+        at: str,
         *,
         grant_id: int | None = None,
         spend_id: int | None = None,
@@ -195,7 +203,7 @@ class SQLiteLedger(Ledger):
                 reason,
                 note,
                 actor,
-                iso(now),
+                at,
             ),
         )
 
@@ -251,28 +259,31 @@ class SQLiteLedger(Ledger):
         usage: Usage | None,
     ) -> Balance | None:
         with transaction(conn):
-            used = self._open_account(conn, a, now)
-            live = self._live(conn, a, now)
+            used, live = self._account_and_live(conn, a, now)
             before = balance_of(live, used)
             if before.total < cost:
                 # Not enough now, unless this key spent before (then it answers as spent).
                 return before if self._spent(conn, a, key) else None
             taken = allocate(live, cost)
-            conn.executemany(
-                "UPDATE credit_grants SET remaining = remaining - ? WHERE id = ?", [(n, g) for g, n in taken]
-            )
+            for grant_id, n in taken:
+                conn.execute("UPDATE credit_grants SET remaining = remaining - ? WHERE id = ?", (n, grant_id))
             u = usage or _NO_USAGE
-            spend_id = conn.execute(
-                "INSERT INTO credit_spends (namespace, user_id, product, idempotency_key, state, reserved, "
-                "cost, "
-                "model, input_tokens, output_tokens, tool, metadata, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            conn.execute(f"UPDATE credit_accounts SET used = ? WHERE {_ACCOUNT}", (used + cost, *_key(a)))
+            after = less(before, live, taken, cost)
+            conn.execute(
+                "INSERT INTO credit_entries (namespace, user_id, product, kind, amount, balance_after, "
+                "used_after, idempotency_key, state, cost, taken, model, input_tokens, output_tokens, tool, "
+                "metadata, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     *_key(a),
+                    "spend" if state == "spent" else "reserve",
+                    -cost,
+                    after.total,
+                    after.used,
                     key,
                     state,
                     cost,
-                    cost,
+                    encode_taken(taken),
                     u.model,
                     u.input_tokens,
                     u.output_tokens,
@@ -280,21 +291,22 @@ class SQLiteLedger(Ledger):
                     u.metadata_json(),
                     iso(now),
                 ),
-            ).lastrowid
-            conn.executemany(
-                "INSERT INTO credit_allocations (spend_id, grant_id, amount) VALUES (?, ?, ?)",
-                [(spend_id, g, n) for g, n in taken],
             )
-            conn.execute(f"UPDATE credit_accounts SET used = ? WHERE {_ACCOUNT}", (used + cost, *_key(a)))
-            after = less(before, live, taken, cost)
-            kind = "spend" if state == "spent" else "reserve"
-            self._entry(conn, a, kind, -cost, after, now, spend_id=spend_id)
             self._announce_spend(conn, a, key, before.total, after.total)
             return after
 
+    def _account_and_live(self, conn: sqlite3.Connection, a: Account, now: float) -> tuple[int, list[Live]]:
+        """The account's uses spent and live grants, in one statement once it has been written."""
+        rows = conn.execute(_ACCOUNT_AND_LIVE, (now, *_key(a))).fetchall()
+        if rows and rows[0][1]:
+            return int(rows[0][0]), [
+                Live(int(r[2]), str(r[3]), int(r[4]), r[5]) for r in rows if r[2] is not None
+            ]
+        return self._open_account(conn, a, now), self._live(conn, a, now)
+
     def _spent(self, conn: sqlite3.Connection, a: Account, key: str) -> bool:
         row = conn.execute(
-            f"SELECT 1 FROM credit_spends WHERE {_ACCOUNT} AND idempotency_key = ?", (*_key(a), key)
+            f"SELECT 1 FROM credit_entries WHERE {_ACCOUNT} AND idempotency_key = ?", (*_key(a), key)
         ).fetchone()
         return row is not None
 
@@ -306,24 +318,25 @@ class SQLiteLedger(Ledger):
         def write(conn: sqlite3.Connection) -> Balance:
             with transaction(conn):
                 row = conn.execute(
-                    f"SELECT id, state, cost FROM credit_spends WHERE {_ACCOUNT} AND idempotency_key = ?",
+                    "SELECT id, state, cost, taken FROM credit_entries "
+                    f"WHERE {_ACCOUNT} AND idempotency_key = ?",
                     (*_key(account), key),
                 ).fetchone()
-                if row is None:
+                if row is None or row[1] is None:
                     raise NoReservation(key)
                 spend_id, state, reserved = int(row[0]), str(row[1]), int(row[2])
                 if state != "reserved":
                     return self._balance(conn, account, now)
                 keep = min(cost, reserved)
-                self._return(conn, account, spend_id, reserved - keep)
+                self._return(conn, account, spend_id, str(row[3]), reserved - keep)
                 u = usage or _NO_USAGE
                 conn.execute(
-                    "UPDATE credit_spends SET state = 'settled', cost = ?, model = ?, input_tokens = ?, "
+                    "UPDATE credit_entries SET state = 'settled', cost = ?, model = ?, input_tokens = ?, "
                     "output_tokens = ?, tool = ?, metadata = ? WHERE id = ?",
                     (keep, u.model, u.input_tokens, u.output_tokens, u.tool, u.metadata_json(), spend_id),
                 )
                 after = self._balance(conn, account, now)
-                self._entry(conn, account, "settle", reserved - keep, after, now, spend_id=spend_id)
+                self._entry(conn, account, "settle", reserved - keep, after, iso(now), spend_id=spend_id)
                 return after
 
         return await self.engine.run(write)
@@ -334,38 +347,37 @@ class SQLiteLedger(Ledger):
         def write(conn: sqlite3.Connection) -> Balance | None:
             with transaction(conn):
                 row = conn.execute(
-                    f"SELECT id, state, cost FROM credit_spends WHERE {_ACCOUNT} AND idempotency_key = ?",
+                    "SELECT id, state, cost, taken FROM credit_entries "
+                    f"WHERE {_ACCOUNT} AND idempotency_key = ?",
                     (*_key(account), key),
                 ).fetchone()
-                if row is None or row[1] == "given_back":
+                if row is None or row[1] in (None, "given_back"):
                     return None
                 spend_id, cost = int(row[0]), int(row[2])
-                self._return(conn, account, spend_id, cost)
-                conn.execute("UPDATE credit_spends SET state = 'given_back' WHERE id = ?", (spend_id,))
+                self._return(conn, account, spend_id, str(row[3]), cost)
+                conn.execute("UPDATE credit_entries SET state = 'given_back' WHERE id = ?", (spend_id,))
                 after = self._balance(conn, account, now)
-                self._entry(conn, account, "give_back", cost, after, now, spend_id=spend_id)
+                self._entry(conn, account, "give_back", cost, after, iso(now), spend_id=spend_id)
                 return after
 
         return await self.engine.run(write)
 
-    def _return(self, conn: sqlite3.Connection, a: Account, spend_id: int, amount: int) -> None:
-        """Give `amount` of what spend `spend_id` took back to its grants, last taken first, and
-        take it off the uses spent."""
+    def _return(self, conn: sqlite3.Connection, a: Account, spend_id: int, taken: str, amount: int) -> None:
+        """Give `amount` of what spend `spend_id` took (`taken`) back to its grants, last taken
+        first, and take it off the uses spent."""
         if amount == 0:
             return
-        rows = conn.execute(
-            "SELECT g.id, g.kind, al.amount, g.expires_at FROM credit_allocations al "
-            "JOIN credit_grants g ON g.id = al.grant_id WHERE al.spend_id = ?",
-            (spend_id,),
-        ).fetchall()
-        allocated = [Live(int(r[0]), str(r[1]), int(r[2]), r[3]) for r in rows]
-        if allocated:
-            for grant_id, n in release_order(allocated, amount):
+        took = decode_taken(taken)
+        if took:
+            marks = ",".join("?" * len(took))
+            rows = conn.execute(
+                f"SELECT id, kind, remaining, expires_at FROM credit_grants WHERE id IN ({marks})",
+                [g for g, _ in took],
+            ).fetchall()
+            back, kept = release([Live(int(r[0]), str(r[1]), int(r[2]), r[3]) for r in rows], took, amount)
+            for grant_id, n in back:
                 conn.execute("UPDATE credit_grants SET remaining = remaining + ? WHERE id = ?", (n, grant_id))
-                conn.execute(
-                    "UPDATE credit_allocations SET amount = amount - ? WHERE spend_id = ? AND grant_id = ?",
-                    (n, spend_id, grant_id),
-                )
+            conn.execute("UPDATE credit_entries SET taken = ? WHERE id = ?", (encode_taken(kept), spend_id))
         else:
             # Spent before grants existed: the use goes back to the signup grant made since.
             conn.execute(
@@ -381,8 +393,8 @@ class SQLiteLedger(Ledger):
         def write(conn: sqlite3.Connection) -> None:
             with transaction(conn):
                 conn.execute(
-                    "UPDATE credit_spends SET model = ?, input_tokens = ?, output_tokens = ?, tool = ?, "
-                    f"metadata = ? WHERE {_ACCOUNT} AND idempotency_key = ?",
+                    "UPDATE credit_entries SET model = ?, input_tokens = ?, output_tokens = ?, tool = ?, "
+                    f"metadata = ? WHERE {_ACCOUNT} AND idempotency_key = ? AND state IS NOT NULL",
                     (
                         usage.model,
                         usage.input_tokens,
@@ -434,7 +446,7 @@ class SQLiteLedger(Ledger):
                     "grant",
                     amount,
                     after,
-                    now,
+                    iso(now),
                     grant_id=grant_id,
                     key=key,
                     reason=reason,
@@ -453,10 +465,11 @@ class SQLiteLedger(Ledger):
         self, conn: sqlite3.Connection, a: Account, key: str, kind: str
     ) -> tuple[int | None, int] | None:
         row = conn.execute(
-            "SELECT grant_id, amount FROM credit_entries "
-            f"WHERE {_ACCOUNT} AND idempotency_key = ? AND kind = ?",
-            (*_key(a), key, kind),
+            f"SELECT grant_id, amount, kind FROM credit_entries WHERE {_ACCOUNT} AND idempotency_key = ?",
+            (*_key(a), key),
         ).fetchone()
+        if row is not None and row[2] != kind:
+            raise KeyReused(key)
         return None if row is None else (row[0], int(row[1]))
 
     def _grant(self, conn: sqlite3.Connection, grant_id: int) -> Grant:
@@ -505,7 +518,7 @@ class SQLiteLedger(Ledger):
                     "clawback",
                     -total,
                     after,
-                    now,
+                    iso(now),
                     grant_id=taken[0][0] if len(taken) == 1 else grant_id,
                     key=key,
                     reason=reason,
@@ -545,7 +558,14 @@ class SQLiteLedger(Ledger):
                         continue
                     after = self._balance(conn, a, now)
                     self._entry(
-                        conn, a, "expire", -grant.remaining, after, now, grant_id=grant.id, reason="expired"
+                        conn,
+                        a,
+                        "expire",
+                        -grant.remaining,
+                        after,
+                        iso(now),
+                        grant_id=grant.id,
+                        reason="expired",
                     )
                     if not a.product:
                         data = event_data(

@@ -54,12 +54,17 @@ class AuditKind(StrEnum):
     LOGOUT_EVERYWHERE = "logout_everywhere"
     REFRESH = "refresh"
     SPEND = "spend"
+    #: A reservation kept in part (`amount`: what it kept); the rest went back.
+    SETTLE = "settle"
     GIVE_BACK = "give_back"
     REFUND = "refund"
     PURCHASE_INITIATED = "purchase_initiated"
     PURCHASE_SETTLED = "purchase_settled"
     PURCHASE_FAILED = "purchase_failed"
     STORE_VERIFICATION = "store_verification"
+    #: An operator granted credit or took it back (admin routes, `ciris-billing-proxy credits`):
+    #: `amount` signed, `reference` the journal line, `outcome` the reason code.
+    CREDIT_ADJUSTED = "credit_adjusted"
 
 
 @dataclass(frozen=True, slots=True)

@@ -175,8 +175,10 @@ class CreditProvider(abc.ABC):
         `billing_events` table on it while the provider runs (it brings that table's schema up to
         date after `start`). A provider that names one writes every event it causes itself,
         `purchase.succeeded` included; for one that names none, the service keeps the events it
-        emits (`purchase.succeeded`) in its own outbox (docs/events.md)."""
-        return None
+        emits (`purchase.succeeded`) in its own outbox (docs/events.md). By default the engine of
+        `credit_ledger`, which writes its events there."""
+        ledger = self.credit_ledger
+        return None if ledger is None else ledger.engine
 
     async def start(self) -> None:
         """Open connections, files and sessions. Called once at app startup."""

@@ -154,10 +154,6 @@ class SimpleProvider(CreditProvider):
     def credit_ledger(self) -> Ledger:
         return self.ledger
 
-    @property
-    def events_engine(self) -> Engine:
-        return self.ledger.engine
-
     async def start(self) -> None:
         await self.ledger.open()
         self._sweeper = asyncio.create_task(self._sweep_expiries())
