@@ -21,10 +21,12 @@ import pytest
 from aiohttp import web
 
 from ciris_billing_proxy import BillingConfig, BillingService, ConfigError, setup_billing
+from ciris_billing_proxy.database_url import parse_database_url
 from ciris_billing_proxy.events import Event, SignatureVerificationError, sign, verify_signature
 from ciris_billing_proxy.events.delivery import retry_delay
 from ciris_billing_proxy.ops.metrics import metrics_text
-from ciris_billing_proxy.store.events import add_postgres, add_sqlite
+from ciris_billing_proxy.store import Engine, PostgresDatabase, SQLiteDatabase
+from ciris_billing_proxy.store.events import add_postgres, add_sqlite, event_store
 from ciris_billing_proxy.testing import TokenFactory
 
 from .conftest import make_config
@@ -421,3 +423,40 @@ def test_on_event_must_be_async(tmp_path: Path) -> None:
     setup_billing(web.Application(), make_config(tmp_path), environ={}, on_event=Handler())
     partial = functools.partial(Handler().__call__)
     setup_billing(web.Application(), make_config(tmp_path), environ={}, on_event=partial)
+
+
+# -- the outbox's records, on both engines ------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def event_store_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
+    if request.param == "sqlite":
+        return SQLiteDatabase(tmp_path / "events.sqlite3")
+    return PostgresDatabase(parse_database_url(request.getfixturevalue("pg_url")), max_size=2)
+
+
+async def test_the_store_leases_retries_releases_and_prunes(event_store_engine: Engine) -> None:
+    store = event_store(event_store_engine)
+    await store.open()
+    try:
+        first = await store.add("purchase.succeeded", "local", "ann", {"payment_id": "pi_1"}, "p:pi_1")
+        assert first is not None
+        assert await store.add("purchase.succeeded", "local", "ann", {"payment_id": "pi_1"}, "p:pi_1") is None
+        second = await store.add("credit.granted", "local", "bob", {"amount": 5})
+        claimed = await store.claim("me", 60, 10)
+        assert [e.event_id for e in claimed] == [first, second]
+        assert await store.claim("you", 60, 10) == []  # leased: nobody else takes them
+        await store.failed(first, "you", 0, frozenset(), "not yours")  # another's claim: no effect
+        await store.failed(first, "me", 0, frozenset({"callback"}), "webhook: HTTP 500")
+        (again,) = await store.claim("you", 60, 10)
+        assert (again.event_id, again.attempts, again.sinks_done) == (first, 1, frozenset({"callback"}))
+        await store.release("me")  # `me` stops: its claim (second) is due at once
+        assert [e.event_id for e in await store.claim("you", 60, 10)] == [second]
+        await store.delivered(first, frozenset({"callback", "webhook"}))
+        stats = await store.stats()
+        assert (stats.pending, stats.most_attempts) == (1, 0)
+        assert await store.prune(time.time() - 3600) == 0  # delivered just now: kept
+        assert await store.prune(time.time() + 3600) == 1
+        assert [(e.event_id, delivered) for e, delivered in await store.all()] == [(second, False)]
+    finally:
+        await store.close()

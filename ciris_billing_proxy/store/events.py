@@ -70,6 +70,8 @@ SQLITE_SCHEMA = Schema(
             + ")",
             "CREATE INDEX IF NOT EXISTS billing_events_pending "
             "ON billing_events (next_attempt_at) WHERE delivered_at IS NULL",
+            "CREATE INDEX IF NOT EXISTS billing_events_delivered "
+            "ON billing_events (delivered_at) WHERE delivered_at IS NOT NULL",
         ),
     ),
 )
@@ -83,6 +85,8 @@ POSTGRES_SCHEMA = Schema(
             + ")",
             "CREATE INDEX billing_events_pending ON billing_events (next_attempt_at) "
             "WHERE delivered_at IS NULL",
+            "CREATE INDEX billing_events_delivered ON billing_events (delivered_at) "
+            "WHERE delivered_at IS NOT NULL",
         ),
     ),
 )
