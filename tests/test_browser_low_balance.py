@@ -62,3 +62,23 @@ def test_the_notice_shows_at_the_threshold_and_fits_a_phone(
     notice(demo).wait_for(state="hidden")  # none left: the status line says so instead
     assert demo.total() == 0
     assert "no uses left" in demo.status_text()
+
+
+def test_where_credits_are_sold_the_notice_says_to_buy_more(
+    page: Any,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path: Path,
+) -> None:
+    env = clean_env(CIRIS_JWT_SECRET=SECRET, CIRIS_BILLING_LOW_BALANCE_THRESHOLD="12")
+    with serve([*user_args(), "--fake-backend"], tmp_path_factory.mktemp("paid-low"), env) as server:
+        demo = DemoPage(page, server.url)
+        demo.login("ben")
+        demo.wait_for_state("ready")
+        notice(demo).wait_for(state="visible")
+        assert notice(demo).inner_text() == "Running low: 12 uses left. Buy more to keep going."
+        assert demo.part("buy").is_visible()
+        page.set_viewport_size({"width": 320, "height": 900})
+        result = page.evaluate(FITS)
+        assert result["page"] <= result["viewport"], result
+        assert result["wide"] == [], result
+        demo.element.screenshot(path=str(tmp_path / "low-balance-paid-320.png"), animations="disabled")
