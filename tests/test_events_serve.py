@@ -1,7 +1,7 @@
-"""Billing events end to end through `serve`: two worker processes on one PostgreSQL database, the
-grants ledger writing `balance.low` and `balance.exhausted` under concurrent spends of one user,
-delivered as signed webhooks (`CIRIS_BILLING_EVENTS_URL`) to a real receiver that fails for a while:
-one `balance.low` per crossing arrives, each event once."""
+"""Billing events end to end through `serve`: two worker processes on one PostgreSQL database (or
+SQLite file), the grants ledger writing `balance.low` and `balance.exhausted` under concurrent
+spends of one user, delivered as signed webhooks (`CIRIS_BILLING_EVENTS_URL`) to a real receiver
+that fails for a while: one `balance.low` per crossing arrives, each event once."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import collections
 import time
 from pathlib import Path
 
+import pytest
+
 from ciris_billing_proxy.database_url import parse_database_url
 from ciris_billing_proxy.ledger import Account, ledger_for
-from ciris_billing_proxy.store import PostgresDatabase
+from ciris_billing_proxy.providers.simple import LEDGER_FILE
+from ciris_billing_proxy.store import Engine, PostgresDatabase, SQLiteDatabase
 
 from .conftest import SECRET
 from .event_receiver import Receiver
@@ -38,9 +41,19 @@ async def until(check: object, seconds: float = 30.0) -> None:
         await asyncio.sleep(0.05)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[list[str], Engine]:
+    """`serve`'s store flags, and an engine on the ledger's database for the test's own grant."""
+    if request.param == "sqlite":
+        return [], SQLiteDatabase(tmp_path / LEDGER_FILE)  # the workers share the data directory's file
+    url = request.getfixturevalue("pg_url")
+    return ["--database-url", url], PostgresDatabase(parse_database_url(url), max_size=1)
+
+
 async def test_one_balance_low_per_crossing_reaches_the_receiver_through_serve(
-    tmp_path: Path, pg_url: str
+    tmp_path: Path, store: tuple[list[str], Engine]
 ) -> None:
+    store_args, engine = store
     receiver = Receiver(HOOK_SECRET, mode="fail")
     await receiver.start()
     env = clean_env(
@@ -51,7 +64,7 @@ async def test_one_balance_low_per_crossing_reaches_the_receiver_through_serve(
         CIRIS_BILLING_LOW_BALANCE_THRESHOLD="3",
         CIRIS_SIMPLE_FREE_USES="10",
     )
-    args = ["--workers", "2", "--user", "ann:pw", "--database-url", pg_url, "--no-access-log"]
+    args = ["--workers", "2", "--user", "ann:pw", *store_args, "--no-access-log"]
     with serve(args, tmp_path, env) as server:
         token = await login(server.url)
         # 10 free uses, 25 interactions at once: 10 pass, and the balance crosses 3 once.
@@ -59,7 +72,6 @@ async def test_one_balance_low_per_crossing_reaches_the_receiver_through_serve(
         await until(lambda: len({a.event_id for a in receiver.attempts}) >= 2)
         receiver.mode = "ok"  # the receiver was failing: every event is retried until it takes it
         # Credit added (re-arms the threshold), then spent in one burst again: a second crossing.
-        engine = PostgresDatabase(parse_database_url(pg_url), max_size=1)
         ledger = ledger_for(engine)
         await ledger.open()
         try:
