@@ -37,10 +37,9 @@ from .keys import VERIFIED_KEY
 from .ledger import ENTRY_KINDS, Account, KeyReused, Ledger, Overdrawn, iso
 from .operations import BEARER_ERRORS, BODY_ERRORS, PROVIDER_FAILED, IntQuery, Operation, TextParam, TextQuery
 from .ops.audit import AuditKind, user_of
+from .paths import ADMIN_ROUTE, USAGE_ROUTE
 from .service import BillingService
 
-USAGE_PATH: Final = "/usage"
-ADMIN_PATH: Final = "/admin"
 NO_LEDGER: Final = "Not offered by this agent's credit provider"
 NOT_ADMIN: Final = "This route is for administrators"
 NO_RECORDS: Final = "No credit records for this user"
@@ -76,7 +75,7 @@ ADMIN_ERRORS: Final = {**BEARER_ERRORS, 403: NOT_ADMIN, 404: NO_LEDGER, 503: PRO
 USAGE: Final = Operation(
     "getUsage",
     "GET",
-    USAGE_PATH,
+    USAGE_ROUTE,
     "Where the caller's credits went: spends totalled per day, model or product over a time range.",
     UsageReport,
     {
@@ -91,7 +90,7 @@ USAGE: Final = Operation(
 USER_CREDITS: Final = Operation(
     "getUserCredits",
     "GET",
-    ADMIN_PATH + "/users/{user_id}/credits",
+    ADMIN_ROUTE + "/users/{user_id}/credits",
     "Admin: a user's balance as of now and every grant (kind, amount, remaining, expiry, reason, who).",
     AdminCredits,
     {**ADMIN_ERRORS, 404: f"{NO_LEDGER}; or the ledger has no record of this user", 422: "bad `namespace`"},
@@ -102,7 +101,7 @@ USER_CREDITS: Final = Operation(
 USER_GRANT: Final = Operation(
     "grantUserCredit",
     "POST",
-    ADMIN_PATH + "/users/{user_id}/grants",
+    ADMIN_ROUTE + "/users/{user_id}/grants",
     "Admin: grant credit to a user (`amount` > 0), or take it back (`amount` < 0), with a reason code; "
     "kept in the journal with who, why and when.",
     AdminGrantReply,
@@ -124,7 +123,7 @@ USER_GRANT: Final = Operation(
 AUDIT: Final = Operation(
     "getCreditAudit",
     "GET",
-    ADMIN_PATH + "/audit",
+    ADMIN_ROUTE + "/audit",
     "Admin: the journal of every change of credit (grants, corrections, spends, give-backs, expiries), "
     "newest first, a page at a time.",
     AuditPage,
@@ -205,7 +204,12 @@ class CreditRoutes:
         expiry = change.expiry()
         if expiry is not None and expiry <= ledger.clock():
             raise http_error(422, "Invalid request: expires_at must be in the future")
-        reply = await change_credit(ledger, account, change, actor=user_of(caller), key=key)
+        try:
+            reply = await change_credit(ledger, account, change, actor=user_of(caller), key=key)
+        except Overdrawn as exc:
+            raise http_error(409, OVERDRAWN.format(balance=exc.balance)) from None
+        except KeyReused:
+            raise http_error(409, KEY_REUSED) from None
         if not reply.replayed:
             self.service.invalidate(Identity(account.user_id, account.namespace, caller.role))
             self.service.audit.record(
@@ -246,42 +250,37 @@ class CreditRoutes:
 async def change_credit(
     ledger: Ledger, account: Account, change: AdminGrantRequest, *, actor: str, key: str | None
 ) -> AdminGrantReply:
-    """Apply an admin's grant or correction (the HTTP route's and the command line's): 409s for a
-    correction beyond the balance or a key used for another change."""
+    """Apply an admin's grant or correction (the HTTP route's and the command line's): `Overdrawn`
+    for a correction beyond the balance, `KeyReused` for a key used for another change."""
     now = ledger.clock()
-    try:
-        if change.amount > 0:
-            granted = await ledger.grant(
-                account,
-                change.amount,
-                change.kind or "promotional",
-                source="admin",
-                reason=change.reason,
-                note=change.note,
-                actor=actor,
-                expires_at=change.expiry(),
-                key=key,
-            )
-            return AdminGrantReply(
-                amount=granted.grant.amount,
-                grant=GrantInfo.of(granted.grant, now),
-                grant_ids=[granted.grant.id],
-                balance=AdminBalance.of(granted.balance),
-                replayed=granted.replayed,
-            )
-        clawed = await ledger.claw_back(
+    if change.amount > 0:
+        granted = await ledger.grant(
             account,
-            -change.amount,
+            change.amount,
+            change.kind or "promotional",
+            source="admin",
             reason=change.reason,
             note=change.note,
             actor=actor,
-            kind=change.kind,
+            expires_at=change.expiry(),
             key=key,
         )
-    except Overdrawn as exc:
-        raise http_error(409, OVERDRAWN.format(balance=exc.balance)) from None
-    except KeyReused:
-        raise http_error(409, KEY_REUSED) from None
+        return AdminGrantReply(
+            amount=granted.grant.amount,
+            grant=GrantInfo.of(granted.grant, now),
+            grant_ids=[granted.grant.id],
+            balance=AdminBalance.of(granted.balance),
+            replayed=granted.replayed,
+        )
+    clawed = await ledger.claw_back(
+        account,
+        -change.amount,
+        reason=change.reason,
+        note=change.note,
+        actor=actor,
+        kind=change.kind,
+        key=key,
+    )
     return AdminGrantReply(
         amount=-clawed.taken,
         grant=None,

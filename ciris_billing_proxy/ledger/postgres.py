@@ -101,7 +101,7 @@ class PostgresLedger(Ledger):
 
     async def _live(self, conn: asyncpg.Connection, a: Account, now: float) -> list[Live]:
         rows = await conn.fetch(_LIVE, *_key(a), now)
-        return [Live(int(r[0]), str(r[1]), int(r[2]), r[3]) for r in rows]
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
 
     async def grants(self, account: Account) -> list[Grant]:
         async with self.engine.connection() as conn:
@@ -343,7 +343,7 @@ class PostgresLedger(Ledger):
                 "SELECT id, kind, remaining, expires_at FROM credit_grants WHERE id = ANY($1::bigint[])",
                 [g for g, _ in took],
             )
-            back, kept = release([Live(int(r[0]), str(r[1]), int(r[2]), r[3]) for r in rows], took, amount)
+            back, kept = release([(r[0], r[1], r[2], r[3]) for r in rows], took, amount)
             await conn.execute(
                 "UPDATE credit_grants g SET remaining = g.remaining + t.n "
                 "FROM unnest($1::bigint[], $2::bigint[]) AS t(grant_id, n) WHERE g.id = t.grant_id",
@@ -474,12 +474,12 @@ class PostgresLedger(Ledger):
                 if found is not None:
                     return ClawedBack(-found[1], (), await self._balance(conn, account, now), replayed=True)
             every = await self._live(conn, account, now)
-            live = [g for g in every if kind is None or g.kind == kind]
+            live = [g for g in every if kind is None or g[1] == kind]
             before = balance_of(every, used)
             taken = claw_order(live, amount, grant_id)
             total = sum(n for _, n in taken)
             if total < amount and not partial:
-                raise Overdrawn(sum(g.remaining for g in live))
+                raise Overdrawn(sum(g[2] for g in live))
             await conn.execute(
                 "UPDATE credit_grants g SET remaining = g.remaining - t.n "
                 "FROM unnest($1::bigint[], $2::bigint[]) AS t(grant_id, n) WHERE g.id = t.grant_id",

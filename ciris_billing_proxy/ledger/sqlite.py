@@ -43,6 +43,17 @@ _ACCOUNT_AND_LIVE = (
     "AND g.product = a.product AND g.remaining > 0 AND (g.expires_at IS NULL OR g.expires_at > ?) "
     "WHERE a.namespace = ? AND a.user_id = ? AND a.product = ?"
 )
+_TAKE_FROM_GRANT = "UPDATE credit_grants SET remaining = remaining - ? WHERE id = ?"
+_SET_USED = f"UPDATE credit_accounts SET used = ? WHERE {_ACCOUNT}"
+_INSERT_SPEND = (
+    "INSERT INTO credit_entries (namespace, user_id, product, kind, amount, balance_after, used_after, "
+    "idempotency_key, state, cost, taken, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_SPEND_WITH_USAGE = (
+    "INSERT INTO credit_entries (namespace, user_id, product, kind, amount, balance_after, used_after, "
+    "idempotency_key, state, cost, taken, model, input_tokens, output_tokens, tool, metadata, created_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _GROUPS = {"day": "substr(created_at, 1, 10)", "model": "COALESCE(model, '')", "product": "product"}
 
 
@@ -79,7 +90,7 @@ class SQLiteLedger(Ledger):
             f"WHERE {_ACCOUNT} AND remaining > 0 AND (expires_at IS NULL OR expires_at > ?)",
             (*_key(a), now),
         ).fetchall()
-        return [Live(int(r[0]), str(r[1]), int(r[2]), r[3]) for r in rows]
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
 
     async def grants(self, account: Account) -> list[Grant]:
         def read(conn: sqlite3.Connection) -> list[Grant]:
@@ -258,51 +269,43 @@ class SQLiteLedger(Ledger):
         state: str,
         usage: Usage | None,
     ) -> Balance | None:
+        account = (a.namespace, a.user_id, a.product)
         with transaction(conn):
-            used, live = self._account_and_live(conn, a, now)
+            rows = conn.execute(_ACCOUNT_AND_LIVE, (now, *account)).fetchall()
+            if rows and rows[0][1]:
+                used = rows[0][0]
+                live: list[Live] = [r[2:] for r in rows if r[2] is not None]
+            else:
+                used, live = self._open_account(conn, a, now), self._live(conn, a, now)
             before = balance_of(live, used)
             if before.total < cost:
                 # Not enough now, unless this key spent before (then it answers as spent).
                 return before if self._spent(conn, a, key) else None
             taken = allocate(live, cost)
             for grant_id, n in taken:
-                conn.execute("UPDATE credit_grants SET remaining = remaining - ? WHERE id = ?", (n, grant_id))
-            u = usage or _NO_USAGE
-            conn.execute(f"UPDATE credit_accounts SET used = ? WHERE {_ACCOUNT}", (used + cost, *_key(a)))
+                conn.execute(_TAKE_FROM_GRANT, (n, grant_id))
+            conn.execute(_SET_USED, (used + cost, *account))
             after = less(before, live, taken, cost)
-            conn.execute(
-                "INSERT INTO credit_entries (namespace, user_id, product, kind, amount, balance_after, "
-                "used_after, idempotency_key, state, cost, taken, model, input_tokens, output_tokens, tool, "
-                "metadata, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    *_key(a),
-                    "spend" if state == "spent" else "reserve",
-                    -cost,
-                    after.total,
-                    after.used,
-                    key,
-                    state,
-                    cost,
-                    encode_taken(taken),
-                    u.model,
-                    u.input_tokens,
-                    u.output_tokens,
-                    u.tool,
-                    u.metadata_json(),
-                    iso(now),
-                ),
-            )
-            self._announce_spend(conn, a, key, before.total, after.total)
+            kind = "spend" if state == "spent" else "reserve"
+            head = (*account, kind, -cost, after.total, after.used, key, state, cost, encode_taken(taken))
+            if usage is None:
+                conn.execute(_INSERT_SPEND, (*head, iso(now)))
+            else:
+                conn.execute(
+                    _INSERT_SPEND_WITH_USAGE,
+                    (
+                        *head,
+                        usage.model,
+                        usage.input_tokens,
+                        usage.output_tokens,
+                        usage.tool,
+                        usage.metadata_json(),
+                        iso(now),
+                    ),
+                )
+            if self.low_balance_threshold is not None or after.total == 0:
+                self._announce_spend(conn, a, key, before.total, after.total)
             return after
-
-    def _account_and_live(self, conn: sqlite3.Connection, a: Account, now: float) -> tuple[int, list[Live]]:
-        """The account's uses spent and live grants, in one statement once it has been written."""
-        rows = conn.execute(_ACCOUNT_AND_LIVE, (now, *_key(a))).fetchall()
-        if rows and rows[0][1]:
-            return int(rows[0][0]), [
-                Live(int(r[2]), str(r[3]), int(r[4]), r[5]) for r in rows if r[2] is not None
-            ]
-        return self._open_account(conn, a, now), self._live(conn, a, now)
 
     def _spent(self, conn: sqlite3.Connection, a: Account, key: str) -> bool:
         row = conn.execute(
@@ -374,7 +377,7 @@ class SQLiteLedger(Ledger):
                 f"SELECT id, kind, remaining, expires_at FROM credit_grants WHERE id IN ({marks})",
                 [g for g, _ in took],
             ).fetchall()
-            back, kept = release([Live(int(r[0]), str(r[1]), int(r[2]), r[3]) for r in rows], took, amount)
+            back, kept = release([(r[0], r[1], r[2], r[3]) for r in rows], took, amount)
             for grant_id, n in back:
                 conn.execute("UPDATE credit_grants SET remaining = remaining + ? WHERE id = ?", (n, grant_id))
             conn.execute("UPDATE credit_entries SET taken = ? WHERE id = ?", (encode_taken(kept), spend_id))
@@ -501,12 +504,12 @@ class SQLiteLedger(Ledger):
                         return ClawedBack(-found[1], (), self._balance(conn, account, now), replayed=True)
                 used = self._open_account(conn, account, now)
                 every = self._live(conn, account, now)
-                live = [g for g in every if kind is None or g.kind == kind]
+                live = [g for g in every if kind is None or g[1] == kind]
                 before = balance_of(every, used)
                 taken = claw_order(live, amount, grant_id)
                 total = sum(n for _, n in taken)
                 if total < amount and not partial:
-                    raise Overdrawn(sum(g.remaining for g in live))
+                    raise Overdrawn(sum(g[2] for g in live))
                 conn.executemany(
                     "UPDATE credit_grants SET remaining = remaining - ? WHERE id = ?",
                     [(n, g) for g, n in taken],
