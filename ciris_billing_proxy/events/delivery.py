@@ -126,7 +126,8 @@ class EventDelivery:
         for sink in self.sinks:
             await sink.open()
         limit = asyncio.Semaphore(CONCURRENCY)
-        stats_due = prune_due = 0.0
+        # Not at once: a process starting does not add reads to its first requests' database.
+        stats_due = prune_due = time.monotonic() + STATS_SECONDS
         while True:
             started = time.monotonic()
             self._wake.clear()
