@@ -340,9 +340,6 @@ class InteractRequest(_Request):
     """The demo agent's `POST /v1/agent/interact` body."""
 
     message: str = Field(min_length=1, max_length=4000)
-    #: Demo only: what this interaction costs (1-10), to show weighted spends (`docs/credits.md`);
-    #: a real agent decides a cost from what the interaction did, never from what the client asks.
-    cost: int | None = Field(default=None, ge=1, le=10)
 
 
 class InteractReply(_Reply):

@@ -20,6 +20,7 @@ from yarl import URL
 
 from ciris_billing_proxy import BillingConfig, BillingService, Identity, ProviderContext
 from ciris_billing_proxy.keys import SERVICE_KEY
+from ciris_billing_proxy.ledger import Account
 from ciris_billing_proxy.providers.simple import SimpleProvider
 from ciris_billing_proxy.store.feed_postgres import PostgresChangeFeed
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
@@ -94,11 +95,12 @@ async def test_invalidate_on_one_app_reaches_the_others_cache(
     provider = service(a).provider
     assert isinstance(provider, SimpleProvider)
     # Changes no app made (an operator's in the ledger), announced through A.
-    await provider.ledger.spend("local", "alice", "operator-1", 100)
+    alice = Account("local", "alice")
+    await provider.ledger.spend(alice, "operator-1")
     assert await used_seen_by(b, headers) == 0
     service(a).invalidate(Identity("alice", "local", "OBSERVER"))
     await eventually(lambda: shows(b, headers, 1))
-    await provider.ledger.spend("local", "alice", "operator-2", 100)
+    await provider.ledger.spend(alice, "operator-2")
     service(a).invalidate()
     await eventually(lambda: shows(b, headers, 2))
 

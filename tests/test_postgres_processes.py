@@ -150,8 +150,9 @@ async def test_two_serve_processes_never_take_more_than_200_weighted_spends_may(
             async def interact(n: int) -> int:
                 cost = 1 + n % 5
                 url = (one, two)[n % 2].url
-                body = {"message": "x", "cost": cost}
-                async with session.post(f"{url}/v1/agent/interact", json=body, headers=ann) as r:
+                async with session.post(
+                    f"{url}/v1/agent/interact", params={"cost": str(cost)}, json={"message": "x"}, headers=ann
+                ) as r:
                     assert r.status in (200, 402), await r.text()
                     return cost if r.status == 200 else 0
 

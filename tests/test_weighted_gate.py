@@ -185,20 +185,21 @@ def test_bad_gate_options_fail_when_decorating(options: dict[str, Any], error: t
         credit_gate(**options)
 
 
-async def test_the_demo_charges_the_cost_its_body_asks(aiohttp_client: Any, tmp_path: Path) -> None:
+async def test_the_demo_charges_the_cost_its_request_asks(aiohttp_client: Any, tmp_path: Path) -> None:
     config = _config(tmp_path, 20)
     users = UserStore()
     users.add("ann", "pw-ann-123456")
     client = await aiohttp_client(create_demo_app(config, users, environ={}))
     auth = TokenFactory(config).headers("ann")
-    resp = await client.post("/v1/agent/interact", json={"message": "hi", "cost": 7}, headers=auth)
+    interact = "/v1/agent/interact"
+    resp = await client.post(interact, params={"cost": "7"}, json={"message": "hi"}, headers=auth)
     assert resp.status == 200
     assert (await resp.json())["free_uses_remaining"] == 13
-    resp = await client.post("/v1/agent/interact", json={"message": "hi"}, headers=auth)
+    resp = await client.post(interact, json={"message": "hi"}, headers=auth)
     assert (await resp.json())["free_uses_remaining"] == 12
-    for body in ({"message": "hi", "cost": 11}, {"message": "hi", "cost": "3"}, {"message": "hi", "cost": 0}):
-        resp = await client.post("/v1/agent/interact", json=body, headers=auth)
+    for cost in ("11", "0", "three", "-1"):
+        resp = await client.post(interact, params={"cost": cost}, json={"message": "hi"}, headers=auth)
         assert resp.status == 422
         assert "cost" in (await resp.json())["detail"]
-    assert (await client.post("/v1/agent/interact", data=b"{", headers=auth)).status == 400
+    assert (await client.post(interact, params={"cost": "5"}, data=b"{", headers=auth)).status == 400
     assert await left(client, auth) == (12, 8)

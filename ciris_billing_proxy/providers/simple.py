@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -30,9 +31,13 @@ from ..identity import Identity
 from ..ledger import Account, Balance, Clock, Entry, Ledger, Usage, ledger_for
 from ..lru import LRU
 from ..models import CreditStatus, Transaction, TransactionPage
+from ..ops.logs import FaultLog
 from ..products import TOOL_NAME, Product, ToolBalance, valid_tool_name
 from ..store import Engine, SQLiteDatabase
 from .base import CreditProvider, ProviderContext
+
+#: Fault lines a sweep repeats: once, then a count (`ops.logs.FaultLog`).
+faults = FaultLog(logging.getLogger("ciris_billing_proxy"))
 
 NO_FREE_USES = "No free uses remaining"
 LEDGER_FILE = "simple-usage.sqlite3"
@@ -169,9 +174,12 @@ class SimpleProvider(CreditProvider):
     async def _sweep_expiries(self) -> None:
         """Announce expired grants now and then (any number of processes may: each is announced once)."""
         while True:
-            # The database down is logged by the engine; the next sweep tries again.
-            with contextlib.suppress(ProviderUnavailable):
+            try:
                 await self.ledger.expire_due()
+            except ProviderUnavailable:
+                pass  # the database is down (the engine logs it): the next sweep tries again
+            except Exception as exc:  # a lost lock race, a constraint: never the end of the sweeps
+                faults.warning("Could not announce expired grants: %s", type(exc).__name__)
             await asyncio.sleep(self.settings.expiry_sweep_seconds)
 
     async def credit_status(self, identity: Identity) -> CreditStatus:

@@ -1,6 +1,6 @@
 """The demo agent: login, the billing and tool routes, and its gated endpoints: `POST /v1/agent/interact`
-(one interaction use; on a provider with weighted spends, the body's optional `"cost"`, 1-10, a
-demo-only knob) and `POST /v1/agent/tools/{product}` (one use of that product).
+(one interaction use; on a provider with weighted spends, an optional `?cost=N`, 1-10, a demo-only
+knob) and `POST /v1/agent/tools/{product}` (one use of that product).
 
 It is what `ciris-billing-proxy serve` runs; `examples/agent.py` is the same idea in a few lines.
 State lives in the data directory: the usage ledger, a generated JWT secret (so tokens stay valid
@@ -29,6 +29,7 @@ from ..errors import error_middleware, http_error
 from ..gate import credit_gate
 from ..keys import SPENT_STATUS_KEY, billing_service
 from ..models import InteractReply, InteractRequest
+from ..operations import IntQuery
 from ..ops.health import add_health_routes, ready
 from ..ops.metrics import add_metrics_route
 from ..products import valid_tool_name
@@ -55,31 +56,28 @@ DEMO_PRODUCTS = {
 _PASSWORD_ALPHABET = string.ascii_letters + string.digits
 
 
-#: The interaction's body, read once: by the cost callable before the spend, then by the handler.
-_BODY: Final = web.RequestKey("demo_interact_body", InteractRequest)
-#: What a `"cost"` other than 1 gets from a provider that takes one use per interaction.
+#: Demo only: what an interaction costs, from `?cost=N` (1-10) to show weighted spends
+#: (docs/credits.md). A real agent decides a cost from what the interaction did, never from what the
+#: client asks. A query parameter rather than a body field, so the cost is known, and taken, before
+#: the body is read, as a gate takes every use.
+COST_PARAM: Final = IntQuery("cost", 1, 1, 10, "Demo only: what this interaction costs (weighted spends).")
+#: What a `cost` other than 1 gets from a provider that takes one use per interaction.
 ONE_USE_ONLY: Final = "Invalid request: cost: this agent's credit provider takes one use per interaction"
 
 
-async def _read_body(request: web.Request) -> InteractRequest:
-    if _BODY not in request:
-        config = billing_service(request).config
-        request[_BODY] = await read_model(
-            request, InteractRequest, config.max_body_bytes, time_limit=config.body_timeout_seconds
-        )
-    return request[_BODY]
-
-
-async def interaction_cost(request: web.Request) -> int:
-    """The demo's cost of an interaction: the body's `"cost"` (1-10, a demo-only knob), else 1."""
-    return (await _read_body(request)).cost or 1
+def interaction_cost(request: web.Request) -> int:
+    """The demo's cost of an interaction: `?cost=N` (1-10; a 422 otherwise), else 1."""
+    return COST_PARAM.read(request)
 
 
 async def _interact(request: web.Request) -> web.Response:
     service = billing_service(request)
-    body = await _read_body(request)
-    if body.cost not in (None, 1) and not service.provider.weighted_spends:
+    if COST_PARAM.read(request) != 1 and not service.provider.weighted_spends:
         raise http_error(422, ONE_USE_ONLY)
+    config = service.config
+    body = await read_model(
+        request, InteractRequest, config.max_body_bytes, time_limit=config.body_timeout_seconds
+    )
     identity = get_identity(request)
     # What the gate's spend left, straight from its transaction; read only if the provider did not say.
     status = request.get(SPENT_STATUS_KEY)
@@ -95,7 +93,7 @@ async def _interact(request: web.Request) -> web.Response:
     )
 
 
-#: `POST /v1/agent/interact` on a provider with weighted spends: the body's cost is charged.
+#: `POST /v1/agent/interact` on a provider with weighted spends: `?cost=N` is charged.
 weighted_interact = credit_gate(cost=interaction_cost)(_interact)
 #: The same on a provider that takes one use per interaction.
 interact = credit_gate(_interact)
