@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, Final, Self
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -180,6 +181,15 @@ class BillingConfig(BaseModel):
     cors_origins: tuple[str, ...] = ()
     #: Where the tool routes (per-product credits) live, as the CIRIS agent serves them.
     tools_prefix: str = DEFAULT_TOOLS_PREFIX
+    #: An http(s) URL that receives every billing event as a signed webhook POST (docs/events.md);
+    #: none by default (the host's `on_event` callback may still take them). Never logged.
+    events_url: str | None = None
+    #: The shared secret the webhooks are signed with (HMAC-SHA256, at least 16 bytes); required
+    #: with `events_url`. Never logged.
+    events_secret: SecretStr | None = None
+    #: Longest wait between retries of an event its receiver did not take; it is retried at this
+    #: interval for as long as it fails (nothing is dropped).
+    events_retry_max_seconds: float = Field(default=600.0, gt=0, le=24 * 3600)
 
     @field_validator("prefix", "tools_prefix")
     @classmethod
@@ -194,6 +204,23 @@ class BillingConfig(BaseModel):
         inner, outer = sorted((self.prefix, self.tools_prefix), key=len, reverse=True)
         if inner == outer or inner.startswith(outer + "/"):
             raise ValueError("prefix and tools_prefix must not be the same or one inside the other")
+        return self
+
+    @field_validator("events_url")
+    @classmethod
+    def _events_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parsed = urlsplit(value)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.fragment:
+                # The value is not echoed: its query may carry the receiver's token.
+                raise ValueError("must be an http:// or https:// URL with a host and no fragment")
+        return value
+
+    @model_validator(mode="after")
+    def _events_signed(self) -> Self:
+        secret = self.events_secret
+        if self.events_url is not None and (secret is None or len(secret.get_secret_value().encode()) < 16):
+            raise ValueError("events_url needs events_secret, at least 16 bytes, to sign the webhooks with")
         return self
 
     @field_validator("database_url")
@@ -331,6 +358,9 @@ ENV_VARS: Final[dict[str, tuple[str, str, str]]] = {
     "CIRIS_BILLING_SERVE_UI": ("top", "serve_ui", "bool"),
     "CIRIS_BILLING_CORS_ORIGINS": ("top", "cors_origins", "list"),
     "CIRIS_TOOLS_PREFIX": ("top", "tools_prefix", "str"),
+    "CIRIS_BILLING_EVENTS_URL": ("top", "events_url", "str"),
+    "CIRIS_BILLING_EVENTS_SECRET": ("top", "events_secret", "str"),
+    "CIRIS_BILLING_EVENTS_RETRY_MAX_SECONDS": ("top", "events_retry_max_seconds", "float"),
 }
 
 

@@ -232,6 +232,9 @@ class CapabilitiesReply(_Reply):
     #: The products sold per use beside the interaction credits (tool credits), by name; their
     #: balances are at the tool routes (`docs/tool-credits.md`). Older agents leave it out: none.
     products: list[str] = Field(default_factory=list)
+    #: At or under this many uses left a UI shows a low-balance notice (and a ledger provider
+    #: writes `balance.low` as it is crossed); left out when unset, and by older agents: no notice.
+    low_balance_threshold: int | None = None
 
 
 class Capabilities(CapabilitiesReply):
@@ -242,10 +245,12 @@ class Capabilities(CapabilitiesReply):
     stripe_js: str | None = Field(default=None, pattern=r"^/[^/\\]")
 
     @model_serializer(mode="wrap")
-    def _drop_unset_stripe_js(self, handler: Any) -> dict[str, Any]:
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        # Left out when unset: a deployment without them answers as before.
         data: dict[str, Any] = handler(self)
-        if data.get("stripe_js") is None:
-            data.pop("stripe_js", None)
+        for name in ("stripe_js", "low_balance_threshold"):
+            if data.get(name) is None:
+                data.pop(name, None)
         return data
 
 

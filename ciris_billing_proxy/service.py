@@ -23,6 +23,7 @@ from .auth import TokenVerifier
 from .cache import CreditCache
 from .config import BillingConfig, ConfigError
 from .errors import BillingError, InsufficientCredit, ProviderUnavailable
+from .events.outbox import EventOutbox
 from .identity import Identity
 from .ledger import Usage
 from .models import (
@@ -37,6 +38,7 @@ from .models import (
 )
 from .ops.audit import AuditKind, AuditTrail, user_of
 from .ops.health import Health, readiness
+from .ops.logs import FaultLog
 from .ops.metrics import Counts, MultiprocessWriter
 from .ops.outbox import GiveBackOutbox
 from .products import ToolBalance, ToolCheck, ToolPurchase, ToolPurchaseRequest
@@ -51,6 +53,8 @@ T = TypeVar("T")
 ENDED: Final = frozenset({"succeeded", "failed", "canceled"})
 
 logger = logging.getLogger("ciris_billing_proxy")
+#: Fault lines an outage repeats: once, then a count (`ops.logs.FaultLog`).
+faults = FaultLog(logger)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +112,8 @@ class BillingService:
     * `await health()`: whether billing can serve now, check by check (what `GET /readyz` answers);
     * `counts`: what the metrics count (`ops.metrics`), `give_backs_owed()`;
     * `audit`: where money and auth events go (`ops.audit`; `audit.record(...)` for the host's own);
-    * `provider`, `config`: what it was built with; `stripe_js`: a stand-in Stripe.js to announce.
+    * `provider`, `config`: what it was built with; `stripe_js`: a stand-in Stripe.js to announce;
+    * `events`: the billing event outbox and its delivery (`events.outbox`, docs/events.md).
 
     With a change feed (`setup_billing` gives it one on the configured database), every change
     made here reaches the other processes sharing that database, and theirs reach this one: it is
@@ -125,8 +130,13 @@ class BillingService:
         feed: ChangeFeed | None = None,
         outbox: GiveBackOutbox | None = None,
         audit: AuditTrail | None = None,
+        events: EventOutbox | None = None,
     ) -> None:
         self.config = config
+        #: Billing events: kept until delivered to the host's callback and the webhook.
+        self.events = events
+        # Purchases whose `purchase.succeeded` this process emitted (the store keeps it once for all).
+        self._emitted_payments: LRUCache[str, None] = LRUCache(maxsize=4096)
         #: Where money and auth events go (`ops.audit`); `setup_billing` runs its lifespan.
         self.audit = audit or AuditTrail()
         # Payments whose end (settled, failed) was audited: a status is polled until it ends and
@@ -170,7 +180,11 @@ class BillingService:
             if self.outbox is not None:
                 await self.outbox.open()
             await self.provider.start()
+            if self.events is not None:
+                await self.events.open(self.provider)
         except BaseException as exc:
+            if self.events is not None:
+                await self.events.close()
             await self.provider.stop()
             if self.outbox is not None:
                 await self.outbox.close()
@@ -210,6 +224,10 @@ class BillingService:
                 )
             if self.outbox is not None:
                 await self.outbox.close()
+            # After the drain (the last changes' events are written), before the provider closes
+            # the engine the events may be on; an event not delivered yet stays in the store.
+            if self.events is not None:
+                await self.events.close()
             await self.provider.stop()
             if self.feed is not None:
                 await self.feed.stop()
@@ -282,6 +300,7 @@ class BillingService:
             apple_storekit=declared["apple_storekit_enabled"],
             charges=declared["gate_charges"],
             stripe_js=self.stripe_js,
+            low_balance_threshold=self.config.low_balance_threshold,
         )
 
     def revoke_token(self, token: str) -> None:
@@ -331,6 +350,7 @@ class BillingService:
                 self.feed.changed_all()
         else:
             self._forget(identity)
+        self._credit_changed()
 
     def _forget(self, identity: Identity) -> None:
         self.cache.invalidate(identity)
@@ -339,9 +359,17 @@ class BillingService:
 
     def identity_changed(self, key: IdentityKey) -> None:
         self.cache.invalidate_key(key)
+        self._credit_changed()
 
     def all_changed(self) -> None:
         self.cache.clear()
+        self._credit_changed()
+
+    def _credit_changed(self) -> None:
+        # Credit changed outside a spend of this process (an admin grant, a host's own change,
+        # another process heard on the feed): any event it wrote goes now, not at the next poll.
+        if self.events is not None:
+            self.events.delivery.wake()
 
     def token_revoked(self, digest: bytes, until: float) -> None:
         self.verifier.revoke_digest(digest, until)
@@ -507,6 +535,7 @@ class BillingService:
         )
         if status.status == "succeeded":
             self._forget(identity)
+            await self._purchase_succeeded(identity, payment_id, status)
         if status.status in ENDED and payment_id not in self._audited_payments:
             self._audited_payments[payment_id] = None
             kind = AuditKind.PURCHASE_SETTLED if status.status == "succeeded" else AuditKind.PURCHASE_FAILED
@@ -515,6 +544,28 @@ class BillingService:
                 kind, user_of(identity), outcome, amount=status.credits_added, reference=payment_id
             )
         return status
+
+    async def _purchase_succeeded(self, identity: Identity, payment_id: str, status: PurchaseStatus) -> None:
+        """`purchase.succeeded`, for a provider that writes no events of its own: once per payment
+        whichever process sees it first (the outbox keeps one per payment id). A store that does not
+        answer now loses nothing: the next status poll emits it."""
+        events = self.events
+        if events is None or not events.service_emits or payment_id in self._emitted_payments:
+            return
+        data = {
+            "payment_id": payment_id,
+            "credits_added": status.credits_added,
+            "balance_after": status.balance_after,
+        }
+        emit = events.emit("purchase.succeeded", identity, data, once_key=f"purchase.succeeded:{payment_id}")
+        try:
+            await asyncio.shield(self._track(emit))
+        except ProviderUnavailable:
+            faults.warning(
+                "Could not keep the purchase.succeeded event of a payment; the next status poll tries again"
+            )
+            return
+        self._emitted_payments[payment_id] = None
 
     async def verify_google_play(self, identity: Identity, purchase: GooglePlayPurchase) -> StoreVerification:
         call = self.provider.verify_google_play(identity, purchase)
@@ -704,6 +755,8 @@ class BillingService:
             self.audit.record(
                 self._audit_kind(what), user_of(identity), outcome, amount=amount, reference=key
             )
+            if self.events is not None:
+                self.events.delivery.wake()  # the change may have written an event (balance.low)
 
     def _audit_kind(self, what: str) -> AuditKind:
         if what in ("spend", "reserve"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
@@ -14,6 +15,11 @@ from .auth_routes import add_auth_routes
 from .config import BillingConfig, ConfigError
 from .cors import allow_preflights, cors_middleware
 from .errors import RouteGuards, error_middleware
+from .events.delivery import EventDelivery
+from .events.model import EventHandler
+from .events.outbox import EventOutbox
+from .events.sinks import CallbackSink, Sink
+from .events.webhooks import WebhookSink
 from .gate import check_gates
 from .keys import SERVICE_KEY
 from .login import Authenticator
@@ -43,6 +49,7 @@ def setup_billing(
     subapp: bool = True,
     claim_prefixes: bool = False,
     environ: Mapping[str, str] | None = None,
+    on_event: EventHandler | None = None,
 ) -> BillingService:
     """Add the billing routes, their auth and the provider's lifecycle to `app`; return the handle.
 
@@ -61,6 +68,10 @@ def setup_billing(
       or by `login_throttle`.
     * Money and auth events go to the `ciris_billing_proxy.audit` logger and, with a
       `database_url`, to the store (`ops.audit`).
+    * `on_event`, an async function, receives every billing event (`events.Event`: `balance.low`,
+      `purchase.succeeded`, ...) at least once, from the delivery loop; one that raises gets the
+      event again later. With `config.events_url` they are also POSTed there, signed
+      (docs/events.md).
 
     Paths are relative to `app`: mounted with `outer.add_subapp("/agent", app)`, the routes are
     served at `/agent{prefix}` and `/agent{protected path}` needs a token. Call this before `app` is
@@ -88,6 +99,8 @@ def setup_billing(
         )
     else:
         check_provider_class(type(provider), provider.name)
+    if on_event is not None and not _is_async(on_event):
+        raise ConfigError("setup_billing(on_event=...) takes an async function (async def)")
     database_url = config.database_url.get_secret_value() if config.database_url else None
     audit = AuditTrail(
         None if database_url is None else functools.partial(audit_store, database_url, config.database_budget)
@@ -101,6 +114,12 @@ def setup_billing(
             database_url, config.data_dir, config.database_budget, period=config.give_back_retry_max_seconds
         ),
         audit,
+        EventOutbox(
+            EventDelivery(event_sinks(config, on_event), retry_max_seconds=config.events_retry_max_seconds),
+            database_url,
+            config.data_dir,
+            config.database_budget,
+        ),
     )
 
     app[SERVICE_KEY] = service
@@ -187,6 +206,25 @@ def setup_billing(
     if scopes:
         app.on_startup.append(_rebase_on_mount(anchor, scopes))
     return service
+
+
+def _is_async(handler: object) -> bool:
+    """An `async def` function, a partial of one, or an object whose `__call__` is one."""
+    if inspect.iscoroutinefunction(handler):
+        return True
+    return callable(handler) and inspect.iscoroutinefunction(
+        inspect.getattr_static(type(handler), "__call__", None)
+    )
+
+
+def event_sinks(config: BillingConfig, on_event: EventHandler | None) -> list[Sink]:
+    """Where billing events go: the host's callback, then the webhook."""
+    sinks: list[Sink] = []
+    if on_event is not None:
+        sinks.append(CallbackSink(on_event))
+    if config.events_url is not None and config.events_secret is not None:
+        sinks.append(WebhookSink(config.events_url, config.events_secret.get_secret_value()))
+    return sinks
 
 
 def _gates_checked(provider: CreditProvider) -> Callable[[web.Application], AsyncIterator[None]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ from ciris_billing_proxy import BillingConfig
 from ciris_billing_proxy.client import BillingClient, NotFoundError
 from ciris_billing_proxy.testing import TokenFactory
 
-from .conftest import ClientFactory
+from .conftest import ClientFactory, make_config
 from .default_paths import CAPABILITIES
 from .providers import ShopProvider
 
@@ -87,7 +88,7 @@ async def test_the_python_client_reads_them(billing_client: Any, tokens: TokenFa
     base = str(billing_client.make_url(""))
     async with BillingClient(base, token=tokens.token()) as billing:
         capabilities = await billing.capabilities()
-    assert capabilities.model_dump() == SIMPLE
+    assert capabilities.model_dump() == {**SIMPLE, "low_balance_threshold": None}
 
 
 async def test_the_client_names_an_agent_without_the_route(billing_client: Any, tokens: TokenFactory) -> None:
@@ -96,3 +97,11 @@ async def test_the_client_names_an_agent_without_the_route(billing_client: Any, 
     async with BillingClient(base, token=tokens.token(), prefix="/v1/api/older") as billing:
         with pytest.raises(NotFoundError):
             await billing.capabilities()
+
+
+async def test_the_low_balance_threshold_reaches_the_ui(
+    tmp_path: Path, tokens: TokenFactory, make_client: ClientFactory
+) -> None:
+    client = await make_client(make_config(tmp_path, low_balance_threshold=3))
+    resp = await client.get(CAPABILITIES, headers=tokens.headers())
+    assert await resp.json() == {**SIMPLE, "low_balance_threshold": 3}

@@ -233,12 +233,61 @@ def families(service: BillingService) -> list[Family]:
             [("", {}, 0.0 if feed is None or not feed.heard_at else max(0.0, now - feed.heard_at))],
             mode="livemax",
         ),
+        *_event_families(service),
         Family(
             "ciris_billing_database_connections_in_use",
             "gauge",
             "Connections lent out by the process's PostgreSQL pools (records, change feed, give-back "
             "outbox, login throttle, audit; over processes: the sum).",
             [("", {}, PostgresDatabase.connections_in_use_by_process())],
+        ),
+    ]
+
+
+def _event_families(service: BillingService) -> list[Family]:
+    """The event delivery's counters, and the outbox as the delivery last read it (every process
+    sharing a store reads the same outbox: over processes, the highest)."""
+    if service.events is None:
+        return []
+    counts = service.events.delivery.counts
+    outbox = counts.outbox
+    return [
+        Family(
+            "ciris_billing_events_delivered",
+            "counter",
+            "Billing events a sink (callback, webhook) took.",
+            [("_total", {"sink": sink}, n) for sink, n in sorted(counts.delivered.items())],
+        ),
+        Family(
+            "ciris_billing_events_failed",
+            "counter",
+            "Failed attempts to deliver a billing event, by sink and reason (status, timeout, "
+            "connection, callback_error); each is retried.",
+            [
+                ("_total", {"sink": sink, "reason": reason}, n)
+                for (sink, reason), n in sorted(counts.failed.items())
+            ],
+        ),
+        Family(
+            "ciris_billing_events_pending",
+            "gauge",
+            "Billing events kept and not delivered yet.",
+            [("", {}, outbox.pending)],
+            mode="livemax",
+        ),
+        Family(
+            "ciris_billing_events_oldest_pending_seconds",
+            "gauge",
+            "Age of the oldest billing event not delivered yet (0 when none): alert when it grows.",
+            [("", {}, outbox.oldest_seconds)],
+            mode="livemax",
+        ),
+        Family(
+            "ciris_billing_events_most_attempts",
+            "gauge",
+            "Most failed attempts of any billing event not delivered yet.",
+            [("", {}, outbox.most_attempts)],
+            mode="livemax",
         ),
     ]
 

@@ -167,6 +167,19 @@ class CreditProvider(abc.ABC):
         that lacks the header, so it must be cheap (no I/O on every call)."""
         return None
 
+    @property
+    def events_engine(self) -> Engine | None:
+        """The engine this provider writes billing events to (`store.events.add_sqlite` or
+        `add_postgres`, in the transaction of the change each tells of), or None when it writes
+        none. Opened by `start` and closed by `stop`: the event delivery reads and marks the
+        `billing_events` table on it while the provider runs (it brings that table's schema up to
+        date after `start`). A provider that names one writes every event it causes itself,
+        `purchase.succeeded` included; for one that names none, the service keeps the events it
+        emits (`purchase.succeeded`) in its own outbox (docs/events.md). By default the engine of
+        `credit_ledger`, which writes its events there."""
+        ledger = self.credit_ledger
+        return None if ledger is None else ledger.engine
+
     async def start(self) -> None:
         """Open connections, files and sessions. Called once at app startup."""
 

@@ -394,6 +394,18 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     openapi.add_argument("--no-auth-routes", action="store_true", help="the app has no login routes")
     openapi.add_argument("--no-ui", action="store_true", help="the UI kit's files are not served")
     serve.add_argument(
+        "--events-url",
+        default=None,
+        metavar="URL",
+        help="POST every billing event here as a signed webhook (docs/events.md); needs --events-secret",
+    )
+    serve.add_argument(
+        "--events-secret",
+        default=None,
+        metavar="SECRET",
+        help="the secret webhooks are signed with, 16+ bytes (shows in ps: prefer the variable)",
+    )
+    serve.add_argument(
         "--fake-backend",
         action="store_true",
         help="run a fake CIRIS Billing backend in-process and use the ciris provider against it",
@@ -593,6 +605,9 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["cors_origins"] = tuple(
             origin.strip() for value in args.cors_origin for origin in value.split(",") if origin.strip()
         )
+    for name in ("events_url", "events_secret"):
+        if getattr(args, name):
+            overrides[name] = getattr(args, name)
     jwt: dict[str, object] = {}
     if not (os.environ.get("CIRIS_JWT_SECRET") or os.environ.get("CIRIS_JWT_PUBLIC_KEY")):
         # No key configured: keep a generated one in the data directory so tokens survive restarts.

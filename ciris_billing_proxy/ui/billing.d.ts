@@ -37,6 +37,8 @@ export interface Capabilities {
   stripe_js?: string;
   /** Products sold per use (tool credits); absent from agents that sell none. */
   products?: string[];
+  /** At or under this many uses left the element shows a low-balance notice; absent when unset. */
+  low_balance_threshold?: number;
 }
 /** Tool credits: `GET {toolsPrefix}/balance/{tool}` and each item of `GET {toolsPrefix}/balance`. */
 export interface ToolBalance {

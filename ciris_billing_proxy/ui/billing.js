@@ -331,6 +331,7 @@ const STYLE = `
   --_accent-text: var(--ciris-billing-accent-text, #ffffff);
   --_success: var(--ciris-billing-success, #1b7a46);
   --_error: var(--ciris-billing-error, #b42318);
+  --_warning: var(--ciris-billing-warning, #8a4b00);
   --_radius: var(--ciris-billing-radius, 10px);
   display: block;
   /* Its width comes from the page, never from its content: as wide as there is room, up to 32rem
@@ -373,6 +374,17 @@ button {
   color: var(--_text);
 }
 .buy { justify-self: start; }
+.low-balance {
+  margin: 0;
+  padding: 0.6rem 0.9rem;
+  border-radius: calc(var(--_radius) * 0.7);
+  border: 1px solid color-mix(in srgb, var(--_warning) 35%, var(--_background));
+  background: color-mix(in srgb, var(--_warning) 9%, var(--_background));
+  color: var(--_warning);
+  font-size: 0.95rem;
+  overflow-wrap: anywhere;
+}
+.low-balance strong { font-weight: 600; }
 button.primary { background: var(--_accent); border-color: var(--_accent); color: var(--_accent-text); }
 button:hover:not(:disabled) { filter: brightness(0.95); }
 button:focus-visible { outline: 3px solid var(--_accent); outline-offset: 2px; }
@@ -442,6 +454,7 @@ const TEMPLATE = `
     <div class="total"><span class="number">–</span><small class="unit"></small></div>
     <ul class="breakdown"></ul>
   </section>
+  <p part="low-balance" class="low-balance" role="status" hidden></p>
   <button part="buy" type="button" class="primary buy" hidden>Buy credits</button>
   <form part="payment" class="payment" hidden novalidate>
     <p class="summary"></p>
@@ -693,12 +706,28 @@ export class CirisBillingElement extends HTMLElement {
         return item;
       }));
     }
+    this.#renderLowBalance();
     const buy = this.#q(".buy");
     const options = credits?.purchase_options;
     buy.textContent = options
       ? `Buy ${plural(options.uses, "use", "uses")} for ${formatMoney(options.price_minor, options.currency)}`
       : "Buy credits";
     buy.hidden = !["ready", "no-credit"].includes(this.state) || !this.#capabilities?.purchases;
+  }
+
+  /** At or under the agent's `low_balance_threshold` (and not yet out: the status says that), a notice. */
+  #renderLowBalance() {
+    const notice = this.#q(".low-balance");
+    const credits = this.#credits;
+    const threshold = this.#capabilities?.low_balance_threshold;
+    const total = credits ? credits.credits_remaining + credits.free_uses_remaining : 0;
+    const low = typeof threshold === "number" && total > 0 && total <= threshold;
+    notice.hidden = !low;
+    if (!low) return notice.replaceChildren();
+    const heading = document.createElement("strong");
+    heading.textContent = "Running low:";
+    const more = this.#capabilities?.purchases ? " Buy more to keep going." : "";
+    notice.replaceChildren(heading, ` ${plural(total, "use", "uses")} left.${more}`);
   }
 
   async #refreshQuietly() {
