@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from .auth import identity_of_request
 from .bodies import expect_continue, read_model
+from .config import ConfigError
 from .errors import BILLING_DISABLED, BillingDisabled, IdTokenRequired, PaymentNotFound, http_error
 from .id_token import (
     APPLE_HEADER,
@@ -60,6 +61,7 @@ from .paths import (
     STATUS_ROUTE,
     TRANSACTIONS_ROUTE,
 )
+from .providers.base import CreditProvider, ProviderRoute
 from .service import BillingService
 from .ui import SERVED, UIFiles
 
@@ -359,6 +361,32 @@ class BillingRoutes:
         return self.service
 
 
+#: A provider route's path below the prefix: a first segment of its own, then anything a route may be.
+PROVIDER_PATH: Final = re.compile(r"/[a-z0-9][a-z0-9_\-]{0,63}/[A-Za-z0-9_\-./{}]{1,200}")
+#: First path segments the package's own routes use: no provider route may take one.
+RESERVED_SEGMENTS: Final = frozenset(op.path.split("/")[1] for op in BILLING_OPERATIONS) | {"tools"}
+
+
+def provider_routes(provider: CreditProvider) -> tuple[ProviderRoute, ...]:
+    """The provider's own routes (`CreditProvider.routes`), checked at startup: each a `ProviderRoute`
+    whose path is under a first segment of its own that no billing route uses, no two the same."""
+    declared = tuple(provider.routes())
+    seen: set[tuple[str, str]] = set()
+    for route in declared:
+        if not isinstance(route, ProviderRoute):
+            raise ConfigError(f"Credit provider {provider.name!r}: routes() must give ProviderRoute items")
+        op = route.operation
+        if not PROVIDER_PATH.fullmatch(op.path) or op.path.split("/")[1] in RESERVED_SEGMENTS:
+            raise ConfigError(
+                f"Credit provider {provider.name!r}: route path {op.path!r} must be /SEGMENT/..., under a "
+                f"first segment of its own (not one of {', '.join(sorted(RESERVED_SEGMENTS))})"
+            )
+        if (op.method, op.path) in seen:
+            raise ConfigError(f"Credit provider {provider.name!r}: route {op.method} {op.path} twice")
+        seen.add((op.method, op.path))
+    return declared
+
+
 def add_routes(
     router: web.UrlDispatcher,
     service: BillingService,
@@ -368,6 +396,7 @@ def add_routes(
     api: set[web.AbstractResource],
     describe: Handler,
     own_router: bool = False,
+    extra: tuple[ProviderRoute, ...] = (),
 ) -> web.AbstractResource:
     """Add the billing routes to `router`, each path under `prefix` (empty inside the sub-app), and
     `describe` (the API description) at `OPENAPI`'s path. The handlers of routes that need no token
@@ -377,6 +406,9 @@ def add_routes(
     Every route checks `Expect:` (the token first, where one is needed) before granting
     `100-continue`. With `own_router` (the billing sub-app's router, which serves nothing else)
     every other path and method is answered too, with the same `Expect:` handling and a JSON 404/405.
+
+    The provider's own routes (`extra`, from `provider_routes`) are added under `prefix` too: each
+    needs the token unless its operation says `bearer=False` (it is then added to `public`).
 
     Returns the `/credits` resource: mounting the application prefixes it like every other one,
     which is how `setup_billing` learns where the routes ended up.
@@ -393,6 +425,16 @@ def add_routes(
         router.add_post(prefix + APP_STORE.path, routes.verify_app_store, expect_handler=expect),
         router.add_get(prefix + OPENAPI.path, describe, expect_handler=expect_continue),
     ]
+    for route in extra:
+        op = route.operation
+        router.add_route(
+            op.method,
+            prefix + op.path,
+            route.handler,
+            expect_handler=expect if op.bearer else expect_continue,
+        )
+        if not op.bearer:
+            public.add(route.handler)
     public.add(describe)
     api.update(route.resource for route in added if route.resource is not None)
     credits = added[0].resource

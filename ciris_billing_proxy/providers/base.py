@@ -7,16 +7,18 @@ answered with a 500 whose body says nothing about it.
 
 To ship a provider from another distribution, subclass `CreditProvider`, override `from_context` if
 it needs settings, and register the class in the entry-point group `ciris_billing_proxy.providers`.
+A provider that needs routes of its own (a payment system's webhook) declares them in `routes()`.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
+from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ValidationError
 
 from ..config import ConfigError, describe_validation_error
@@ -34,6 +36,7 @@ from ..models import (
     StoreVerification,
     TransactionPage,
 )
+from ..operations import Operation
 from ..products import Product, ToolBalance, ToolCheck, ToolPurchase, ToolPurchaseRequest
 from ..store import Engine, SQLiteDatabase
 from ..store.choose import engine_for
@@ -89,6 +92,22 @@ class ProviderContext:
             return model.model_validate(raw, strict=False)
         except ValidationError as exc:
             raise ConfigError(f"{self.provider} provider: {describe_validation_error(exc)}") from None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ProviderRoute:
+    """A route a provider adds to the billing routes (docs/providers.md, "Routes of your own").
+
+    `operation` says what it is, as the package's own routes do: its method, its path below the
+    billing prefix (under a first segment of the provider's own, e.g. `/stripe/webhook`), every
+    error status, and whether it needs the bearer token (`bearer`): an authenticated handler reads
+    the caller with `ciris_billing_proxy.get_identity(request)`, a public one (`bearer=False`, a
+    webhook that proves itself with its own signature) is reached without a token. It is listed in
+    the OpenAPI document, answers `Expect:` like the others, and an error it raises (`BillingError`,
+    `web.HTTPException` with a JSON body) reaches the client as JSON `{"detail": ...}`."""
+
+    operation: Operation
+    handler: Handler
 
 
 class CreditProvider(abc.ABC):
@@ -148,6 +167,11 @@ class CreditProvider(abc.ABC):
         agent's environment. None by default: each request must bring its own. Called per request
         that lacks the header, so it must be cheap (no I/O on every call)."""
         return None
+
+    def routes(self) -> Sequence[ProviderRoute]:
+        """Routes of the provider's own, added beside the billing routes when the app is set up
+        (none by default). Asked once, before `start`; the handlers may be called only after it."""
+        return ()
 
     async def start(self) -> None:
         """Open connections, files and sessions. Called once at app startup."""
