@@ -132,10 +132,16 @@ class CreditStatus(CreditStatusReply):
         return data
 
 
+#: A pack's id: what `purchase/initiate` names it by.
+PACK_ID: Final = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
+
+
 class PurchaseRequest(_Request):
-    """`POST /purchase/initiate` body: `{}` or `{"return_url": ...}`."""
+    """`POST /purchase/initiate` body: `{}`, `{"return_url": ...}`, and with a provider that sells
+    several packs (`/capabilities` lists them) `{"pack": id}` (without one: the first, the default)."""
 
     return_url: str | None = Field(default=None, min_length=1, max_length=2048)
+    pack: str | None = Field(default=None, pattern=PACK_ID)
 
 
 class PurchaseInitiatedReply(_Reply):
@@ -214,6 +220,35 @@ class TransactionPage(TransactionPageReply):
     total_count: int = Field(ge=0)
 
 
+class CreditPackReply(_Reply):
+    id: str
+    uses: int
+    price_minor: int
+    currency: str
+
+
+class CreditPack(CreditPackReply):
+    """A pack a provider sells: `uses` for `price_minor` (cents) of `currency` (ISO 4217)."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+    id: str = Field(pattern=PACK_ID)
+    uses: int = Field(ge=1, le=10_000_000)
+    price_minor: int = Field(ge=1, le=99_999_999)
+    currency: str = Field(pattern=r"^[A-Z]{3}$")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upper_currency(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("currency"), str):
+            data = {**data, "currency": data["currency"].upper()}
+        return data
+
+    @property
+    def options(self) -> PurchaseOptions:
+        return PurchaseOptions(price_minor=self.price_minor, uses=self.uses, currency=self.currency)
+
+
 class CapabilitiesReply(_Reply):
     """`GET /capabilities`: what the provider behind the agent offers, declared by the provider, so a
     UI knows before the user clicks whether buying is possible. The last three fields came with the
@@ -229,10 +264,14 @@ class CapabilitiesReply(_Reply):
     #: The products sold per use beside the interaction credits (tool credits), by name; their
     #: balances are at the tool routes (`docs/tool-credits.md`). Older agents leave it out: none.
     products: list[str] = Field(default_factory=list)
+    #: The packs `purchase/initiate` sells (`{"pack": id}`), the default first; older agents and
+    #: providers that sell one unnamed pack leave it empty.
+    packs: list[CreditPackReply] = Field(default_factory=list)
 
 
 class Capabilities(CapabilitiesReply):
     provider: str = Field(min_length=1)
+    packs: list[CreditPack] = Field(default_factory=list)  # type: ignore[assignment]
     #: Only with a stand-in for Stripe.js (`serve --fake-backend`): its path on the agent, which
     #: `<ciris-billing>` loads instead of Stripe's. Left out of the JSON otherwise, so a real
     #: deployment's reply never names one.

@@ -277,7 +277,7 @@ class BillingRoutes:
         if key is not None and not IDEMPOTENCY_KEY.matches(key):
             raise http_error(400, BAD_IDEMPOTENCY_KEY)
         with self._as_user(request):
-            reply = await service.initiate_purchase(request[VERIFIED_KEY][1], body.return_url, key)
+            reply = await service.initiate_purchase(request[VERIFIED_KEY][1], body.return_url, key, body.pack)
         return json_reply(reply)
 
     async def purchase_status(self, request: web.Request) -> web.Response:

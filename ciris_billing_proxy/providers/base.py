@@ -29,6 +29,7 @@ from ..id_token import IdToken
 from ..identity import Identity
 from ..models import (
     AppStorePurchase,
+    CreditPack,
     CreditStatus,
     GooglePlayPurchase,
     PurchaseInitiated,
@@ -211,13 +212,25 @@ class CreditProvider(abc.ABC):
         role, email and tenant, not the token's expiry. By default, `give_back`."""
         await self.give_back(identity, idempotency_key)
 
+    @property
+    def packs(self) -> Sequence[CreditPack]:
+        """The packs `initiate_purchase` sells by id, the default first (`/capabilities` lists
+        them); none by default: a provider that sells one unnamed pack is never asked for one."""
+        return ()
+
     async def initiate_purchase(
-        self, identity: Identity, return_url: str | None, idempotency_key: str | None
+        self,
+        identity: Identity,
+        return_url: str | None,
+        idempotency_key: str | None,
+        pack: str | None = None,
     ) -> PurchaseInitiated:
         """Start a purchase. Only called when `purchases_enabled`.
 
         `idempotency_key` is the client's `Idempotency-Key` header, if any: replay the earlier reply
         for the same *user and* key, never another user's (it carries their Stripe client secret).
+        `pack` is the id of one of `packs` the user chose (checked before); passed only when one
+        was asked for, so a provider that declares no packs need not take it.
         """
         raise BillingDisabled
 

@@ -63,6 +63,14 @@ def _int(fields: Mapping[str, str], name: str) -> int | None:
         ) from None
 
 
+def _page(found: list[dict[str, Any]], request: web.Request, url: str) -> web.Response:
+    """A list, newest first, of at most `limit` (Stripe's default 10, at most 100)."""
+    limit = min(_int(request.query, "limit") or 10, 100)
+    return web.json_response(
+        {"object": "list", "url": url, "has_more": len(found) > limit, "data": found[:limit]}
+    )
+
+
 class FakeStripeAPI:
     def __init__(
         self,
@@ -93,6 +101,7 @@ class FakeStripeAPI:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
         route = app.router
         route.add_post("/v1/payment_intents", self._create_intent)
+        route.add_get("/v1/payment_intents", self._list_intents)
         route.add_get("/v1/payment_intents/{id}", self._get_intent)
         route.add_post("/v1/payment_intents/{id}/confirm", self._confirm_intent)
         route.add_post("/v1/payment_intents/{id}/cancel", self._cancel_intent)
@@ -204,6 +213,10 @@ class FakeStripeAPI:
     async def _get_intent(self, request: web.Request) -> web.Response:
         return web.json_response(self.state.intent(request.match_info["id"]).view())
 
+    async def _list_intents(self, request: web.Request) -> web.Response:
+        found = [intent.view() for intent in reversed(self.state.intents.values())]
+        return _page(found, request, "/v1/payment_intents")
+
     async def _confirm_intent(self, request: web.Request) -> web.Response:
         intent_id = request.match_info["id"]
         return await self._once(
@@ -229,10 +242,7 @@ class FakeStripeAPI:
     async def _list_events(self, request: web.Request) -> web.Response:
         kind = request.query.get("type")
         found = [e.view() for e in reversed(self.state.events) if kind in (None, e.type)]
-        limit = min(int(request.query.get("limit", "10")), 100)
-        return web.json_response(
-            {"object": "list", "url": "/v1/events", "has_more": len(found) > limit, "data": found[:limit]}
-        )
+        return _page(found, request, "/v1/events")
 
     async def _control(self, request: web.Request) -> web.Response:
         """The test controls over HTTP, for a person at a shell: pay, cancel, refund or dispute."""
