@@ -50,7 +50,10 @@ _TABLES = (
 SQLITE_SCHEMA = Schema("stripe_payments", (tuple(t.format(exists="IF NOT EXISTS ") for t in _TABLES),))
 POSTGRES_SCHEMA = Schema("stripe_payments", (tuple(t.format(exists="") for t in _TABLES),))
 
-_STATE = "SELECT ended, grant_id, repay, claw_target, clawed, claw_pending FROM stripe_payments WHERE payment_id = "
+_STATE = (
+    "SELECT ended, grant_id, repay, claw_target, clawed, claw_pending"
+    " FROM stripe_payments WHERE payment_id = "
+)
 
 
 @dataclass(frozen=True, slots=True)
