@@ -112,6 +112,9 @@ class Handled:
     owner: Identity | None = None
     payment_id: str | None = None
     acted: bool = True
+    #: Uses a refund or dispute took back, and those it could not (now owed).
+    clawed: int = 0
+    owed: int = 0
 
 
 Handle = Callable[[StripeEvent], Awaitable[Handled]]
@@ -162,6 +165,14 @@ class WebhookRoute:
         service.audit.record(
             AuditKind.STRIPE_WEBHOOK, user, "ok" if handled.acted else "ignored", reference=event.id
         )
+        if handled.clawed:
+            service.audit.record(
+                AuditKind.CLAWBACK, user, "ok", amount=handled.clawed, reference=handled.payment_id
+            )
+        if handled.owed:
+            service.audit.record(
+                AuditKind.CLAWBACK, user, "owed", amount=handled.owed, reference=handled.payment_id
+            )
         return _reply(WebhookReceived(ignored=not handled.acted))
 
 
