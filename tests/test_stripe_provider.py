@@ -1,0 +1,286 @@
+"""The `stripe` provider against the fake Stripe API over real HTTP: packs, purchases credited once by
+the signed webhook or by a status poll, failures and cancellations, refunds and disputes clawed back
+(never below zero, the rest owed and taken from the next purchase), and webhooks repeated, reordered,
+forged or stale."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from ciris_billing_proxy.testing.fake_stripe_api import FakeStripeAPI, signature
+
+from .conftest import ClientFactory
+from .stripe_helpers import PACKS, WEBHOOK, Agent, start_agent, stripe_config
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeStripeAPI]:
+    api = FakeStripeAPI()
+    await api.start()
+    yield api
+    await api.stop()
+
+
+@pytest.fixture
+async def agent(make_client: ClientFactory, tmp_path: Path, fake: FakeStripeAPI) -> Agent:
+    return await start_agent(make_client, stripe_config(tmp_path, fake), fake)
+
+
+async def paid(agent: Agent, user: str = "ann", **body: object) -> str:
+    """A purchase started and paid with Stripe's test card; its id."""
+    started = await agent.initiate(user, **body)
+    agent.fake.state.confirm(started["payment_id"], "pm_card_visa")
+    return str(started["payment_id"])
+
+
+async def events_of(agent: Agent, kind: str) -> list[dict[str, object]]:
+    engine = agent.provider.ledger.engine
+    rows = await engine.run(  # type: ignore[attr-defined]
+        lambda conn: conn.execute("SELECT data FROM billing_events WHERE kind = ?", (kind,)).fetchall()
+    )
+    return [json.loads(data) for (data,) in rows]
+
+
+async def test_packs_are_offered_and_sold(agent: Agent) -> None:
+    credits = await agent.credits()
+    assert credits["has_credit"] is False
+    assert credits["purchase_options"] == {"price_minor": 500, "uses": 20, "currency": "USD"}
+    code, capabilities = await agent.get("/capabilities")
+    assert code == 200
+    assert capabilities["provider"] == "stripe"
+    assert [p["id"] for p in capabilities["packs"]] == ["small", "big"]
+    assert capabilities["packs"][1] == {"id": "big", "uses": 100, "price_minor": 2000, "currency": "USD"}
+
+    small = await agent.initiate()
+    assert (small["uses_purchased"], small["amount_minor"], small["currency"]) == (20, 500, "USD")
+    assert small["publishable_key"] == agent.fake.publishable_key
+    assert small["client_secret"].startswith(small["payment_id"] + "_secret_")
+    big = await agent.initiate(pack="big")
+    assert (big["uses_purchased"], big["amount_minor"]) == (100, 2000)
+    assert big["payment_id"] != small["payment_id"]
+    assert agent.fake.state.intents[big["payment_id"]].amount == 2000
+
+    resp = await agent.client.post(
+        "/v1/api/billing/purchase/initiate", headers=agent.headers(), json={"pack": "huge"}
+    )
+    assert resp.status == 400
+    assert (await resp.json())["detail"] == "Unknown pack; choose one of: small, big"
+
+
+async def test_free_uses_are_a_signup_grant(
+    make_client: ClientFactory, tmp_path: Path, fake: FakeStripeAPI
+) -> None:
+    agent = await start_agent(make_client, stripe_config(tmp_path, fake, free_uses=3), fake)
+    credits = await agent.credits()
+    assert (credits["free_uses_remaining"], credits["credits_remaining"], credits["has_credit"]) == (
+        3,
+        0,
+        True,
+    )
+    await agent.spend(3)
+    credits = await agent.credits()
+    assert credits["has_credit"] is False
+    assert credits["purchase_options"]["uses"] == 20
+
+
+async def test_a_paid_purchase_is_credited_by_the_webhook(agent: Agent) -> None:
+    payment_id = await paid(agent)
+    await agent.settled()
+    assert {d.status for d in agent.fake.webhooks.deliveries} == {200}
+    credits = await agent.credits()
+    assert (credits["credits_remaining"], credits["has_credit"]) == (20, True)
+    assert await agent.status(payment_id) == {"status": "succeeded", "credits_added": 20, "balance_after": 20}
+    succeeded = await events_of(agent, "purchase.succeeded")
+    assert [e["payment_id"] for e in succeeded] == [payment_id]
+    code, page = await agent.get("/transactions")
+    assert code == 200
+    assert page["transactions"][0]["type"] == "credit"
+    assert page["transactions"][0]["amount_minor"] == 20
+
+
+async def test_without_webhooks_the_status_poll_asks_stripe_and_credits(
+    make_client: ClientFactory, tmp_path: Path, fake: FakeStripeAPI
+) -> None:
+    agent = await start_agent(
+        make_client, stripe_config(tmp_path, fake, webhook_secret=None), fake, webhooks=False
+    )
+    started = await agent.initiate()
+    assert (await agent.status(started["payment_id"]))["status"] == "requires_payment_method"
+    fake.state.confirm(started["payment_id"], "pm_card_visa")
+    for _ in range(3):
+        assert await agent.status(started["payment_id"]) == {
+            "status": "succeeded",
+            "credits_added": 20,
+            "balance_after": 20,
+        }
+    assert (await agent.credits())["credits_remaining"] == 20
+    # And a webhook route without its secret refuses everything.
+    resp = await agent.client.post(WEBHOOK, data=b"{}")
+    assert resp.status == 400
+
+
+async def test_the_same_event_five_times_credits_once(agent: Agent) -> None:
+    agent.fake.webhooks.copies = 5
+    payment_id = await paid(agent)
+    await agent.settled()
+    succeeded = [d for d in agent.fake.webhooks.deliveries if d.type == "payment_intent.succeeded"]
+    assert [d.status for d in succeeded] == [200] * 5
+    assert (await agent.credits())["credits_remaining"] == 20
+    assert len(await events_of(agent, "purchase.succeeded")) == 1
+    assert len(await agent.provider.ledger.grants(_account())) == 1
+    assert (await agent.status(payment_id))["balance_after"] == 20
+
+
+@pytest.mark.parametrize("order", ["reverse", "shuffle"])
+async def test_events_out_of_order_change_nothing_twice(agent: Agent, order: str) -> None:
+    hooks = agent.fake.webhooks
+    hooks.hold()
+    hooks.copies = 2
+    payment_id = await paid(agent)
+    state = agent.fake.state
+    charge = state.charges[state.intents[payment_id].latest_charge or ""]
+    state.refund(charge, 100)  # a fifth of the price: 4 of the 20 uses
+    state.refund(charge, 100)  # two fifths in all: 8
+    hooks.release(order)
+    await agent.settled()
+    assert {d.status for d in hooks.deliveries} == {200}
+    assert (await agent.credits())["credits_remaining"] == 12
+    # Delivered again, all of them, in any order: nothing changes.
+    for event in list(state.events):
+        hooks.resend(event)
+    await agent.settled()
+    assert (await agent.credits())["credits_remaining"] == 12
+    assert await agent.provider.records.owed("local", "ann") == 0
+
+
+async def test_a_refund_after_uses_were_spent_claws_back_what_is_left_and_owes_the_rest(agent: Agent) -> None:
+    payment_id = await paid(agent)
+    await agent.settled()
+    await agent.spend(15)
+    assert (await agent.credits())["credits_remaining"] == 5
+    agent.fake.state.refund(agent.fake.state.charge_of(payment_id, None))
+    await agent.settled()
+    credits = await agent.credits()
+    assert (credits["credits_remaining"], credits["has_credit"]) == (0, False)
+    assert await agent.provider.records.owed("local", "ann") == 15
+    clawed = await events_of(agent, "credit.clawed_back")
+    assert sum(int(str(e.get("amount", e.get("taken", 0)))) for e in clawed) == 5
+    # The next purchase repays what is owed first.
+    second = await paid(agent)
+    await agent.settled()
+    assert (await agent.credits())["credits_remaining"] == 5
+    assert await agent.provider.records.owed("local", "ann") == 0
+    assert await agent.status(second) == {"status": "succeeded", "credits_added": 20, "balance_after": 5}
+
+
+async def test_a_dispute_claws_back_every_use(agent: Agent) -> None:
+    started = await agent.initiate()
+    agent.fake.state.confirm(started["payment_id"], "pm_card_createDispute")
+    await agent.settled()
+    assert (await agent.credits())["credits_remaining"] == 0
+    await agent.spend(0)
+    assert await agent.provider.records.owed("local", "ann") == 0
+
+
+async def test_failures_and_cancellations_end_the_payment(agent: Agent) -> None:
+    declined = await agent.initiate()
+    with pytest.raises(Exception, match="declined"):
+        agent.fake.state.confirm(declined["payment_id"], "pm_card_chargeDeclined")
+    await agent.settled()
+    assert (await agent.status(declined["payment_id"]))["status"] == "failed"
+    # A failed payment is not handed back to the next click: a new one is made.
+    again = await agent.initiate()
+    assert again["payment_id"] != declined["payment_id"]
+    agent.fake.state.cancel(again["payment_id"])
+    await agent.settled()
+    assert (await agent.status(again["payment_id"]))["status"] == "canceled"
+    assert (await agent.credits())["credits_remaining"] == 0
+
+
+async def test_replays_double_clicks_and_ownership(agent: Agent) -> None:
+    keyed = {"Idempotency-Key": "k-1", **agent.headers()}
+    first = await agent.client.post("/v1/api/billing/purchase/initiate", headers=keyed, json={})
+    second = await agent.client.post("/v1/api/billing/purchase/initiate", headers=keyed, json={})
+    assert (await first.json()) == (await second.json())
+    click = await agent.initiate()
+    assert click["payment_id"] == (await first.json())["payment_id"]  # within the double-click window
+    other_pack = await agent.initiate(pack="big")
+    assert other_pack["payment_id"] != click["payment_id"]
+    code, body = await agent.get(f"/purchase/status/{click['payment_id']}", user="bob")
+    assert (code, body) == (404, {"detail": "Payment not found"})
+    assert len(agent.fake.state.intents) == 2
+
+
+async def test_a_forged_or_stale_signature_changes_nothing(agent: Agent) -> None:
+    agent.fake.webhooks.url = None  # the test delivers by hand
+    payment_id = await paid(agent)
+    event = next(e for e in agent.fake.state.events if e.type == "payment_intent.succeeded")
+    payload = json.dumps(event.view()).encode()
+    secret = agent.fake.webhook_secret
+    refused = [
+        {},
+        {"Stripe-Signature": signature("whsec_forged", payload)},
+        {"Stripe-Signature": signature(secret, payload, int(time.time()) - 301)},
+        {"Stripe-Signature": signature(secret, payload + b" ")},
+        {"Stripe-Signature": "t=abc,v1=def"},
+    ]
+    for headers in refused:
+        resp = await agent.client.post(WEBHOOK, data=payload, headers=headers)
+        assert (resp.status, await resp.json()) == (400, {"detail": "Invalid Stripe signature"}), headers
+    tampered = json.dumps({**event.view(), "id": "evt_other"}).encode()
+    resp = await agent.client.post(
+        WEBHOOK, data=tampered, headers={"Stripe-Signature": signature(secret, payload)}
+    )
+    assert resp.status == 400
+    assert (await agent.credits())["credits_remaining"] == 0
+    assert not await agent.provider.events.seen(event.id)
+
+    resp = await agent.client.post(
+        WEBHOOK, data=payload, headers={"Stripe-Signature": signature(secret, payload)}
+    )
+    assert (resp.status, await resp.json()) == (200, {"received": True, "duplicate": False, "ignored": False})
+    resp = await agent.client.post(
+        WEBHOOK, data=payload, headers={"Stripe-Signature": signature(secret, payload)}
+    )
+    assert (await resp.json())["duplicate"] is True
+    assert (await agent.credits())["credits_remaining"] == 20
+    assert (await agent.status(payment_id))["status"] == "succeeded"
+
+
+async def test_unknown_events_and_other_payments_are_answered_and_ignored(agent: Agent) -> None:
+    secret = agent.fake.webhook_secret
+    for kind, obj in (
+        ("customer.created", {"id": "cus_1"}),
+        ("payment_intent.succeeded", {"id": "pi_not_ours", "amount": 500, "currency": "usd"}),
+        ("charge.refunded", {"id": "ch_1", "payment_intent": "pi_not_ours", "amount_refunded": 500}),
+    ):
+        payload = json.dumps(
+            {"id": f"evt_{kind}", "object": "event", "type": kind, "created": 1, "data": {"object": obj}}
+        ).encode()
+        resp = await agent.client.post(
+            WEBHOOK, data=payload, headers={"Stripe-Signature": signature(secret, payload)}
+        )
+        assert (resp.status, (await resp.json())["ignored"]) == (200, True), kind
+
+
+async def test_a_webhook_failing_to_reach_the_agent_is_retried_and_credits_once(agent: Agent) -> None:
+    agent.fake.webhooks.fail(2)
+    agent.fake.webhooks.retry_seconds = 0.01
+    await paid(agent)
+    await agent.settled()
+    assert (await agent.credits())["credits_remaining"] == 20
+    assert sorted(d.status for d in agent.fake.webhooks.deliveries).count(0) == 2
+
+
+def _account() -> object:
+    from ciris_billing_proxy.ledger import Account
+
+    return Account("local", "ann")
+
+
+__all__ = ["PACKS"]
