@@ -27,7 +27,10 @@ PACKS = [
 ]
 
 
-def stripe_config(tmp_path: Path, fake: FakeStripeAPI, **options: Any) -> BillingConfig:
+def stripe_config(
+    tmp_path: Path, fake: FakeStripeAPI, *, config: dict[str, Any] | None = None, **options: Any
+) -> BillingConfig:
+    """A config of the `stripe` provider on `fake`: `options` are the provider's, `config` the rest."""
     settings: dict[str, Any] = {
         "secret_key": fake.secret_key,
         "publishable_key": fake.publishable_key,
@@ -38,7 +41,7 @@ def stripe_config(tmp_path: Path, fake: FakeStripeAPI, **options: Any) -> Billin
         "max_retries": 0,
         **options,
     }
-    return make_config(tmp_path, provider="stripe", provider_options=settings)
+    return make_config(tmp_path, provider="stripe", provider_options=settings, **(config or {}))
 
 
 @dataclass
