@@ -150,6 +150,12 @@ class BillingConfig(BaseModel):
     give_back_retry_max_seconds: float = Field(default=10.0, gt=0, le=300)
     #: Roles the credit gate does not charge (case-insensitive).
     gate_bypass_roles: frozenset[str] = frozenset()
+    #: Roles that may use the admin routes (`{prefix}/admin/...`: grant, correct, audit credit;
+    #: case-insensitive). Every other role gets 403 there.
+    admin_roles: frozenset[str] = frozenset({"ADMIN"})
+    #: A spend that takes a user's balance from above this to at or below it writes one
+    #: `balance.low` event (once per crossing); None: no such event. Ledger providers only.
+    low_balance_threshold: int | None = Field(default=None, ge=0, le=1_000_000_000)
     #: Host path prefixes that also require a token (each covers itself and everything below it).
     protected_paths: tuple[str, ...] = ()
     #: Failed logins that lock a username, and a client address, for the rest of the window (0: no
@@ -201,7 +207,7 @@ class BillingConfig(BaseModel):
     def database_budget(self) -> DatabaseBudget:
         return DatabaseBudget(self.database_pool_size, self.database_timeout_seconds)
 
-    @field_validator("gate_bypass_roles")
+    @field_validator("gate_bypass_roles", "admin_roles")
     @classmethod
     def _upper_roles(cls, value: frozenset[str]) -> frozenset[str]:
         return frozenset(
@@ -313,6 +319,8 @@ ENV_VARS: Final[dict[str, tuple[str, str, str]]] = {
     "CIRIS_BODY_TIMEOUT_SECONDS": ("top", "body_timeout_seconds", "float"),
     "CIRIS_GIVE_BACK_RETRY_MAX_SECONDS": ("top", "give_back_retry_max_seconds", "float"),
     "CIRIS_GATE_BYPASS_ROLES": ("top", "gate_bypass_roles", "list"),
+    "CIRIS_BILLING_ADMIN_ROLES": ("top", "admin_roles", "list"),
+    "CIRIS_BILLING_LOW_BALANCE_THRESHOLD": ("top", "low_balance_threshold", "int"),
     "CIRIS_PROTECTED_PATHS": ("top", "protected_paths", "list"),
     "CIRIS_LOGIN_MAX_FAILURES_PER_USER": ("top", "login_max_failures_per_user", "int"),
     "CIRIS_LOGIN_MAX_FAILURES_PER_ADDRESS": ("top", "login_max_failures_per_address", "int"),

@@ -15,6 +15,7 @@ from .models import CreditStatus
 
 if TYPE_CHECKING:
     from .auth import TokenVerifier
+    from .gate import GatedSpend
     from .identity import Identity
     from .service import BillingService
 
@@ -30,6 +31,8 @@ SPEND_KEY: Final = web.RequestKey("spend_key", str)
 #: `simple` provider does): a gated handler that reports the credit left answers with it instead of
 #: reading it again. Absent when the provider does not tell, or the gate took nothing.
 SPENT_STATUS_KEY: Final = web.RequestKey("spent_status", CreditStatus)
+#: What the credit gate took for the request (`gate.billing_spend` reads it).
+GATED_SPEND_KEY: Final[web.RequestKey[GatedSpend]] = web.RequestKey("gated_spend")
 
 
 def billing_service(request: web.Request) -> BillingService:

@@ -93,6 +93,8 @@ class CreditStatus(CreditStatusReply):
     daily_free_uses_limit: int | None = Field(default=None, ge=0)
     #: How many of `free_uses_remaining` are daily uses (they come back at the next reset).
     daily_free_uses_included: int | None = Field(default=None, ge=0)
+    #: When the soonest-expiring credit left expires (ISO 8601, UTC); absent when none expires.
+    next_expiry_at: str | None = Field(default=None, min_length=1, max_length=40)
 
     @model_validator(mode="before")
     @classmethod
@@ -126,6 +128,7 @@ class CreditStatus(CreditStatusReply):
             "daily_free_uses_remaining",
             "daily_free_uses_limit",
             "daily_free_uses_included",
+            "next_expiry_at",
         ):
             if data.get(name) is None:
                 data.pop(name, None)
@@ -371,6 +374,9 @@ class InteractRequest(_Request):
     """The demo agent's `POST /v1/agent/interact` body."""
 
     message: str = Field(min_length=1, max_length=4000)
+    #: Demo only: what this interaction costs (1-10), to show weighted spends (`docs/credits.md`);
+    #: a real agent decides a cost from what the interaction did, never from what the client asks.
+    cost: int | None = Field(default=None, ge=1, le=10)
 
 
 class InteractReply(_Reply):

@@ -24,6 +24,7 @@ from .cache import CreditCache
 from .config import BillingConfig, ConfigError
 from .errors import BillingError, InsufficientCredit, InvalidRequest, ProviderUnavailable
 from .identity import Identity
+from .ledger import Usage
 from .models import (
     AppStorePurchase,
     Capabilities,
@@ -359,14 +360,47 @@ class BillingService:
         self.feed_listening = True
         self.cache.limit_lifetime(None)
 
-    async def spend(self, identity: Identity, idempotency_key: str) -> CreditStatus | None:
-        """Take one use; returns the user's status right after it when the provider tells it
-        (see `CreditProvider.spend`), else None."""
-        task = self._track(
-            self._change_credit(
-                self.provider.spend(identity, idempotency_key), identity, "spend", idempotency_key
-            )
+    async def spend(self, identity: Identity, idempotency_key: str, cost: int = 1) -> CreditStatus | None:
+        """Take one use (or `cost`, from a provider with `weighted_spends`); returns the user's
+        status right after it when the provider tells it (see `CreditProvider.spend`), else None."""
+        call = (
+            self.provider.spend(identity, idempotency_key)
+            if cost == 1
+            else self.provider.spend_weighted(identity, idempotency_key, cost)
         )
+        return await self._take(call, identity, idempotency_key, "spend", cost)
+
+    async def reserve(self, identity: Identity, idempotency_key: str, amount: int) -> CreditStatus | None:
+        """Take up to `amount` for a cost known afterwards (`settle`); given back like a spend."""
+        call = self.provider.reserve(identity, idempotency_key, amount)
+        return await self._take(call, identity, idempotency_key, "reserve", amount)
+
+    async def settle(self, identity: Identity, idempotency_key: str, cost: int, usage: Usage | None) -> None:
+        """Keep `cost` of the reservation under this key and give the rest back; run to its end
+        even if the caller goes away."""
+        call = self.provider.settle(identity, idempotency_key, cost, usage)
+        await asyncio.shield(
+            self._track(self._change_credit(call, identity, "settle", idempotency_key, cost))
+        )
+
+    async def record_usage(self, identity: Identity, idempotency_key: str, usage: Usage) -> None:
+        """Keep what the spend under this key was for; a failure is logged, never raised (the
+        interaction it describes succeeded)."""
+        try:
+            await asyncio.shield(
+                self._track(
+                    self._guard(self.provider.record_usage(identity, idempotency_key, usage), "usage", object)
+                )
+            )
+        except BillingError as exc:
+            logger.warning(
+                "Could not record the usage of request key %s: %s", idempotency_key, type(exc).__name__
+            )
+
+    async def _take(
+        self, call: Awaitable[object], identity: Identity, idempotency_key: str, what: str, amount: int
+    ) -> CreditStatus | None:
+        task = self._track(self._change_credit(call, identity, what, idempotency_key, amount))
         try:
             status = await asyncio.shield(task)
         except (asyncio.CancelledError, ProviderUnavailable):
@@ -666,7 +700,7 @@ class BillingService:
             self.audit.record(kind, user_of(identity), outcome, amount=1, reference=reference)
 
     async def _change_credit(
-        self, call: Awaitable[object], identity: Identity, what: str, key: str
+        self, call: Awaitable[object], identity: Identity, what: str, key: str, amount: int = 1
     ) -> object:
         """Run a provider call that changes the user's credit (a spend or a give-back), forget
         the user's cached credit once it is done, whatever its outcome, and audit it; returns what
@@ -683,11 +717,15 @@ class BillingService:
             raise
         finally:
             self._forget(identity)
-            self.audit.record(self._audit_kind(what), user_of(identity), outcome, amount=1, reference=key)
+            self.audit.record(
+                self._audit_kind(what), user_of(identity), outcome, amount=amount, reference=key
+            )
 
     def _audit_kind(self, what: str) -> AuditKind:
-        if what == "spend":
+        if what in ("spend", "reserve"):
             return AuditKind.SPEND
+        if what == "settle":
+            return AuditKind.SETTLE
         # A provider that sells credits gives a use back by refunding what was charged for it.
         return AuditKind.REFUND if self.provider.purchases_enabled is True else AuditKind.GIVE_BACK
 

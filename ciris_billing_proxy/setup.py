@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -14,6 +14,7 @@ from .auth_routes import add_auth_routes
 from .config import BillingConfig, ConfigError
 from .cors import allow_preflights, cors_middleware
 from .errors import error_middleware
+from .gate import check_gates
 from .keys import SERVICE_KEY
 from .login import Authenticator
 from .openapi import APIDescription
@@ -103,6 +104,7 @@ def setup_billing(
     # the audit trail before both, so the events of the service's last money-moving work are kept.
     app.cleanup_ctx.append(audit.lifespan)
     app.cleanup_ctx.append(metrics_publisher(service))
+    app.cleanup_ctx.append(_gates_checked(provider))
     app.cleanup_ctx.append(service.lifespan)
     scopes: list[PathScope] = []
     if config.protected_paths:
@@ -164,6 +166,17 @@ def setup_billing(
     return service
 
 
+def _gates_checked(provider: CreditProvider) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A `cleanup_ctx` entry: before the provider starts (the routes are final by then), every
+    `@credit_gate` of the app must be one the provider can serve (`gate.check_gates`)."""
+
+    async def check(app: web.Application) -> AsyncIterator[None]:
+        check_gates(app, provider)
+        yield
+
+    return check
+
+
 def provider_context(config: BillingConfig, environ: Mapping[str, str] | None = None) -> ProviderContext:
     """What the provider `config.provider` is built from (`environ`: the process environment)."""
     return ProviderContext(
@@ -173,6 +186,7 @@ def provider_context(config: BillingConfig, environ: Mapping[str, str] | None = 
         agent_id=config.agent_id,
         database_url=config.database_url.get_secret_value() if config.database_url else None,
         database_budget=config.database_budget,
+        low_balance_threshold=config.low_balance_threshold,
     )
 
 

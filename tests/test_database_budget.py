@@ -92,8 +92,9 @@ async def test_a_stalled_database_costs_a_request_its_budget_then_503_and_the_le
     assert (await client.post(INTERACT, json={}, headers=tokens.headers("ann"))).status == 200
     # Spends held by the stall may land once it ends: each is given back (they answered 503).
     deadline = asyncio.get_running_loop().time() + 20
-    while await fetch(pg_url, "SELECT used FROM usage") != [(2,)]:
-        assert asyncio.get_running_loop().time() < deadline, await fetch(pg_url, "SELECT used FROM usage")
+    used = "SELECT used FROM credit_accounts"
+    while await fetch(pg_url, used) != [(2,)]:
+        assert asyncio.get_running_loop().time() < deadline, await fetch(pg_url, used)
         await asyncio.sleep(0.1)
 
 

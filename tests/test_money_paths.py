@@ -12,7 +12,8 @@ from aiohttp import web
 
 from ciris_billing_proxy import BillingConfig, Identity, ProviderUnavailable, credit_gate, setup_billing
 from ciris_billing_proxy.keys import SERVICE_KEY
-from ciris_billing_proxy.store import SQLiteDatabase, usage_ledger
+from ciris_billing_proxy.ledger import Account, ledger_for
+from ciris_billing_proxy.store import SQLiteDatabase
 from ciris_billing_proxy.testing import TokenFactory
 
 from .conftest import make_config
@@ -93,24 +94,25 @@ async def test_shutdown_waits_for_give_backs_started_late(config: BillingConfig)
 async def test_a_failed_commit_does_not_wedge_the_ledger(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
     db = SQLiteDatabase(path)
-    ledger = usage_ledger(db)
+    ledger = ledger_for(db, signup=lambda _: 10)
+    u = Account("local", "u")
     await ledger.open()
     try:
         # Rollback-journal mode (what a filesystem without WAL gives): a reader's shared lock makes
         # COMMIT itself fail, after BEGIN IMMEDIATE and the UPDATE went through.
         await db.run(lambda conn: conn.execute("PRAGMA journal_mode = DELETE"))
         await db.run(lambda conn: conn.execute("PRAGMA busy_timeout = 50"))
-        await ledger.spend("local", "u", "k1", 10)
+        await ledger.spend(u, "k1")
         reader = sqlite3.connect(path, isolation_level=None)
         reader.execute("BEGIN")
-        reader.execute("SELECT * FROM usage").fetchall()
+        reader.execute("SELECT * FROM credit_accounts").fetchall()
         # A locked file is an outage (503), not a provider bug.
         with pytest.raises(ProviderUnavailable, match="database unavailable"):
-            await ledger.spend("local", "u", "k2", 10)
+            await ledger.spend(u, "k2")
         reader.execute("ROLLBACK")
         reader.close()
-        assert await ledger.spend("local", "u", "k3", 10)
-        assert await ledger.used("local", "u") == 2
+        assert await ledger.spend(u, "k3")
+        assert (await ledger.balance(u)).used == 2
     finally:
         await ledger.close()
 

@@ -131,7 +131,7 @@ async def test_a_sigterm_during_a_postgres_outage_loses_no_give_back(
     ]
 
     async def used() -> int:
-        rows = await fetch(pg_url, "SELECT COALESCE(SUM(used), 0) FROM usage")
+        rows = await fetch(pg_url, "SELECT COALESCE(SUM(used), 0) FROM credit_accounts")
         return int(str(rows[0][0]))
 
     spool = await outage_then_restart(args, tmp_path / "data", used, proxy.cut, proxy.restore, how)
@@ -168,7 +168,7 @@ async def test_a_sigterm_while_sqlite_is_locked_loses_no_give_back(layout: str, 
             return 0
         reader = sqlite3.connect(ledger)
         try:
-            return int(reader.execute("SELECT COALESCE(SUM(used), 0) FROM usage").fetchone()[0])
+            return int(reader.execute("SELECT COALESCE(SUM(used), 0) FROM credit_accounts").fetchone()[0])
         except sqlite3.OperationalError:  # no table yet
             return 0
         finally:

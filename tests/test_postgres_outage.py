@@ -48,7 +48,7 @@ async def test_an_outage_is_503_json_and_service_resumes_without_a_restart(
         reply = await client.get(path, headers=headers)
         assert reply.status == 503
         assert await reply.json() == {"detail": "Billing service unavailable"}
-    assert await fetch(pg_url, "SELECT used FROM usage") == [(3,)]
+    assert await fetch(pg_url, "SELECT used FROM credit_accounts") == [(3,)]
     for _ in range(20):
         assert (await client.post(INTERACT, json={}, headers=headers)).status == 503
     logged = [r.getMessage() for r in caplog.records if r.name.startswith("ciris_billing_proxy")]
@@ -60,7 +60,7 @@ async def test_an_outage_is_503_json_and_service_resumes_without_a_restart(
     assert (await client.post(INTERACT, json={}, headers=headers)).status == 200
     credits = await (await client.get(CREDITS, headers=headers)).json()
     assert (credits["total_uses"], credits["free_uses_remaining"]) == (4, 6)
-    assert await fetch(pg_url, "SELECT used FROM usage") == [(4,)]
+    assert await fetch(pg_url, "SELECT used FROM credit_accounts") == [(4,)]
 
 
 async def test_an_unreachable_database_stops_the_app_startup_with_a_clear_exception(tmp_path: Path) -> None:
@@ -106,6 +106,6 @@ async def test_a_cut_during_concurrent_spends_leaves_exactly_the_granted_uses_re
     granted = statuses.count(200)
     # A spend committed just before the cut but answered 503 is given back once the database is back.
     deadline = asyncio.get_running_loop().time() + 10
-    while await fetch(pg_url, "SELECT COALESCE(SUM(used), 0) FROM usage") != [(granted,)]:
+    while await fetch(pg_url, "SELECT COALESCE(SUM(used), 0) FROM credit_accounts") != [(granted,)]:
         assert asyncio.get_running_loop().time() < deadline, (granted, statuses.count(503))
         await asyncio.sleep(0.05)

@@ -35,7 +35,7 @@ async def test_two_serve_processes_share_the_free_uses(pg_url: str, tmp_path: Pa
             assert statuses.count(402) == 30
             async with session.get(f"{two.url}/v1/api/billing/credits", headers=auth) as r:
                 assert (await r.json())["total_uses"] == 10
-    assert await fetch(pg_url, "SELECT used FROM usage") == [(10,)]
+    assert await fetch(pg_url, "SELECT used FROM credit_accounts") == [(10,)]
 
 
 async def test_five_processes_migrating_one_new_database_at_once_apply_each_step_once(pg_url: str) -> None:
@@ -54,26 +54,29 @@ async def test_five_processes_migrating_one_new_database_at_once_apply_each_step
         *["audit at version 1 (up to date)"] * 4,
         "change_feed at version 2 (2 step(s) applied)",
         *["change_feed at version 2 (up to date)"] * 4,
+        "events at version 1 (1 step(s) applied)",
+        *["events at version 1 (up to date)"] * 4,
         "give_backs at version 1 (1 step(s) applied)",
         *["give_backs at version 1 (up to date)"] * 4,
+        "ledger at version 1 (1 step(s) applied)",
+        *["ledger at version 1 (up to date)"] * 4,
         "login_failures at version 1 (1 step(s) applied)",
         *["login_failures at version 1 (up to date)"] * 4,
         "payments at version 1 (1 step(s) applied)",
         *["payments at version 1 (up to date)"] * 4,
         "purchase_replays at version 1 (1 step(s) applied)",
         *["purchase_replays at version 1 (up to date)"] * 4,
-        "usage at version 1 (1 step(s) applied)",
-        *["usage at version 1 (up to date)"] * 4,
     ]
     assert await fetch(pg_url, "SELECT component, version FROM schema_version ORDER BY 1") == [
         ("audit", 1),
         ("change_feed", 1),
         ("change_feed", 2),
+        ("events", 1),
         ("give_backs", 1),
+        ("ledger", 1),
         ("login_failures", 1),
         ("payments", 1),
         ("purchase_replays", 1),
-        ("usage", 1),
     ]
 
 

@@ -13,9 +13,10 @@ from aiohttp.test_utils import TestClient
 
 from ciris_billing_proxy import BillingConfig, ProviderContext
 from ciris_billing_proxy.database_url import parse_database_url
+from ciris_billing_proxy.ledger import Account, ledger_for
 from ciris_billing_proxy.providers.ciris import CirisProvider
 from ciris_billing_proxy.providers.simple import SimpleProvider
-from ciris_billing_proxy.store import PostgresDatabase, usage_ledger
+from ciris_billing_proxy.store import PostgresDatabase
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 from ciris_billing_proxy.testing.conformance import ProviderContract
 
@@ -48,8 +49,8 @@ async def test_two_apps_never_grant_more_than_the_free_uses(
     statuses = [r.status for r in results]
     assert statuses.count(200) == 50
     assert statuses.count(402) == 150
-    assert await fetch(pg_url, "SELECT used FROM usage") == [(50,)]
-    assert await fetch(pg_url, "SELECT count(*) FROM usage_events WHERE kind = 'use'") == [(50,)]
+    assert await fetch(pg_url, "SELECT used FROM credit_accounts") == [(50,)]
+    assert await fetch(pg_url, "SELECT count(*) FROM credit_spends WHERE state = 'spent'") == [(50,)]
     for app in (a, b):
         credits = await (await app.get(CREDITS, headers=headers)).json()
         assert (credits["free_uses_remaining"], credits["total_uses"]) == (0, 50)
@@ -65,31 +66,32 @@ async def test_failed_interactions_on_either_app_give_back_exactly_their_use(
         *((a if i % 2 else b).post(INTERACT, json={"fail": i % 3 == 0}, headers=headers) for i in range(60))
     )
     assert sorted({r.status for r in results}) == [200, 502]
-    assert await fetch(pg_url, "SELECT used FROM usage") == [(40,)]
-    assert await fetch(pg_url, "SELECT kind, count(*) FROM usage_events GROUP BY kind ORDER BY kind") == [
+    assert await fetch(pg_url, "SELECT used FROM credit_accounts") == [(40,)]
+    assert await fetch(pg_url, "SELECT kind, count(*) FROM credit_entries GROUP BY kind ORDER BY kind") == [
         ("give_back", 20),
-        ("use", 60),
+        ("spend", 60),
     ]
     credits = await (await b.get(CREDITS, headers=headers)).json()
     assert credits["free_uses_remaining"] == 60
 
 
 async def test_one_key_spent_or_given_back_on_two_ledgers_at_once_counts_once(pg_url: str) -> None:
-    ledgers = [usage_ledger(PostgresDatabase(parse_database_url(pg_url))) for _ in range(2)]
+    ledgers = [ledger_for(PostgresDatabase(parse_database_url(pg_url)), signup=lambda _: 5) for _ in range(2)]
     for ledger in ledgers:
         await ledger.open()
+    u = Account("local", "u")
     try:
-        spent = await asyncio.gather(*(ledgers[i % 2].spend("local", "u", "k", 5) for i in range(20)))
+        spent = await asyncio.gather(*(ledgers[i % 2].spend(u, "k") for i in range(20)))
         assert all(spent)
-        assert await ledgers[0].used("local", "u") == 1
-        await asyncio.gather(*(ledgers[i % 2].give_back("local", "u", "k") for i in range(20)))
-        await ledgers[1].give_back("local", "u", "never-spent")
-        assert await ledgers[1].used("local", "u") == 0
-        events, total = await ledgers[0].events("local", "u", 10, 0)
+        assert (await ledgers[0].balance(u)).used == 1
+        await asyncio.gather(*(ledgers[i % 2].give_back(u, "k") for i in range(20)))
+        await ledgers[1].give_back(u, "never-spent")
+        assert (await ledgers[1].balance(u)).used == 0
+        entries, total = await ledgers[0].entries(u, 10, 0)
         assert total == 2
-        assert [kind for _, kind, _, _ in events] == ["give_back", "use"]
-        assert await ledgers[0].spend("local", "u", "k", 5)  # spent before: not spent again
-        assert await ledgers[0].used("local", "u") == 0
+        assert [entry.kind for entry in entries] == ["give_back", "spend"]
+        assert await ledgers[0].spend(u, "k")  # spent before: not spent again
+        assert (await ledgers[0].balance(u)).used == 0
     finally:
         for ledger in ledgers:
             await ledger.close()

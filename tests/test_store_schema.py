@@ -13,9 +13,9 @@ import pytest
 
 from ciris_billing_proxy import BillingConfig, Identity, ProviderContext
 from ciris_billing_proxy.database_url import parse_database_url
+from ciris_billing_proxy.ledger import ledger_for
 from ciris_billing_proxy.providers.simple import SimpleProvider
 from ciris_billing_proxy.store import DatabaseUnavailable, PostgresDatabase, Schema, SQLiteDatabase
-from ciris_billing_proxy.store.usage import usage_ledger
 
 from .conftest import make_config
 from .postgres import fetch
@@ -50,7 +50,10 @@ async def test_a_data_directory_from_before_schema_versions_keeps_its_usage(tmp_
     finally:
         await provider.stop()
     with sqlite3.connect(tmp_path / "simple-usage.sqlite3") as conn:
-        assert conn.execute("SELECT component, version FROM schema_version").fetchall() == [("usage", 1)]
+        assert conn.execute("SELECT component, version FROM schema_version ORDER BY 1").fetchall() == [
+            ("events", 1),
+            ("ledger", 1),
+        ]
 
 
 async def test_a_sqlite_url_keeps_the_records_in_that_file(tmp_path: Path) -> None:
@@ -66,7 +69,7 @@ async def test_a_sqlite_url_keeps_the_records_in_that_file(tmp_path: Path) -> No
         await provider.stop()
     assert not (tmp_path / "simple-usage.sqlite3").exists()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT user_id, used FROM usage").fetchall() == [("ann", 1)]
+        assert conn.execute("SELECT user_id, used FROM credit_accounts").fetchall() == [("ann", 1)]
 
 
 def _url(config: BillingConfig) -> str:
@@ -101,14 +104,17 @@ async def test_a_schema_is_upgraded_in_place_and_a_newer_one_is_refused(engine_f
 
 
 async def test_five_ledgers_opening_a_new_database_at_once_create_it_once(pg_url: str) -> None:
-    ledgers = [usage_ledger(PostgresDatabase(parse_database_url(pg_url))) for _ in range(5)]
+    ledgers = [ledger_for(PostgresDatabase(parse_database_url(pg_url))) for _ in range(5)]
     try:
         opened = await asyncio.gather(*(ledger.open() for ledger in ledgers))
         assert sorted(m.applied for m in opened) == [0, 0, 0, 0, 1]
     finally:
         for ledger in ledgers:
             await ledger.close()
-    assert await fetch(pg_url, "SELECT component, version FROM schema_version") == [("usage", 1)]
+    assert await fetch(pg_url, "SELECT component, version FROM schema_version ORDER BY 1") == [
+        ("events", 1),
+        ("ledger", 1),
+    ]
 
 
 def _open_at_once(path: Path, barrier: Any, results: Any) -> None:

@@ -9,26 +9,29 @@ from pathlib import Path
 import pytest
 
 from ciris_billing_proxy import ProviderUnavailable
-from ciris_billing_proxy.store import SQLiteDatabase, usage_ledger
+from ciris_billing_proxy.ledger import Account, ledger_for
+from ciris_billing_proxy.store import SQLiteDatabase
+
+ANN = Account("local", "ann")
 
 
 async def test_a_use_waits_no_longer_than_its_budget_for_a_locked_file(tmp_path: Path) -> None:
     """Each use gets `timeout` in all: queued uses behind a locked one fail as unavailable instead
     of each waiting a whole busy timeout in turn."""
     path = tmp_path / "billing.sqlite3"
-    ledger = usage_ledger(SQLiteDatabase(path, timeout=0.3))
+    ledger = ledger_for(SQLiteDatabase(path, timeout=0.3), signup=lambda _: 100)
     await ledger.open()
     holder = sqlite3.connect(path, isolation_level=None)
     try:
         holder.execute("BEGIN EXCLUSIVE")
-        spends = [ledger.spend("local", "ann", f"k{n}", 100) for n in range(20)]
+        spends = [ledger.spend(ANN, f"k{n}") for n in range(20)]
         results = await asyncio.wait_for(asyncio.gather(*spends, return_exceptions=True), 10)
         assert all(isinstance(result, ProviderUnavailable) for result in results)
         # Those that never got a turn say so: nothing of theirs was applied.
         assert any(not result.maybe_applied for result in results if isinstance(result, ProviderUnavailable))
         holder.execute("ROLLBACK")
-        assert await ledger.spend("local", "ann", "after", 100)
-        assert await ledger.used("local", "ann") == 1
+        assert await ledger.spend(ANN, "after")
+        assert (await ledger.balance(ANN)).used == 1
     finally:
         holder.close()
         await ledger.close()

@@ -220,7 +220,7 @@ async def test_two_apps_on_postgresql_spend_exactly_the_products_uses(
         assert (image["free_remaining"], image["total_uses"]) == (7, 0)
         credits = await (await app.get(CREDITS, headers=auth)).json()
         assert credits["total_uses"] == 0
-    assert sorted(await fetch(pg_url, "SELECT used FROM usage")) == [(50,)]
+    assert sorted(await fetch(pg_url, "SELECT used FROM credit_accounts")) == [(50,)]
 
 
 # --- the ciris provider against the fake backend's tool routes --------------------------------------

@@ -36,7 +36,9 @@ async def test_simple_lists_uses_and_give_backs_newest_first(
         "charge",
         "charge",
     ]
-    assert all(set(t) == FIELDS for t in page["transactions"])
+    # The ledger says what each line is (additive: docs/compatibility.md).
+    assert all(set(t) == FIELDS | {"transaction_type"} for t in page["transactions"])
+    assert [t["transaction_type"] for t in page["transactions"][:2]] == ["give_back", "spend"]
     assert [t["balance_after"] for t in page["transactions"][:2]] == [6, 5]
     assert page["transactions"][1]["amount_minor"] == -1
 

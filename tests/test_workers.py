@@ -186,7 +186,7 @@ async def test_a_worker_killed_under_load_loses_no_use_a_client_saw_succeed(
         assert server.process.wait(30) == 0
     output = "".join(server.output)
     assert f"pid {victim}) was killed by SIGKILL; starting a new one" in output
-    ((used,),) = await fetch(pg_url, "SELECT used FROM usage")
+    ((used,),) = await fetch(pg_url, "SELECT used FROM credit_accounts")
     # A spend the victim committed whose reply it never sent counts in the ledger without a success
     # seen: at most one per request that failed with the connection.
     assert succeeded <= used <= succeeded + failed, (succeeded, failed, used)

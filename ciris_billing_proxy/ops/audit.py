@@ -54,6 +54,8 @@ class AuditKind(StrEnum):
     LOGOUT_EVERYWHERE = "logout_everywhere"
     REFRESH = "refresh"
     SPEND = "spend"
+    #: A reservation kept in part (`amount`: what it kept); the rest went back.
+    SETTLE = "settle"
     GIVE_BACK = "give_back"
     REFUND = "refund"
     PURCHASE_INITIATED = "purchase_initiated"
@@ -66,6 +68,9 @@ class AuditKind(StrEnum):
     #: Uses taken back after a refund or dispute (`amount`; the payment id in `reference`); `owed`
     #: when some could not be taken (the balance was spent) and are kept as owed.
     CLAWBACK = "clawback"
+    #: An operator granted credit or took it back (admin routes, `ciris-billing-proxy credits`):
+    #: `amount` signed, `reference` the journal line, `outcome` the reason code.
+    CREDIT_ADJUSTED = "credit_adjusted"
 
 
 @dataclass(frozen=True, slots=True)

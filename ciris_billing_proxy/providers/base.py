@@ -27,6 +27,7 @@ from ..database_url import parse_database_url
 from ..errors import BillingDisabled
 from ..id_token import IdToken
 from ..identity import Identity
+from ..ledger import Ledger, Usage
 from ..models import (
     AppStorePurchase,
     CreditPack,
@@ -54,7 +55,9 @@ class ProviderContext:
     `data_dir` is where it may keep files; `agent_id` namespaces anything it sends to a shared backend;
     `provider` is the name it was chosen by (for messages); `database_url` is the host's
     `BillingConfig.database_url`, which `database()` turns into an engine within `database_budget`
-    (`BillingConfig.database_pool_size` and `database_timeout_seconds`).
+    (`BillingConfig.database_pool_size` and `database_timeout_seconds`);
+    `low_balance_threshold` is `BillingConfig.low_balance_threshold`, for a provider that keeps
+    credit on the ledger (`ciris_billing_proxy.ledger`) to pass on to it.
     """
 
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -64,6 +67,7 @@ class ProviderContext:
     provider: str = "custom"
     database_url: str | None = field(default=None, repr=False)  # may carry a password
     database_budget: DatabaseBudget = DEFAULT_BUDGET
+    low_balance_threshold: int | None = None
 
     def database(self, sqlite_file: str, path: str | Path | None = None) -> Engine:
         """The engine for the provider's records, not yet opened: PostgreSQL or a SQLite file as
@@ -156,6 +160,20 @@ class CreditProvider(abc.ABC):
         return True
 
     @property
+    def weighted_spends(self) -> bool:
+        """Whether the provider takes spends of any cost (`spend_weighted`) and reservations
+        (`reserve`, `settle`). A `@credit_gate` with a cost other than 1, or a reservation, needs
+        it: the app refuses to start otherwise."""
+        return False
+
+    @property
+    def credit_ledger(self) -> Ledger | None:
+        """The ledger the provider keeps its credit on, when it uses this package's
+        (`ciris_billing_proxy.ledger`): the admin routes and `GET {prefix}/usage` read and change
+        it. None (the default) for a provider whose credit lives elsewhere: those routes answer 404."""
+        return None
+
+    @property
     def id_token_required(self) -> bool:
         """Whether every billing request must carry the user's ID token (`X-Google-ID-Token` or
         `X-Apple-ID-Token`): the proxy answers 401 without one, before the credit cache is read.
@@ -203,7 +221,29 @@ class CreditProvider(abc.ABC):
 
     @abc.abstractmethod
     async def give_back(self, identity: Identity, idempotency_key: str) -> None:
-        """Return the use taken by `spend(identity, idempotency_key)`; no-op if it was never taken."""
+        """Return what `spend` (or `spend_weighted`, or `reserve`) took under `idempotency_key`,
+        all of it; no-op if nothing was taken."""
+
+    async def spend_weighted(
+        self, identity: Identity, idempotency_key: str, cost: int
+    ) -> CreditStatus | None:
+        """Take `cost` (1 or more) as `spend` takes one, all or nothing. Only called when
+        `weighted_spends`."""
+        raise BillingDisabled
+
+    async def reserve(self, identity: Identity, idempotency_key: str, amount: int) -> CreditStatus | None:
+        """Take up to `amount` before a handler whose cost is known afterwards; `settle` keeps part
+        of it, `give_back` returns all of it. Only called when `weighted_spends`."""
+        raise BillingDisabled
+
+    async def settle(self, identity: Identity, idempotency_key: str, cost: int, usage: Usage | None) -> None:
+        """Keep `cost` of the reservation under this key (at most what it reserved) and give the
+        rest back; once (a repeat changes nothing)."""
+        raise BillingDisabled
+
+    async def record_usage(self, identity: Identity, idempotency_key: str, usage: Usage) -> None:
+        """Keep what the spend under this key was for (the handler's `billing_spend(request).usage`).
+        A provider that keeps no usage ignores it (the default)."""
 
     async def give_back_owed(self, identity: Identity, idempotency_key: str, owed_since: float) -> None:
         """`give_back`, for a give-back owed since `owed_since` (Unix time) by a process that may

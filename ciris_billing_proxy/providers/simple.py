@@ -1,31 +1,42 @@
-"""The `simple` provider: N free uses per user, nothing to buy, a SQLite ledger that survives restarts.
+"""The `simple` provider: N free uses per user, nothing to buy, credit kept on the ledger
+(`ciris_billing_proxy.ledger`: SQLite by default, PostgreSQL with a `database_url`).
 
-Products (tool credits, `docs/tool-credits.md`) come from `CIRIS_SIMPLE_PRODUCTS`: each its own free
-uses per user, kept in the same usage ledger under a product-qualified namespace, so a product's spends
-have the ledger's guarantees (atomic, idempotent per key, exact across processes on PostgreSQL) and
-never touch the interaction uses.
+A user's free uses are a `free` signup grant, made on their first spend (until then their balance
+shows it); operators add more, of any kind and with an expiry, through the admin routes or
+`ciris-billing-proxy credits grant` (docs/credits.md). Spends may cost more than one use, and
+reservations settle a cost known afterwards (`weighted_spends`).
+
+Products (tool credits, `docs/tool-credits.md`) come from `CIRIS_SIMPLE_PRODUCTS`: each its own
+free uses per user, kept on the same ledger under the product's name, so a product's spends have the
+ledger's guarantees (atomic, idempotent per key, exact across processes on PostgreSQL) and never
+touch the interaction credits.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Self
+from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..errors import InsufficientCredit
+from ..errors import InsufficientCredit, ProviderUnavailable
 from ..identity import Identity
+from ..ledger import Account, Balance, Clock, Entry, Ledger, Usage, ledger_for
 from ..lru import LRU
 from ..models import CreditStatus, Transaction, TransactionPage
 from ..products import TOOL_NAME, Product, ToolBalance, valid_tool_name
-from ..store import Engine, SQLiteDatabase, usage_ledger
+from ..store import Engine, SQLiteDatabase
 from .base import CreditProvider, ProviderContext
 
 NO_FREE_USES = "No free uses remaining"
 LEDGER_FILE = "simple-usage.sqlite3"
-#: Distinct use counts whose status is kept built.
+#: Distinct balances whose status is kept built.
 STATUSES_KEPT = 1024
 
 
@@ -43,7 +54,8 @@ class SimpleSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    #: Free uses per user.
+    #: Free uses per user: the signup grant each user gets on their first spend (a change applies to
+    #: users who have not spent yet).
     free_uses: int = Field(default=10, ge=0, le=1_000_000)
     #: The `plan_name` shown.
     plan_name: str = Field(default="free", min_length=1, max_length=100)
@@ -53,6 +65,9 @@ class SimpleSettings(BaseModel):
     #: Products sold per use (free uses only here): name -> `{"free_uses", "price_minor"}`, as JSON in
     #: `CIRIS_SIMPLE_PRODUCTS`. None by default (the demo agent offers `web_search`).
     products: dict[str, ProductSettings] = Field(default_factory=dict)
+    #: Seconds between sweeps that announce expired grants (`credit.expired` events); balances are
+    #: exact without them.
+    expiry_sweep_seconds: float = Field(default=60.0, gt=0, le=86_400)
 
     @field_validator("products", mode="before")
     @classmethod
@@ -79,122 +94,192 @@ ENV_VARS = {
     "CIRIS_SIMPLE_PLAN_NAME": "plan_name",
     "CIRIS_SIMPLE_DATABASE": "database",
     "CIRIS_SIMPLE_PRODUCTS": "products",
+    "CIRIS_SIMPLE_EXPIRY_SWEEP_SECONDS": "expiry_sweep_seconds",
 }
-#: Between a product's name and the identity namespace in the ledger's namespace column: identity
-#: namespaces never hold it (they come from token claims), so no user's uses can collide with it.
-PRODUCT_SEPARATOR: Final = "\x1f"
 
 
 class SimpleProvider(CreditProvider):
     name = "simple"
 
-    def __init__(self, settings: SimpleSettings | None = None, *, database: str | Path | Engine) -> None:
+    def __init__(
+        self,
+        settings: SimpleSettings | None = None,
+        *,
+        database: str | Path | Engine,
+        low_balance_threshold: int | None = None,
+        clock: Clock = time.time,
+    ) -> None:
         self.settings = settings or SimpleSettings()
-        self.ledger = usage_ledger(database if isinstance(database, Engine) else SQLiteDatabase(database))
-        # A status depends on the use count alone, and the models are frozen: built (and validated)
-        # once per count, then shared.
-        self._statuses: LRU[int, CreditStatus] = LRU(STATUSES_KEPT)
         self._products = {
             name: Product(
                 name=name, free_uses=p.free_uses, price_minor=p.price_minor, description=p.description
             )
             for name, p in self.settings.products.items()
         }
+        self.ledger = ledger_for(
+            database if isinstance(database, Engine) else SQLiteDatabase(database),
+            clock=clock,
+            low_balance_threshold=low_balance_threshold,
+            signup=self._signup,
+        )
+        # A status depends on the balance alone, and the models are frozen: built (and validated)
+        # once per balance, then shared.
+        self._statuses: LRU[Balance, CreditStatus] = LRU(STATUSES_KEPT)
+        self._sweeper: asyncio.Task[None] | None = None
 
     @classmethod
     def from_context(cls, context: ProviderContext) -> Self:
         settings = context.settings(SimpleSettings, env=ENV_VARS)
-        return cls(settings, database=context.database(LEDGER_FILE, settings.database))
+        return cls(
+            settings,
+            database=context.database(LEDGER_FILE, settings.database),
+            low_balance_threshold=context.low_balance_threshold,
+        )
+
+    def _signup(self, product: str) -> int:
+        if not product:
+            return self.settings.free_uses
+        found = self._products.get(product)
+        return 0 if found is None else found.free_uses
 
     @property
     def keeps_transactions(self) -> bool:
         return True
 
+    @property
+    def weighted_spends(self) -> bool:
+        return True
+
+    @property
+    def credit_ledger(self) -> Ledger:
+        return self.ledger
+
     async def start(self) -> None:
         await self.ledger.open()
+        self._sweeper = asyncio.create_task(self._sweep_expiries())
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         await self.ledger.close()
 
-    async def credit_status(self, identity: Identity) -> CreditStatus:
-        used = await self.ledger.used(identity.namespace, identity.user_id)
-        return self._status(used)
+    async def _sweep_expiries(self) -> None:
+        """Announce expired grants now and then (any number of processes may: each is announced once)."""
+        while True:
+            # The database down is logged by the engine; the next sweep tries again.
+            with contextlib.suppress(ProviderUnavailable):
+                await self.ledger.expire_due()
+            await asyncio.sleep(self.settings.expiry_sweep_seconds)
 
-    def _status(self, used: int) -> CreditStatus:
-        status = self._statuses.get(used)
+    async def credit_status(self, identity: Identity) -> CreditStatus:
+        return self._status(await self.ledger.balance(_account(identity)))
+
+    def _status(self, balance: Balance) -> CreditStatus:
+        status = self._statuses.get(balance)
         if status is None:
-            status = self._statuses[used] = self._new_status(used)
+            status = self._statuses[balance] = self._new_status(balance)
         return status
 
-    def _new_status(self, used: int) -> CreditStatus:
-        remaining = max(self.settings.free_uses - used, 0)
+    def _new_status(self, balance: Balance) -> CreditStatus:
+        expiry = balance.soonest_expiry
         return CreditStatus(
-            has_credit=remaining > 0,
-            credits_remaining=0,
-            free_uses_remaining=remaining,
-            total_uses=used,
+            has_credit=balance.total > 0,
+            credits_remaining=balance.credits,
+            free_uses_remaining=balance.free,
+            total_uses=balance.used,
             plan_name=self.settings.plan_name,
             purchase_required=False,
             purchase_options=None,
-            reason=None if remaining else NO_FREE_USES,
+            reason=None if balance.total else NO_FREE_USES,
+            next_expiry_at=None if expiry is None else datetime.fromtimestamp(expiry, UTC).isoformat(),
         )
 
     async def spend(self, identity: Identity, idempotency_key: str) -> CreditStatus:
-        used = await self.ledger.spend_counted(
-            identity.namespace, identity.user_id, idempotency_key, self.settings.free_uses
-        )
-        if used is None:
-            raise InsufficientCredit(NO_FREE_USES)
-        return self._status(used)
+        return await self.spend_weighted(identity, idempotency_key, 1)
+
+    async def spend_weighted(self, identity: Identity, idempotency_key: str, cost: int) -> CreditStatus:
+        balance = await self.ledger.spend(_account(identity), idempotency_key, cost)
+        if balance is None:
+            raise InsufficientCredit(NO_FREE_USES if cost == 1 else f"Not enough credit for a cost of {cost}")
+        return self._status(balance)
+
+    async def reserve(self, identity: Identity, idempotency_key: str, amount: int) -> CreditStatus:
+        balance = await self.ledger.reserve(_account(identity), idempotency_key, amount)
+        if balance is None:
+            raise InsufficientCredit(f"Not enough credit to reserve {amount}")
+        return self._status(balance)
+
+    async def settle(self, identity: Identity, idempotency_key: str, cost: int, usage: Usage | None) -> None:
+        await self.ledger.settle(_account(identity), idempotency_key, cost, usage)
+
+    async def record_usage(self, identity: Identity, idempotency_key: str, usage: Usage) -> None:
+        await self.ledger.attach_usage(_account(identity), idempotency_key, usage)
 
     async def give_back(self, identity: Identity, idempotency_key: str) -> None:
-        await self.ledger.give_back(identity.namespace, identity.user_id, idempotency_key)
+        await self.ledger.give_back(_account(identity), idempotency_key)
 
     @property
     def products(self) -> Mapping[str, Product]:
         return self._products
 
     async def product_balance(self, identity: Identity, product: str) -> ToolBalance:
-        used = await self.ledger.used(_product_namespace(identity, product), identity.user_id)
-        free = max(self._products[product].free_uses - used, 0)
+        balance = await self.ledger.balance(_account(identity, product))
         return ToolBalance(
             product_type=product,
-            free_remaining=free,
-            paid_credits=0,
-            total_available=free,
+            free_remaining=balance.free,
+            paid_credits=balance.credits,
+            total_available=balance.total,
             price_minor=self._products[product].price_minor,
-            total_uses=used,
+            total_uses=balance.used,
         )
 
     async def spend_product(self, identity: Identity, product: str, idempotency_key: str) -> None:
-        limit = self._products[product].free_uses
-        namespace = _product_namespace(identity, product)
-        if not await self.ledger.spend(namespace, identity.user_id, idempotency_key, limit):
+        if await self.ledger.spend(_account(identity, product), idempotency_key) is None:
             raise InsufficientCredit(f"No {product} uses remaining")
 
     async def give_back_product(self, identity: Identity, product: str, idempotency_key: str) -> None:
-        await self.ledger.give_back(_product_namespace(identity, product), identity.user_id, idempotency_key)
+        await self.ledger.give_back(_account(identity, product), idempotency_key)
 
     async def transactions(self, identity: Identity, limit: int, offset: int) -> TransactionPage:
-        """Each use is a charge of 1 and each give-back a credit of 1; `balance_after` is the free
-        uses left after it."""
-        events, total = await self.ledger.events(identity.namespace, identity.user_id, limit, offset)
-        items = [
-            Transaction(
-                transaction_id=f"use-{event_id}",
-                type="charge" if kind == "use" else "credit",
-                amount_minor=-1 if kind == "use" else 1,
-                currency="USD",
-                description="Agent interaction"
-                if kind == "use"
-                else "Use given back: the interaction failed",
-                created_at=created_at,
-                balance_after=max(self.settings.free_uses - used_after, 0),
-            )
-            for event_id, kind, used_after, created_at in events
-        ]
+        """Every movement of the user's interaction credit: spends and reservations are charges,
+        grants, give-backs and what a settled reservation released are credits; `balance_after` is
+        the credit left after it (lines from before grants: the free uses left then)."""
+        entries, total = await self.ledger.entries(_account(identity), limit, offset)
+        items = [self._transaction(entry) for entry in entries]
         return TransactionPage(transactions=items, total_count=total, has_more=offset + len(items) < total)
 
+    def _transaction(self, entry: Entry) -> Transaction:
+        after = entry.balance_after
+        if after is None:
+            after = max(self.settings.free_uses - entry.used_after, 0)
+        usage = entry.usage.model_dump(exclude_none=True) if entry.usage is not None else None
+        return Transaction(
+            transaction_id=f"{entry.kind}-{entry.id}",
+            type="charge" if entry.amount < 0 else "credit",
+            amount_minor=entry.amount,
+            currency="USD",
+            description=DESCRIPTIONS.get(entry.kind, entry.kind),
+            created_at=entry.created_at,
+            balance_after=after,
+            transaction_type=entry.kind,
+            metadata=usage or None,
+        )
 
-def _product_namespace(identity: Identity, product: str) -> str:
-    return f"{product}{PRODUCT_SEPARATOR}{identity.namespace}"
+
+#: What each journal line is, as the transactions say it.
+DESCRIPTIONS = {
+    "spend": "Agent interaction",
+    "give_back": "Use given back: the interaction failed",
+    "reserve": "Reserved for an interaction",
+    "settle": "Reservation settled: the unused part returned",
+    "grant": "Credit granted",
+    "clawback": "Credit taken back",
+    "expire": "Credit expired",
+}
+
+
+def _account(identity: Identity, product: str = "") -> Account:
+    return Account(identity.namespace, identity.user_id, product)

@@ -6,7 +6,6 @@ from .payments import Payment, PaymentStore, payment_store
 from .postgres import PostgresDatabase
 from .replays import ReplayStore, replay_store
 from .sqlite import SQLiteDatabase, transaction
-from .usage import UsageLedger, usage_ledger
 
 __all__ = [
     "DatabaseUnavailable",
@@ -18,9 +17,7 @@ __all__ = [
     "ReplayStore",
     "SQLiteDatabase",
     "Schema",
-    "UsageLedger",
     "payment_store",
     "replay_store",
     "transaction",
-    "usage_ledger",
 ]

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from ..config import ConfigError
 from ..database_url import parse_database_url
-from . import audit, events, feed_postgres, feed_sqlite, give_backs, login_failures, payments, replays, usage
+from ..ledger import schema as ledger
+from . import audit, events, feed_postgres, feed_sqlite, give_backs, login_failures, payments, replays
 from .choose import engine_for
 from .engine import Migrated
 
 SCHEMAS = {
     "sqlite": (
-        usage.SQLITE_SCHEMA,
+        ledger.SQLITE_SCHEMA,
         payments.SQLITE_SCHEMA,
         replays.SQLITE_SCHEMA,
         login_failures.SQLITE_SCHEMA,
@@ -24,7 +25,7 @@ SCHEMAS = {
         events.SQLITE_SCHEMA,
     ),
     "postgresql": (
-        usage.POSTGRES_SCHEMA,
+        ledger.POSTGRES_SCHEMA,
         payments.POSTGRES_SCHEMA,
         replays.POSTGRES_SCHEMA,
         login_failures.POSTGRES_SCHEMA,

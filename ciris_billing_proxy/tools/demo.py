@@ -1,5 +1,6 @@
 """The demo agent: login, the billing and tool routes, and its gated endpoints: `POST /v1/agent/interact`
-(one interaction use) and `POST /v1/agent/tools/{product}` (one use of that product).
+(one interaction use; on a provider with weighted spends, the body's optional `"cost"`, 1-10, a
+demo-only knob) and `POST /v1/agent/tools/{product}` (one use of that product).
 
 It is what `ciris-billing-proxy serve` runs; `examples/agent.py` is the same idea in a few lines.
 State lives in the data directory: the usage ledger, a generated JWT secret (so tokens stay valid
@@ -15,7 +16,7 @@ import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -55,13 +56,31 @@ DEMO_PRODUCTS = {
 _PASSWORD_ALPHABET = string.ascii_letters + string.digits
 
 
-@credit_gate
-async def interact(request: web.Request) -> web.Response:
+#: The interaction's body, read once: by the cost callable before the spend, then by the handler.
+_BODY: Final = web.RequestKey("demo_interact_body", InteractRequest)
+#: What a `"cost"` other than 1 gets from a provider that takes one use per interaction.
+ONE_USE_ONLY: Final = "Invalid request: cost: this agent's credit provider takes one use per interaction"
+
+
+async def _read_body(request: web.Request) -> InteractRequest:
+    if _BODY not in request:
+        config = billing_service(request).config
+        request[_BODY] = await read_model(
+            request, InteractRequest, config.max_body_bytes, time_limit=config.body_timeout_seconds
+        )
+    return request[_BODY]
+
+
+async def interaction_cost(request: web.Request) -> int:
+    """The demo's cost of an interaction: the body's `"cost"` (1-10, a demo-only knob), else 1."""
+    return (await _read_body(request)).cost or 1
+
+
+async def _interact(request: web.Request) -> web.Response:
     service = billing_service(request)
-    config = service.config
-    body = await read_model(
-        request, InteractRequest, config.max_body_bytes, time_limit=config.body_timeout_seconds
-    )
+    body = await _read_body(request)
+    if body.cost not in (None, 1) and not service.provider.weighted_spends:
+        raise http_error(422, ONE_USE_ONLY)
     identity = get_identity(request)
     # What the gate's spend left, straight from its transaction; read only if the provider did not say.
     status = request.get(SPENT_STATUS_KEY)
@@ -75,6 +94,12 @@ async def interact(request: web.Request) -> web.Response:
             free_uses_remaining=status.free_uses_remaining,
         )
     )
+
+
+#: `POST /v1/agent/interact` on a provider with weighted spends: the body's cost is charged.
+weighted_interact = credit_gate(cost=interaction_cost)(_interact)
+#: The same on a provider that takes one use per interaction.
+interact = credit_gate(_interact)
 
 
 async def _use_tool(request: web.Request) -> web.Response:
@@ -127,7 +152,8 @@ def create_demo_app(
         config = config.model_copy(update={"provider_options": options})
     service = setup_billing(app, config, authenticate=users.verify_login, environ=environ)
     # JSON 417 for an unknown `Expect:`; aiohttp's default answers before any middleware, in text.
-    app.router.add_post(INTERACT_PATH, interact, expect_handler=expect_continue)
+    handler = weighted_interact if service.provider.weighted_spends else interact
+    app.router.add_post(INTERACT_PATH, handler, expect_handler=expect_continue)
     app.router.add_post(TOOL_PATH, ToolGates().handle, expect_handler=expect_continue)
     add_health_routes(app)
     add_metrics_route(app)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Self
 
 from ...errors import InsufficientCredit
 from ...identity import Identity
-from ...ledger import Account, Balance, Entry, ledger_for
+from ...ledger import Account, Balance, Entry, Ledger, Usage, ledger_for
 from ...models import (
     CreditPack,
     CreditStatus,
@@ -31,10 +32,12 @@ from ...models import (
 from ...store import Engine, SQLiteDatabase, payment_store, replay_store
 from ...store.stripe_events import stripe_event_store
 from ...store.stripe_payments import stripe_payment_store
+from ...store.sweeper import Sweeper
 from ..base import CreditProvider, ProviderContext, ProviderRoute
 from ..ciris.sealing import ReplySeal
 from ..packs import Packs
 from ..purchase_starts import PurchaseStarts, StartLimits
+from ..simple import DESCRIPTIONS
 from .api import StripeAPI
 from .sales import StripeSales
 from .settings import StripeSettings
@@ -51,13 +54,24 @@ class StripeProvider(CreditProvider):
     name = "stripe"
 
     def __init__(
-        self, settings: StripeSettings, *, database: str | Path | Engine, agent_id: str = "agent"
+        self,
+        settings: StripeSettings,
+        *,
+        database: str | Path | Engine,
+        agent_id: str = "agent",
+        low_balance_threshold: int | None = None,
     ) -> None:
         self.settings = settings
         self.packs_on_sale = Packs(settings.packs)
         engine = database if isinstance(database, Engine) else SQLiteDatabase(database)
         # One engine for every record: the ledger opens and closes it; the others migrate on it.
-        self.ledger = ledger_for(engine, signup=lambda product: settings.free_uses if product == "" else 0)
+        self.ledger = ledger_for(
+            engine,
+            low_balance_threshold=low_balance_threshold,
+            signup=lambda product: settings.free_uses if product == "" else 0,
+        )
+        # Balances are exact without it: it announces expired grants (`credit.expired`), once each.
+        self._expiries = Sweeper(self.ledger.expire_due, "expired grants")
         self.payments = payment_store(engine)
         self.replays = replay_store(engine)
         self.events = stripe_event_store(engine)
@@ -86,7 +100,10 @@ class StripeProvider(CreditProvider):
     def from_context(cls, context: ProviderContext) -> Self:
         settings = StripeSettings.from_context(context)
         return cls(
-            settings, database=context.database(RECORDS_FILE, settings.database), agent_id=context.agent_id
+            settings,
+            database=context.database(RECORDS_FILE, settings.database),
+            agent_id=context.agent_id,
+            low_balance_threshold=context.low_balance_threshold,
         )
 
     @property
@@ -96,6 +113,14 @@ class StripeProvider(CreditProvider):
     @property
     def keeps_transactions(self) -> bool:
         return True
+
+    @property
+    def weighted_spends(self) -> bool:
+        return True
+
+    @property
+    def credit_ledger(self) -> Ledger:
+        return self.ledger
 
     @property
     def packs(self) -> Sequence[CreditPack]:
@@ -113,8 +138,10 @@ class StripeProvider(CreditProvider):
         await self.records.open()
         await self.api.start()
         self.starts.start()
+        self._expiries.start()
 
     async def stop(self) -> None:
+        await self._expiries.aclose()
         await self.webhook.aclose()
         await self.starts.aclose()
         await self.api.stop()
@@ -125,10 +152,11 @@ class StripeProvider(CreditProvider):
         return None
 
     async def credit_status(self, identity: Identity) -> CreditStatus:
-        return self._status(await self.ledger.balance(Account(identity.namespace, identity.user_id)))
+        return self._status(await self.ledger.balance(_account(identity)))
 
     def _status(self, balance: Balance) -> CreditStatus:
         has_credit = balance.total > 0
+        expiry = balance.soonest_expiry
         return CreditStatus(
             has_credit=has_credit,
             credits_remaining=balance.credits,
@@ -138,16 +166,32 @@ class StripeProvider(CreditProvider):
             purchase_required=not has_credit,
             purchase_options=None if has_credit else self.packs_on_sale.default.options,
             reason=None if has_credit else NO_CREDIT,
+            next_expiry_at=None if expiry is None else datetime.fromtimestamp(expiry, UTC).isoformat(),
         )
 
     async def spend(self, identity: Identity, idempotency_key: str) -> CreditStatus:
-        balance = await self.ledger.spend(Account(identity.namespace, identity.user_id), idempotency_key)
+        return await self.spend_weighted(identity, idempotency_key, 1)
+
+    async def spend_weighted(self, identity: Identity, idempotency_key: str, cost: int) -> CreditStatus:
+        balance = await self.ledger.spend(_account(identity), idempotency_key, cost)
         if balance is None:
-            raise InsufficientCredit(NO_CREDIT)
+            raise InsufficientCredit(NO_CREDIT if cost == 1 else f"Not enough credit for a cost of {cost}")
         return self._status(balance)
 
+    async def reserve(self, identity: Identity, idempotency_key: str, amount: int) -> CreditStatus:
+        balance = await self.ledger.reserve(_account(identity), idempotency_key, amount)
+        if balance is None:
+            raise InsufficientCredit(f"Not enough credit to reserve {amount}")
+        return self._status(balance)
+
+    async def settle(self, identity: Identity, idempotency_key: str, cost: int, usage: Usage | None) -> None:
+        await self.ledger.settle(_account(identity), idempotency_key, cost, usage)
+
+    async def record_usage(self, identity: Identity, idempotency_key: str, usage: Usage) -> None:
+        await self.ledger.attach_usage(_account(identity), idempotency_key, usage)
+
     async def give_back(self, identity: Identity, idempotency_key: str) -> None:
-        await self.ledger.give_back(Account(identity.namespace, identity.user_id), idempotency_key)
+        await self.ledger.give_back(_account(identity), idempotency_key)
 
     async def initiate_purchase(
         self,
@@ -169,24 +213,28 @@ class StripeProvider(CreditProvider):
         return TransactionPage(transactions=items, total_count=total, has_more=offset + len(items) < total)
 
     def _transaction(self, entry: Entry) -> Transaction:
+        """As the `simple` provider's, with purchases, refunds and disputes said as such."""
+        usage = entry.usage.model_dump(exclude_none=True) if entry.usage is not None else None
         return Transaction(
-            transaction_id=f"entry-{entry.id}",
+            transaction_id=f"{entry.kind}-{entry.id}",
             type="charge" if entry.amount < 0 else "credit",
             amount_minor=entry.amount,
             currency=self.packs_on_sale.default.currency,
-            description=DESCRIPTIONS.get(entry.kind, entry.kind),
+            description=REASONS.get(entry.reason or "", DESCRIPTIONS.get(entry.kind, entry.kind)),
             created_at=entry.created_at,
             balance_after=entry.balance_after or 0,
-            transaction_type=entry.reason or entry.kind,
+            transaction_type=entry.kind,
+            metadata=usage or None,
         )
 
 
-DESCRIPTIONS: Final = {
-    "grant": "Credit added",
-    "clawback": "Credit taken back (refund or dispute)",
-    "spend": "Agent interaction",
-    "give_back": "Use given back: the interaction failed",
-    "reserve": "Uses reserved",
-    "settle": "Reserved uses settled",
-    "expire": "Credit expired",
+#: Journal lines whose reason says more than their kind.
+REASONS: Final = {
+    "purchase": "Credits purchased",
+    "refund": "Credits taken back: the purchase was refunded",
+    "chargeback": "Credits taken back: the payment was disputed",
 }
+
+
+def _account(identity: Identity) -> Account:
+    return Account(identity.namespace, identity.user_id)

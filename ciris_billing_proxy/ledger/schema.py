@@ -1,0 +1,176 @@
+"""The ledger's tables on each engine, and the step that carries the usage ledger's records over.
+
+* `credit_accounts`: one row per account (identity and product): the uses spent in all, and whether
+  its signup grant was made. Every write of an account locks this row first (PostgreSQL), so the
+  writes of one account are serialised across processes; SQLite's `BEGIN IMMEDIATE` does the same.
+* `credit_grants`: credit as it arrived (kind, amount, what is left, expiry, source, reason, who).
+* `credit_spends`: one row per idempotency key: a spend or a reservation, its state, what it took
+  from which grants (`taken`: `grant_id:amount` pairs, comma-separated: one column rather than a
+  table, so a spend writes one row fewer) and the usage the handler attached.
+* `credit_entries`: the journal, one line per movement, with the balance after it.
+
+Before grants, the `simple` provider kept `usage` (uses spent per user; a product's under
+`product + "\\x1f" + namespace`) and `usage_events`. The first step copies both into the new tables
+(each user keeps the uses spent; the free uses become a signup grant of what is left on the user's
+first write, see `Ledger`), then drops them.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from ..store.engine import Schema
+
+_OLD_USAGE_SQLITE: Final = (
+    """CREATE TABLE IF NOT EXISTS usage (
+        namespace TEXT NOT NULL,
+        user_id   TEXT NOT NULL,
+        used      INTEGER NOT NULL DEFAULT 0 CHECK (used >= 0),
+        PRIMARY KEY (namespace, user_id)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS usage_events (
+        id              INTEGER PRIMARY KEY,
+        namespace       TEXT NOT NULL,
+        user_id         TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        kind            TEXT NOT NULL CHECK (kind IN ('use', 'give_back')),
+        used_after      INTEGER NOT NULL,
+        created_at      TEXT NOT NULL,
+        UNIQUE (namespace, user_id, idempotency_key, kind)
+    )""",
+)
+
+_TABLES: Final = """
+CREATE TABLE {exists} credit_accounts (
+    namespace TEXT NOT NULL,
+    user_id   TEXT NOT NULL,
+    product   TEXT NOT NULL DEFAULT '',
+    used      BIGINT NOT NULL DEFAULT 0 CHECK (used >= 0),
+    signed_up BOOLEAN NOT NULL DEFAULT FALSE,
+    PRIMARY KEY (namespace, user_id, product)
+){without_rowid};
+CREATE TABLE {exists} credit_grants (
+    id         {id},
+    namespace  TEXT NOT NULL,
+    user_id    TEXT NOT NULL,
+    product    TEXT NOT NULL DEFAULT '',
+    kind       TEXT NOT NULL CHECK (kind IN ('free', 'promotional', 'paid')),
+    source     TEXT NOT NULL CHECK (source IN ('purchase', 'admin', 'signup', 'store')),
+    amount     BIGINT NOT NULL CHECK (amount > 0),
+    remaining  BIGINT NOT NULL CHECK (remaining >= 0 AND remaining <= amount),
+    expires_at BIGINT,
+    reason     TEXT NOT NULL,
+    note       TEXT,
+    actor      TEXT,
+    created_at TEXT NOT NULL,
+    expiry_announced BOOLEAN NOT NULL DEFAULT FALSE
+);
+CREATE INDEX {exists} credit_grants_account ON credit_grants (namespace, user_id, product)
+    WHERE remaining > 0;
+CREATE INDEX {exists} credit_grants_due ON credit_grants (expires_at)
+    WHERE expires_at IS NOT NULL AND NOT expiry_announced;
+CREATE TABLE {exists} credit_spends (
+    id              {id},
+    namespace       TEXT NOT NULL,
+    user_id         TEXT NOT NULL,
+    product         TEXT NOT NULL DEFAULT '',
+    idempotency_key TEXT NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('spent', 'reserved', 'settled', 'given_back')),
+    reserved        BIGINT NOT NULL,
+    cost            BIGINT NOT NULL CHECK (cost >= 0),
+    model           TEXT,
+    input_tokens    BIGINT,
+    output_tokens   BIGINT,
+    tool            TEXT,
+    metadata        TEXT,
+    taken           TEXT NOT NULL DEFAULT '',
+    created_at      TEXT NOT NULL,
+    UNIQUE (namespace, user_id, product, idempotency_key)
+);
+CREATE TABLE {exists} credit_entries (
+    id              {id},
+    namespace       TEXT NOT NULL,
+    user_id         TEXT NOT NULL,
+    product         TEXT NOT NULL DEFAULT '',
+    kind            TEXT NOT NULL,
+    amount          BIGINT NOT NULL,
+    balance_after   BIGINT,
+    used_after      BIGINT NOT NULL,
+    grant_id        BIGINT,
+    spend_id        BIGINT,
+    idempotency_key TEXT,
+    reason          TEXT,
+    note            TEXT,
+    actor           TEXT,
+    created_at      TEXT NOT NULL
+);
+CREATE INDEX {exists} credit_entries_account ON credit_entries (namespace, user_id, product, id);
+CREATE UNIQUE INDEX {exists} credit_entries_key
+    ON credit_entries (namespace, user_id, product, idempotency_key)
+    WHERE idempotency_key IS NOT NULL
+"""
+
+# The usage ledger's namespaces are `product \x1f namespace` for a product's uses.
+_COPY: Final = """
+INSERT INTO credit_accounts (namespace, user_id, product, used)
+SELECT {ns}, user_id, {product}, used FROM usage;
+INSERT INTO credit_spends (namespace, user_id, product, idempotency_key, state, reserved, cost, created_at)
+SELECT {ns}, user_id, {product}, idempotency_key,
+       CASE WHEN EXISTS (SELECT 1 FROM usage_events b WHERE b.namespace = u.namespace
+            AND b.user_id = u.user_id AND b.idempotency_key = u.idempotency_key AND b.kind = 'give_back')
+            THEN 'given_back' ELSE 'spent' END,
+       1, 1, created_at
+FROM usage_events u WHERE kind = 'use';
+INSERT INTO credit_entries (namespace, user_id, product, kind, amount, used_after, created_at)
+SELECT {ns}, user_id, {product}, CASE kind WHEN 'use' THEN 'spend' ELSE 'give_back' END,
+       CASE kind WHEN 'use' THEN -1 ELSE 1 END, used_after, created_at
+FROM usage_events ORDER BY id;
+DROP TABLE usage_events;
+DROP TABLE usage
+"""
+
+
+def _statements(script: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in script.split(";") if part.strip())
+
+
+def _split(sep: str) -> dict[str, str]:
+    return {
+        "ns": f"CASE WHEN {sep} > 0 THEN substr(namespace, {sep} + 1) ELSE namespace END",
+        "product": f"CASE WHEN {sep} > 0 THEN substr(namespace, 1, {sep} - 1) ELSE '' END",
+    }
+
+
+SQLITE_SCHEMA: Final = Schema(
+    "ledger",
+    (
+        (
+            *_OLD_USAGE_SQLITE,
+            *_statements(
+                _TABLES.format(
+                    exists="IF NOT EXISTS",
+                    id="INTEGER PRIMARY KEY",
+                    without_rowid=" WITHOUT ROWID",
+                )
+            ),
+            *_statements(_COPY.format(**_split("instr(namespace, char(31))"))),
+        ),
+    ),
+)
+
+POSTGRES_SCHEMA: Final = Schema(
+    "ledger",
+    (
+        (
+            *(s.replace("WITHOUT ROWID", "") for s in _OLD_USAGE_SQLITE),
+            *_statements(
+                _TABLES.format(
+                    exists="IF NOT EXISTS",
+                    id="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+                    without_rowid="",
+                )
+            ),
+            *_statements(_COPY.format(**_split("strpos(namespace, chr(31))"))),
+        ),
+    ),
+)
