@@ -40,6 +40,11 @@ class StripeAPI:
         self._client: Any = None
 
     async def start(self) -> None:
+        library = logging.getLogger("stripe")
+        if library.level == logging.NOTSET:
+            # The library logs each request with its URL at INFO; its failures reach the package's
+            # own fault lines. A host that set the logger's level keeps its choice.
+            library.setLevel(logging.WARNING)
         settings = self.settings
         timeout = aiohttp.ClientTimeout(
             total=settings.timeout_seconds, connect=min(5.0, settings.timeout_seconds)
