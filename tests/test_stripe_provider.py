@@ -5,6 +5,7 @@ forged or stale."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ciris_billing_proxy import InsufficientCredit
 from ciris_billing_proxy.testing.fake_stripe_api import FakeStripeAPI, signature
 
 from .conftest import ClientFactory
@@ -284,3 +286,67 @@ def _account() -> object:
 
 
 __all__ = ["PACKS"]
+
+
+async def test_spends_racing_a_refund_and_its_repeats_leave_exact_credit_and_debt(agent: Agent) -> None:
+    payment_id = await paid(agent)
+    await agent.settled()
+    hooks = agent.fake.webhooks
+    hooks.copies = 3
+    identity = agent.identity()
+
+    async def spend(n: int) -> bool:
+        try:
+            await agent.service.spend(identity, f"race-{n}")
+        except InsufficientCredit:
+            return False
+        return True
+
+    async def refund() -> None:
+        await asyncio.sleep(0.005)
+        agent.fake.state.refund(agent.fake.state.charge_of(payment_id, None))
+        await hooks.idle()
+
+    results = await asyncio.gather(*(spend(n) for n in range(30)), refund())
+    spent = sum(1 for ok in results[:30] if ok)
+    await agent.settled()
+    assert 0 < spent <= 20
+    credits = await agent.credits()
+    assert (credits["credits_remaining"], credits["total_uses"]) == (0, spent)
+    assert (
+        await agent.provider.records.owed("local", "ann") == spent
+    )  # the 20 refunded: what was spent is owed
+    # Giving back a spend after the clawback returns its use to the (clawed) grant: never a use out of
+    # nothing beyond what the user had.
+    for n in range(30):
+        await agent.service.give_back(identity, f"race-{n}")
+    credits = await agent.credits()
+    assert credits["credits_remaining"] <= spent
+
+
+async def test_stripe_down_is_a_503_that_starts_nothing_and_a_later_poll_credits(agent: Agent) -> None:
+    agent.fake.fail_requests(1, status=500, method="POST")
+    resp = await agent.client.post("/v1/api/billing/purchase/initiate", headers=agent.headers(), json={})
+    assert resp.status == 503
+    assert set(await resp.json()) == {"detail"}
+    assert agent.fake.state.intents == {}
+    agent.fake.webhooks.url = None  # only polls from here
+    started = await agent.initiate()
+    agent.fake.state.confirm(started["payment_id"], "pm_card_visa")
+    # Dropped twice (aiohttp tries an idempotent request again once on a fresh connection).
+    agent.fake.fail_requests(2, status=0, path=f"/v1/payment_intents/{started['payment_id']}")
+    code, body = await agent.get(f"/purchase/status/{started['payment_id']}")
+    assert (code, set(body)) == (503, {"detail"})
+    assert (await agent.credits())["credits_remaining"] == 0
+    assert (await agent.status(started["payment_id"]))["status"] == "succeeded"
+    assert (await agent.credits())["credits_remaining"] == 20
+
+
+async def test_the_python_client_buys_a_chosen_pack(agent: Agent) -> None:
+    from ciris_billing_proxy.client import BillingClient
+
+    async with BillingClient(str(agent.client.make_url("")), token=agent.tokens.token("ann")) as client:
+        capabilities = await client.capabilities()
+        assert [p.id for p in capabilities.packs] == ["small", "big"]
+        started = await client.initiate_purchase(pack="big")
+    assert started.uses_purchased == 100

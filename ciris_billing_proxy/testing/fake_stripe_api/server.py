@@ -89,7 +89,7 @@ class FakeStripeAPI:
         self.calls: list[tuple[str, str]] = []
         #: (POST path, Idempotency-Key) -> (the parameters, the reply): Stripe's 24-hour replays.
         self._replies: dict[tuple[str, str], tuple[dict[str, str], web.Response]] = {}
-        self._failing: list[tuple[int, float]] = []
+        self._failing: list[tuple[int, float, str | None, str]] = []
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -128,10 +128,19 @@ class FakeStripeAPI:
             await self._runner.cleanup()
             self._runner = None
 
-    def fail_requests(self, times: int, status: int = 500, delay: float = 0.0) -> None:
-        """The next `times` API calls wait `delay` seconds, then answer `status` (0: the connection is
-        dropped without a reply) and change nothing."""
-        self._failing.extend([(status, delay)] * times)
+    def fail_requests(
+        self,
+        times: int,
+        status: int = 500,
+        delay: float = 0.0,
+        *,
+        method: str | None = None,
+        path: str = "/v1/",
+    ) -> None:
+        """The next `times` API calls (of `method`, to paths starting with `path`) wait `delay`
+        seconds, then answer `status` (0: the connection is dropped without a reply) and change
+        nothing."""
+        self._failing.extend([(status, delay, method, path)] * times)
 
     # -- what Stripe.js does in the browser (the fake Stripe.js calls it through the agent) -------
     def confirm_card(self, client_secret: str, number: str) -> Intent:
@@ -140,14 +149,15 @@ class FakeStripeAPI:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith("/_fake/"):
-            if self._failing:
-                status, delay = self._failing.pop(0)
+            fault = self._fault(request)
+            if fault is not None:
+                status, delay = fault
                 if delay:
                     await asyncio.sleep(delay)
                 if status == 0:
                     assert request.transport is not None
                     request.transport.close()
-                    raise ConnectionResetError
+                    return web.Response()  # written nowhere: the client sees the connection end
                 return _error(StripeError(status, "api_error", "An unknown error occurred (fake fault)."))
             given = request.headers.get("Authorization", "").removeprefix("Bearer ")
             if not hmac.compare_digest(given.encode(), self.secret_key.encode()):
@@ -160,6 +170,13 @@ class FakeStripeAPI:
             return await handler(request)
         except StripeError as exc:
             return _error(exc)
+
+    def _fault(self, request: web.Request) -> tuple[int, float] | None:
+        for n, (status, delay, method, path) in enumerate(self._failing):
+            if method in (None, request.method) and request.path.startswith(path):
+                del self._failing[n]
+                return status, delay
+        return None
 
     async def _once(
         self, request: web.Request, make: Callable[[dict[str, str], dict[str, str]], Any]
