@@ -267,8 +267,8 @@ class CapabilitiesReply(_Reply):
     #: The products sold per use beside the interaction credits (tool credits), by name; their
     #: balances are at the tool routes (`docs/tool-credits.md`). Older agents leave it out: none.
     products: list[str] = Field(default_factory=list)
-    #: The packs `purchase/initiate` sells (`{"pack": id}`), the default first; older agents and
-    #: providers that sell one unnamed pack leave it empty.
+    #: The packs `purchase/initiate` sells (`{"pack": id}`), the default first; left out of the JSON
+    #: by older agents and by providers that sell one unnamed pack.
     packs: list[CreditPackReply] = Field(default_factory=list)
 
 
@@ -285,6 +285,8 @@ class Capabilities(CapabilitiesReply):
         data: dict[str, Any] = handler(self)
         if data.get("stripe_js") is None:
             data.pop("stripe_js", None)
+        if not data.get("packs"):
+            data.pop("packs", None)  # one unnamed pack, as every agent before packs: said by nothing
         return data
 
 
