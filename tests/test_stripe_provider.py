@@ -252,6 +252,7 @@ async def test_a_forged_or_stale_signature_changes_nothing(agent: Agent) -> None
     assert (await resp.json())["duplicate"] is True
     assert (await agent.credits())["credits_remaining"] == 20
     assert (await agent.status(payment_id))["status"] == "succeeded"
+    assert agent.service.counts.webhooks == {"refused": 6, "ok": 1, "duplicate": 1}
 
 
 async def test_unknown_events_and_other_payments_are_answered_and_ignored(agent: Agent) -> None:

@@ -19,7 +19,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import stripe
 from aiohttp import web
@@ -33,6 +33,9 @@ from ...operations import EXPECT_FAILED, Operation
 from ...ops.audit import AuditKind, user_of
 from ...ops.logs import FaultLog
 from ...store.stripe_events import StripeEventStore
+
+if TYPE_CHECKING:
+    from ...service import BillingService
 
 logger = logging.getLogger("ciris_billing_proxy.stripe")
 faults = FaultLog(logger)
@@ -144,9 +147,11 @@ class WebhookRoute:
         )
         if event is None:
             faults.warning("Refused a Stripe webhook: missing, forged or stale signature")
+            _count(service, "refused")
             service.audit.record(AuditKind.STRIPE_WEBHOOK, None, "refused")
             raise http_error(400, BAD_SIGNATURE)
         if await self._events.seen(event.id):
+            _count(service, "duplicate")
             service.audit.record(AuditKind.STRIPE_WEBHOOK, None, "duplicate", reference=event.id)
             return _reply(WebhookReceived(duplicate=True))
         # Run to its end even if Stripe hangs up meanwhile: it may be moving credit.
@@ -156,12 +161,14 @@ class WebhookRoute:
         try:
             handled = await asyncio.shield(task)
         except ProviderUnavailable:
+            _count(service, "failed")
             service.audit.record(AuditKind.STRIPE_WEBHOOK, None, "failed", reference=event.id)
             raise
         await self._events.record(event.id, event.type, handled.payment_id)
         if handled.owner is not None:
             service.invalidate(handled.owner)
         user = None if handled.owner is None else user_of(handled.owner)
+        _count(service, "ok" if handled.acted else "ignored")
         service.audit.record(
             AuditKind.STRIPE_WEBHOOK, user, "ok" if handled.acted else "ignored", reference=event.id
         )
@@ -174,6 +181,11 @@ class WebhookRoute:
                 AuditKind.CLAWBACK, user, "owed", amount=handled.owed, reference=handled.payment_id
             )
         return _reply(WebhookReceived(ignored=not handled.acted))
+
+
+def _count(service: BillingService, outcome: str) -> None:
+    webhooks = service.counts.webhooks
+    webhooks[outcome] = webhooks.get(outcome, 0) + 1
 
 
 def _reply(body: WebhookReceived) -> web.Response:
