@@ -12,7 +12,6 @@ A facade over parts with one job each:
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,8 +45,6 @@ from .webhooks import WEBHOOK, WebhookRoute
 
 RECORDS_FILE: Final = "stripe.sqlite3"
 NO_CREDIT: Final = "No credits remaining"
-#: What the readiness check gives its one Stripe call.
-HEALTH_SECONDS: Final = 2.0
 
 
 class StripeProvider(CreditProvider):
@@ -88,7 +85,7 @@ class StripeProvider(CreditProvider):
         )
         # Replies carry client secrets: sealed with a key derived from the Stripe secret key, which
         # every process of the agent has (a new key only means a kept reply starts anew).
-        seal = ReplySeal(settings.secret_key.get_secret_value() or secrets.token_urlsafe(32))
+        seal = ReplySeal(settings.secret_key.get_secret_value())
         self.starts = PurchaseStarts(self.sales, self.payments, self.replays, seal, limits)
         self.settlement = Settlement(self.api, self.ledger, self.payments, self.records)
         secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
