@@ -16,8 +16,9 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from .auth_routes import auth_paths
+from .credit_routes import CREDIT_OPERATIONS
 from .models import ErrorReply
-from .operations import Operation, TextParam
+from .operations import IntQuery, Operation, TextParam, TextQuery
 from .paths import DEFAULT_TOOLS_PREFIX
 from .routes import BILLING_OPERATIONS, OPENAPI, UI_FILE
 from .tool_routes import TOOL_OPERATIONS
@@ -65,6 +66,7 @@ def openapi_document(
     `login_path` is given, the auth routes (login there, logout, refresh and me beside it). Paths
     are full paths from the root."""
     placed = [(op, prefix + op.path) for op in BILLING_OPERATIONS if ui or op is not UI_FILE]
+    placed += [(op, prefix + op.path) for op in CREDIT_OPERATIONS]
     placed += [(op, prefix + op.path) for op in extra]
     placed += [(op, tools_prefix + op.path) for op in TOOL_OPERATIONS]
     if login_path is not None:
@@ -129,15 +131,7 @@ def _operation(op: Operation, refs: dict[type[BaseModel], dict[str, Any]]) -> di
         responses[str(status)] = response
     parameters = [
         *(_parameter(p.name, "path", p.description, _text(p), required=True) for p in op.path_params),
-        *(
-            _parameter(
-                q.name,
-                "query",
-                q.description,
-                {"type": "integer", "minimum": q.low, "maximum": q.high, "default": q.default},
-            )
-            for q in op.query
-        ),
+        *(_parameter(q.name, "query", q.description, _query(q)) for q in op.query),
         *(_parameter(h.name, "header", h.description, _text(h)) for h in op.headers),
     ]
     document: dict[str, Any] = {
@@ -165,8 +159,14 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
     return {"application/json": {"schema": schema}}
 
 
-def _text(param: TextParam) -> dict[str, Any]:
+def _text(param: TextParam | TextQuery) -> dict[str, Any]:
     return {"type": "string", "pattern": f"^(?:{param.regex.pattern})$"}
+
+
+def _query(param: IntQuery | TextQuery) -> dict[str, Any]:
+    if isinstance(param, TextQuery):
+        return _text(param)
+    return {"type": "integer", "minimum": param.low, "maximum": param.high, "default": param.default}
 
 
 class APIDescription:

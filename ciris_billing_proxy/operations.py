@@ -43,6 +43,23 @@ class IntQuery:
 
 
 @dataclass(frozen=True, slots=True)
+class TextQuery:
+    """An optional text query parameter that must match `regex` in full; otherwise a 422."""
+
+    name: str
+    regex: re.Pattern[str]
+    description: str
+
+    def read(self, request: web.Request) -> str | None:
+        raw = request.query.get(self.name)
+        if raw is None:
+            return None
+        if self.regex.fullmatch(raw) is None:
+            raise http_error(422, f"Invalid request: {self.name} is not valid")
+        return raw
+
+
+@dataclass(frozen=True, slots=True)
 class TextParam:
     """A path or header parameter that must match `regex` in full."""
 
@@ -71,7 +88,7 @@ class Operation:
     tag: str
     body: type[BaseModel] | None = None
     body_required: bool = False
-    query: tuple[IntQuery, ...] = ()
+    query: tuple[IntQuery | TextQuery, ...] = ()
     path_params: tuple[TextParam, ...] = ()
     headers: tuple[TextParam, ...] = ()
     #: Whether a bearer token is required (a 401 with `WWW-Authenticate` without a valid one).

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from .auth import identity_of_request
 from .bodies import expect_continue, read_model
 from .config import ConfigError
+from .credit_routes import CREDIT_OPERATIONS, add_credit_routes
 from .errors import BILLING_DISABLED, BillingDisabled, IdTokenRequired, PaymentNotFound, http_error
 from .id_token import (
     APPLE_HEADER,
@@ -364,7 +365,9 @@ class BillingRoutes:
 #: A provider route's path below the prefix: a first segment of its own, then anything a route may be.
 PROVIDER_PATH: Final = re.compile(r"/[a-z0-9][a-z0-9_\-]{0,63}/[A-Za-z0-9_\-./{}]{1,200}")
 #: First path segments the package's own routes use: no provider route may take one.
-RESERVED_SEGMENTS: Final = frozenset(op.path.split("/")[1] for op in BILLING_OPERATIONS) | {"tools"}
+RESERVED_SEGMENTS: Final = frozenset(
+    op.path.split("/")[1] for op in (*BILLING_OPERATIONS, *CREDIT_OPERATIONS)
+) | {"tools"}
 
 
 def provider_routes(provider: CreditProvider) -> tuple[ProviderRoute, ...]:
@@ -425,6 +428,7 @@ def add_routes(
         router.add_post(prefix + APP_STORE.path, routes.verify_app_store, expect_handler=expect),
         router.add_get(prefix + OPENAPI.path, describe, expect_handler=expect_continue),
     ]
+    added += add_credit_routes(router, service, prefix, expect)
     for route in extra:
         op = route.operation
         router.add_route(

@@ -90,7 +90,7 @@ async def test_free_uses_from_the_environment_or_an_option(
     [
         (["serve", "--port", "abc"], "not a port number"),
         (["serve", "--port", "70000"], "port must be 0-65535"),
-        (["serve", "--user", "nopassword"], "NAME:PASSWORD[:EMAIL]"),
+        (["serve", "--user", "nopassword"], "NAME:PASSWORD[:EMAIL[:ROLE]]"),
         (["serve", "--provider", "nope"], "Installed providers: "),
         (["serve", "--bogus"], "unrecognized arguments"),
         (["serve", "--provider-option", "cbk_secret"], "expected KEY=VALUE"),

@@ -32,6 +32,9 @@ from ciris_billing_proxy import (
 from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.openapi import openapi_document
 from ciris_billing_proxy.products import Product, ToolBalance, ToolPurchase, ToolPurchaseRequest
+from ciris_billing_proxy.providers.base import CreditProvider
+from ciris_billing_proxy.providers.simple import SimpleProvider
+from ciris_billing_proxy.store import SQLiteDatabase
 from ciris_billing_proxy.store.feed_sqlite import SQLiteChangeFeed
 from ciris_billing_proxy.testing import TokenFactory
 from ciris_billing_proxy.throttle import LoginAttempt
@@ -126,6 +129,17 @@ class ThrottleDatabaseDown:
         raise ProviderUnavailable("database unavailable")
 
 
+class LostDatabase(SQLiteDatabase):
+    """A ledger's database that is there at startup and gone once `lost` is set."""
+
+    lost = False
+
+    async def run(self, fn: Any) -> Any:
+        if self.lost:
+            raise ProviderUnavailable("database unavailable")
+        return await super().run(fn)
+
+
 class RevocationsDown(SQLiteChangeFeed):
     """A change feed whose database cannot record a revocation (the real outage, through a cut
     connection, is tests/test_freshness.py's)."""
@@ -215,7 +229,7 @@ async def test_other_methods_are_a_json_405_listing_the_documented_one(
     headers = TokenFactory(config).headers()
     for path, item in document["paths"].items():
         allowed = {m.upper() for m in item}
-        url = path.replace("{payment_id}", "pi_1").replace("{tool}", "web_search")
+        url = path.replace("{payment_id}", "pi_1").replace("{tool}", "web_search").replace("{user_id}", "ann")
         for method in set(METHODS) - allowed:
             resp = await client.request(method, url, headers=headers)
             assert resp.status == 405, (method, path)
@@ -274,6 +288,9 @@ class Ctx:
 
     def bearer(self) -> str:
         return f"Authorization: {self.auth['Authorization']}\r\n"
+
+    def admin(self) -> dict[str, str]:
+        return self.tokens.headers("root", role="admin")
 
 
 Send = Callable[[Ctx], Awaitable[Reply]]
@@ -389,6 +406,72 @@ scenario("getTransactions", 503)(
     lambda ctx: failing(ctx, ProviderUnavailable()).send("GET", TRANSACTIONS, headers=ctx.auth)
 )
 
+
+# -- the ledger's routes: "simple" is a provider on the ledger, "ledger down" its database gone ---
+USAGE = f"{PREFIX}/usage"
+ADMIN = f"{PREFIX}/admin"
+ANN_CREDITS, ANN_GRANTS, AUDIT = f"{ADMIN}/users/ann/credits", f"{ADMIN}/users/ann/grants", f"{ADMIN}/audit"
+GIFT = {"amount": 5, "reason": "goodwill", "note": "sorry about the outage"}
+for _id, _method, _path in (
+    ("getUsage", "GET", USAGE),
+    ("getUserCredits", "GET", ANN_CREDITS),
+    ("grantUserCredit", "POST", ANN_GRANTS),
+    ("getCreditAudit", "GET", AUDIT),
+):
+    no_token(_id, _method, _path)
+    scenario(_id, 503, "ledger down")(
+        lambda ctx, m=_method, p=_path: ctx.send(m, p, headers=ctx.admin(), json=GIFT)
+    )
+    if _id != "getUsage":
+        scenario(_id, 403, "simple")(
+            lambda ctx, m=_method, p=_path: ctx.send(m, p, headers=ctx.auth, json=GIFT)
+        )
+
+scenario("getUsage", 200, "simple")(
+    lambda ctx: ctx.send("GET", USAGE, headers=ctx.auth, params={"group_by": "model", "from": "2020-01-01"})
+)
+scenario("getUsage", 404)(lambda ctx: ctx.send("GET", USAGE, headers=ctx.auth))
+scenario("getUsage", 422, "simple")(
+    lambda ctx: ctx.send("GET", USAGE, headers=ctx.auth, params={"from": "2030-01-01", "to": "2020-01-01"})
+)
+
+
+@scenario("getUserCredits", 200, "simple")
+async def credits_of_a_user(ctx: Ctx) -> Reply:
+    assert (await ctx.send("POST", ANN_GRANTS, headers=ctx.admin(), json=GIFT)).status == 200
+    return await ctx.send("GET", ANN_CREDITS, headers=ctx.admin())
+
+
+scenario("getUserCredits", 404, "simple")(lambda ctx: ctx.send("GET", ANN_CREDITS, headers=ctx.admin()))
+scenario("getUserCredits", 422, "simple")(
+    lambda ctx: ctx.send("GET", ANN_CREDITS, headers=ctx.admin(), params={"namespace": "a b"})
+)
+scenario("grantUserCredit", 200, "simple")(
+    lambda ctx: ctx.send("POST", ANN_GRANTS, headers={**ctx.admin(), "Idempotency-Key": "gift-1"}, json=GIFT)
+)
+scenario("grantUserCredit", 400, "simple")(
+    lambda ctx: ctx.send("POST", ANN_GRANTS, headers=ctx.admin(), data=b"{")
+)
+scenario("grantUserCredit", 404)(lambda ctx: ctx.send("POST", ANN_GRANTS, headers=ctx.admin(), json=GIFT))
+scenario("grantUserCredit", 408, "simple")(
+    lambda ctx: ctx.late_body(ANN_GRANTS, f"Authorization: {ctx.admin()['Authorization']}\r\n")
+)
+scenario("grantUserCredit", 409, "simple")(
+    lambda ctx: ctx.send("POST", ANN_GRANTS, headers=ctx.admin(), json={**GIFT, "amount": -50})
+)
+scenario("grantUserCredit", 413, "simple")(
+    lambda ctx: ctx.send("POST", ANN_GRANTS, headers=ctx.admin(), json={**GIFT, "note": "x" * 2000})
+)
+scenario("grantUserCredit", 422, "simple")(
+    lambda ctx: ctx.send("POST", ANN_GRANTS, headers=ctx.admin(), json={**GIFT, "reason": "because"})
+)
+scenario("getCreditAudit", 200, "simple")(
+    lambda ctx: ctx.send("GET", AUDIT, headers=ctx.admin(), params={"user_id": "ann", "kind": "grant"})
+)
+scenario("getCreditAudit", 404)(lambda ctx: ctx.send("GET", AUDIT, headers=ctx.admin()))
+scenario("getCreditAudit", 422, "simple")(
+    lambda ctx: ctx.send("GET", AUDIT, headers=ctx.admin(), params={"since": "yesterday"})
+)
 
 scenario("getOpenAPI", 200)(lambda ctx: ctx.send("GET", DOC))
 scenario("getOpenAPI", 417)(lambda ctx: ctx.send("GET", DOC, headers=expect(ctx, token=False)))
@@ -552,7 +635,10 @@ async def ctx(aiohttp_client: Any, tmp_path: Path, request: pytest.FixtureReques
     config = make_config(
         tmp_path, max_body_bytes=1024, body_timeout_seconds=0.5, login_max_failures_per_user=1
     )
-    provider = ConfusedProvider() if request.param == "confused" else ToolShop(credits=3)
+    provider: CreditProvider = ConfusedProvider() if request.param == "confused" else ToolShop(credits=3)
+    lost = LostDatabase(tmp_path / "ledger.sqlite3")
+    if request.param == "ledger down":
+        provider = SimpleProvider(database=lost)
     app = web.Application()
     setup_billing(
         app,
@@ -565,7 +651,9 @@ async def ctx(aiohttp_client: Any, tmp_path: Path, request: pytest.FixtureReques
     if request.param == "revocations down":
         app[SERVICE_KEY].feed = RevocationsDown(tmp_path / "changes.sqlite3")
     tokens = TokenFactory(config)
-    return Ctx(await aiohttp_client(app), provider, tokens, tokens.headers("alice"))
+    client = await aiohttp_client(app)
+    lost.lost = True
+    return Ctx(client, provider, tokens, tokens.headers("alice"))
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,7 @@ async def test_two_apps_never_grant_more_than_the_free_uses(
     assert statuses.count(200) == 50
     assert statuses.count(402) == 150
     assert await fetch(pg_url, "SELECT used FROM credit_accounts") == [(50,)]
-    assert await fetch(pg_url, "SELECT count(*) FROM credit_spends WHERE state = 'spent'") == [(50,)]
+    assert await fetch(pg_url, "SELECT count(*) FROM credit_entries WHERE state = 'spent'") == [(50,)]
     for app in (a, b):
         credits = await (await app.get(CREDITS, headers=headers)).json()
         assert (credits["free_uses_remaining"], credits["total_uses"]) == (0, 50)

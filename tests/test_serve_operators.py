@@ -65,7 +65,7 @@ def test_variables_are_the_defaults_and_flags_win() -> None:
     parser = build_parser(environ)
     args = parser.parse_args(["serve"])
     assert (args.host, args.port, args.workers, args.idle_timeout) == ("::1", 8123, 3, 12.5)
-    assert args.user == [("ann", "pw-a", None), ("bob", "pw-b", "bob@example.com")]
+    assert args.user == [("ann", "pw-a", None, None), ("bob", "pw-b", "bob@example.com", None)]
     assert args.provider_option == [("free_uses", "7"), ("database", ":memory:")]
     assert (args.fake_backend, args.users_file, args.provider) == (True, Path("/etc/agent/users"), "ciris")
     given = parser.parse_args(
@@ -82,7 +82,7 @@ def test_variables_are_the_defaults_and_flags_win() -> None:
         ]
     )
     assert (given.port, given.workers, given.host) == (9000, 1, "::1")
-    assert given.user == [("cat", "pw-c", None)]
+    assert given.user == [("cat", "pw-c", None, None)]
     assert given.provider_option == [("free_uses", "1")]
     assert build_parser({}).parse_args(["serve"]).port == 8000
 
@@ -100,7 +100,7 @@ def test_variables_are_the_defaults_and_flags_win() -> None:
         (
             "CIRIS_BILLING_USERS",
             "ann-without-password-hunter2",
-            "CIRIS_BILLING_USERS: expected NAME:PASSWORD[:EMAIL]",
+            "CIRIS_BILLING_USERS: expected NAME:PASSWORD[:EMAIL[:ROLE]]",
         ),
     ],
 )
@@ -124,7 +124,7 @@ def test_a_bad_line_of_the_users_file_is_named_by_number_never_shown(
     users.write_text("# the agent's users\nann:pw-a\n\nbob-secret-password-no-colon\n", encoding="utf-8")
     assert main(["serve", "--data-dir", str(tmp_path), "--users-file", str(users)]) == 2
     err = capsys.readouterr().err
-    assert err == f"ciris-billing-proxy: {users}, line 4: expected NAME:PASSWORD[:EMAIL]\n"
+    assert err == f"ciris-billing-proxy: {users}, line 4: expected NAME:PASSWORD[:EMAIL[:ROLE]]\n"
     assert main(["serve", "--data-dir", str(tmp_path), "--users-file", str(tmp_path / "missing")]) == 2
     assert "No such file or directory" in capsys.readouterr().err
 

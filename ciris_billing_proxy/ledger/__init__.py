@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from ..store.choose import for_engine
 from ..store.engine import Engine
-from .base import Clock, Ledger, NoReservation, Overdrawn, iso, no_signup
+from .base import Clock, KeyReused, Ledger, NoReservation, Overdrawn, iso, no_signup
 from .model import (
     ENTRY_KINDS,
     GRANT_KINDS,
@@ -74,6 +74,7 @@ __all__ = [
     "Entry",
     "Grant",
     "Granted",
+    "KeyReused",
     "Ledger",
     "NoReservation",
     "Overdrawn",

@@ -45,6 +45,11 @@ class Overdrawn(Exception):
         self.balance = balance
 
 
+class KeyReused(ValueError):
+    """A grant's idempotency key already used by a claw-back of the account, or the other way
+    round: nothing changed."""
+
+
 class NoReservation(LookupError):
     """`settle` under a key that reserved nothing."""
 

@@ -175,46 +175,58 @@ class UsageTotal:
     output_tokens: int
 
 
-@dataclass(frozen=True, slots=True)
-class Live:
-    """A live grant as a spend sees it."""
-
-    id: int
-    kind: str
-    remaining: int
-    expires_at: int | None
+#: A live grant as a spend sees it: (id, kind, remaining, expires_at). A plain tuple, as the
+#: database returns it: a spend handles a few of them on the hot path.
+Live = tuple[int, str, int, "int | None"]
+_KIND_RANK: Final = {kind: rank for rank, kind in enumerate(GRANT_KINDS)}
 
 
 def spending_order(grant: Live) -> tuple[int, int, int, int, int]:
     """The sort key of the spending order (module docstring)."""
+    grant_id, kind, _, expires_at = grant
     return (
-        0 if grant.kind == "free" else 1,
-        0 if grant.expires_at is not None else 1,
-        grant.expires_at or 0,
-        GRANT_KINDS.index(grant.kind),
-        grant.id,
+        0 if kind == "free" else 1,
+        0 if expires_at is not None else 1,
+        expires_at or 0,
+        _KIND_RANK[kind],
+        grant_id,
     )
 
 
 def allocate(grants: Sequence[Live], cost: int) -> list[tuple[int, int]]:
     """(grant id, amount) taken for `cost` in spending order; the caller checked there is enough."""
-    taken: list[tuple[int, int]] = []
-    left = cost
-    for grant in sorted(grants, key=spending_order):
-        if left == 0:
-            break
-        take = min(grant.remaining, left)
-        if take:
-            taken.append((grant.id, take))
-            left -= take
-    return taken
+    if len(grants) == 1:
+        return [(grants[0][0], cost)]
+    return _take_in(sorted(grants, key=spending_order), cost)
 
 
 def balance_of(grants: Sequence[Live], used: int) -> Balance:
-    free = sum(g.remaining for g in grants if g.kind == "free")
-    credits = sum(g.remaining for g in grants if g.kind != "free")
-    expiries = [g.expires_at for g in grants if g.expires_at is not None and g.remaining > 0]
-    return Balance(free, credits, used, min(expiries) if expiries else None)
+    free = credits = 0
+    soonest: int | None = None
+    for _, kind, remaining, expires_at in grants:
+        if kind == "free":
+            free += remaining
+        else:
+            credits += remaining
+        if expires_at is not None and remaining and (soonest is None or expires_at < soonest):
+            soonest = expires_at
+    return Balance(free, credits, used, soonest)
+
+
+def less(before: Balance, live: Sequence[Live], taken: Sequence[tuple[int, int]], cost: int) -> Balance:
+    """The balance after `taken` left `live`, without reading it again."""
+    if len(taken) == 1 and len(live) == 1:
+        _, kind, remaining, expires_at = live[0]
+        left = remaining - cost
+        free = kind == "free"
+        return Balance(
+            before.free - cost if free else before.free,
+            before.credits if free else before.credits - cost,
+            before.used + cost,
+            expires_at if left and expires_at is not None else None,
+        )
+    took = dict(taken)
+    return balance_of([(g, k, r - took.get(g, 0), e) for g, k, r, e in live], before.used + cost)
 
 
 def spend_events(before: int, after: int, threshold: int | None) -> list[str]:
@@ -235,23 +247,14 @@ def check_amount(amount: int) -> None:
         raise ValueError(f"an amount of credit is a whole number from 1 to {MAX_AMOUNT}")
 
 
-def less(before: Balance, live: Sequence[Live], taken: Sequence[tuple[int, int]], cost: int) -> Balance:
-    """The balance after `taken` left `live`, without reading it again."""
-    left = {g.id: g.remaining for g in live}
-    for grant_id, n in taken:
-        left[grant_id] -= n
-    return balance_of([Live(g.id, g.kind, left[g.id], g.expires_at) for g in live], before.used + cost)
-
-
 def release(
     grants: Sequence[Live], taken: Sequence[tuple[int, int]], amount: int
 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Give back `amount` of what a spend `taken` from `grants` (each as it is now): the grants
     taken last first. (grant id, amount) to return, and what the spend keeps taken after it."""
     took = dict(taken)
-    by_id = {g.id: g for g in grants}
-    ordered = sorted((by_id[g] for g in took if g in by_id), key=spending_order, reverse=True)
-    back = _take_in([Live(g.id, g.kind, took[g.id], g.expires_at) for g in ordered], amount)
+    ordered = sorted((g for g in grants if g[0] in took), key=spending_order, reverse=True)
+    back = _take_in([(g, k, took[g], e) for g, k, _, e in ordered], amount)
     for grant_id, n in back:
         took[grant_id] -= n
     return back, [(g, n) for g, n in took.items() if n]
@@ -261,22 +264,22 @@ def claw_order(live: Sequence[Live], amount: int, grant_id: int | None) -> list[
     """(grant id, amount) a claw-back of `amount` takes: `grant_id` first, then what would be spent
     last first; less than `amount` when there is not that much."""
     ordered = sorted(live, key=spending_order, reverse=True)
-    ordered.sort(key=lambda g: g.id != grant_id)  # stable: the named grant first
+    ordered.sort(key=lambda g: g[0] != grant_id)  # stable: the named grant first
     return _take_in(ordered, amount)
 
 
 def _take_in(ordered: Sequence[Live], amount: int) -> list[tuple[int, int]]:
     taken, left = [], amount
-    for grant in ordered:
-        n = min(grant.remaining, left)
+    for grant_id, _, remaining, _ in ordered:
+        n = min(remaining, left)
         if n:
-            taken.append((grant.id, n))
+            taken.append((grant_id, n))
             left -= n
     return taken
 
 
 def encode_taken(taken: Sequence[tuple[int, int]]) -> str:
-    """`credit_spends.taken`: what a spend took from each grant, as `id:amount,id:amount`."""
+    """A spend's `taken`: what it took from each grant, as `id:amount,id:amount`."""
     return ",".join(f"{grant_id}:{n}" for grant_id, n in taken if n)
 
 
@@ -302,12 +305,14 @@ def grant_of(row: Sequence[Any]) -> Grant:
 
 
 GRANT_COLUMNS: Final = "id, kind, source, amount, remaining, expires_at, reason, note, actor, created_at"
+# A give-back's or settlement's line shows the usage of the spend it belongs to.
 ENTRY_COLUMNS: Final = (
     "e.id, e.namespace, e.user_id, e.product, e.kind, e.amount, e.balance_after, e.used_after, "
-    "e.grant_id, e.reason, e.note, e.actor, e.created_at, "
-    "s.model, s.input_tokens, s.output_tokens, s.tool, s.metadata"
+    "e.grant_id, e.reason, e.note, e.actor, e.created_at, COALESCE(s.model, e.model), "
+    "COALESCE(s.input_tokens, e.input_tokens), COALESCE(s.output_tokens, e.output_tokens), "
+    "COALESCE(s.tool, e.tool), COALESCE(s.metadata, e.metadata)"
 )
-ENTRY_FROM: Final = "credit_entries e LEFT JOIN credit_spends s ON s.id = e.spend_id"
+ENTRY_FROM: Final = "credit_entries e LEFT JOIN credit_entries s ON s.id = e.spend_id"
 
 
 def entry_of(row: Sequence[Any]) -> Entry:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ..store import events
 from ..store.postgres import PostgresDatabase
-from .base import Ledger, NoReservation, Overdrawn, event_data, grant_data, iso
+from .base import KeyReused, Ledger, NoReservation, Overdrawn, event_data, grant_data, iso
 from .model import (
     ENTRY_COLUMNS,
     ENTRY_FROM,
@@ -58,17 +58,13 @@ _TAKE: Final = """
 WITH grants AS (
     UPDATE credit_grants g SET remaining = g.remaining - t.n
     FROM unnest($5::bigint[], $6::bigint[]) AS t(grant_id, n) WHERE g.id = t.grant_id
-), spend AS (
-    INSERT INTO credit_spends (namespace, user_id, product, idempotency_key, state, reserved, cost,
-                               model, input_tokens, output_tokens, tool, metadata, taken, created_at)
-    VALUES ($1, $2, $3, $4, $7, $8, $8, $9, $10, $11, $12, $13, $18, $14)
-    RETURNING id
 ), account AS (
     UPDATE credit_accounts SET used = used + $8 WHERE namespace = $1 AND user_id = $2 AND product = $3
 )
 INSERT INTO credit_entries (namespace, user_id, product, kind, amount, balance_after, used_after,
-                            spend_id, created_at)
-SELECT $1, $2, $3, $15, -$8, $16, $17, spend.id, $14 FROM spend
+                            idempotency_key, state, cost, taken, model, input_tokens, output_tokens,
+                            tool, metadata, created_at)
+VALUES ($1, $2, $3, $15, -$8, $16, $17, $4, $7, $8, $18, $9, $10, $11, $12, $13, $14)
 """
 _ENTRY: Final = """
 INSERT INTO credit_entries (namespace, user_id, product, kind, amount, balance_after, used_after,
@@ -105,7 +101,7 @@ class PostgresLedger(Ledger):
 
     async def _live(self, conn: asyncpg.Connection, a: Account, now: float) -> list[Live]:
         rows = await conn.fetch(_LIVE, *_key(a), now)
-        return [Live(int(r[0]), str(r[1]), int(r[2]), r[3]) for r in rows]
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
 
     async def grants(self, account: Account) -> list[Grant]:
         async with self.engine.connection() as conn:
@@ -161,7 +157,7 @@ class PostgresLedger(Ledger):
         async with self.engine.connection() as conn:
             rows = await conn.fetch(
                 f"SELECT {group} AS g, COUNT(*), SUM(cost), SUM(COALESCE(input_tokens, 0)), "
-                "SUM(COALESCE(output_tokens, 0)) FROM credit_spends "
+                "SUM(COALESCE(output_tokens, 0)) FROM credit_entries "
                 "WHERE namespace = $1 AND user_id = $2 AND created_at >= $3 AND created_at < $4 "
                 "AND state IN ('spent', 'settled') GROUP BY g ORDER BY g",
                 namespace,
@@ -287,7 +283,7 @@ class PostgresLedger(Ledger):
 
     async def _spend_row(self, conn: asyncpg.Connection, a: Account, key: str) -> asyncpg.Record | None:
         return await conn.fetchrow(
-            f"SELECT id, state, cost, taken FROM credit_spends WHERE {_ACCOUNT} AND idempotency_key = $4",
+            f"SELECT id, state, cost, taken FROM credit_entries WHERE {_ACCOUNT} AND idempotency_key = $4",
             *_key(a),
             key,
         )
@@ -299,7 +295,7 @@ class PostgresLedger(Ledger):
         async with self.engine.connection() as conn, conn.transaction():
             await self._open_account(conn, account, now)
             row = await self._spend_row(conn, account, key)
-            if row is None:
+            if row is None or row[1] is None:
                 raise NoReservation(key)
             spend_id, state, reserved = int(row[0]), str(row[1]), int(row[2])
             if state != "reserved":
@@ -308,7 +304,7 @@ class PostgresLedger(Ledger):
             await self._return(conn, account, spend_id, str(row[3]), reserved - keep)
             u = usage or _NO_USAGE
             await conn.execute(
-                "UPDATE credit_spends SET state = 'settled', cost = $1, model = $2, input_tokens = $3, "
+                "UPDATE credit_entries SET state = 'settled', cost = $1, model = $2, input_tokens = $3, "
                 "output_tokens = $4, tool = $5, metadata = $6 WHERE id = $7",
                 keep,
                 u.model,
@@ -327,11 +323,11 @@ class PostgresLedger(Ledger):
         async with self.engine.connection() as conn, conn.transaction():
             await self._open_account(conn, account, now)
             row = await self._spend_row(conn, account, key)
-            if row is None or row[1] == "given_back":
+            if row is None or row[1] in (None, "given_back"):
                 return None
             spend_id, cost = int(row[0]), int(row[2])
             await self._return(conn, account, spend_id, str(row[3]), cost)
-            await conn.execute("UPDATE credit_spends SET state = 'given_back' WHERE id = $1", spend_id)
+            await conn.execute("UPDATE credit_entries SET state = 'given_back' WHERE id = $1", spend_id)
             after = await self._balance(conn, account, now)
             await self._entry(conn, account, "give_back", cost, after, now, spend_id=spend_id)
             return after
@@ -347,7 +343,7 @@ class PostgresLedger(Ledger):
                 "SELECT id, kind, remaining, expires_at FROM credit_grants WHERE id = ANY($1::bigint[])",
                 [g for g, _ in took],
             )
-            back, kept = release([Live(int(r[0]), str(r[1]), int(r[2]), r[3]) for r in rows], took, amount)
+            back, kept = release([(r[0], r[1], r[2], r[3]) for r in rows], took, amount)
             await conn.execute(
                 "UPDATE credit_grants g SET remaining = g.remaining + t.n "
                 "FROM unnest($1::bigint[], $2::bigint[]) AS t(grant_id, n) WHERE g.id = t.grant_id",
@@ -355,7 +351,7 @@ class PostgresLedger(Ledger):
                 [n for _, n in back],
             )
             await conn.execute(
-                "UPDATE credit_spends SET taken = $1 WHERE id = $2", encode_taken(kept), spend_id
+                "UPDATE credit_entries SET taken = $1 WHERE id = $2", encode_taken(kept), spend_id
             )
         else:
             # Spent before grants existed: the use goes back to the signup grant made since.
@@ -372,8 +368,8 @@ class PostgresLedger(Ledger):
     async def attach_usage(self, account: Account, key: str, usage: Usage) -> None:
         async with self.engine.connection() as conn:
             await conn.execute(
-                "UPDATE credit_spends SET model = $5, input_tokens = $6, output_tokens = $7, tool = $8, "
-                f"metadata = $9 WHERE {_ACCOUNT} AND idempotency_key = $4",
+                "UPDATE credit_entries SET model = $5, input_tokens = $6, output_tokens = $7, tool = $8, "
+                f"metadata = $9 WHERE {_ACCOUNT} AND idempotency_key = $4 AND state IS NOT NULL",
                 *_key(account),
                 key,
                 usage.model,
@@ -443,12 +439,12 @@ class PostgresLedger(Ledger):
         self, conn: asyncpg.Connection, a: Account, key: str, kind: str
     ) -> tuple[int | None, int] | None:
         row = await conn.fetchrow(
-            "SELECT grant_id, amount FROM credit_entries "
-            f"WHERE {_ACCOUNT} AND idempotency_key = $4 AND kind = $5",
+            f"SELECT grant_id, amount, kind FROM credit_entries WHERE {_ACCOUNT} AND idempotency_key = $4",
             *_key(a),
             key,
-            kind,
         )
+        if row is not None and row[2] != kind:
+            raise KeyReused(key)
         return None if row is None else (row[0], int(row[1]))
 
     async def _grant(self, conn: asyncpg.Connection, grant_id: int) -> Grant:
@@ -478,12 +474,12 @@ class PostgresLedger(Ledger):
                 if found is not None:
                     return ClawedBack(-found[1], (), await self._balance(conn, account, now), replayed=True)
             every = await self._live(conn, account, now)
-            live = [g for g in every if kind is None or g.kind == kind]
+            live = [g for g in every if kind is None or g[1] == kind]
             before = balance_of(every, used)
             taken = claw_order(live, amount, grant_id)
             total = sum(n for _, n in taken)
             if total < amount and not partial:
-                raise Overdrawn(sum(g.remaining for g in live))
+                raise Overdrawn(sum(g[2] for g in live))
             await conn.execute(
                 "UPDATE credit_grants g SET remaining = g.remaining - t.n "
                 "FROM unnest($1::bigint[], $2::bigint[]) AS t(grant_id, n) WHERE g.id = t.grant_id",

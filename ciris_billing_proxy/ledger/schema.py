@@ -4,10 +4,11 @@
   its signup grant was made. Every write of an account locks this row first (PostgreSQL), so the
   writes of one account are serialised across processes; SQLite's `BEGIN IMMEDIATE` does the same.
 * `credit_grants`: credit as it arrived (kind, amount, what is left, expiry, source, reason, who).
-* `credit_spends`: one row per idempotency key: a spend or a reservation, its state, what it took
-  from which grants (`taken`: `grant_id:amount` pairs, comma-separated: one column rather than a
-  table, so a spend writes one row fewer) and the usage the handler attached.
-* `credit_entries`: the journal, one line per movement, with the balance after it.
+* `credit_entries`: the journal, one line per movement, with the balance after it. A spend's or a
+  reservation's own line is also its record: its idempotency key (unique per account), its state,
+  what it costs now, what it took from which grants (`taken`: `grant_id:amount` pairs) and the
+  usage the handler attached; a give-back's or settlement's line points at it (`spend_id`). One row
+  and one index entry per spend, so a spend writes few pages.
 
 Before grants, the `simple` provider kept `usage` (uses spent per user; a product's under
 `product + "\\x1f" + namespace`) and `usage_events`. The first step copies both into the new tables
@@ -65,28 +66,9 @@ CREATE TABLE {exists} credit_grants (
     created_at TEXT NOT NULL,
     expiry_announced BOOLEAN NOT NULL DEFAULT FALSE
 );
-CREATE INDEX {exists} credit_grants_account ON credit_grants (namespace, user_id, product)
-    WHERE remaining > 0;
+CREATE INDEX {exists} credit_grants_account ON credit_grants (namespace, user_id, product);
 CREATE INDEX {exists} credit_grants_due ON credit_grants (expires_at)
     WHERE expires_at IS NOT NULL AND NOT expiry_announced;
-CREATE TABLE {exists} credit_spends (
-    id              {id},
-    namespace       TEXT NOT NULL,
-    user_id         TEXT NOT NULL,
-    product         TEXT NOT NULL DEFAULT '',
-    idempotency_key TEXT NOT NULL,
-    state           TEXT NOT NULL CHECK (state IN ('spent', 'reserved', 'settled', 'given_back')),
-    reserved        BIGINT NOT NULL,
-    cost            BIGINT NOT NULL CHECK (cost >= 0),
-    model           TEXT,
-    input_tokens    BIGINT,
-    output_tokens   BIGINT,
-    tool            TEXT,
-    metadata        TEXT,
-    taken           TEXT NOT NULL DEFAULT '',
-    created_at      TEXT NOT NULL,
-    UNIQUE (namespace, user_id, product, idempotency_key)
-);
 CREATE TABLE {exists} credit_entries (
     id              {id},
     namespace       TEXT NOT NULL,
@@ -99,32 +81,40 @@ CREATE TABLE {exists} credit_entries (
     grant_id        BIGINT,
     spend_id        BIGINT,
     idempotency_key TEXT,
+    state           TEXT CHECK (state IN ('spent', 'reserved', 'settled', 'given_back')),
+    cost            BIGINT,
+    taken           TEXT,
+    model           TEXT,
+    input_tokens    BIGINT,
+    output_tokens   BIGINT,
+    tool            TEXT,
+    metadata        TEXT,
     reason          TEXT,
     note            TEXT,
     actor           TEXT,
-    created_at      TEXT NOT NULL
-);
-CREATE INDEX {exists} credit_entries_account ON credit_entries (namespace, user_id, product, id);
-CREATE UNIQUE INDEX {exists} credit_entries_key
-    ON credit_entries (namespace, user_id, product, idempotency_key)
-    WHERE idempotency_key IS NOT NULL
+    created_at      TEXT NOT NULL,
+    UNIQUE (namespace, user_id, product, idempotency_key)
+)
 """
 
 # The usage ledger's namespaces are `product \x1f namespace` for a product's uses.
 _COPY: Final = """
 INSERT INTO credit_accounts (namespace, user_id, product, used)
 SELECT {ns}, user_id, {product}, used FROM usage;
-INSERT INTO credit_spends (namespace, user_id, product, idempotency_key, state, reserved, cost, created_at)
-SELECT {ns}, user_id, {product}, idempotency_key,
+INSERT INTO credit_entries (namespace, user_id, product, kind, amount, used_after, idempotency_key, state,
+                            cost, taken, created_at)
+SELECT {ns}, user_id, {product}, 'spend', -1, used_after, idempotency_key,
        CASE WHEN EXISTS (SELECT 1 FROM usage_events b WHERE b.namespace = u.namespace
             AND b.user_id = u.user_id AND b.idempotency_key = u.idempotency_key AND b.kind = 'give_back')
             THEN 'given_back' ELSE 'spent' END,
-       1, 1, created_at
-FROM usage_events u WHERE kind = 'use';
-INSERT INTO credit_entries (namespace, user_id, product, kind, amount, used_after, created_at)
-SELECT {ns}, user_id, {product}, CASE kind WHEN 'use' THEN 'spend' ELSE 'give_back' END,
-       CASE kind WHEN 'use' THEN -1 ELSE 1 END, used_after, created_at
-FROM usage_events ORDER BY id;
+       1, '', created_at
+FROM usage_events u WHERE kind = 'use' ORDER BY id;
+INSERT INTO credit_entries (namespace, user_id, product, kind, amount, used_after, spend_id, created_at)
+SELECT {ns}, user_id, {product}, 'give_back', 1, used_after,
+       (SELECT s.id FROM credit_entries s WHERE s.idempotency_key = u.idempotency_key
+        AND s.user_id = u.user_id AND s.kind = 'spend' AND s.namespace = {ns} AND s.product = {product}),
+       created_at
+FROM usage_events u WHERE kind = 'give_back' ORDER BY id;
 DROP TABLE usage_events;
 DROP TABLE usage
 """

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..store import events
 from ..store.sqlite import SQLiteDatabase, transaction
-from .base import Ledger, NoReservation, Overdrawn, event_data, grant_data, iso
+from .base import KeyReused, Ledger, NoReservation, Overdrawn, event_data, grant_data, iso
 from .model import (
     ENTRY_COLUMNS,
     ENTRY_FROM,
@@ -42,6 +42,13 @@ _ACCOUNT_AND_LIVE = (
     "LEFT JOIN credit_grants g ON g.namespace = a.namespace AND g.user_id = a.user_id "
     "AND g.product = a.product AND g.remaining > 0 AND (g.expires_at IS NULL OR g.expires_at > ?) "
     "WHERE a.namespace = ? AND a.user_id = ? AND a.product = ?"
+)
+_TAKE_FROM_GRANT = "UPDATE credit_grants SET remaining = remaining - ? WHERE id = ?"
+_SET_USED = f"UPDATE credit_accounts SET used = ? WHERE {_ACCOUNT}"
+_INSERT_SPEND = (
+    "INSERT INTO credit_entries (namespace, user_id, product, kind, amount, balance_after, used_after, "
+    "idempotency_key, state, cost, taken, model, input_tokens, output_tokens, tool, metadata, created_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _GROUPS = {"day": "substr(created_at, 1, 10)", "model": "COALESCE(model, '')", "product": "product"}
 
@@ -79,7 +86,7 @@ class SQLiteLedger(Ledger):
             f"WHERE {_ACCOUNT} AND remaining > 0 AND (expires_at IS NULL OR expires_at > ?)",
             (*_key(a), now),
         ).fetchall()
-        return [Live(int(r[0]), str(r[1]), int(r[2]), r[3]) for r in rows]
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
 
     async def grants(self, account: Account) -> list[Grant]:
         def read(conn: sqlite3.Connection) -> list[Grant]:
@@ -136,7 +143,7 @@ class SQLiteLedger(Ledger):
         def read(conn: sqlite3.Connection) -> list[UsageTotal]:
             rows = conn.execute(
                 f"SELECT {group} AS g, COUNT(*), SUM(cost), SUM(COALESCE(input_tokens, 0)), "
-                "SUM(COALESCE(output_tokens, 0)) FROM credit_spends "
+                "SUM(COALESCE(output_tokens, 0)) FROM credit_entries "
                 "WHERE namespace = ? AND user_id = ? AND created_at >= ? AND created_at < ? "
                 "AND state IN ('spent', 'settled') GROUP BY g ORDER BY g",
                 (namespace, user_id, since, until),
@@ -258,56 +265,51 @@ class SQLiteLedger(Ledger):
         state: str,
         usage: Usage | None,
     ) -> Balance | None:
+        account = (a.namespace, a.user_id, a.product)
         with transaction(conn):
-            used, live = self._account_and_live(conn, a, now)
+            rows = conn.execute(_ACCOUNT_AND_LIVE, (now, *account)).fetchall()
+            if rows and rows[0][1]:
+                used = rows[0][0]
+                live: list[Live] = [r[2:] for r in rows if r[2] is not None]
+            else:
+                used, live = self._open_account(conn, a, now), self._live(conn, a, now)
             before = balance_of(live, used)
             if before.total < cost:
                 # Not enough now, unless this key spent before (then it answers as spent).
                 return before if self._spent(conn, a, key) else None
             taken = allocate(live, cost)
             for grant_id, n in taken:
-                conn.execute("UPDATE credit_grants SET remaining = remaining - ? WHERE id = ?", (n, grant_id))
+                conn.execute(_TAKE_FROM_GRANT, (n, grant_id))
+            conn.execute(_SET_USED, (used + cost, *account))
+            after = less(before, live, taken, cost)
             u = usage or _NO_USAGE
-            at = iso(now)
-            spend_id = conn.execute(
-                "INSERT INTO credit_spends (namespace, user_id, product, idempotency_key, state, reserved, "
-                "cost, model, input_tokens, output_tokens, tool, metadata, taken, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            conn.execute(
+                _INSERT_SPEND,
                 (
-                    *_key(a),
+                    *account,
+                    "spend" if state == "spent" else "reserve",
+                    -cost,
+                    after.total,
+                    after.used,
                     key,
                     state,
                     cost,
-                    cost,
+                    encode_taken(taken),
                     u.model,
                     u.input_tokens,
                     u.output_tokens,
                     u.tool,
                     u.metadata_json(),
-                    encode_taken(taken),
-                    at,
+                    iso(now),
                 ),
-            ).lastrowid
-            conn.execute(f"UPDATE credit_accounts SET used = ? WHERE {_ACCOUNT}", (used + cost, *_key(a)))
-            after = less(before, live, taken, cost)
-            self._entry(
-                conn, a, "spend" if state == "spent" else "reserve", -cost, after, at, spend_id=spend_id
             )
-            self._announce_spend(conn, a, key, before.total, after.total)
+            if self.low_balance_threshold is not None or after.total == 0:
+                self._announce_spend(conn, a, key, before.total, after.total)
             return after
-
-    def _account_and_live(self, conn: sqlite3.Connection, a: Account, now: float) -> tuple[int, list[Live]]:
-        """The account's uses spent and live grants, in one statement once it has been written."""
-        rows = conn.execute(_ACCOUNT_AND_LIVE, (now, *_key(a))).fetchall()
-        if rows and rows[0][1]:
-            return int(rows[0][0]), [
-                Live(int(r[2]), str(r[3]), int(r[4]), r[5]) for r in rows if r[2] is not None
-            ]
-        return self._open_account(conn, a, now), self._live(conn, a, now)
 
     def _spent(self, conn: sqlite3.Connection, a: Account, key: str) -> bool:
         row = conn.execute(
-            f"SELECT 1 FROM credit_spends WHERE {_ACCOUNT} AND idempotency_key = ?", (*_key(a), key)
+            f"SELECT 1 FROM credit_entries WHERE {_ACCOUNT} AND idempotency_key = ?", (*_key(a), key)
         ).fetchone()
         return row is not None
 
@@ -319,11 +321,11 @@ class SQLiteLedger(Ledger):
         def write(conn: sqlite3.Connection) -> Balance:
             with transaction(conn):
                 row = conn.execute(
-                    "SELECT id, state, cost, taken FROM credit_spends "
+                    "SELECT id, state, cost, taken FROM credit_entries "
                     f"WHERE {_ACCOUNT} AND idempotency_key = ?",
                     (*_key(account), key),
                 ).fetchone()
-                if row is None:
+                if row is None or row[1] is None:
                     raise NoReservation(key)
                 spend_id, state, reserved = int(row[0]), str(row[1]), int(row[2])
                 if state != "reserved":
@@ -332,7 +334,7 @@ class SQLiteLedger(Ledger):
                 self._return(conn, account, spend_id, str(row[3]), reserved - keep)
                 u = usage or _NO_USAGE
                 conn.execute(
-                    "UPDATE credit_spends SET state = 'settled', cost = ?, model = ?, input_tokens = ?, "
+                    "UPDATE credit_entries SET state = 'settled', cost = ?, model = ?, input_tokens = ?, "
                     "output_tokens = ?, tool = ?, metadata = ? WHERE id = ?",
                     (keep, u.model, u.input_tokens, u.output_tokens, u.tool, u.metadata_json(), spend_id),
                 )
@@ -348,15 +350,15 @@ class SQLiteLedger(Ledger):
         def write(conn: sqlite3.Connection) -> Balance | None:
             with transaction(conn):
                 row = conn.execute(
-                    "SELECT id, state, cost, taken FROM credit_spends "
+                    "SELECT id, state, cost, taken FROM credit_entries "
                     f"WHERE {_ACCOUNT} AND idempotency_key = ?",
                     (*_key(account), key),
                 ).fetchone()
-                if row is None or row[1] == "given_back":
+                if row is None or row[1] in (None, "given_back"):
                     return None
                 spend_id, cost = int(row[0]), int(row[2])
                 self._return(conn, account, spend_id, str(row[3]), cost)
-                conn.execute("UPDATE credit_spends SET state = 'given_back' WHERE id = ?", (spend_id,))
+                conn.execute("UPDATE credit_entries SET state = 'given_back' WHERE id = ?", (spend_id,))
                 after = self._balance(conn, account, now)
                 self._entry(conn, account, "give_back", cost, after, iso(now), spend_id=spend_id)
                 return after
@@ -375,10 +377,10 @@ class SQLiteLedger(Ledger):
                 f"SELECT id, kind, remaining, expires_at FROM credit_grants WHERE id IN ({marks})",
                 [g for g, _ in took],
             ).fetchall()
-            back, kept = release([Live(int(r[0]), str(r[1]), int(r[2]), r[3]) for r in rows], took, amount)
+            back, kept = release([(r[0], r[1], r[2], r[3]) for r in rows], took, amount)
             for grant_id, n in back:
                 conn.execute("UPDATE credit_grants SET remaining = remaining + ? WHERE id = ?", (n, grant_id))
-            conn.execute("UPDATE credit_spends SET taken = ? WHERE id = ?", (encode_taken(kept), spend_id))
+            conn.execute("UPDATE credit_entries SET taken = ? WHERE id = ?", (encode_taken(kept), spend_id))
         else:
             # Spent before grants existed: the use goes back to the signup grant made since.
             conn.execute(
@@ -394,8 +396,8 @@ class SQLiteLedger(Ledger):
         def write(conn: sqlite3.Connection) -> None:
             with transaction(conn):
                 conn.execute(
-                    "UPDATE credit_spends SET model = ?, input_tokens = ?, output_tokens = ?, tool = ?, "
-                    f"metadata = ? WHERE {_ACCOUNT} AND idempotency_key = ?",
+                    "UPDATE credit_entries SET model = ?, input_tokens = ?, output_tokens = ?, tool = ?, "
+                    f"metadata = ? WHERE {_ACCOUNT} AND idempotency_key = ? AND state IS NOT NULL",
                     (
                         usage.model,
                         usage.input_tokens,
@@ -466,10 +468,11 @@ class SQLiteLedger(Ledger):
         self, conn: sqlite3.Connection, a: Account, key: str, kind: str
     ) -> tuple[int | None, int] | None:
         row = conn.execute(
-            "SELECT grant_id, amount FROM credit_entries "
-            f"WHERE {_ACCOUNT} AND idempotency_key = ? AND kind = ?",
-            (*_key(a), key, kind),
+            f"SELECT grant_id, amount, kind FROM credit_entries WHERE {_ACCOUNT} AND idempotency_key = ?",
+            (*_key(a), key),
         ).fetchone()
+        if row is not None and row[2] != kind:
+            raise KeyReused(key)
         return None if row is None else (row[0], int(row[1]))
 
     def _grant(self, conn: sqlite3.Connection, grant_id: int) -> Grant:
@@ -501,12 +504,12 @@ class SQLiteLedger(Ledger):
                         return ClawedBack(-found[1], (), self._balance(conn, account, now), replayed=True)
                 used = self._open_account(conn, account, now)
                 every = self._live(conn, account, now)
-                live = [g for g in every if kind is None or g.kind == kind]
+                live = [g for g in every if kind is None or g[1] == kind]
                 before = balance_of(every, used)
                 taken = claw_order(live, amount, grant_id)
                 total = sum(n for _, n in taken)
                 if total < amount and not partial:
-                    raise Overdrawn(sum(g.remaining for g in live))
+                    raise Overdrawn(sum(g[2] for g in live))
                 conn.executemany(
                     "UPDATE credit_grants SET remaining = remaining - ? WHERE id = ?",
                     [(n, g) for g, n in taken],

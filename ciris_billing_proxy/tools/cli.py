@@ -33,6 +33,7 @@ from ..bad_requests import ServeRunner
 from ..config import BillingConfig, ConfigError, default_data_dir
 from ..database_url import parse_database_url
 from ..errors import ProviderUnavailable
+from ..ledger import ENTRY_KINDS, GRANT_KINDS, REASONS
 from ..openapi import openapi_document
 from ..ops.logs import (
     ACCESS_LOGGER,
@@ -47,6 +48,7 @@ from ..ops.metrics import MULTIPROC_DIR_VAR
 from ..paths import DEFAULT_LOGIN_PATH, DEFAULT_PREFIX
 from ..store.choose import change_feed_for
 from ..store.migrate import migrate
+from .credits import credits_command
 from .demo import (
     CreatedUser,
     create_demo_app,
@@ -75,14 +77,20 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"", "0", "false", "no", "off"})
 
 
-def _user(value: str) -> tuple[str, str, str | None]:
+#: A `--user` line: NAME:PASSWORD[:EMAIL[:ROLE]].
+UserLine = tuple[str, str, str | None, str | None]
+
+
+def _user(value: str) -> UserLine:
     parts = value.split(":")
-    if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+    if len(parts) not in (2, 3, 4) or not parts[0] or not parts[1]:
         # Only the name is shown, and only when there is a colon: without one, the whole value may
         # be a password.
         got = f", got {parts[0]!r}:…" if len(parts) > 1 else ""
-        raise argparse.ArgumentTypeError(f"expected NAME:PASSWORD[:EMAIL]{got}")
-    return parts[0], parts[1], parts[2] if len(parts) == 3 and parts[2] else None
+        raise argparse.ArgumentTypeError(f"expected NAME:PASSWORD[:EMAIL[:ROLE]]{got}")
+    email = parts[2] if len(parts) >= 3 and parts[2] else None
+    role = parts[3] if len(parts) == 4 and parts[3] else None
+    return parts[0], parts[1], email, role
 
 
 def _option(value: str) -> tuple[str, str]:
@@ -247,9 +255,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         type=_user,
         action=_Repeatable,
         default=[],
-        metavar="NAME:PASSWORD[:EMAIL]",
+        metavar="NAME:PASSWORD[:EMAIL[:ROLE]]",
         help="a login for this run (repeatable; the password shows in ps: prefer --users-file or the "
-        "variable); without any user given a demo user is created once",
+        "variable); ROLE `admin` may use the admin routes (default OBSERVER); without any user given "
+        "a demo user is created once",
     )
     serve.add_argument(
         "--cors-origin",
@@ -264,7 +273,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         type=Path,
         default=None,
         metavar="PATH",
-        help="logins for this run, one NAME:PASSWORD[:EMAIL] a line (# comments and blank lines "
+        help="logins for this run, one NAME:PASSWORD[:EMAIL[:ROLE]] a line (# comments and blank lines "
         "ignored), added to those of --user",
     )
     serve.add_argument(
@@ -314,6 +323,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     )
     reconcile_cmd.add_argument("--dry-run", action="store_true", help="only list them; change nothing")
     _store_options(reconcile_cmd)
+    _credits_parser(commands)
     migrate_cmd = commands.add_parser(
         "migrate",
         help="create or upgrade the store's tables, then exit",
@@ -399,6 +409,48 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     return parser
 
 
+def _credits_parser(commands: Any) -> None:
+    credits_cmd = commands.add_parser(
+        "credits",
+        help="see, grant and correct users' credit on the ledger (simple provider)",
+        description="What the admin routes do, from a shell, on the configured provider's ledger. Every "
+        "change is journaled with who (cli:LOGIN), why (a reason code) and when. Exits 0 when done, 1 "
+        "when refused (a correction beyond the balance, a key used for another change, a user without "
+        "records), 2 when the configuration is invalid or the store cannot be reached.",
+    )
+    actions = credits_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = actions.add_parser("show", help="a user's balance and grants")
+    grant = actions.add_parser("grant", help="grant credit to a user")
+    adjust = actions.add_parser("adjust", help="correct a user's credit (negative takes it back)")
+    audit = actions.add_parser("audit", help="the journal of credit changes, newest first")
+    for action in (show, grant, adjust):
+        action.add_argument("user", metavar="USER", type=_user_id, help="the user id (a token's `sub`)")
+    for action in (grant, adjust):
+        action.add_argument(
+            "amount", metavar="AMOUNT", type=int, help="credits (adjust: negative takes back)"
+        )
+        action.add_argument("--reason", required=True, choices=sorted(REASONS), help="why (docs/credits.md)")
+        action.add_argument(
+            "--kind", choices=GRANT_KINDS, default=None, help="grant kind (default promotional)"
+        )
+        action.add_argument("--note", default=None, help="a note kept with the change")
+        action.add_argument(
+            "--key", default=None, metavar="KEY", help="an idempotency key: a repeat changes nothing"
+        )
+    grant.add_argument("--expires-at", default=None, metavar="ISO", help="when the grant expires (ISO 8601)")
+    audit.add_argument("--user", type=_user_id, default=None, help="only this user's lines")
+    audit.add_argument("--since", default=None, metavar="ISO", help="only lines from then on (ISO 8601)")
+    audit.add_argument("--kind", choices=ENTRY_KINDS, default=None, help="only lines of this kind")
+    audit.add_argument(
+        "--limit", type=int, default=50, choices=range(1, 101), metavar="N", help="lines (1-100)"
+    )
+    for action in (show, grant, adjust, audit):
+        action.add_argument(
+            "--namespace", type=_namespace, default=None, help="the user's identity namespace (default local)"
+        )
+        _store_options(action)
+
+
 def _store_options(command: argparse.ArgumentParser) -> None:
     """The options `serve` and `reconcile` share: which provider, and where state is kept."""
     command.add_argument("--provider", default=None, help="credit provider name (default simple)")
@@ -442,6 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_logout_user(args))
         if args.command == "reconcile":
             return _reconcile(args)
+        if args.command == "credits":
+            return _credits(args)
         return _serve(args)
     except ConfigError as exc:
         print(f"ciris-billing-proxy: {exc}", file=sys.stderr)
@@ -508,6 +562,15 @@ def _reconcile(args: argparse.Namespace) -> int:
     return asyncio.run(reconcile(config, dry_run=args.dry_run, out=sys.stdout))
 
 
+def _credits(args: argparse.Namespace) -> int:
+    overrides = _store_settings(args, _data_dir(args))
+    jwt: dict[str, object] = {}
+    if not (os.environ.get("CIRIS_JWT_SECRET") or os.environ.get("CIRIS_JWT_PUBLIC_KEY")):
+        jwt["secret"] = secrets.token_urlsafe(48)  # never used: credits verifies and issues no token
+    config = BillingConfig.from_env(**overrides, jwt=jwt)
+    return asyncio.run(credits_command(config, args, sys.stdout))
+
+
 def _data_dir(args: argparse.Namespace) -> Path:
     return Path(args.data_dir or os.environ.get("CIRIS_BILLING_DATA_DIR") or default_data_dir())
 
@@ -552,9 +615,9 @@ def _serve(args: argparse.Namespace) -> int:
         args.user = [*args.user, *read_users_file(args.users_file)]
     if args.user:
         users = UserStore()
-        for name, password, email in args.user:
+        for name, password, email, role in args.user:
             try:
-                users.add(name, password, email=email)
+                users.add(name, password, email=email, role=role or "OBSERVER")
             except ValueError as exc:  # the same name twice, in any case
                 raise ConfigError(f"--user: {exc}") from None
     else:
@@ -576,8 +639,8 @@ def _end_sessions_of_new_passwords(config: BillingConfig, users: UserStore) -> N
         raise ConfigError("the store keeping sessions cannot be reached") from None
 
 
-def read_users_file(path: Path) -> list[tuple[str, str, str | None]]:
-    """The logins of a users file: one NAME:PASSWORD[:EMAIL] a line; blank lines and lines
+def read_users_file(path: Path) -> list[UserLine]:
+    """The logins of a users file: one NAME:PASSWORD[:EMAIL[:ROLE]] a line; blank lines and lines
     starting with # are skipped. A bad line is a `ConfigError` naming its number, never its text."""
     users = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -586,7 +649,7 @@ def read_users_file(path: Path) -> list[tuple[str, str, str | None]]:
         try:
             users.append(_user(line.strip()))
         except argparse.ArgumentTypeError:
-            raise ConfigError(f"{path}, line {number}: expected NAME:PASSWORD[:EMAIL]") from None
+            raise ConfigError(f"{path}, line {number}: expected NAME:PASSWORD[:EMAIL[:ROLE]]") from None
     return users
 
 
