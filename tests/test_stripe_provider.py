@@ -351,3 +351,28 @@ async def test_the_python_client_buys_a_chosen_pack(agent: Agent) -> None:
         assert [p.id for p in capabilities.packs] == ["small", "big"]
         started = await client.initiate_purchase(pack="big")
     assert started.uses_purchased == 100
+
+
+async def test_the_admin_routes_and_usage_work_on_the_stripe_ledger(agent: Agent) -> None:
+    payment_id = await paid(agent)
+    await agent.settled()
+    admin = agent.tokens.headers("root", role="admin")
+    resp = await agent.client.post(
+        "/v1/api/billing/admin/users/ann/grants",
+        headers=admin,
+        json={"amount": 5, "kind": "promotional", "reason": "goodwill"},
+    )
+    assert resp.status in (200, 201), await resp.text()
+    resp = await agent.client.get("/v1/api/billing/admin/users/ann/credits", headers=admin)
+    assert resp.status == 200
+    grants = (await resp.json())["grants"]
+    assert sorted((g["kind"], g["source"], g["amount"]) for g in grants) == [
+        ("paid", "purchase", 20),
+        ("promotional", "admin", 5),
+    ]
+    assert (await agent.credits())["credits_remaining"] == 25
+    agent.fake.state.refund(agent.fake.state.charge_of(payment_id, None))
+    await agent.settled()
+    assert (await agent.credits())["credits_remaining"] == 5  # the purchase's 20 taken back, the gift kept
+    code, _ = await agent.get("/usage")
+    assert code == 200
