@@ -24,6 +24,7 @@ import aiohttp
 from pydantic import BaseModel, ValidationError
 from yarl import URL
 
+from .credit_models import AdminCredits, AdminGrantReply, AuditPage, UsageReport
 from .id_token import GOOGLE_HEADER
 from .models import (
     CapabilitiesReply,
@@ -36,6 +37,7 @@ from .models import (
     UserInfoReply,
 )
 from .paths import (
+    ADMIN_ROUTE,
     APP_STORE_ROUTE,
     CAPABILITIES_ROUTE,
     CREDITS_ROUTE,
@@ -49,6 +51,7 @@ from .paths import (
     INITIATE_ROUTE,
     STATUS_ROUTE,
     TRANSACTIONS_ROUTE,
+    USAGE_ROUTE,
 )
 from .products import AvailableTools, ToolBalance, ToolBalances, ToolCheck, ToolPurchase
 
@@ -170,7 +173,9 @@ class BillingClient:
     `wait_for_purchase(payment_id)`, `get_transactions(limit, offset)`, `capabilities()`,
     `verify_google_play(...)`, `verify_app_store(...)`, the tool credits under `tools_prefix`
     (`get_tool_balance(tool)`, `get_tool_balances()`, `check_tool(tool)`, `get_available_tools()`,
-    `purchase_tool(...)`), and `me()`, `refresh()`, `logout()` for the auth routes. `id_token` (sent in
+    `purchase_tool(...)`), the ledger's `get_usage(...)` and, with an admin's token,
+    `admin_user_credits(user_id)`, `admin_grant(user_id, amount, reason, ...)`, `admin_audit(...)`
+    (docs/credits.md), and `me()`, `refresh()`, `logout()` for the auth routes. `id_token` (sent in
     `id_token_header`, `X-Google-ID-Token` by default) is the
     user's own ID token, for an agent whose provider calls its backend as the user. Replies are the
     wire-contract models of `ciris_billing_proxy.models` (`CreditStatusReply`, ...). Every failure is
@@ -333,6 +338,60 @@ class BillingClient:
         reply = await self.request("GET", self.prefix + TRANSACTIONS_ROUTE, params=params)
         return _parse(TransactionPageReply, reply)
 
+    # -- the credit ledger (docs/credits.md) -------------------------------------------------------
+    async def get_usage(
+        self, *, since: str | None = None, until: str | None = None, group_by: str = "day"
+    ) -> UsageReport:
+        """The caller's spends totalled per `day`, `model` or `product` over [since, until) (ISO 8601;
+        by default the last 30 days)."""
+        params = {"group_by": group_by} | _given(("from", since), ("to", until))
+        return _parse(UsageReport, await self.request("GET", self.prefix + USAGE_ROUTE, params=params))
+
+    async def admin_user_credits(self, user_id: str, *, namespace: str | None = None) -> AdminCredits:
+        """Admin: a user's balance and grants (`ForbiddenError` for a token without an admin role)."""
+        path = f"{self.prefix}{ADMIN_ROUTE}/users/{quote(user_id, safe='')}/credits"
+        return _parse(AdminCredits, await self.request("GET", path, params=_given(("namespace", namespace))))
+
+    async def admin_grant(
+        self,
+        user_id: str,
+        amount: int,
+        reason: str,
+        *,
+        kind: str | None = None,
+        note: str | None = None,
+        expires_at: str | None = None,
+        namespace: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> AdminGrantReply:
+        """Admin: grant credit (`amount` > 0) or take it back (< 0) with a reason code."""
+        path = f"{self.prefix}{ADMIN_ROUTE}/users/{quote(user_id, safe='')}/grants"
+        body = {"amount": amount, "reason": reason} | _given(
+            ("kind", kind), ("note", note), ("expires_at", expires_at)
+        )
+        headers = _given(("Idempotency-Key", idempotency_key))
+        reply = await self.request(
+            "POST", path, json_body=body, params=_given(("namespace", namespace)), headers=headers
+        )
+        return _parse(AdminGrantReply, reply)
+
+    async def admin_audit(
+        self,
+        *,
+        user_id: str | None = None,
+        since: str | None = None,
+        kind: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> AuditPage:
+        """Admin: the journal of credit changes, newest first."""
+        params = {"limit": str(limit), "offset": str(offset)} | _given(
+            ("user_id", user_id), ("since", since), ("kind", kind)
+        )
+        return _parse(
+            AuditPage, await self.request("GET", f"{self.prefix}{ADMIN_ROUTE}/audit", params=params)
+        )
+
     # -- tool credits (docs/tool-credits.md), under `tools_prefix` ------------------------------------
     async def get_tool_balance(self, tool: str) -> ToolBalance:
         """One product's balance; `NotFoundError` for a product the agent does not sell."""
@@ -428,6 +487,10 @@ class BillingClient:
         if unwrap and isinstance(body, dict) and set(body) == {"data"} and isinstance(body["data"], dict):
             body = body["data"]
         return status, body
+
+
+def _given(*pairs: tuple[str, str | None]) -> dict[str, str]:
+    return {name: value for name, value in pairs if value is not None}
 
 
 def _parse(model: type[M], body: Any) -> M:

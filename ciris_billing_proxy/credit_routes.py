@@ -37,10 +37,9 @@ from .keys import VERIFIED_KEY
 from .ledger import ENTRY_KINDS, Account, KeyReused, Ledger, Overdrawn, iso
 from .operations import BEARER_ERRORS, BODY_ERRORS, PROVIDER_FAILED, IntQuery, Operation, TextParam, TextQuery
 from .ops.audit import AuditKind, user_of
+from .paths import ADMIN_ROUTE, USAGE_ROUTE
 from .service import BillingService
 
-USAGE_PATH: Final = "/usage"
-ADMIN_PATH: Final = "/admin"
 NO_LEDGER: Final = "Not offered by this agent's credit provider"
 NOT_ADMIN: Final = "This route is for administrators"
 NO_RECORDS: Final = "No credit records for this user"
@@ -76,7 +75,7 @@ ADMIN_ERRORS: Final = {**BEARER_ERRORS, 403: NOT_ADMIN, 404: NO_LEDGER, 503: PRO
 USAGE: Final = Operation(
     "getUsage",
     "GET",
-    USAGE_PATH,
+    USAGE_ROUTE,
     "Where the caller's credits went: spends totalled per day, model or product over a time range.",
     UsageReport,
     {
@@ -91,7 +90,7 @@ USAGE: Final = Operation(
 USER_CREDITS: Final = Operation(
     "getUserCredits",
     "GET",
-    ADMIN_PATH + "/users/{user_id}/credits",
+    ADMIN_ROUTE + "/users/{user_id}/credits",
     "Admin: a user's balance as of now and every grant (kind, amount, remaining, expiry, reason, who).",
     AdminCredits,
     {**ADMIN_ERRORS, 404: f"{NO_LEDGER}; or the ledger has no record of this user", 422: "bad `namespace`"},
@@ -102,7 +101,7 @@ USER_CREDITS: Final = Operation(
 USER_GRANT: Final = Operation(
     "grantUserCredit",
     "POST",
-    ADMIN_PATH + "/users/{user_id}/grants",
+    ADMIN_ROUTE + "/users/{user_id}/grants",
     "Admin: grant credit to a user (`amount` > 0), or take it back (`amount` < 0), with a reason code; "
     "kept in the journal with who, why and when.",
     AdminGrantReply,
@@ -124,7 +123,7 @@ USER_GRANT: Final = Operation(
 AUDIT: Final = Operation(
     "getCreditAudit",
     "GET",
-    ADMIN_PATH + "/audit",
+    ADMIN_ROUTE + "/audit",
     "Admin: the journal of every change of credit (grants, corrections, spends, give-backs, expiries), "
     "newest first, a page at a time.",
     AuditPage,

@@ -160,6 +160,8 @@ class GatedSpend:
     """What the gate took for this request (`billing_spend(request)`): its key, the cost or
     reservation, and the handler's word on usage and (for a reservation) the real cost."""
 
+    __slots__ = ("_identity", "_service", "_usage", "amount", "key", "reserved", "settled")
+
     def __init__(
         self, service: BillingService, identity: Identity, key: str, amount: int, reserved: bool
     ) -> None:
@@ -305,6 +307,8 @@ async def _interaction(
         raise
     if response.status >= 400:
         await _give_back(service, identity, key, f"the interaction failed (HTTP {response.status})")
+        return response
+    if not spend.reserved and spend._usage is None:
         return response
     try:
         await spend._finish()

@@ -23,6 +23,9 @@ CREDITS_ROUTE: Final = "/credits"
 INITIATE_ROUTE: Final = "/purchase/initiate"
 STATUS_ROUTE: Final = "/purchase/status/"
 TRANSACTIONS_ROUTE: Final = "/transactions"
+#: The caller's usage totals, and the admin routes' root (`credit_routes`).
+USAGE_ROUTE: Final = "/usage"
+ADMIN_ROUTE: Final = "/admin"
 GOOGLE_PLAY_ROUTE: Final = "/google-play/verify"
 APP_STORE_ROUTE: Final = "/apple-storekit/verify"
 #: The login route `setup_billing(authenticate=...)` adds unless `login_path` says otherwise; logout,

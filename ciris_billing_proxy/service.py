@@ -363,11 +363,10 @@ class BillingService:
     async def spend(self, identity: Identity, idempotency_key: str, cost: int = 1) -> CreditStatus | None:
         """Take one use (or `cost`, from a provider with `weighted_spends`); returns the user's
         status right after it when the provider tells it (see `CreditProvider.spend`), else None."""
-        call = (
-            self.provider.spend(identity, idempotency_key)
-            if cost == 1
-            else self.provider.spend_weighted(identity, idempotency_key, cost)
-        )
+        if cost == 1:
+            call = self.provider.spend(identity, idempotency_key)
+        else:
+            call = self.provider.spend_weighted(identity, idempotency_key, cost)
         return await self._take(call, identity, idempotency_key, "spend", cost)
 
     async def reserve(self, identity: Identity, idempotency_key: str, amount: int) -> CreditStatus | None:

@@ -124,3 +124,46 @@ def test_a_bad_database_url_is_one_line_and_exit_2(
     assert words in result.stderr
     assert result.stderr.count("\n") == 1
     assert "hunter2" not in result.stderr
+
+
+async def test_two_serve_processes_never_take_more_than_200_weighted_spends_may(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """200 interactions costing 1 to 5, sent at once to two processes: the successes together take
+    exactly what the ledger took from the grants (signup, an expiring promotion, paid credit), never
+    more than there was."""
+    env = clean_env(CIRIS_JWT_SECRET=SECRET)
+    users = ["--user", "ann:pw", "--user", "root:pw:root@example.com:admin"]
+    args = ["--database-url", pg_url, "--provider-option", "free_uses=150", *users]
+    with serve(args, tmp_path / "one", env) as one, serve(args, tmp_path / "two", env) as two:
+        async with aiohttp.ClientSession() as session:
+            ann = {"Authorization": f"Bearer {await login(session, one.url, 'ann', 'pw')}"}
+            root = {"Authorization": f"Bearer {await login(session, two.url, 'root', 'pw')}"}
+            grants = f"{one.url}/v1/api/billing/admin/users/ann/grants"
+            for grant in (
+                {"amount": 100, "kind": "promotional", "reason": "promotion", "expires_at": "2099-01-01"},
+                {"amount": 50, "kind": "paid", "reason": "purchase"},
+            ):
+                async with session.post(grants, json=grant, headers=root) as r:
+                    assert r.status == 200, await r.text()
+
+            async def interact(n: int) -> int:
+                cost = 1 + n % 5
+                url = (one, two)[n % 2].url
+                body = {"message": "x", "cost": cost}
+                async with session.post(f"{url}/v1/agent/interact", json=body, headers=ann) as r:
+                    assert r.status in (200, 402), await r.text()
+                    return cost if r.status == 200 else 0
+
+            taken = sum(await asyncio.gather(*(interact(n) for n in range(200))))
+            assert 300 - 5 < taken <= 300  # 600 asked: at most a cost of 5 left unspent
+            async with session.get(f"{two.url}/v1/api/billing/credits", headers=ann) as r:
+                credits = await r.json()
+            assert credits["credits_remaining"] + credits["free_uses_remaining"] == 300 - taken
+            assert credits["total_uses"] == taken
+    assert await fetch(pg_url, "SELECT used FROM credit_accounts WHERE user_id = 'ann'") == [(taken,)]
+    assert await fetch(pg_url, "SELECT SUM(remaining) FROM credit_grants WHERE user_id = 'ann'") == [
+        (300 - taken,)
+    ]
+    spent = "SELECT SUM(cost) FROM credit_entries WHERE user_id = 'ann' AND state = 'spent'"
+    assert await fetch(pg_url, spent) == [(taken,)]

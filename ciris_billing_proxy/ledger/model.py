@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -66,10 +66,10 @@ class Account:
     product: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Balance:
+class Balance(NamedTuple):
     """An account's credit as of one moment: live `free` grants, live `paid` + `promotional` grants,
-    the uses spent in all (net of give-backs), and the soonest expiry of a live grant (Unix seconds)."""
+    the uses spent in all (net of give-backs), and the soonest expiry of a live grant (Unix seconds).
+    (A named tuple: providers key their built statuses on it, and its hash is C's.)"""
 
     free: int
     credits: int
@@ -280,6 +280,8 @@ def _take_in(ordered: Sequence[Live], amount: int) -> list[tuple[int, int]]:
 
 def encode_taken(taken: Sequence[tuple[int, int]]) -> str:
     """A spend's `taken`: what it took from each grant, as `id:amount,id:amount`."""
+    if len(taken) == 1:
+        return f"{taken[0][0]}:{taken[0][1]}"
     return ",".join(f"{grant_id}:{n}" for grant_id, n in taken if n)
 
 

@@ -47,6 +47,10 @@ _TAKE_FROM_GRANT = "UPDATE credit_grants SET remaining = remaining - ? WHERE id 
 _SET_USED = f"UPDATE credit_accounts SET used = ? WHERE {_ACCOUNT}"
 _INSERT_SPEND = (
     "INSERT INTO credit_entries (namespace, user_id, product, kind, amount, balance_after, used_after, "
+    "idempotency_key, state, cost, taken, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_SPEND_WITH_USAGE = (
+    "INSERT INTO credit_entries (namespace, user_id, product, kind, amount, balance_after, used_after, "
     "idempotency_key, state, cost, taken, model, input_tokens, output_tokens, tool, metadata, created_at) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
@@ -282,27 +286,23 @@ class SQLiteLedger(Ledger):
                 conn.execute(_TAKE_FROM_GRANT, (n, grant_id))
             conn.execute(_SET_USED, (used + cost, *account))
             after = less(before, live, taken, cost)
-            u = usage or _NO_USAGE
-            conn.execute(
-                _INSERT_SPEND,
-                (
-                    *account,
-                    "spend" if state == "spent" else "reserve",
-                    -cost,
-                    after.total,
-                    after.used,
-                    key,
-                    state,
-                    cost,
-                    encode_taken(taken),
-                    u.model,
-                    u.input_tokens,
-                    u.output_tokens,
-                    u.tool,
-                    u.metadata_json(),
-                    iso(now),
-                ),
-            )
+            kind = "spend" if state == "spent" else "reserve"
+            head = (*account, kind, -cost, after.total, after.used, key, state, cost, encode_taken(taken))
+            if usage is None:
+                conn.execute(_INSERT_SPEND, (*head, iso(now)))
+            else:
+                conn.execute(
+                    _INSERT_SPEND_WITH_USAGE,
+                    (
+                        *head,
+                        usage.model,
+                        usage.input_tokens,
+                        usage.output_tokens,
+                        usage.tool,
+                        usage.metadata_json(),
+                        iso(now),
+                    ),
+                )
             if self.low_balance_threshold is not None or after.total == 0:
                 self._announce_spend(conn, a, key, before.total, after.total)
             return after

@@ -198,12 +198,15 @@ class SimpleProvider(CreditProvider):
         )
 
     async def spend(self, identity: Identity, idempotency_key: str) -> CreditStatus:
-        return await self.spend_weighted(identity, idempotency_key, 1)
+        balance = await self.ledger.spend(_account(identity), idempotency_key)
+        if balance is None:
+            raise InsufficientCredit(NO_FREE_USES)
+        return self._status(balance)
 
     async def spend_weighted(self, identity: Identity, idempotency_key: str, cost: int) -> CreditStatus:
         balance = await self.ledger.spend(_account(identity), idempotency_key, cost)
         if balance is None:
-            raise InsufficientCredit(NO_FREE_USES if cost == 1 else f"Not enough credit for a cost of {cost}")
+            raise InsufficientCredit(f"Not enough credit for a cost of {cost}")
         return self._status(balance)
 
     async def reserve(self, identity: Identity, idempotency_key: str, amount: int) -> CreditStatus:

@@ -45,6 +45,7 @@ from .. import (
     PurchaseStatus,
     StoreVerification,
 )
+from ..ledger import Account, Ledger, Overdrawn, Usage
 from ..models import TransactionPage
 from ..products import Product, ToolBalance
 
@@ -69,6 +70,10 @@ ASYNC_METHODS = (
     "spend_product",
     "give_back_product",
     "verify_product_purchase",
+    "spend_weighted",
+    "reserve",
+    "settle",
+    "record_usage",
 )
 #: What a provider declares it offers: each must be a bool.
 DECLARATIONS = (
@@ -79,6 +84,7 @@ DECLARATIONS = (
     "gate_charges",
     "id_token_required",
     "product_purchases_enabled",
+    "weighted_spends",
 )
 #: Store -> (its declaration, its method, the hook that makes a purchase to redeem).
 STORES = {
@@ -373,6 +379,107 @@ class ProviderContract:
         after = await self._balance(provider, identity)
         if after != before:
             broken(f"spends and give-backs must change no balance, but {before.change_to(after)}.")
+
+    # -- weighted spends and the ledger (docs/credits.md); skipped for a provider without them -------
+    async def test_a_weighted_spend_takes_its_cost_whole_or_nothing(self, provider: CreditProvider) -> None:
+        self._skip_unless_weighted(provider)
+        identity, before = await self._user_with(provider, 5)
+        key = new_key()
+        await self._call(provider, "spend_weighted", identity, key, 3)
+        after = await self._balance(provider, identity)
+        if after.available != before.available - 3:
+            broken(f"spend_weighted with a cost of 3 must take exactly 3, but {before.change_to(after)}.")
+        await self._call(provider, "spend_weighted", identity, key, 3)
+        if (again := await self._balance(provider, identity)) != after:
+            broken(f"spend_weighted twice with one key must take once, but {after.change_to(again)}.")
+        try:
+            await self._call(provider, "spend_weighted", identity, new_key(), after.available + 1)
+        except InsufficientCredit:
+            pass
+        else:
+            broken("spend_weighted beyond the balance must raise InsufficientCredit, but it went through.")
+        if (refused := await self._balance(provider, identity)) != after:
+            broken(f"a refused spend_weighted must take nothing, but {after.change_to(refused)}.")
+        await self._give_back(provider, identity, key)
+        if (back := await self._balance(provider, identity)).available != before.available:
+            broken(f"give_back of a weighted spend must return all of it, but {after.change_to(back)}.")
+
+    async def test_a_reservation_keeps_what_is_settled_and_returns_the_rest(
+        self, provider: CreditProvider
+    ) -> None:
+        self._skip_unless_weighted(provider)
+        identity, before = await self._user_with(provider, 5)
+        key = new_key()
+        await self._call(provider, "reserve", identity, key, 5)
+        held = await self._balance(provider, identity)
+        if held.available != before.available - 5:
+            broken(f"reserve of 5 must hold exactly 5, but {before.change_to(held)}.")
+        await self._call(provider, "settle", identity, key, 2, None)
+        await self._call(provider, "settle", identity, key, 1, None)
+        settled = await self._balance(provider, identity)
+        if settled.available != before.available - 2:
+            broken(f"settling 2 of 5 (then again) must keep exactly 2, but {before.change_to(settled)}.")
+        await self._give_back(provider, identity, key)
+        if (back := await self._balance(provider, identity)).available != before.available:
+            broken(
+                f"give_back of a settled reservation must return what it kept, but {settled.change_to(back)}."
+            )
+
+    async def test_ledger_grants_are_spent_free_then_soonest_expiring_then_paid(
+        self, provider: CreditProvider
+    ) -> None:
+        ledger = self._ledger(provider)
+        identity = self.new_identity()
+        account = Account(identity.namespace, identity.user_id)
+        free = (await self._balance(provider, identity)).free
+        self._skip_if_too_many(Balance(0, free, 0), "spend a fresh user's free uses before the grants")
+        expiring = int(ledger.clock()) + 3600
+        paid = (await ledger.grant(account, 2, "paid", source="purchase", reason="purchase")).grant.id
+        promo = (
+            await ledger.grant(
+                account, 2, "promotional", source="admin", reason="promotion", expires_at=expiring
+            )
+        ).grant.id
+        await self._call(provider, "spend_weighted", identity, new_key(), free + 3)
+        left = {grant.id: grant.remaining for grant in await ledger.grants(account)}
+        if (left[promo], left[paid]) != (0, 1):
+            broken(
+                "spends must take free uses, then the soonest-expiring grant, then paid credit, but after"
+                f" a spend of {free + 3} the expiring promotion kept {left[promo]} of 2 and the paid"
+                f" grant {left[paid]} of 2."
+            )
+        status = await self._call(provider, "credit_status", identity)
+        if status.credits_remaining != 1:
+            broken(
+                "paid and promotional grants count in credits_remaining, but it was"
+                f" {status.credits_remaining}."
+            )
+
+    async def test_ledger_keeps_usage_and_refuses_a_claw_back_beyond_the_balance(
+        self, provider: CreditProvider
+    ) -> None:
+        ledger = self._ledger(provider)
+        identity, _ = await self._user_with(provider, 2)
+        account = Account(identity.namespace, identity.user_id)
+        key = new_key()
+        await self._call(provider, "spend_weighted", identity, key, 2)
+        usage = Usage(model="conformance-model", input_tokens=7, output_tokens=3)
+        await self._call(provider, "record_usage", identity, key, usage)
+        totals = await ledger.usage_totals(identity.namespace, identity.user_id, "", "9999", "model")
+        found = [(t.key, t.spends, t.credits, t.input_tokens) for t in totals]
+        if ("conformance-model", 1, 2, 7) not in found:
+            broken(f"usage recorded for a spend must be totalled with it, but the totals were {found}.")
+        balance = await ledger.balance(account)
+        try:
+            await ledger.claw_back(account, balance.total + 1, reason="correction", actor="conformance")
+        except Overdrawn:
+            pass
+        else:
+            broken("a claw-back beyond the balance must be refused (Overdrawn), but it went through.")
+        if (after := await ledger.balance(account)) != balance:
+            broken(
+                f"a refused claw-back must change nothing, but the balance went from {balance} to {after}."
+            )
 
     # -- per-product credits (tool credits); skipped for a provider that declares no product ---------
     async def test_product_declarations_are_well_formed(self, provider: CreditProvider) -> None:
@@ -978,6 +1085,19 @@ class ProviderContract:
             broken(f"spend_product may raise only InsufficientCredit, but it raised {type(exc).__name__}.")
         returns_none("spend_product", result)
         return True
+
+    def _skip_unless_weighted(self, provider: CreditProvider) -> None:
+        self._skip_unless_charging()
+        if not provider.weighted_spends:
+            pytest.skip("this provider takes one use per spend (weighted_spends is false)")
+
+    def _ledger(self, provider: CreditProvider) -> Ledger:
+        ledger = provider.credit_ledger
+        if ledger is None:
+            pytest.skip("this provider keeps no credit ledger (credit_ledger is None)")
+        if not isinstance(ledger, Ledger):
+            broken(f"credit_ledger must be None or a Ledger, but it was {type(ledger).__name__}.")
+        return ledger
 
     def _skip_unless_charging(self) -> None:
         if not self.charges_uses:

@@ -102,7 +102,9 @@ export interface Transaction {
   created_at: string;
   /** After this entry: the paid credits left where the agent sells credits, else the uses left. */
   balance_after?: number | null;
-  /** Passed on when the provider has them (CIRIS's backend does). */
+  /** Passed on when the provider has them (CIRIS's backend does; the ledger says the line's kind,
+   * `spend`, `grant`, ..., and a spend's usage in `metadata`: `model`, `input_tokens`,
+   * `output_tokens`, `tool`, `metadata`). */
   transaction_type?: string | null;
   external_transaction_id?: string | null;
   metadata?: Record<string, unknown> | null;

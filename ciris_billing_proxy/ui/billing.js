@@ -768,6 +768,16 @@ export class CirisBillingElement extends HTMLElement {
   }
 
   async #loadHistory(offset) {
+    // What a spend was for, as the ledger keeps it (docs/credits.md): its model, tokens and tool.
+    const usageOf = (usage) => {
+      if (!usage || typeof usage !== "object") return [];
+      const tokens = [usage.input_tokens, usage.output_tokens].filter((n) => typeof n === "number");
+      return [
+        typeof usage.model === "string" ? usage.model : "",
+        tokens.length ? `${tokens.join(" → ")} tokens` : "",
+        typeof usage.tool === "string" ? usage.tool : "",
+      ].filter(Boolean);
+    };
     const run = this.#run;
     let page;
     try {
@@ -788,7 +798,7 @@ export class CirisBillingElement extends HTMLElement {
       const amount = txn.type === "charge" ? -Math.abs(txn.amount_minor) : Math.abs(txn.amount_minor);
       const cells = [
         ["when", Number.isNaN(when.getTime()) ? txn.created_at : when.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" })],
-        ["what", txn.description],
+        ["what", [txn.description, ...usageOf(txn.metadata)].join(" · ")],
         [`amount ${txn.type}`, amount > 0 ? `+${amount}` : `−${Math.abs(amount)}`],
         ["balance", txn.balance_after ?? ""],
       ];

@@ -1,0 +1,204 @@
+"""`@credit_gate(cost=...)` and `@credit_gate(reserve=...)` over real HTTP on the `simple` provider:
+what each request takes, what a reservation keeps, what a failure gives back, usage attached and
+totalled by `GET /usage`; a gate the provider cannot serve stops the app at startup; the demo's
+demo-only `"cost"`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from ciris_billing_proxy import BillingConfig, ConfigError, credit_gate, setup_billing
+from ciris_billing_proxy.gate import billing_spend
+from ciris_billing_proxy.testing import TokenFactory
+from ciris_billing_proxy.tools.demo import create_demo_app
+from ciris_billing_proxy.tools.users import UserStore
+
+from .conftest import ClientFactory, make_config
+from .default_paths import CREDITS, TRANSACTIONS
+
+USAGE = "/v1/api/billing/usage"
+
+
+def weighted_routes(app: web.Application) -> None:
+    @credit_gate(cost=3)
+    async def three(request: web.Request) -> web.Response:
+        billing_spend(request).usage(model="small", input_tokens=10, output_tokens=5)
+        return web.json_response({"ok": True})
+
+    async def cost_of(request: web.Request) -> int:
+        return int(request.query.get("cost", "1"))
+
+    @credit_gate(cost=cost_of)
+    async def priced(request: web.Request) -> web.Response:
+        if request.query.get("fail"):
+            raise web.HTTPBadGateway(text="model down")
+        return web.json_response({"ok": True})
+
+    @credit_gate(reserve=lambda request: 10)
+    async def chat(request: web.Request) -> web.Response:
+        spend = billing_spend(request)
+        if "settle" in request.query:
+            await spend.settle(
+                int(request.query["settle"]), model="big", input_tokens=1000, output_tokens=200
+            )
+        if request.query.get("fail"):
+            return web.json_response({"detail": "failed after settling"}, status=500)
+        return web.json_response({"ok": True})
+
+    app.router.add_post("/three", three)
+    app.router.add_post("/priced", priced)
+    app.router.add_post("/chat", chat)
+
+
+def _config(tmp_path: Path, free_uses: int) -> BillingConfig:
+    return make_config(tmp_path, provider_options={"database": ":memory:", "free_uses": free_uses})
+
+
+async def left(client: Any, auth: dict[str, str]) -> tuple[int, int]:
+    body = await (await client.get(CREDITS, headers=auth)).json()
+    return body["free_uses_remaining"], body["total_uses"]
+
+
+async def test_a_cost_is_taken_whole_or_refused(make_client: ClientFactory, tmp_path: Path) -> None:
+    config = _config(tmp_path, 10)
+    client = await make_client(config, host=weighted_routes)
+    auth = TokenFactory(config).headers("ann")
+    assert (await client.post("/three", headers=auth)).status == 200
+    assert await left(client, auth) == (7, 3)
+    assert (await client.post("/priced", params={"cost": "5"}, headers=auth)).status == 200
+    refused = await client.post("/priced", params={"cost": "3"}, headers=auth)
+    assert refused.status == 402
+    assert "detail" in await refused.json()
+    assert await left(client, auth) == (2, 8)
+    assert (await client.post("/priced", params={"cost": "2", "fail": "1"}, headers=auth)).status == 502
+    assert await left(client, auth) == (2, 8)
+    assert (await client.post("/priced", params={"cost": "0"}, headers=auth)).status == 200  # free
+    assert await left(client, auth) == (2, 8)
+
+
+async def test_a_reservation_keeps_what_the_handler_settles(
+    make_client: ClientFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ciris_billing_proxy.audit")
+    config = _config(tmp_path, 30)
+    client = await make_client(config, host=weighted_routes)
+    auth = TokenFactory(config).headers("ann")
+    assert (await client.post("/chat", params={"settle": "4"}, headers=auth)).status == 200
+    assert await left(client, auth) == (26, 4)
+    audited = [json.loads(r.getMessage()) for r in caplog.records if r.name == "ciris_billing_proxy.audit"]
+    assert [(e["event"], e["amount"]) for e in audited] == [("spend", 10), ("settle", 4)]
+    assert (await client.post("/chat", headers=auth)).status == 200  # not settled: all of it kept
+    assert await left(client, auth) == (16, 14)
+    assert (await client.post("/chat", params={"settle": "2", "fail": "1"}, headers=auth)).status == 500
+    assert await left(client, auth) == (16, 14)  # a failure gives everything back
+    assert (await client.post("/chat", params={"settle": "99"}, headers=auth)).status == 200
+    assert await left(client, auth) == (6, 24)  # never more than the reservation
+    assert (await client.post("/chat", headers=auth)).status == 402  # 10 cannot be reserved
+
+
+async def test_concurrent_reservations_keep_exactly_what_was_settled(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
+    config = _config(tmp_path, 100)
+    client = await make_client(config, host=weighted_routes)
+    auth = TokenFactory(config).headers("ann")
+
+    async def chat(n: int) -> int:
+        params = {"settle": str(n % 7)} | ({"fail": "1"} if n % 5 == 0 else {})
+        resp = await client.post("/chat", params=params, headers=auth)
+        return n % 7 if resp.status == 200 else 0
+
+    kept = await asyncio.gather(*(chat(n) for n in range(40)))
+    assert await left(client, auth) == (100 - sum(kept), sum(kept))
+
+
+async def test_usage_is_kept_with_its_spend_and_totalled(make_client: ClientFactory, tmp_path: Path) -> None:
+    config = _config(tmp_path, 100)
+    client = await make_client(config, host=weighted_routes)
+    auth = TokenFactory(config).headers("ann")
+    for path, params in (("/three", {}), ("/three", {}), ("/chat", {"settle": "4"}), ("/priced", {})):
+        assert (await client.post(path, params=params, headers=auth)).status == 200
+    assert (await client.post("/chat", params={"settle": "3", "fail": "1"}, headers=auth)).status == 500
+    by_model = await (await client.get(USAGE, params={"group_by": "model"}, headers=auth)).json()
+    assert by_model["group_by"] == "model"
+    assert by_model["totals"] == [
+        {"key": "", "spends": 1, "credits": 1, "input_tokens": 0, "output_tokens": 0},
+        {"key": "big", "spends": 1, "credits": 4, "input_tokens": 1000, "output_tokens": 200},
+        {"key": "small", "spends": 2, "credits": 6, "input_tokens": 20, "output_tokens": 10},
+    ]
+    by_day = await (await client.get(USAGE, headers=auth)).json()
+    assert [(t["spends"], t["credits"]) for t in by_day["totals"]] == [(4, 11)]
+    assert by_day["totals"][0]["key"] == by_day["until"][:10]
+    page = await (await client.get(TRANSACTIONS, headers=auth)).json()
+    settled = [t for t in page["transactions"] if t.get("transaction_type") == "reserve"]
+    assert {"model": "big", "input_tokens": 1000, "output_tokens": 200} in [
+        t.get("metadata") for t in settled
+    ]
+    other = await (await client.get(USAGE, headers=TokenFactory(config).headers("bob"))).json()
+    assert other["totals"] == []
+
+
+@pytest.mark.parametrize(
+    ("params", "detail"),
+    [
+        ({"group_by": "week"}, "group_by"),
+        ({"from": "yesterday"}, "from"),
+        ({"to": "2026-13-45"}, "to"),
+        ({"from": "2026-02-01", "to": "2026-01-01"}, "from must be before to"),
+    ],
+)
+async def test_bad_usage_queries_are_422(
+    make_client: ClientFactory, tmp_path: Path, params: dict[str, str], detail: str
+) -> None:
+    config = _config(tmp_path, 10)
+    client = await make_client(config)
+    resp = await client.get(USAGE, params=params, headers=TokenFactory(config).headers("ann"))
+    assert resp.status == 422
+    assert detail in (await resp.json())["detail"]
+
+
+async def test_a_weighted_gate_on_a_provider_without_weighted_spends_stops_the_app(tmp_path: Path) -> None:
+    app = web.Application()
+    weighted_routes(app)
+    setup_billing(app, make_config(tmp_path, provider="unlimited", provider_options={}), environ={})
+    runner = web.AppRunner(app)
+    try:
+        with pytest.raises(ConfigError, match="POST /three: a @credit_gate with a cost"):
+            await runner.setup()
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [({"cost": 0}, ValueError), ({"cost": True}, TypeError), ({"cost": 2, "reserve": 3}, ValueError)],
+)
+def test_bad_gate_options_fail_when_decorating(options: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        credit_gate(**options)
+
+
+async def test_the_demo_charges_the_cost_its_body_asks(aiohttp_client: Any, tmp_path: Path) -> None:
+    config = _config(tmp_path, 20)
+    users = UserStore()
+    users.add("ann", "pw-ann-123456")
+    client = await aiohttp_client(create_demo_app(config, users, environ={}))
+    auth = TokenFactory(config).headers("ann")
+    resp = await client.post("/v1/agent/interact", json={"message": "hi", "cost": 7}, headers=auth)
+    assert resp.status == 200
+    assert (await resp.json())["free_uses_remaining"] == 13
+    resp = await client.post("/v1/agent/interact", json={"message": "hi"}, headers=auth)
+    assert (await resp.json())["free_uses_remaining"] == 12
+    for body in ({"message": "hi", "cost": 11}, {"message": "hi", "cost": "3"}, {"message": "hi", "cost": 0}):
+        resp = await client.post("/v1/agent/interact", json=body, headers=auth)
+        assert resp.status == 422
+        assert "cost" in (await resp.json())["detail"]
+    assert (await client.post("/v1/agent/interact", data=b"{", headers=auth)).status == 400
+    assert await left(client, auth) == (12, 8)
