@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -376,3 +377,42 @@ async def test_the_admin_routes_and_usage_work_on_the_stripe_ledger(agent: Agent
     assert (await agent.credits())["credits_remaining"] == 5  # the purchase's 20 taken back, the gift kept
     code, _ = await agent.get("/usage")
     assert code == 200
+
+
+async def test_clawback_steps_racing_with_rising_targets_take_each_use_once(
+    agent: Agent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    payment_id = await paid(agent, pack="big")  # 100 uses for $20.00
+    await agent.settled()
+    records, settlement = agent.provider.records, agent.provider.settlement
+    payment = await agent.provider.payments.get(payment_id)
+    assert payment is not None
+    # Two handlers read the payment before either begins its step: one saw a refund of a tenth, the
+    # other, a moment later, of a fifth (two partial refunds delivered at once).
+    read_state, seen, both = records.state, [], asyncio.Event()
+
+    async def state(pid: str) -> Any:
+        found = await read_state(pid)
+        if found is not None and found.claw_target > found.clawed and len(seen) < 2:
+            seen.append(found.claw_target)
+            if len(seen) == 2:
+                both.set()
+            await asyncio.wait_for(both.wait(), 5)
+        return found
+
+    monkeypatch.setattr(records, "state", state)
+
+    async def refund_to(target: int) -> None:
+        await records.raise_claw_target(payment_id, target)
+        await settlement._finish(payment)
+
+    first = asyncio.ensure_future(refund_to(10))
+    await asyncio.sleep(0.05)  # its read made (it waits for the other's)
+    await asyncio.gather(first, refund_to(20))
+    assert seen == [10, 20]
+    done = await read_state(payment_id)
+    assert done is not None
+    assert (done.clawed, done.claw_pending) == (20, None)
+    assert (await agent.credits())["credits_remaining"] == 80
+    clawed = await events_of(agent, "credit.clawed_back")
+    assert sum(int(str(e["amount"])) for e in clawed) == 20

@@ -25,7 +25,7 @@ from ...identity import Identity
 from ...ledger import Account, Ledger
 from ...models import PAYMENT_STATES, PurchaseStatus
 from ...store import Payment, PaymentStore
-from ...store.stripe_payments import StripePaymentStore
+from ...store.stripe_payments import PaymentState, StripePaymentStore
 from .api import StripeAPI
 from .webhooks import Handled, StripeEvent
 
@@ -133,13 +133,12 @@ class Settlement:
             )
             await self.records.finish_repay(payment.payment_id, state.repay - done.taken)
         for _ in range(MAX_CLAW_STEPS):
-            state = await self.records.state(payment.payment_id)
-            assert state is not None
             if state.claw_pending is not None:
                 to = state.claw_pending  # begun, maybe by a process that stopped: done again, once
             elif state.claw_target > state.clawed:
                 to = state.claw_target
                 if not await self.records.begin_claw(payment.payment_id, state.clawed, to):
+                    state = await self._state(payment)  # another step began meanwhile
                     continue
             else:
                 break
@@ -155,7 +154,13 @@ class Settlement:
             )
             await self.records.finish_claw(payment.payment_id, state.clawed, to, amount - done.taken)
             taken, owed = taken + done.taken, owed + amount - done.taken
+            state = await self._state(payment)
         return Clawed(taken, owed)
+
+    async def _state(self, payment: Payment) -> PaymentState:
+        state = await self.records.state(payment.payment_id)
+        assert state is not None  # a credited payment has its row
+        return state
 
     # -- webhooks -------------------------------------------------------------------------------
     async def handle(self, event: StripeEvent) -> Handled:
