@@ -235,6 +235,9 @@ async def test_a_forged_or_stale_signature_changes_nothing(agent: Agent) -> None
     for headers in refused:
         resp = await agent.client.post(WEBHOOK, data=payload, headers=headers)
         assert (resp.status, await resp.json()) == (400, {"detail": "Invalid Stripe signature"}), headers
+    huge = b"{" + b" " * (300 * 1024) + b"}"
+    resp = await agent.client.post(WEBHOOK, data=huge, headers={"Stripe-Signature": signature(secret, huge)})
+    assert resp.status == 413
     tampered = json.dumps({**event.view(), "id": "evt_other"}).encode()
     resp = await agent.client.post(
         WEBHOOK, data=tampered, headers={"Stripe-Signature": signature(secret, payload)}

@@ -89,3 +89,19 @@ async def test_a_refund_repeated_on_both_agents_claws_back_once(
     assert await a.provider.records.owed("local", "ann") == 12
     clawed = await fetch(pg_url, "SELECT data FROM billing_events WHERE kind = 'credit.clawed_back'")
     assert sum(int(json.loads(str(data))["amount"]) for (data,) in clawed) == 8
+
+
+async def test_a_webhook_credit_on_one_agent_reaches_the_others_cached_credit(
+    make_client: ClientFactory, tmp_path: Path, fake: FakeStripeAPI, pg_url: str
+) -> None:
+    a, b = await two_agents(make_client, tmp_path, fake, pg_url)
+    started = await b.initiate()
+    assert (await b.credits())["credits_remaining"] == 0  # now in b's cache
+    fake.state.confirm(started["payment_id"], "pm_card_visa")
+    await a.settled()  # the webhook went to a
+    # Well within the 5 s a cached "no credit" lives: the change feed dropped it.
+    for _ in range(30):
+        if (await b.credits())["credits_remaining"] == 20:
+            break
+        await asyncio.sleep(0.05)
+    assert (await b.credits())["credits_remaining"] == 20
