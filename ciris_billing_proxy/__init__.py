@@ -36,9 +36,10 @@ from .models import (
     Transaction,
     TransactionPage,
 )
+from .operations import Operation
 from .ops.health import Health, add_health_routes
 from .ops.metrics import BillingCollector, add_metrics_route, metrics_text
-from .providers.base import CreditProvider, ProviderContext
+from .providers.base import CreditProvider, ProviderContext, ProviderRoute
 from .service import BillingService
 from .setup import setup_billing
 from .store import DatabaseUnavailable
@@ -67,8 +68,10 @@ __all__ = [
     "InsufficientCredit",
     "InvalidRequest",
     "JWTConfig",
+    "Operation",
     "PaymentNotFound",
     "ProviderContext",
+    "ProviderRoute",
     "ProviderUnavailable",
     "PurchaseInitiated",
     "PurchaseOptions",

@@ -284,9 +284,12 @@ class BillingClient:
         return _parse(StoreVerificationReply, reply)
 
     async def initiate_purchase(
-        self, return_url: str | None = None, *, idempotency_key: str | None = None
+        self, return_url: str | None = None, *, idempotency_key: str | None = None, pack: str | None = None
     ) -> PurchaseInitiatedReply:
+        """Start a purchase; `pack` is the id of one of `capabilities().packs` (None: the default)."""
         body = {"return_url": return_url} if return_url else {}
+        if pack:
+            body["pack"] = pack
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         reply = await self.request("POST", self.prefix + INITIATE_ROUTE, json_body=body, headers=headers)
         return _parse(PurchaseInitiatedReply, reply)

@@ -135,10 +135,16 @@ class CreditStatus(CreditStatusReply):
         return data
 
 
+#: A pack's id: what `purchase/initiate` names it by.
+PACK_ID: Final = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
+
+
 class PurchaseRequest(_Request):
-    """`POST /purchase/initiate` body: `{}` or `{"return_url": ...}`."""
+    """`POST /purchase/initiate` body: `{}`, `{"return_url": ...}`, and with a provider that sells
+    several packs (`/capabilities` lists them) `{"pack": id}` (without one: the first, the default)."""
 
     return_url: str | None = Field(default=None, min_length=1, max_length=2048)
+    pack: str | None = Field(default=None, pattern=PACK_ID)
 
 
 class PurchaseInitiatedReply(_Reply):
@@ -217,6 +223,35 @@ class TransactionPage(TransactionPageReply):
     total_count: int = Field(ge=0)
 
 
+class CreditPackReply(_Reply):
+    id: str
+    uses: int
+    price_minor: int
+    currency: str
+
+
+class CreditPack(CreditPackReply):
+    """A pack a provider sells: `uses` for `price_minor` (cents) of `currency` (ISO 4217)."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+    id: str = Field(pattern=PACK_ID)
+    uses: int = Field(ge=1, le=10_000_000)
+    price_minor: int = Field(ge=1, le=99_999_999)
+    currency: str = Field(pattern=r"^[A-Z]{3}$")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upper_currency(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("currency"), str):
+            data = {**data, "currency": data["currency"].upper()}
+        return data
+
+    @property
+    def options(self) -> PurchaseOptions:
+        return PurchaseOptions(price_minor=self.price_minor, uses=self.uses, currency=self.currency)
+
+
 class CapabilitiesReply(_Reply):
     """`GET /capabilities`: what the provider behind the agent offers, declared by the provider, so a
     UI knows before the user clicks whether buying is possible. The last three fields came with the
@@ -235,10 +270,14 @@ class CapabilitiesReply(_Reply):
     #: At or under this many uses left a UI shows a low-balance notice (and a ledger provider
     #: writes `balance.low` as it is crossed); left out when unset, and by older agents: no notice.
     low_balance_threshold: int | None = None
+    #: The packs `purchase/initiate` sells (`{"pack": id}`), the default first; left out of the JSON
+    #: by older agents and by providers that sell one unnamed pack.
+    packs: list[CreditPackReply] = Field(default_factory=list)
 
 
 class Capabilities(CapabilitiesReply):
     provider: str = Field(min_length=1)
+    packs: list[CreditPack] = Field(default_factory=list)  # type: ignore[assignment]
     #: Only with a stand-in for Stripe.js (`serve --fake-backend`): its path on the agent, which
     #: `<ciris-billing>` loads instead of Stripe's. Left out of the JSON otherwise, so a real
     #: deployment's reply never names one.
@@ -251,6 +290,8 @@ class Capabilities(CapabilitiesReply):
         for name in ("stripe_js", "low_balance_threshold"):
             if data.get(name) is None:
                 data.pop(name, None)
+        if not data.get("packs"):
+            data.pop("packs", None)  # one unnamed pack, as every agent before packs: said by nothing
         return data
 
 

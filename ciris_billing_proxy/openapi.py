@@ -59,12 +59,15 @@ def openapi_document(
     *,
     ui: bool = True,
     tools_prefix: str = DEFAULT_TOOLS_PREFIX,
+    extra: Iterable[Operation] = (),
 ) -> dict[str, Any]:
     """The document for billing routes under `prefix` (the UI kit's files with `ui`), the tool
-    routes under `tools_prefix` and, when `login_path` is given, the auth routes (login there,
-    logout, refresh and me beside it). Paths are full paths from the root."""
+    routes under `tools_prefix`, the provider's own routes (`extra`, under `prefix`) and, when
+    `login_path` is given, the auth routes (login there, logout, refresh and me beside it). Paths
+    are full paths from the root."""
     placed = [(op, prefix + op.path) for op in BILLING_OPERATIONS if ui or op is not UI_FILE]
     placed += [(op, prefix + op.path) for op in CREDIT_OPERATIONS]
+    placed += [(op, prefix + op.path) for op in extra]
     placed += [(op, tools_prefix + op.path) for op in TOOL_OPERATIONS]
     if login_path is not None:
         placed += [(op, path) for op, path in auth_paths(login_path).items()]
@@ -171,9 +174,16 @@ class APIDescription:
     application's mount point is final, and then served as the same bytes."""
 
     def __init__(
-        self, prefix: str, login_path: str | None, *, ui: bool, tools_prefix: str = DEFAULT_TOOLS_PREFIX
+        self,
+        prefix: str,
+        login_path: str | None,
+        *,
+        ui: bool,
+        tools_prefix: str = DEFAULT_TOOLS_PREFIX,
+        extra: Iterable[Operation] = (),
     ) -> None:
         self._prefix = prefix
+        self._extra = tuple(extra)
         self._login_path = login_path
         self._ui = ui
         self._tools_prefix = tools_prefix
@@ -187,7 +197,11 @@ class APIDescription:
             mount = resource.canonical.removesuffix(self._prefix + OPENAPI.path)
             login_path = None if self._login_path is None else mount + self._login_path
             document = openapi_document(
-                mount + self._prefix, login_path, ui=self._ui, tools_prefix=mount + self._tools_prefix
+                mount + self._prefix,
+                login_path,
+                ui=self._ui,
+                tools_prefix=mount + self._tools_prefix,
+                extra=self._extra,
             )
             self._body = json.dumps(document, indent=2).encode()
         return web.Response(

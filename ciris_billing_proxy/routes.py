@@ -18,7 +18,8 @@ from pydantic import BaseModel
 
 from .auth import identity_of_request
 from .bodies import expect_continue, read_model
-from .credit_routes import add_credit_routes
+from .config import ConfigError
+from .credit_routes import CREDIT_OPERATIONS, add_credit_routes
 from .errors import (
     BILLING_DISABLED,
     CATCH_ALLS,
@@ -71,6 +72,7 @@ from .paths import (
     STATUS_ROUTE,
     TRANSACTIONS_ROUTE,
 )
+from .providers.base import CreditProvider, ProviderRoute
 from .service import BillingService
 from .ui import SERVED, UIFiles
 
@@ -285,7 +287,7 @@ class BillingRoutes:
         if key is not None and not IDEMPOTENCY_KEY.matches(key):
             raise http_error(400, BAD_IDEMPOTENCY_KEY)
         with self._as_user(request):
-            reply = await service.initiate_purchase(request[VERIFIED_KEY][1], body.return_url, key)
+            reply = await service.initiate_purchase(request[VERIFIED_KEY][1], body.return_url, key, body.pack)
         return json_reply(reply)
 
     async def purchase_status(self, request: web.Request) -> web.Response:
@@ -365,6 +367,34 @@ class BillingRoutes:
         return self.service
 
 
+#: A provider route's path below the prefix: a first segment of its own, then anything a route may be.
+PROVIDER_PATH: Final = re.compile(r"/[a-z0-9][a-z0-9_\-]{0,63}/[A-Za-z0-9_\-./{}]{1,200}")
+#: First path segments the package's own routes use: no provider route may take one.
+RESERVED_SEGMENTS: Final = frozenset(
+    op.path.split("/")[1] for op in (*BILLING_OPERATIONS, *CREDIT_OPERATIONS)
+) | {"tools"}
+
+
+def provider_routes(provider: CreditProvider) -> tuple[ProviderRoute, ...]:
+    """The provider's own routes (`CreditProvider.routes`), checked at startup: each a `ProviderRoute`
+    whose path is under a first segment of its own that no billing route uses, no two the same."""
+    declared = tuple(provider.routes())
+    seen: set[tuple[str, str]] = set()
+    for route in declared:
+        if not isinstance(route, ProviderRoute):
+            raise ConfigError(f"Credit provider {provider.name!r}: routes() must give ProviderRoute items")
+        op = route.operation
+        if not PROVIDER_PATH.fullmatch(op.path) or op.path.split("/")[1] in RESERVED_SEGMENTS:
+            raise ConfigError(
+                f"Credit provider {provider.name!r}: route path {op.path!r} must be /SEGMENT/..., under a "
+                f"first segment of its own (not one of {', '.join(sorted(RESERVED_SEGMENTS))})"
+            )
+        if (op.method, op.path) in seen:
+            raise ConfigError(f"Credit provider {provider.name!r}: route {op.method} {op.path} twice")
+        seen.add((op.method, op.path))
+    return declared
+
+
 def add_routes(
     router: web.UrlDispatcher,
     service: BillingService,
@@ -375,6 +405,7 @@ def add_routes(
     describe: Handler,
     own_router: bool = False,
     guards: RouteGuards | None = None,
+    extra: tuple[ProviderRoute, ...] = (),
 ) -> web.AbstractResource:
     """Add the billing routes to `router`, each path under `prefix` (empty inside the sub-app), and
     `describe` (the API description) at `OPENAPI`'s path. The handlers of routes that need no token
@@ -388,6 +419,9 @@ def add_routes(
 
     With `guards`, each handler is bound to the error middleware itself (`errors.RouteGuards`),
     for an application that has none installed.
+
+    The provider's own routes (`extra`, from `provider_routes`) are added under `prefix` too: each
+    needs the token unless its operation says `bearer=False` (it is then added to `public`).
 
     Returns the `/credits` resource: mounting the application prefixes it like every other one,
     which is how `setup_billing` learns where the routes ended up.
@@ -410,6 +444,19 @@ def add_routes(
         ),
     ]
     added += add_credit_routes(router, service, prefix, expect, guard)
+    for route in extra:
+        op = route.operation
+        handler = route.handler
+        if guards is not None:
+            handler = (guards.protected if op.bearer else guards.public)(handler)
+        router.add_route(
+            op.method,
+            prefix + op.path,
+            handler,
+            expect_handler=expect if op.bearer else expect_continue,
+        )
+        if not op.bearer:
+            public.add(handler)
     public.add(describe)
     api.update(route.resource for route in added if route.resource is not None)
     credits = added[0].resource

@@ -22,7 +22,7 @@ from cachetools import LRUCache
 from .auth import TokenVerifier
 from .cache import CreditCache
 from .config import BillingConfig, ConfigError
-from .errors import BillingError, InsufficientCredit, ProviderUnavailable
+from .errors import BillingError, InsufficientCredit, InvalidRequest, ProviderUnavailable
 from .events.outbox import EventOutbox
 from .identity import Identity
 from .ledger import Usage
@@ -43,12 +43,14 @@ from .ops.metrics import Counts, MultiprocessWriter
 from .ops.outbox import GiveBackOutbox
 from .products import ToolBalance, ToolCheck, ToolPurchase, ToolPurchaseRequest
 from .providers.base import CreditProvider
+from .providers.packs import unknown_pack
 from .retries import GiveBackRetries
 from .store.changes import FEED_DOWN_MAX_AGE_SECONDS, ChangeFeed, IdentityKey
 from .store.give_backs import Owed
 
 T = TypeVar("T")
 
+NO_PACKS: Final = "This agent sells no packs: leave out pack"
 #: Purchase states that end a purchase: audited once each.
 ENDED: Final = frozenset({"succeeded", "failed", "canceled"})
 
@@ -301,6 +303,7 @@ class BillingService:
             charges=declared["gate_charges"],
             stripe_js=self.stripe_js,
             low_balance_threshold=self.config.low_balance_threshold,
+            packs=list(self.provider.packs),
         )
 
     def revoke_token(self, token: str) -> None:
@@ -509,9 +512,21 @@ class BillingService:
             await self.outbox.made(slot)
 
     async def initiate_purchase(
-        self, identity: Identity, return_url: str | None, idempotency_key: str | None
+        self,
+        identity: Identity,
+        return_url: str | None,
+        idempotency_key: str | None,
+        pack: str | None = None,
     ) -> PurchaseInitiated:
-        call = self.provider.initiate_purchase(identity, return_url, idempotency_key)
+        """Start a purchase of `pack` (an id of the provider's `packs`; None: its default). An id it
+        does not sell is an `InvalidRequest` naming those it does, before the provider is asked."""
+        if pack is None:
+            call = self.provider.initiate_purchase(identity, return_url, idempotency_key)
+        else:
+            packs = self.provider.packs
+            if not any(offered.id == pack for offered in packs):
+                raise InvalidRequest(unknown_pack(packs) if packs else NO_PACKS)
+            call = self.provider.initiate_purchase(identity, return_url, idempotency_key, pack=pack)
         return await asyncio.shield(self._track(self._initiated(identity, call)))
 
     async def _initiated(self, identity: Identity, call: Awaitable[PurchaseInitiated]) -> PurchaseInitiated:

@@ -30,7 +30,7 @@ from .ops.outbox import outbox_for
 from .paths import DEFAULT_LOGIN_PATH, PathScope, mount_point
 from .providers.base import CreditProvider, ProviderContext
 from .providers.registry import check_provider_class, create_provider
-from .routes import add_routes
+from .routes import add_routes, provider_routes
 from .service import BillingService
 from .store.audit import audit_store
 from .store.choose import change_feed_for
@@ -154,8 +154,13 @@ def setup_billing(
     public: set[Handler] = set()  # routes that need no token; add_routes fills it
     check = token_check(verifier, public)
     login = None if authenticate is None else login_path
+    extra = provider_routes(provider)
     describe = APIDescription(
-        config.prefix, login, ui=config.serve_ui, tools_prefix=config.tools_prefix
+        config.prefix,
+        login,
+        ui=config.serve_ui,
+        tools_prefix=config.tools_prefix,
+        extra=[route.operation for route in extra],
     ).handle
     api: set[web.AbstractResource] = set()  # the JSON routes, which `cors_origins` opens
     requests = service.counts.requests
@@ -177,7 +182,14 @@ def setup_billing(
         errors = cors_middleware(protected, api, config.cors_origins)
         billing = web.Application(middlewares=[] if guards else [errors])
         anchor = add_routes(
-            billing.router, service, public=public, api=api, describe=describe, own_router=True, guards=guards
+            billing.router,
+            service,
+            public=public,
+            api=api,
+            describe=describe,
+            own_router=True,
+            guards=guards,
+            extra=extra,
         )
         allow_preflights(billing, api, config.cors_origins)
         app.add_subapp(config.prefix, billing)
@@ -194,13 +206,16 @@ def setup_billing(
             describe=describe,
             own_router=True,
             guards=guards,
+            extra=extra,
         )
         add_tool_routes(app.router, service, config.tools_prefix, own_router=True, guards=guards)
     else:
         scopes.append(PathScope((config.prefix, config.tools_prefix)))
         errors = error_middleware(scopes[-1], before=check, requests=requests)
         app.middlewares.append(cors_middleware(errors, api, config.cors_origins))
-        anchor = add_routes(app.router, service, config.prefix, public=public, api=api, describe=describe)
+        anchor = add_routes(
+            app.router, service, config.prefix, public=public, api=api, describe=describe, extra=extra
+        )
         add_tool_routes(app.router, service, config.tools_prefix)
         allow_preflights(app, api, config.cors_origins)
     if scopes:

@@ -15,10 +15,13 @@ from ciris_billing_proxy import (
     Identity,
     ProviderContext,
 )
+from ciris_billing_proxy.ledger import Account
 from ciris_billing_proxy.providers.ciris import CirisProvider
 from ciris_billing_proxy.providers.simple import ProductSettings, SimpleProvider, SimpleSettings
+from ciris_billing_proxy.providers.stripe import StripeProvider
 from ciris_billing_proxy.testing import FakeBillingBackend
 from ciris_billing_proxy.testing.conformance import ProviderContract
+from ciris_billing_proxy.testing.fake_stripe_api import FakeStripeAPI
 
 from .repo_files import code_after
 
@@ -80,6 +83,35 @@ class TestCirisConforms(ProviderContract):
             transaction_id=f"2000{uuid.uuid4().int % 10**12:012d}",
             product_id="ai.ciris.mobile.credits_250_v1",
         )
+
+
+class TestStripeConforms(ProviderContract):
+    """The `stripe` provider against the fake Stripe API, without webhooks: a paid purchase is
+    credited by the kit's status polls (the provider asks Stripe)."""
+
+    @pytest.fixture
+    async def provider(self, tmp_path: Path) -> AsyncIterator[StripeProvider]:
+        self.fake = FakeStripeAPI()
+        await self.fake.start()
+        options = {
+            "secret_key": self.fake.secret_key,
+            "publishable_key": self.fake.publishable_key,
+            "api_base": self.fake.url,
+            "database": ":memory:",
+            "free_uses": 3,
+        }
+        provider = StripeProvider.from_context(ProviderContext(options, data_dir=tmp_path))
+        await provider.start()
+        yield provider
+        await provider.stop()
+        await self.fake.stop()
+
+    async def add_paid_credit(self, provider: StripeProvider, identity: Identity, uses: int) -> None:
+        account = Account(identity.namespace, identity.user_id)
+        await provider.ledger.grant(account, uses, "paid", source="admin", reason="goodwill")
+
+    async def complete_payment(self, provider: StripeProvider, payment_id: str) -> None:
+        self.fake.state.confirm(payment_id, "pm_card_visa")
 
 
 ROOT = Path(__file__).resolve().parents[1]

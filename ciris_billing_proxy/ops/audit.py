@@ -61,6 +61,12 @@ class AuditKind(StrEnum):
     PURCHASE_SETTLED = "purchase_settled"
     PURCHASE_FAILED = "purchase_failed"
     STORE_VERIFICATION = "store_verification"
+    #: A Stripe webhook (the `stripe` provider): `ok`, `duplicate`, `ignored`, `refused` (bad
+    #: signature) or `failed`; the event id in `reference`.
+    STRIPE_WEBHOOK = "stripe_webhook"
+    #: Uses taken back after a refund or dispute (`amount`; the payment id in `reference`); `owed`
+    #: when some could not be taken (the balance was spent) and are kept as owed.
+    CLAWBACK = "clawback"
     #: An operator granted credit or took it back (admin routes, `ciris-billing-proxy credits`):
     #: `amount` signed, `reference` the journal line, `outcome` the reason code.
     CREDIT_ADJUSTED = "credit_adjusted"

@@ -83,6 +83,8 @@ class Counts:
     latencies: Latencies = field(default_factory=Latencies)
     #: (store, outcome) -> app store verifications.
     verifications: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: outcome -> Stripe webhooks (the `stripe` provider's route): ok, duplicate, ignored, refused, failed.
+    webhooks: dict[str, int] = field(default_factory=dict)
     #: Give-backs still owed at shutdown, no longer retried by this process.
     give_backs_abandoned: int = 0
     login_failures: int = 0
@@ -199,6 +201,13 @@ def families(service: BillingService) -> list[Family]:
                 ("_total", {"store": store, "outcome": outcome}, n)
                 for (store, outcome), n in sorted(counts.verifications.items())
             ],
+        ),
+        Family(
+            "ciris_billing_stripe_webhooks",
+            "counter",
+            "Stripe webhooks received (the stripe provider), by outcome (ok, duplicate, ignored, "
+            "refused: a missing, forged or stale signature, failed: answered 503).",
+            [("_total", {"outcome": outcome}, n) for outcome, n in sorted(counts.webhooks.items())],
         ),
         Family(
             "ciris_billing_login_failures",

@@ -7,16 +7,18 @@ answered with a 500 whose body says nothing about it.
 
 To ship a provider from another distribution, subclass `CreditProvider`, override `from_context` if
 it needs settings, and register the class in the entry-point group `ciris_billing_proxy.providers`.
+A provider that needs routes of its own (a payment system's webhook) declares them in `routes()`.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
+from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ValidationError
 
 from ..config import ConfigError, describe_validation_error
@@ -28,6 +30,7 @@ from ..identity import Identity
 from ..ledger import Ledger, Usage
 from ..models import (
     AppStorePurchase,
+    CreditPack,
     CreditStatus,
     GooglePlayPurchase,
     PurchaseInitiated,
@@ -35,6 +38,7 @@ from ..models import (
     StoreVerification,
     TransactionPage,
 )
+from ..operations import Operation
 from ..products import Product, ToolBalance, ToolCheck, ToolPurchase, ToolPurchaseRequest
 from ..store import Engine, SQLiteDatabase
 from ..store.choose import engine_for
@@ -93,6 +97,22 @@ class ProviderContext:
             return model.model_validate(raw, strict=False)
         except ValidationError as exc:
             raise ConfigError(f"{self.provider} provider: {describe_validation_error(exc)}") from None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ProviderRoute:
+    """A route a provider adds to the billing routes (docs/providers.md, "Routes of your own").
+
+    `operation` says what it is, as the package's own routes do: its method, its path below the
+    billing prefix (under a first segment of the provider's own, e.g. `/stripe/webhook`), every
+    error status, and whether it needs the bearer token (`bearer`): an authenticated handler reads
+    the caller with `ciris_billing_proxy.get_identity(request)`, a public one (`bearer=False`, a
+    webhook that proves itself with its own signature) is reached without a token. It is listed in
+    the OpenAPI document, answers `Expect:` like the others, and an error it raises (`BillingError`,
+    `web.HTTPException` with a JSON body) reaches the client as JSON `{"detail": ...}`."""
+
+    operation: Operation
+    handler: Handler
 
 
 class CreditProvider(abc.ABC):
@@ -180,6 +200,11 @@ class CreditProvider(abc.ABC):
         ledger = self.credit_ledger
         return None if ledger is None else ledger.engine
 
+    def routes(self) -> Sequence[ProviderRoute]:
+        """Routes of the provider's own, added beside the billing routes when the app is set up
+        (none by default). Asked once, before `start`; the handlers may be called only after it."""
+        return ()
+
     async def start(self) -> None:
         """Open connections, files and sessions. Called once at app startup."""
 
@@ -240,13 +265,25 @@ class CreditProvider(abc.ABC):
         role, email and tenant, not the token's expiry. By default, `give_back`."""
         await self.give_back(identity, idempotency_key)
 
+    @property
+    def packs(self) -> Sequence[CreditPack]:
+        """The packs `initiate_purchase` sells by id, the default first (`/capabilities` lists
+        them); none by default: a provider that sells one unnamed pack is never asked for one."""
+        return ()
+
     async def initiate_purchase(
-        self, identity: Identity, return_url: str | None, idempotency_key: str | None
+        self,
+        identity: Identity,
+        return_url: str | None,
+        idempotency_key: str | None,
+        pack: str | None = None,
     ) -> PurchaseInitiated:
         """Start a purchase. Only called when `purchases_enabled`.
 
         `idempotency_key` is the client's `Idempotency-Key` header, if any: replay the earlier reply
         for the same *user and* key, never another user's (it carries their Stripe client secret).
+        `pack` is the id of one of `packs` the user chose (checked before); passed only when one
+        was asked for, so a provider that declares no packs need not take it.
         """
         raise BillingDisabled
 

@@ -1,15 +1,17 @@
-"""A fake Stripe for the browser, beside the fake billing backend: `fake-stripe.js` and the confirm
-call it makes, served by the agent's own process (same origin) so the page never talks to the
-billing backend or to Stripe.
+"""A fake Stripe for the browser, beside the fake billing backend or the fake Stripe API:
+`fake-stripe.js` and the confirm call it makes, served by the agent's own process (same origin) so
+the page never talks to the billing backend or to Stripe.
 
     FakeStripe(fake_backend, webhook_delay=2.0).add_routes(app.router)
+    FakeStripe(fake_stripe_api).add_routes(app.router)     # serve --provider stripe --fake-stripe
 
 serves `GET /_fake_stripe/stripe.js` (give its URL to `<ciris-billing stripe-js="...">`) and
 `POST /_fake_stripe/confirm`, which plays Stripe's test cards against the fake backend:
 `4242 4242 4242 4242` succeeds (the webhook credits the purchase `webhook_delay` seconds later),
 `4000 0000 0000 0002` is declined and `4000 0000 0000 9995` has insufficient funds; both leave the
 PaymentIntent waiting for another card, as Stripe does. Replies use Stripe's error shape
-(`{"error": {"type", "code", "message"}}`) beside the package's `{"detail": ...}`.
+(`{"error": {"type", "code", "message"}}`) beside the package's `{"detail": ...}`. With the fake
+Stripe API the card is its test card (`fake_stripe_api.CARDS`), and that fake's webhooks follow.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..bodies import read_model
 from ..ui import read_file
 from .fake_backend import FakeBillingBackend
+from .fake_stripe_api import FakeStripeAPI, StripeError
 
 DEFAULT_BASE: Final = "/_fake_stripe"
 SUCCEEDS: Final = "4242424242424242"
@@ -60,7 +63,7 @@ def _stripe_error(status: int, kind: str, code: str, message: str, **extra: str)
 
 
 class FakeStripe:
-    def __init__(self, backend: FakeBillingBackend, *, webhook_delay: float = 2.0) -> None:
+    def __init__(self, backend: FakeBillingBackend | FakeStripeAPI, *, webhook_delay: float = 2.0) -> None:
         self.backend = backend
         self.webhook_delay = webhook_delay
         self._script = read_file("fake-stripe.js")
@@ -81,8 +84,11 @@ class FakeStripe:
 
     async def confirm(self, request: web.Request) -> web.Response:
         body = await read_model(request, ConfirmRequest, MAX_BODY, time_limit=30.0)
+        if isinstance(self.backend, FakeStripeAPI):
+            return self._confirm_at_stripe(self.backend, body)
         payment_id = body.client_secret.split("_secret_", 1)[0]
-        ledger = self.backend.ledger
+        backend = self.backend
+        ledger = backend.ledger
         with ledger.lock:
             intent = ledger.payments.get(payment_id)
             known = intent is not None and hmac.compare_digest(intent.client_secret, body.client_secret)
@@ -103,15 +109,38 @@ class FakeStripe:
             )
         number = body.card.number
         if number == SUCCEEDS:
-            self.backend.confirm_payment(payment_id, webhook_delay=self.webhook_delay)
-            return web.json_response({"payment_intent": self._intent(payment_id)})
-        self.backend.fail_payment(payment_id)
+            backend.confirm_payment(payment_id, webhook_delay=self.webhook_delay)
+            return web.json_response({"payment_intent": self._intent(backend, payment_id)})
+        backend.fail_payment(payment_id)
         decline_code, message = DECLINES.get(number, ("generic_decline", UNKNOWN_CARD))
         return _stripe_error(402, "card_error", "card_declined", message, decline_code=decline_code)
 
-    def _intent(self, payment_id: str) -> dict[str, Any]:
+    @staticmethod
+    def _confirm_at_stripe(stripe: FakeStripeAPI, body: ConfirmRequest) -> web.Response:
+        try:
+            intent = stripe.confirm_card(body.client_secret, body.card.number)
+        except StripeError as exc:
+            error = exc.body
+            extra = {"decline_code": error["decline_code"]} if "decline_code" in error else {}
+            return _stripe_error(
+                exc.status, error["type"], error.get("code", "card_declined"), error["message"], **extra
+            )
+        return web.json_response(
+            {
+                "payment_intent": {
+                    "id": intent.id,
+                    "object": "payment_intent",
+                    "status": intent.status,
+                    "amount": intent.amount,
+                    "currency": intent.currency,
+                }
+            }
+        )
+
+    @staticmethod
+    def _intent(backend: FakeBillingBackend, payment_id: str) -> dict[str, Any]:
         """The PaymentIntent as Stripe.js hands it to the page: no client secret echoed back."""
-        view = self.backend.ledger.payment(payment_id)
+        view = backend.ledger.payment(payment_id)
         return {
             "id": payment_id,
             "object": "payment_intent",

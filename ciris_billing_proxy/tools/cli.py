@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 from prometheus_client.multiprocess import mark_process_dead
@@ -65,6 +65,7 @@ from .workers import Supervisor, reserve_port
 
 if TYPE_CHECKING:
     from ..testing.fake_backend import FakeBillingBackend
+    from ..testing.fake_stripe_api import FakeStripeAPI
 
 #: Seconds `serve` gives a connection to send a complete request head (see `make_runner`).
 DEFAULT_IDLE_TIMEOUT = 30.0
@@ -410,6 +411,12 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         action="store_true",
         help="run a fake CIRIS Billing backend in-process and use the ciris provider against it",
     )
+    serve.add_argument(
+        "--fake-stripe",
+        action="store_true",
+        help="run a fake Stripe API in-process and use the stripe provider against it (the paid flow "
+        "offline, webhooks included)",
+    )
     _defaults_from_env(serve, os.environ if environ is None else environ)
     return parser
 
@@ -600,6 +607,10 @@ def _serve(args: argparse.Namespace) -> int:
         if args.provider not in (None, "ciris"):
             raise ConfigError("--fake-backend works with the ciris provider only")
         overrides["provider"] = "ciris"
+    if args.fake_stripe:
+        if args.fake_backend or args.provider not in (None, "stripe"):
+            raise ConfigError("--fake-stripe works with the stripe provider only")
+        overrides["provider"] = "stripe"
     if args.cors_origin:
         # A value may list several (CIRIS_BILLING_CORS_ORIGINS is comma-separated, as in the config).
         overrides["cors_origins"] = tuple(
@@ -660,8 +671,9 @@ def read_users_file(path: Path) -> list[UserLine]:
 def _serve_workers(
     config: BillingConfig, users: UserStore, created: CreatedUser | None, args: argparse.Namespace
 ) -> int:
-    if args.fake_backend:
-        raise ConfigError("--fake-backend keeps its state in one process: it cannot run with --workers")
+    if args.fake_backend or args.fake_stripe:
+        fake = "--fake-backend" if args.fake_backend else "--fake-stripe"
+        raise ConfigError(f"{fake} keeps its state in one process: it cannot run with --workers")
     create_demo_app(config, users)  # every setting is checked once, here, before any worker starts
     _announce_users(config, users, created, args)
     try:
@@ -736,8 +748,11 @@ async def _start(
             # go where it says, like every other provider's.
             options["database"] = ":memory:"
         config = config.model_copy(update={"provider_options": options})
+    stripe_api: FakeStripeAPI | None = None
+    if args.fake_stripe:
+        stripe_api, config, environ = await _with_fake_stripe(config)
     try:
-        app = create_demo_app(config, users, environ=environ, fake_backend=fake)
+        app = create_demo_app(config, users, environ=environ, fake_backend=fake, fake_stripe_api=stripe_api)
         if ready is None:
             _announce_users(config, users, created, args)
         if fake is not None:
@@ -748,11 +763,58 @@ async def _start(
                 f"  app store purchases: any purchase token of 10+ characters succeeds once, one starting "
                 f"'invalid' is refused (docs/ciris-provider.md: Fake store tokens)"
             )
+        if stripe_api is not None:
+            print(
+                f"Fake Stripe API on {stripe_api.url} (state in memory, gone at exit); its webhooks go "
+                f"to this agent's {config.prefix}/stripe/webhook\n"
+                f"  pay in the page with 4242 4242 4242 4242 (4000 0000 0000 0002 is declined), or: "
+                f"curl -X POST {stripe_api.url}/_fake/payment_intents/PAYMENT_ID/confirm\n"
+                f"  refund or dispute one: .../PAYMENT_ID/refund (amount=CENTS for a part), "
+                f".../PAYMENT_ID/dispute"
+            )
         runner = make_runner(app, idle_timeout=args.idle_timeout, access_log=args.access_log)
-        return await _run(runner, args.host, args.port if port is None else port, config, ready)
+
+        def listening(addresses: Sequence[Any]) -> None:
+            if stripe_api is not None:
+                bound = addresses[0]
+                host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+                stripe_api.webhooks.url = f"http://{host}:{bound[1]}{config.prefix}/stripe/webhook"
+
+        return await _run(runner, args.host, args.port if port is None else port, config, ready, listening)
     finally:
         if fake is not None:
             await fake.stop()
+        if stripe_api is not None:
+            await stripe_api.stop()
+
+
+#: The `stripe` provider's settings a shell may give `serve --fake-stripe` (what is sold); its keys
+#: and API base are the fake's.
+FAKE_STRIPE_KEPT: Final = frozenset(
+    {"CIRIS_STRIPE_PACKS", "CIRIS_STRIPE_FREE_USES", "CIRIS_STRIPE_PLAN_NAME"}
+)
+
+
+async def _with_fake_stripe(config: BillingConfig) -> tuple[FakeStripeAPI, BillingConfig, dict[str, str]]:
+    """Start the fake Stripe API (the testing kit loads only when it is asked for) and point the
+    provider at it: its keys, API base and webhook secret; in-memory records unless `database_url`."""
+    from ..testing.fake_stripe_api import FakeStripeAPI
+
+    api = FakeStripeAPI()
+    url = await api.start(host="127.0.0.1")
+    # A second's delay, as a real webhook has: the page's status polls see `processing` first.
+    api.webhooks.delay = 1.0
+    environ = {k: v for k, v in os.environ.items() if k in FAKE_STRIPE_KEPT}
+    options = {
+        **config.provider_options,
+        "secret_key": api.secret_key,
+        "publishable_key": api.publishable_key,
+        "webhook_secret": api.webhook_secret,
+        "api_base": url,
+    }
+    if config.database_url is None:
+        options["database"] = ":memory:"
+    return api, config.model_copy(update={"provider_options": options}), environ
 
 
 def _announce_users(
@@ -801,6 +863,7 @@ async def _run(
     port: int,
     config: BillingConfig,
     ready: multiprocessing.connection.Connection | None = None,
+    listening: Callable[[Sequence[Any]], None] | None = None,
 ) -> int:
     await runner.setup()
     try:
@@ -813,6 +876,8 @@ async def _run(
                 file=sys.stderr,
             )
             return 1
+        if listening is not None:
+            listening(runner.addresses)
         if ready is None:
             _print_listening(config, runner.addresses)
         else:

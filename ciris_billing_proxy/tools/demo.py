@@ -42,6 +42,7 @@ from .users import UserStore
 
 if TYPE_CHECKING:
     from ..testing.fake_backend import FakeBillingBackend
+    from ..testing.fake_stripe_api import FakeStripeAPI
 
 SECRET_FILE = "jwt-secret"  # noqa: S105 - a file name
 USERS_FILE = "demo-users.json"
@@ -131,14 +132,17 @@ def create_demo_app(
     *,
     environ: Mapping[str, str] | None = None,
     fake_backend: FakeBillingBackend | None = None,
+    fake_stripe_api: FakeStripeAPI | None = None,
 ) -> web.Application:
-    """The demo agent; with `fake_backend`, the page's payment form is the fake Stripe that drives it."""
+    """The demo agent; with `fake_backend` (or `fake_stripe_api`, for the `stripe` provider), the
+    page's payment form is the fake Stripe.js that drives it."""
     # With the fake backend, a page on an allowed origin pays with the fake Stripe too: its confirm
     # call is cross-origin there, so its routes are opened like the billing routes.
     fake_stripe: set[web.AbstractResource] = set()
     errors = error_middleware()
     guard: Callable[[Handler], Handler] = unguarded
-    if fake_backend is not None:
+    paying_with = fake_backend or fake_stripe_api
+    if paying_with is not None:
         app = web.Application(middlewares=[cors_middleware(errors, fake_stripe, config.cors_origins)])
     else:
         # The JSON errors bound to each route, not installed (`errors.guarded`): with no middleware
@@ -166,18 +170,18 @@ def create_demo_app(
     # now as true as /readyz (it used to say ok while billing answered 503).
     app.router.add_get("/health", guard(ready))
     label = config.provider
-    if fake_backend is not None:
-        # Only with the fake: an agent serving the real thing never loads the testing kit.
+    if paying_with is not None:
+        # Only with a fake: an agent serving the real thing never loads the testing kit.
         from ..testing.fake_stripe import DEFAULT_BASE as FAKE_STRIPE
         from ..testing.fake_stripe import FakeStripe
 
         # Said in the capabilities, so <ciris-billing> on any page of this agent pays with it.
-        service.stripe_js = FakeStripe(fake_backend).add_routes(app.router, FAKE_STRIPE)
+        service.stripe_js = FakeStripe(paying_with).add_routes(app.router, FAKE_STRIPE)
         fake_stripe.update(r for r in app.router.resources() if r.canonical.startswith(FAKE_STRIPE + "/"))
         allow_preflights(app, fake_stripe, config.cors_origins)
-        label = f"{config.provider} (fake backend)"
+        label = f"{config.provider} (fake {'backend' if fake_backend is not None else 'Stripe'})"
     add_demo_page(app.router, demo_page(config, provider=label), guard)
-    if fake_backend is None:
+    if paying_with is None:
         add_unmatched(app.router, guard)
     return app
 

@@ -28,6 +28,7 @@ from ..openapi import openapi_document
 from ..paths import DEFAULT_LOGIN_PATH, DEFAULT_PREFIX
 from ..providers import simple
 from ..providers.ciris import settings as ciris_settings
+from ..providers.stripe import settings as stripe_settings
 from .cli import build_parser
 
 _FIELD = re.compile(r"^\s+(\w+)\s*:")
@@ -105,6 +106,7 @@ def _env_for(section: str) -> dict[str, str]:
 PROVIDER_SETTINGS: tuple[tuple[str, type[BaseModel], Mapping[str, str]], ...] = (
     ("simple", simple.SimpleSettings, simple.ENV_VARS),
     ("ciris", ciris_settings.CirisSettings, ciris_settings.ENV_VARS),
+    ("stripe", stripe_settings.StripeSettings, stripe_settings.ENV_VARS),
 )
 
 

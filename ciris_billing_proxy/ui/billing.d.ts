@@ -39,6 +39,16 @@ export interface Capabilities {
   products?: string[];
   /** At or under this many uses left the element shows a low-balance notice; absent when unset. */
   low_balance_threshold?: number;
+  /** The packs `purchase/initiate` sells by id, the default first (the `stripe` provider); the element
+   * offers a choice when there are several. Absent or empty: one unnamed pack. */
+  packs?: CreditPack[];
+}
+/** A pack a provider sells: `uses` for `price_minor` (cents) of `currency`. */
+export interface CreditPack {
+  id: string;
+  uses: number;
+  price_minor: number;
+  currency: string;
 }
 /** Tool credits: `GET {toolsPrefix}/balance/{tool}` and each item of `GET {toolsPrefix}/balance`. */
 export interface ToolBalance {
@@ -132,7 +142,7 @@ export declare class BillingClient {
   token: TokenSource;
   getCredits(): Promise<CreditStatus>;
   getCapabilities(): Promise<Capabilities>;
-  initiatePurchase(options?: { returnUrl?: string; idempotencyKey?: string }): Promise<PurchaseInitiated>;
+  initiatePurchase(options?: { returnUrl?: string; idempotencyKey?: string; pack?: string }): Promise<PurchaseInitiated>;
   getPurchaseStatus(paymentId: string): Promise<PurchaseStatus>;
   waitForPurchase(paymentId: string, options?: WaitOptions): Promise<PurchaseStatus>;
   getTransactions(options?: { limit?: number; offset?: number }): Promise<TransactionPage>;

@@ -143,9 +143,9 @@ export class BillingClient {
     return { google_play: false, apple_storekit: false, charges: true, ...body };
   }
 
-  async initiatePurchase({ returnUrl, idempotencyKey } = {}) {
+  async initiatePurchase({ returnUrl, idempotencyKey, pack } = {}) {
     const headers = idempotencyKey ? { "Idempotency-Key": idempotencyKey } : {};
-    const body = returnUrl ? { return_url: returnUrl } : {};
+    const body = { ...(returnUrl ? { return_url: returnUrl } : {}), ...(pack ? { pack } : {}) };
     return checked("initiated", await this.request("POST", "/purchase/initiate", { body, headers }), "purchase/initiate");
   }
 
@@ -385,6 +385,7 @@ button {
   overflow-wrap: anywhere;
 }
 .low-balance strong { font-weight: 600; }
+select.packs { font: inherit; justify-self: start; max-width: 100%; padding: 0.5rem 0.6rem; border: 1px solid var(--_border); border-radius: calc(var(--_radius) * 0.7); background: var(--_background); color: var(--_text); }
 button.primary { background: var(--_accent); border-color: var(--_accent); color: var(--_accent-text); }
 button:hover:not(:disabled) { filter: brightness(0.95); }
 button:focus-visible { outline: 3px solid var(--_accent); outline-offset: 2px; }
@@ -455,6 +456,7 @@ const TEMPLATE = `
     <ul class="breakdown"></ul>
   </section>
   <p part="low-balance" class="low-balance" role="status" hidden></p>
+  <select part="packs" class="packs" aria-label="Pack to buy" hidden></select>
   <button part="buy" type="button" class="primary buy" hidden>Buy credits</button>
   <form part="payment" class="payment" hidden novalidate>
     <p class="summary"></p>
@@ -506,6 +508,7 @@ export class CirisBillingElement extends HTMLElement {
     super();
     this.attachShadow({ mode: "open" }).innerHTML = `<style>${STYLE}</style>${TEMPLATE}`;
     this.#q(".buy").addEventListener("click", () => this.#buy());
+    this.#q(".packs").addEventListener("change", () => this.#renderBalance());
     this.#q(".payment").addEventListener("submit", (event) => { event.preventDefault(); this.#pay(); });
     this.#q(".cancel").addEventListener("click", () => this.#cancelPayment());
     this.#q(".again").addEventListener("click", () => this.#followup?.());
@@ -708,11 +711,39 @@ export class CirisBillingElement extends HTMLElement {
     }
     this.#renderLowBalance();
     const buy = this.#q(".buy");
-    const options = credits?.purchase_options;
+    const options = this.#chosenPack() ?? credits?.purchase_options;
     buy.textContent = options
       ? `Buy ${plural(options.uses, "use", "uses")} for ${formatMoney(options.price_minor, options.currency)}`
       : "Buy credits";
-    buy.hidden = !["ready", "no-credit"].includes(this.state) || !this.#capabilities?.purchases;
+    this.#showBuying(this.state);
+  }
+
+  /** The packs the agent sells, when it sells several (`capabilities.packs`): the user chooses. */
+  #packs() {
+    const packs = this.#capabilities?.packs;
+    return Array.isArray(packs) && packs.length > 1 ? packs : [];
+  }
+
+  /** The pack chosen in the list (the first, the default, until the user picks another); null with one. */
+  #chosenPack() {
+    const packs = this.#packs();
+    if (!packs.length) return null;
+    const select = this.#q(".packs");
+    if (select.options.length !== packs.length) {
+      select.replaceChildren(...packs.map((pack) => {
+        const option = document.createElement("option");
+        option.value = pack.id;
+        option.textContent = `${plural(pack.uses, "use", "uses")} for ${formatMoney(pack.price_minor, pack.currency)}`;
+        return option;
+      }));
+    }
+    return packs.find((pack) => pack.id === select.value) ?? packs[0];
+  }
+
+  #showBuying(state) {
+    const hidden = !["ready", "no-credit"].includes(state) || !this.#capabilities?.purchases;
+    this.#q(".buy").hidden = hidden;
+    this.#q(".packs").hidden = hidden || !this.#packs().length;
   }
 
   /** At or under the agent's `low_balance_threshold` (and not yet out: the status says that), a notice. */
@@ -833,7 +864,7 @@ export class CirisBillingElement extends HTMLElement {
     this.#setState(this.state, "Preparing the payment form…", { busy: true });
     try {
       const returnUrl = this.getAttribute("return-url") || undefined;
-      const purchase = await this.#client.initiatePurchase({ returnUrl });
+      const purchase = await this.#client.initiatePurchase({ returnUrl, pack: this.#chosenPack()?.id });
       const Stripe = await loadStripe(this.#stripeJs());
       if (run !== this.#run) return;
       this.#purchase = purchase;
@@ -989,7 +1020,7 @@ export class CirisBillingElement extends HTMLElement {
     const text = this.#q(".message");
     if (text.textContent !== message) text.textContent = message;
     this.#q(".payment").hidden = state !== "paying";
-    this.#q(".buy").hidden = !["ready", "no-credit"].includes(state) || !this.#capabilities?.purchases;
+    this.#showBuying(state);
   }
 
   /** The one follow-up action shown under the status (none with `label` null). */

@@ -161,8 +161,13 @@ class CirisProvider(CreditProvider):
         await self.charges.give_back_owed(identity, idempotency_key, owed_since)
 
     async def initiate_purchase(
-        self, identity: Identity, return_url: str | None, idempotency_key: str | None
+        self,
+        identity: Identity,
+        return_url: str | None,
+        idempotency_key: str | None,
+        pack: str | None = None,
     ) -> PurchaseInitiated:
+        # The backend sells one pack: declaring no `packs`, this is never asked for another.
         return await self.purchases.initiate(identity, return_url, idempotency_key)
 
     async def purchase_status(self, identity: Identity, payment_id: str) -> PurchaseStatus:

@@ -2,14 +2,8 @@
 
 * Ownership: each payment started is recorded with its owner in the `PaymentStore`, because the
   backend does not check who asks about a payment.
-* Starting: an `Idempotency-Key` replays the same user's reply for a day. A new key, or none, gets
-  the user's latest payment back within `purchase_reuse_seconds`, but only while it still awaits
-  payment; else a new one. Replies are kept in the `ReplayStore`, sealed (they carry the Stripe
-  client secret), so every process sharing the database replays them. Every new PaymentIntent of a
-  user is made under the store's one claim on the user's latest slot (a key's answer under the key's
-  claim first), so simultaneous initiates of one user on any number of processes, with any keys,
-  make one PaymentIntent at a time, and at most `purchase_max_per_user` per window. Within a process
-  initiates with the same key (or none) share one task.
+* Starting: once per key or double click, one at a time per user, at most `purchase_max_per_user`
+  per window, in every process (`providers.purchase_starts`, shared with the `stripe` provider).
 * Status: Stripe's `succeeded` is `processing` until the webhook's credit for *this* payment shows.
 """
 
@@ -17,20 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
-from contextlib import suppress
 from typing import Any, Final
 
 from pydantic import ValidationError
 
-from ...errors import InvalidRequest, PaymentNotFound, ProviderUnavailable, TooManyRequests
+from ...errors import InvalidRequest, PaymentNotFound, ProviderUnavailable
 from ...identity import Identity
 from ...models import PAYMENT_STATES, PurchaseInitiated, PurchaseStatus
-from ...singleflight import SingleFlight
 from ...store import Payment, PaymentStore
-from ...store.replays import Found, ReplayStore, Slot, Taken
-from ...store.sweeper import Sweeper
+from ...store.replays import ReplayStore
+from ..purchase_starts import PurchaseStarts, StartLimits
 from .backend import BillingBackend
 from .sealing import ReplySeal
 from .wire import AWAITING_PAYMENT, BLOCKED, BackendPurchase, to_credit_status
@@ -38,172 +29,53 @@ from .wire import AWAITING_PAYMENT, BLOCKED, BackendPurchase, to_credit_status
 logger = logging.getLogger("ciris_billing_proxy.ciris")
 
 EMAIL_REQUIRED: Final = "Email address required for purchase"
-TOO_MANY_PURCHASES: Final = "Too many purchases started; try again later"
 INVALID_PURCHASE: Final = "Invalid purchase request"
-#: How long an `Idempotency-Key` replays its reply.
-KEY_REPLAY_SECONDS: Final = 86_400.0
-#: A claim outlives the longest start (the purchase budget, a second's wait for a replayed
-#: PaymentIntent, the ownership write) by this much; a process that dies holding one delays the
-#: user's next purchase by its lease at most.
-CLAIM_MARGIN_SECONDS: Final = 15.0
-#: How often a click waiting for another process's start looks again.
-CLAIM_POLL_SECONDS: Final = 0.05
 
 
 class PurchaseDesk:
+    """Sells through the backend; starting a purchase once (replays, double clicks, one start at a
+    time per user) is `PurchaseStarts`'s."""
+
     def __init__(
         self, backend: BillingBackend, payments: PaymentStore, replays: ReplayStore, seal: ReplySeal
     ) -> None:
         self.backend = backend
         self.payments = payments
         self.replays = replays
-        self._seal = seal
-        self._lease = backend.settings.purchase_timeout_seconds + CLAIM_MARGIN_SECONDS
-        self._starting: SingleFlight[tuple[tuple[str, str], str | None], PurchaseInitiated] = SingleFlight()
-        self._sweeper = Sweeper(replays.sweep, "purchase replays")
+        settings = backend.settings
+        limits = StartLimits(
+            start_seconds=settings.purchase_timeout_seconds,
+            reuse_seconds=settings.purchase_reuse_seconds,
+            max_per_user=settings.purchase_max_per_user,
+            window_seconds=settings.purchase_window_seconds,
+        )
+        self.starts = PurchaseStarts(self, payments, replays, seal, limits)
 
     def start(self) -> None:
-        self._sweeper.start()
+        self.starts.start()
 
     async def aclose(self) -> None:
-        await self._sweeper.aclose()
-        await self._starting.aclose()
+        await self.starts.aclose()
 
     async def initiate(
         self, identity: Identity, return_url: str | None, idempotency_key: str | None
     ) -> PurchaseInitiated:
         if not identity.email:
             raise InvalidRequest(EMAIL_REQUIRED)
-        task = self._starting.run(
-            (identity.key, idempotency_key), lambda: self._once(identity, return_url, idempotency_key)
-        )
-        return await asyncio.shield(task)
+        return await self.starts.initiate(identity, return_url, idempotency_key)
 
-    async def _once(
-        self, identity: Identity, return_url: str | None, idempotency_key: str | None
+    async def start_purchase(
+        self, identity: Identity, return_url: str | None, pack: str | None
     ) -> PurchaseInitiated:
-        """Without a key, the user's latest purchase (`_latest_or_new`). With one, the key's reply if
-        it has one, else what `_latest_or_new` gives, kept as the key's reply: made under the key's
-        claim, so one key is one answer however many processes are asked at once."""
-        if idempotency_key is None:
-            return await self._latest_or_new(identity, return_url)
-        slot = Slot(identity.namespace, identity.user_id, idempotency_key)
-        token = secrets.token_hex(16)
-        give_up = time.monotonic() + self._lease + 1.0
-        unreadable: str | None = None
-        while True:
-            claim = await self.replays.claim(slot, token, self._lease, unreadable)
-            if isinstance(claim, Taken):
-                return await self._answer_key(identity, return_url, slot, token)
-            if isinstance(claim, Found):
-                purchase = self._open(slot, claim)
-                if purchase is not None:
-                    return purchase
-                unreadable = claim.payment_id  # a reply that no longer opens is replaced
-                continue
-            await self._wait(give_up)
+        return await self._start(identity, return_url)
 
-    async def _answer_key(
-        self, identity: Identity, return_url: str | None, slot: Slot, token: str
-    ) -> PurchaseInitiated:
-        try:
-            purchase = await self._latest_or_new(identity, return_url)
-            body = self._seal_for(slot, purchase.model_dump_json().encode())
-            if not await self.replays.fill(slot, token, purchase.payment_id, body, KEY_REPLAY_SECONDS):
-                logger.warning("Payment %s took longer than its claim to start", purchase.payment_id)
-        except BaseException:
-            with suppress(ProviderUnavailable):
-                await self.replays.release(slot, token)
-            raise
-        return purchase
-
-    async def _latest_or_new(self, identity: Identity, return_url: str | None) -> PurchaseInitiated:
-        """The user's latest purchase while it awaits payment and is within `purchase_reuse_seconds`,
-        else a new one, made under the claim on the user's latest slot. Every new PaymentIntent of a
-        user is made under that one claim, with or without a key, in every process: one at a time,
-        so the backend (whose Stripe idempotency key is the account and the second) never hands
-        two of them one PaymentIntent, and the per-user limit counts exactly."""
-        slot = Slot(identity.namespace, identity.user_id, None)
-        token = secrets.token_hex(16)
-        give_up = time.monotonic() + self._lease + 1.0
-        superseding: str | None = None
-        while True:
-            claim = await self.replays.claim(slot, token, self._lease, superseding)
-            if isinstance(claim, Taken):
-                return await self._start_claimed(identity, return_url, slot, token)
-            if isinstance(claim, Found):
-                purchase = self._open(slot, claim)
-                if purchase is not None and await self._awaits_payment(purchase.payment_id):
-                    return purchase
-                superseding = claim.payment_id
-                continue
-            await self._wait(give_up)
-
-    @staticmethod
-    async def _wait(give_up: float) -> None:
-        """Wait a poll for a claim held elsewhere; past `give_up` (its holder died, and its lease has
-        not run out yet), a 503 that made nothing."""
-        if time.monotonic() > give_up:
-            raise ProviderUnavailable("another process is still starting it", maybe_applied=False)
-        await asyncio.sleep(CLAIM_POLL_SECONDS)
-
-    def _open(self, slot: Slot, found: Found) -> PurchaseInitiated | None:
-        plain = self._seal.open(found.sealed, slot.binding())
-        if plain is None:
-            logger.warning(
-                "A kept purchase reply does not open (sealed with another API key or replay secret: "
-                "see docs/operations.md, Rotating the backend API key); starting anew"
-            )
-            return None
-        return PurchaseInitiated.model_validate_json(plain)
-
-    async def _start_claimed(
-        self, identity: Identity, return_url: str | None, slot: Slot, token: str
-    ) -> PurchaseInitiated:
-        try:
-            await self._within_limit(identity)
-            purchase = await self._start(identity, return_url)
-            body = self._seal_for(slot, purchase.model_dump_json().encode())
-            if not await self.replays.fill(slot, token, purchase.payment_id, body, self._reuse_seconds):
-                logger.warning("Payment %s took longer than its claim to start", purchase.payment_id)
-        except BaseException:
-            # Others waiting on the claim then try themselves instead of waiting out its lease.
-            with suppress(ProviderUnavailable):
-                await self.replays.release(slot, token)
-            raise
-        return purchase
-
-    async def _within_limit(self, identity: Identity) -> None:
-        """At most `purchase_max_per_user` new PaymentIntents per user per `purchase_window_seconds`
-        (counted in the payment records, shared by every process): beyond it, a 429 whose
-        `Retry-After` is when the oldest of them leaves the window. Called under the user's latest
-        claim, so the count cannot race with another start of the user's."""
-        settings = self.backend.settings
-        if not settings.purchase_max_per_user:
-            return
-        now = time.time()
-        started = await self.payments.started_since(identity, now - settings.purchase_window_seconds)
-        if len(started) >= settings.purchase_max_per_user:
-            oldest = started[len(started) - settings.purchase_max_per_user]
-            raise TooManyRequests(TOO_MANY_PURCHASES, oldest + settings.purchase_window_seconds - now)
-
-    def _seal_for(self, slot: Slot, body: bytes) -> bytes:
-        return self._seal.seal(body, slot.binding())
-
-    @property
-    def _reuse_seconds(self) -> float:
-        return self.backend.settings.purchase_reuse_seconds
-
-    async def _awaits_payment(self, payment_id: str) -> bool:
+    async def awaits_payment(self, purchase: PurchaseInitiated, pack: str | None) -> bool:
         """Whether a payment can still be handed back for a double click: only one still waiting
         for the user to pay. One that succeeded, failed or was canceled cannot be paid again, so
         the next click must get a new one; when its state cannot be read, so must it."""
-        payment = await self.payments.get(payment_id)
-        if payment is None or payment.credited:
-            return False
         deadline = self.backend.deadline(self.backend.settings.timeout_seconds)
         try:
-            reply = await self.backend.stripe_status(payment_id, deadline)
+            reply = await self.backend.stripe_status(purchase.payment_id, deadline)
         except ProviderUnavailable:
             return False
         return reply.status == 200 and reply.body.get("status") in AWAITING_PAYMENT
