@@ -381,6 +381,8 @@ class InteractRequest(_Request):
     """The demo agent's `POST /v1/agent/interact` body."""
 
     message: str = Field(min_length=1, max_length=4000)
+    #: Demo only: what the interaction costs (weighted spends; `?cost=N` says the same).
+    cost: int = Field(default=1, ge=1, le=10, strict=True)
 
 
 class InteractReply(_Reply):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +206,37 @@ async def test_the_demo_charges_the_cost_its_request_asks(aiohttp_client: Any, t
         assert "cost" in (await resp.json())["detail"]
     assert (await client.post(interact, params={"cost": "5"}, data=b"{", headers=auth)).status == 400
     assert await left(client, auth) == (12, 8)
+
+
+async def test_the_demo_takes_the_cost_in_its_body_too(aiohttp_client: Any, tmp_path: Path) -> None:
+    """`{"cost": N}` is charged like `?cost=N` when the body comes whole; a body streamed in chunks
+    is read after the use is taken, so a cost in it that differs is refused and the use given back."""
+    config = _config(tmp_path, 20)
+    users = UserStore()
+    users.add("ann", "pw-ann-123456")
+    client = await aiohttp_client(create_demo_app(config, users, environ={}))
+    auth = TokenFactory(config).headers("ann")
+    interact = "/v1/agent/interact"
+    resp = await client.post(interact, json={"message": "hi", "cost": 4}, headers=auth)
+    assert resp.status == 200
+    assert (await resp.json())["free_uses_remaining"] == 16
+    for bad in (11, 0, "3", True, None):
+        resp = await client.post(interact, json={"message": "hi", "cost": bad}, headers=auth)
+        assert resp.status == 422, bad
+        assert "cost" in (await resp.json())["detail"]
+    both = {"message": "hi", "cost": 2}
+    assert (await client.post(interact, params={"cost": "3"}, json=both, headers=auth)).status == 422
+    assert (await client.post(interact, params={"cost": "2"}, json=both, headers=auth)).status == 200
+
+    async def streamed(body: bytes) -> AsyncIterator[bytes]:
+        yield body
+
+    resp = await client.post(interact, data=streamed(json.dumps(both).encode()), headers=auth)
+    assert resp.status == 422
+    assert "?cost=N" in (await resp.json())["detail"]
+    one = json.dumps({"message": "hi"}).encode()
+    assert (await client.post(interact, data=streamed(one), headers=auth)).status == 200
+    assert await left(client, auth) == (20 - 4 - 2 - 1, 4 + 2 + 1)
 
 
 async def test_the_configured_threshold_reaches_the_ledger_and_a_crossing_is_one_event(

@@ -1,6 +1,6 @@
 """The demo agent: login, the billing and tool routes, and its gated endpoints: `POST /v1/agent/interact`
-(one interaction use; on a provider with weighted spends, an optional `?cost=N`, 1-10, a demo-only
-knob) and `POST /v1/agent/tools/{product}` (one use of that product).
+(one interaction use; on a provider with weighted spends, an optional cost, 1-10, in `?cost=N` or
+the body's `"cost"`: a demo-only knob) and `POST /v1/agent/tools/{product}` (one use of that product).
 
 It is what `ciris-billing-proxy serve` runs; `examples/agent.py` is the same idea in a few lines.
 State lives in the data directory: the usage ledger, a generated JWT secret (so tokens stay valid
@@ -28,7 +28,7 @@ from ..config import BillingConfig, ConfigError
 from ..cors import allow_preflights, cors_middleware
 from ..errors import CATCH_ALLS, error_middleware, guarded, http_error, unguarded, unmatched_reply
 from ..gate import credit_gate
-from ..keys import SPENT_STATUS_KEY, billing_service
+from ..keys import GATED_SPEND_KEY, SPENT_STATUS_KEY, billing_service
 from ..models import InteractReply, InteractRequest
 from ..operations import IntQuery
 from ..ops.health import ALIVE_PATH, READY_PATH, alive, ready
@@ -58,28 +58,53 @@ DEMO_PRODUCTS = {
 _PASSWORD_ALPHABET = string.ascii_letters + string.digits
 
 
-#: Demo only: what an interaction costs, from `?cost=N` (1-10) to show weighted spends
-#: (docs/credits.md). A real agent decides a cost from what the interaction did, never from what the
-#: client asks. A query parameter rather than a body field, so the cost is known, and taken, before
-#: the body is read, as a gate takes every use.
+#: Demo only: what an interaction costs (docs/credits.md), 1-10: `?cost=N`, or `"cost"` in the
+#: body. A real agent decides a cost from what the interaction did, never from what the client asks.
 COST_PARAM: Final = IntQuery("cost", 1, 1, 10, "Demo only: what this interaction costs (weighted spends).")
 #: What a `cost` other than 1 gets from a provider that takes one use per interaction.
 ONE_USE_ONLY: Final = "Invalid request: cost: this agent's credit provider takes one use per interaction"
+#: A body's `cost` that is not what was charged: a streamed body arrives after the gate took its use.
+COST_IN_STREAM: Final = (
+    "Invalid request: cost: a body sent in chunks is read after the use is taken; send its cost as ?cost=N"
+)
+#: The body, when the cost was read from it before the gate's spend (a body is read once).
+_BODY: Final = web.RequestKey("ciris_billing_demo_interaction", InteractRequest)
 
 
-def interaction_cost(request: web.Request) -> int:
-    """The demo's cost of an interaction: `?cost=N` (1-10; a 422 otherwise), else 1."""
-    return COST_PARAM.read(request)
+async def interaction_cost(request: web.Request) -> int:
+    """The demo's cost of an interaction: `?cost=N` (1-10; a 422 otherwise); else the body's `cost`
+    when the body comes whole (a `Content-Length`), read before the spend; else 1. A body streamed
+    in chunks is not waited for: the use is taken first, as a gate takes every use, and the handler
+    refuses a `cost` in it that differs from what was taken."""
+    if COST_PARAM.name in request.query:
+        return COST_PARAM.read(request)
+    if request.content_length is None:
+        return 1
+    body = request[_BODY] = await _read_interaction(request)
+    return body.cost
+
+
+async def _read_interaction(request: web.Request) -> InteractRequest:
+    config = billing_service(request).config
+    return await read_model(
+        request, InteractRequest, config.max_body_bytes, time_limit=config.body_timeout_seconds
+    )
 
 
 async def _interact(request: web.Request) -> web.Response:
     service = billing_service(request)
-    if COST_PARAM.read(request) != 1 and not service.provider.weighted_spends:
+    body = request.get(_BODY) or await _read_interaction(request)
+    if COST_PARAM.name in request.query:
+        cost = COST_PARAM.read(request)
+        if "cost" in body.model_fields_set and body.cost != cost:
+            raise http_error(422, "Invalid request: cost: ?cost and the body's cost differ")
+    else:
+        cost = body.cost
+    if cost != 1 and not service.provider.weighted_spends:
         raise http_error(422, ONE_USE_ONLY)
-    config = service.config
-    body = await read_model(
-        request, InteractRequest, config.max_body_bytes, time_limit=config.body_timeout_seconds
-    )
+    gated = request.get(GATED_SPEND_KEY)
+    if gated is not None and gated.amount != cost:
+        raise http_error(422, COST_IN_STREAM)
     identity = get_identity(request)
     # What the gate's spend left, straight from its transaction; read only if the provider did not say.
     status = request.get(SPENT_STATUS_KEY)
@@ -95,7 +120,7 @@ async def _interact(request: web.Request) -> web.Response:
     )
 
 
-#: `POST /v1/agent/interact` on a provider with weighted spends: `?cost=N` is charged.
+#: `POST /v1/agent/interact` on a provider with weighted spends: its cost (`?cost=N` or `"cost"`) is charged.
 weighted_interact = credit_gate(cost=interaction_cost)(_interact)
 #: The same on a provider that takes one use per interaction.
 interact = credit_gate(_interact)
