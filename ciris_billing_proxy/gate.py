@@ -296,17 +296,17 @@ async def _interaction(
         response = await handler(request)
     except web.HTTPException as exc:
         if exc.status >= 400:
-            await _give_back(service, identity, key, f"the interaction failed (HTTP {exc.status})")
+            await _give_back(service, identity, key, f"the interaction failed (HTTP {exc.status})", amount)
         raise
     except BaseException as exc:
         gone = client_left(request, exc)
         why = "the client left" if gone else f"the interaction failed ({type(exc).__name__})"
-        await _give_back(service, identity, key, why)
+        await _give_back(service, identity, key, why, amount)
         if gone:
             return client_gone(request).reply()
         raise
     if response.status >= 400:
-        await _give_back(service, identity, key, f"the interaction failed (HTTP {response.status})")
+        await _give_back(service, identity, key, f"the interaction failed (HTTP {response.status})", amount)
         return response
     if not spend.reserved and spend._usage is None:
         return response
@@ -394,9 +394,9 @@ async def _check_credit(
     return None
 
 
-async def _give_back(service: BillingService, identity: Identity, key: str, why: str) -> None:
+async def _give_back(service: BillingService, identity: Identity, key: str, why: str, amount: int) -> None:
     try:
-        await service.give_back(identity, key, why)
+        await service.give_back(identity, key, why, amount=amount)
     except BillingError:
         # The interaction already failed; a failed refund must not replace that error. The log line
         # names the request key, so an operator can reconcile it.

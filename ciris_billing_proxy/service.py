@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
 
 from aiohttp import web
@@ -69,9 +70,31 @@ class CachedCredit:
 
     body: bytes
     has_credit: bool
+    #: When the reply's soonest-expiring credit expires (Unix time; `next_expiry_at`), or None: the
+    #: entry is not kept past it, so a cached reply never shows credit the gate would not take.
+    expires_at: float | None = None
+
+    def lifetime(self, ttl: float, negative_ttl: float) -> float:
+        """How long to keep this entry: the TTL, shorter without credit, never past an expiry."""
+        lifetime = ttl if self.has_credit else negative_ttl
+        if self.expires_at is not None:
+            lifetime = min(lifetime, max(self.expires_at - time.time(), 0.0))
+        return lifetime
 
     def status(self) -> CreditStatus:
         return CreditStatus.model_validate_json(self.body)
+
+
+def _unix(when: str | None) -> float | None:
+    """An ISO 8601 time as Unix time; None for none, or for one a provider wrote unreadably (then
+    the entry is kept for the TTL, as before expiries existed)."""
+    if when is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(when)
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def outcome_of(exc: BillingError) -> str:
@@ -156,7 +179,7 @@ class BillingService:
             self._load_status,
             ttl=config.cache_ttl_seconds,
             maxsize=config.cache_max_entries,
-            ttl_of=lambda entry: config.cache_ttl_seconds if entry.has_credit else negative_ttl,
+            ttl_of=lambda entry: entry.lifetime(config.cache_ttl_seconds, negative_ttl),
         )
         self._money_tasks: set[asyncio.Task[Any]] = set()
         self.retries = GiveBackRetries(self._retry_give_back, max_interval=config.give_back_retry_max_seconds)
@@ -434,32 +457,33 @@ class BillingService:
             # The caller went away while the use was being taken, or the spend failed in a way that
             # may have taken effect (a timeout after the backend committed): settle it in the
             # background once the spend's outcome is known.
-            self._track(self._give_back_after(task, identity, idempotency_key))
+            self._track(self._give_back_after(task, identity, idempotency_key, amount))
             raise
         return status if isinstance(status, CreditStatus) else None
 
     async def give_back(
-        self, identity: Identity, idempotency_key: str, why: str = "asked by the host"
+        self, identity: Identity, idempotency_key: str, why: str = "asked by the host", *, amount: int = 1
     ) -> None:
-        """Give back the use spent under this key. When the provider cannot do it now
+        """Give back what was spent under this key (`amount`, what the spend took, is what the
+        audit event says; the provider returns whatever the key took). When the provider cannot do it now
         (`ProviderUnavailable`), it is kept in the outbox and retried in the background until it
         can: never dropped. `why` is what `ciris-billing-proxy reconcile` shows for it meanwhile.
 
         The give-back and the decision to retry it run as one tracked task: a caller cancelled
         while it waits (a client gone, a host's timeout) cannot leave a failure unhandled."""
-        await asyncio.shield(self._track(self._give_back_or_retry(identity, idempotency_key, why)))
+        await asyncio.shield(self._track(self._give_back_or_retry(identity, idempotency_key, why, amount)))
 
-    async def _give_back_or_retry(self, identity: Identity, key: str, why: str) -> None:
+    async def _give_back_or_retry(self, identity: Identity, key: str, why: str, amount: int) -> None:
         try:
-            await self._give_back_once(identity, key)
+            await self._give_back_once(identity, key, amount)
         except ProviderUnavailable:
             await self._owe(identity, key, why)
         except BillingError:
             logger.warning("Could not give back the use spent under request key %s", key)
 
-    async def _give_back_once(self, identity: Identity, key: str) -> None:
+    async def _give_back_once(self, identity: Identity, key: str, amount: int) -> None:
         task = self._track(
-            self._change_credit(self.provider.give_back(identity, key), identity, "give_back", key)
+            self._change_credit(self.provider.give_back(identity, key), identity, "give_back", key, amount)
         )
         await asyncio.shield(task)
 
@@ -500,7 +524,8 @@ class BillingService:
             else self.provider.give_back_owed(identity, key, owed.owed_since)
         )
         try:
-            await self._change_credit(call, identity, "give_back", key)
+            # What the spend took is not kept with a debt: the audit event's amount is left empty.
+            await self._change_credit(call, identity, "give_back", key, None)
         except ProviderUnavailable:
             raise
         except BillingError as exc:
@@ -637,7 +662,9 @@ class BillingService:
         body = status.model_dump_json().encode()
         shared = self._interned.get(body)
         if shared is None:
-            shared = self._interned[body] = CachedCredit(body, status.has_credit)
+            shared = self._interned[body] = CachedCredit(
+                body, status.has_credit, _unix(status.next_expiry_at)
+            )
         return shared
 
     async def transactions(self, identity: Identity, limit: int, offset: int) -> TransactionPage:
@@ -750,7 +777,7 @@ class BillingService:
             self.audit.record(kind, user_of(identity), outcome, amount=1, reference=reference)
 
     async def _change_credit(
-        self, call: Awaitable[object], identity: Identity, what: str, key: str, amount: int = 1
+        self, call: Awaitable[object], identity: Identity, what: str, key: str, amount: int | None = 1
     ) -> object:
         """Run a provider call that changes the user's credit (a spend or a give-back), forget
         the user's cached credit once it is done, whatever its outcome, and audit it; returns what
@@ -781,7 +808,9 @@ class BillingService:
         # A provider that sells credits gives a use back by refunding what was charged for it.
         return AuditKind.REFUND if self.provider.purchases_enabled is True else AuditKind.GIVE_BACK
 
-    async def _give_back_after(self, spend: asyncio.Task[object], identity: Identity, key: str) -> None:
+    async def _give_back_after(
+        self, spend: asyncio.Task[object], identity: Identity, key: str, amount: int
+    ) -> None:
         """Give back what `spend` took, if it may have taken anything. `give_back` is a no-op for a
         use never taken, so an ambiguous failure is reconciled with it too."""
         try:
@@ -791,7 +820,7 @@ class BillingService:
                 return
         except BillingError:
             return  # refused outright (no credit): nothing was taken
-        await self._give_back_or_retry(identity, key, "the spend failed, and may have taken effect")
+        await self._give_back_or_retry(identity, key, "the spend failed, and may have taken effect", amount)
 
     async def _guard(self, call: Awaitable[Any], what: str, expected: type[T]) -> T:
         """The provider's answer, if it is what the interface declares; every failure other than

@@ -4,8 +4,12 @@ route answered with its status and a JSON `detail`; the `credits` command does t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -266,3 +270,40 @@ async def test_the_python_client_reads_usage_and_drives_the_admin_routes(
         assert (await ann.get_usage(group_by="product")).totals == []
         with pytest.raises(ForbiddenError):
             await ann.admin_audit()
+
+
+async def test_a_grant_key_used_again_for_another_grant_is_refused(setup: tuple[Any, TokenFactory]) -> None:
+    client, tokens = setup
+    root, ann = tokens.headers("root", role="admin"), tokens.headers("ann")
+    keyed = {**root, "Idempotency-Key": "g1"}
+    first = {"amount": 5, "reason": "goodwill", "note": "sorry"}
+    assert (await client.post(ANN_GRANTS, json=first, headers=keyed)).status == 200
+    replay = await client.post(ANN_GRANTS, json=first, headers=keyed)
+    assert (await replay.json())["replayed"] is True
+    others = (
+        {"amount": 7, "reason": "goodwill"},
+        {**first, "kind": "paid"},
+        {**first, "reason": "promotion"},
+    )
+    for other in others:
+        refused = await client.post(ANN_GRANTS, json=other, headers=keyed)
+        assert refused.status == 409, other
+        assert "Idempotency-Key" in (await refused.json())["detail"]
+    assert (await (await client.get(CREDITS, headers=ann)).json())["credits_remaining"] == 5
+
+
+async def test_credit_that_expired_is_not_shown_from_the_cache(setup: tuple[Any, TokenFactory]) -> None:
+    """The credit cache keeps a reply no longer than its soonest expiry: once a grant expires,
+    `GET /credits` says so at once, not a cache lifetime later."""
+    client, tokens = setup
+    root, ann = tokens.headers("root", role="admin"), tokens.headers("ann")
+    expires = math.ceil(time.time()) + 2
+    at = datetime.fromtimestamp(expires, UTC).isoformat()
+    gift = {"amount": 2, "reason": "promotion", "expires_at": at}
+    assert (await client.post(ANN_GRANTS, json=gift, headers=root)).status == 200
+    shown = await (await client.get(CREDITS, headers=ann)).json()
+    assert (shown["credits_remaining"], shown["next_expiry_at"]) == (2, at)
+    await asyncio.sleep(expires - time.time() + 0.3)
+    shown = await (await client.get(CREDITS, headers=ann)).json()
+    assert shown["credits_remaining"] == 0
+    assert "next_expiry_at" not in shown

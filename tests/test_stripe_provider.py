@@ -100,6 +100,12 @@ async def test_a_paid_purchase_is_credited_by_the_webhook(agent: Agent) -> None:
     assert await agent.status(payment_id) == {"status": "succeeded", "credits_added": 20, "balance_after": 20}
     succeeded = await events_of(agent, "purchase.succeeded")
     assert [e["payment_id"] for e in succeeded] == [payment_id]
+    # What every provider's purchase.succeeded has (docs/events.md), whichever provider sold it.
+    assert {k: succeeded[0][k] for k in ("payment_id", "credits_added", "balance_after")} == {
+        "payment_id": payment_id,
+        "credits_added": 20,
+        "balance_after": 20,
+    }
     code, page = await agent.get("/transactions")
     assert code == 200
     assert page["transactions"][0]["type"] == "credit"

@@ -85,6 +85,19 @@ async def test_a_cost_is_taken_whole_or_refused(make_client: ClientFactory, tmp_
     assert await left(client, auth) == (2, 8)
 
 
+async def test_a_weighted_give_back_is_audited_at_what_the_spend_took(
+    make_client: ClientFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await make_client(_config(tmp_path, 10), host=weighted_routes)
+    auth = TokenFactory(_config(tmp_path, 10)).headers("ann")
+    caplog.set_level(logging.INFO, logger="ciris_billing_proxy.audit")
+    assert (await client.post("/priced", params={"cost": "4", "fail": "1"}, headers=auth)).status == 502
+    assert await left(client, auth) == (10, 0)
+    audited = [json.loads(r.getMessage()) for r in caplog.records if r.name == "ciris_billing_proxy.audit"]
+    moved = [(e["event"], e["amount"]) for e in audited if e["event"] in ("spend", "give_back")]
+    assert moved == [("spend", 4), ("give_back", 4)]
+
+
 async def test_a_reservation_keeps_what_the_handler_settles(
     make_client: ClientFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -50,6 +50,17 @@ class KeyReused(ValueError):
     round: nothing changed."""
 
 
+def check_replay(
+    grant: Grant, key: str, amount: int, kind: str, source: str, reason: str, expires_at: int | None
+) -> None:
+    """A grant's key used again must ask for the same grant (then the first is answered);
+    `KeyReused` when it asks for another (a client that reuses a key for a different change must
+    hear so, not get the earlier one back as if it were what it asked for)."""
+    asked = (amount, kind, source, reason, expires_at)
+    if asked != (grant.amount, grant.kind, grant.source, grant.reason, grant.expires_at):
+        raise KeyReused(key)
+
+
 class NoReservation(LookupError):
     """`settle` under a key that reserved nothing."""
 

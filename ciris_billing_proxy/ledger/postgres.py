@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ..store import events
 from ..store.postgres import PostgresDatabase
-from .base import KeyReused, Ledger, NoReservation, Overdrawn, event_data, grant_data, iso
+from .base import KeyReused, Ledger, NoReservation, Overdrawn, check_replay, event_data, grant_data, iso
 from .model import (
     ENTRY_COLUMNS,
     ENTRY_FROM,
@@ -400,6 +400,7 @@ class PostgresLedger(Ledger):
                 found = await self._keyed(conn, account, key, "grant")
                 if found is not None and found[0] is not None:
                     grant = await self._grant(conn, found[0])
+                    check_replay(grant, key, amount, kind, source, reason, expires_at)
                     return Granted(grant, await self._balance(conn, account, now), replayed=True)
             grant_id = await conn.fetchval(
                 "INSERT INTO credit_grants (namespace, user_id, product, kind, source, amount, remaining, "

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..store import events
 from ..store.sqlite import SQLiteDatabase, transaction
-from .base import KeyReused, Ledger, NoReservation, Overdrawn, event_data, grant_data, iso
+from .base import KeyReused, Ledger, NoReservation, Overdrawn, check_replay, event_data, grant_data, iso
 from .model import (
     ENTRY_COLUMNS,
     ENTRY_FROM,
@@ -433,6 +433,7 @@ class SQLiteLedger(Ledger):
                     found = self._keyed(conn, account, key, "grant")
                     if found is not None and found[0] is not None:
                         grant = self._grant(conn, found[0])
+                        check_replay(grant, key, amount, kind, source, reason, expires_at)
                         return Granted(grant, self._balance(conn, account, now), replayed=True)
                 self._open_account(conn, account, now)
                 grant_id = conn.execute(

@@ -100,8 +100,10 @@ class Settlement:
             note=payment.payment_id,
             key=f"purchase:{payment.payment_id}",
         )
+        # The fields every provider's purchase.succeeded has (docs/events.md), then Stripe's own.
         event = {
             "payment_id": payment.payment_id,
+            "credits_added": payment.uses,
             "uses": payment.uses,
             "amount_minor": payment.amount_minor,
             "currency": payment.currency,
