@@ -63,7 +63,9 @@ NAMESPACE: Final = TextQuery(
 )
 AUDIT_USER: Final = TextQuery("user_id", re.compile(r".{1,256}"), "Only this user's lines.")
 AUDIT_SINCE: Final = TextQuery("since", _DAY, "Only lines from this UTC day on (YYYY-MM-DD).", "date")
-AUDIT_KIND: Final = TextQuery("kind", re.compile("|".join(ENTRY_KINDS)), "Only lines of this kind.")
+AUDIT_KIND: Final = TextQuery(
+    "kind", re.compile("|".join(ENTRY_KINDS)), "Only lines of this kind: " + ", ".join(ENTRY_KINDS) + "."
+)
 LIMIT: Final = IntQuery("limit", 50, 1, 100, "Lines per page.")
 OFFSET: Final = IntQuery("offset", 0, 0, 1_000_000_000, "Lines to skip, newest first.")
 GRANT_KEY: Final = TextParam(
@@ -149,6 +151,12 @@ class CreditRoutes:
         """The caller, if an admin, and the ledger: 403 before anything else is looked at."""
         caller: Identity = request[VERIFIED_KEY][1]
         if caller.role not in self.service.config.admin_roles:
+            self.service.audit.record(
+                AuditKind.ADMIN_REFUSED,
+                user_of(caller),
+                "refused",
+                reference=f"{request.method} {request.path}",
+            )
             raise http_error(403, NOT_ADMIN)
         return caller, self._ledger()
 

@@ -58,7 +58,8 @@ class TextQuery:
         if raw is None:
             return None
         if self.regex.fullmatch(raw) is None:
-            raise http_error(422, f"Invalid request: {self.name} is not valid")
+            # The description says what is allowed (never the value sent: it is the client's).
+            raise http_error(422, f"Invalid request: {self.name} is not valid: {self.description}")
         return raw
 
 

@@ -126,8 +126,11 @@ async def test_an_expiring_grant_shows_its_expiry(setup: tuple[Any, TokenFactory
     assert credits["next_expiry_at"] == "2099-01-01T00:00:00+00:00"
 
 
-async def test_every_admin_route_is_for_admins_only(setup: tuple[Any, TokenFactory]) -> None:
+async def test_every_admin_route_is_for_admins_only(
+    setup: tuple[Any, TokenFactory], caplog: pytest.LogCaptureFixture
+) -> None:
     client, tokens = setup
+    caplog.set_level(logging.INFO, logger="ciris_billing_proxy.audit")
     for headers in (
         tokens.headers("ann"),
         tokens.headers("ann", role="observer"),
@@ -139,6 +142,13 @@ async def test_every_admin_route_is_for_admins_only(setup: tuple[Any, TokenFacto
             )
             assert resp.status == 403, (method, path)
             assert (await resp.json()) == {"detail": "This route is for administrators"}
+    events = [json.loads(r.getMessage()) for r in caplog.records if r.name == "ciris_billing_proxy.audit"]
+    refused = [(e["event"], e["user"], e["outcome"], e["reference"]) for e in events]
+    assert refused == 3 * [
+        ("admin_refused", "local:ann", "refused", "GET /v1/api/billing/admin/users/ann/credits"),
+        ("admin_refused", "local:ann", "refused", "POST /v1/api/billing/admin/users/ann/grants"),
+        ("admin_refused", "local:ann", "refused", "GET /v1/api/billing/admin/audit"),
+    ]
     for method, path in (
         ("GET", ANN_CREDITS),
         ("POST", ANN_GRANTS),

@@ -135,7 +135,7 @@ async def test_every_kind_is_logged_and_kept(
     assert [e["request_id"] for e in events[2:4]] == ["req-spend-1", "req-refused-1"]
     assert all(list(e) == FIELDS and e["request_id"] for e in events)
     # The others: test_a_use_given_back_is_a_refund..., test_token_limits_logouts_everywhere_and_tools,
-    # tests/test_weighted_gate.py (settle), tests/test_admin_credits.py (credit_adjusted) and
+    # tests/test_weighted_gate.py (settle), tests/test_admin_credits.py (credit_adjusted, admin_refused) and
     # tests/test_stripe_provider.py (stripe_webhook, clawback).
     assert {e["event"] for e in events} | {
         "give_back",
@@ -144,6 +144,7 @@ async def test_every_kind_is_logged_and_kept(
         "logout_everywhere",
         "settle",
         "credit_adjusted",
+        "admin_refused",
         "stripe_webhook",
         "clawback",
     } == set(AuditKind)

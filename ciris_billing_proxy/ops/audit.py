@@ -70,6 +70,8 @@ class AuditKind(StrEnum):
     #: An operator granted credit or took it back (admin routes, `ciris-billing-proxy credits`):
     #: `amount` signed, `reference` the journal line, `outcome` the reason code.
     CREDIT_ADJUSTED = "credit_adjusted"
+    #: A caller without an admin role asked for an admin route (403); `reference` the method and path.
+    ADMIN_REFUSED = "admin_refused"
 
 
 #: An event's log line: what `json.dumps` makes of the fields, filled in by `AuditTrail.record`
