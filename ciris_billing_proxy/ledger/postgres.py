@@ -45,8 +45,17 @@ if TYPE_CHECKING:
 _ACCOUNT: Final = "namespace = $1 AND user_id = $2 AND product = $3"
 _LOCK: Final = """
 INSERT INTO credit_accounts AS a (namespace, user_id, product, used, signed_up) VALUES ($1, $2, $3, 0, FALSE)
-ON CONFLICT (namespace, user_id, product) DO UPDATE SET used = a.used
+ON CONFLICT (namespace, user_id, product) DO UPDATE SET version = a.version + 1
 RETURNING used, signed_up
+"""
+# The spend's fast path, first round trip: the account and its live grants as of one snapshot.
+_READ: Final = """
+SELECT a.used, a.signed_up, a.version, g.id, g.kind, g.remaining, g.expires_at
+FROM credit_accounts a
+LEFT JOIN credit_grants g
+  ON g.namespace = a.namespace AND g.user_id = a.user_id AND g.product = a.product
+ AND g.remaining > 0 AND (g.expires_at IS NULL OR g.expires_at > $4::float8)
+WHERE a.namespace = $1 AND a.user_id = $2 AND a.product = $3
 """
 _LIVE: Final = (
     "SELECT id, kind, remaining, expires_at FROM credit_grants "
@@ -59,12 +68,32 @@ WITH grants AS (
     UPDATE credit_grants g SET remaining = g.remaining - t.n
     FROM unnest($5::bigint[], $6::bigint[]) AS t(grant_id, n) WHERE g.id = t.grant_id
 ), account AS (
-    UPDATE credit_accounts SET used = used + $8 WHERE namespace = $1 AND user_id = $2 AND product = $3
+    UPDATE credit_accounts SET used = used + $8, version = version + 1
+    WHERE namespace = $1 AND user_id = $2 AND product = $3
 )
 INSERT INTO credit_entries (namespace, user_id, product, kind, amount, balance_after, used_after,
                             idempotency_key, state, cost, taken, model, input_tokens, output_tokens,
                             tool, metadata, created_at)
 VALUES ($1, $2, $3, $15, -$8, $16, $17, $4, $7, $8, $18, $9, $10, $11, $12, $13, $14)
+"""
+# The fast path's second round trip: the same writes, made only if the account's version is the one
+# read (no write of the account in between: each moves it, under the row lock this statement takes
+# or waits for); otherwise nothing is written and no row comes back.
+_TAKE_IF_UNCHANGED: Final = """
+WITH account AS (
+    UPDATE credit_accounts SET used = used + $8, version = version + 1
+    WHERE namespace = $1 AND user_id = $2 AND product = $3 AND version = $19
+    RETURNING 1
+), grants AS (
+    UPDATE credit_grants g SET remaining = g.remaining - t.n
+    FROM unnest($5::bigint[], $6::bigint[]) AS t(grant_id, n)
+    WHERE g.id = t.grant_id AND EXISTS (SELECT 1 FROM account)
+)
+INSERT INTO credit_entries (namespace, user_id, product, kind, amount, balance_after, used_after,
+                            idempotency_key, state, cost, taken, model, input_tokens, output_tokens,
+                            tool, metadata, created_at)
+SELECT $1, $2, $3, $15, -$8, $16, $17, $4, $7, $8, $18, $9, $10, $11, $12, $13, $14 FROM account
+RETURNING id
 """
 _ENTRY: Final = """
 INSERT INTO credit_entries (namespace, user_id, product, kind, amount, balance_after, used_after,
@@ -234,6 +263,9 @@ class PostgresLedger(Ledger):
 
         now = self.clock()
         async with self.engine.connection() as conn:
+            fast = await self._take_if_unchanged(conn, a, key, cost, state, usage, now)
+            if fast is not None:
+                return fast
             try:
                 async with conn.transaction():
                     used = await self._open_account(conn, a, now)
@@ -269,6 +301,61 @@ class PostgresLedger(Ledger):
             except asyncpg.UniqueViolationError:
                 pass  # the key spent before: all of this was rolled back
             return await self._balance(conn, a, now)
+
+    async def _take_if_unchanged(
+        self,
+        conn: asyncpg.Connection,
+        a: Account,
+        key: str,
+        cost: int,
+        state: str,
+        usage: Usage | None,
+        now: float,
+    ) -> Balance | None:
+        """The spend in two round trips, no transaction held open: read the account and its live
+        grants, choose, then write only if no other write of the account came in between (its
+        version). None when it cannot be used (a new account, not enough credit, a balance event
+        to write, the version moved, the key spent before): the locked path decides then, from the
+        balance as it is under the lock."""
+        import asyncpg
+
+        rows = await conn.fetch(_READ, *_key(a), now)
+        if not rows or not rows[0][1]:
+            return None
+        used, version = int(rows[0][0]), int(rows[0][2])
+        live = [(r[3], r[4], r[5], r[6]) for r in rows if r[3] is not None]
+        before = balance_of(live, used)
+        if before.total < cost:
+            return None
+        taken = allocate(live, cost)
+        after = less(before, live, taken, cost)
+        if not a.product and spend_events(before.total, after.total, self.low_balance_threshold):
+            return None
+        u = usage or _NO_USAGE
+        try:
+            written = await conn.fetchval(
+                _TAKE_IF_UNCHANGED,
+                *_key(a),
+                key,
+                [g for g, _ in taken],
+                [n for _, n in taken],
+                state,
+                cost,
+                u.model,
+                u.input_tokens,
+                u.output_tokens,
+                u.tool,
+                u.metadata_json(),
+                iso(now),
+                "spend" if state == "spent" else "reserve",
+                after.total,
+                after.used,
+                encode_taken(taken),
+                version,
+            )
+        except asyncpg.UniqueViolationError:
+            return None  # the key spent before: nothing written; the locked path answers as spent
+        return None if written is None else after
 
     async def _announce_spend(
         self, conn: asyncpg.Connection, a: Account, key: str, before: int, after: int

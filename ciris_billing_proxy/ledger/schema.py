@@ -47,7 +47,7 @@ CREATE TABLE {exists} credit_accounts (
     user_id   TEXT NOT NULL,
     product   TEXT NOT NULL DEFAULT '',
     used      BIGINT NOT NULL DEFAULT 0 CHECK (used >= 0),
-    signed_up BOOLEAN NOT NULL DEFAULT FALSE,
+    signed_up BOOLEAN NOT NULL DEFAULT FALSE,{version}
     PRIMARY KEY (namespace, user_id, product)
 ){without_rowid};
 CREATE TABLE {exists} credit_grants (
@@ -140,6 +140,7 @@ SQLITE_SCHEMA: Final = Schema(
                 _TABLES.format(
                     exists="IF NOT EXISTS",
                     id="INTEGER PRIMARY KEY",
+                    version="",
                     without_rowid=" WITHOUT ROWID",
                 )
             ),
@@ -157,6 +158,10 @@ POSTGRES_SCHEMA: Final = Schema(
                 _TABLES.format(
                     exists="IF NOT EXISTS",
                     id="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+                    # Every write of an account moves its version (under the account's row lock),
+                    # so a spend can read, choose and write in one statement that holds only if the
+                    # version is still the one it read (`ledger/postgres.py`, the fast path).
+                    version="\n    version   BIGINT NOT NULL DEFAULT 0,",
                     without_rowid="",
                 )
             ),
