@@ -7,9 +7,12 @@ inside its transaction: the lock, the live grants, and one statement that writes
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Literal
 
+from ..lru import LRU
 from ..store import events
+from ..store.engine import Engine
 from ..store.postgres import PostgresDatabase
 from .base import KeyReused, Ledger, NoReservation, Overdrawn, check_replay, event_data, grant_data, iso
 from .model import (
@@ -107,11 +110,29 @@ def _key(a: Account) -> tuple[str, str, str]:
     return (a.namespace, a.user_id, a.product)
 
 
+#: Accounts whose state after this process's last fast-path spend is remembered.
+KNOWN_ACCOUNTS: Final = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """An account as this process's last fast-path spend left it: right only while its version is
+    unchanged, which the conditional write checks (so a stale one costs a round trip, never money)."""
+
+    version: int
+    used: int
+    live: tuple[Live, ...]
+
+
 class PostgresLedger(Ledger):
     engine: PostgresDatabase
 
     schema = POSTGRES_SCHEMA
     event_schema = events.POSTGRES_SCHEMA
+
+    def __init__(self, engine: Engine, **options: Any) -> None:
+        super().__init__(engine, **options)
+        self._known: LRU[tuple[str, str, str], _Known] = LRU(KNOWN_ACCOUNTS)
 
     # -- reads -----------------------------------------------------------------------------------
     async def balance(self, account: Account) -> Balance:
@@ -199,6 +220,7 @@ class PostgresLedger(Ledger):
     # -- writes ----------------------------------------------------------------------------------
     async def _open_account(self, conn: asyncpg.Connection, a: Account, now: float) -> int:
         """Lock the account (made on its first write, with its signup grant); its uses spent."""
+        self._known.pop(_key(a), None)  # this write moves its version
         row = await conn.fetchrow(_LOCK, *_key(a))
         used = int(row[0])
         if not row[1]:
@@ -317,13 +339,41 @@ class PostgresLedger(Ledger):
         version). None when it cannot be used (a new account, not enough credit, a balance event
         to write, the version moved, the key spent before): the locked path decides then, from the
         balance as it is under the lock."""
-        import asyncpg
-
+        known = self._known.pop(_key(a), None)
+        if known is not None:
+            live = [g for g in known.live if g[3] is None or g[3] > now]
+            written = await self._write_if(
+                conn, a, key, cost, state, usage, now, known.version, known.used, live
+            )
+            if written is not False:
+                return written
         rows = await conn.fetch(_READ, *_key(a), now)
         if not rows or not rows[0][1]:
             return None
-        used, version = int(rows[0][0]), int(rows[0][2])
         live = [(r[3], r[4], r[5], r[6]) for r in rows if r[3] is not None]
+        written = await self._write_if(
+            conn, a, key, cost, state, usage, now, int(rows[0][2]), int(rows[0][0]), live
+        )
+        return written or None
+
+    async def _write_if(
+        self,
+        conn: asyncpg.Connection,
+        a: Account,
+        key: str,
+        cost: int,
+        state: str,
+        usage: Usage | None,
+        now: float,
+        version: int,
+        used: int,
+        live: list[Live],
+    ) -> Balance | Literal[False] | None:
+        """The spend's writes if the account is still at `version` (with `used` and `live`): the
+        balance after; False when the version moved (nothing written); None when this path cannot
+        decide (not enough credit, an event to write, the key spent before)."""
+        import asyncpg
+
         before = balance_of(live, used)
         if before.total < cost:
             return None
@@ -355,7 +405,12 @@ class PostgresLedger(Ledger):
             )
         except asyncpg.UniqueViolationError:
             return None  # the key spent before: nothing written; the locked path answers as spent
-        return None if written is None else after
+        if written is None:
+            return False
+        took = dict(taken)
+        left = tuple((g, kind, n - took.get(g, 0), exp) for g, kind, n, exp in live if n > took.get(g, 0))
+        self._known[_key(a)] = _Known(version + 1, after.used, left)
+        return after
 
     async def _announce_spend(
         self, conn: asyncpg.Connection, a: Account, key: str, before: int, after: int
