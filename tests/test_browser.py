@@ -379,6 +379,23 @@ def test_a_403_on_buying_hides_the_buy_button(page: Any, free: Server) -> None:
     assert demo.total() == 3
 
 
+def test_the_history_of_a_provider_of_its_own_claims_no_pool(page: Any, free: Server) -> None:
+    # Whether its `balance_after` counts paid credits or every use, the element cannot tell.
+    page.route(
+        "**/v1/api/billing/capabilities",
+        lambda route: route.fulfill(json={"provider": "acme", "purchases": True, "transactions": True}),
+    )
+    demo = DemoPage(page, free.url)
+    demo.login("dan")
+    demo.wait_for_state("ready")
+    demo.spend(1)
+    page.evaluate(f"document.querySelector('{ELEMENT}').refresh()")
+    row = demo.part("history").locator("tbody tr").first
+    row.wait_for()
+    assert demo.part("history").locator("th.balance").inner_text() == "Balance after"
+    assert row.locator("td.balance").inner_text() == "2"
+
+
 # -- every screen: no sideways scrolling from 320 px up, in every state --------------------------------
 
 WIDTHS = (320, 390, 1280)

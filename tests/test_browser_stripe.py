@@ -95,6 +95,10 @@ def test_the_user_chooses_a_pack_a_declined_card_fails_and_4242_pays(
     first = demo.part("history").locator("tbody tr").first
     assert first.get_attribute("data-type") == "credit"
     assert "+100" in first.inner_text()
+    # The ledger's balance after each line counts free and paid uses, as the big number does.
+    assert demo.part("history").locator("th.balance").inner_text() == "Uses left"
+    assert first.locator("td.balance").inner_text() == str(FREE_USES + 100)
+    assert first.locator("td.balance").get_attribute("data-label") == "Uses left: "
     demo.element.screenshot(path=str(tmp_path / "stripe-succeeded.png"))
     # The signed webhook credits it (or the poll, whichever comes first): once either way.
     page.wait_for_timeout(1500)  # past the fake's webhook delay: the late delivery changes nothing

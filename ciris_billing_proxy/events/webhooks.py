@@ -43,7 +43,7 @@ def sign(body: bytes, secret: str | bytes, timestamp: int | None = None) -> str:
 
 
 def verify_signature(
-    body: bytes,
+    body: bytes | bytearray | memoryview | str,
     header: str | None,
     secret: str | bytes,
     tolerance: float = TOLERANCE_SECONDS,
@@ -51,9 +51,20 @@ def verify_signature(
     now: float | None = None,
 ) -> int:
     """Check a webhook's `X-CIRIS-Signature` header against the raw request body (the bytes as
-    received, before any JSON parsing); the signed Unix time. `SignatureVerificationError` when it
-    does not hold. Compares in constant time; any of several `v1=` values may match (a sender
-    rolling its secret signs with both)."""
+    received, before any JSON parsing; or that text, encoded as UTF-8 here: the body is ASCII
+    JSON, so text read from it gives the same bytes back); the signed Unix time.
+    `SignatureVerificationError` when it does not hold; `TypeError` for a body of another type
+    (such as the parsed JSON), which no signature can be checked against. Compares in constant
+    time; any of several `v1=` values may match (a sender rolling its secret signs with both)."""
+    if isinstance(body, str):
+        raw = body.encode()
+    elif isinstance(body, bytes | bytearray | memoryview):
+        raw = bytes(body)
+    else:
+        raise TypeError(
+            f"verify_signature needs the raw request body as bytes or str, not {type(body).__name__}: "
+            "check it before parsing the JSON"
+        )
     if not header:
         raise SignatureVerificationError("no signature header")
     timestamp: int | None = None
@@ -69,7 +80,7 @@ def verify_signature(
             signatures.append(value)
     if timestamp is None or not signatures:
         raise SignatureVerificationError("malformed signature header")
-    expected = _digest(secret, timestamp, body)
+    expected = _digest(secret, timestamp, raw)
     # Every candidate compared, whatever the first gave: no timing difference between them.
     matched = False
     for candidate in signatures:

@@ -119,6 +119,34 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "text") -> None:
 
 
 ACCESS_FORMAT: Final = '%s "%s %s" %d %d %.1fms'
+#: The most characters of a request's value (its path, method, address) an access line keeps;
+#: the rest is cut and counted ("…[+2488 chars]"), so a long path cannot make a line of megabytes.
+ACCESS_FIELD_LIMIT: Final = 512
+
+
+def loggable(value: str, limit: int = ACCESS_FIELD_LIMIT) -> str:
+    """`value`, as a request sent it, safe to put in a log line: a character that is not printable
+    (a line break, NUL, an escape sequence's ESC, a Unicode line separator), `"` and `\\` written as
+    `\\xNN`, `\\uNNNN` or `\\UNNNNNNNN` (so a request cannot start a line of its own, close the
+    quoted request of an access line or pass for an escape), and the characters after the first
+    `limit` cut and counted. A value that needs none of it (nearly every one) is returned as it
+    is after three C-level scans."""
+    if len(value) <= limit and value.isprintable() and '"' not in value and "\\" not in value:
+        return value
+    kept = value[:limit]
+    escaped = "".join(c if c.isprintable() and c != '"' and c != "\\" else _escape(c) for c in kept)
+    if len(value) > limit:
+        escaped += f"…[+{len(value) - limit} chars]"
+    return escaped
+
+
+def _escape(c: str) -> str:
+    code = ord(c)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
 
 
 class RecordTemplate:
@@ -157,6 +185,8 @@ class RecordTemplate:
 class AccessLogger(AbstractAccessLogger):
     """One INFO line per request on `ciris_billing_proxy.access`: client address, method, path,
     status, body size and milliseconds. Never a header or the query string (tokens travel there).
+    What the request chose (its path, method, and an address a host's proxy middleware took from a
+    header) goes through `loggable`: one line per request whatever it sent.
 
     Made as cheaply as logging allows: nothing at all when the logger is off (`enabled`); else a
     record copied from a template (`RecordTemplate`)."""
@@ -171,9 +201,9 @@ class AccessLogger(AbstractAccessLogger):
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         self._records.emit(
             (
-                request.remote,
-                request.method,
-                request.path,
+                _loggable(request.remote or "-"),
+                _loggable(request.method),
+                _loggable(request.path),
                 response.status,
                 response.body_length,
                 time * 1000,
@@ -186,6 +216,7 @@ class AccessLogger(AbstractAccessLogger):
 
 
 _bare_record = object.__new__
+_loggable = loggable
 _time_ns = time.time_ns
 _getpid = os.getpid
 

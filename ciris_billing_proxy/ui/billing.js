@@ -481,6 +481,12 @@ const TEMPLATE = `
 </div>`;
 
 const HISTORY_PAGE = 5;
+// What a history entry's `balance_after` counts, by `capabilities.provider` (docs/ui-kit.md): the
+// CIRIS billing backend reports the paid credits left, its free uses a separate allowance; the
+// grants ledger (`simple`, `stripe`) every use left, free and paid. Of another provider the element
+// cannot tell, so its label claims neither.
+const BALANCE_LABELS = new Map([["ciris", "Paid left"], ["simple", "Uses left"], ["stripe", "Uses left"]]);
+const BALANCE_LABEL = "Balance after";
 const CARD_NEEDED = "Enter your card details.";
 const RETRY_SECONDS = [2, 4, 8, 15, 30];
 
@@ -817,9 +823,7 @@ export class CirisBillingElement extends HTMLElement {
     }
     if (run !== this.#run) return;
     this.#historyOffset = offset;
-    // What `balance_after` counts: a provider that sells credits (the CIRIS backend) reports the paid
-    // credits left, its free uses being a separate allowance; one that does not, the uses left.
-    const balance = this.#capabilities?.purchases ? "Paid left" : "Uses left";
+    const balance = BALANCE_LABELS.get(this.#capabilities?.provider) ?? BALANCE_LABEL;
     this.#q("th.balance").textContent = balance;
     const rows = page.transactions.map((txn) => {
       const row = document.createElement("tr");
