@@ -17,6 +17,7 @@ from typing import Any, Final
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from .ops.logs import loggable
 from .ops.request_id import HEADER as REQUEST_ID_HEADER
 from .ops.request_id import assign_request_id, current_request_id
 from .paths import PathScope, as_scope
@@ -159,7 +160,9 @@ def to_http(exc: BillingError, *, gate: bool = False) -> HTTPJSONError:
 def client_gone(request: web.Request) -> HTTPJSONError:
     """The error for a request whose client has gone away: nobody reads it, but the access log shows
     a 400, not a 500. Clients close connections all the time, so this is one DEBUG line, no traceback."""
-    logger.debug("The client closed the connection during %s %s", request.method, request.path)
+    logger.debug(
+        "The client closed the connection during %s %s", loggable(request.method), loggable(request.path)
+    )
     return http_error(400, CLIENT_GONE)
 
 

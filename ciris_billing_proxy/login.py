@@ -26,7 +26,7 @@ from .config import BillingConfig
 from .errors import HTTPJSONError, error_middleware, guarded, http_error
 from .models import LoginReply, LoginRequest
 from .ops.audit import AuditKind, AuditTrail
-from .ops.logs import FaultLog
+from .ops.logs import FaultLog, loggable
 from .routes import json_reply
 from .throttle import LoginAttempt, LoginThrottle
 from .token_limit import TOO_MANY_TOKENS, TokenIssueLimit
@@ -123,7 +123,9 @@ class LoginRoute:
         wait = await self._throttle.admit(attempt)
         if wait is not None:
             self._counts.login_lockouts += 1
-            faults.warning("Login refused: too many failed attempts for a username or from %s", address)
+            faults.warning(
+                "Login refused: too many failed attempts for a username or from %s", loggable(address)
+            )
             self._audit.record(AuditKind.LOGIN_LOCKED, tried, "refused", reference=address)
             raise http_error(429, TOO_MANY_LOGIN_ATTEMPTS, retry_after(wait))
         # From here the attempt counts as a failure unless the password proves right, also when the
@@ -131,7 +133,7 @@ class LoginRoute:
         user = await self._authenticate(body.username, body.password)
         if user is None:
             self._counts.login_failures += 1
-            faults.log(logging.INFO, "Failed login from %s", address)
+            faults.log(logging.INFO, "Failed login from %s", loggable(address))
             self._audit.record(AuditKind.LOGIN_FAILED, tried, "refused", reference=address)
             raise http_error(401, "Invalid credentials")
         await self._throttle.succeeded(attempt)
