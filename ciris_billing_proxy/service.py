@@ -14,7 +14,6 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
 
 from aiohttp import web
@@ -23,6 +22,7 @@ from cachetools import LRUCache
 from .auth import TokenVerifier
 from .cache import CreditCache
 from .config import BillingConfig, ConfigError
+from .credit_models import parse_instant
 from .errors import BillingError, InsufficientCredit, InvalidRequest, ProviderUnavailable
 from .events.outbox import EventOutbox
 from .identity import Identity
@@ -91,10 +91,9 @@ def _unix(when: str | None) -> float | None:
     if when is None:
         return None
     try:
-        moment = datetime.fromisoformat(when)
+        return parse_instant(when).timestamp()
     except ValueError:
         return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def outcome_of(exc: BillingError) -> str:

@@ -71,8 +71,7 @@ WITH grants AS (
     UPDATE credit_grants g SET remaining = g.remaining - t.n
     FROM unnest($5::bigint[], $6::bigint[]) AS t(grant_id, n) WHERE g.id = t.grant_id
 ), account AS (
-    UPDATE credit_accounts SET used = used + $8, version = version + 1
-    WHERE namespace = $1 AND user_id = $2 AND product = $3
+    UPDATE credit_accounts SET used = used + $8 WHERE namespace = $1 AND user_id = $2 AND product = $3
 )
 INSERT INTO credit_entries (namespace, user_id, product, kind, amount, balance_after, used_after,
                             idempotency_key, state, cost, taken, model, input_tokens, output_tokens,
@@ -108,6 +107,38 @@ _GROUPS: Final = {"day": "substr(created_at, 1, 10)", "model": "COALESCE(model, 
 
 def _key(a: Account) -> tuple[str, str, str]:
     return (a.namespace, a.user_id, a.product)
+
+
+def _take_args(
+    a: Account,
+    key: str,
+    cost: int,
+    state: str,
+    usage: Usage | None,
+    now: float,
+    taken: list[tuple[int, int]],
+    after: Balance,
+) -> tuple[Any, ...]:
+    """$1-$18 of `_TAKE` and `_TAKE_IF_UNCHANGED` (which adds the version read as $19)."""
+    u = usage or _NO_USAGE
+    return (
+        *_key(a),
+        key,
+        [g for g, _ in taken],
+        [n for _, n in taken],
+        state,
+        cost,
+        u.model,
+        u.input_tokens,
+        u.output_tokens,
+        u.tool,
+        u.metadata_json(),
+        iso(now),
+        "spend" if state == "spent" else "reserve",
+        after.total,
+        after.used,
+        encode_taken(taken),
+    )
 
 
 #: Accounts whose state after this process's last fast-path spend is remembered.
@@ -298,26 +329,7 @@ class PostgresLedger(Ledger):
                         return before if await self._spend_row(conn, a, key) else None
                     taken = allocate(live, cost)
                     after = less(before, live, taken, cost)
-                    u = usage or _NO_USAGE
-                    await conn.execute(
-                        _TAKE,
-                        *_key(a),
-                        key,
-                        [g for g, _ in taken],
-                        [n for _, n in taken],
-                        state,
-                        cost,
-                        u.model,
-                        u.input_tokens,
-                        u.output_tokens,
-                        u.tool,
-                        u.metadata_json(),
-                        iso(now),
-                        "spend" if state == "spent" else "reserve",
-                        after.total,
-                        after.used,
-                        encode_taken(taken),
-                    )
+                    await conn.execute(_TAKE, *_take_args(a, key, cost, state, usage, now, taken, after))
                     await self._announce_spend(conn, a, key, before.total, after.total)
                     return after
             except asyncpg.UniqueViolationError:
@@ -381,27 +393,9 @@ class PostgresLedger(Ledger):
         after = less(before, live, taken, cost)
         if not a.product and spend_events(before.total, after.total, self.low_balance_threshold):
             return None
-        u = usage or _NO_USAGE
         try:
             written = await conn.fetchval(
-                _TAKE_IF_UNCHANGED,
-                *_key(a),
-                key,
-                [g for g, _ in taken],
-                [n for _, n in taken],
-                state,
-                cost,
-                u.model,
-                u.input_tokens,
-                u.output_tokens,
-                u.tool,
-                u.metadata_json(),
-                iso(now),
-                "spend" if state == "spent" else "reserve",
-                after.total,
-                after.used,
-                encode_taken(taken),
-                version,
+                _TAKE_IF_UNCHANGED, *_take_args(a, key, cost, state, usage, now, taken, after), version
             )
         except asyncpg.UniqueViolationError:
             return None  # the key spent before: nothing written; the locked path answers as spent

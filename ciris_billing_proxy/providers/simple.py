@@ -20,12 +20,12 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..credit_models import unix_to_iso
 from ..errors import InsufficientCredit, ProviderUnavailable
 from ..identity import Identity
 from ..ledger import Account, Balance, Clock, Entry, Ledger, Usage, ledger_for
@@ -202,7 +202,7 @@ class SimpleProvider(CreditProvider):
             purchase_required=False,
             purchase_options=None,
             reason=None if balance.total else NO_FREE_USES,
-            next_expiry_at=None if expiry is None else datetime.fromtimestamp(expiry, UTC).isoformat(),
+            next_expiry_at=unix_to_iso(expiry),
         )
 
     async def spend(self, identity: Identity, idempotency_key: str) -> CreditStatus:

@@ -13,10 +13,10 @@ A facade over parts with one job each:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Self
 
+from ...credit_models import unix_to_iso
 from ...errors import InsufficientCredit
 from ...identity import Identity
 from ...ledger import Account, Balance, Entry, Ledger, Usage, ledger_for
@@ -163,7 +163,7 @@ class StripeProvider(CreditProvider):
             purchase_required=not has_credit,
             purchase_options=None if has_credit else self.packs_on_sale.default.options,
             reason=None if has_credit else NO_CREDIT,
-            next_expiry_at=None if expiry is None else datetime.fromtimestamp(expiry, UTC).isoformat(),
+            next_expiry_at=unix_to_iso(expiry),
         )
 
     async def spend(self, identity: Identity, idempotency_key: str) -> CreditStatus:
