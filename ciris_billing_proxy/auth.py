@@ -63,6 +63,7 @@ class TokenVerifier:
         jwt_config = config.jwt
         self._clock = clock
         self._jwt = jwt_config
+        self._leeway = jwt_config.leeway_seconds
         self._algorithms = list(jwt_config.algorithms)
         self._namespace = config.identity_namespace
         self._default_role = config.default_role
@@ -92,34 +93,58 @@ class TokenVerifier:
         return self._jwt.token_ttl_seconds
 
     def verify(self, token: str) -> Identity:
-        key = _digest("Bearer " + token)
-        return self._cached(key) or self._verify(token, key)
+        """The identity of a bare token (`AuthError` when it is refused), cached as the header
+        `Bearer <token>` is."""
+        header = "Bearer " + token
+        key = _digest(header)
+        return self.cached_identity(header) or self._recheck(key) or self._verify(token, key)
 
     def verify_header(self, header: str) -> Identity | None:
         """The identity of an `Authorization` header's bearer token (`AuthError` when the token is
         refused), or None when the header holds no bearer token. Looked up by the whole header
         first: a cached one costs a digest and a lookup, and no pattern is run."""
+        return self.cached_identity(header) or self._verify_header(header)
+
+    def cached_identity(self, header: str) -> Identity | None:
+        """The identity of a header whose token is cached and still good (not expired, with the
+        leeway; not revoked), else None: the hit path, run on every request, in one frame of C
+        calls. None says nothing about the token: `verify_header` decides, and refuses it if so."""
+        verified = self._verified
+        if verified is None:
+            return None
+        key = blake2b(header.encode(), digest_size=16).digest()  # `_digest`, without its frame
+        entry = verified.get(key)
+        if entry is None:
+            return None
+        digest, identity = entry
+        if (self._revoked and digest in self._revoked) or self._clock() - self._leeway >= identity.expires_at:
+            return None
+        verified.move_to_end(key)
+        return identity
+
+    def _verify_header(self, header: str) -> Identity | None:
+        """A header `cached_identity` did not vouch for: refused as cached, or checked in full."""
         key = _digest(header)
-        cached = self._cached(key)
-        if cached is not None:
-            return cached
+        identity = self._recheck(key)
+        if identity is not None:
+            return identity
         match = _BEARER.match(header.strip())
         return None if match is None else self._verify(match.group(1), key)
 
-    def _cached(self, key: bytes) -> Identity | None:
-        """The hit path, run on every request: C calls only, and the checks that always apply."""
-        if self._verified is None:
-            return None
-        entry = self._verified.get(key)
-        if entry is None:
+    def _recheck(self, key: bytes) -> Identity | None:
+        """The entry cached under `key` after `cached_identity` passed it over: `AuthError` when
+        its token is revoked or expired (then dropped), else its identity (good again: a clock
+        moved back), or None when nothing is cached under `key`."""
+        verified = self._verified
+        entry = None if verified is None else verified.get(key)
+        if verified is None or entry is None:
             return None
         digest, identity = entry
         if self._revoked and digest in self._revoked:
             raise AuthError("Invalid token")
-        if self._clock() - self._jwt.leeway_seconds < identity.expires_at:
-            self._verified.move_to_end(key)
+        if self._clock() - self._leeway < identity.expires_at:
             return identity
-        del self._verified[key]
+        del verified[key]
         raise AuthError("Token expired")
 
     def _verify(self, token: str, key: bytes) -> Identity:

@@ -1,7 +1,8 @@
 """The billing routes under the prefix. Thin: parse, call the service, reply.
 
 Every handler but the API description's runs behind the token check (so `VERIFIED_KEY` is always
-set) and the error middleware (so a `BillingError` raised here or by the service becomes its HTTP
+set; `CachedCredits` answers a cached `GET /credits` in front of it, and checks the token itself)
+and the error middleware (so a `BillingError` raised here or by the service becomes its HTTP
 reply there). Each route is an `Operation` declared below, which the OpenAPI document is built from.
 """
 
@@ -12,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from typing import Final, TypeVar
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from pydantic import BaseModel
 
@@ -63,6 +64,8 @@ from .operations import (
     Operation,
     TextParam,
 )
+from .ops.request_id import HEADER as REQUEST_ID_HEADER
+from .ops.request_id import assign_request_id, current_request_id
 from .paths import (
     APP_STORE_ROUTE,
     CAPABILITIES_ROUTE,
@@ -251,6 +254,53 @@ def _store_off() -> web.Response:
     return json_reply(STORE_OFF_BODY)
 
 
+class CachedCredits:
+    """`GET /credits` answered in one step when the caller's token and credit are both cached and
+    good: the route's own handler, in front of the guarded one (`errors.RouteGuards`), which
+    answers every other case. It does what that path does for a hit, in one frame of C calls
+    (about a tenth of a cached read's instructions, `bench.instructions` B): the token checked
+    (`TokenVerifier.cached_identity`: expiry and revocation included), the request id made current
+    and echoed, the bytes cached when the credit was loaded sent, the answer counted for the
+    metrics. Anything else (no single `Authorization` header, a token not cached or refused, a
+    credit not cached, a provider that wants the user's ID token) goes to the guarded handler,
+    which checks it all again and answers errors in JSON. The identity is not put on the request
+    (`VERIFIED_KEY`): nothing runs after this handler that reads it, and `get_identity` verifies
+    again (from the cache) where it is missing."""
+
+    __slots__ = ("_counted", "_guarded", "_service")
+
+    def __init__(self, service: BillingService, guarded: Handler) -> None:
+        self._service = service
+        self._guarded = guarded
+        self._counted: tuple[object, int] | None = None
+
+    def count_as(self, route: web.AbstractRoute) -> None:
+        """The route whose 200s this handler counts (known once the route is added)."""
+        self._counted = (route, 200)
+
+    async def answer(self, request: web.Request) -> web.StreamResponse:
+        service = self._service
+        authorization = request.headers.getall(hdrs.AUTHORIZATION, ())
+        try:  # a provider's `id_token_required` that raises is the guarded handler's to answer
+            wants_id_token = service.provider.id_token_required
+        except Exception:
+            wants_id_token = True
+        if len(authorization) == 1 and not wants_id_token and self._counted is not None:
+            identity = service.verifier.cached_identity(authorization[0])
+            credit = None if identity is None else service.cache.peek(identity)
+            if credit is not None:
+                rid = current_request_id.get() or assign_request_id(request)
+                response = web.Response(body=credit.body, content_type="application/json")
+                response.headers[REQUEST_ID_HEADER] = rid
+                requests = service.counts.requests
+                try:  # cheaper than .get(): after the first answer the key is always there
+                    requests[self._counted] += 1
+                except KeyError:
+                    requests[self._counted] = 1
+                return response
+        return await self._guarded(request)
+
+
 class BillingRoutes:
     """The handlers, bound to their service (no per-request lookup through the app chain)."""
 
@@ -429,8 +479,19 @@ def add_routes(
     routes = BillingRoutes(service)
     expect = routes.expect_authenticated
     guard = unguarded if guards is None else guards.protected
+    if guards is None:
+        credits_route = router.add_get(prefix + CREDITS.path, routes.get_credits, expect_handler=expect)
+    else:
+        # GET on a route of its own, whose answers the fast handler counts; HEAD (which `add_get`
+        # adds with the same handler) keeps the guarded one.
+        cached = CachedCredits(service, guard(routes.get_credits))
+        credits_route = router.add_get(
+            prefix + CREDITS.path, cached.answer, expect_handler=expect, allow_head=False
+        )
+        cached.count_as(credits_route)
+        router.add_route("HEAD", prefix + CREDITS.path, guard(routes.get_credits), expect_handler=expect)
     added = [
-        router.add_get(prefix + CREDITS.path, guard(routes.get_credits), expect_handler=expect),
+        credits_route,
         router.add_get(prefix + CAPABILITIES.path, guard(routes.capabilities), expect_handler=expect),
         router.add_post(prefix + INITIATE.path, guard(routes.initiate_purchase), expect_handler=expect),
         router.add_get(prefix + STATUS.path, guard(routes.purchase_status), expect_handler=expect),

@@ -1,6 +1,7 @@
 """The hot paths stay cheap, counted on the demo agent `serve` runs, over real HTTP.
 
-A cached `GET /credits` makes no database round trip and schedules no task of its own; a gated
+A cached `GET /credits` makes no database round trip and schedules no task of its own, and is
+answered by its cached path (`routes.CachedCredits`) with the guarded path's promises kept; a gated
 `POST /v1/agent/interact` makes one round trip to the ledger (its spend, which also tells the
 credit left). Counted, never timed: the engine's `run` and the loop's task factory are wrapped.
 The give-back outbox's rounds (one at startup, then every `period` seconds, whatever the requests)
@@ -22,6 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from ciris_billing_proxy import BillingConfig
+from ciris_billing_proxy.auth import TokenVerifier
 from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.providers.simple import SimpleProvider
 from ciris_billing_proxy.store import SQLiteDatabase
@@ -30,7 +32,7 @@ from ciris_billing_proxy.tools.cli import make_runner
 from ciris_billing_proxy.tools.demo import INTERACT_PATH, create_demo_app
 from ciris_billing_proxy.tools.users import UserStore
 
-from .conftest import make_config
+from .conftest import SECRET, make_config
 from .default_paths import CREDITS
 
 T = TypeVar("T")
@@ -87,7 +89,10 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counted]:
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[tuple[int, web.Application, BillingConfig]]:
     """The demo agent as `serve` runs it (its runner, SQLite files in the data directory)."""
-    config = make_config(tmp_path, provider_options={"free_uses": 1000})
+    # No leeway: an expired token is refused within the second (`test_the_cached_path_refuses...`).
+    config = make_config(
+        tmp_path, jwt={"secret": SECRET, "leeway_seconds": 0}, provider_options={"free_uses": 1000}
+    )
     app = create_demo_app(config, UserStore(), environ={})
     runner = make_runner(app, idle_timeout=30)
     await runner.setup()
@@ -131,6 +136,73 @@ async def test_a_cached_credit_read_makes_no_round_trip_and_schedules_no_task(
     await send(port, N, "GET", CREDITS, headers)
     assert counted.requests_round_trips(app) == []
     assert counted.ours() == []
+
+
+async def test_a_cached_credit_read_is_answered_by_the_cached_path_with_every_promise_kept(
+    agent: tuple[int, web.Application, BillingConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`routes.CachedCredits` answers a warm read without the guarded handler (no full token check
+    runs), and still echoes or makes the request id and counts the answer under its route."""
+    port, app, config = agent
+    headers = TokenFactory(config).headers("alice")
+    full_checks: list[str] = []
+    verify_header = TokenVerifier.verify_header
+
+    def counting(self: TokenVerifier, header: str) -> Any:
+        full_checks.append(header)
+        return verify_header(self, header)
+
+    monkeypatch.setattr(TokenVerifier, "verify_header", counting)
+    await send(port, 1, "GET", CREDITS, headers)  # the miss: loaded through the guarded handler
+    assert len(full_checks) == 1
+    requests = app[SERVICE_KEY].counts.requests
+    before = dict(requests)
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+        async with session.get(CREDITS, headers={**headers, "X-Request-ID": "sent-1"}) as reply:
+            assert reply.status == 200
+            assert reply.headers["X-Request-ID"] == "sent-1"
+        made = set()
+        for _ in range(3):
+            async with session.get(CREDITS, headers=headers) as reply:
+                assert reply.status == 200
+                assert reply.content_type == "application/json"
+                assert (await reply.json())["has_credit"] is True
+                made.add(reply.headers["X-Request-ID"])
+        assert len(made) == 3  # one id per request
+        async with session.head(CREDITS, headers=headers) as reply:
+            assert reply.status == 200
+    assert len(full_checks) == 2  # the HEAD only: its route keeps the guarded handler
+    grown = {key: n - before.get(key, 0) for key, n in requests.items() if n != before.get(key, 0)}
+    assert sorted((route.method, status, n) for (route, status), n in grown.items()) == [  # type: ignore[attr-defined]
+        ("GET", 200, 4),
+        ("HEAD", 200, 1),
+    ]
+
+
+@pytest.mark.parametrize("how", ["revoked", "expired", "sessions ended"])
+async def test_the_cached_path_refuses_a_token_at_once(
+    agent: tuple[int, web.Application, BillingConfig], how: str
+) -> None:
+    """Revocation, expiry and a moved token epoch are checked on the cached path too: the next
+    read is a 401 in JSON, with a request id."""
+    port, app, config = agent
+    service = app[SERVICE_KEY]
+    token = TokenFactory(config).token("alice", ttl=1 if how == "expired" else 3600)
+    headers = {"Authorization": f"Bearer {token}"}
+    await send(port, 2, "GET", CREDITS, headers)  # cached: token and credit
+    if how == "revoked":
+        service.revoke_token(token)
+    elif how == "expired":
+        await asyncio.sleep(1.2 + config.jwt.leeway_seconds)
+    else:
+        await service.end_sessions(service.verifier.verify(token).key)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}{CREDITS}", headers=headers) as reply,
+    ):
+        assert reply.status == 401
+        assert "detail" in await reply.json()
+        assert reply.headers["X-Request-ID"]
 
 
 async def test_a_gated_interaction_makes_one_round_trip_to_the_ledger(
