@@ -367,6 +367,47 @@ def test_a_cached_header_skips_the_bearer_pattern_but_not_revocations_or_epochs(
         verifier.verify_header(f"Bearer {third}")
 
 
+def test_a_good_headers_digest_is_remembered_within_a_bound_and_never_decides_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The digest of a header found good is computed once; the headers remembered stay within
+    `HEADER_KEYS_MAX` (emptied when full) and are only ever the headers of good tokens; a header
+    remembered whose entry has left the token cache (evicted, expired, revoked) is not served."""
+    from ciris_billing_proxy import auth
+
+    digests: list[bytes] = []
+    real = auth.blake2b
+
+    def counting(data: bytes, **kwargs: Any) -> Any:
+        digests.append(data)
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(auth, "blake2b", counting)
+    monkeypatch.setattr(auth, "HEADER_KEYS_MAX", 2)
+    config = make_config(tmp_path, token_cache_max_entries=2)
+    verifier = auth.TokenVerifier(config)
+    factory = TokenFactory(config)
+    ann, bob, cat = (f"Bearer {factory.token(user)}" for user in ("ann", "bob", "cat"))
+    assert verifier.verify_header(ann) is not None  # verified in full, cached
+    digests.clear()
+    for _ in range(3):
+        assert verifier.cached_identity(ann) is not None
+    assert len(digests) == 1  # the first hit; the others found it remembered
+    assert verifier.cached_identity("Bearer a.b.c") is None  # nothing cached: not remembered
+    assert verifier.verify_header(bob) is not None
+    assert verifier.cached_identity(bob) is not None
+    assert set(verifier._keys) == {ann, bob}
+    assert verifier.verify_header(cat) is not None  # evicts ann (two entries at most)
+    assert verifier.cached_identity(ann) is None  # remembered, but no longer cached: not served
+    assert verifier.cached_identity(cat) is not None
+    assert set(verifier._keys) == {cat}  # full: emptied, then cat's
+    assert verifier.verify_header(ann) is not None  # checked in full again
+    verifier.revoke(ann.removeprefix("Bearer "))
+    assert verifier.cached_identity(ann) is None
+    with pytest.raises(auth.AuthError, match="Invalid token"):
+        verifier.verify_header(ann)
+
+
 def test_the_token_cache_can_be_turned_off(tmp_path: Path) -> None:
     from ciris_billing_proxy.auth import TokenVerifier
 
