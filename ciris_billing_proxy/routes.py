@@ -290,8 +290,10 @@ class CachedCredits:
             credit = None if identity is None else service.cache.peek(identity)
             if credit is not None:
                 rid = current_request_id.get() or assign_request_id(request)
-                response = web.Response(body=credit.body, content_type="application/json")
-                response.headers[REQUEST_ID_HEADER] = rid
+                # Both headers given at once: one multidict built, no `headers` property and update.
+                response = web.Response(
+                    body=credit.body, headers={hdrs.CONTENT_TYPE: "application/json", REQUEST_ID_HEADER: rid}
+                )
                 requests = service.counts.requests
                 try:  # cheaper than .get(): after the first answer the key is always there
                     requests[self._counted] += 1

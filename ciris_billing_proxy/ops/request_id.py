@@ -24,8 +24,10 @@ from typing import Final
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
+from multidict import istr
 
-HEADER: Final = "X-Request-ID"
+#: An `istr`, as aiohttp's own header names: its case-folded form is made once, not per use.
+HEADER: Final = istr("X-Request-ID")
 #: What a request id from outside may look like: short, and nothing that could forge a log line.
 _ACCEPTED: Final = re.compile(r"[A-Za-z0-9._:/+=@\-]{1,128}")
 
