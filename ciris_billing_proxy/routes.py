@@ -8,6 +8,7 @@ reply there). Each route is an `Operation` declared below, which the OpenAPI doc
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
@@ -267,40 +268,55 @@ class CachedCredits:
     (`VERIFIED_KEY`): nothing runs after this handler that reads it, and `get_identity` verifies
     again (from the cache) where it is missing."""
 
-    __slots__ = ("_counted", "_guarded", "_service")
+    __slots__ = ("_asks_id_token", "_counted", "_guarded", "_identity", "_peek", "_provider", "_requests")
 
     def __init__(self, service: BillingService, guarded: Handler) -> None:
-        self._service = service
+        # What the service holds for its lifetime, bound once: no attribute chain per request.
+        self._provider = service.provider
+        self._identity = service.verifier.cached_identity
+        self._peek = service.cache.peek
+        self._requests = service.counts.requests
         self._guarded = guarded
         self._counted: tuple[object, int] | None = None
+        # A provider whose class keeps the base's `id_token_required` (always False) never wants
+        # the user's ID token: it is not asked on every request.
+        self._asks_id_token = inspect.getattr_static(
+            type(service.provider), "id_token_required"
+        ) is not inspect.getattr_static(CreditProvider, "id_token_required")
 
     def count_as(self, route: web.AbstractRoute) -> None:
         """The route whose 200s this handler counts (known once the route is added)."""
         self._counted = (route, 200)
 
     async def answer(self, request: web.Request) -> web.StreamResponse:
-        service = self._service
         authorization = request.headers.getall(hdrs.AUTHORIZATION, ())
-        try:  # a provider's `id_token_required` that raises is the guarded handler's to answer
-            wants_id_token = service.provider.id_token_required
-        except Exception:
-            wants_id_token = True
-        if len(authorization) == 1 and not wants_id_token and self._counted is not None:
-            identity = service.verifier.cached_identity(authorization[0])
-            credit = None if identity is None else service.cache.peek(identity)
+        counted = self._counted
+        if (
+            len(authorization) == 1
+            and counted is not None
+            and not (self._asks_id_token and self._wants_id_token())
+        ):
+            identity = self._identity(authorization[0])
+            credit = None if identity is None else self._peek(identity)
             if credit is not None:
                 rid = current_request_id.get() or assign_request_id(request)
                 # Both headers given at once: one multidict built, no `headers` property and update.
                 response = web.Response(
                     body=credit.body, headers={hdrs.CONTENT_TYPE: "application/json", REQUEST_ID_HEADER: rid}
                 )
-                requests = service.counts.requests
+                requests = self._requests
                 try:  # cheaper than .get(): after the first answer the key is always there
-                    requests[self._counted] += 1
+                    requests[counted] += 1
                 except KeyError:
-                    requests[self._counted] = 1
+                    requests[counted] = 1
                 return response
         return await self._guarded(request)
+
+    def _wants_id_token(self) -> bool:
+        try:
+            return self._provider.id_token_required
+        except Exception:  # a provider's bug: the guarded handler's to answer
+            return True
 
 
 class BillingRoutes:

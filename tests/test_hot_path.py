@@ -24,6 +24,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from ciris_billing_proxy import BillingConfig
 from ciris_billing_proxy.auth import TokenVerifier
+from ciris_billing_proxy.id_token import GOOGLE_HEADER
 from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.providers.simple import SimpleProvider
 from ciris_billing_proxy.store import SQLiteDatabase
@@ -32,8 +33,9 @@ from ciris_billing_proxy.tools.cli import make_runner
 from ciris_billing_proxy.tools.demo import INTERACT_PATH, create_demo_app
 from ciris_billing_proxy.tools.users import UserStore
 
-from .conftest import SECRET, make_config
+from .conftest import SECRET, ClientFactory, make_config
 from .default_paths import CREDITS
+from .providers import ShopProvider
 
 T = TypeVar("T")
 N = 40
@@ -258,3 +260,28 @@ async def test_the_routes_bound_errors_answer_unknown_paths_and_methods_in_json(
         assert reply.content_type == "application/json"
         assert "detail" in await reply.json()
         assert reply.headers["X-Request-ID"]
+
+
+class IdTokenShop(ShopProvider):
+    """A provider that may come to want the user's ID token while its credit is cached."""
+
+    wants = False
+
+    @property
+    def id_token_required(self) -> bool:
+        return self.wants
+
+
+async def test_the_cached_path_asks_a_provider_that_may_want_an_id_token_every_time(
+    make_client: ClientFactory, config: BillingConfig
+) -> None:
+    provider = IdTokenShop(credits=5)
+    client = await make_client(config, provider=provider)
+    headers = TokenFactory(config).headers("alice")
+    for _ in range(2):  # loaded, then cached
+        assert (await client.get(CREDITS, headers=headers)).status == 200
+    provider.wants = True
+    refused = await client.get(CREDITS, headers=headers)
+    assert refused.status == 401  # before the cached credit could answer
+    assert "detail" in await refused.json()
+    assert (await client.get(CREDITS, headers={**headers, GOOGLE_HEADER: "id-token"})).status == 200
