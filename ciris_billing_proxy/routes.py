@@ -258,8 +258,9 @@ def _store_off() -> web.Response:
 class CachedCredits:
     """`GET /credits` answered in one step when the caller's token and credit are both cached and
     good: the route's own handler, in front of the guarded one (`errors.RouteGuards`), which
-    answers every other case. It does what that path does for a hit, in one frame of C calls
-    (about a tenth of a cached read's instructions, `bench.instructions` B): the token checked
+    answers every other case. It does what that path does for a hit, in one frame of C calls and
+    three small ones (about a tenth of a cached read's instructions, `bench.instructions` B;
+    docs/performance.md): the token checked
     (`TokenVerifier.cached_identity`: expiry and revocation included), the request id made current
     and echoed, the bytes cached when the credit was loaded sent, the answer counted for the
     metrics. Anything else (no single `Authorization` header, a token not cached or refused, a
