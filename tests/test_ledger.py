@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -256,6 +257,80 @@ async def test_idempotent_grants_and_spends_count_once(ledger: Ledger) -> None:
     spends = await asyncio.gather(*(ledger.spend(ANN, "same", 3) for _ in range(5)))
     assert all(after is not None for after in spends)
     assert (await ledger.balance(ANN)).total == 4
+    assert await ledger.spend(ANN, "drain", 4) is not None
+    # With nothing left, a key that spent before still answers as spent; a new one does not.
+    assert await ledger.spend(ANN, "same", 3) == await ledger.balance(ANN)
+    assert await ledger.spend(ANN, "new", 1) is None
+
+
+ODD = Account('ns "q" \\ \u00fc', "\u00e4nn\u00e4\u2028\x7f\t\U0001f600")
+
+
+async def test_balance_events_hold_the_bytes_python_writes(ledger: Ledger) -> None:
+    """On PostgreSQL the database writes a spend's events (`schema._TAKE`): the same bytes as
+    `store.events` writes from Python, whatever the identity and the key hold."""
+    await ledger.grant(ODD, 4, "paid", source="purchase", reason="purchase")
+    key = 'k\u00e9y "1"\n\\\U0001f600'
+    assert await ledger.spend(ODD, key, 2) is not None  # 4 to 2: below the threshold of 3
+    assert await ledger.spend(ODD, "k2", 2) is not None  # 2 to 0: exhausted
+    query = "SELECT event_id, kind, namespace, user_id, data, created_at FROM billing_events ORDER BY seq"
+    if isinstance(ledger.engine, SQLiteDatabase):
+        rows = await ledger.engine.run(lambda conn: conn.execute(query).fetchall())
+    else:
+        assert isinstance(ledger.engine, PostgresDatabase)
+        async with ledger.engine.connection() as conn:
+            rows = await conn.fetch(query)
+    identity = {"namespace": ODD.namespace, "user_id": ODD.user_id}
+    expected = [
+        ("balance.low", {"balance_before": 4, "balance_after": 2, "threshold": 3, "key": key}),
+        ("balance.exhausted", {"balance_before": 2, "balance_after": 0, "threshold": 3, "key": "k2"}),
+    ]
+    spent = [tuple(r) for r in rows if r[1] != "credit.granted"]
+    assert [r[1:5] for r in spent] == [
+        (
+            kind,
+            ODD.namespace,
+            ODD.user_id,
+            json.dumps({**identity, **data}, separators=(",", ":"), sort_keys=True),
+        )
+        for kind, data in expected
+    ]
+    for event_id, *_, created_at in spent:
+        assert re.fullmatch("evt_[0-9a-f]{24}", event_id)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?\+00:00", created_at)
+    assert len({r[0] for r in spent}) == 2
+
+
+async def test_every_write_of_an_account_on_postgresql_moves_its_version(pg_url: str, clock: Clock) -> None:
+    """During a rolling upgrade processes of the first ledger release still spend in one statement
+    that writes only while the account's version is the one they read: every write of the account
+    by this release must move it, so theirs fails and they take their locked path."""
+    ledger = ledger_for(PostgresDatabase(parse_database_url(pg_url)), clock=clock, signup=lambda _: 3)
+    await ledger.open()
+    try:
+        versions = []
+
+        async def version() -> None:
+            rows = await fetch(pg_url, "SELECT version FROM credit_accounts WHERE user_id = 'ann'")
+            versions.append(rows[0][0])
+
+        await ledger.spend(ANN, "first")  # makes the account and its signup grant
+        await version()
+        await ledger.grant(ANN, 5, "paid", source="purchase", reason="purchase")
+        await version()
+        await ledger.spend(ANN, "s1", 2)
+        await version()
+        await ledger.reserve(ANN, "r1", 3)
+        await version()
+        await ledger.settle(ANN, "r1", 1)
+        await version()
+        await ledger.give_back(ANN, "s1")
+        await version()
+        await ledger.claw_back(ANN, 1, reason="correction")
+        await version()
+        assert versions == sorted(set(versions)), versions
+    finally:
+        await ledger.close()
 
 
 # -- the usage ledger from before grants ---------------------------------------------------------

@@ -107,13 +107,14 @@ async def test_five_ledgers_opening_a_new_database_at_once_create_it_once(pg_url
     ledgers = [ledger_for(PostgresDatabase(parse_database_url(pg_url))) for _ in range(5)]
     try:
         opened = await asyncio.gather(*(ledger.open() for ledger in ledgers))
-        assert sorted(m.applied for m in opened) == [0, 0, 0, 0, 1]
+        assert sorted(m.applied for m in opened) == [0, 0, 0, 0, 2]
     finally:
         for ledger in ledgers:
             await ledger.close()
     assert await fetch(pg_url, "SELECT component, version FROM schema_version ORDER BY 1") == [
         ("events", 1),
         ("ledger", 1),
+        ("ledger", 2),
     ]
 
 

@@ -1,18 +1,20 @@
 """The ledger on PostgreSQL: each write one transaction that starts by creating-or-locking the
-account's row (`INSERT ... ON CONFLICT DO UPDATE ... RETURNING`), so writes of one account queue on
-that lock across every process; each later statement of the transaction then reads what the previous
-holder committed (READ COMMITTED takes a fresh snapshot per statement). A spend is three round trips
-inside its transaction: the lock, the live grants, and one statement that writes the rest.
+account's row, so writes of one account queue on that lock across every process; each later
+statement of the transaction then reads what the previous holder committed (READ COMMITTED takes a
+fresh snapshot per statement). A spend or reservation is one round trip: the whole transaction is a
+function the schema makes (`schema._TAKE`, `credit_take_v1`), which locks, reads the live grants,
+chooses, and writes the grants taken from, the journal line and the balance events.
+
+Every write of an account moves its version (`_LOCK`, and the function): processes of the first
+ledger release, still running during a rolling upgrade, write a spend only if the version is the one
+they read.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final
 
-from ..lru import LRU
 from ..store import events
-from ..store.engine import Engine
 from ..store.postgres import PostgresDatabase
 from .base import KeyReused, Ledger, NoReservation, Overdrawn, check_replay, event_data, grant_data, iso
 from .model import (
@@ -28,7 +30,6 @@ from .model import (
     Live,
     Usage,
     UsageTotal,
-    allocate,
     balance_of,
     check_amount,
     claw_order,
@@ -36,9 +37,7 @@ from .model import (
     encode_taken,
     entry_of,
     grant_of,
-    less,
     release,
-    spend_events,
 )
 from .schema import POSTGRES_SCHEMA
 
@@ -51,52 +50,15 @@ INSERT INTO credit_accounts AS a (namespace, user_id, product, used, signed_up) 
 ON CONFLICT (namespace, user_id, product) DO UPDATE SET version = a.version + 1
 RETURNING used, signed_up
 """
-# The spend's fast path, first round trip: the account and its live grants as of one snapshot.
-_READ: Final = """
-SELECT a.used, a.signed_up, a.version, g.id, g.kind, g.remaining, g.expires_at
-FROM credit_accounts a
-LEFT JOIN credit_grants g
-  ON g.namespace = a.namespace AND g.user_id = a.user_id AND g.product = a.product
- AND g.remaining > 0 AND (g.expires_at IS NULL OR g.expires_at > $4::float8)
-WHERE a.namespace = $1 AND a.user_id = $2 AND a.product = $3
-"""
 _LIVE: Final = (
     "SELECT id, kind, remaining, expires_at FROM credit_grants "
     f"WHERE {_ACCOUNT} AND remaining > 0 AND (expires_at IS NULL OR expires_at > $4::float8)"
 )
 _READ_ACCOUNT: Final = f"SELECT used, signed_up FROM credit_accounts WHERE {_ACCOUNT}"
-# Everything a spend or reservation writes once its grants are chosen: one round trip.
-_TAKE: Final = """
-WITH grants AS (
-    UPDATE credit_grants g SET remaining = g.remaining - t.n
-    FROM unnest($5::bigint[], $6::bigint[]) AS t(grant_id, n) WHERE g.id = t.grant_id
-), account AS (
-    UPDATE credit_accounts SET used = used + $8 WHERE namespace = $1 AND user_id = $2 AND product = $3
-)
-INSERT INTO credit_entries (namespace, user_id, product, kind, amount, balance_after, used_after,
-                            idempotency_key, state, cost, taken, model, input_tokens, output_tokens,
-                            tool, metadata, created_at)
-VALUES ($1, $2, $3, $15, -$8, $16, $17, $4, $7, $8, $18, $9, $10, $11, $12, $13, $14)
-"""
-# The fast path's second round trip: the same writes, made only if the account's version is the one
-# read (no write of the account in between: each moves it, under the row lock this statement takes
-# or waits for); otherwise nothing is written and no row comes back.
-_TAKE_IF_UNCHANGED: Final = """
-WITH account AS (
-    UPDATE credit_accounts SET used = used + $8, version = version + 1
-    WHERE namespace = $1 AND user_id = $2 AND product = $3 AND version = $19
-    RETURNING 1
-), grants AS (
-    UPDATE credit_grants g SET remaining = g.remaining - t.n
-    FROM unnest($5::bigint[], $6::bigint[]) AS t(grant_id, n)
-    WHERE g.id = t.grant_id AND EXISTS (SELECT 1 FROM account)
-)
-INSERT INTO credit_entries (namespace, user_id, product, kind, amount, balance_after, used_after,
-                            idempotency_key, state, cost, taken, model, input_tokens, output_tokens,
-                            tool, metadata, created_at)
-SELECT $1, $2, $3, $15, -$8, $16, $17, $4, $7, $8, $18, $9, $10, $11, $12, $13, $14 FROM account
-RETURNING id
-"""
+# A spend or reservation, its whole transaction: `schema._TAKE`.
+_TAKE: Final = "SELECT * FROM credit_take_v1(" + ", ".join(f"${n}" for n in range(1, 16)) + ")"
+#: `credit_take_v1`'s outcome when there was not enough credit and the key was not used before.
+_SHORT: Final = 1
 _ENTRY: Final = """
 INSERT INTO credit_entries (namespace, user_id, product, kind, amount, balance_after, used_after,
                             grant_id, spend_id, idempotency_key, reason, note, actor, created_at)
@@ -109,61 +71,11 @@ def _key(a: Account) -> tuple[str, str, str]:
     return (a.namespace, a.user_id, a.product)
 
 
-def _take_args(
-    a: Account,
-    key: str,
-    cost: int,
-    state: str,
-    usage: Usage | None,
-    now: float,
-    taken: list[tuple[int, int]],
-    after: Balance,
-) -> tuple[Any, ...]:
-    """$1-$18 of `_TAKE` and `_TAKE_IF_UNCHANGED` (which adds the version read as $19)."""
-    u = usage or _NO_USAGE
-    return (
-        *_key(a),
-        key,
-        [g for g, _ in taken],
-        [n for _, n in taken],
-        state,
-        cost,
-        u.model,
-        u.input_tokens,
-        u.output_tokens,
-        u.tool,
-        u.metadata_json(),
-        iso(now),
-        "spend" if state == "spent" else "reserve",
-        after.total,
-        after.used,
-        encode_taken(taken),
-    )
-
-
-#: Accounts whose state after this process's last fast-path spend is remembered.
-KNOWN_ACCOUNTS: Final = 10_000
-
-
-@dataclass(frozen=True, slots=True)
-class _Known:
-    """An account as this process's last fast-path spend left it: right only while its version is
-    unchanged, which the conditional write checks (so a stale one costs a round trip, never money)."""
-
-    version: int
-    used: int
-    live: tuple[Live, ...]
-
-
 class PostgresLedger(Ledger):
     engine: PostgresDatabase
 
     schema = POSTGRES_SCHEMA
     event_schema = events.POSTGRES_SCHEMA
-
-    def __init__(self, engine: Engine, **options: Any) -> None:
-        super().__init__(engine, **options)
-        self._known: LRU[tuple[str, str, str], _Known] = LRU(KNOWN_ACCOUNTS)
 
     # -- reads -----------------------------------------------------------------------------------
     async def balance(self, account: Account) -> Balance:
@@ -251,7 +163,6 @@ class PostgresLedger(Ledger):
     # -- writes ----------------------------------------------------------------------------------
     async def _open_account(self, conn: asyncpg.Connection, a: Account, now: float) -> int:
         """Lock the account (made on its first write, with its signup grant); its uses spent."""
-        self._known.pop(_key(a), None)  # this write moves its version
         row = await conn.fetchrow(_LOCK, *_key(a))
         used = int(row[0])
         if not row[1]:
@@ -315,107 +226,33 @@ class PostgresLedger(Ledger):
         import asyncpg
 
         now = self.clock()
+        u = usage or _NO_USAGE
         async with self.engine.connection() as conn:
-            fast = await self._take_if_unchanged(conn, a, key, cost, state, usage, now)
-            if fast is not None:
-                return fast
             try:
-                async with conn.transaction():
-                    used = await self._open_account(conn, a, now)
-                    live = await self._live(conn, a, now)
-                    before = balance_of(live, used)
-                    if before.total < cost:
-                        # Not enough now, unless this key spent before (then it answers as spent).
-                        return before if await self._spend_row(conn, a, key) else None
-                    taken = allocate(live, cost)
-                    after = less(before, live, taken, cost)
-                    await conn.execute(_TAKE, *_take_args(a, key, cost, state, usage, now, taken, after))
-                    await self._announce_spend(conn, a, key, before.total, after.total)
-                    return after
+                row = await conn.fetchrow(
+                    _TAKE,
+                    a.namespace,
+                    a.user_id,
+                    a.product,
+                    key,
+                    cost,
+                    state,
+                    u.model,
+                    u.input_tokens,
+                    u.output_tokens,
+                    u.tool,
+                    u.metadata_json(),
+                    now,
+                    iso(now),
+                    self.signup(a.product),
+                    self.low_balance_threshold,
+                )
             except asyncpg.UniqueViolationError:
-                pass  # the key spent before: all of this was rolled back
-            return await self._balance(conn, a, now)
-
-    async def _take_if_unchanged(
-        self,
-        conn: asyncpg.Connection,
-        a: Account,
-        key: str,
-        cost: int,
-        state: str,
-        usage: Usage | None,
-        now: float,
-    ) -> Balance | None:
-        """The spend in two round trips, no transaction held open: read the account and its live
-        grants, choose, then write only if no other write of the account came in between (its
-        version). None when it cannot be used (a new account, not enough credit, a balance event
-        to write, the version moved, the key spent before): the locked path decides then, from the
-        balance as it is under the lock."""
-        known = self._known.pop(_key(a), None)
-        if known is not None:
-            live = [g for g in known.live if g[3] is None or g[3] > now]
-            written = await self._write_if(
-                conn, a, key, cost, state, usage, now, known.version, known.used, live
-            )
-            if written is not False:
-                return written
-        rows = await conn.fetch(_READ, *_key(a), now)
-        if not rows or not rows[0][1]:
+                # The key spent before: nothing was written. It answers as spent, as things are now.
+                return await self._balance(conn, a, now)
+        if row[0] == _SHORT:
             return None
-        live = [(r[3], r[4], r[5], r[6]) for r in rows if r[3] is not None]
-        written = await self._write_if(
-            conn, a, key, cost, state, usage, now, int(rows[0][2]), int(rows[0][0]), live
-        )
-        return written or None
-
-    async def _write_if(
-        self,
-        conn: asyncpg.Connection,
-        a: Account,
-        key: str,
-        cost: int,
-        state: str,
-        usage: Usage | None,
-        now: float,
-        version: int,
-        used: int,
-        live: list[Live],
-    ) -> Balance | Literal[False] | None:
-        """The spend's writes if the account is still at `version` (with `used` and `live`): the
-        balance after; False when the version moved (nothing written); None when this path cannot
-        decide (not enough credit, an event to write, the key spent before)."""
-        import asyncpg
-
-        before = balance_of(live, used)
-        if before.total < cost:
-            return None
-        taken = allocate(live, cost)
-        after = less(before, live, taken, cost)
-        if not a.product and spend_events(before.total, after.total, self.low_balance_threshold):
-            return None
-        try:
-            written = await conn.fetchval(
-                _TAKE_IF_UNCHANGED, *_take_args(a, key, cost, state, usage, now, taken, after), version
-            )
-        except asyncpg.UniqueViolationError:
-            return None  # the key spent before: nothing written; the locked path answers as spent
-        if written is None:
-            return False
-        took = dict(taken)
-        left = tuple((g, kind, n - took.get(g, 0), exp) for g, kind, n, exp in live if n > took.get(g, 0))
-        self._known[_key(a)] = _Known(version + 1, after.used, left)
-        return after
-
-    async def _announce_spend(
-        self, conn: asyncpg.Connection, a: Account, key: str, before: int, after: int
-    ) -> None:
-        if a.product:
-            return
-        for kind in spend_events(before, after, self.low_balance_threshold):
-            data = event_data(
-                a, balance_before=before, balance_after=after, threshold=self.low_balance_threshold, key=key
-            )
-            await events.add_postgres(conn, kind, a.namespace, a.user_id, data)
+        return Balance(row[1], row[2], row[3], row[4])
 
     async def _spend_row(self, conn: asyncpg.Connection, a: Account, key: str) -> asyncpg.Record | None:
         return await conn.fetchrow(
