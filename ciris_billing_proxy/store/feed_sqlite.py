@@ -56,6 +56,8 @@ SCHEMA = Schema(
 
 
 class SQLiteChangeFeed(ChangeFeed):
+    publishes_on_loop = True
+
     def __init__(self, path: str | Path, budget: DatabaseBudget = DEFAULT_BUDGET) -> None:
         super().__init__()
         self.db = SQLiteDatabase(path, timeout=budget.timeout_seconds)
@@ -153,6 +155,10 @@ class SQLiteChangeFeed(ChangeFeed):
         if rows:
             self._last_id = rows[-1][0]
         return [payload for _, payload in rows]
+
+    def _publish_now(self, payloads: list[str]) -> bool:
+        now = time.time()
+        return now - self._pruned_at <= PRUNE_EVERY_SECONDS and self._insert_here(payloads, now)
 
     async def _publish(self, payloads: list[str]) -> None:
         now = time.time()
