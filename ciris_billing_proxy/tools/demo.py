@@ -86,8 +86,13 @@ async def interaction_cost(request: web.Request) -> int:
 
 async def _read_interaction(request: web.Request) -> InteractRequest:
     config = service_of(request).config
+    # A string and a whole number: validated alike from JSON and from Python (`read_model`).
     return await read_model(
-        request, InteractRequest, config.max_body_bytes, time_limit=config.body_timeout_seconds
+        request,
+        InteractRequest,
+        config.max_body_bytes,
+        time_limit=config.body_timeout_seconds,
+        json_mode=True,
     )
 
 
