@@ -450,8 +450,10 @@ class BillingService:
     async def _take(
         self, call: Awaitable[object], identity: Identity, idempotency_key: str, what: str, amount: int
     ) -> CreditStatus | None:
-        # Started here: a spend on the loop finishes before anything could cancel it, with no task.
-        task = start_eagerly(self._change_credit(call, identity, what, idempotency_key, amount), self._track)
+        change = self._change_credit(call, identity, what, idempotency_key, amount)
+        # Started here when the provider allows: a spend on the loop finishes before anything could
+        # cancel it, with no task.
+        task = start_eagerly(change, self._track) if self.provider.eager_spends else self._track(change)
         try:
             status = await asyncio.shield(task)
         except (asyncio.CancelledError, ProviderUnavailable):

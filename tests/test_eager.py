@@ -6,7 +6,10 @@ import asyncio
 
 import pytest
 
+from ciris_billing_proxy.database_url import parse_database_url
 from ciris_billing_proxy.eager import start_eagerly
+from ciris_billing_proxy.providers.simple import SimpleProvider
+from ciris_billing_proxy.store import PostgresDatabase
 
 
 async def test_one_that_never_waits_is_done_without_a_task() -> None:
@@ -65,3 +68,10 @@ async def test_a_cancellation_reaches_the_coroutine_where_it_waits() -> None:
     await asyncio.sleep(0)
     rest.cancel()
     assert await rest == "caught"
+
+
+def test_only_a_simple_provider_on_sqlite_spends_eagerly() -> None:
+    # PostgreSQL's pool is used within `asyncio.timeout`, which binds to the task it is entered in.
+    assert SimpleProvider(database=":memory:").eager_spends
+    postgres = PostgresDatabase(parse_database_url("postgresql://localhost/ciris"))
+    assert not SimpleProvider(database=postgres).eager_spends

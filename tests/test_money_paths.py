@@ -94,7 +94,12 @@ async def test_shutdown_waits_for_give_backs_started_late(config: BillingConfig)
 async def test_shutdown_waits_for_a_spend_that_had_to_wait(config: BillingConfig) -> None:
     # A spend that finishes without waiting runs on the caller's stack (`eager`); one that waits
     # (here the provider's delay) goes on in a tracked task, which shutdown waits for.
-    provider = ShopProvider(credits=5)
+    class EagerShop(ShopProvider):
+        @property
+        def eager_spends(self) -> bool:
+            return True
+
+    provider = EagerShop(credits=5)
     provider.delay = 0.05
     app = web.Application()
     service = setup_billing(app, config, provider=provider, environ={})
