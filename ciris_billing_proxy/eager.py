@@ -5,8 +5,13 @@ lock held elsewhere, no thread hand-off): started as a task, it would cost a tas
 two turns of the loop around work that never yields (about a tenth of a gated interaction's
 instructions, `bench.instructions`). Nothing can cancel a coroutine between two of its suspension
 points, so running it here up to its first one is as safe as running it in a task; from that
-point on it runs in the task `track` makes, as it always did. (Python 3.12's `eager_start` does the
-same; this package supports 3.11.)
+point on it runs in the task `track` makes, as it always did.
+
+Unlike Python 3.12's `eager_start` (this package supports 3.11), the first part runs as the
+caller's task: a context entered there that binds to the running task (`asyncio.timeout`, an HTTP
+client's timeout) would stay bound to the caller while the rest runs in another task, and its
+timeout would cancel the caller. Only for coroutines that enter none before their first wait (the
+service asks the provider: `CreditProvider.eager_spends`).
 """
 
 from __future__ import annotations
