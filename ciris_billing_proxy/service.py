@@ -23,6 +23,7 @@ from .auth import TokenVerifier
 from .cache import CreditCache
 from .config import BillingConfig, ConfigError
 from .credit_models import parse_instant
+from .eager import start_eagerly
 from .errors import BillingError, InsufficientCredit, InvalidRequest, ProviderUnavailable
 from .events.outbox import EventOutbox
 from .identity import Identity
@@ -449,7 +450,10 @@ class BillingService:
     async def _take(
         self, call: Awaitable[object], identity: Identity, idempotency_key: str, what: str, amount: int
     ) -> CreditStatus | None:
-        task = self._track(self._change_credit(call, identity, what, idempotency_key, amount))
+        change = self._change_credit(call, identity, what, idempotency_key, amount)
+        # Started here when the provider allows: a spend on the loop finishes before anything could
+        # cancel it, with no task.
+        task = start_eagerly(change, self._track) if self.provider.eager_spends else self._track(change)
         try:
             status = await asyncio.shield(task)
         except (asyncio.CancelledError, ProviderUnavailable):
@@ -808,7 +812,7 @@ class BillingService:
         return AuditKind.REFUND if self.provider.purchases_enabled is True else AuditKind.GIVE_BACK
 
     async def _give_back_after(
-        self, spend: asyncio.Task[object], identity: Identity, key: str, amount: int
+        self, spend: asyncio.Future[object], identity: Identity, key: str, amount: int
     ) -> None:
         """Give back what `spend` took, if it may have taken anything. `give_back` is a no-op for a
         use never taken, so an ambiguous failure is reconciled with it too."""

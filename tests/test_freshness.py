@@ -9,6 +9,7 @@ Each "process" is an app instance of its own (its own cache, verifier and feed) 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from ciris_billing_proxy.keys import SERVICE_KEY
 from ciris_billing_proxy.ledger import Account
 from ciris_billing_proxy.providers.simple import SimpleProvider
 from ciris_billing_proxy.store.feed_postgres import PostgresChangeFeed
+from ciris_billing_proxy.store.feed_sqlite import SQLiteChangeFeed
 from ciris_billing_proxy.testing import FakeBillingBackend, TokenFactory
 
 from .ciris_helpers import INTERACT, agent_routes
@@ -241,3 +243,42 @@ async def test_a_store_purchase_verified_through_one_app_reaches_the_others_cach
         return bool((await (await b.get(CREDITS, headers=bo)).json())["credits_remaining"] == 99)
 
     await eventually(credited_on_b)
+
+
+async def test_a_change_published_while_another_process_holds_the_feeds_file_is_sent_after(
+    tmp_path: Path,
+) -> None:
+    # A publish is made on the loop when the file's write lock is free at once; when another
+    # process holds it, the publisher task sends the change once it can.
+    heard: list[tuple[str, str]] = []
+
+    class Listener:
+        def identity_changed(self, key: tuple[str, str]) -> None:
+            heard.append(key)
+
+        def all_changed(self) -> None: ...
+        def token_revoked(self, digest: bytes, until: float) -> None: ...
+        def epoch_moved(self, key: tuple[str, str], epoch: float) -> None: ...
+        def feed_down(self) -> None: ...
+        def feed_up(self) -> None: ...
+
+    path = tmp_path / "changes.sqlite3"
+    here, there = SQLiteChangeFeed(path), SQLiteChangeFeed(path)
+    await here.start(Listener())
+    await there.start(Listener())
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        here.changed(("local", "ann"))
+        await asyncio.sleep(0.2)
+        assert heard == []
+        other.execute("COMMIT")
+        await eventually(lambda: _now(heard == [("local", "ann")]))
+    finally:
+        other.close()
+        await here.stop()
+        await there.stop()
+
+
+async def _now(value: bool) -> bool:
+    return value

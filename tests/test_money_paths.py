@@ -91,6 +91,28 @@ async def test_shutdown_waits_for_give_backs_started_late(config: BillingConfig)
     assert provider.balance(ALICE) == 5
 
 
+async def test_shutdown_waits_for_a_spend_that_had_to_wait(config: BillingConfig) -> None:
+    # A spend that finishes without waiting runs on the caller's stack (`eager`); one that waits
+    # (here the provider's delay) goes on in a tracked task, which shutdown waits for.
+    class EagerShop(ShopProvider):
+        @property
+        def eager_spends(self) -> bool:
+            return True
+
+    provider = EagerShop(credits=5)
+    provider.delay = 0.05
+    app = web.Application()
+    service = setup_billing(app, config, provider=provider, environ={})
+    lifespan = service.lifespan(app)
+    await lifespan.__anext__()
+    spend = asyncio.ensure_future(service.spend(ALICE, "k"))
+    await asyncio.sleep(0.01)
+    with pytest.raises(StopAsyncIteration):
+        await lifespan.__anext__()
+    assert spend.done()
+    assert provider.balance(ALICE) == 4
+
+
 async def test_a_failed_commit_does_not_wedge_the_ledger(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
     db = SQLiteDatabase(path)

@@ -13,7 +13,8 @@ import pytest
 
 from ciris_billing_proxy import BillingConfig, Identity, ProviderContext
 from ciris_billing_proxy.database_url import parse_database_url
-from ciris_billing_proxy.ledger import ledger_for
+from ciris_billing_proxy.ledger import Account, ledger_for
+from ciris_billing_proxy.ledger.schema import SQLITE_SCHEMA as SQLITE_LEDGER
 from ciris_billing_proxy.providers.simple import SimpleProvider
 from ciris_billing_proxy.store import DatabaseUnavailable, PostgresDatabase, Schema, SQLiteDatabase
 
@@ -53,7 +54,45 @@ async def test_a_data_directory_from_before_schema_versions_keeps_its_usage(tmp_
         assert conn.execute("SELECT component, version FROM schema_version ORDER BY 1").fetchall() == [
             ("events", 1),
             ("ledger", 1),
+            ("ledger", 2),
         ]
+
+
+async def test_a_ledger_of_version_1_keeps_its_journal_and_its_checks_in_version_2(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    with sqlite3.connect(path) as conn:  # the ledger as version 1 left it, with a spend
+        conn.execute(
+            "CREATE TABLE schema_version (component TEXT NOT NULL, version INTEGER NOT NULL,"
+            " applied_at TEXT NOT NULL, PRIMARY KEY (component, version))"
+        )
+        for statement in SQLITE_LEDGER.steps[0]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version VALUES ('ledger', 1, '2026-01-01T00:00:00+00:00')")
+    ledger = ledger_for(SQLiteDatabase(path), signup=lambda _: 10)
+    await ledger.open()
+    try:
+        account = Account("local", "ann")
+        assert await ledger.spend(account, "k1")
+        await ledger.give_back(account, "k1")
+        assert await ledger.spend(account, "k2")
+        assert await ledger.spend(account, "k2")  # the same key: answered, not spent again
+        assert (await ledger.balance(account)).used == 1
+    finally:
+        await ledger.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute(
+            "SELECT MAX(version) FROM schema_version WHERE component = 'ledger'"
+        ).fetchone() == (2,)
+        assert conn.execute(
+            "SELECT state FROM credit_entries WHERE kind = 'spend' ORDER BY id"
+        ).fetchall() == [
+            ("given_back",),
+            ("spent",),
+        ]
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            conn.execute("UPDATE credit_entries SET state = 'lost' WHERE kind = 'spend'")
+        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+            conn.execute("UPDATE credit_entries SET idempotency_key = 'k2' WHERE idempotency_key = 'k1'")
 
 
 async def test_a_sqlite_url_keeps_the_records_in_that_file(tmp_path: Path) -> None:

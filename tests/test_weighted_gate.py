@@ -237,6 +237,14 @@ async def test_the_demo_takes_the_cost_in_its_body_too(aiohttp_client: Any, tmp_
         resp = await client.post(interact, json={"message": "hi", "cost": bad}, headers=auth)
         assert resp.status == 422, bad
         assert "cost" in (await resp.json())["detail"]
+    for bad in (4.0, [4], "Infinity"):
+        resp = await client.post(interact, json={"message": "hi", "cost": bad}, headers=auth)
+        assert resp.status == 422, bad
+    # Read as before pydantic's JSON parser was tried first: UTF-16, extra fields, NaN (not a cost).
+    utf16 = json.dumps({"message": "hi", "cost": 1, "agent": "x"}).encode("utf-16")
+    assert (await client.post(interact, data=utf16, headers=auth)).status == 200
+    resp = await client.post(interact, data=b'{"message": "hi", "cost": NaN}', headers=auth)
+    assert resp.status == 422
     both = {"message": "hi", "cost": 2}
     assert (await client.post(interact, params={"cost": "3"}, json=both, headers=auth)).status == 422
     assert (await client.post(interact, params={"cost": "2"}, json=both, headers=auth)).status == 200
@@ -249,7 +257,7 @@ async def test_the_demo_takes_the_cost_in_its_body_too(aiohttp_client: Any, tmp_
     assert "?cost=N" in (await resp.json())["detail"]
     one = json.dumps({"message": "hi"}).encode()
     assert (await client.post(interact, data=streamed(one), headers=auth)).status == 200
-    assert await left(client, auth) == (20 - 4 - 2 - 1, 4 + 2 + 1)
+    assert await left(client, auth) == (20 - 4 - 1 - 2 - 1, 4 + 1 + 2 + 1)
 
 
 async def test_the_configured_threshold_reaches_the_ledger_and_a_crossing_is_one_event(

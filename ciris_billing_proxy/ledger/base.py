@@ -12,6 +12,8 @@ changes nothing and answers as the first did (a spend answers the balance as it 
 from __future__ import annotations
 
 import abc
+import functools
+import math
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -70,8 +72,24 @@ MAX_PAGE: Final = 100
 
 
 def iso(at: float) -> str:
-    """Timestamps of the ledger's rows: fixed width, so they compare as strings."""
-    return datetime.fromtimestamp(at, UTC).isoformat(timespec="microseconds")
+    """Timestamps of the ledger's rows: fixed width, so they compare as strings. The text of
+    `datetime.fromtimestamp(at, UTC).isoformat(timespec="microseconds")`, its microseconds rounded
+    as that rounds them (half to even), with the date and time to the second made once per second:
+    every spend writes one, and `isoformat` cost about 13,000 instructions."""
+    fraction, whole = math.modf(at)
+    micro = round(fraction * 1_000_000)
+    if micro >= 1_000_000:
+        micro -= 1_000_000
+        whole += 1
+    elif micro < 0:
+        micro += 1_000_000
+        whole -= 1
+    return f"{_second_of(int(whole))}.{micro:06d}+00:00"
+
+
+@functools.lru_cache(maxsize=2)
+def _second_of(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 class Ledger(RecordStore, abc.ABC):

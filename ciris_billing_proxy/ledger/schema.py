@@ -100,6 +100,26 @@ CREATE TABLE {exists} credit_entries (
 )
 """
 
+#: SQLite evaluates a constant `IN` list of more than two values by building a temporary table, on
+#: every row checked: each spend's journal line paid for one (about 12,000 instructions) to check its
+#: `state`. Step 2 rebuilds the table with the same check written as comparisons.
+_STATE_IN = "state IN ('spent', 'reserved', 'settled', 'given_back')"
+_STATE_COMPARED = "state = 'spent' OR state = 'reserved' OR state = 'settled' OR state = 'given_back'"
+
+
+def _entries_rebuilt() -> tuple[str, ...]:
+    create = _TABLES[_TABLES.index("CREATE TABLE {exists} credit_entries") :]
+    assert _STATE_IN in create
+    create = create.replace(_STATE_IN, _STATE_COMPARED).format(exists="", id="INTEGER PRIMARY KEY")
+    create = create.replace("TABLE  ", "TABLE ")
+    return (
+        create.replace("credit_entries", "credit_entries_rebuilt", 1),
+        "INSERT INTO credit_entries_rebuilt SELECT * FROM credit_entries",
+        "DROP TABLE credit_entries",
+        "ALTER TABLE credit_entries_rebuilt RENAME TO credit_entries",
+    )
+
+
 # The usage ledger's namespaces are `product \x1f namespace` for a product's uses.
 _COPY: Final = """
 INSERT INTO credit_accounts (namespace, user_id, product, used)
@@ -338,6 +358,7 @@ SQLITE_SCHEMA: Final = Schema(
             ),
             *_statements(_COPY.format(**_split("instr(namespace, char(31))"))),
         ),
+        _entries_rebuilt(),
     ),
 )
 

@@ -45,15 +45,26 @@ _ACCOUNT_AND_LIVE = (
 )
 _TAKE_FROM_GRANT = "UPDATE credit_grants SET remaining = remaining - ? WHERE id = ?"
 _SET_USED = f"UPDATE credit_accounts SET used = ? WHERE {_ACCOUNT}"
-_INSERT_SPEND = (
+# A spend's or reservation's line, its kind and state written in (`?4` is the cost, twice).
+_INSERT_TAKE = (
     "INSERT INTO credit_entries (namespace, user_id, product, kind, amount, balance_after, used_after, "
-    "idempotency_key, state, cost, taken, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "idempotency_key, state, cost, taken, created_at) VALUES (?1, ?2, ?3, '{kind}', -?4, ?5, ?6, ?7, "
+    "'{state}', ?4, ?8, ?9)"
 )
-_INSERT_SPEND_WITH_USAGE = (
+_INSERT_TAKE_WITH_USAGE = (
     "INSERT INTO credit_entries (namespace, user_id, product, kind, amount, balance_after, used_after, "
-    "idempotency_key, state, cost, taken, model, input_tokens, output_tokens, tool, metadata, created_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "idempotency_key, state, cost, taken, created_at, model, input_tokens, output_tokens, tool, metadata) "
+    "VALUES (?1, ?2, ?3, '{kind}', -?4, ?5, ?6, ?7, '{state}', ?4, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
 )
+_KINDS = {"spent": "spend", "reserved": "reserve"}
+#: state -> (the line's INSERT, the same with usage)
+_INSERTS = {
+    state: (
+        _INSERT_TAKE.format(kind=kind, state=state),
+        _INSERT_TAKE_WITH_USAGE.format(kind=kind, state=state),
+    )
+    for state, kind in _KINDS.items()
+}
 _GROUPS = {"day": "substr(created_at, 1, 10)", "model": "COALESCE(model, '')", "product": "product"}
 
 
@@ -270,8 +281,8 @@ class SQLiteLedger(Ledger):
         usage: Usage | None,
     ) -> Balance | None:
         account = (a.namespace, a.user_id, a.product)
-        with transaction(conn):
-            rows = conn.execute(_ACCOUNT_AND_LIVE, (now, *account)).fetchall()
+        with transaction(conn) as cursor:
+            rows = cursor.execute(_ACCOUNT_AND_LIVE, (now, *account)).fetchall()
             if rows and rows[0][1]:
                 used = rows[0][0]
                 live: list[Live] = [r[2:] for r in rows if r[2] is not None]
@@ -283,24 +294,23 @@ class SQLiteLedger(Ledger):
                 return before if self._spent(conn, a, key) else None
             taken = allocate(live, cost)
             for grant_id, n in taken:
-                conn.execute(_TAKE_FROM_GRANT, (n, grant_id))
-            conn.execute(_SET_USED, (used + cost, *account))
+                cursor.execute(_TAKE_FROM_GRANT, (n, grant_id))
+            cursor.execute(_SET_USED, (used + cost, *account))
             after = less(before, live, taken, cost)
-            kind = "spend" if state == "spent" else "reserve"
-            head = (*account, kind, -cost, after.total, after.used, key, state, cost, encode_taken(taken))
+            line = (*account, cost, after.total, after.used, key, encode_taken(taken), iso(now))
+            insert, insert_with_usage = _INSERTS[state]
             if usage is None:
-                conn.execute(_INSERT_SPEND, (*head, iso(now)))
+                cursor.execute(insert, line)
             else:
-                conn.execute(
-                    _INSERT_SPEND_WITH_USAGE,
+                cursor.execute(
+                    insert_with_usage,
                     (
-                        *head,
+                        *line,
                         usage.model,
                         usage.input_tokens,
                         usage.output_tokens,
                         usage.tool,
                         usage.metadata_json(),
-                        iso(now),
                     ),
                 )
             if self.low_balance_threshold is not None or after.total == 0:

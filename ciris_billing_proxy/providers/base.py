@@ -160,6 +160,15 @@ class CreditProvider(abc.ABC):
         return True
 
     @property
+    def eager_spends(self) -> bool:
+        """Whether the service may start `spend`, `spend_weighted` and `reserve` on the caller's
+        stack (`eager.start_eagerly`) rather than in a task of their own. Only for a provider whose
+        spend, until it first waits, enters no timeout or other context bound to the running task
+        (`asyncio.timeout`, an HTTP client's timeout): one entered there would stay bound to the
+        caller's task while the spend goes on in another. False by default."""
+        return False
+
+    @property
     def weighted_spends(self) -> bool:
         """Whether the provider takes spends of any cost (`spend_weighted`) and reservations
         (`reserve`, `settle`). A `@credit_gate` with a cost other than 1, or a reservation, needs

@@ -156,6 +156,12 @@ class SimpleProvider(CreditProvider):
         return True
 
     @property
+    def eager_spends(self) -> bool:
+        # A spend on SQLite waits only for the database thread's plain future, if at all; PostgreSQL's
+        # pool is used within `asyncio.timeout`.
+        return isinstance(self.ledger.engine, SQLiteDatabase)
+
+    @property
     def credit_ledger(self) -> Ledger:
         return self.ledger
 

@@ -27,7 +27,7 @@ import json
 import logging
 import secrets
 from collections.abc import Iterable, Mapping
-from typing import Final, Protocol
+from typing import ClassVar, Final, Protocol
 
 from ..errors import ProviderUnavailable
 from ..ops.logs import FaultLog
@@ -122,12 +122,17 @@ def deliver(payload: str, me: str, listener: ChangeListener) -> None:
 class ChangeFeed(abc.ABC):
     """Publish changes made here; hear the ones made elsewhere (see the module docstring)."""
 
+    #: Whether `_publish_now` can send on the loop (a SQLite file can; PostgreSQL's pool cannot).
+    publishes_on_loop: ClassVar[bool] = False
+
     def __init__(self) -> None:
         self.sender = secrets.token_hex(8)
         self._pending: set[IdentityKey] = set()
         self._everyone = False
         self._wake = asyncio.Event()
         self._publisher: asyncio.Task[None] | None = None
+        #: The end of the gathering of pending changes (`_gathered`), while one is scheduled.
+        self._gathering: asyncio.TimerHandle | None = None
         self._listener: ChangeListener | None = None
         #: `time.monotonic()` at which the feed last confirmed it hears the other processes (0: never); how
         #: long ago that was is the most a change made elsewhere can have gone unheard.
@@ -144,6 +149,9 @@ class ChangeFeed(abc.ABC):
     async def stop(self) -> None:
         """Publish what is pending (once, if it can), then stop."""
         publisher, self._publisher = self._publisher, None
+        gathering, self._gathering = self._gathering, None
+        if gathering is not None:
+            gathering.cancel()
         if publisher is not None:
             publisher.cancel()
             await asyncio.gather(publisher, return_exceptions=True)
@@ -160,12 +168,30 @@ class ChangeFeed(abc.ABC):
             self._pending.clear()
         elif not self._everyone:
             self._pending.add(key)
-        self._wake.set()
+        self._gather()
 
     def changed_all(self) -> None:
         self._everyone = True
         self._pending.clear()
-        self._wake.set()
+        self._gather()
+
+    def _gather(self) -> None:
+        """Publish what is pending `GATHER_SECONDS` from now (a timer, unless one is running or the
+        publisher task is already awake: they take these too)."""
+        if self._gathering is None and self._publisher is not None and not self._wake.is_set():
+            self._gathering = asyncio.get_running_loop().call_later(GATHER_SECONDS, self._gathered)
+
+    def _gathered(self) -> None:
+        """The gathering is over: publish on the loop if the feed can do that without waiting
+        (`_publish_now`; a timer callback, no task woken), else wake the publisher task."""
+        self._gathering = None
+        pending, everyone = self._pending, self._everyone
+        if not pending and not everyone:
+            return
+        if self.publishes_on_loop and self._publish_now(encode(self.sender, pending, everyone)):
+            self._pending, self._everyone = set(), False
+        else:
+            self._wake.set()
 
     @abc.abstractmethod
     async def ping(self) -> None:
@@ -210,11 +236,17 @@ class ChangeFeed(abc.ABC):
     async def _publish(self, payloads: list[str]) -> None:
         """Send the payloads; `ProviderUnavailable` when the database cannot be reached."""
 
+    def _publish_now(self, payloads: list[str]) -> bool:
+        """Send the payloads on the loop, if this feed can without waiting for anything: True when
+        they were sent, False (nothing sent) when the publisher task must (`_publish`)."""
+        return False
+
     async def _publish_forever(self) -> None:
+        """Publishes what `_gathered` could not send on the loop (and, while the database refuses,
+        retries with a growing delay)."""
         delay = 0.05
         while True:
             await self._wake.wait()
-            await asyncio.sleep(GATHER_SECONDS)
             try:
                 await self._flush()
             except ProviderUnavailable:

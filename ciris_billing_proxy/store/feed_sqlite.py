@@ -51,11 +51,23 @@ SCHEMA = Schema(
             " epoch REAL NOT NULL, PRIMARY KEY (namespace, user_id))",
             "CREATE TABLE user_passwords (username TEXT PRIMARY KEY, password_hash TEXT NOT NULL)",
         ),
+        # Every publish wrote a page of this index besides the table's; pruning walks the table in
+        # id order instead (`_PRUNE`).
+        ("DROP INDEX IF EXISTS changes_at",),
     ),
+)
+#: Rows older than `?`: those before the first row that is not (rows are added in id order, with the
+#: time they were added), found by walking the table from its oldest row; all of them when none is
+#: newer.
+_PRUNE = (
+    "DELETE FROM changes WHERE id < COALESCE("
+    "(SELECT id FROM changes WHERE at >= ?1 ORDER BY id LIMIT 1), (SELECT MAX(id) + 1 FROM changes))"
 )
 
 
 class SQLiteChangeFeed(ChangeFeed):
+    publishes_on_loop = True
+
     def __init__(self, path: str | Path, budget: DatabaseBudget = DEFAULT_BUDGET) -> None:
         super().__init__()
         self.db = SQLiteDatabase(path, timeout=budget.timeout_seconds)
@@ -154,6 +166,10 @@ class SQLiteChangeFeed(ChangeFeed):
             self._last_id = rows[-1][0]
         return [payload for _, payload in rows]
 
+    def _publish_now(self, payloads: list[str]) -> bool:
+        now = time.time()
+        return now - self._pruned_at <= PRUNE_EVERY_SECONDS and self._insert_here(payloads, now)
+
     async def _publish(self, payloads: list[str]) -> None:
         now = time.time()
         prune = now - self._pruned_at > PRUNE_EVERY_SECONDS
@@ -166,7 +182,7 @@ class SQLiteChangeFeed(ChangeFeed):
                     "INSERT INTO changes (payload, at) VALUES (?, ?)", [(p, now) for p in payloads]
                 )
                 if prune:
-                    conn.execute("DELETE FROM changes WHERE at < ?", (now - KEEP_SECONDS,))
+                    conn.execute(_PRUNE, (now - KEEP_SECONDS,))
                     conn.execute("DELETE FROM revoked_tokens WHERE expires_at < ?", (now,))
 
         await self._write(write)

@@ -59,11 +59,14 @@ CHECKPOINT_SECONDS = 10.0
 
 
 @contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    conn.execute("BEGIN IMMEDIATE")
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Cursor]:
+    """`BEGIN IMMEDIATE` ... `COMMIT`, with a cursor for the statements in between (one cursor,
+    not one made by each `conn.execute`)."""
+    cursor = conn.cursor()
+    cursor.execute("BEGIN IMMEDIATE")
     try:
-        yield conn
-        conn.execute("COMMIT")
+        yield cursor
+        cursor.execute("COMMIT")
     except BaseException:
         # Also after a failed COMMIT: a transaction left open would refuse every later BEGIN.
         if conn.in_transaction:

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from ..auth import get_identity
+from ..auth import identity_of_request
 from ..bodies import expect_continue, read_model
 from ..config import BillingConfig, ConfigError
 from ..cors import allow_preflights, cors_middleware
 from ..errors import CATCH_ALLS, error_middleware, guarded, http_error, unguarded, unmatched_reply
-from ..gate import credit_gate
+from ..gate import credit_gate, service_of
 from ..keys import GATED_SPEND_KEY, SPENT_STATUS_KEY, billing_service
 from ..models import InteractReply, InteractRequest
 from ..operations import IntQuery
@@ -85,14 +85,19 @@ async def interaction_cost(request: web.Request) -> int:
 
 
 async def _read_interaction(request: web.Request) -> InteractRequest:
-    config = billing_service(request).config
+    config = service_of(request).config
+    # A string and a whole number: validated alike from JSON and from Python (`read_model`).
     return await read_model(
-        request, InteractRequest, config.max_body_bytes, time_limit=config.body_timeout_seconds
+        request,
+        InteractRequest,
+        config.max_body_bytes,
+        time_limit=config.body_timeout_seconds,
+        json_mode=True,
     )
 
 
 async def _interact(request: web.Request) -> web.Response:
-    service = billing_service(request)
+    service = service_of(request)
     body = request.get(_BODY) or await _read_interaction(request)
     if COST_PARAM.name in request.query:
         cost = COST_PARAM.read(request)
@@ -105,7 +110,7 @@ async def _interact(request: web.Request) -> web.Response:
     gated = request.get(GATED_SPEND_KEY)
     if gated is not None and gated.amount != cost:
         raise http_error(422, COST_IN_STREAM)
-    identity = get_identity(request)
+    identity = identity_of_request(request, service.verifier)  # as the gate verified it
     # What the gate's spend left, straight from its transaction; read only if the provider did not say.
     status = request.get(SPENT_STATUS_KEY)
     if status is None:
