@@ -32,8 +32,11 @@ _MAX_EXP = 2**53  # beyond this a number is no timestamp (and may not even fit a
 #: Revocations are forgotten in batches: each at the first sweep after its token's expiry (plus the
 #: leeway) rounded up to this many seconds. Sweeps happen as revocations are added, at most once per batch.
 REVOCATION_BATCH_SECONDS: Final = 60
-#: Headers whose cache key (their digest) `TokenVerifier` remembers: about 1 MB of tokens at most.
+#: Headers whose cache key (their digest) `TokenVerifier` remembers, each at most
+#: `HEADER_KEY_LENGTH_MAX` characters: 8 MiB of header text at most. One good token can arrive as
+#: many headers (the scheme's case, the spaces around it), so the bound is on the headers.
 HEADER_KEYS_MAX: Final = 4096
+HEADER_KEY_LENGTH_MAX: Final = 2048
 
 logger = logging.getLogger("ciris_billing_proxy")
 
@@ -125,7 +128,9 @@ class TokenVerifier:
         key = self._keys.get(header)
         known = key is not None
         if key is None:
-            key = blake2b(header.encode(), digest_size=16).digest()  # `_digest`, without its frame
+            key = blake2b(
+                header.encode("utf-8", "surrogatepass"), digest_size=16
+            ).digest()  # `_digest`, inline
         entry = verified.get(key)
         if entry is None:
             return None
@@ -133,7 +138,7 @@ class TokenVerifier:
         if (self._revoked and digest in self._revoked) or self._clock() - self._leeway >= identity.expires_at:
             return None
         verified.move_to_end(key)
-        if not known:
+        if not known and len(header) <= HEADER_KEY_LENGTH_MAX:
             if len(self._keys) >= HEADER_KEYS_MAX:
                 self._keys.clear()
             self._keys[header] = key
@@ -311,7 +316,9 @@ class TokenVerifier:
 
 
 def _digest(text: str) -> bytes:
-    return blake2b(text.encode(), digest_size=16).digest()
+    # aiohttp decodes a header's bytes that are not UTF-8 as lone surrogates: hashed as they are,
+    # so such a header is an unknown token (401), not an encoding error.
+    return blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def _optional_str(value: object) -> str | None:

@@ -10,8 +10,9 @@ point on it runs in the task `track` makes, as it always did.
 Unlike Python 3.12's `eager_start` (this package supports 3.11), the first part runs as the
 caller's task: a context entered there that binds to the running task (`asyncio.timeout`, an HTTP
 client's timeout) would stay bound to the caller while the rest runs in another task, and its
-timeout would cancel the caller. Only for coroutines that enter none before their first wait (the
-service asks the provider: `CreditProvider.eager_spends`).
+timeout would cancel the caller; and a context variable set there stays set for the caller. Only
+for coroutines that do neither before their first wait (the service asks the provider:
+`CreditProvider.eager_spends`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ def start_eagerly(
         failed: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         failed.set_exception(exc)
         return failed
-    return track(_rest(coro, waits_on))
+    rest = track(_rest(coro, waits_on))
+    # A task cancelled before its first step never runs `_rest`: the started coroutine is closed
+    # when the task ends, so that its `finally` clauses run (a no-op once it has finished).
+    rest.add_done_callback(lambda _: coro.close())
+    return rest
 
 
 async def _rest(coro: Coroutine[Any, Any, T], waits_on: Any) -> T:

@@ -408,6 +408,24 @@ def test_a_good_headers_digest_is_remembered_within_a_bound_and_never_decides_al
         verifier.verify_header(ann)
 
 
+def test_a_header_too_long_to_remember_is_still_served_from_the_token_cache(tmp_path: Path) -> None:
+    """One good token can arrive as many different headers (spaces after the scheme): only short
+    ones are remembered, so what the memo holds stays bounded in bytes, not only in entries."""
+    from ciris_billing_proxy import auth
+
+    config = make_config(tmp_path)
+    verifier = auth.TokenVerifier(config)
+    token = TokenFactory(config).token("ann")
+    padded = "Bearer" + " " * auth.HEADER_KEY_LENGTH_MAX + token
+    assert verifier.verify_header(padded) is not None
+    assert verifier.cached_identity(padded) is not None
+    assert padded not in verifier._keys
+    plain = f"Bearer {token}"
+    assert verifier.verify_header(plain) is not None
+    assert verifier.cached_identity(plain) is not None
+    assert plain in verifier._keys
+
+
 def test_the_token_cache_can_be_turned_off(tmp_path: Path) -> None:
     from ciris_billing_proxy.auth import TokenVerifier
 

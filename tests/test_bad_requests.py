@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -110,3 +111,24 @@ async def test_a_host_app_with_the_bad_request_log_keeps_request_bytes_out_of_it
     assert len(refused) == 1  # rate-limited: one line for the burst
     assert refused[0].levelno == logging.WARNING
     assert refused[0].exc_info is None
+
+
+async def test_an_authorization_header_that_is_not_utf8_is_a_json_401(tmp_path: Path) -> None:
+    """aiohttp hands such bytes on as lone surrogates: the token check answers them as a token it
+    does not know, on the cached read's own handler and on the gate alike."""
+    with serve(["--user", f"ann:{SECRET}"], tmp_path) as server:
+        await _not_utf8_is_a_json_401(server)
+
+
+async def _not_utf8_is_a_json_401(server: Server) -> None:
+    for request in (
+        b"GET /v1/api/billing/credits HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer \xff\xfe.a.b\r\n"
+        b"Connection: close\r\n\r\n",
+        b"POST /v1/agent/interact HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer \xff\xfe\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    ):
+        head, body = last_reply(await exchange(server.url, request))
+        assert head.split(b" ", 2)[1] == b"401", head
+        assert b"application/json" in head
+        assert b"x-request-id" in head.lower()
+        assert "detail" in json.loads(body)

@@ -280,5 +280,36 @@ async def test_a_change_published_while_another_process_holds_the_feeds_file_is_
         await there.stop()
 
 
+async def test_a_change_the_loop_could_not_publish_for_an_error_is_sent_by_the_publisher_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    heard: list[tuple[str, str]] = []
+
+    class Listener:
+        def identity_changed(self, key: tuple[str, str]) -> None:
+            heard.append(key)
+
+        def all_changed(self) -> None: ...
+        def token_revoked(self, digest: bytes, until: float) -> None: ...
+        def epoch_moved(self, key: tuple[str, str], epoch: float) -> None: ...
+        def feed_down(self) -> None: ...
+        def feed_up(self) -> None: ...
+
+    def broken(payloads: list[str]) -> bool:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    path = tmp_path / "changes.sqlite3"
+    here, there = SQLiteChangeFeed(path), SQLiteChangeFeed(path)
+    await here.start(Listener())
+    await there.start(Listener())
+    monkeypatch.setattr(here, "_publish_now", broken)
+    try:
+        here.changed(("local", "ann"))
+        await eventually(lambda: _now(heard == [("local", "ann")]))
+    finally:
+        await here.stop()
+        await there.stop()
+
+
 async def _now(value: bool) -> bool:
     return value

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Final, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -158,8 +159,9 @@ class SimpleProvider(CreditProvider):
     @property
     def eager_spends(self) -> bool:
         # A spend on SQLite waits only for the database thread's plain future, if at all; PostgreSQL's
-        # pool is used within `asyncio.timeout`.
-        return isinstance(self.ledger.engine, SQLiteDatabase)
+        # pool is used within `asyncio.timeout`. A subclass that spends its own way may enter a
+        # timeout before it waits: it says so itself.
+        return isinstance(self.ledger.engine, SQLiteDatabase) and not _spends_its_own_way(type(self))
 
     @property
     def credit_ledger(self) -> Ledger:
@@ -300,3 +302,11 @@ DESCRIPTIONS = {
 
 def _account(identity: Identity, product: str = "") -> Account:
     return Account(identity.namespace, identity.user_id, product)
+
+
+@functools.cache
+def _spends_its_own_way(cls: type[SimpleProvider]) -> bool:
+    return any(getattr(cls, name) is not getattr(SimpleProvider, name) for name in _SPENDS)
+
+
+_SPENDS: Final = ("spend", "spend_weighted", "reserve", "spend_product")

@@ -188,7 +188,11 @@ class ChangeFeed(abc.ABC):
         pending, everyone = self._pending, self._everyone
         if not pending and not everyone:
             return
-        if self.publishes_on_loop and self._publish_now(encode(self.sender, pending, everyone)):
+        try:
+            sent = self.publishes_on_loop and self._publish_now(encode(self.sender, pending, everyone))
+        except Exception:  # nothing sent: the publisher task sends it, and logs what keeps failing
+            sent = False
+        if sent:
             self._pending, self._everyone = set(), False
         else:
             self._wake.set()
