@@ -138,7 +138,7 @@ def to_http(exc: BillingError, *, gate: bool = False) -> HTTPJSONError:
             402,
             {
                 "error": "insufficient_credit",
-                "message": "You have no credit left for this request.",
+                "message": "You do not have enough credit for this request.",
                 "reason": exc.reason,
             },
         )

@@ -135,7 +135,7 @@ async def test_no_credit_and_unknown_paths(aiohttp_client: Any, tmp_path: Path, 
         402,
         {
             "error": "insufficient_credit",
-            "message": "You have no credit left for this request.",
+            "message": "You do not have enough credit for this request.",
             "reason": "No free uses remaining",
         },
     )
@@ -187,7 +187,7 @@ async def test_tool_routes_and_tool_gate(aiohttp_client: Any, tmp_path: Path, mo
     assert (await client.post(base + SEARCH, headers=headers)).status == 200
     no_credit = {
         "error": "insufficient_credit",
-        "message": "You have no credit left for this request.",
+        "message": "You do not have enough credit for this request.",
         "reason": "No web_search uses remaining",
     }
     await expect(await client.post(base + SEARCH, headers=headers), 402, no_credit)

@@ -77,7 +77,12 @@ async def test_a_cost_is_taken_whole_or_refused(make_client: ClientFactory, tmp_
     assert (await client.post("/priced", params={"cost": "5"}, headers=auth)).status == 200
     refused = await client.post("/priced", params={"cost": "3"}, headers=auth)
     assert refused.status == 402
-    assert "detail" in await refused.json()
+    # Two uses are left: the reply says there is not enough, not that there is none.
+    assert (await refused.json())["detail"] == {
+        "error": "insufficient_credit",
+        "message": "You do not have enough credit for this request.",
+        "reason": "Not enough credit for a cost of 3",
+    }
     assert await left(client, auth) == (2, 8)
     assert (await client.post("/priced", params={"cost": "2", "fail": "1"}, headers=auth)).status == 502
     assert await left(client, auth) == (2, 8)
