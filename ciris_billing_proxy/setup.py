@@ -177,13 +177,13 @@ def setup_billing(
             error_middleware(requests=requests),
         )
     )
-    if subapp:
-        protected = error_middleware(before=check, requests=requests)
-        errors = cors_middleware(protected, api, config.cors_origins)
-        billing = web.Application(middlewares=[] if guards else [errors])
-        anchor = add_routes(
-            billing.router,
+
+    def own_routes(router: web.UrlDispatcher, prefix: str = "") -> web.AbstractResource:
+        """The billing routes on a router only billing adds to (a sub-app's, or `serve`'s)."""
+        return add_routes(
+            router,
             service,
+            prefix,
             public=public,
             api=api,
             describe=describe,
@@ -191,23 +191,19 @@ def setup_billing(
             guards=guards,
             extra=extra,
         )
+
+    if subapp:
+        protected = error_middleware(before=check, requests=requests)
+        errors = cors_middleware(protected, api, config.cors_origins)
+        billing = web.Application(middlewares=[] if guards else [errors])
+        anchor = own_routes(billing.router)
         allow_preflights(billing, api, config.cors_origins)
         app.add_subapp(config.prefix, billing)
         tools = web.Application(middlewares=[] if guards else [protected])
         add_tool_routes(tools.router, service, own_router=True, guards=guards)
         app.add_subapp(config.tools_prefix, tools)
     elif guards is not None and claim_prefixes:
-        anchor = add_routes(
-            app.router,
-            service,
-            config.prefix,
-            public=public,
-            api=api,
-            describe=describe,
-            own_router=True,
-            guards=guards,
-            extra=extra,
-        )
+        anchor = own_routes(app.router, config.prefix)
         add_tool_routes(app.router, service, config.tools_prefix, own_router=True, guards=guards)
     else:
         scopes.append(PathScope((config.prefix, config.tools_prefix)))

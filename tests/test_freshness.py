@@ -245,6 +245,22 @@ async def test_a_store_purchase_verified_through_one_app_reaches_the_others_cach
     await eventually(credited_on_b)
 
 
+class Heard:
+    """A change feed's listener that keeps the users whose credit changed elsewhere."""
+
+    def __init__(self, heard: list[tuple[str, str]]) -> None:
+        self.heard = heard
+
+    def identity_changed(self, key: tuple[str, str]) -> None:
+        self.heard.append(key)
+
+    def all_changed(self) -> None: ...
+    def token_revoked(self, digest: bytes, until: float) -> None: ...
+    def epoch_moved(self, key: tuple[str, str], epoch: float) -> None: ...
+    def feed_down(self) -> None: ...
+    def feed_up(self) -> None: ...
+
+
 async def test_a_change_published_while_another_process_holds_the_feeds_file_is_sent_after(
     tmp_path: Path,
 ) -> None:
@@ -252,20 +268,10 @@ async def test_a_change_published_while_another_process_holds_the_feeds_file_is_
     # process holds it, the publisher task sends the change once it can.
     heard: list[tuple[str, str]] = []
 
-    class Listener:
-        def identity_changed(self, key: tuple[str, str]) -> None:
-            heard.append(key)
-
-        def all_changed(self) -> None: ...
-        def token_revoked(self, digest: bytes, until: float) -> None: ...
-        def epoch_moved(self, key: tuple[str, str], epoch: float) -> None: ...
-        def feed_down(self) -> None: ...
-        def feed_up(self) -> None: ...
-
     path = tmp_path / "changes.sqlite3"
     here, there = SQLiteChangeFeed(path), SQLiteChangeFeed(path)
-    await here.start(Listener())
-    await there.start(Listener())
+    await here.start(Heard(heard))
+    await there.start(Heard(heard))
     other = sqlite3.connect(path, isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")
@@ -285,23 +291,13 @@ async def test_a_change_the_loop_could_not_publish_for_an_error_is_sent_by_the_p
 ) -> None:
     heard: list[tuple[str, str]] = []
 
-    class Listener:
-        def identity_changed(self, key: tuple[str, str]) -> None:
-            heard.append(key)
-
-        def all_changed(self) -> None: ...
-        def token_revoked(self, digest: bytes, until: float) -> None: ...
-        def epoch_moved(self, key: tuple[str, str], epoch: float) -> None: ...
-        def feed_down(self) -> None: ...
-        def feed_up(self) -> None: ...
-
     def broken(payloads: list[str]) -> bool:
         raise sqlite3.OperationalError("disk I/O error")
 
     path = tmp_path / "changes.sqlite3"
     here, there = SQLiteChangeFeed(path), SQLiteChangeFeed(path)
-    await here.start(Listener())
-    await there.start(Listener())
+    await here.start(Heard(heard))
+    await there.start(Heard(heard))
     monkeypatch.setattr(here, "_publish_now", broken)
     try:
         here.changed(("local", "ann"))

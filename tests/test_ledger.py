@@ -59,15 +59,18 @@ async def ledger(engine_of: Callable[[], Engine], clock: Clock) -> AsyncIterator
     await ledger.close()
 
 
+async def rows_of(ledger: Ledger, query: str) -> list[Any]:
+    """The rows a query of the ledger's database returns, on either engine."""
+    if isinstance(ledger.engine, SQLiteDatabase):
+        return await ledger.engine.run(lambda conn: conn.execute(query).fetchall())
+    assert isinstance(ledger.engine, PostgresDatabase)
+    async with ledger.engine.connection() as conn:
+        return list(await conn.fetch(query))
+
+
 async def outbox(ledger: Ledger, kind: str | None = None) -> list[dict[str, Any]]:
     """The events in the outbox (of one kind), oldest first, their data parsed."""
-    query = "SELECT kind, data FROM billing_events ORDER BY seq"
-    if isinstance(ledger.engine, SQLiteDatabase):
-        rows = await ledger.engine.run(lambda conn: conn.execute(query).fetchall())
-    else:
-        assert isinstance(ledger.engine, PostgresDatabase)
-        async with ledger.engine.connection() as conn:
-            rows = await conn.fetch(query)
+    rows = await rows_of(ledger, "SELECT kind, data FROM billing_events ORDER BY seq")
     return [{"kind": k, **json.loads(d)} for k, d in rows if kind is None or k == kind]
 
 
@@ -273,13 +276,9 @@ async def test_balance_events_hold_the_bytes_python_writes(ledger: Ledger) -> No
     key = 'k\u00e9y "1"\n\\\U0001f600'
     assert await ledger.spend(ODD, key, 2) is not None  # 4 to 2: below the threshold of 3
     assert await ledger.spend(ODD, "k2", 2) is not None  # 2 to 0: exhausted
-    query = "SELECT event_id, kind, namespace, user_id, data, created_at FROM billing_events ORDER BY seq"
-    if isinstance(ledger.engine, SQLiteDatabase):
-        rows = await ledger.engine.run(lambda conn: conn.execute(query).fetchall())
-    else:
-        assert isinstance(ledger.engine, PostgresDatabase)
-        async with ledger.engine.connection() as conn:
-            rows = await conn.fetch(query)
+    rows = await rows_of(
+        ledger, "SELECT event_id, kind, namespace, user_id, data, created_at FROM billing_events ORDER BY seq"
+    )
     identity = {"namespace": ODD.namespace, "user_id": ODD.user_id}
     expected = [
         ("balance.low", {"balance_before": 4, "balance_after": 2, "threshold": 3, "key": key}),
