@@ -69,7 +69,7 @@ from .errors import (
 )
 from .id_token import MISSING, IdToken, id_token_as, id_token_of, user_id_token
 from .identity import Identity
-from .keys import GATED_SPEND_KEY, SERVICE_KEY, SPEND_KEY, SPENT_STATUS_KEY, billing_service
+from .keys import GATED_SPEND_KEY, SPEND_KEY, SPENT_STATUS_KEY, billing_service
 from .ledger import Usage
 from .ledger.model import MAX_AMOUNT
 from .ops.request_id import HEADER as REQUEST_ID_HEADER
@@ -210,14 +210,6 @@ def billing_spend(request: web.Request) -> GatedSpend:
     return request[GATED_SPEND_KEY]
 
 
-def service_of(request: web.Request) -> BillingService:
-    """`billing_service(request)`, looked up in the handler's own application first (where `serve`
-    sets billing up): one dict lookup, where the chain of applications `billing_service` walks is
-    made anew for each request."""
-    service = request.app.get(SERVICE_KEY)
-    return service if service is not None else billing_service(request)
-
-
 async def _amount(cost: Cost, request: web.Request) -> int:
     if isinstance(cost, int):
         return cost
@@ -245,7 +237,7 @@ def _interaction_gate(handler: Handler, cost: Cost, reserve: bool) -> Handler:
 
     @functools.wraps(handler)
     async def gated(request: web.Request) -> web.StreamResponse:
-        service = service_of(request)
+        service = billing_service(request)
         rid = current_request_id.get() or assign_request_id(request)
         # Counted for the metrics by route and status (one dict entry bumped), also what the host's
         # handler raises.
@@ -332,7 +324,7 @@ def _product_gate(handler: Handler, product: str) -> Handler:
 
     @functools.wraps(handler)
     async def gated(request: web.Request) -> web.StreamResponse:
-        service = service_of(request)
+        service = billing_service(request)
         rid = current_request_id.get() or assign_request_id(request)
         response = await _product_use(handler, request, service, product)
         response.headers[REQUEST_ID_HEADER] = rid  # no effect on a response already sent

@@ -27,7 +27,7 @@ from ..bodies import expect_continue, read_model
 from ..config import BillingConfig, ConfigError
 from ..cors import allow_preflights, cors_middleware
 from ..errors import CATCH_ALLS, error_middleware, guarded, http_error, unguarded, unmatched_reply
-from ..gate import credit_gate, service_of
+from ..gate import credit_gate
 from ..keys import GATED_SPEND_KEY, SPENT_STATUS_KEY, billing_service
 from ..models import InteractReply, InteractRequest
 from ..operations import IntQuery
@@ -85,7 +85,7 @@ async def interaction_cost(request: web.Request) -> int:
 
 
 async def _read_interaction(request: web.Request) -> InteractRequest:
-    config = service_of(request).config
+    config = billing_service(request).config
     # A string and a whole number: validated alike from JSON and from Python (`read_model`).
     return await read_model(
         request,
@@ -97,7 +97,7 @@ async def _read_interaction(request: web.Request) -> InteractRequest:
 
 
 async def _interact(request: web.Request) -> web.Response:
-    service = service_of(request)
+    service = billing_service(request)
     body = request.get(_BODY) or await _read_interaction(request)
     if COST_PARAM.name in request.query:
         cost = COST_PARAM.read(request)
