@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,11 @@ import pytest
 from aiohttp import web
 
 from ciris_billing_proxy import Identity, PurchaseStatus, credit_gate
+from ciris_billing_proxy.errors import ProviderUnavailable
 from ciris_billing_proxy.login import tried_name_digest
 from ciris_billing_proxy.ops.audit import AUDIT_LOGGER, AuditKind, AuditTrail
-from ciris_billing_proxy.store.audit import Row, audit_store
+from ciris_billing_proxy.store.audit import AuditStore, Row, audit_store
+from ciris_billing_proxy.store.engine import Migrated
 from ciris_billing_proxy.testing import TokenFactory
 
 from .conftest import ClientFactory, CountingAuthenticator, make_config
@@ -291,3 +294,59 @@ async def test_an_event_line_is_what_json_dumps_makes_of_its_fields(
         "reference": reference,
     }
     assert line == json.dumps(expected)
+
+
+class _SlowStore(AuditStore):
+    """An audit store whose writes wait until the test lets them end, as written or refused."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[Row]] = []
+        self.started = asyncio.Event()
+        self.outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def open(self) -> Migrated:
+        return Migrated("audit", 1, 0)
+
+    async def close(self) -> None: ...
+
+    async def add(self, rows: Sequence[Row]) -> None:
+        self.calls.append(list(rows))
+        self.started.set()
+        await asyncio.shield(self.outcome)
+
+    async def recent(self, limit: int) -> list[Row]:
+        return []
+
+
+@pytest.mark.parametrize("written", [True, False])
+async def test_a_write_under_way_at_shutdown_is_waited_for_not_sent_again(
+    written: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The writer is cancelled at shutdown while a batch is being written: the last write waits for
+    that one instead of writing its rows again beside it, keeps them as not kept if it failed, and
+    leaves no failed task behind (asyncio's "Task exception was never retrieved" with a traceback,
+    seen with the database stalled at shutdown)."""
+    store = _SlowStore()
+    trail = AuditTrail(lambda: store)
+    lifespan = trail.lifespan(web.Application())
+    await lifespan.__anext__()
+    trail.record(AuditKind.SPEND, "local:ann", "ok", amount=1, reference="k")
+    await asyncio.wait_for(store.started.wait(), 5)
+    stopping = asyncio.ensure_future(lifespan.__anext__())
+    await asyncio.sleep(0.05)
+    if written:
+        store.outcome.set_result(None)
+    else:
+        store.outcome.set_exception(ProviderUnavailable())
+    with pytest.raises(StopAsyncIteration):
+        await stopping
+    assert len(store.calls) == 1  # waited for, not written a second time beside it
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    if written:
+        assert warnings == []
+    else:
+        assert warnings == [
+            "Could not keep audit events in the store: ProviderUnavailable",
+            "Audit events not kept in the store at shutdown: 1",
+        ]
+    assert not [r for r in caplog.records if r.exc_info]

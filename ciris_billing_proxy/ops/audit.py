@@ -101,6 +101,9 @@ class AuditTrail:
         self._pending: deque[Row] = deque()
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        # A batch whose write was under way when the writer was cancelled (at shutdown): the next
+        # write waits for it first, and keeps its rows again only if it failed.
+        self._in_flight: tuple[asyncio.Future[None], list[Row]] | None = None
 
     def record(
         self,
@@ -169,15 +172,23 @@ class AuditTrail:
     async def _write(self, store: AuditStore) -> bool:
         """Write what is pending, in batches; False when the store refused (the batch is kept)."""
         pending = self._pending
-        while pending:
-            batch = [pending.popleft() for _ in range(min(BATCH, len(pending)))]
+        while self._in_flight is not None or pending:
+            if self._in_flight is None:
+                batch = [pending.popleft() for _ in range(min(BATCH, len(pending)))]
+                self._in_flight = (asyncio.ensure_future(store.add(batch)), batch)
+            write, batch = self._in_flight
+            refused: str | None = None
             try:
-                await asyncio.shield(store.add(batch))
+                await asyncio.shield(write)
             except asyncio.CancelledError:
-                pending.extendleft(reversed(batch))
-                raise
+                if not write.cancelled():
+                    raise  # the writer is cancelled; its batch is still under way
+                refused = "CancelledError"
             except Exception as exc:
+                refused = type(exc).__name__
+            self._in_flight = None
+            if refused is not None:
                 pending.extendleft(reversed(batch))
-                faults.warning("Could not keep audit events in the store: %s", type(exc).__name__)
+                faults.warning("Could not keep audit events in the store: %s", refused)
                 return False
         return True
